@@ -1,0 +1,1 @@
+"""`remora convert`: turn an OCI image into a lazy-loadable remora image."""

@@ -1,0 +1,85 @@
+"""The ``remora`` command: one console script, one sub-command per job.
+
+Each component contributes its sub-commands through a ``register(subparsers)`` function in its own
+``cli`` module (listed in :data:`COMMAND_MODULES`); a sub-command sets ``func`` with
+``parser.set_defaults(func=...)`` and that function returns the exit code. Errors derived from
+:class:`remora.errors.RemoraError` are printed as one clear line and mapped to their exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from remora import __version__
+from remora.errors import RemoraError
+
+COMMAND_MODULES = (
+    "remora.converter.cli",
+    "remora.snapshotter.cli",
+    "remora.plugins.cli",
+    "remora.demo",
+)
+
+EPILOG = """\
+examples:
+  remora demo                                   start a local registry, build and convert a real image
+  remora convert registry.local/app:1 registry.local/app:1-remora
+  remora convert oci:./app-layout:1 oci:./out:1 --prefetch-list hot.txt
+  remora snapshotter --root /var/lib/remora --address /run/remora/snapshotter.sock
+  remora pull registry.local/app:1-remora
+  remora peer --listen 127.0.0.1:65001
+
+Run 'remora COMMAND --help' for the options of one command.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="remora",
+        description="Lazy-loading container images for containerd: convert, snapshot, distribute.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"remora {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # component not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def setup_logging(verbosity: int) -> None:
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    level = int(os.environ.get("REMORA_LOG_LEVEL", level)) if os.environ.get("REMORA_LOG_LEVEL", "").isdigit() else level
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "verbose", 0))
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args) or 0)
+    except RemoraError as exc:
+        print(f"remora {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"remora {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

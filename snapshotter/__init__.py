@@ -1,0 +1,1 @@
+"""`remora snapshotter`: a containerd remote snapshotter with lazy FUSE mounts."""

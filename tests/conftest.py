@@ -1,0 +1,51 @@
+"""Fixtures shared by the whole suite: real registries on loopback.
+
+Component fixtures live in ``tests/<component>/conftest.py``. Everything here runs the real thing
+(Debian's docker-registry); a missing prerequisite is an error, never a skip: ``.ci/run`` installs it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from remora.registry.local import LocalRegistry
+
+AUTH_USER = "remora"
+AUTH_PASSWORD = "s3cret-pass"
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory) -> LocalRegistry:
+    """A plain-HTTP registry on 127.0.0.1 shared by the session (use unique repository names)."""
+    reg = LocalRegistry(root=tmp_path_factory.mktemp("registry")).start()
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_registry(tmp_path_factory) -> LocalRegistry:
+    """A registry that requires htpasswd basic auth (user AUTH_USER, password AUTH_PASSWORD)."""
+    reg = LocalRegistry(root=tmp_path_factory.mktemp("auth-registry"), users={AUTH_USER: AUTH_PASSWORD}).start()
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def fresh_registry(tmp_path) -> LocalRegistry:
+    """A registry of the test's own (for tests that count blobs or stop the registry)."""
+    reg = LocalRegistry(root=tmp_path / "registry").start()
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """A persistent cache for expensive test inputs (debootstrap rootfs, downloaded .debs).
+
+    Shared across runs on one machine; CI starts empty and fills it once.
+    """
+    path = Path(os.environ.get("REMORA_TEST_CACHE", "/var/cache/remora-test"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
