@@ -1,0 +1,167 @@
+"""Pack chunks into data blobs: dedup, small-chunk batching, parallel zstd, in-order writes.
+
+Every chunk is hashed (sha256 of its uncompressed bytes). A digest already in the image's chunk table
+is stored once (dedup across the layers of one image); a digest found in the chunk dictionary is
+referenced where it already lives in the registry (dedup across images). New chunks go into frames:
+a chunk of ``batch_size`` bytes or more gets a frame of its own; smaller ones (small files, file tails)
+are appended to a shared batch frame until it reaches ``batch_size``, so one range request brings many
+small files. Frames are compressed on a thread pool (zstandard releases the GIL) and written to the
+current blob strictly in submission order, so output is reproducible whatever the thread timing.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from remora.format.blob import BlobWriter, compress_frame
+from remora.format.chunktable import ChunkTable, Frame
+from remora.format.tree import ChunkRef
+
+
+@dataclass
+class PackStats:
+    chunks_seen: int = 0          # chunk occurrences in the input
+    bytes_seen: int = 0
+    chunks_stored: int = 0        # new chunks written to our blobs
+    bytes_stored: int = 0         # their uncompressed bytes
+    chunks_deduped: int = 0       # occurrences already in this image
+    bytes_deduped: int = 0
+    chunks_reused: int = 0        # taken from the chunk dictionary
+    bytes_reused: int = 0
+    compressed_bytes: int = 0     # frame bytes written
+
+
+class _Lane:
+    """One destination blob with its own open batch frame."""
+
+    def __init__(self, packer: "Packer", bid: int, path: Path):
+        self.bid = bid
+        self.writer = BlobWriter(path)
+        self.batch = bytearray()
+        self.batch_frame: int | None = None
+        self.pending: deque[tuple[Frame, Future]] = deque()
+        self.packer = packer
+
+
+class Packer:
+    def __init__(self, workdir: Path, table: ChunkTable | None = None, *, level: int = 3,
+                 batch_size: int = 256 * 1024, workers: int = 2, chunk_dict: ChunkTable | None = None,
+                 max_pending: int = 16):
+        self.workdir = Path(workdir)
+        self.table = table or ChunkTable()
+        self.level = level
+        self.batch_size = batch_size
+        self.dict = chunk_dict
+        self.stats = PackStats()
+        self.max_pending = max_pending
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="zstd")
+        self._lane: _Lane | None = None
+        self._blob_files: dict[int, Path] = {}
+        self.reused_blobs: set[int] = set()
+
+    # -- blobs --------------------------------------------------------------------------------
+    def open_blob(self) -> int:
+        """Start a new data blob; following :meth:`add` calls store new chunks there."""
+        self.close_blob()
+        n = len(self._blob_files)
+        bid = self.table.blob_id(f"pending:{n}", 0)
+        path = self.workdir / f"blob-{n}.tar"
+        self._blob_files[bid] = path
+        self._lane = _Lane(self, bid, path)
+        return bid
+
+    def close_blob(self) -> tuple[int, str, int, Path] | None:
+        """Seal the current blob. Returns ``(blob id, digest, size, path)``, or None if it stayed empty."""
+        lane, self._lane = self._lane, None
+        if lane is None:
+            return None
+        self._flush_batch(lane)
+        self._drain(lane, 0)
+        if lane.writer.frames == 0:
+            lane.writer.abort()
+            del self._blob_files[lane.bid]
+            self.table.blobs[lane.bid] = (f"empty:{lane.bid}", 0)
+            return None
+        digest, size = lane.writer.close()
+        self.table.set_blob(lane.bid, digest, size)
+        return lane.bid, digest, size, lane.writer.path
+
+    # -- chunks -------------------------------------------------------------------------------
+    def add(self, data: bytes, digest: bytes | None = None) -> ChunkRef:
+        size = len(data)
+        digest = digest or hashlib.sha256(data).digest()
+        st = self.stats
+        st.chunks_seen += 1
+        st.bytes_seen += size
+        table = self.table
+        if digest in table.by_digest:
+            st.chunks_deduped += 1
+            st.bytes_deduped += size
+            return ChunkRef(digest, size)
+        if self.dict is not None and digest in self.dict.by_digest:
+            cid = table.import_chunk(self.dict, self.dict.by_digest[digest])
+            self.reused_blobs.add(table.frames[table.chunks[cid].frame].blob)
+            st.chunks_reused += 1
+            st.bytes_reused += size
+            return ChunkRef(digest, size)
+        lane = self._lane or self._lane_for_new()
+        st.chunks_stored += 1
+        st.bytes_stored += size
+        if size >= self.batch_size:
+            frame = Frame(lane.bid, -1, 0, size)
+            table.frames.append(frame)
+            table.add_chunk(digest, size, len(table.frames) - 1, 0)
+            self._submit(lane, frame, data)
+        else:
+            if lane.batch_frame is None:
+                table.frames.append(Frame(lane.bid, -1, 0, 0))
+                lane.batch_frame = len(table.frames) - 1
+            table.add_chunk(digest, size, lane.batch_frame, len(lane.batch))
+            lane.batch += data
+            if len(lane.batch) >= self.batch_size:
+                self._flush_batch(lane)
+        return ChunkRef(digest, size)
+
+    def _lane_for_new(self) -> _Lane:
+        self.open_blob()
+        assert self._lane is not None
+        return self._lane
+
+    def _flush_batch(self, lane: _Lane) -> None:
+        if lane.batch_frame is None:
+            return
+        frame = self.table.frames[lane.batch_frame]
+        frame.usize = len(lane.batch)
+        data = bytes(lane.batch)
+        lane.batch.clear()
+        lane.batch_frame = None
+        self._submit(lane, frame, data)
+
+    def _submit(self, lane: _Lane, frame: Frame, data: bytes) -> None:
+        lane.pending.append((frame, self._pool.submit(compress_frame, data, self.level)))
+        self._drain(lane, self.max_pending)
+
+    def _drain(self, lane: _Lane, keep: int) -> None:
+        while len(lane.pending) > keep:
+            frame, fut = lane.pending.popleft()
+            compressed = fut.result()
+            frame.offset, frame.csize = lane.writer.add_frame(compressed)
+            self.stats.compressed_bytes += frame.csize
+
+    def blob_path(self, bid: int) -> Path:
+        return self._blob_files[bid]
+
+    def close(self) -> None:
+        self.close_blob()
+        self._pool.shutdown(wait=True)
+
+    def abort(self) -> None:
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            for _, fut in lane.pending:
+                fut.cancel()
+            lane.writer.abort()
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,60 @@
+"""How a remora image is described in OCI manifests.
+
+containerd forwards every layer annotation whose key starts with ``containerd.io/snapshot/`` to the
+snapshotter's Prepare as a label, with no client help. So everything the snapshotter needs to mount a
+remora image lazily is put there, on every layer of the remora manifest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from remora.errors import InvalidInput
+from remora.format import FORMAT_VERSION
+
+PREFIX = "containerd.io/snapshot/remora."
+VERSION = PREFIX + "version"          # format version, on every layer
+ROLE = PREFIX + "role"                # "blob" or "bootstrap"
+BOOTSTRAP = PREFIX + "bootstrap"      # digest of the bootstrap layer, on every layer
+BOOTSTRAP_SIZE = PREFIX + "bootstrap-size"
+
+# The bootstrap layer is a zstd-compressed tar with one member; data blobs are plain tar layers.
+BOOTSTRAP_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+zstd"
+BLOB_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
+BOOTSTRAP_MEMBER = "remora/bootstrap.db"
+
+# Manifest-level annotations.
+MANIFEST_SOURCE = "dev.remora.image.source-digest"  # the OCI manifest this was converted from
+MANIFEST_MARKER = VERSION                            # its presence marks a remora manifest in an index
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    role: str
+    bootstrap: str
+    version: int
+
+
+def layer_annotations(role: str, bootstrap_digest: str, bootstrap_size: int) -> dict[str, str]:
+    return {VERSION: str(FORMAT_VERSION), ROLE: role, BOOTSTRAP: bootstrap_digest,
+            BOOTSTRAP_SIZE: str(bootstrap_size)}
+
+
+def parse_labels(labels: dict[str, str]) -> LayerInfo | None:
+    """Remora facts from layer annotations or snapshot labels; ``None`` if the layer is not remora's."""
+    if VERSION not in labels:
+        return None
+    try:
+        version = int(labels[VERSION])
+    except ValueError:
+        raise InvalidInput(f"bad {VERSION} label {labels[VERSION]!r}") from None
+    if version != FORMAT_VERSION:
+        raise InvalidInput(f"remora format version {version} is not supported (this remora reads {FORMAT_VERSION})")
+    role, bootstrap = labels.get(ROLE, ""), labels.get(BOOTSTRAP, "")
+    if role not in ("blob", "bootstrap") or not bootstrap.startswith("sha256:"):
+        raise InvalidInput(f"incomplete remora labels: role={role!r} bootstrap={bootstrap!r}")
+    return LayerInfo(role, bootstrap, version)
+
+
+def is_remora_manifest(manifest: dict) -> bool:
+    layers = manifest.get("layers") or []
+    return bool(layers) and all(VERSION in (l.get("annotations") or {}) for l in layers)

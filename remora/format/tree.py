@@ -1,0 +1,111 @@
+"""The in-memory file tree the converter builds and the bootstrap stores.
+
+One :class:`Inode` per file object; directories hold ``children`` (name -> Inode), hard links are
+several directory entries pointing at the *same* Inode object. Names and symlink targets are bytes
+(``os.fsencode`` of what the tar said), so non-UTF-8 names survive. Regular files carry their content
+as an ordered list of :class:`ChunkRef` (uncompressed sha256 + size); where the chunk bytes live is the
+chunk table's business (:mod:`remora.format.bootstrap`), not the tree's.
+"""
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass, field
+from typing import Iterator
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    """A piece of a regular file: ``size`` bytes whose sha256 is ``digest`` (32 raw bytes)."""
+
+    digest: bytes
+    size: int
+
+
+@dataclass(eq=False, slots=True)
+class Inode:
+    mode: int                      # full st_mode: type bits | setuid/setgid/sticky | permissions
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    size: int = 0                  # regular files: content length; symlinks: len(target)
+    rdev: int = 0                  # char/block devices: os.makedev(major, minor)
+    target: bytes | None = None    # symlinks
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    chunks: list[ChunkRef] | None = None           # regular files
+    children: dict[bytes, "Inode"] | None = None   # directories
+    ino: int = 0                   # assigned by Tree.number()
+    nlink: int = 0                 # assigned by Tree.number()
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+    @classmethod
+    def directory(cls, mode: int = 0o755, **kw) -> "Inode":
+        return cls(mode=stat.S_IFDIR | (mode & 0o7777), children={}, **kw)
+
+
+class Tree:
+    """A merged root file system: ``root`` is the directory ``/``."""
+
+    def __init__(self, root: Inode | None = None):
+        self.root = root or Inode.directory(0o755)
+
+    def lookup(self, path: bytes | str) -> Inode | None:
+        node = self.root
+        for part in split_path(path):
+            if node.children is None:
+                return None
+            node = node.children.get(part)
+            if node is None:
+                return None
+        return node
+
+    def walk(self) -> Iterator[tuple[bytes, Inode]]:
+        """Depth-first, children sorted by name bytes: ``(b"/", root)``, ``(b"/bin", ...)``, ..."""
+        stack: list[tuple[bytes, Inode]] = [(b"/", self.root)]
+        while stack:
+            path, node = stack.pop()
+            yield path, node
+            if node.children:
+                prefix = path if path.endswith(b"/") else path + b"/"
+                for name in sorted(node.children, reverse=True):
+                    stack.append((prefix + name, node.children[name]))
+
+    def number(self) -> int:
+        """Give every inode a number (root = 1, then walk order) and count links; returns the count.
+
+        Deterministic for a given tree, which keeps conversion reproducible.
+        """
+        seen: dict[int, Inode] = {}
+        next_ino = 1
+        for _, node in self.walk():
+            if id(node) in seen:
+                node.nlink += 1
+                continue
+            seen[id(node)] = node
+            node.ino = next_ino
+            next_ino += 1
+            node.nlink = 1
+        for node in seen.values():
+            if node.children is not None:
+                # a directory's link count: its entry, its "." and every subdirectory's ".."
+                node.nlink = 2 + sum(1 for c in node.children.values() if c.is_dir)
+        return next_ino - 1
+
+
+def split_path(path: bytes | str) -> list[bytes]:
+    """``"/a/./b/"`` -> ``[b"a", b"b"]``. ``..`` is kept (callers that accept input must reject it)."""
+    if isinstance(path, str):
+        import os
+
+        path = os.fsencode(path)
+    return [p for p in path.split(b"/") if p and p != b"."]
