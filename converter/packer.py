@@ -151,8 +151,9 @@ class Packer:
             frame.offset, frame.csize = lane.writer.add_frame(compressed)
             self.stats.compressed_bytes += frame.csize
 
-    def blob_path(self, bid: int) -> Path:
-        return self._blob_files[bid]
+    def blob_path(self, bid: int) -> Path | None:
+        """The local file of a blob this packer wrote; None for blobs reused from a dictionary."""
+        return self._blob_files.get(bid)
 
     def close(self) -> None:
         self.close_blob()

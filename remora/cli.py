@@ -47,13 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
+        # One broken component must not take every other command down with it: report and go on.
         try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # component not built yet
-                continue
-            raise
-        module.register(sub)
+            importlib.import_module(name).register(sub)
+        except Exception as exc:  # noqa: BLE001
+            logging.getLogger("remora.cli").warning("commands of %s unavailable: %s", name, exc)
     return parser
 
 

@@ -42,10 +42,16 @@ class RegisterPeerRequest(_message.Message):
     def __init__(self, host: _Optional[_Union[PeerHost, _Mapping]] = ...) -> None: ...
 
 class RegisterPeerResponse(_message.Message):
-    __slots__ = ("probe_interval_ms",)
+    __slots__ = ("probe_interval_ms", "keepalive_interval_ms", "peer_ttl_ms", "known")
     PROBE_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    KEEPALIVE_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    PEER_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
     probe_interval_ms: int
-    def __init__(self, probe_interval_ms: _Optional[int] = ...) -> None: ...
+    keepalive_interval_ms: int
+    peer_ttl_ms: int
+    known: bool
+    def __init__(self, probe_interval_ms: _Optional[int] = ..., keepalive_interval_ms: _Optional[int] = ..., peer_ttl_ms: _Optional[int] = ..., known: _Optional[bool] = ...) -> None: ...
 
 class LeavePeerRequest(_message.Message):
     __slots__ = ("peer_id",)
@@ -66,18 +72,22 @@ class RegisterTaskRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., task_id: _Optional[str] = ..., content_length: _Optional[int] = ..., piece_size: _Optional[int] = ...) -> None: ...
 
 class RegisterTaskResponse(_message.Message):
-    __slots__ = ("back_to_source", "parents", "content_length", "piece_size", "piece_digests")
+    __slots__ = ("back_to_source", "parents", "content_length", "piece_size", "piece_digests", "retry_after_ms", "reason")
     BACK_TO_SOURCE_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     CONTENT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     PIECE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PIECE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     back_to_source: bool
     parents: _containers.RepeatedCompositeFieldContainer[Parent]
     content_length: int
     piece_size: int
     piece_digests: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, back_to_source: _Optional[bool] = ..., parents: _Optional[_Iterable[_Union[Parent, _Mapping]]] = ..., content_length: _Optional[int] = ..., piece_size: _Optional[int] = ..., piece_digests: _Optional[_Iterable[str]] = ...) -> None: ...
+    retry_after_ms: int
+    reason: str
+    def __init__(self, back_to_source: _Optional[bool] = ..., parents: _Optional[_Iterable[_Union[Parent, _Mapping]]] = ..., content_length: _Optional[int] = ..., piece_size: _Optional[int] = ..., piece_digests: _Optional[_Iterable[str]] = ..., retry_after_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Parent(_message.Message):
     __slots__ = ("host", "pieces", "in_flight", "score")
@@ -124,12 +134,22 @@ class GetParentsRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., task_id: _Optional[str] = ..., exclude: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class GetParentsResponse(_message.Message):
-    __slots__ = ("parents", "back_to_source")
+    __slots__ = ("parents", "back_to_source", "retry_after_ms", "reason", "content_length", "piece_size", "piece_digests")
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     BACK_TO_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PIECE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PIECE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     parents: _containers.RepeatedCompositeFieldContainer[Parent]
     back_to_source: bool
-    def __init__(self, parents: _Optional[_Iterable[_Union[Parent, _Mapping]]] = ..., back_to_source: _Optional[bool] = ...) -> None: ...
+    retry_after_ms: int
+    reason: str
+    content_length: int
+    piece_size: int
+    piece_digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, parents: _Optional[_Iterable[_Union[Parent, _Mapping]]] = ..., back_to_source: _Optional[bool] = ..., retry_after_ms: _Optional[int] = ..., reason: _Optional[str] = ..., content_length: _Optional[int] = ..., piece_size: _Optional[int] = ..., piece_digests: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PieceResult(_message.Message):
     __slots__ = ("parent_id", "piece", "success", "cost_us", "size", "error")
@@ -200,3 +220,29 @@ class StatTaskResponse(_message.Message):
     seed_peer: str
     state: str
     def __init__(self, task_id: _Optional[str] = ..., content_length: _Optional[int] = ..., piece_size: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., seed_peer: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+
+class ProbeResult(_message.Message):
+    __slots__ = ("peer_id", "rtt_us", "success")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    RTT_US_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    rtt_us: int
+    success: bool
+    def __init__(self, peer_id: _Optional[str] = ..., rtt_us: _Optional[int] = ..., success: _Optional[bool] = ...) -> None: ...
+
+class SyncProbesRequest(_message.Message):
+    __slots__ = ("peer_id", "results")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    results: _containers.RepeatedCompositeFieldContainer[ProbeResult]
+    def __init__(self, peer_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[ProbeResult, _Mapping]]] = ...) -> None: ...
+
+class SyncProbesResponse(_message.Message):
+    __slots__ = ("targets", "probe_interval_ms")
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    PROBE_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    targets: _containers.RepeatedCompositeFieldContainer[PeerHost]
+    probe_interval_ms: int
+    def __init__(self, targets: _Optional[_Iterable[_Union[PeerHost, _Mapping]]] = ..., probe_interval_ms: _Optional[int] = ...) -> None: ...

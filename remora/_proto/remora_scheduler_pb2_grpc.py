@@ -79,6 +79,11 @@ class SchedulerStub:
                 request_serializer=remora__scheduler__pb2.StatTaskRequest.SerializeToString,
                 response_deserializer=remora__scheduler__pb2.StatTaskResponse.FromString,
                 _registered_method=True)
+        self.SyncProbes = channel.unary_unary(
+                '/remora.scheduler.v1.Scheduler/SyncProbes',
+                request_serializer=remora__scheduler__pb2.SyncProbesRequest.SerializeToString,
+                response_deserializer=remora__scheduler__pb2.SyncProbesResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -138,6 +143,14 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SyncProbes(self, request, context):
+        """Added by the scheduler owner: RTT probing. The peer reports the RTTs it measured (TCP connect time to
+        the target's ip:upload_port) and gets the next hosts to probe.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +198,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.StatTask,
                     request_deserializer=remora__scheduler__pb2.StatTaskRequest.FromString,
                     response_serializer=remora__scheduler__pb2.StatTaskResponse.SerializeToString,
+            ),
+            'SyncProbes': grpc.unary_unary_rpc_method_handler(
+                    servicer.SyncProbes,
+                    request_deserializer=remora__scheduler__pb2.SyncProbesRequest.FromString,
+                    response_serializer=remora__scheduler__pb2.SyncProbesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -430,6 +448,33 @@ class Scheduler:
             '/remora.scheduler.v1.Scheduler/StatTask',
             remora__scheduler__pb2.StatTaskRequest.SerializeToString,
             remora__scheduler__pb2.StatTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncProbes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/remora.scheduler.v1.Scheduler/SyncProbes',
+            remora__scheduler__pb2.SyncProbesRequest.SerializeToString,
+            remora__scheduler__pb2.SyncProbesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,442 @@
+"""``remora convert``: read an OCI image, write a lazy-loadable remora image.
+
+Pipeline (one pass over the source layers, bounded memory)::
+
+    source blob --verify digest--> decompress --verify diff_id--> tar merge (OCI semantics)
+        regular file content --> chunker --> Packer (dedup, batching, zstd on a thread pool) --> data blob
+    merged tree + chunk table + prefetch order --> bootstrap (SQLite) --> tar+zstd layer
+    push: data blobs, bootstrap, config, then the manifest (or an index with --with-oci-fallback)
+
+Blobs are pushed before the manifest, so a tag never points at a partial image, and nothing is pushed
+at all until the whole image converted and verified locally.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+from remora import oci
+from remora.errors import DigestMismatch, InvalidInput, NotFound, StorageError
+from remora.format import FORMAT_VERSION, annotations as ann
+from remora.format.bootstrap import write_bootstrap
+from remora.format.chunker import ChunkingSpec
+from remora.format.chunktable import ChunkTable
+from remora.format.tree import ChunkRef, Tree, split_path
+from remora.converter.chunkdict import ChunkDict, load_chunk_dict
+from remora.converter.merge import LayerMerger
+from remora.converter.packer import Packer
+from remora.converter.progress import Progress
+from remora.converter.report import ConvertReport
+from remora.imagestore import open_store
+
+log = logging.getLogger("remora.convert")
+
+BOOTSTRAP_ZSTD_LEVEL = 10
+
+
+@dataclass
+class ConvertOptions:
+    chunking: ChunkingSpec = field(default_factory=ChunkingSpec)
+    level: int = 3                         # zstd level of data frames
+    batch_size: int = 256 * 1024           # small chunks share frames up to this many bytes
+    prefetch_list: list[str] = field(default_factory=list)
+    chunk_dict: str | None = None          # file or image reference
+    with_oci_fallback: bool = False
+    platform: str = "linux/amd64"
+    plain_http: bool | None = None
+    workers: int = field(default_factory=lambda: os.cpu_count() or 2)
+    workdir: Path | None = None
+    keep_workdir: bool = False
+    progress: bool | None = None           # None: when stderr is a terminal
+
+
+class _Counting(io.RawIOBase):
+    """Pass-through reader that counts bytes (progress) and optionally hashes them (diff_id)."""
+
+    def __init__(self, src: BinaryIO, on_bytes=None, hash_it: bool = False):
+        self.src, self.on_bytes = src, on_bytes
+        self.count = 0
+        self.hasher = hashlib.sha256() if hash_it else None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.src.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.count += n
+        if self.hasher is not None:
+            self.hasher.update(data)
+        if self.on_bytes and n:
+            self.on_bytes(n)
+        return n
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+class _HotSpool:
+    """Content of prefetch-list files, kept aside until every layer is merged.
+
+    Hot files are written last into their own blob, in access order, so the snapshotter's first range
+    request brings them together. Only the final version of a path ends up in the blob (a later layer may
+    overwrite or delete it), which is only known once every layer has been read.
+    """
+
+    def __init__(self, workdir: Path):
+        self.f = open(workdir / "hot.spool", "w+b")
+        self.chunks: dict[bytes, tuple[int, int]] = {}
+
+    def add(self, digest: bytes, data: bytes) -> None:
+        if digest not in self.chunks:
+            off = self.f.seek(0, io.SEEK_END)
+            self.f.write(data)
+            self.chunks[digest] = (off, len(data))
+
+    def read(self, digest: bytes) -> bytes:
+        off, size = self.chunks[digest]
+        self.f.seek(off)
+        return self.f.read(size)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _PathTrackingMerger(LayerMerger):
+    """Knows the path of the member being applied, so the sink can tell prefetch files apart."""
+
+    current_path = b"/"
+
+    def _apply_member(self, tf, ti, sink, stats):
+        self.current_path = _norm(os.fsencode(ti.name))
+        return super()._apply_member(tf, ti, sink, stats)
+
+
+def _norm(path: str | bytes) -> bytes:
+    return b"/" + b"/".join(split_path(path))
+
+
+def read_prefetch_list(path: str | Path) -> list[str]:
+    """One absolute path per line, in access order; blank lines and ``#`` comments ignored."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            out.append(line)
+    return out
+
+
+def convert(source: str, destination: str, opts: ConvertOptions | None = None) -> ConvertReport:
+    opts = opts or ConvertOptions()
+    started = time.monotonic()
+    report = ConvertReport(source=source, destination=destination, chunking=str(opts.chunking))
+    own_tmp = opts.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="remora-convert-", dir=os.environ.get("REMORA_TMPDIR"))) if own_tmp \
+        else Path(opts.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        with Progress(opts.progress) as progress:
+            _convert(source, destination, opts, report, workdir, progress)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise StorageError(f"disk full in {workdir} while converting (nothing was pushed): {exc}") from None
+        raise
+    finally:
+        if own_tmp and not opts.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _convert(source: str, destination: str, opts: ConvertOptions, report: ConvertReport, workdir: Path,
+             progress: Progress) -> None:
+    src = open_store(source, plain_http=opts.plain_http)
+    dst = open_store(destination, plain_http=opts.plain_http)
+
+    # -- 1. the source image ------------------------------------------------------------------
+    top_desc, top_bytes = src.resolve()
+    top = oci.parse_manifest_or_index(top_bytes, top_desc.media_type)
+    if isinstance(top, oci.Index):
+        mdesc = oci.select_platform(top, opts.platform)
+        mbytes = src.get_manifest(mdesc)
+        manifest = oci.parse_manifest(mbytes, mdesc.media_type)
+    else:
+        mdesc, mbytes, manifest = top_desc, top_bytes, top
+    if ann.is_remora_manifest(manifest.to_dict()):
+        raise InvalidInput(f"{source} is already a remora image")
+    config = oci.ImageConfig.from_bytes(_read_all(src.open_blob(manifest.config)))
+    diff_ids = config.diff_ids
+    if len(diff_ids) != len(manifest.layers):
+        raise InvalidInput(f"{source}: manifest has {len(manifest.layers)} layers but config has {len(diff_ids)} diff_ids")
+    for layer in manifest.layers:
+        oci.layer_compression(layer.media_type)  # UnsupportedMediaType before any work
+
+    chunk_dict: ChunkDict | None = load_chunk_dict(opts.chunk_dict, workdir, opts.plain_http) if opts.chunk_dict else None
+    table = ChunkTable()
+    packer = Packer(workdir, table, level=opts.level, batch_size=opts.batch_size, workers=opts.workers,
+                    chunk_dict=chunk_dict.table if chunk_dict else None)
+    hot_order = [_norm(p) for p in opts.prefetch_list]
+    hot = set(hot_order)
+    spool = _HotSpool(workdir)
+    merger = _PathTrackingMerger()
+    layer_blobs: list[int] = []
+
+    def sink(fileobj: BinaryIO, size: int) -> list[ChunkRef]:
+        refs = []
+        is_hot = merger.current_path in hot
+        for data in opts.chunking.chunks(fileobj, size):
+            if is_hot:
+                digest = hashlib.sha256(data).digest()
+                spool.add(digest, data)
+                refs.append(ChunkRef(digest, len(data)))
+            else:
+                refs.append(packer.add(data))
+        report.files += 1
+        report.file_bytes += size
+        return refs
+
+    # -- 2. merge and pack every layer ---------------------------------------------------------
+    try:
+        for i, (layer, diff_id) in enumerate(zip(manifest.layers, diff_ids)):
+            progress.phase(f"layer {i + 1}/{len(manifest.layers)} {layer.digest[7:19]}", layer.size)
+            report.input_compressed_bytes += layer.size
+            compressed = _Counting(src.open_blob(layer), on_bytes=progress.advance)
+            tar_stream = _Counting(oci_open_layer(compressed, layer.media_type), hash_it=True)
+            packer.open_blob()
+            try:
+                merger.apply_layer(io.BufferedReader(tar_stream, 1 << 20), sink, label=layer.digest[:19])
+                tar_stream.drain()
+            finally:
+                compressed.close()
+            actual = "sha256:" + tar_stream.hasher.hexdigest()
+            if actual != diff_id:
+                raise DigestMismatch(f"layer {i} ({layer.digest}) uncompressed content", diff_id, actual)
+            report.input_bytes += tar_stream.count
+            sealed = packer.close_blob()
+            if sealed:
+                layer_blobs.append(sealed[0])
+        tree = merger.finish()
+
+        # -- 3. hot files: their own blob, in access order ----------------------------------------
+        progress.phase("prefetch blob")
+        prefetch_inos, hot_blob = [], None
+        packer.open_blob()
+        for path in dict.fromkeys(hot_order):
+            node = tree.lookup(path)
+            if node is None or not node.is_reg:
+                continue
+            for ref in node.chunks:
+                if ref.digest not in table.by_digest:
+                    packer.add(spool.read(ref.digest), ref.digest)
+            prefetch_inos.append(node)
+        # Spooled content still referenced through another path (a hard link made before the hot path
+        # was replaced) goes into the hot blob too; every chunk of the tree must be in the table.
+        for _, node in tree.walk():
+            for ref in node.chunks or ():
+                if ref.digest not in table.by_digest:
+                    if ref.digest not in spool.chunks:
+                        raise InvalidInput(f"internal error: chunk {ref.digest.hex()} of the tree was never packed")
+                    packer.add(spool.read(ref.digest), ref.digest)
+        sealed = packer.close_blob()
+        if sealed:
+            hot_blob = sealed[0]
+        packer.close()
+    except BaseException:
+        packer.abort()
+        raise
+    finally:
+        spool.close()
+    tree.number()
+    report.prefetch_files = len(prefetch_inos)
+    st = packer.stats
+    report.chunks_seen, report.chunks_stored = st.chunks_seen, st.chunks_stored
+    report.chunks_deduped, report.bytes_deduped = st.chunks_deduped, st.bytes_deduped
+    report.chunks_reused, report.bytes_reused = st.chunks_reused, st.bytes_reused
+    report.layers = len(manifest.layers)
+
+    # -- 4. bootstrap -------------------------------------------------------------------------
+    progress.phase("bootstrap")
+    order = ([hot_blob] if hot_blob is not None else []) + layer_blobs
+    used = set(table.used_blobs())
+    order += [b for b in sorted(used) if b not in order]
+    meta = {"source_manifest": mdesc.digest, "chunking": str(opts.chunking), "zstd_level": str(opts.level),
+            "batch_size": str(opts.batch_size), "created_by": "remora convert"}
+    db_path = workdir / "bootstrap.db"
+    write_bootstrap(db_path, tree, table, [n.ino for n in prefetch_inos], meta)
+    boot_path, boot_digest, boot_size, boot_diff_id = _bootstrap_layer(db_path, workdir)
+    report.bootstrap_bytes = boot_size
+
+    # -- 5. manifest and config ---------------------------------------------------------------
+    layer_descs: list[tuple[oci.Descriptor, Path | None]] = []
+    for bid in order:
+        digest, size = table.blobs[bid]
+        desc = oci.Descriptor(ann.BLOB_MEDIA_TYPE, digest, size,
+                              ann.layer_annotations("blob", boot_digest, boot_size))
+        layer_descs.append((desc, packer.blob_path(bid)))
+    boot_desc = oci.Descriptor(ann.BOOTSTRAP_MEDIA_TYPE, boot_digest, boot_size,
+                               ann.layer_annotations("bootstrap", boot_digest, boot_size))
+    new_config = oci.ImageConfig(dict(config.raw))
+    new_config.diff_ids = [d.digest for d, _ in layer_descs] + [boot_diff_id]
+    created = config.raw.get("created")
+    new_config.raw["history"] = [
+        {**({"created": created} if created else {}), "created_by": f"remora convert (format v{FORMAT_VERSION})",
+         "comment": "remora data blob" if d is not boot_desc else "remora bootstrap"}
+        for d in [x for x, _ in layer_descs] + [boot_desc]]
+    config_bytes = new_config.to_bytes()
+    config_desc = oci.Descriptor(oci.MEDIA_TYPE_OCI_CONFIG, _sha256(config_bytes), len(config_bytes))
+    new_manifest = oci.Manifest(config=config_desc, layers=[d for d, _ in layer_descs] + [boot_desc],
+                                annotations={ann.MANIFEST_SOURCE: mdesc.digest, ann.MANIFEST_MARKER: str(FORMAT_VERSION)})
+    manifest_bytes = new_manifest.to_bytes()
+    manifest_desc = oci.Descriptor(oci.MEDIA_TYPE_OCI_MANIFEST, _sha256(manifest_bytes),
+                                   len(manifest_bytes))
+    report.manifest_digest = manifest_desc.digest
+    report.blobs = len(layer_descs)
+    report.output_bytes = sum(d.size for d, _ in layer_descs) + boot_size
+    report.new_blob_bytes = sum(d.size for d, p in layer_descs if p is not None) + boot_size
+
+    # -- 6. push: blobs first, manifest last --------------------------------------------------
+    progress.phase("push", report.new_blob_bytes)
+    for desc, path in layer_descs:
+        if path is not None:
+            report.uploaded_bytes += _push(dst, desc, path, progress)
+        else:
+            report.mounted_blobs += _ensure_foreign_blob(dst, desc, chunk_dict)
+    report.uploaded_bytes += _push(dst, boot_desc, boot_path, progress)
+    cfg_path = workdir / "config.json"
+    cfg_path.write_bytes(config_bytes)
+    report.uploaded_bytes += _push(dst, config_desc, cfg_path, progress)
+    if opts.with_oci_fallback:
+        _copy_image(src, dst, source, mdesc, mbytes, manifest, report)
+        platform = oci.Platform.parse(opts.platform) if mdesc.platform is None else mdesc.platform
+        orig = oci.Descriptor(mdesc.media_type, mdesc.digest, mdesc.size, dict(mdesc.annotations), platform)
+        remora_desc = oci.Descriptor(manifest_desc.media_type, manifest_desc.digest, manifest_desc.size,
+                                     {ann.MANIFEST_MARKER: str(FORMAT_VERSION)}, platform)
+        dst.push_manifest(manifest_desc, manifest_bytes, tag=None)
+        index = oci.Index(manifests=[orig, remora_desc])
+        index_bytes = index.to_bytes()
+        index_desc = oci.Descriptor(oci.MEDIA_TYPE_OCI_INDEX, _sha256(index_bytes),
+                                    len(index_bytes))
+        dst.push_manifest(index_desc, index_bytes, tag=_dst_tag(dst))
+        report.tagged_digest = index_desc.digest
+    else:
+        dst.push_manifest(manifest_desc, manifest_bytes, tag=_dst_tag(dst))
+        report.tagged_digest = manifest_desc.digest
+
+
+def _dst_tag(dst) -> str | None:
+    ref = dst.ref
+    return None if ref.digest and not ref.tag else (ref.tag or "latest")
+
+
+def store_location(store) -> tuple[str, str]:
+    """``(registry host, repository)`` of a registry store, ``("oci", path)`` of a layout."""
+    repo = getattr(store, "repository", None)
+    if repo is not None:
+        return store.ref.host, repo
+    return "oci", str(store.ref.path)
+
+
+def oci_open_layer(stream: BinaryIO, media_type: str) -> BinaryIO:
+    from remora.compression import open_layer_stream
+
+    return open_layer_stream(stream, media_type)
+
+
+def _read_all(stream) -> bytes:
+    try:
+        return stream.read()
+    finally:
+        stream.close()
+
+
+def _push(dst, desc: oci.Descriptor, path: Path, progress: Progress) -> int:
+    if dst.blob_exists(desc):
+        return 0
+    dst.push_blob(desc, path)
+    progress.advance(desc.size)
+    return desc.size
+
+
+def _ensure_foreign_blob(dst, desc: oci.Descriptor, chunk_dict: ChunkDict | None) -> int:
+    """A blob reused from the chunk dictionary must be reachable from the new manifest's repository."""
+    if dst.blob_exists(desc):
+        return 1
+    if chunk_dict is None:
+        raise NotFound(f"blob {desc.digest} is missing in the destination")
+    repo = chunk_dict.repository_of(desc.digest)
+    if repo and dst.mount_blob(desc, repo):
+        return 1
+    if chunk_dict.store is not None:
+        # different registry or no mount support: copy the blob (verified) through a temp file
+        chunk_dict.copy_blob(desc, dst)
+        return 1
+    raise NotFound(f"chunk dictionary blob {desc.digest} is not in the destination and cannot be mounted"
+                   f"{' from ' + repo if repo else ''}; convert with a dictionary built from images in the same registry")
+
+
+def _copy_image(src, dst, source: str, mdesc, mbytes: bytes, manifest, report: ConvertReport) -> None:
+    """Make the original image's blobs and manifest available next to the remora one (OCI fallback)."""
+    src_host, src_repo = store_location(src)
+    dst_host, _ = store_location(dst)
+    for desc in [manifest.config, *manifest.layers]:
+        if dst.blob_exists(desc):
+            continue
+        if src_host == dst_host and dst.mount_blob(desc, src_repo):
+            report.mounted_blobs += 1
+            continue
+        with tempfile.NamedTemporaryFile(dir=os.environ.get("REMORA_TMPDIR")) as tmp:
+            stream = src.open_blob(desc)
+            try:
+                shutil.copyfileobj(stream, tmp, 1 << 20)
+            finally:
+                stream.close()
+            tmp.flush()
+            dst.push_blob(desc, Path(tmp.name))
+            report.uploaded_bytes += desc.size
+    dst.push_manifest(oci.Descriptor(mdesc.media_type, mdesc.digest, len(mbytes)), mbytes, tag=None)
+
+
+def _bootstrap_layer(db_path: Path, workdir: Path) -> tuple[Path, str, int, str]:
+    """Wrap the bootstrap in a deterministic tar, zstd it: ``(path, digest, size, diff_id)``."""
+    tar_path = workdir / "bootstrap.tar"
+    info = tarfile.TarInfo(ann.BOOTSTRAP_MEMBER)
+    info.size = db_path.stat().st_size
+    info.mode = 0o444
+    info.mtime = 0
+    info.uname = info.gname = ""
+    with open(tar_path, "wb") as raw:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            with open(db_path, "rb") as f:
+                tar.addfile(info, f)
+    diff_id = _sha256_file(tar_path)
+    out = workdir / "bootstrap.tar.zst"
+    cctx = zstandard.ZstdCompressor(level=BOOTSTRAP_ZSTD_LEVEL, write_content_size=True)
+    with open(tar_path, "rb") as fin, open(out, "wb") as fout:
+        cctx.copy_stream(fin, fout, size=tar_path.stat().st_size)
+    return out, _sha256_file(out), out.stat().st_size, diff_id
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return "sha256:" + h.hexdigest()

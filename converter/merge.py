@@ -1,0 +1,416 @@
+"""Merge OCI layer tars, bottom to top, into one :class:`~remora.format.tree.Tree`.
+
+This is what containerd's ``archive.Apply`` (applyNaive) does to a directory, done on an in-memory
+tree instead, with the OCI image-spec (layer.md) rules where containerd is looser:
+
+* ``DIR/.wh.NAME`` deletes ``DIR/NAME`` of the *lower* layers only; what the same layer adds stays
+  (layer.md: "Files that are present in the same layer as a whiteout file can only be hidden by
+  whiteout files in subsequent layers"). ``DIR/.wh..wh..opq`` hides every lower-layer child of DIR
+  and keeps the same layer's children whatever the member order. We get the order independence by
+  remembering which paths the current layer wrote (``_own``) and which directories hold such paths
+  (``_holds_own``); a whiteout removes only what is in neither set. Whiteout files never appear in
+  the result. Other ``.wh..wh.*`` names at the root are AUFS metadata and are skipped, except
+  ``.wh..wh.plnk/*`` regular files, which (as in containerd) serve as hard-link targets only.
+* A member replaces whatever is at its path, except a directory over a directory, which keeps its
+  children and takes the member's metadata. Missing parent directories are created (0755, root,
+  mtime 0; containerd uses 0700, moby 0755). A parent that exists but is not a directory is an error.
+* Hard links (LNKTYPE) make two entries share one :class:`Inode`, within a layer or to a lower
+  layer's file. The link entry's own header metadata is not applied to the shared inode: writers
+  emit the inode's metadata there anyway. A link to a missing path or a directory is InvalidInput.
+  A link to a symlink links the symlink itself (link(2) semantics; containerd's RootPath would
+  follow it).
+* Names are bytes (utf-8 + surrogateescape, the inverse of how tarfile decodes them), so non-UTF-8
+  names round-trip; ``SCHILY.xattr.*`` PAX values are recovered as their exact bytes the same way.
+  mtime keeps the nanoseconds of a PAX decimal mtime.
+
+Security: a leading ``/`` is dropped (as containerd does), but a ``..`` component anywhere in a
+member name or hard-link target is rejected, and so is a member whose parent directories lead
+outside the root through a symlink already in the tree (a ``..`` climbing above ``/``); symlinks
+inside the root are followed for parent directories, as containerd's RootPath does, with absolute
+targets taken relative to the root. Symlink *targets* are stored as given and never followed
+otherwise. Entries that resolve to the root itself are ignored (containerd: "resolved to root").
+
+Integrity: a member whose data or padding is cut short, a corrupt header, or a header split by the
+end of the stream raises InvalidInput naming the layer and member. tarfile alone would treat a
+corrupt header in mid-archive as a normal end of archive; :class:`_TarInfo` records why header
+parsing stopped so we can tell. A stream that ends cleanly at a member boundary without the two
+zero blocks is accepted, as Go's archive/tar (and so containerd) accepts it.
+
+The reader is strictly streaming (``tarfile`` mode ``r|``): no seeking, file content goes straight
+to the caller's ``sink`` and is never held whole, so multi-GB and sparse files need bounded memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+import tarfile
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import BinaryIO, Callable
+
+from remora.errors import InvalidInput
+from remora.format.tree import ChunkRef, Inode, Tree
+
+Sink = Callable[[BinaryIO, int], "list[ChunkRef]"]
+
+_ENC, _ERR = "utf-8", "surrogateescape"
+_WH = b".wh."
+_WH_META = b".wh..wh."
+_OPAQUE = b".wh..wh..opq"
+_PLNK = b".wh..wh.plnk"
+_XATTR = "SCHILY.xattr."
+_MAX_SYMLINK_HOPS = 40          # Linux's MAXSYMLINKS
+_REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE)
+
+
+@dataclass
+class LayerStats:
+    entries: int = 0        # tar members read (PAX/GNU long-name pseudo members not counted)
+    files: int = 0          # regular files whose content went through the sink
+    bytes: int = 0          # their logical size (holes of sparse files included)
+    whiteouts: int = 0      # .wh.NAME and opaque markers applied
+
+
+class HashingSink:
+    """A sink for tests and dry runs: cuts content into fixed ``chunk_size`` pieces and records
+    their sha256. With ``keep=True`` it also stores each piece by digest in ``blobs`` so a test can
+    rebuild files; leave it off for big files."""
+
+    def __init__(self, chunk_size: int = 1 << 20, keep: bool = False):
+        self.chunk_size = chunk_size
+        self.blobs: dict[bytes, bytes] | None = {} if keep else None
+
+    def __call__(self, fileobj: BinaryIO, size: int) -> list[ChunkRef]:
+        chunks: list[ChunkRef] = []
+        left = size
+        while left > 0:
+            piece = fileobj.read(min(self.chunk_size, left))
+            if not piece:
+                raise InvalidInput(f"file content ended {left} bytes early")
+            # fileobj.read may return less than asked; keep reading to fill a whole chunk
+            while len(piece) < min(self.chunk_size, left):
+                more = fileobj.read(min(self.chunk_size, left) - len(piece))
+                if not more:
+                    raise InvalidInput(f"file content ended {left - len(piece)} bytes early")
+                piece += more
+            digest = hashlib.sha256(piece).digest()
+            if self.blobs is not None:
+                self.blobs[digest] = piece
+            chunks.append(ChunkRef(digest, len(piece)))
+            left -= len(piece)
+        return chunks
+
+    def content(self, node: Inode) -> bytes:
+        """The bytes of a regular file merged with a ``keep=True`` sink."""
+        assert self.blobs is not None, "HashingSink(keep=True) needed"
+        return b"".join(self.blobs[c.digest] for c in node.chunks or ())
+
+
+hashing_sink = HashingSink()
+
+
+class _TarInfo(tarfile.TarInfo):
+    """Remembers why tarfile stopped reading headers: TarFile.next() swallows a corrupt or
+    truncated header after the first member and reports a plain end of archive."""
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.HeaderError as e:
+            tf._remora_stop = e
+            raise
+
+
+class _Counting:
+    """Counts bytes read from the caller's stream (an empty stream is an empty layer)."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.count += len(data)
+        return data
+
+
+class _MemberReader(io.RawIOBase):
+    """What the sink reads: exactly ``size`` bytes of one member; a short tar becomes InvalidInput."""
+
+    def __init__(self, f: BinaryIO, size: int, truncated: Callable[[], InvalidInput]):
+        self._f = f
+        self._left = size
+        self._truncated = truncated
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        # overridden (RawIOBase.read would go through readinto) to hand out tarfile's bytes
+        # without two extra copies: content is the bulk of what a conversion moves
+        n = self._left if size is None or size < 0 else min(size, self._left)
+        if n == 0:
+            return b""
+        try:
+            data = self._f.read(n)
+        except (tarfile.ReadError, EOFError) as e:
+            raise self._truncated() from e
+        if len(data) != n:
+            raise self._truncated()
+        self._left -= n
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def _parts(name: str) -> list[bytes]:
+    return [p for p in name.encode(_ENC, _ERR).split(b"/") if p and p != b"."]
+
+
+class LayerMerger:
+    """Apply layers bottom-first with :meth:`apply_layer`, then take the tree with :meth:`finish`.
+
+    ``tree`` may be an already merged lower part (it is modified in place).
+    """
+
+    def __init__(self, tree: Tree | None = None):
+        self.tree = tree or Tree()
+        self.layers = 0
+        self._own: set[tuple[bytes, ...]] = set()
+        self._holds_own: set[tuple[bytes, ...]] = set()
+        self._plnk: dict[bytes, Inode] = {}
+        self._where = ""
+
+    # -- public ---------------------------------------------------------------------------------
+    def apply_layer(self, stream: BinaryIO, sink: Sink, label: str | None = None) -> LayerStats:
+        """Apply one uncompressed layer tar read from ``stream`` (never seeked); regular file
+        content is handed to ``sink(fileobj, size)`` which returns the file's chunks."""
+        self.layers += 1
+        self._where = f"layer {self.layers}" + (f" ({label})" if label else "")
+        self._own, self._holds_own, self._plnk = set(), set(), {}
+        stats = LayerStats()
+        counting = _Counting(stream)
+        try:
+            tf = tarfile.open(fileobj=counting, mode="r|", tarinfo=_TarInfo, encoding=_ENC, errors=_ERR)
+        except (tarfile.ReadError, EOFError) as e:
+            if counting.count == 0:
+                return stats            # a zero-byte layer is an empty layer, as for Go's archive/tar
+            raise InvalidInput(f"{self._where}: not a tar archive or truncated tar at its first member: {e}") from None
+        last = None
+        with tf:
+            while True:
+                tf._remora_stop = None
+                try:
+                    ti = tf.next()
+                except (tarfile.ReadError, EOFError) as e:
+                    raise InvalidInput(f"{self._where}: truncated tar at member {last!r}: {e}") from None
+                if ti is None:
+                    self._check_end(tf, last)
+                    break
+                tf.members.clear()      # TarFile keeps every TarInfo otherwise; layers can be huge
+                last = ti.name
+                stats.entries += 1
+                self._apply_member(tf, ti, sink, stats)
+        return stats
+
+    def finish(self) -> Tree:
+        """Number the inodes (Tree.number) and return the merged tree."""
+        self.tree.number()
+        return self.tree
+
+    # -- members --------------------------------------------------------------------------------
+    def _check_end(self, tf: tarfile.TarFile, last: str | None) -> None:
+        stop = getattr(tf, "_remora_stop", None)
+        if stop is None or isinstance(stop, (tarfile.EOFHeaderError, tarfile.EmptyHeaderError)):
+            return
+        if isinstance(stop, tarfile.TruncatedHeaderError):
+            raise InvalidInput(f"{self._where}: truncated tar at member {last!r}: header cut short")
+        raise InvalidInput(f"{self._where}: corrupt tar header after member {last!r} at offset {tf.offset}: {stop}")
+
+    def _err(self, name: str, msg: str) -> InvalidInput:
+        return InvalidInput(f"{self._where}: member {name!r}: {msg}")
+
+    def _member_parts(self, name: str) -> list[bytes]:
+        parts = _parts(name)
+        if b".." in parts:
+            raise self._err(name, "'..' in the name would write outside the root; refusing")
+        return parts
+
+    def _apply_member(self, tf: tarfile.TarFile, ti: tarfile.TarInfo, sink: Sink, stats: LayerStats) -> None:
+        parts = self._member_parts(ti.name)
+        if not parts:
+            return                                  # "./": resolves to the root, ignored
+        if parts[0].startswith(_WH_META) and parts != [_OPAQUE]:
+            if parts[0] == _PLNK and len(parts) == 2 and ti.type in _REGULAR:
+                self._plnk[parts[1]] = self._regular(tf, ti, sink, stats)
+            return                                  # AUFS metadata
+        dir_node, dir_path = self._resolve_dir(parts[:-1], ti.name, create=True)
+        base = parts[-1]
+        if base.startswith(_WH):
+            stats.whiteouts += 1
+            if base == _OPAQUE:
+                for child in list(dir_node.children):
+                    self._hide_lower(dir_node, child, dir_path + (child,))
+            else:
+                target = base[len(_WH):]
+                if target in (b"", b".", b".."):
+                    raise self._err(ti.name, "invalid whiteout name")
+                self._hide_lower(dir_node, target, dir_path + (target,))
+            return
+        existing = dir_node.children.get(base)
+        node = self._make_node(tf, ti, sink, stats, existing)
+        dir_node.children[base] = node
+        self._mark_own(dir_path + (base,))
+
+    def _make_node(self, tf, ti: tarfile.TarInfo, sink: Sink, stats: LayerStats, existing: Inode | None) -> Inode:
+        t = ti.type
+        if t == tarfile.DIRTYPE:
+            if existing is not None and existing.is_dir:
+                # directory over directory: merge (keep children), take the layer's metadata
+                existing.mode = stat.S_IFDIR | (ti.mode & 0o7777)
+                existing.uid, existing.gid = ti.uid, ti.gid
+                existing.mtime_ns = _mtime_ns(ti)
+                existing.xattrs = _xattrs(ti)
+                return existing
+            return Inode.directory(ti.mode, **self._meta(ti))
+        if t in _REGULAR:
+            return self._regular(tf, ti, sink, stats)
+        if t == tarfile.SYMTYPE:
+            target = ti.linkname.encode(_ENC, _ERR)
+            return Inode(mode=stat.S_IFLNK | 0o777, size=len(target), target=target, **self._meta(ti))
+        if t == tarfile.LNKTYPE:
+            return self._link_target(ti)
+        if t in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+            kind = stat.S_IFCHR if t == tarfile.CHRTYPE else stat.S_IFBLK
+            return Inode(mode=kind | (ti.mode & 0o7777), rdev=os.makedev(ti.devmajor, ti.devminor), **self._meta(ti))
+        if t == tarfile.FIFOTYPE:
+            return Inode(mode=stat.S_IFIFO | (ti.mode & 0o7777), **self._meta(ti))
+        raise self._err(ti.name, f"unsupported tar member type {t!r}")
+
+    def _meta(self, ti: tarfile.TarInfo) -> dict:
+        return dict(uid=ti.uid, gid=ti.gid, mtime_ns=_mtime_ns(ti), xattrs=_xattrs(ti))
+
+    def _regular(self, tf: tarfile.TarFile, ti: tarfile.TarInfo, sink: Sink, stats: LayerStats) -> Inode:
+        size = ti.size
+        where, name = self._where, ti.name
+
+        def truncated() -> InvalidInput:
+            return InvalidInput(f"{where}: truncated tar at member {name!r}: its {size} bytes of data are cut short")
+
+        try:
+            src = tf.extractfile(ti)
+        except (tarfile.ReadError, EOFError) as e:  # GNU sparse 1.0 maps live in the data area
+            raise truncated() from e
+        # read tarfile's raw member reader directly: its BufferedReader wrapper only adds a copy
+        reader = _MemberReader(getattr(src, "raw", src), size, truncated)
+        chunks = list(sink(reader, size)) if size else []
+        got = sum(c.size for c in chunks)
+        if got != size:
+            raise RuntimeError(f"{where}: sink returned chunks for {got} bytes of {name!r}, which has {size}")
+        stats.files += 1
+        stats.bytes += size
+        return Inode(mode=stat.S_IFREG | (ti.mode & 0o7777), size=size, chunks=chunks, **self._meta(ti))
+
+    def _link_target(self, ti: tarfile.TarInfo) -> Inode:
+        parts = _parts(ti.linkname)
+        if b".." in parts:
+            raise self._err(ti.name, f"hard link target {ti.linkname!r} has a '..' component; refusing")
+        if not parts:
+            raise self._err(ti.name, "hard link to the root directory")
+        if parts[0] == _PLNK and len(parts) == 2:
+            node = self._plnk.get(parts[1])
+        else:
+            found = self._resolve_dir(parts[:-1], ti.name, create=False)
+            node = found[0].children.get(parts[-1]) if found else None
+        if node is None:
+            raise self._err(ti.name, f"hard link target {ti.linkname!r} does not exist")
+        if node.is_dir:
+            raise self._err(ti.name, f"hard link target {ti.linkname!r} is a directory")
+        return node
+
+    # -- paths ----------------------------------------------------------------------------------
+    def _resolve_dir(self, parts: list[bytes], member: str, create: bool):
+        """Walk ``parts`` from the root following symlinks (absolute targets from the root) and
+        return ``(dir_inode, resolved_path)``. Missing directories are created (``create``) or make
+        the result None. A ``..`` above the root, a symlink loop or a non-directory in the way is
+        InvalidInput."""
+        nodes = [self.tree.root]
+        path: list[bytes] = []
+        todo = list(reversed(parts))        # a stack: symlink targets are pushed in front
+        hops = 0
+        while todo:
+            c = todo.pop()
+            if c == b"..":                  # only from symlink targets: member names have none
+                if not path:
+                    raise self._err(member, "its parent directories resolve outside the root through a symlink")
+                path.pop()
+                nodes.pop()
+                continue
+            cur = nodes[-1]
+            child = cur.children.get(c)
+            if child is None:
+                if not create:
+                    return None
+                child = Inode.directory(0o755)
+                cur.children[c] = child
+                self._mark_own(tuple(path) + (c,))
+            elif child.is_symlink:
+                hops += 1
+                if hops > _MAX_SYMLINK_HOPS:
+                    raise self._err(member, "too many levels of symbolic links in its parent directories")
+                target = child.target or b""
+                if target.startswith(b"/"):
+                    path, nodes = [], [self.tree.root]
+                todo.extend(reversed([p for p in target.split(b"/") if p and p != b"."]))
+                continue
+            elif not child.is_dir:
+                raise self._err(member, f"parent {b'/'.join(path + [c]).decode(_ENC, _ERR)!r} is not a directory")
+            path.append(c)
+            nodes.append(child)
+        return nodes[-1], tuple(path)
+
+    def _mark_own(self, path: tuple[bytes, ...]) -> None:
+        self._own.add(path)
+        # prefixes are added together, so the first one already present has all shorter ones too
+        for i in range(len(path) - 1, -1, -1):
+            if path[:i] in self._holds_own:
+                break
+            self._holds_own.add(path[:i])
+
+    def _hide_lower(self, parent: Inode, name: bytes, path: tuple[bytes, ...]) -> None:
+        """Remove ``parent/name`` and everything below it that lower layers put there; keep what
+        the current layer wrote (and the directories leading to it)."""
+        todo = [(parent, name, path)]
+        while todo:
+            parent, name, path = todo.pop()
+            node = parent.children.get(name)
+            if node is None:
+                continue
+            if path not in self._own and path not in self._holds_own:
+                del parent.children[name]
+            elif node.children:
+                todo.extend((node, c, path + (c,)) for c in node.children)
+
+
+def _mtime_ns(ti: tarfile.TarInfo) -> int:
+    pax = ti.pax_headers.get("mtime")
+    if pax is not None:
+        try:
+            return int(Decimal(pax) * 1_000_000_000)
+        except ArithmeticError:
+            pass
+    return int(ti.mtime) * 1_000_000_000
+
+
+def _xattrs(ti: tarfile.TarInfo) -> dict[str, bytes]:
+    return {
+        k[len(_XATTR):]: v.encode(_ENC, _ERR)
+        for k, v in ti.pax_headers.items()
+        if k.startswith(_XATTR)
+    }

@@ -1,0 +1,163 @@
+"""Configuration of one peer daemon, and the small parsers its command line needs.
+
+Everything a peer does is decided here, from flags, so that a peer can run unchanged in a network
+namespace of the lab, a DaemonSet pod or a test on loopback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import uuid
+from pathlib import Path
+
+from remora.errors import UsageError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+#: Piece sizes are powers of two between these bounds (see :func:`piece_size_for`).
+MIN_PIECE_SIZE = 256 * KiB
+MAX_PIECE_SIZE = 16 * MiB
+#: Aim for about this many pieces per blob: enough to spread a blob over several parents, few enough
+#: that per-piece overhead (one request, one file, one digest) stays negligible.
+TARGET_PIECES = 64
+
+
+def piece_size_for(content_length: int) -> int:
+    """The piece size of a blob: a power of two chosen from its size alone.
+
+    Being a pure function of the size means every peer, seed or child, derives the same piece layout
+    even before the scheduler has told it anything.
+    """
+    size = MIN_PIECE_SIZE
+    while size < MAX_PIECE_SIZE and size * TARGET_PIECES < content_length:
+        size *= 2
+    return size
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
+_UNITS = {"": 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB, "mib": MiB,
+          "g": GiB, "gb": GiB, "gib": GiB, "t": 1024 * GiB, "tb": 1024 * GiB, "tib": 1024 * GiB}
+
+
+def parse_size(text: str) -> int:
+    """``"10GiB"`` -> bytes. Units are binary (k = 1024), as for every size remora prints."""
+    m = _SIZE_RE.match(str(text))
+    if not m or (m.group(2) or "").lower() not in _UNITS:
+        raise UsageError(f"bad size {text!r}: use a number with an optional unit (KiB, MiB, GiB, TiB)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+@dataclasses.dataclass(frozen=True)
+class Watermark:
+    """A disk threshold: either bytes used by the store, or a percentage of the filesystem in use."""
+
+    bytes: int | None = None
+    percent: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Watermark":
+        text = str(text).strip()
+        if text.endswith("%"):
+            try:
+                pct = float(text[:-1])
+            except ValueError:
+                raise UsageError(f"bad watermark {text!r}") from None
+            if not 0 < pct <= 100:
+                raise UsageError(f"watermark {text!r} must be between 0% and 100%")
+            return cls(percent=pct)
+        return cls(bytes=parse_size(text))
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else f"{self.bytes} bytes"
+
+
+def parse_duration(text: str) -> float:
+    """``"30s"``, ``"200ms"``, ``"24h"``, ``"7d"`` -> seconds."""
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", str(text))
+    if not m:
+        raise UsageError(f"bad duration {text!r}: use e.g. 200ms, 30s, 10m, 24h, 7d")
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """``"0.0.0.0:65001"`` / ``"[::1]:65001"`` / ``":65001"`` -> ``(host, port)``."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    if not port:
+        if default_port is None:
+            raise UsageError(f"address {text!r} needs a port (HOST:PORT)")
+        port = str(default_port)
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(f"bad port in address {text!r}")
+    return host or "0.0.0.0", int(port)
+
+
+def parse_labels(items: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"bad label {item!r}: use KEY=VALUE (e.g. zone=eu-1a)")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def default_host_id() -> str:
+    """A stable id per machine: two peers on one host must never be chosen as each other's parent."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            value = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if value:
+            return f"{socket.gethostname()}-{value[:12]}"
+    return socket.gethostname()
+
+
+@dataclasses.dataclass
+class PeerConfig:
+    data_dir: Path
+    listen: tuple[str, int] = ("127.0.0.1", 65001)          # mirror API for containerd (+ /metrics, status)
+    upload_listen: tuple[str, int] = ("0.0.0.0", 65002)     # piece server for other peers
+    advertise_ip: str = ""                                  # address other peers dial; "" = guess
+    advertise_port: int = 0                                 # 0 = the upload port actually bound
+    schedulers: list[str] = dataclasses.field(default_factory=list)   # "host:port" gRPC addresses
+    upstream: str = ""                                      # default registry when no ?ns= and no header
+    plain_http: list[str] = dataclasses.field(default_factory=list)   # registries spoken to over http
+    registry_config: Path | None = None                     # docker config.json with this node's credentials
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    host_id: str = dataclasses.field(default_factory=default_host_id)
+    peer_id: str = ""
+    upload_slots: int = 16
+    upload_bandwidth: int = 0
+    concurrency: int = 8                                    # pieces fetched at once per task
+    piece_timeout: float = 10.0                             # floor of the per-piece deadline
+    min_piece_rate: int = 1 * MiB                           # slower than this (bytes/s) counts as crawling
+    max_parent_failures: int = 6                            # failed pieces/scheduling rounds before back-to-source
+    scheduler_timeout: float = 2.0                          # per scheduler RPC
+    upstream_timeout: float = 30.0
+    gc_ttl: float = 24 * 3600.0
+    gc_high: Watermark = dataclasses.field(default_factory=lambda: Watermark(percent=85.0))
+    gc_low: Watermark = dataclasses.field(default_factory=lambda: Watermark(percent=75.0))
+    gc_interval: float = 60.0
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        if not self.peer_id:
+            self.peer_id = f"{self.host_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if (self.gc_high.percent is None) != (self.gc_low.percent is None):
+            raise UsageError("--gc-high and --gc-low must both be percentages or both be sizes")
+        hi = self.gc_high.percent if self.gc_high.percent is not None else self.gc_high.bytes
+        lo = self.gc_low.percent if self.gc_low.percent is not None else self.gc_low.bytes
+        if lo > hi:
+            raise UsageError(f"--gc-low ({self.gc_low}) must not exceed --gc-high ({self.gc_high})")

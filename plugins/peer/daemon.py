@@ -1,0 +1,227 @@
+"""The peer daemon: wires store, registry session, scheduler link, task engine and the two HTTP APIs.
+
+Two listeners: the mirror API (for containerd and the snapshotter, usually on 127.0.0.1, plus
+``/metrics`` and ``/_remora/status``) and the upload API (for other peers, on the node's address).
+Background loops keep the scheduler registration alive (re-announcing everything if a scheduler forgot
+us), measure RTTs to the peers the scheduler asks about, and run the piece-store GC.
+
+Usable in-process (``await PeerDaemon(cfg).start()``, as the tests do with several peers in one event
+loop) or as a process (``remora peer``, :func:`run`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+
+from aiohttp import web
+
+from remora._proto import remora_scheduler_pb2 as pb
+from remora.errors import StorageError, UsageError
+
+from .config import PeerConfig
+from .download import TaskManager
+from .metrics import PeerMetrics
+from .mirror import Mirror
+from .pieces import PieceStore
+from .schedlink import SchedulerLink
+from .upload import UploadServer
+from .upstream import Upstream, load_docker_credentials
+
+log = logging.getLogger(__name__)
+
+
+def guess_advertise_ip(bind_host: str, schedulers: list[str]) -> str:
+    """The address other peers should dial: the bind address, else the source address toward the first
+    scheduler (a UDP ``connect`` picks the route without sending anything), else loopback."""
+    if bind_host not in ("", "0.0.0.0", "::"):
+        return bind_host
+    for address in schedulers:
+        host = address.rsplit(":", 1)[0].strip("[]")
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((host, 9))
+                return s.getsockname()[0]
+        except OSError:
+            continue
+    return "127.0.0.1"
+
+
+class PeerDaemon:
+    def __init__(self, cfg: PeerConfig):
+        self.cfg = cfg
+        self.metrics = PeerMetrics()
+        self.store: PieceStore | None = None
+        self.upstream: Upstream | None = None
+        self.sched: SchedulerLink | None = None
+        self.tasks: TaskManager | None = None
+        self._runners: list[web.AppRunner] = []
+        self._loops: list[asyncio.Task] = []
+        self.mirror_port = 0
+        self.upload_port = 0
+        self.started_at = 0.0
+
+    @property
+    def mirror_url(self) -> str:
+        host = self.cfg.listen[0]
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return f"http://{host}:{self.mirror_port}"
+
+    async def start(self) -> "PeerDaemon":
+        cfg = self.cfg
+        self.started_at = time.time()
+        self.store = PieceStore(cfg.data_dir)
+        self.upstream = Upstream(cfg.plain_http, load_docker_credentials(cfg.registry_config), cfg.upstream_timeout)
+        await self.upstream.start()
+        upload = UploadServer(self.store, self.metrics, cfg.upload_slots)
+        self.upload_port = await self._serve(upload.app(), cfg.upload_listen, "upload")
+        advertise_ip = cfg.advertise_ip or guess_advertise_ip(cfg.upload_listen[0], cfg.schedulers)
+        host = pb.PeerHost(peer_id=cfg.peer_id, host_id=cfg.host_id, ip=advertise_ip,
+                           upload_port=cfg.advertise_port or self.upload_port, labels=cfg.labels,
+                           upload_slots=cfg.upload_slots, upload_bandwidth=cfg.upload_bandwidth)
+        if cfg.schedulers:
+            self.sched = SchedulerLink(cfg.schedulers, host, cfg.scheduler_timeout)
+        self.tasks = TaskManager(cfg, self.store, self.upstream, self.sched, self.metrics)
+        await self.tasks.start()
+        if self.sched:
+            self.sched.on_forgotten = self.tasks.reannounce_all
+        mirror = Mirror(self.tasks, self.metrics, cfg.upstream, status_cb=self.status)
+        self.mirror_port = await self._serve(mirror.app(), cfg.listen, "mirror")
+        self.host = host
+        if self.sched:
+            answered = await self.sched.register_all()
+            if not answered:
+                log.warning("no scheduler answered %s: serving from the registry until one does", cfg.schedulers)
+            self._loops.append(asyncio.get_running_loop().create_task(self._keepalive_loop()))
+            self._loops.append(asyncio.get_running_loop().create_task(self._probe_loop()))
+        self._loops.append(asyncio.get_running_loop().create_task(self._gc_loop()))
+        log.info("peer %s: mirror on %s, upload on %s:%d", cfg.peer_id, self.mirror_url, advertise_ip,
+                 host.upload_port)
+        return self
+
+    async def _serve(self, app: web.Application, address: tuple[str, int], what: str) -> int:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, address[0], address[1], reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise UsageError(f"cannot listen for the {what} API on {address[0]}:{address[1]}: "
+                             f"{exc.strerror or exc}") from exc
+        self._runners.append(runner)
+        return site._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        for loop_task in self._loops:
+            loop_task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops.clear()
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        if self.tasks:
+            await self.tasks.close()
+        if self.sched:
+            await self.sched.leave()
+            await self.sched.close()
+        if self.upstream:
+            await self.upstream.close()
+
+    # -- background loops -----------------------------------------------------------------------------
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sched.keepalive_interval)
+            try:
+                await self.sched.register_all()
+            except Exception:  # a keepalive must never kill the daemon
+                log.exception("keepalive failed")
+
+    async def _probe_loop(self) -> None:
+        """Measure TCP connect RTTs to the peers the scheduler names (it uses them to pick parents)."""
+        results: list[pb.ProbeResult] = []
+        while True:
+            try:
+                targets = await self.sched.sync_probes(results)
+            except Exception:
+                log.exception("probe sync failed")
+                targets = []
+            results = [await _probe(t) for t in targets[:16]]
+            await asyncio.sleep(self.sched.probe_interval or 10.0)
+
+    async def _gc_loop(self) -> None:
+        while True:
+            await self.gc()
+            await asyncio.sleep(self.cfg.gc_interval)
+
+    async def gc(self) -> list[str]:
+        cfg = self.cfg
+        try:
+            evicted = await asyncio.to_thread(self.store.gc, cfg.gc_ttl, cfg.gc_high, cfg.gc_low)
+        except (OSError, StorageError) as exc:
+            log.error("gc failed: %s", exc)
+            return []
+        for digest in evicted:
+            task = self.tasks.tasks.pop(digest, None)
+            if task and self.sched:
+                self.tasks.spawn(task._sched("LeaveTask", pb.LeaveTaskRequest(peer_id=cfg.peer_id, task_id=digest)))
+        self.metrics.gc_evicted.labels("gc").inc(len(evicted))
+        self.metrics.store_bytes.set(await asyncio.to_thread(self.store.usage_bytes))
+        return evicted
+
+    # -- status ---------------------------------------------------------------------------------------
+    def status(self) -> dict:
+        cfg = self.cfg
+        tasks = [t.status() for t in self.tasks.tasks.values()]
+        known = {t["digest"] for t in tasks}
+        for entry in self.store.entries():
+            if entry.digest not in known and entry.has_layout:
+                tasks.append({"digest": entry.digest, "state": "done" if entry.verified else "partial",
+                              "size": entry.content_length, "piece_size": entry.piece_size,
+                              "pieces": entry.n_pieces, "have": len(entry.have), "verified": entry.verified,
+                              "from_peers": 0, "from_registry": 0, "back_to_source": "", "blocklist": {},
+                              "error": ""})
+        samples = {}
+        for metric in self.metrics.registry.collect():
+            for s in metric.samples:
+                if s.name.endswith("_total"):
+                    key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"
+                                    if s.labels else "")
+                    samples[key] = s.value
+        return {"peer_id": cfg.peer_id, "host_id": cfg.host_id, "mirror": self.mirror_url,
+                "upload": f"{self.host.ip}:{self.host.upload_port}", "schedulers": cfg.schedulers,
+                "upstream": cfg.upstream, "labels": cfg.labels, "data_dir": str(cfg.data_dir),
+                "uptime": time.time() - self.started_at, "store_bytes": self.store.usage_bytes(),
+                "tasks": tasks, "counters": samples}
+
+
+async def _probe(target: pb.PeerHost) -> pb.ProbeResult:
+    t0 = time.monotonic()
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(target.ip, target.upload_port), 2.0)
+        writer.close()
+        return pb.ProbeResult(peer_id=target.peer_id, rtt_us=int((time.monotonic() - t0) * 1e6), success=True)
+    except (OSError, asyncio.TimeoutError):
+        return pb.ProbeResult(peer_id=target.peer_id, success=False)
+
+
+def run(cfg: PeerConfig) -> int:
+    """Run the daemon until SIGTERM/SIGINT (the ``remora peer`` command)."""
+
+    async def main() -> None:
+        daemon = await PeerDaemon(cfg).start()
+        print(f"remora peer {cfg.peer_id}: mirror {daemon.mirror_url}, upload "
+              f"{daemon.host.ip}:{daemon.host.upload_port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await daemon.stop()
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,578 @@
+"""The task engine: get the pieces of a blob from parents or from the registry, verified, onto disk.
+
+One :class:`Task` per blob digest, shared by every request for that blob (containerd's full GET, the
+snapshotter's range reads, several pulls at once). A request says which pieces it needs and waits; a
+single driver coroutine per task fetches what is missing:
+
+* **children** ask the scheduler for parents, spread the missing pieces over the parents that hold them
+  and fetch them over HTTP from the parents' upload endpoints. Every piece is checked against the piece
+  digest published by the peer that fetched it from the registry. A parent that fails (dies mid-piece,
+  returns corrupt bytes, crawls below ``min_piece_rate``) is blocklisted for the task and the piece is
+  fetched elsewhere; after ``max_parent_failures`` failed pieces or empty scheduling rounds the child
+  goes back to the registry itself.
+* **the seed** (told so by the scheduler), or any peer whose scheduler is down, streams the missing
+  ranges from the registry with this node's credentials, cuts them into pieces, hashes each piece and
+  announces pieces and digests to the scheduler as they land, so children start before it is done.
+
+Whole-blob reads are served only after the complete blob matched its digest; a mismatch resets the task
+(all pieces dropped, the failure reported) so the next request starts clean. Downloads are shielded from
+the requests that started them: a client that disconnects early does not cancel the work other
+requests (or the next retry of containerd) are waiting for.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from remora._proto import remora_scheduler_pb2 as pb
+from remora.errors import DigestMismatch, InvalidInput, NotFound, RegistryError, RemoraError
+
+from .config import PeerConfig, piece_size_for
+from .metrics import PeerMetrics
+from .pieces import BlobEntry, PieceStore, sha256_digest
+from .schedlink import SchedulerLink, SchedulerUnavailable
+from .upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the registry has the blob: the repository a client asked for it through."""
+
+    registry: str
+    repository: str
+
+    def blob_path(self, digest: str) -> str:
+        return f"/v2/{self.repository}/blobs/{digest}"
+
+    @property
+    def scope(self) -> str:
+        return f"repository:{self.repository}:pull"
+
+
+class ParentFailure(Exception):
+    """A piece could not be had from a parent; ``reason`` is what the scheduler is told."""
+
+    def __init__(self, reason: str, detail: str, blocklist: bool = True):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.blocklist = blocklist
+
+
+class Task:
+    def __init__(self, manager: "TaskManager", digest: str):
+        self.m = manager
+        self.cfg: PeerConfig = manager.cfg
+        self.digest = digest
+        self.entry: BlobEntry = manager.store.open(digest)
+        self.sources: list[Source] = []
+        self.wanted: set[int] = set()
+        self.blocklist: dict[str, str] = {}          # parent peer id -> reason
+        self.back_to_source = False                  # decided: the registry, not the mesh
+        self.source_reason = ""
+        self.fetched_from_source: set[int] = set()   # pieces whose digests we publish
+        self.registered = False
+        self.failures = 0
+        self.error: BaseException | None = None
+        self.started = time.time()
+        self.bytes_from = {"peer": 0, "registry": 0}
+        self._driver: asyncio.Task | None = None
+        self._layout_lock = asyncio.Lock()
+        self._verify_lock = asyncio.Lock()
+        self._changed = asyncio.get_running_loop().create_future()
+        self._announce_task: asyncio.Task | None = None
+        self._announce_dirty = False
+        self._results: list[pb.PieceResult] = []
+        self._in_flight: set[int] = set()
+        self._progress_at = time.monotonic()
+
+    # -- public ---------------------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        if self.entry.verified:
+            return "done"
+        if self._driver and not self._driver.done():
+            return "source" if self.back_to_source else "mesh"
+        return "failed" if self.error else "idle"
+
+    async def ensure_layout(self) -> BlobEntry:
+        """Learn the blob's size (scheduler, else a HEAD to the registry) and fix the piece layout."""
+        if self.entry.has_layout:
+            return self.entry
+        async with self._layout_lock:
+            if self.entry.has_layout:
+                return self.entry
+            length = piece_size = 0
+            if self.m.sched is not None:
+                resp = await self._register_task()
+                if resp is not None:
+                    length, piece_size = resp.content_length, resp.piece_size
+            if not length:
+                length = await self.m.head_blob(self.digest, self.sources)
+            self.entry.set_layout(length, piece_size or piece_size_for(length))
+            if self.back_to_source:
+                self._announce_soon()
+            return self.entry
+
+    async def ensure(self, pieces: range | None) -> BlobEntry:
+        """Wait until ``pieces`` (None: the whole blob, then verified) are on disk."""
+        entry = await self.ensure_layout()
+        need = set(range(entry.n_pieces)) if pieces is None else set(pieces)
+        while not need <= entry.have:
+            self.wanted |= need
+            if self._driver is None or self._driver.done():
+                self.error = None
+                self._driver = asyncio.get_running_loop().create_task(self._drive())
+            error = await asyncio.shield(self._changed)
+            if error is not None and not need <= entry.have:
+                raise error
+        if pieces is None and not entry.verified:
+            await asyncio.shield(asyncio.ensure_future(self._verify_whole()))
+        entry.touch()
+        return entry
+
+    # -- driver ---------------------------------------------------------------------------------------
+    def _notify(self, error: BaseException | None = None) -> None:
+        """Wake every waiter; ``error`` is the driver's failure (waiters not yet served raise it)."""
+        waiter, self._changed = self._changed, asyncio.get_running_loop().create_future()
+        waiter.set_result(error)
+
+    async def _drive(self) -> None:
+        self.entry.users += 1
+        self._progress_at = time.monotonic()
+        try:
+            while True:
+                missing = sorted(self.wanted - self.entry.have)
+                if not missing:
+                    break
+                if self.back_to_source or self.m.sched is None:
+                    if not self.back_to_source:
+                        self._go_to_source("no_scheduler")
+                    await self._fetch_from_source(missing)
+                else:
+                    await self._fetch_from_parents(missing)
+        except asyncio.CancelledError:
+            self.error = RegistryError(f"{self.digest}: download cancelled (daemon stopping)")
+            raise
+        except BaseException as exc:  # every waiter must learn why, whatever it is
+            if not isinstance(exc, RemoraError):
+                log.exception("%s: download failed", self.digest)
+                exc = RegistryError(f"{self.digest}: download failed: {exc}")
+            self.error = exc
+            self.m.metrics.tasks.labels("failed").inc()
+            if self.back_to_source and not isinstance(exc, NotFound):
+                await self._reset(f"back-to-source failed: {exc}")
+        finally:
+            self.entry.users -= 1
+            self._notify(self.error)
+
+    def _go_to_source(self, reason: str) -> None:
+        if not self.back_to_source:
+            log.info("%s: going back to the registry (%s)", self.digest[:19], reason)
+            self.back_to_source = True
+            self.source_reason = reason
+            self.m.metrics.back_to_source.labels(reason).inc()
+
+    async def _reset(self, why: str) -> None:
+        """Forget the task's pieces: the next request starts from scratch (and the scheduler knows)."""
+        log.warning("%s: resetting task: %s", self.digest, why)
+        self.entry.reset()
+        self.wanted.clear()
+        self.fetched_from_source.clear()
+        self.back_to_source = False
+        self.registered = False
+        self.failures = 0
+        await self._sched("ReportTaskResult", pb.ReportTaskResultRequest(
+            peer_id=self.m.peer_id, task_id=self.digest, success=False, back_to_source=True, error=why[:500]))
+
+    # -- registry -------------------------------------------------------------------------------------
+    async def _fetch_from_source(self, missing: list[int]) -> None:
+        if not self.sources:
+            raise NotFound(f"{self.digest}: not in the mesh and no repository known to fetch it from")
+        runs = _runs(missing)
+        for first, last in runs:
+            await self._stream_run(first, last)
+        self._announce_soon()
+
+    async def _stream_run(self, first: int, last: int) -> None:
+        """GET pieces ``first..last`` (inclusive) from the registry in one ranged request."""
+        entry = self.entry
+        start, end = entry.piece_span(first)[0], entry.piece_span(last)[1]
+        headers = {"Accept-Encoding": "identity"}
+        whole = start == 0 and end == entry.content_length
+        if not whole:
+            headers["Range"] = f"bytes={start}-{end - 1}"
+        last_error: Exception | None = None
+        for source in list(reversed(self.sources)):
+            try:
+                resp = await self.m.upstream.request("GET", source.registry, source.blob_path(self.digest),
+                                                     headers, scope=source.scope)
+            except NotFound as exc:
+                last_error = exc
+                continue
+            try:
+                skip = start if resp.status == 200 and not whole else 0  # registry ignored Range
+                await self._cut_pieces(resp, first, last, skip)
+                return
+            finally:
+                resp.release()
+        raise last_error or NotFound(f"{self.digest}: blob unknown to the registry")
+
+    async def _cut_pieces(self, resp: aiohttp.ClientResponse, first: int, last: int, skip: int) -> None:
+        entry = self.entry
+        index = first
+        buf = bytearray()
+        want = entry.piece_span(index)[1] - entry.piece_span(index)[0]
+        t0 = time.monotonic()
+        self._in_flight.add(index)
+        try:
+            async for chunk in resp.content.iter_chunked(READ_CHUNK):
+                if skip:
+                    drop = min(skip, len(chunk))
+                    chunk, skip = chunk[drop:], skip - drop
+                buf += chunk
+                while index <= last and len(buf) >= want:
+                    data, buf = bytes(buf[:want]), buf[want:]
+                    await self._store(index, data, sha256_digest(data), "registry", time.monotonic() - t0)
+                    self.fetched_from_source.add(index)
+                    self._in_flight.discard(index)
+                    index += 1
+                    if index <= last:
+                        self._in_flight.add(index)
+                        want = entry.piece_span(index)[1] - entry.piece_span(index)[0]
+                        t0 = time.monotonic()
+                if index > last:
+                    break
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise RegistryError(f"{self.digest}: registry stream broke at piece {index}: {exc or type(exc).__name__}") \
+                from exc
+        finally:
+            self._in_flight.discard(index)
+        if index <= last:
+            raise RegistryError(f"{self.digest}: registry sent a truncated blob (stopped in piece {index} of "
+                                f"{entry.n_pieces})")
+
+    # -- mesh -----------------------------------------------------------------------------------------
+    async def _fetch_from_parents(self, missing: list[int]) -> None:
+        if not self.registered:
+            resp = await self._register_task()
+            if resp is None:
+                return  # scheduler down: _register_task went back to source
+            if self.back_to_source:
+                return
+            parents, retry = list(resp.parents), resp.retry_after_ms
+        else:
+            try:
+                resp = await self.m.sched.call(self.digest, "GetParents", pb.GetParentsRequest(
+                    peer_id=self.m.peer_id, task_id=self.digest, exclude=sorted(self.blocklist), limit=8))
+            except SchedulerUnavailable as exc:
+                self._scheduler_down("GetParents", exc)
+                return
+            if resp.piece_digests:
+                self.entry.set_piece_digests(list(resp.piece_digests))
+            if resp.back_to_source:
+                self._go_to_source(resp.reason or "scheduler")
+                return
+            parents, retry = list(resp.parents), resp.retry_after_ms
+        parents = [p for p in parents if p.host.peer_id not in self.blocklist and p.host.peer_id != self.m.peer_id]
+        plan = self._plan(missing, parents)
+        if not plan:
+            # Nobody holds what we miss (yet): the seed may still be working, so wait as told, but not
+            # forever: without progress for a few piece timeouts, or after repeated empty rounds, fetch
+            # it ourselves.
+            self.failures += 1 if not parents else 0
+            if self.failures >= self.cfg.max_parent_failures:
+                self._go_to_source("schedule_failures")
+                return
+            if time.monotonic() - self._progress_at > 3 * self.cfg.piece_timeout:
+                self._go_to_source("stalled")
+                return
+            await asyncio.sleep(min(max(retry, 20), 1000) / 1000)
+            return
+        sem = asyncio.Semaphore(self.cfg.concurrency)
+
+        async def one(index: int, parent: pb.Parent) -> None:
+            async with sem:
+                if parent.host.peer_id in self.blocklist or index in self.entry.have:
+                    return
+                await self._fetch_piece(index, parent)
+
+        await asyncio.gather(*(one(i, p) for i, p in plan))
+        self._flush_results()
+
+    def _plan(self, missing: list[int], parents: list[pb.Parent]) -> list[tuple[int, pb.Parent]]:
+        """Assign each missing piece (with a known digest) to a parent holding it, spread round-robin."""
+        holders: dict[int, list[pb.Parent]] = {}
+        for p in parents:
+            for i in p.pieces:
+                holders.setdefault(i, []).append(p)
+        plan = []
+        for n, index in enumerate(missing):
+            options = holders.get(index)
+            if not options or not self.entry.piece_digests[index]:
+                continue
+            plan.append((index, options[n % len(options)]))
+        return plan
+
+    async def _fetch_piece(self, index: int, parent: pb.Parent) -> None:
+        host = parent.host
+        start, end = self.entry.piece_span(index)
+        size = end - start
+        expected = self.entry.piece_digests[index]
+        url = f"http://{_url_host(host.ip)}:{host.upload_port}/pieces/{self.digest}/{index}"
+        # A piece must arrive at min_piece_rate at least, with piece_timeout as the floor: slower is crawling.
+        deadline = max(self.cfg.piece_timeout, size / max(self.cfg.min_piece_rate, 1))
+        t0 = time.monotonic()
+        self._in_flight.add(index)
+        try:
+            try:
+                data = await asyncio.wait_for(self._get_piece(url, size), deadline)
+            except asyncio.TimeoutError:
+                raise ParentFailure("timeout", f"no complete piece within {deadline:.1f}s (crawling parent)")
+            actual = sha256_digest(data)
+            if actual != expected:
+                raise ParentFailure("corrupt", f"piece digest {actual[:19]}, expected {expected[:19]}")
+            await self._store(index, data, expected, "peer", time.monotonic() - t0)
+            self._results.append(pb.PieceResult(parent_id=host.peer_id, piece=index, success=True,
+                                                cost_us=int((time.monotonic() - t0) * 1e6), size=size))
+        except ParentFailure as exc:
+            self.failures += 1
+            self.m.metrics.piece_failures.labels(exc.reason).inc()
+            self._results.append(pb.PieceResult(parent_id=host.peer_id, piece=index, success=False,
+                                                cost_us=int((time.monotonic() - t0) * 1e6), error=exc.reason))
+            if exc.blocklist and host.peer_id not in self.blocklist:
+                log.warning("%s: blocklisting parent %s (%s:%d) for piece %d: %s", self.digest[:19], host.peer_id,
+                            host.ip, host.upload_port, index, exc)
+                self.blocklist[host.peer_id] = exc.reason
+                self.m.metrics.blocklisted.labels(exc.reason).inc()
+            if self.failures >= self.cfg.max_parent_failures:
+                self._go_to_source("parent_failures")
+        finally:
+            self._in_flight.discard(index)
+
+    async def _get_piece(self, url: str, size: int) -> bytes:
+        try:
+            async with self.m.peer_session.get(url) as resp:
+                if resp.status == 503:
+                    raise ParentFailure("busy", "parent has no free upload slot", blocklist=False)
+                if resp.status != 200:
+                    raise ParentFailure("http", f"parent answered {resp.status}")
+                data = await resp.content.read(size + 1)
+                while len(data) < size + 1:
+                    more = await resp.content.read(size + 1 - len(data))
+                    if not more:
+                        break
+                    data += more
+        except (aiohttp.ClientError, ConnectionError, OSError) as exc:
+            raise ParentFailure("connection", f"{type(exc).__name__}: {exc}") from exc
+        if len(data) != size:
+            raise ParentFailure("connection" if len(data) < size else "corrupt",
+                                f"piece has {len(data)} bytes, expected {size}")
+        return data
+
+    # -- shared ---------------------------------------------------------------------------------------
+    async def _store(self, index: int, data: bytes, digest: str, source: str, seconds: float) -> None:
+        await asyncio.to_thread(self.entry.write_piece, index, data, digest)
+        self.entry.commit_piece(index, digest)
+        self._progress_at = time.monotonic()
+        self.bytes_from[source] += len(data)
+        mt = self.m.metrics
+        mt.bytes.labels(source).inc(len(data))
+        mt.pieces.labels(source).inc()
+        mt.piece_seconds.labels(source).observe(seconds)
+        self._announce_soon()
+        self._notify()
+
+    async def _verify_whole(self) -> None:
+        async with self._verify_lock:
+            entry = self.entry
+            if entry.verified:
+                return
+            if not entry.complete:
+                raise InvalidInput(f"{self.digest}: pieces went missing before verification")
+            actual = await asyncio.to_thread(_hash_pieces, entry)
+            if actual != self.digest:
+                err = DigestMismatch(f"blob {self.digest}", self.digest, actual)
+                self.m.metrics.tasks.labels("digest_mismatch").inc()
+                await self._reset(str(err))
+                raise err
+            entry.mark_verified()
+            self.m.metrics.tasks.labels("success").inc()
+            log.info("%s: verified (%d bytes; %d from peers, %d from the registry)", self.digest[:19],
+                     entry.content_length, self.bytes_from["peer"], self.bytes_from["registry"])
+            self._announce_soon()
+            await self._sched("ReportTaskResult", pb.ReportTaskResultRequest(
+                peer_id=self.m.peer_id, task_id=self.digest, success=True, back_to_source=self.back_to_source))
+
+    async def _register_task(self) -> pb.RegisterTaskResponse | None:
+        entry = self.entry
+        try:
+            resp = await self.m.sched.call(self.digest, "RegisterTask", pb.RegisterTaskRequest(
+                peer_id=self.m.peer_id, task_id=self.digest, content_length=entry.content_length,
+                piece_size=entry.piece_size))
+        except SchedulerUnavailable as exc:
+            self._scheduler_down("RegisterTask", exc)
+            return None
+        self.registered = True
+        if resp.content_length and resp.piece_size and not entry.has_layout:
+            entry.set_layout(resp.content_length, resp.piece_size)
+        if resp.piece_digests and entry.has_layout:
+            entry.set_piece_digests(list(resp.piece_digests))
+        if resp.back_to_source and not entry.verified:
+            self._go_to_source(resp.reason or "seed")
+        if entry.have:
+            self._announce_soon()
+        return resp
+
+    def _scheduler_down(self, method: str, exc: Exception) -> None:
+        log.warning("%s: %s; fetching from the registry", self.digest[:19], exc)
+        self.m.metrics.scheduler_errors.labels(method).inc()
+        self._go_to_source("scheduler_down")
+
+    async def _sched(self, method: str, request) -> None:
+        """Fire-and-forget scheduler RPC (reports): a failure only costs the scheduler some accuracy."""
+        if self.m.sched is None:
+            return
+        try:
+            await self.m.sched.call(self.digest, method, request)
+        except SchedulerUnavailable as exc:
+            self.m.metrics.scheduler_errors.labels(method).inc()
+            log.debug("%s: %s", method, exc)
+
+    def _flush_results(self) -> None:
+        if self._results and self.m.sched is not None:
+            results, self._results = self._results, []
+            self.m.spawn(self._sched("ReportPieceResults", pb.ReportPieceResultsRequest(
+                peer_id=self.m.peer_id, task_id=self.digest, results=results)))
+
+    def _announce_soon(self) -> None:
+        """Coalesce announcements: at most one in flight, one more queued with the latest state."""
+        if self.m.sched is None or not self.entry.has_layout:
+            return
+        self._announce_dirty = True
+        if self._announce_task is None or self._announce_task.done():
+            self._announce_task = self.m.spawn(self._announce_loop())
+
+    async def _announce_loop(self) -> None:
+        while self._announce_dirty:
+            self._announce_dirty = False
+            await self.announce()
+
+    async def announce(self) -> None:
+        entry = self.entry
+        if not entry.has_layout:
+            return
+        digests = [d if i in self.fetched_from_source or i in entry.have else "" for i, d in
+                   enumerate(entry.piece_digests)] if self.fetched_from_source else []
+        await self._sched("AnnouncePieces", pb.AnnouncePiecesRequest(
+            peer_id=self.m.peer_id, task_id=self.digest, finished=sorted(entry.have),
+            in_flight=sorted(self._in_flight - entry.have), content_length=entry.content_length,
+            piece_size=entry.piece_size, piece_digests=digests, done=entry.verified))
+
+    def status(self) -> dict:
+        e = self.entry
+        return {"digest": self.digest, "state": self.state, "size": e.content_length, "piece_size": e.piece_size,
+                "pieces": e.n_pieces, "have": len(e.have), "verified": e.verified,
+                "from_peers": self.bytes_from["peer"], "from_registry": self.bytes_from["registry"],
+                "back_to_source": self.source_reason if self.back_to_source else "",
+                "blocklist": dict(self.blocklist), "error": str(self.error) if self.error else ""}
+
+
+class TaskManager:
+    """All tasks of the daemon, plus what they share (store, registry session, scheduler link)."""
+
+    def __init__(self, cfg: PeerConfig, store: PieceStore, upstream: Upstream, sched: SchedulerLink | None,
+                 metrics: PeerMetrics):
+        self.cfg = cfg
+        self.store = store
+        self.upstream = upstream
+        self.sched = sched
+        self.metrics = metrics
+        self.peer_id = cfg.peer_id
+        self.tasks: dict[str, Task] = {}
+        self.peer_session: aiohttp.ClientSession | None = None
+        self._background: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self.peer_session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=self.cfg.piece_timeout),
+            connector=aiohttp.TCPConnector(limit=64, limit_per_host=8), auto_decompress=False)
+
+    async def close(self) -> None:
+        for t in list(self.tasks.values()):
+            if t._driver and not t._driver.done():
+                t._driver.cancel()
+        for bg in list(self._background):
+            bg.cancel()
+        await asyncio.gather(*[t._driver for t in self.tasks.values() if t._driver], *self._background,
+                             return_exceptions=True)
+        if self.peer_session:
+            await self.peer_session.close()
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def task(self, digest: str, source: Source | None = None) -> Task:
+        task = self.tasks.get(digest)
+        if task is None:
+            task = self.tasks[digest] = Task(self, digest)
+        if source is not None and source not in task.sources:
+            task.sources.append(source)
+        return task
+
+    async def head_blob(self, digest: str, sources: list[Source]) -> int:
+        """Size of a blob from the registry (HEAD with this node's credentials)."""
+        last: Exception | None = None
+        for source in reversed(sources):
+            try:
+                resp = await self.upstream.request("HEAD", source.registry, source.blob_path(digest),
+                                                   scope=source.scope)
+            except NotFound as exc:
+                last = exc
+                continue
+            resp.release()
+            if resp.content_length is None:
+                raise RegistryError(f"{digest}: registry sent no Content-Length for the blob")
+            return resp.content_length
+        raise last or NotFound(f"{digest}: not in the mesh and no repository known to fetch it from")
+
+    async def reannounce_all(self) -> None:
+        """After a scheduler forgot us: tell it again what we hold."""
+        for task in list(self.tasks.values()):
+            task.registered = False
+            if task.entry.have:
+                await task._register_task()
+                await task.announce()
+
+
+def _runs(indexes: list[int]) -> list[tuple[int, int]]:
+    """Sorted piece indexes -> contiguous ``(first, last)`` runs."""
+    runs: list[tuple[int, int]] = []
+    for i in indexes:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+def _hash_pieces(entry: BlobEntry) -> str:
+    h = hashlib.sha256()
+    for i in range(entry.n_pieces):
+        h.update(entry.read_piece(i))
+    return "sha256:" + h.hexdigest()
+
+
+def _url_host(ip: str) -> str:
+    return f"[{ip}]" if ":" in ip else ip

@@ -1,0 +1,235 @@
+"""The mirror API: the pull side of the OCI distribution API, as containerd's hosts.toml mirror.
+
+* ``GET/HEAD /v2/<name>/manifests/<ref>`` is passed through to the registry (with this node's
+  credentials) and digest-checked: by digest, the body must hash to it; by tag, it must hash to the
+  ``Docker-Content-Digest`` the registry claims.
+* ``GET/HEAD /v2/<name>/blobs/<digest>`` comes from the piece mesh (:mod:`.download`). A whole-blob GET
+  (and an open-ended ``bytes=N-``, which is containerd resuming a whole blob) is answered only once the
+  complete blob matched its digest; a bounded ``Range`` (the snapshotter's lazy reads) fetches only the
+  pieces covering it, each verified against its piece digest.
+
+The registry is the one containerd names with ``?ns=<host>``, else the ``X-Remora-Upstream`` header,
+else ``--upstream``. Failures are answered fast and never as a 200: 404 when the registry has no such
+thing, 502/504 otherwise, so containerd moves on to the next host in hosts.toml (the registry itself).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+
+from aiohttp import web
+
+from remora.errors import AuthError, InvalidInput, NotFound, RegistryError, RemoraError, StorageError
+
+from .download import Source, TaskManager
+from .metrics import PeerMetrics
+from .pieces import check_digest
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_HEADER = "X-Remora-Upstream"
+MAX_MANIFEST = 4 * 1024 * 1024
+MANIFEST_ACCEPT = ", ".join([
+    "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json", "*/*"])
+_REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+_REF_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|sha256:[a-f0-9]{64})$")
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+SERVE_CHUNK = 1024 * 1024
+
+
+def _error(status: int, code: str, message: str, head: bool = False) -> web.Response:
+    body = json.dumps({"errors": [{"code": code, "message": message}]}).encode()
+    return web.Response(status=status, body=None if head else body, content_type="application/json",
+                        headers={"Docker-Distribution-API-Version": "registry/2.0"})
+
+
+class Mirror:
+    def __init__(self, tasks: TaskManager, metrics: PeerMetrics, default_upstream: str, status_cb=None):
+        self.tasks = tasks
+        self.upstream = tasks.upstream
+        self.metrics = metrics
+        self.default_upstream = default_upstream
+        self.status_cb = status_cb
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        r = app.router
+        r.add_route("GET", "/v2/", self.ping)
+        r.add_route("HEAD", "/v2/", self.ping)
+        r.add_route("GET", "/v2/{name:.+}/manifests/{ref}", self.manifest)
+        r.add_route("HEAD", "/v2/{name:.+}/manifests/{ref}", self.manifest)
+        r.add_route("GET", "/v2/{name:.+}/blobs/{digest}", self.blob)
+        r.add_route("HEAD", "/v2/{name:.+}/blobs/{digest}", self.blob)
+        r.add_get("/metrics", self.prometheus)
+        r.add_get("/healthz", lambda _r: web.Response(text="ok\n"))
+        r.add_get("/_remora/status", self.status)
+        return app
+
+    async def ping(self, request: web.Request) -> web.Response:
+        return web.json_response({}, headers={"Docker-Distribution-API-Version": "registry/2.0"})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status_cb() if self.status_cb else {})
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def _registry(self, request: web.Request) -> str:
+        registry = request.query.get("ns") or request.headers.get(UPSTREAM_HEADER) or self.default_upstream
+        if not registry:
+            raise RegistryError("no upstream registry: containerd sends ?ns=<registry> with hosts.toml; "
+                                f"otherwise send the {UPSTREAM_HEADER} header or start the peer with --upstream")
+        if not re.match(r"^[A-Za-z0-9.-]+(:[0-9]+)?$|^\[[0-9a-fA-F:]+\](:[0-9]+)?$", registry):
+            raise InvalidInput(f"bad upstream registry {registry!r}")
+        return registry
+
+    def _respond_error(self, kind: str, exc: Exception, head: bool) -> web.Response:
+        if isinstance(exc, NotFound):
+            status, code = 404, "BLOB_UNKNOWN" if kind == "blob" else "MANIFEST_UNKNOWN"
+        elif isinstance(exc, asyncio.TimeoutError):
+            status, code = 504, "UNAVAILABLE"
+        elif isinstance(exc, StorageError):
+            status, code = 500, "UNKNOWN"
+        elif isinstance(exc, (AuthError, RegistryError, InvalidInput)):
+            # Never 401 to containerd: it would try to log in to the mirror. 502 = use the next host.
+            status, code = 502, "UNAVAILABLE"
+        else:
+            log.exception("%s request failed", kind)
+            status, code = 500, "UNKNOWN"
+        log.info("%s: %d %s", kind, status, exc)
+        self.metrics.requests.labels(kind, str(status)).inc()
+        return _error(status, code, str(exc) or type(exc).__name__, head)
+
+    # -- manifests ------------------------------------------------------------------------------------
+    async def manifest(self, request: web.Request) -> web.Response:
+        head = request.method == "HEAD"
+        name, ref = request.match_info["name"], request.match_info["ref"]
+        try:
+            if not _REPO_RE.match(name) or not _REF_RE.match(ref):
+                raise NotFound(f"bad repository or reference {name}:{ref}")
+            registry = self._registry(request)
+            accept = request.headers.get("Accept") or MANIFEST_ACCEPT
+            resp = await self.upstream.request("GET", registry, f"/v2/{name}/manifests/{ref}",
+                                               {"Accept": accept}, scope=f"repository:{name}:pull")
+            try:
+                if resp.content_length and resp.content_length > MAX_MANIFEST:
+                    raise InvalidInput(f"manifest {name}:{ref} is larger than {MAX_MANIFEST} bytes")
+                body = await resp.content.read(MAX_MANIFEST + 1)
+                content_type = resp.headers.get("Content-Type", "application/octet-stream")
+                claimed = resp.headers.get("Docker-Content-Digest", "")
+            finally:
+                resp.release()
+            if len(body) > MAX_MANIFEST:
+                raise InvalidInput(f"manifest {name}:{ref} is larger than {MAX_MANIFEST} bytes")
+            actual = "sha256:" + hashlib.sha256(body).hexdigest()
+            expected = ref if ref.startswith("sha256:") else claimed
+            if expected and expected != actual:
+                raise InvalidInput(f"manifest {name}:{ref} from {registry}: digest mismatch: expected "
+                                   f"{expected}, got {actual}")
+        except (RemoraError, asyncio.TimeoutError) as exc:
+            return self._respond_error("manifest", exc, head)
+        self.metrics.requests.labels("manifest", "200").inc()
+        return web.Response(body=None if head else body, headers={
+            "Content-Type": content_type, "Docker-Content-Digest": actual, "Content-Length": str(len(body)),
+            "Docker-Distribution-API-Version": "registry/2.0"})
+
+    # -- blobs ----------------------------------------------------------------------------------------
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        head = request.method == "HEAD"
+        name, digest = request.match_info["name"], request.match_info["digest"]
+        try:
+            if not _REPO_RE.match(name):
+                raise NotFound(f"bad repository name {name!r}")
+            try:
+                check_digest(digest)
+            except InvalidInput as exc:
+                raise NotFound(str(exc)) from None
+            entry = self.tasks.store.get(digest)
+            task = None
+            if entry is None or not entry.verified:
+                task = self.tasks.task(digest, Source(self._registry(request), name))
+                entry = await task.ensure_layout()
+            size = entry.content_length
+            span = _parse_range(request.headers.get("Range", ""), size)
+            headers = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest,
+                       "Accept-Ranges": "bytes", "Docker-Distribution-API-Version": "registry/2.0"}
+            if span == "unsatisfiable":
+                self.metrics.requests.labels("blob", "416").inc()
+                return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+            if head:
+                self.metrics.requests.labels("blob", "200").inc()
+                return web.Response(headers={**headers, "Content-Length": str(size)})
+            start, end, open_ended = span if span else (0, size, True)
+            if not entry.verified:
+                # Whole blobs (and open-ended ranges: containerd resuming one) only once verified whole;
+                # bounded ranges from the pieces that cover them, each checked with its piece digest.
+                await task.ensure(None if open_ended else entry.pieces_for_range(start, end))
+        except (RemoraError, asyncio.TimeoutError) as exc:
+            return self._respond_error("blob", exc, head)
+        status = 206 if span else 200
+        if span:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        headers["Content-Length"] = str(end - start)
+        resp = web.StreamResponse(status=status, headers=headers)
+        entry.users += 1
+        sent = 0
+        try:
+            await resp.prepare(request)
+            for index in entry.pieces_for_range(start, end):
+                p_start, p_end = entry.piece_span(index)
+                lo, hi = max(start, p_start) - p_start, min(end, p_end) - p_start
+                data = await asyncio.to_thread(entry.read_piece, index, lo, hi)
+                if len(data) != hi - lo:
+                    raise StorageError(f"{digest}: piece {index} is short on disk")
+                for off in range(0, len(data), SERVE_CHUNK):
+                    await resp.write(data[off:off + SERVE_CHUNK])
+                sent += len(data)
+            await resp.write_eof()
+            self.metrics.requests.labels("blob", str(status)).inc()
+        except (ConnectionError, asyncio.CancelledError):
+            # The client went away (containerd cancelled, a lazy reader got enough): nothing to undo,
+            # the pieces stay for the next request.
+            self.metrics.requests.labels("blob", "aborted").inc()
+            log.info("%s: client disconnected after %d of %d bytes", digest[:19], sent, end - start)
+        except StorageError as exc:
+            # Headers are out: the only honest signal left is to cut the connection short.
+            log.error("%s: %s; aborting the response", digest, exc)
+            self.metrics.requests.labels("blob", "aborted").inc()
+            if request.transport is not None:
+                request.transport.close()
+        finally:
+            entry.users -= 1
+            self.metrics.served_bytes.labels("range" if span else "blob").inc(sent)
+            entry.touch()
+        return resp
+
+
+def _parse_range(header: str, size: int):
+    """``None`` (no/ignored Range), ``"unsatisfiable"``, or ``(start, end_exclusive, open_ended)``."""
+    header = header.strip()
+    if not header:
+        return None
+    m = _RANGE_RE.match(header)
+    if not m or (not m.group(1) and not m.group(2)):
+        return None  # multi-range or malformed: RFC 9110 lets us ignore it and send the whole blob
+    first, last = m.group(1), m.group(2)
+    if not first:  # suffix: the last N bytes
+        n = int(last)
+        if n == 0:
+            return "unsatisfiable"
+        return max(0, size - n), size, False
+    start = int(first)
+    if start >= size:
+        return "unsatisfiable"
+    if not last:
+        return start, size, True
+    end = min(int(last) + 1, size)
+    if end <= start:
+        return None
+    return start, end, False

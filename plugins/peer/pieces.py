@@ -1,0 +1,314 @@
+"""The piece store: blobs kept on disk as fixed-size pieces, with their piece digests, and its GC.
+
+Layout under ``<data-dir>/tasks/<sha256 hex>/``::
+
+    meta.json      content length, piece size, sha256 of every known piece, "verified" once the
+                   whole blob matched its digest
+    pieces/<n>     piece n, exactly piece_size bytes (the last one shorter)
+
+A piece file only ever appears by ``rename`` of a fully written and fsync'ed temporary file, so a crash
+can leave a stray ``.tmp`` (removed on the next open) but never a short piece that looks complete. A
+piece is only written after it was checked against its piece digest (children) or hashed as it came
+from the registry (the seed), so what is on disk can be served to other peers as is.
+
+GC evicts whole blobs, least recently used first: those idle longer than the TTL, and then as many as
+needed to bring the disk from the high watermark down to the low one. Blobs in use (a download running,
+a response being streamed) are never evicted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from remora.errors import InvalidInput, StorageError
+
+from .config import Watermark
+
+log = logging.getLogger(__name__)
+
+DIGEST_PREFIX = "sha256:"
+
+
+def check_digest(digest: str) -> str:
+    """Validate a blob digest and return its hex part (also the directory name: no path tricks)."""
+    hexpart = digest[len(DIGEST_PREFIX):] if digest.startswith(DIGEST_PREFIX) else ""
+    if len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
+        raise InvalidInput(f"unsupported or malformed digest {digest!r} (only sha256 is supported)")
+    return hexpart
+
+
+def sha256_digest(data: bytes) -> str:
+    return DIGEST_PREFIX + hashlib.sha256(data).hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+class BlobEntry:
+    """The pieces of one blob on disk. Mutated only from the event loop thread (I/O is thread-safe)."""
+
+    def __init__(self, root: Path, digest: str):
+        self.digest = digest
+        self.dir = root / check_digest(digest)
+        self.piece_dir = self.dir / "pieces"
+        self.content_length = 0
+        self.piece_size = 0
+        self.piece_digests: list[str] = []
+        self.verified = False
+        self.have: set[int] = set()
+        self.users = 0          # downloads/responses holding it: GC skips it while > 0
+        self._load()
+
+    # -- layout ---------------------------------------------------------------------------------------
+    @property
+    def n_pieces(self) -> int:
+        if not self.piece_size:
+            return 0
+        return max(1, -(-self.content_length // self.piece_size)) if self.content_length else 0
+
+    @property
+    def has_layout(self) -> bool:
+        return self.piece_size > 0 and self.content_length > 0
+
+    @property
+    def complete(self) -> bool:
+        return self.has_layout and len(self.have) == self.n_pieces
+
+    def piece_span(self, index: int) -> tuple[int, int]:
+        """``(start, end)`` byte offsets of a piece, end exclusive."""
+        start = index * self.piece_size
+        return start, min(start + self.piece_size, self.content_length)
+
+    def pieces_for_range(self, start: int, end: int) -> range:
+        """Pieces covering bytes ``[start, end)``."""
+        return range(start // self.piece_size, (end - 1) // self.piece_size + 1)
+
+    def set_layout(self, content_length: int, piece_size: int) -> None:
+        """Fix the layout; a different layout than the one on disk throws the old pieces away."""
+        if content_length <= 0 or piece_size <= 0 or piece_size & (piece_size - 1):
+            raise InvalidInput(f"{self.digest}: bad layout: length {content_length}, piece size {piece_size}")
+        if (self.content_length, self.piece_size) == (content_length, piece_size):
+            return
+        if self.has_layout:
+            log.warning("%s: layout changed (%d/%d -> %d/%d): dropping stored pieces", self.digest,
+                        self.content_length, self.piece_size, content_length, piece_size)
+            self.reset()
+        self.content_length, self.piece_size = content_length, piece_size
+        self.piece_digests = [""] * self.n_pieces
+        self.save_meta()
+
+    def set_piece_digests(self, digests: list[str]) -> None:
+        """Learn piece digests (``""`` = unknown). A known digest that changes invalidates the piece."""
+        changed = False
+        for i, d in enumerate(digests[: self.n_pieces]):
+            if d and self.piece_digests[i] != d:
+                if self.piece_digests[i]:
+                    log.warning("%s: piece %d digest changed: dropping it", self.digest, i)
+                    self.drop_piece(i)
+                self.piece_digests[i] = d
+                changed = True
+        if changed:
+            self.save_meta(fsync=False)
+
+    # -- pieces ---------------------------------------------------------------------------------------
+    def piece_path(self, index: int) -> Path:
+        return self.piece_dir / str(index)
+
+    def write_piece(self, index: int, data: bytes, digest: str) -> None:
+        """Store a piece (blocking: call from a thread). The caller verified ``data`` against ``digest``."""
+        start, end = self.piece_span(index)
+        if len(data) != end - start:
+            raise InvalidInput(f"{self.digest}: piece {index} has {len(data)} bytes, expected {end - start}")
+        self.piece_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.piece_path(index), data)
+
+    def commit_piece(self, index: int, digest: str) -> None:
+        """Record (in the loop thread) a piece :meth:`write_piece` stored."""
+        self.have.add(index)
+        if self.piece_digests[index] != digest:
+            self.piece_digests[index] = digest
+            self.save_meta(fsync=False)
+
+    def read_piece(self, index: int, start: int = 0, end: int | None = None) -> bytes:
+        """Bytes ``[start, end)`` of a piece (blocking)."""
+        try:
+            with open(self.piece_path(index), "rb") as f:
+                if start:
+                    f.seek(start)
+                return f.read(-1 if end is None else end - start)
+        except OSError as exc:
+            raise StorageError(f"{self.digest}: cannot read piece {index}: {exc.strerror or exc}") from exc
+
+    def drop_piece(self, index: int) -> None:
+        self.have.discard(index)
+        self.verified = False
+        try:
+            self.piece_path(index).unlink()
+        except FileNotFoundError:
+            pass
+
+    def mark_verified(self) -> None:
+        self.verified = True
+        self.save_meta()
+
+    def reset(self) -> None:
+        """Forget everything about this blob (a failed back-to-source, a mismatching whole blob)."""
+        shutil.rmtree(self.piece_dir, ignore_errors=True)
+        self.have.clear()
+        self.verified = False
+        self.content_length = self.piece_size = 0
+        self.piece_digests = []
+        try:
+            (self.dir / "meta.json").unlink()
+        except FileNotFoundError:
+            pass
+
+    def touch(self) -> None:
+        """Record an access (the directory mtime is the LRU clock of the GC)."""
+        try:
+            os.utime(self.dir)
+        except FileNotFoundError:
+            pass
+
+    def size_on_disk(self) -> int:
+        return sum(self.piece_span(i)[1] - self.piece_span(i)[0] for i in self.have) if self.has_layout else 0
+
+    # -- persistence ----------------------------------------------------------------------------------
+    def save_meta(self, fsync: bool = True) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = {"digest": self.digest, "content_length": self.content_length, "piece_size": self.piece_size,
+                "piece_digests": self.piece_digests, "verified": self.verified}
+        _write_atomic(self.dir / "meta.json", json.dumps(meta).encode(), fsync=fsync)
+
+    def _load(self) -> None:
+        try:
+            meta = json.loads((self.dir / "meta.json").read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("%s: unreadable meta.json (%s): starting over", self.digest, exc)
+            self.reset()
+            return
+        self.content_length = int(meta.get("content_length", 0))
+        self.piece_size = int(meta.get("piece_size", 0))
+        self.piece_digests = list(meta.get("piece_digests", []))
+        self.verified = bool(meta.get("verified"))
+        if not self.has_layout or len(self.piece_digests) != self.n_pieces:
+            self.reset()
+            return
+        try:
+            names = os.listdir(self.piece_dir)
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            path = self.piece_dir / name
+            if not name.isdigit():  # leftover temporary file of a crash
+                path.unlink(missing_ok=True)
+                continue
+            i = int(name)
+            start, end = self.piece_span(i) if i < self.n_pieces else (0, -1)
+            if i < self.n_pieces and self.piece_digests[i] and path.stat().st_size == end - start:
+                self.have.add(i)
+            else:
+                path.unlink(missing_ok=True)
+        if self.verified and not self.complete:
+            self.verified = False
+
+
+class PieceStore:
+    """All blobs of one peer. ``open(digest)`` returns the (cached) :class:`BlobEntry`."""
+
+    def __init__(self, data_dir: Path):
+        self.root = Path(data_dir) / "tasks"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create piece store {self.root}: {exc.strerror or exc}") from exc
+        self._entries: dict[str, BlobEntry] = {}
+
+    def open(self, digest: str) -> BlobEntry:
+        entry = self._entries.get(digest)
+        if entry is None:
+            entry = self._entries[digest] = BlobEntry(self.root, digest)
+        return entry
+
+    def get(self, digest: str) -> BlobEntry | None:
+        """The entry if the blob has anything on disk, without creating one."""
+        entry = self._entries.get(digest)
+        if entry is None:
+            check_digest(digest)
+            if not (self.root / digest[len(DIGEST_PREFIX):]).is_dir():
+                return None
+            entry = self.open(digest)
+        return entry
+
+    def entries(self) -> list[BlobEntry]:
+        for name in os.listdir(self.root):
+            if len(name) == 64:
+                self.open(DIGEST_PREFIX + name)
+        return list(self._entries.values())
+
+    def usage_bytes(self) -> int:
+        return sum(e.size_on_disk() for e in self.entries())
+
+    def disk_percent_used(self) -> float:
+        st = os.statvfs(self.root)
+        total = st.f_blocks * st.f_frsize
+        return 100.0 * (total - st.f_bavail * st.f_frsize) / total if total else 0.0
+
+    def _over(self, mark: Watermark) -> bool:
+        if mark.percent is not None:
+            return self.disk_percent_used() > mark.percent
+        return self.usage_bytes() > mark.bytes
+
+    def evict(self, entry: BlobEntry) -> None:
+        shutil.rmtree(entry.dir, ignore_errors=True)
+        self._entries.pop(entry.digest, None)
+
+    def gc(self, ttl: float, high: Watermark, low: Watermark, now: float | None = None) -> list[str]:
+        """Evict idle blobs (blocking). Returns the evicted digests, in eviction order."""
+        now = time.time() if now is None else now
+        evicted = []
+
+        def atime(e: BlobEntry) -> float:
+            try:
+                return e.dir.stat().st_mtime
+            except FileNotFoundError:
+                return 0.0
+
+        candidates = sorted((e for e in self.entries() if e.users == 0), key=atime)
+        keep = []
+        for e in candidates:
+            if now - atime(e) > ttl:
+                self.evict(e)
+                evicted.append(e.digest)
+            else:
+                keep.append(e)
+        if self._over(high):
+            for e in keep:
+                if not self._over(low):
+                    break
+                self.evict(e)
+                evicted.append(e.digest)
+        if evicted:
+            log.info("gc evicted %d blob(s): %s", len(evicted), ", ".join(d[:19] for d in evicted))
+        return evicted

@@ -1,0 +1,198 @@
+"""The registry side of the peer: async OCI distribution requests with this node's own credentials.
+
+Only the peer that talks to the registry ever holds credentials: they are read from this node's docker
+``config.json`` and never put on the wire to other peers (pieces carry no headers of the registry).
+Handles the two auth schemes of the distribution spec (Basic, and Bearer tokens from the realm named in
+``WWW-Authenticate``), follows redirects to blob storage by hand so ``Authorization`` never leaks to
+another host, and maps failures onto :mod:`remora.errors` (404 -> NotFound, 401/403 -> AuthError, the
+rest -> RegistryError) so the mirror can answer containerd with a clean status.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import aiohttp
+
+from remora.errors import AuthError, NotFound, RegistryError
+
+log = logging.getLogger(__name__)
+
+#: Docker Hub's name in image references vs the host that serves its API.
+HUB_ALIASES = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
+
+
+def load_docker_credentials(path: Path | None) -> dict[str, tuple[str, str]]:
+    """``{registry host: (user, password)}`` from a docker ``config.json`` (``auths`` only).
+
+    Uses :func:`remora.registry.auth.load_credentials` when the core provides it, so every remora
+    component reads credentials the same way.
+    """
+    try:
+        from remora.registry.auth import load_credentials  # type: ignore
+    except ImportError:
+        load_credentials = None
+    if load_credentials is not None:
+        try:
+            return dict(load_credentials(path))
+        except TypeError:
+            pass
+    if path is None:
+        path = Path(os.environ.get("DOCKER_CONFIG", Path.home() / ".docker")) / "config.json"
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise AuthError(f"cannot read registry credentials from {path}: {exc}") from exc
+    creds = {}
+    for host, entry in (doc.get("auths") or {}).items():
+        host = re.sub(r"^https?://", "", host).split("/")[0]
+        if entry.get("auth"):
+            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+        else:
+            user, password = entry.get("username", ""), entry.get("password", "")
+        if user:
+            creds[host] = (user, password)
+    return creds
+
+
+def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    scheme, _, rest = header.strip().partition(" ")
+    params = dict((k.lower(), v) for k, v in re.findall(r'(\w+)="([^"]*)"', rest))
+    return scheme.lower(), params
+
+
+class Upstream:
+    """One aiohttp session to any number of registries, with per-host auth state."""
+
+    def __init__(self, plain_http: list[str] | None = None, credentials: dict[str, tuple[str, str]] | None = None,
+                 timeout: float = 30.0):
+        self.plain_http = set(plain_http or [])
+        self.credentials = dict(credentials or {})
+        self.timeout = timeout
+        self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(self.timeout, 10), sock_read=self.timeout),
+            auto_decompress=False)
+
+    async def close(self) -> None:
+        if self._session:
+            await self._session.close()
+
+    # -- addressing -----------------------------------------------------------------------------------
+    def endpoint(self, registry: str) -> str:
+        host = HUB_ALIASES.get(registry, registry)
+        name = host.split(":")[0]
+        plain = registry in self.plain_http or host in self.plain_http or name in ("localhost", "127.0.0.1", "::1") \
+            or name.startswith("127.")
+        return f"{'http' if plain else 'https'}://{host}"
+
+    def _creds(self, registry: str) -> tuple[str, str] | None:
+        for key in (registry, HUB_ALIASES.get(registry, registry), "https://index.docker.io/v1/"
+                    if registry in HUB_ALIASES else registry):
+            if key in self.credentials:
+                return self.credentials[key]
+        return None
+
+    # -- requests -------------------------------------------------------------------------------------
+    async def request(self, method: str, registry: str, path: str, headers: dict[str, str] | None = None,
+                      scope: str = "") -> aiohttp.ClientResponse:
+        """A request to ``registry`` (``path`` starts with ``/v2/``) with auth and redirects handled.
+
+        Returns a 2xx response (the caller reads and releases it); anything else raises.
+        """
+        assert self._session is not None, "Upstream.start() was not awaited"
+        url = self.endpoint(registry) + path
+        headers = dict(headers or {})
+        for attempt in range(2):
+            auth = self._auth_header(registry, scope)
+            resp = await self._follow(method, url, headers, auth)
+            if resp.status == 401 and attempt == 0 and "WWW-Authenticate" in resp.headers:
+                challenge = resp.headers["WWW-Authenticate"]
+                resp.release()
+                await self._authenticate(registry, scope, challenge)
+                continue
+            break
+        if 200 <= resp.status < 300:
+            return resp
+        body = b""
+        try:
+            body = await resp.content.read(2048)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            pass
+        resp.release()
+        detail = body.decode(errors="replace").strip()[:300]
+        what = f"{method} {url}"
+        if resp.status == 404:
+            raise NotFound(f"{what}: not found ({detail or resp.reason})")
+        if resp.status in (401, 403):
+            raise AuthError(f"{what}: {resp.status} {resp.reason} (credentials of this node for {registry}?)")
+        raise RegistryError(f"{what}: {resp.status} {resp.reason} {detail}".rstrip())
+
+    async def _follow(self, method: str, url: str, headers: dict, auth: str | None) -> aiohttp.ClientResponse:
+        origin = urlsplit(url).netloc
+        for _ in range(6):
+            h = dict(headers)
+            if auth and urlsplit(url).netloc == origin:
+                h["Authorization"] = auth
+            try:
+                resp = await self._session.request(method, url, headers=h, allow_redirects=False)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                raise RegistryError(f"{method} {url}: cannot reach the registry: {exc or type(exc).__name__}") from exc
+            if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                url = urljoin(url, resp.headers["Location"])
+                resp.release()
+                continue
+            return resp
+        raise RegistryError(f"{method} {url}: too many redirects")
+
+    def _auth_header(self, registry: str, scope: str) -> str | None:
+        token = self._tokens.get((registry, scope))
+        if token and token[1] > time.monotonic():
+            return token[0]
+        creds = self._creds(registry)
+        if creds and (registry, "basic") in self._tokens:
+            return self._tokens[(registry, "basic")][0]
+        return None
+
+    async def _authenticate(self, registry: str, scope: str, challenge: str) -> None:
+        scheme, params = _parse_challenge(challenge)
+        creds = self._creds(registry)
+        basic = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode() if creds else None
+        if scheme == "basic":
+            if not basic:
+                raise AuthError(f"{registry} requires credentials and this node has none for it "
+                                "(add them to the docker config.json given by --registry-config)")
+            self._tokens[(registry, "basic")] = (basic, float("inf"))
+            return
+        if scheme != "bearer" or "realm" not in params:
+            raise AuthError(f"{registry}: unsupported auth challenge {challenge!r}")
+        query = {"service": params.get("service", "")}
+        if scope or params.get("scope"):
+            query["scope"] = scope or params["scope"]
+        url = params["realm"] + ("&" if "?" in params["realm"] else "?") + urlencode(query)
+        try:
+            async with self._session.get(url, headers={"Authorization": basic} if basic else {}) as resp:
+                if resp.status in (401, 403):
+                    raise AuthError(f"{registry}: token service refused this node's credentials ({resp.status})")
+                if resp.status != 200:
+                    raise RegistryError(f"{registry}: token service answered {resp.status}")
+                doc = await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise RegistryError(f"{registry}: token service failed: {exc}") from exc
+        token = doc.get("token") or doc.get("access_token")
+        if not token:
+            raise AuthError(f"{registry}: token service returned no token")
+        ttl = float(doc.get("expires_in") or 60)
+        self._tokens[(registry, scope)] = (f"Bearer {token}", time.monotonic() + max(10.0, ttl - 10))

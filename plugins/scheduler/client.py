@@ -1,0 +1,207 @@
+"""The peer's side of the scheduler API: consistent-hash routing, failover, transparent (re)registration.
+
+    client = SchedulerClient(["10.0.0.1:8002", "10.0.0.2:8002"], host=pb.PeerHost(peer_id=..., ...))
+    resp = await client.register_task(pb.RegisterTaskRequest(peer_id=..., task_id=digest))
+    ...
+    except SchedulerUnavailable:   # every scheduler is down: fetch from the registry yourself
+
+Every task RPC goes to the task's owner on the :class:`.ring.SchedulerRing`; when that scheduler does not
+answer (UNAVAILABLE, DEADLINE_EXCEEDED) the next one in the ring's order is tried, and the dead one is
+skipped for ``down_for`` seconds. Every peer computes the same order, so peers fail over to the same
+scheduler. The client registers the peer with a scheduler before its first call there, and again when
+the scheduler answers FAILED_PRECONDITION ("unknown peer": it restarted or expired the peer). A
+scheduler that takes over a task learns it from the peer's next RegisterTask/AnnouncePieces/GetParents
+(an unknown task is joined implicitly, and elects a seed if nobody has the blob).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable, Iterable
+
+import grpc
+
+from remora._proto import remora_scheduler_pb2 as pb
+from remora._proto import remora_scheduler_pb2_grpc as pb_grpc
+from remora.errors import RemoraError
+
+from .ring import SchedulerRing
+
+log = logging.getLogger("remora.scheduler.client")
+
+FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+                  grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED)
+CHANNEL_OPTIONS = [
+    # A restarted scheduler must be usable again within seconds, not grpc's default 2-minute backoff.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+class SchedulerUnavailable(RemoraError):
+    """No scheduler answered: the peer should fetch from the registry itself."""
+
+    exit_code = 6
+
+
+class SchedulerRequestError(RemoraError):
+    """A scheduler rejected the request (INVALID_ARGUMENT, NOT_FOUND, ...): retrying elsewhere won't help."""
+
+    def __init__(self, address: str, method: str, code: grpc.StatusCode, details: str):
+        super().__init__(f"scheduler {address}: {method}: {code.name}: {details}")
+        self.code = code
+
+
+class SchedulerClient:
+    def __init__(self, addresses: Iterable[str] | SchedulerRing, host: pb.PeerHost, timeout: float = 3.0,
+                 down_for: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        self.ring = addresses if isinstance(addresses, SchedulerRing) else SchedulerRing(addresses)
+        self.host = host
+        self.timeout = timeout
+        self.down_for = down_for
+        self.clock = clock
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, pb_grpc.SchedulerStub] = {}
+        self._registered: dict[str, pb.RegisterPeerResponse] = {}
+        self._down_until: dict[str, float] = {}
+        self.last_address: dict[str, str] = {}   # task id -> scheduler that answered last
+
+    # -- plumbing ----------------------------------------------------------------------------------------
+
+    def _stub(self, address: str) -> pb_grpc.SchedulerStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            stub = self._stubs[address] = pb_grpc.SchedulerStub(channel)
+        return stub
+
+    def order(self, task_id: str) -> list[str]:
+        """Schedulers to try for ``task_id``: the ring's order, the ones recently down moved last."""
+        now = self.clock()
+        addresses = self.ring.pick(task_id)
+        return [a for a in addresses if self._down_until.get(a, 0) <= now] + \
+               [a for a in addresses if self._down_until.get(a, 0) > now]
+
+    async def _register(self, address: str) -> pb.RegisterPeerResponse:
+        resp = await self._stub(address).RegisterPeer(pb.RegisterPeerRequest(host=self.host), timeout=self.timeout)
+        self._registered[address] = resp
+        return resp
+
+    async def _call_at(self, address: str, method: str, request):
+        if address not in self._registered:
+            await self._register(address)
+        try:
+            return await getattr(self._stub(address), method)(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            log.info("scheduler %s forgot peer %s: registering again", address, self.host.peer_id)
+            self._registered.pop(address, None)
+            await self._register(address)
+            return await getattr(self._stub(address), method)(request, timeout=self.timeout)
+
+    async def call(self, task_id: str, method: str, request):
+        """Call ``method`` for ``task_id`` on its scheduler, failing over along the ring."""
+        errors = []
+        for address in self.order(task_id):
+            try:
+                resp = await self._call_at(address, method, request)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in FAILOVER_CODES:
+                    errors.append(f"{address}: {exc.code().name}: {exc.details()}")
+                    self._down_until[address] = self.clock() + self.down_for
+                    self._registered.pop(address, None)   # re-register when it is back (it may have restarted)
+                    log.warning("scheduler %s failed %s (%s); trying the next one", address, method,
+                                exc.code().name)
+                    continue
+                raise SchedulerRequestError(address, method, exc.code(), exc.details()) from exc
+            self._down_until.pop(address, None)
+            self.last_address[task_id] = address
+            return resp
+        raise SchedulerUnavailable(f"no scheduler answered {method} for {task_id}: " + "; ".join(errors))
+
+    # -- task RPCs ---------------------------------------------------------------------------------------
+
+    async def register_task(self, request: pb.RegisterTaskRequest) -> pb.RegisterTaskResponse:
+        return await self.call(request.task_id, "RegisterTask", request)
+
+    async def announce_pieces(self, request: pb.AnnouncePiecesRequest) -> pb.Empty:
+        return await self.call(request.task_id, "AnnouncePieces", request)
+
+    async def get_parents(self, request: pb.GetParentsRequest) -> pb.GetParentsResponse:
+        return await self.call(request.task_id, "GetParents", request)
+
+    async def report_piece_results(self, request: pb.ReportPieceResultsRequest) -> pb.Empty:
+        return await self.call(request.task_id, "ReportPieceResults", request)
+
+    async def report_task_result(self, request: pb.ReportTaskResultRequest) -> pb.Empty:
+        return await self.call(request.task_id, "ReportTaskResult", request)
+
+    async def leave_task(self, request: pb.LeaveTaskRequest) -> pb.Empty:
+        return await self.call(request.task_id, "LeaveTask", request)
+
+    async def stat_task(self, task_id: str) -> pb.StatTaskResponse:
+        return await self.call(task_id, "StatTask", pb.StatTaskRequest(task_id=task_id))
+
+    # -- peer-wide RPCs ----------------------------------------------------------------------------------
+
+    async def keepalive(self) -> list[str]:
+        """RegisterPeer again on every scheduler we use; returns those that had forgotten us.
+
+        Run it every ``keepalive_interval_ms`` (see :attr:`keepalive_interval`). For each returned address
+        the peer should re-announce the pieces of its tasks that hash there (they were lost).
+        """
+        forgot = []
+        for address in list(self._registered):
+            try:
+                resp = await self._register(address)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("keepalive to scheduler %s failed: %s", address, exc.code().name)
+                self._registered.pop(address, None)
+                continue
+            if not resp.known:
+                forgot.append(address)
+        return forgot
+
+    @property
+    def keepalive_interval(self) -> float:
+        """Seconds between keepalives: the smallest any scheduler asked for (20 s before any answered)."""
+        values = [r.keepalive_interval_ms / 1000 for r in self._registered.values() if r.keepalive_interval_ms]
+        return min(values, default=20.0)
+
+    async def sync_probes(self, results: list[pb.ProbeResult]) -> list[pb.PeerHost]:
+        """Send RTT results to every scheduler we use; returns the union of the hosts to probe next."""
+        targets: dict[str, pb.PeerHost] = {}
+        request = pb.SyncProbesRequest(peer_id=self.host.peer_id, results=results)
+        for address in list(self._registered):
+            try:
+                resp = await self._call_at(address, "SyncProbes", request)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("SyncProbes to scheduler %s failed: %s", address, exc.code().name)
+                continue
+            for t in resp.targets:
+                targets.setdefault(t.peer_id, t)
+        return list(targets.values())
+
+    async def leave(self) -> None:
+        """LeavePeer on every scheduler we registered with (best effort: they expire us anyway)."""
+        for address in list(self._registered):
+            try:
+                await self._stub(address).LeavePeer(pb.LeavePeerRequest(peer_id=self.host.peer_id),
+                                                    timeout=self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("LeavePeer on scheduler %s failed: %s", address, exc.code().name)
+        self._registered.clear()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(ch.close() for ch in self._channels.values()), return_exceptions=True)
+        self._channels.clear()
+        self._stubs.clear()
+
+    async def __aenter__(self) -> "SchedulerClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,84 @@
+"""Prometheus metrics of the scheduler, served on an HTTP ``/metrics`` port.
+
+Every scheduler instance has its own ``CollectorRegistry`` (several run in one test process). Gauges
+(peers, tasks by state) are computed from the state at scrape time by a collector; the HTTP server is an
+aiohttp app on the scheduler's own event loop, so a scrape never reads the state while an RPC changes it.
+"""
+from __future__ import annotations
+
+from collections import Counter as Tally
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from .state import SchedulerState
+
+
+class _StateCollector:
+    def __init__(self, state: SchedulerState):
+        self.state = state
+
+    def collect(self):
+        peers = GaugeMetricFamily("remora_scheduler_peers", "Peers registered and not expired")
+        peers.add_metric([], len(self.state.peers))
+        tasks = GaugeMetricFamily("remora_scheduler_tasks", "Tasks (blobs) by state", labels=["state"])
+        by_state = Tally(t.state for t in self.state.tasks.values())
+        for name in ("pending", "running", "succeeded", "failed"):
+            tasks.add_metric([name], by_state.get(name, 0))
+        task_peers = GaugeMetricFamily("remora_scheduler_task_peers", "Peer memberships over all tasks")
+        task_peers.add_metric([], sum(len(t.peers) for t in self.state.tasks.values()))
+        yield peers
+        yield tasks
+        yield task_peers
+
+
+class SchedulerMetrics:
+    def __init__(self, state: SchedulerState, scorer: str):
+        self.registry = CollectorRegistry()
+        self.registry.register(_StateCollector(state))
+        r = self.registry
+        self.scorer = scorer
+        self.parent_decisions = Counter(
+            "remora_scheduler_parent_decisions", "GetParents/RegisterTask outcomes",
+            ["scorer", "outcome"], registry=r)
+        self.parents_returned = Counter(
+            "remora_scheduler_parents_returned", "Parents handed out", ["scorer"], registry=r)
+        self.candidates_dropped = Counter(
+            "remora_scheduler_candidates_dropped", "Candidates dropped by a filter rule", ["reason"], registry=r)
+        self.blocklist_events = Counter(
+            "remora_scheduler_blocklist_events", "Parents blocklisted for a child and task", ["reason"], registry=r)
+        self.back_to_source = Counter(
+            "remora_scheduler_back_to_source", "Peers sent back to the registry", ["reason"], registry=r)
+        self.task_resets = Counter(
+            "remora_scheduler_task_resets", "Tasks whose seed failed or vanished (a new seed is elected)",
+            ["reason"], registry=r)
+        self.peers_expired = Counter(
+            "remora_scheduler_peers_expired", "Peers forgotten after their TTL", registry=r)
+        self.piece_results = Counter(
+            "remora_scheduler_piece_results", "Piece results reported by children", ["outcome"], registry=r)
+        self.rpc_seconds = Histogram(
+            "remora_scheduler_rpc_duration_seconds", "RPC handling time", ["method"], registry=r,
+            buckets=(0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0))
+
+    def decision(self, outcome: str) -> None:
+        self.parent_decisions.labels(self.scorer, outcome).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def serve(self, host: str, port: int) -> web.AppRunner:
+        """Start ``/metrics`` (and ``/healthz``) on host:port; returns the runner to ``cleanup()``."""
+        async def metrics(_request):
+            return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def healthz(_request):
+            return web.Response(text="ok\n")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        return runner

@@ -1,0 +1,230 @@
+"""Parent selection: sample candidates, drop the bad ones, score the rest, return the best few.
+
+The drop rules are hard constraints that hold whatever the scorer:
+
+* ``self`` / ``same_host`` — a peer never downloads from itself, nor from another daemon on its machine
+  (that would only move bytes between two caches of one disk);
+* ``blocklisted`` — the child excluded the parent, or the parent sent it a corrupt piece / failed
+  repeatedly in this task (:meth:`SchedulerState.report_piece`);
+* ``no_data`` — the candidate holds (or fetches) no piece the child still lacks;
+* ``cycle`` — the candidate downloads, directly or not, from the child: handing it out could make two
+  peers wait on each other for a piece neither has, so the parent graph of a task stays acyclic;
+* ``slow`` — the last piece the candidate served in this task cost more than 20x the mean of the earlier
+  ones while there are fewer than 30 samples (too few for a distribution), more than mean + 3 sigma once
+  there are enough (a normal-distribution outlier). Only a recent last sample counts, or a parent that
+  was slow once would stay banned forever (nobody picks it, no new sample ever arrives).
+
+Scoring is pluggable (:class:`Scorer`): :class:`WeightedScorer` here, the UCB bandit in :mod:`.bandit`.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .state import SchedulerState, Task, TaskPeer
+
+DROP_REASONS = ("self", "same_host", "blocklisted", "no_data", "cycle", "slow")
+
+
+@dataclass
+class SelectionConfig:
+    candidate_limit: int = 40        # peers sampled per decision (bounds the cost on huge tasks)
+    parent_limit: int = 4            # parents returned
+    min_cost_samples: int = 2        # below this the slow-peer rule has nothing to compare with
+    normal_samples: int = 30         # from here on costs are treated as normally distributed
+    slow_factor: float = 20.0        # few samples: last > slow_factor * mean is slow
+    slow_sigmas: float = 3.0         # many samples: last > mean + slow_sigmas * stdev is slow
+    slow_recent_s: float = 30.0      # a last sample older than this no longer makes a peer slow
+
+
+def is_slow(costs: list[float], config: SelectionConfig = SelectionConfig()) -> bool:
+    """The slow-peer rule on a parent's served piece costs, oldest first (the last one is judged)."""
+    if len(costs) < config.min_cost_samples:
+        return False
+    last, history = costs[-1], costs[:-1]
+    mean = statistics.fmean(history)
+    if len(costs) < config.normal_samples:
+        return last > config.slow_factor * mean
+    return last > mean + config.slow_sigmas * statistics.pstdev(history)
+
+
+@dataclass
+class Features:
+    """What the scheduler knows about one candidate, each in [0, 1] (None: unknown)."""
+
+    pieces: float
+    free_upload: float
+    bandwidth: float | None
+    rtt: float | None
+    locality: float
+
+
+@dataclass
+class Candidate:
+    tp: TaskPeer
+    features: Features
+    score: float = 0.0
+
+    @property
+    def peer_id(self) -> str:
+        return self.tp.peer_id
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(self, child_id: str, candidates: list[Candidate]) -> None:
+        """Set ``candidate.score`` (higher is better) on every candidate."""
+
+    def observe(self, parent_id: str, size: int, cost_s: float, success: bool) -> None:
+        """Learn from one piece fetched from ``parent_id``."""
+
+
+@dataclass
+class Weights:
+    bandwidth: float = 0.30
+    rtt: float = 0.20
+    free_upload: float = 0.20
+    pieces: float = 0.15
+    locality: float = 0.15
+
+
+UNKNOWN = 0.5   # an unknown bandwidth or RTT scores as average: neither preferred nor avoided
+
+
+class WeightedScorer:
+    """A fixed weighted sum of the candidate's features (the Dragonfly-style evaluator)."""
+
+    name = "weighted"
+
+    def __init__(self, weights: Weights | None = None):
+        self.weights = weights or Weights()
+
+    def value(self, f: Features) -> float:
+        w = self.weights
+        return (w.bandwidth * (UNKNOWN if f.bandwidth is None else f.bandwidth)
+                + w.rtt * (UNKNOWN if f.rtt is None else f.rtt)
+                + w.free_upload * f.free_upload + w.pieces * f.pieces + w.locality * f.locality)
+
+    def score(self, child_id: str, candidates: list[Candidate]) -> None:
+        for c in candidates:
+            c.score = self.value(c.features)
+
+    def observe(self, parent_id: str, size: int, cost_s: float, success: bool) -> None:
+        """The weighted score reads measured bandwidth from the state; nothing to learn here."""
+
+
+@dataclass
+class Decision:
+    parents: list[Candidate]
+    dropped: Counter = field(default_factory=Counter)
+    sampled: int = 0
+
+
+class ParentSelector:
+    """Filtering and scoring for one scheduler (its state, scorer, config and random source)."""
+
+    def __init__(self, state: SchedulerState, scorer: Scorer, config: SelectionConfig | None = None,
+                 rng: random.Random | None = None):
+        self.state = state
+        self.scorer = scorer
+        self.config = config or SelectionConfig()
+        self.rng = rng or random.Random()
+
+    # -- filtering -----------------------------------------------------------------------------------------
+
+    def drop_reason(self, task: Task, child: TaskPeer, cand: TaskPeer, descendants: set[str]) -> str | None:
+        if cand.peer_id == child.peer_id:
+            return "self"
+        me, other = self.state.peers.get(child.peer_id), self.state.peers.get(cand.peer_id)
+        if other is None:
+            return "no_data"
+        if me is not None and me.host.host_id and me.host.host_id == other.host.host_id:
+            return "same_host"
+        if cand.peer_id in child.blocklist:
+            return "blocklisted"
+        if not cand.done and not ((cand.finished | cand.in_flight) - child.finished):
+            return "no_data"
+        if cand.done and task.total_pieces and len(child.finished) >= task.total_pieces:
+            return "no_data"
+        if cand.peer_id in descendants:
+            return "cycle"
+        if self.slow(cand):
+            return "slow"
+        return None
+
+    def slow(self, cand: TaskPeer) -> bool:
+        if not cand.served_costs:
+            return False
+        last_at = cand.served_costs[-1][0]
+        if self.state.clock() - last_at > self.config.slow_recent_s:
+            return False
+        return is_slow([cost for _, cost in cand.served_costs], self.config)
+
+    # -- features --------------------------------------------------------------------------------------------
+
+    def features(self, task: Task, child: TaskPeer, cands: list[TaskPeer]) -> list[Features]:
+        state = self.state
+        me = state.peers.get(child.peer_id)
+        my_labels = me.host.labels if me else {}
+        total = task.total_pieces
+        raw_pieces, raw_bw, raw_rtt, out = [], [], [], []
+        for c in cands:
+            held = (task.total_pieces if c.done and total else len(c.finished)) + 0.5 * len(c.in_flight - c.finished)
+            raw_pieces.append(held)
+            peer = state.peers[c.peer_id]
+            raw_bw.append(peer.bandwidth if peer.bandwidth else (peer.host.upload_bandwidth or None))
+            sample = state.rtt_between(child.peer_id, c.peer_id)
+            raw_rtt.append(None if sample is None else (sample.rtt_s if sample.reachable else float("inf")))
+        max_pieces = total or max(raw_pieces, default=0) or 1
+        known_bw = [b for b in raw_bw if b]
+        max_bw = max(known_bw, default=1.0)
+        known_rtt = [r for r in raw_rtt if r is not None and r != float("inf")]
+        min_rtt = max(min(known_rtt, default=1e-3), 1e-4)
+        for c, held, bw, rtt in zip(cands, raw_pieces, raw_bw, raw_rtt):
+            peer = state.peers[c.peer_id]
+            slots = peer.upload_slots
+            free = max(0, slots - state.upload_load(c.peer_id)) / slots
+            labels = peer.host.labels
+            locality = (sum(1 for k, v in my_labels.items() if labels.get(k) == v) / len(my_labels)
+                        if my_labels else 0.0)
+            if rtt is None:
+                rtt_f = None
+            elif rtt == float("inf"):
+                rtt_f = 0.0
+            else:
+                rtt_f = min(1.0, min_rtt / max(rtt, 1e-4))
+            out.append(Features(pieces=min(1.0, held / max_pieces), free_upload=free,
+                                bandwidth=None if not bw else bw / max_bw, rtt=rtt_f, locality=locality))
+        return out
+
+    # -- the decision ----------------------------------------------------------------------------------------
+
+    def select(self, task: Task, child_id: str, limit: int | None = None) -> Decision:
+        """The best ``limit`` parents for ``child_id`` in ``task`` (possibly none), best first."""
+        child = task.peers[child_id]
+        limit = limit or self.config.parent_limit
+        pool = [tp for pid, tp in task.peers.items() if pid != child_id]
+        if len(pool) > self.config.candidate_limit:
+            pool = self.rng.sample(pool, self.config.candidate_limit)
+        else:
+            self.rng.shuffle(pool)   # ties in the score then break randomly, not by arrival order
+        decision = Decision(parents=[], sampled=len(pool))
+        descendants = task.descendants(child_id)
+        kept = []
+        for cand in pool:
+            reason = self.drop_reason(task, child, cand, descendants)
+            if reason:
+                decision.dropped[reason] += 1
+            else:
+                kept.append(cand)
+        if not kept:
+            return decision
+        candidates = [Candidate(tp=tp, features=f) for tp, f in zip(kept, self.features(task, child, kept))]
+        self.scorer.score(child_id, candidates)
+        candidates.sort(key=lambda c: c.score, reverse=True)
+        decision.parents = candidates[:limit]
+        return decision

@@ -1,0 +1,397 @@
+"""The gRPC service (grpc.aio) of ``remora scheduler``.
+
+Handlers translate messages into :class:`.state.SchedulerState` transitions and :class:`.selection.
+ParentSelector` decisions. The scheduling policy lives in :meth:`SchedulerService.schedule`:
+
+1. a peer that is the seed (or was already sent to the registry) keeps being told so;
+2. parents the caller blocklisted join the task's blocklist for that caller, for good;
+3. a task with no working seed and no complete peer elects the caller as its seed (back to source);
+4. otherwise the selector's best parents are returned — possibly the seed itself while it still
+   downloads, since peers announce the pieces they have in flight;
+5. no usable parent: "retry after N ms"; after ``max_schedule_failures`` such answers in a row, the
+   peer is sent to the registry itself so a stuck mesh never blocks a container start.
+
+Everything runs on one event loop and no handler awaits in the middle of a state change: no locks.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from remora._proto import remora_scheduler_pb2 as pb
+from remora._proto import remora_scheduler_pb2_grpc as pb_grpc
+from remora.errors import UsageError
+
+from .bandit import BanditScorer
+from .metrics import SchedulerMetrics
+from .selection import ParentSelector, Scorer, SelectionConfig, WeightedScorer
+from .state import Host, SchedulerState, Task, TaskPeer, UnknownPeer
+
+log = logging.getLogger("remora.scheduler")
+
+# OCI digest grammar (algorithm ":" encoded): the task id is the blob digest.
+DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+MAX_PIECES = 1 << 24
+
+
+@dataclass
+class SchedulerConfig:
+    peer_ttl: float = 60.0               # forget a peer silent this long (seconds)
+    keepalive_interval: float = 0.0      # told to peers; 0 = peer_ttl / 3
+    probe_interval: float = 30.0
+    probe_count: int = 5                 # hosts a peer probes per SyncProbes round
+    retry_after_ms: int = 200            # "no parent yet, ask again" delay
+    max_schedule_failures: int = 25      # parentless answers in a row before back-to-source (~5 s)
+    max_piece_failures: int = 3          # failed pieces in a row before a parent is blocklisted
+    scorer: str = "weighted"             # "weighted" or "bandit"
+    bandit_c: float = 0.5
+    bandit_gamma: float = 0.995
+    random_seed: int | None = None
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+
+    def __post_init__(self):
+        if self.peer_ttl <= 0:
+            raise UsageError(f"peer TTL must be > 0, got {self.peer_ttl}")
+        if self.scorer not in ("weighted", "bandit"):
+            raise UsageError(f"unknown scorer {self.scorer!r} (use 'weighted' or 'bandit')")
+        if self.max_schedule_failures < 1 or self.max_piece_failures < 1:
+            raise UsageError("max schedule/piece failures must be >= 1")
+        if not self.keepalive_interval:
+            self.keepalive_interval = self.peer_ttl / 3
+
+
+def make_scorer(config: SchedulerConfig) -> Scorer:
+    if config.scorer == "bandit":
+        return BanditScorer(c=config.bandit_c, gamma=config.bandit_gamma)
+    return WeightedScorer()
+
+
+class BadRequest(ValueError):
+    """Maps to INVALID_ARGUMENT."""
+
+
+class UnknownTask(KeyError):
+    """Maps to NOT_FOUND (StatTask of a task the scheduler does not hold)."""
+
+
+def _rpc(method):
+    """Time the handler and map state errors to gRPC status codes (NOT_FOUND, INVALID_ARGUMENT)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(self: "SchedulerService", request, context: grpc.aio.ServicerContext):
+        start = time.perf_counter()
+        try:
+            return method(self, request)
+        except UnknownPeer as exc:
+            # FAILED_PRECONDITION, not NOT_FOUND: the client re-registers on exactly this code.
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"unknown peer {exc.args[0]!r}: call RegisterPeer first (expired or scheduler restarted)")
+        except UnknownTask as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown task {exc.args[0]!r}")
+        except BadRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finally:
+            self.metrics.rpc_seconds.labels(name).observe(time.perf_counter() - start)
+    return wrapper
+
+
+def _need(value: str, what: str) -> str:
+    if not value:
+        raise BadRequest(f"{what} is required")
+    return value
+
+
+def _task_id(value: str) -> str:
+    _need(value, "task_id")
+    if len(value) > 256 or not DIGEST_RE.match(value):
+        raise BadRequest(f"task_id must be a blob digest like 'sha256:<hex>', got {value[:80]!r}")
+    return value
+
+
+def _pieces(values, what: str) -> list[int]:
+    for v in values:
+        if v >= MAX_PIECES:
+            raise BadRequest(f"{what}: piece index {v} out of range")
+    return list(values)
+
+
+class SchedulerService(pb_grpc.SchedulerServicer):
+    def __init__(self, config: SchedulerConfig | None = None, clock=time.monotonic):
+        self.config = config or SchedulerConfig()
+        self.state = SchedulerState(peer_ttl=self.config.peer_ttl, clock=clock)
+        self.scorer = make_scorer(self.config)
+        self.selector = ParentSelector(self.state, self.scorer, self.config.selection,
+                                       random.Random(self.config.random_seed))
+        self.metrics = SchedulerMetrics(self.state, self.scorer.name)
+
+    # -- helpers -----------------------------------------------------------------------------------------
+
+    def _host_pb(self, peer_id: str) -> pb.PeerHost:
+        h = self.state.peers[peer_id].host
+        return pb.PeerHost(peer_id=h.peer_id, host_id=h.host_id, ip=h.ip, upload_port=h.upload_port,
+                           labels=h.labels, upload_slots=h.upload_slots, upload_bandwidth=h.upload_bandwidth)
+
+    def _parent_pb(self, task: Task, tp: TaskPeer, score: float) -> pb.Parent:
+        finished = range(task.total_pieces) if tp.done and task.total_pieces else sorted(tp.finished)
+        return pb.Parent(host=self._host_pb(tp.peer_id), pieces=finished,
+                         in_flight=sorted(tp.in_flight - tp.finished), score=score)
+
+    def _reset(self, reason: str, tasks) -> None:
+        for task_id in tasks:
+            log.info("task %s lost its seed (%s): the next peer to ask becomes the seed", task_id, reason)
+            self.metrics.task_resets.labels(reason).inc()
+
+    def _forget_peer(self, peer_id: str, reason: str) -> None:
+        self._reset(reason, self.state.remove_peer(peer_id))
+        if isinstance(self.scorer, BanditScorer):
+            self.scorer.forget(peer_id)
+
+    def schedule(self, task: Task, child_id: str, exclude=(), limit: int = 0) -> tuple[list[pb.Parent], bool, int, str]:
+        """(parents, back_to_source, retry_after_ms, reason) for ``child_id``; see the module doc."""
+        tp = task.peers[child_id]
+        if tp.back_to_source:
+            return [], True, 0, "seed" if task.seed_peer == child_id else "back_to_source"
+        for parent_id in exclude:
+            if parent_id and parent_id != child_id and self.state.blocklist(task, child_id, parent_id):
+                self.metrics.blocklist_events.labels("excluded").inc()
+        if task.needs_seed():
+            reason = "reseed" if task.failed_seeds else "seed"
+            self.state.elect_seed(task, child_id)
+            self.metrics.back_to_source.labels(reason).inc()
+            self.metrics.decision("back_to_source")
+            log.info("task %s: peer %s is the seed (%s)", task.task_id, child_id, reason)
+            return [], True, 0, reason
+        decision = self.selector.select(task, child_id, limit or None)
+        for why, n in decision.dropped.items():
+            self.metrics.candidates_dropped.labels(why).inc(n)
+        if decision.parents:
+            tp.schedule_failures = 0
+            task.set_parents(child_id, [c.peer_id for c in decision.parents])
+            self.metrics.decision("parents")
+            self.metrics.parents_returned.labels(self.scorer.name).inc(len(decision.parents))
+            return [self._parent_pb(task, c.tp, c.score) for c in decision.parents], False, 0, ""
+        tp.schedule_failures += 1
+        dropped = ",".join(f"{k}={v}" for k, v in sorted(decision.dropped.items())) or "none"
+        if tp.schedule_failures >= self.config.max_schedule_failures:
+            tp.back_to_source = True
+            task.set_parents(child_id, ())
+            self.metrics.back_to_source.labels("schedule_failures").inc()
+            self.metrics.decision("back_to_source")
+            log.info("task %s: peer %s found no parent %d times (dropped: %s): back to source",
+                     task.task_id, child_id, tp.schedule_failures, dropped)
+            return [], True, 0, "schedule_failures"
+        self.metrics.decision("retry")
+        return [], False, self.config.retry_after_ms, f"no_candidates (dropped: {dropped})"
+
+    # -- RPCs --------------------------------------------------------------------------------------------
+
+    @_rpc
+    def RegisterPeer(self, request: pb.RegisterPeerRequest) -> pb.RegisterPeerResponse:
+        h = request.host
+        _need(h.peer_id, "host.peer_id")
+        host = Host(peer_id=h.peer_id, host_id=h.host_id or h.peer_id, ip=h.ip, upload_port=h.upload_port,
+                    labels=dict(h.labels), upload_slots=h.upload_slots, upload_bandwidth=h.upload_bandwidth)
+        known = self.state.register_peer(host)
+        if not known:
+            log.info("peer %s registered (host %s, %s:%d)", host.peer_id, host.host_id, host.ip, host.upload_port)
+        return pb.RegisterPeerResponse(probe_interval_ms=int(self.config.probe_interval * 1000),
+                                       keepalive_interval_ms=int(self.config.keepalive_interval * 1000),
+                                       peer_ttl_ms=int(self.config.peer_ttl * 1000), known=known)
+
+    @_rpc
+    def LeavePeer(self, request: pb.LeavePeerRequest) -> pb.Empty:
+        self._forget_peer(_need(request.peer_id, "peer_id"), "seed_left")
+        return pb.Empty()
+
+    @_rpc
+    def RegisterTask(self, request: pb.RegisterTaskRequest) -> pb.RegisterTaskResponse:
+        task_id = _task_id(request.task_id)
+        tp = self.state.join_task(_need(request.peer_id, "peer_id"), task_id, request.content_length,
+                                  request.piece_size)
+        task = self.state.tasks[task_id]
+        parents, b2s, retry, reason = self.schedule(task, tp.peer_id)
+        return pb.RegisterTaskResponse(back_to_source=b2s, parents=parents, content_length=task.content_length,
+                                       piece_size=task.piece_size, piece_digests=task.piece_digests,
+                                       retry_after_ms=retry, reason=reason)
+
+    @_rpc
+    def AnnouncePieces(self, request: pb.AnnouncePiecesRequest) -> pb.Empty:
+        task_id = _task_id(request.task_id)
+        finished = _pieces(request.finished, "finished")
+        in_flight = _pieces(request.in_flight, "in_flight")
+        if len(request.piece_digests) > MAX_PIECES:
+            raise BadRequest("too many piece digests")
+        self.state.announce(_need(request.peer_id, "peer_id"), task_id, finished, in_flight,
+                            request.content_length, request.piece_size, list(request.piece_digests),
+                            request.done)
+        return pb.Empty()
+
+    @_rpc
+    def GetParents(self, request: pb.GetParentsRequest) -> pb.GetParentsResponse:
+        task_id = _task_id(request.task_id)
+        tp = self.state.join_task(_need(request.peer_id, "peer_id"), task_id)
+        task = self.state.tasks[task_id]
+        parents, b2s, retry, reason = self.schedule(task, tp.peer_id, request.exclude, request.limit)
+        return pb.GetParentsResponse(parents=parents, back_to_source=b2s, retry_after_ms=retry, reason=reason,
+                                     content_length=task.content_length, piece_size=task.piece_size,
+                                     piece_digests=task.piece_digests)
+
+    @_rpc
+    def ReportPieceResults(self, request: pb.ReportPieceResultsRequest) -> pb.Empty:
+        task_id = _task_id(request.task_id)
+        child_id = _need(request.peer_id, "peer_id")
+        self.state.touch(child_id)
+        for r in request.results:
+            if not r.parent_id or r.parent_id == child_id:
+                continue   # a piece from the registry (or itself) says nothing about parents
+            cost_s = r.cost_us / 1e6
+            reason = self.state.report_piece(child_id, task_id, r.parent_id, r.piece, r.success, cost_s, r.size,
+                                             r.error, self.config.max_piece_failures)
+            self.scorer.observe(r.parent_id, r.size, cost_s, r.success)
+            self.metrics.piece_results.labels("success" if r.success else "failure").inc()
+            if reason:
+                self.metrics.blocklist_events.labels(reason).inc()
+                log.info("task %s: peer %s blocklisted parent %s (%s: %s)", task_id, child_id, r.parent_id,
+                         reason, r.error or "failed")
+        return pb.Empty()
+
+    @_rpc
+    def ReportTaskResult(self, request: pb.ReportTaskResultRequest) -> pb.Empty:
+        task_id = _task_id(request.task_id)
+        peer_id = _need(request.peer_id, "peer_id")
+        if self.state.report_task(peer_id, task_id, request.success):
+            self._reset("seed_failed", [task_id])
+            log.warning("task %s: seed %s failed (%s)", task_id, peer_id, request.error or "no error given")
+        return pb.Empty()
+
+    @_rpc
+    def LeaveTask(self, request: pb.LeaveTaskRequest) -> pb.Empty:
+        task_id = _task_id(request.task_id)
+        peer_id = _need(request.peer_id, "peer_id")
+        self.state.touch(peer_id)
+        if self.state.leave_task(peer_id, task_id):
+            self._reset("seed_left", [task_id])
+        return pb.Empty()
+
+    @_rpc
+    def StatTask(self, request: pb.StatTaskRequest) -> pb.StatTaskResponse:
+        task = self.state.tasks.get(_task_id(request.task_id))
+        if task is None:
+            raise UnknownTask(request.task_id)
+        return pb.StatTaskResponse(task_id=task.task_id, content_length=task.content_length,
+                                   piece_size=task.piece_size, peers=sorted(task.peers),
+                                   seed_peer=task.seed_peer or "", state=task.state)
+
+    @_rpc
+    def SyncProbes(self, request: pb.SyncProbesRequest) -> pb.SyncProbesResponse:
+        peer_id = _need(request.peer_id, "peer_id")
+        self.state.touch(peer_id)
+        for r in request.results:
+            self.state.record_probe(peer_id, r.peer_id, r.rtt_us / 1e6, r.success)
+        targets = [self._host_pb(p.peer_id) for p in self.state.probe_targets(peer_id, self.config.probe_count)]
+        return pb.SyncProbesResponse(targets=targets, probe_interval_ms=int(self.config.probe_interval * 1000))
+
+    # -- expiry ------------------------------------------------------------------------------------------
+
+    def expire(self) -> None:
+        expired = self.state.expire()
+        for peer_id in expired.peers:
+            log.info("peer %s expired (silent for %.0f s)", peer_id, self.config.peer_ttl)
+            self.metrics.peers_expired.inc()
+            if isinstance(self.scorer, BanditScorer):
+                self.scorer.forget(peer_id)
+        self._reset("seed_expired", expired.reset_tasks)
+
+
+def _split(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"listen address must be HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class SchedulerServer:
+    """A running scheduler: the gRPC server, the /metrics HTTP server and the expiry sweeper.
+
+        server = await SchedulerServer(SchedulerConfig(), "127.0.0.1:0").start()
+        server.address        # "127.0.0.1:41234" (the real port when 0 was asked)
+        await server.stop()
+    """
+
+    def __init__(self, config: SchedulerConfig | None = None, listen: str = "127.0.0.1:0",
+                 metrics_listen: str | None = None, clock=time.monotonic):
+        self.service = SchedulerService(config, clock=clock)
+        self.config = self.service.config
+        self.listen = listen
+        self.metrics_listen = metrics_listen
+        self.address = ""
+        self.metrics_address = ""
+        self._server: grpc.aio.Server | None = None
+        self._metrics_runner = None
+        self._sweeper: asyncio.Task | None = None
+
+    @property
+    def state(self) -> SchedulerState:
+        return self.service.state
+
+    async def start(self) -> "SchedulerServer":
+        host, _ = _split(self.listen)
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_SchedulerServicer_to_server(self.service, self._server)
+        try:
+            port = self._server.add_insecure_port(self.listen)
+        except RuntimeError as exc:
+            raise UsageError(f"cannot listen on {self.listen}: {exc}") from exc
+        if port == 0:
+            raise UsageError(f"cannot listen on {self.listen} (address in use or not local)")
+        await self._server.start()
+        self.address = f"{host}:{port}"
+        if self.metrics_listen:
+            mhost, mport = _split(self.metrics_listen)
+            try:
+                self._metrics_runner = await self.service.metrics.serve(mhost, mport)
+            except OSError as exc:
+                await self._server.stop(0)
+                raise UsageError(f"cannot serve metrics on {self.metrics_listen}: {exc}") from exc
+            bound = self._metrics_runner.addresses[0]
+            self.metrics_address = f"{mhost}:{bound[1]}"
+        self._sweeper = asyncio.create_task(self._sweep())
+        log.info("scheduler listening on %s (metrics %s, scorer %s, peer TTL %.0fs)", self.address,
+                 self.metrics_address or "off", self.config.scorer, self.config.peer_ttl)
+        return self
+
+    async def _sweep(self) -> None:
+        interval = max(0.05, min(self.config.peer_ttl / 4, 5.0))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.service.expire()
+            except Exception:   # a bug in expiry must not silently stop all future expiry
+                log.exception("peer expiry failed")
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            try:
+                await self._sweeper
+            except asyncio.CancelledError:
+                pass
+            self._sweeper = None
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
+
+    async def wait(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()

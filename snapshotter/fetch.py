@@ -1,0 +1,398 @@
+"""The chunk fetcher: turn "these chunks of this image" into verified bytes, from cache or network.
+
+A chunk lives inside a zstd *frame* of a data blob; the unit of transfer is the frame (one frame may
+hold many small chunks). For a read the fetcher
+
+1. serves chunks from a small in-memory LRU of recent chunks, then from the on-disk
+   :class:`~remora.cache.ChunkCache` (verified by digest on read);
+2. collects the frames of the missing chunks; frames another thread is already fetching are *waited
+   for*, not fetched again (single-flight per frame);
+3. groups its own frames by blob, sorts them by offset and merges neighbours into one HTTP range
+   request while the gap between them is at most ``max_gap`` and the request at most ``max_range``
+   bytes (one round trip instead of many; the gap bytes are the price);
+4. runs the requests in a bounded thread pool; each response is cut into frames, every frame is
+   decompressed and *every chunk in it* is verified against its sha256 before anything is cached or
+   returned. A source that fails or lies is skipped for the next one (mirrors/peers first, then the
+   registry); when none delivers, the read fails with :class:`FetchError` (the fs maps it to EIO).
+
+:class:`Prefetcher` runs the same machinery in the background over the bootstrap's prefetch list
+(then, optionally, every file), so the files a container needs first are local before it asks.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from remora.cache import ChunkCache
+from remora.errors import InvalidInput, RegistryError, RemoraError
+from remora.format.blob import decompress_frame, verify_chunk
+from remora.format.bootstrap import Bootstrap, Extent
+from remora.format.chunktable import Frame
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_GAP = 256 << 10
+DEFAULT_MAX_RANGE = 16 << 20
+DEFAULT_PARALLEL = 4
+DEFAULT_MEMORY_CACHE = 64 << 20
+
+
+class FetchError(RegistryError):
+    """No source delivered verified bytes for a frame (the read gets EIO)."""
+
+
+class Stats:
+    """Thread-safe counters of one fetcher; ``snapshot()`` is what the mount process publishes."""
+
+    FIELDS = ("requests", "merged_requests", "frames_fetched", "bytes_fetched", "chunks_verified",
+              "verify_failures", "source_errors", "fetch_failures", "singleflight_waits",
+              "memory_hits", "prefetch_files_done", "prefetch_files_total", "prefetch_bytes",
+              "prefetch_done")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.values = dict.fromkeys(self.FIELDS, 0)
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.values[key] += n
+
+    def set(self, key: str, n: int) -> None:
+        with self._lock:
+            self.values[key] = n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.values)
+
+
+@dataclass
+class _Job:
+    blob: str
+    frames: list[tuple[int, Frame]]  # (frame id, frame), sorted by offset
+
+
+class ChunkFetcher:
+    """Verified chunk bytes of one image (one bootstrap) from a shared cache and a list of sources.
+
+    ``sources`` are objects with ``name`` and ``read_range(blob, start, end_inclusive) -> bytes``
+    (see :mod:`remora.snapshotter.sources`), tried in order.
+    """
+
+    def __init__(self, bootstrap: Bootstrap, cache: ChunkCache, sources: Sequence, *,
+                 max_gap: int = DEFAULT_MAX_GAP, max_range: int = DEFAULT_MAX_RANGE,
+                 parallel: int = DEFAULT_PARALLEL, memory_cache: int = DEFAULT_MEMORY_CACHE,
+                 stats: Stats | None = None):
+        if not sources:
+            raise InvalidInput("a chunk fetcher needs at least one blob source")
+        self.bootstrap = bootstrap
+        self.cache = cache
+        self.sources = list(sources)
+        self.max_gap = max_gap
+        self.max_range = max_range
+        self.stats = stats or Stats()
+        self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="fetch")
+        self._lock = threading.Lock()
+        self._inflight: dict[int, Future] = {}
+        self._local = threading.local()
+        self._mem: OrderedDict[bytes, bytes] = OrderedDict()
+        self._mem_bytes = 0
+        self._mem_limit = memory_cache
+        self._extents: OrderedDict[int, list[tuple[int, int]]] = OrderedDict()
+
+    # -- per-thread bootstrap access ------------------------------------------------------------
+    def _db(self):
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self.bootstrap.connection()
+        return db
+
+    def extents_of(self, ino: int) -> list[tuple[int, int]]:
+        """A file's extent list, memoised (it is read on every FUSE read of that file)."""
+        with self._lock:
+            ext = self._extents.get(ino)
+            if ext is not None:
+                self._extents.move_to_end(ino)
+                return ext
+        ext = self.bootstrap.extents(ino, self._db())
+        with self._lock:
+            self._extents[ino] = ext
+            if len(self._extents) > 4096:
+                self._extents.popitem(last=False)
+        return ext
+
+    # -- reads --------------------------------------------------------------------------------
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        """Bytes ``offset .. offset+size`` of regular file ``ino`` (short at end of file)."""
+        plan = self.bootstrap.read_plan(ino, offset, size, self.extents_of(ino), self._db())
+        if not plan:
+            return b""
+        chunks = self.chunks(plan)
+        out = bytearray()
+        end = offset + size
+        for e in plan:
+            data = chunks[e.chunk.digest]
+            lo = max(offset - e.file_offset, 0)
+            hi = min(end - e.file_offset, e.chunk.size)
+            out += data[lo:hi]
+        return bytes(out)
+
+    def chunks(self, extents: Iterable[Extent]) -> dict[bytes, bytes]:
+        """``{chunk digest: verified bytes}`` for every extent, fetching what is missing."""
+        out: dict[bytes, bytes] = {}
+        missing: dict[int, Frame] = {}
+        blobs: dict[int, str] = {}
+        for e in extents:
+            d = e.chunk.digest
+            if d in out:
+                continue
+            data = self._mem_get(d)
+            if data is None:
+                data = self.cache.get(d)
+                if data is not None:
+                    self._mem_put(d, data)
+            if data is not None:
+                out[d] = data
+            else:
+                missing[e.chunk.frame] = e.frame
+                blobs[e.chunk.frame] = e.blob
+        if missing:
+            results = self._fetch_frames(missing, blobs)
+            for e in extents:
+                if e.chunk.digest not in out:
+                    out[e.chunk.digest] = results[e.chunk.frame][e.chunk.digest]
+        return out
+
+    def ensure(self, extents: Iterable[Extent]) -> int:
+        """Make sure the chunks are in the disk cache (prefetch); returns the frames fetched."""
+        missing: dict[int, Frame] = {}
+        blobs: dict[int, str] = {}
+        for e in extents:
+            if e.chunk.frame not in missing and not self.cache.contains(e.chunk.digest):
+                missing[e.chunk.frame] = e.frame
+                blobs[e.chunk.frame] = e.blob
+        if missing:
+            self._fetch_frames(missing, blobs)
+        return len(missing)
+
+    # -- frames -------------------------------------------------------------------------------
+    def _fetch_frames(self, frames: dict[int, Frame], blobs: dict[int, str]) -> dict[int, dict[bytes, bytes]]:
+        """Chunks of every frame in ``frames``, fetching (or waiting for) each frame once."""
+        waiting: dict[int, Future] = {}
+        mine: dict[int, Future] = {}
+        with self._lock:
+            for fid in frames:
+                fut = self._inflight.get(fid)
+                if fut is None:
+                    fut = self._inflight[fid] = Future()
+                    mine[fid] = fut
+                else:
+                    waiting[fid] = fut
+        if waiting:
+            self.stats.add("singleflight_waits", len(waiting))
+        for job in self._plan({fid: frames[fid] for fid in mine}, blobs):
+            self._pool.submit(self._run_job, job)
+        results = {}
+        errors = []
+        for fid, fut in {**mine, **waiting}.items():
+            try:
+                results[fid] = fut.result()
+            except RemoraError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        return results
+
+    def _plan(self, frames: dict[int, Frame], blobs: dict[int, str]) -> list[_Job]:
+        """Group frames by blob and merge neighbours into range requests (gap/size thresholds)."""
+        by_blob: dict[str, list[tuple[int, Frame]]] = {}
+        for fid, fr in frames.items():
+            by_blob.setdefault(blobs[fid], []).append((fid, fr))
+        jobs = []
+        for blob, items in by_blob.items():
+            items.sort(key=lambda it: it[1].offset)
+            cur = [items[0]]
+            for fid, fr in items[1:]:
+                start = cur[0][1].offset
+                last = cur[-1][1]
+                gap = fr.offset - (last.offset + last.csize)
+                if gap <= self.max_gap and fr.offset + fr.csize - start <= self.max_range:
+                    cur.append((fid, fr))
+                else:
+                    jobs.append(_Job(blob, cur))
+                    cur = [(fid, fr)]
+            jobs.append(_Job(blob, cur))
+        return jobs
+
+    def _run_job(self, job: _Job) -> None:
+        """Fetch one merged range; resolve the futures of its frames (result or error) no matter what."""
+        pending = list(job.frames)
+        results: dict[int, dict[bytes, bytes]] = {}
+        failures: list[str] = []
+        try:
+            for source in self.sources:
+                if not pending:
+                    break
+                pending = self._try_source(source, job.blob, pending, results, failures)
+        except BaseException as exc:  # a bug must not leave readers waiting forever
+            log.exception("fetch of %s failed unexpectedly", job.blob)
+            failures.append(f"internal error: {exc!r}")
+        to_cache = [(d, b) for chunks in results.values() for d, b in chunks.items()]
+        if to_cache:
+            try:
+                self.cache.put_many(to_cache)
+            except RemoraError as exc:  # a full/broken cache disk must not fail the read
+                log.warning("could not cache %d chunks: %s", len(to_cache), exc)
+        for chunks in results.values():
+            for d, b in chunks.items():
+                self._mem_put(d, b)
+        err = None
+        if pending:
+            self.stats.add("fetch_failures", len(pending))
+            err = FetchError(f"cannot fetch {len(pending)} frame(s) of {job.blob}: " + "; ".join(failures))
+            log.error("%s", err)
+        with self._lock:
+            for fid, _ in job.frames:
+                fut = self._inflight.pop(fid)
+                if fid in results:
+                    fut.set_result(results[fid])
+                else:
+                    fut.set_exception(err)
+
+    def _try_source(self, source, blob: str, frames: list[tuple[int, Frame]],
+                    results: dict, failures: list[str]) -> list[tuple[int, Frame]]:
+        """One range request for ``frames`` from ``source``; returns the frames still not verified."""
+        start = frames[0][1].offset
+        end = frames[-1][1].offset + frames[-1][1].csize - 1
+        self.stats.add("requests")
+        if len(frames) > 1:
+            self.stats.add("merged_requests")
+        try:
+            data = source.read_range(blob, start, end)
+        except RemoraError as exc:
+            self.stats.add("source_errors")
+            log.warning("%s", exc)
+            failures.append(str(exc))
+            return frames
+        self.stats.add("bytes_fetched", len(data))
+        left = []
+        db = self._db()
+        for fid, fr in frames:
+            raw = data[fr.offset - start: fr.offset - start + fr.csize]
+            where = f"{source.name}: {blob} frame@{fr.offset}"
+            try:
+                plain = decompress_frame(raw, fr.usize, where)
+                chunks = {}
+                for c in self.bootstrap.frame_chunks(fid, db):
+                    chunks[c.digest] = verify_chunk(plain[c.frame_offset:c.frame_offset + c.size], c.digest, where)
+            except InvalidInput as exc:
+                self.stats.add("verify_failures")
+                log.error("%s", exc)
+                failures.append(str(exc))
+                left.append((fid, fr))
+                continue
+            self.stats.add("frames_fetched")
+            self.stats.add("chunks_verified", len(chunks))
+            results[fid] = chunks
+        return left
+
+    # -- in-memory LRU of recent chunks (a 128 KiB FUSE read of a 1 MiB chunk reads it once) -------
+    def _mem_get(self, d: bytes) -> bytes | None:
+        with self._lock:
+            data = self._mem.get(d)
+            if data is not None:
+                self._mem.move_to_end(d)
+                self.stats.values["memory_hits"] += 1
+            return data
+
+    def _mem_put(self, d: bytes, data: bytes) -> None:
+        if len(data) > self._mem_limit // 4:
+            return
+        with self._lock:
+            if d in self._mem:
+                return
+            self._mem[d] = data
+            self._mem_bytes += len(data)
+            while self._mem_bytes > self._mem_limit:
+                _, old = self._mem.popitem(last=False)
+                self._mem_bytes -= len(old)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Prefetcher:
+    """Background fetch of the bootstrap's prefetch list (in order), then optionally every file.
+
+    Files are fetched in batches of about ``batch_bytes`` of chunk data so neighbouring frames still
+    merge into few requests, while on-demand reads keep their own slots in the fetcher's pool. Errors
+    are logged and the file skipped: prefetch is an optimisation, a read will retry on demand.
+    """
+
+    def __init__(self, fetcher: ChunkFetcher, *, prefetch_all: bool = False, batch_bytes: int = 8 << 20):
+        self.fetcher = fetcher
+        self.prefetch_all = prefetch_all
+        self.batch_bytes = batch_bytes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+
+    def start(self) -> "Prefetcher":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _files(self) -> list[int]:
+        bs = self.fetcher.bootstrap
+        order = list(dict.fromkeys(bs.prefetch_inodes()))
+        if self.prefetch_all:
+            seen = set(order)
+            for _, rec in bs.walk():
+                if rec.mode & 0o170000 == 0o100000 and rec.ino not in seen:
+                    seen.add(rec.ino)
+                    order.append(rec.ino)
+        return order
+
+    def _run(self) -> None:
+        stats = self.fetcher.stats
+        try:
+            files = self._files()
+            stats.set("prefetch_files_total", len(files))
+            batch: list[Extent] = []
+            batch_files = 0
+            size = 0
+            db = self.fetcher.bootstrap.connection()
+            for ino in files:
+                if self._stop.is_set():
+                    return
+                ext = self.fetcher.bootstrap.extents(ino, db)
+                for off, cid in ext:
+                    e = self.fetcher.bootstrap.extent(off, cid, db)
+                    batch.append(e)
+                    size += e.chunk.size
+                batch_files += 1
+                if size >= self.batch_bytes:
+                    self._flush(batch, batch_files, size)
+                    batch, batch_files, size = [], 0, 0
+            if batch or batch_files:
+                self._flush(batch, batch_files, size)
+            stats.set("prefetch_done", 1)
+            log.info("prefetch finished: %d files", len(files))
+        except Exception:
+            log.exception("prefetch stopped")
+
+    def _flush(self, batch: list[Extent], files: int, size: int) -> None:
+        try:
+            self.fetcher.ensure(batch)
+            self.fetcher.stats.add("prefetch_bytes", size)
+        except RemoraError as exc:
+            log.warning("prefetch: %s", exc)
+        self.fetcher.stats.add("prefetch_files_done", files)

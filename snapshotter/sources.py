@@ -1,0 +1,158 @@
+"""Where the bytes of data blobs come from: a registry, or a mirror/peer that speaks the same API.
+
+A source answers one question: "bytes ``start..end`` (inclusive) of blob ``digest``". Both a registry
+(``GET /v2/<repo>/blobs/<digest>``) and a remora peer (the same path plus ``?ns=<registry host>``)
+answer it with an HTTP ``Range`` request, so one class serves both. The fetcher tries its sources in
+order (peers/mirrors first, then the registry) and verifies every chunk, so a source is trusted for
+nothing but availability.
+
+Every request has a connect and a read timeout: an unreachable or stalled source becomes a
+:class:`~remora.errors.RegistryError` within a bounded time, never a hang of the reader.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+
+import requests
+
+from remora.errors import AuthError, InvalidInput, NotFound, RegistryError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONNECT_TIMEOUT = 3.0
+DEFAULT_READ_TIMEOUT = 20.0
+_CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
+
+
+@dataclass
+class SourceSpec:
+    """A JSON-friendly description of one blob source (it crosses the process boundary to a mount).
+
+    ``url`` is the base (``http://127.0.0.1:5000``); ``repo`` the repository; ``ns`` the registry host
+    a peer/mirror should fetch from (sent as ``?ns=``), empty for the registry itself.
+    """
+
+    url: str
+    repo: str
+    ns: str = ""
+    username: str = ""
+    password: str = ""
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    verify_tls: bool = True
+
+    @classmethod
+    def registry(cls, host: str, repo: str, insecure: bool = False, **kw) -> "SourceSpec":
+        """A registry by host name; plain HTTP when ``insecure`` (or for loopback hosts)."""
+        plain = insecure or host.startswith(("127.", "localhost", "[::1]"))
+        return cls(url=f"{'http' if plain else 'https'}://{host}", repo=repo, **kw)
+
+    def describe(self) -> str:
+        return f"{self.url}/v2/{self.repo}" + (f"?ns={self.ns}" if self.ns else "")
+
+
+class HttpBlobSource:
+    """Range reads of blobs over the registry HTTP API, with Basic or Bearer-token auth."""
+
+    def __init__(self, spec: SourceSpec, session: requests.Session | None = None):
+        self.spec = spec
+        self.name = spec.describe()
+        self._session = session or requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._auth_header: str | None = None
+        self._lock = threading.Lock()
+
+    def read_range(self, blob: str, start: int, end: int) -> bytes:
+        """Bytes ``start..end`` inclusive of ``blob``; raises RegistryError/NotFound/AuthError."""
+        s = self.spec
+        url = f"{s.url.rstrip('/')}/v2/{s.repo}/blobs/{blob}"
+        params = {"ns": s.ns} if s.ns else None
+        want = end - start + 1
+        headers = {"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
+        for attempt in range(2):
+            if self._auth_header:
+                headers["Authorization"] = self._auth_header
+            try:
+                r = self._session.get(url, params=params, headers=headers, stream=True,
+                                      timeout=(s.connect_timeout, s.read_timeout), verify=s.verify_tls)
+            except requests.RequestException as exc:
+                raise RegistryError(f"{self.name}: {blob} bytes {start}-{end}: {_short(exc)}") from None
+            try:
+                if r.status_code == 401 and attempt == 0:
+                    self._authenticate(r.headers.get("WWW-Authenticate", ""))
+                    continue
+                return self._body(r, blob, start, want)
+            finally:
+                r.close()
+        raise AuthError(f"{self.name}: credentials refused for {blob}")
+
+    def _body(self, r: requests.Response, blob: str, start: int, want: int) -> bytes:
+        where = f"{self.name}: {blob} bytes {start}-{start + want - 1}"
+        if r.status_code == 404:
+            raise NotFound(f"{where}: blob not found")
+        if r.status_code in (401, 403):
+            raise AuthError(f"{where}: HTTP {r.status_code}")
+        try:
+            if r.status_code == 206:
+                data = r.raw.read(want + 1, decode_content=False)
+                if len(data) != want:
+                    raise InvalidInput(f"{where}: got {len(data)} bytes for a {want}-byte range")
+                return data
+            if r.status_code == 200:
+                # The server ignored Range: skip to the wanted bytes rather than fail.
+                log.warning("%s: server ignored the Range header; reading past %d bytes", self.name, start)
+                skipped = 0
+                while skipped < start:
+                    block = r.raw.read(min(1 << 20, start - skipped), decode_content=False)
+                    if not block:
+                        break
+                    skipped += len(block)
+                data = r.raw.read(want, decode_content=False)
+                if len(data) != want:
+                    raise InvalidInput(f"{where}: blob shorter than the requested range")
+                return data
+        except (requests.RequestException, OSError) as exc:  # read timeout / reset mid-body
+            raise RegistryError(f"{where}: {_short(exc)}") from None
+        raise RegistryError(f"{where}: HTTP {r.status_code} {r.reason}")
+
+    def _authenticate(self, challenge: str) -> None:
+        s = self.spec
+        scheme = challenge.split(" ", 1)[0].lower()
+        if not s.username and scheme != "bearer":
+            raise AuthError(f"{self.name}: authentication required and no credentials configured")
+        with self._lock:
+            if scheme == "basic":
+                self._auth_header = requests.auth._basic_auth_str(s.username, s.password)
+                return
+            if scheme != "bearer":
+                raise AuthError(f"{self.name}: unsupported auth challenge {challenge!r}")
+            params = dict(_CHALLENGE.findall(challenge))
+            realm = params.pop("realm", "")
+            params.setdefault("scope", f"repository:{s.repo}:pull")
+            try:
+                r = self._session.get(realm, params=params, timeout=(s.connect_timeout, s.read_timeout),
+                                      auth=(s.username, s.password) if s.username else None, verify=s.verify_tls)
+            except requests.RequestException as exc:
+                raise RegistryError(f"{self.name}: token service {realm}: {_short(exc)}") from None
+            if r.status_code != 200:
+                raise AuthError(f"{self.name}: token service {realm} answered HTTP {r.status_code}")
+            body = r.json()
+            token = body.get("token") or body.get("access_token")
+            if not token:
+                raise AuthError(f"{self.name}: token service {realm} returned no token")
+            self._auth_header = f"Bearer {token}"
+
+
+def _short(exc: Exception) -> str:
+    """requests' messages nest the whole urllib3 repr; keep the informative tail."""
+    text = str(exc)
+    for marker in ("Failed to establish a new connection: ", "Read timed out", "Connection refused"):
+        if marker in text:
+            return marker.rstrip(": ") if marker != "Failed to establish a new connection: " else \
+                "connection failed: " + text.split(marker, 1)[1].rstrip(")'\"")
+    return f"{type(exc).__name__}: {text[:200]}"
