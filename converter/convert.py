@@ -84,9 +84,68 @@ class _Counting(io.RawIOBase):
             self.on_bytes(n)
         return n
 
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
+
+
+class _ThreadedReader(io.RawIOBase):
+    """Read ``src`` on a background thread into a bounded queue of blocks.
+
+    Decompression (isal/zstandard release the GIL) and digest checks of a layer then run on one core
+    while tar parsing, chunk hashing and packing run on the other. An exception on the reader thread
+    is re-raised to the consumer at the point it reaches it, so a corrupt stream never looks short.
+    """
+
+    _EOF = object()
+
+    def __init__(self, src: BinaryIO, block: int = 1 << 20, depth: int = 8):
+        import queue
+        import threading
+
+        self._q: "queue.Queue" = queue.Queue(depth)
+        self._buf = memoryview(b"")
+        self._stop = threading.Event()
+        self._done = False
+        self._t = threading.Thread(target=self._run, args=(src, block), name="layer-reader", daemon=True)
+        self._t.start()
+
+    def _run(self, src: BinaryIO, block: int) -> None:
+        try:
+            while not self._stop.is_set():
+                data = src.read(block)
+                if not data:
+                    break
+                self._q.put(data)
+            self._q.put(self._EOF)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._q.put(exc)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            if self._done:
+                return 0
+            item = self._q.get()
+            if item is self._EOF:
+                self._done = True
+                return 0
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            self._buf = memoryview(item)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._t.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                self._q.get_nowait()
+            except Exception:  # noqa: BLE001
+                self._t.join(0.05)
+        super().close()
 
 
 class _HotSpool:
@@ -216,11 +275,14 @@ def _convert(source: str, destination: str, opts: ConvertOptions, report: Conver
             report.input_compressed_bytes += layer.size
             compressed = _Counting(src.open_blob(layer), on_bytes=progress.advance)
             tar_stream = _Counting(oci_open_layer(compressed, layer.media_type), hash_it=True)
+            reader = _ThreadedReader(tar_stream)
             packer.open_blob()
             try:
-                merger.apply_layer(io.BufferedReader(tar_stream, 1 << 20), sink, label=layer.digest[:19])
-                tar_stream.drain()
+                merger.apply_layer(io.BufferedReader(reader, 1 << 20), sink, label=layer.digest[:19])
+                while reader.read(1 << 20):
+                    pass
             finally:
+                reader.close()
                 compressed.close()
             actual = "sha256:" + tar_stream.hasher.hexdigest()
             if actual != diff_id:
@@ -270,9 +332,11 @@ def _convert(source: str, destination: str, opts: ConvertOptions, report: Conver
 
     # -- 4. bootstrap -------------------------------------------------------------------------
     progress.phase("bootstrap")
-    order = ([hot_blob] if hot_blob is not None else []) + layer_blobs
-    used = set(table.used_blobs())
-    order += [b for b in sorted(used) if b not in order]
+    files = {bid: packer.blob_path(bid) for bid in range(len(table.blobs))}
+    remap = table.drop_unused_blobs()
+    blob_files = {remap[old]: path for old, path in files.items() if old in remap and path is not None}
+    order = [remap[b] for b in ([hot_blob] if hot_blob is not None else []) + layer_blobs]
+    order += [b for b in range(len(table.blobs)) if b not in order]
     meta = {"source_manifest": mdesc.digest, "chunking": str(opts.chunking), "zstd_level": str(opts.level),
             "batch_size": str(opts.batch_size), "created_by": "remora convert"}
     db_path = workdir / "bootstrap.db"
@@ -286,7 +350,7 @@ def _convert(source: str, destination: str, opts: ConvertOptions, report: Conver
         digest, size = table.blobs[bid]
         desc = oci.Descriptor(ann.BLOB_MEDIA_TYPE, digest, size,
                               ann.layer_annotations("blob", boot_digest, boot_size))
-        layer_descs.append((desc, packer.blob_path(bid)))
+        layer_descs.append((desc, blob_files.get(bid)))
     boot_desc = oci.Descriptor(ann.BOOTSTRAP_MEDIA_TYPE, boot_digest, boot_size,
                                ann.layer_annotations("bootstrap", boot_digest, boot_size))
     new_config = oci.ImageConfig(dict(config.raw))

@@ -38,6 +38,8 @@ zero blocks is accepted, as Go's archive/tar (and so containerd) accepts it.
 
 The reader is strictly streaming (``tarfile`` mode ``r|``): no seeking, file content goes straight
 to the caller's ``sink`` and is never held whole, so multi-GB and sparse files need bounded memory.
+The stream is read to its end, padding after the end-of-archive blocks included, so a digest
+verifier wrapped around it sees the whole blob.
 """
 from __future__ import annotations
 
@@ -62,6 +64,8 @@ _OPAQUE = b".wh..wh..opq"
 _PLNK = b".wh..wh.plnk"
 _XATTR = "SCHILY.xattr."
 _MAX_SYMLINK_HOPS = 40          # Linux's MAXSYMLINKS
+_NAME_MAX = 255                 # longest name component Linux file systems accept
+_PATH_MAX = 4096                # symlink(2) refuses targets this long or longer
 _REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE)
 
 
@@ -125,16 +129,27 @@ class _TarInfo(tarfile.TarInfo):
 
 
 class _Counting:
-    """Counts bytes read from the caller's stream (an empty stream is an empty layer)."""
+    """Counts bytes read from the caller's stream (an empty stream is an empty layer) and keeps
+    its first bytes to recognise a stream that is still compressed."""
 
     def __init__(self, f: BinaryIO):
         self._f = f
         self.count = 0
+        self.head = b""
 
     def read(self, n: int = -1) -> bytes:
         data = self._f.read(n)
+        if self.count < 4:
+            self.head = (self.head + data)[:4]
         self.count += len(data)
         return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
 class _MemberReader(io.RawIOBase):
@@ -179,21 +194,27 @@ class LayerMerger:
     ``tree`` may be an already merged lower part (it is modified in place).
     """
 
+    #: absolute path (bytes, symlinked parents resolved) of the member being applied; a sink can
+    #: read it to treat some files differently (e.g. a prefetch list)
+    current_path: bytes = b"/"
+
     def __init__(self, tree: Tree | None = None):
         self.tree = tree or Tree()
         self.layers = 0
         self._own: set[tuple[bytes, ...]] = set()
         self._holds_own: set[tuple[bytes, ...]] = set()
         self._plnk: dict[bytes, Inode] = {}
+        self._fresh: set[int] = set()   # id() of directories this layer created (not merged)
         self._where = ""
 
     # -- public ---------------------------------------------------------------------------------
     def apply_layer(self, stream: BinaryIO, sink: Sink, label: str | None = None) -> LayerStats:
         """Apply one uncompressed layer tar read from ``stream`` (never seeked); regular file
-        content is handed to ``sink(fileobj, size)`` which returns the file's chunks."""
+        content is handed to ``sink(fileobj, size)`` which returns the file's chunks (empty files
+        get ``chunks=[]`` without a sink call). ``label`` (e.g. the layer digest) goes into errors."""
         self.layers += 1
         self._where = f"layer {self.layers}" + (f" ({label})" if label else "")
-        self._own, self._holds_own, self._plnk = set(), set(), {}
+        self._own, self._holds_own, self._plnk, self._fresh = set(), set(), {}, set()
         stats = LayerStats()
         counting = _Counting(stream)
         try:
@@ -201,7 +222,9 @@ class LayerMerger:
         except (tarfile.ReadError, EOFError) as e:
             if counting.count == 0:
                 return stats            # a zero-byte layer is an empty layer, as for Go's archive/tar
-            raise InvalidInput(f"{self._where}: not a tar archive or truncated tar at its first member: {e}") from None
+            hint = next((f" (it looks {kind}-compressed: pass the decompressed stream)"
+                         for magic, kind in _MAGIC.items() if counting.head.startswith(magic)), "")
+            raise InvalidInput(f"{self._where}: not a tar archive or truncated tar at its first member: {e}{hint}") from None
         last = None
         with tf:
             while True:
@@ -217,6 +240,9 @@ class LayerMerger:
                 last = ti.name
                 stats.entries += 1
                 self._apply_member(tf, ti, sink, stats)
+        # read the zero padding after the end-of-archive blocks too, so that a digest check the
+        # caller wrapped around the stream sees every byte of the blob
+        counting.drain()
         return stats
 
     def finish(self) -> Tree:
@@ -240,7 +266,17 @@ class LayerMerger:
         parts = _parts(name)
         if b".." in parts:
             raise self._err(name, "'..' in the name would write outside the root; refusing")
+        self._check_components(name, parts, "name")
         return parts
+
+    def _check_components(self, name: str, parts: list[bytes], what: str) -> None:
+        # a PAX path can carry what no Linux file system can hold; refuse it here rather than
+        # produce a tree that fails at mount or unpack time
+        for p in parts:
+            if b"\0" in p:
+                raise self._err(name, f"NUL byte in the {what}")
+            if len(p) > _NAME_MAX:
+                raise self._err(name, f"a component of the {what} is {len(p)} bytes long (at most {_NAME_MAX})")
 
     def _apply_member(self, tf: tarfile.TarFile, ti: tarfile.TarInfo, sink: Sink, stats: LayerStats) -> None:
         parts = self._member_parts(ti.name)
@@ -248,6 +284,7 @@ class LayerMerger:
             return                                  # "./": resolves to the root, ignored
         if parts[0].startswith(_WH_META) and parts != [_OPAQUE]:
             if parts[0] == _PLNK and len(parts) == 2 and ti.type in _REGULAR:
+                self.current_path = b"/" + b"/".join(parts)
                 self._plnk[parts[1]] = self._regular(tf, ti, sink, stats)
             return                                  # AUFS metadata
         dir_node, dir_path = self._resolve_dir(parts[:-1], ti.name, create=True)
@@ -264,6 +301,7 @@ class LayerMerger:
                 self._hide_lower(dir_node, target, dir_path + (target,))
             return
         existing = dir_node.children.get(base)
+        self.current_path = b"/" + b"/".join(dir_path + (base,))
         node = self._make_node(tf, ti, sink, stats, existing)
         dir_node.children[base] = node
         self._mark_own(dir_path + (base,))
@@ -276,13 +314,17 @@ class LayerMerger:
                 existing.mode = stat.S_IFDIR | (ti.mode & 0o7777)
                 existing.uid, existing.gid = ti.uid, ti.gid
                 existing.mtime_ns = _mtime_ns(ti)
-                existing.xattrs = _xattrs(ti)
+                existing.xattrs = self._meta(ti)["xattrs"]
                 return existing
-            return Inode.directory(ti.mode, **self._meta(ti))
+            node = Inode.directory(ti.mode, **self._meta(ti))
+            self._fresh.add(id(node))
+            return node
         if t in _REGULAR:
             return self._regular(tf, ti, sink, stats)
         if t == tarfile.SYMTYPE:
             target = ti.linkname.encode(_ENC, _ERR)
+            if b"\0" in target or len(target) >= _PATH_MAX:
+                raise self._err(ti.name, f"symlink target of {len(target)} bytes is not a valid Linux path")
             return Inode(mode=stat.S_IFLNK | 0o777, size=len(target), target=target, **self._meta(ti))
         if t == tarfile.LNKTYPE:
             return self._link_target(ti)
@@ -294,7 +336,11 @@ class LayerMerger:
         raise self._err(ti.name, f"unsupported tar member type {t!r}")
 
     def _meta(self, ti: tarfile.TarInfo) -> dict:
-        return dict(uid=ti.uid, gid=ti.gid, mtime_ns=_mtime_ns(ti), xattrs=_xattrs(ti))
+        try:
+            xattrs = _xattrs(ti)
+        except InvalidInput as e:
+            raise InvalidInput(f"{self._where}: {e}") from None
+        return dict(uid=ti.uid, gid=ti.gid, mtime_ns=_mtime_ns(ti), xattrs=xattrs)
 
     def _regular(self, tf: tarfile.TarFile, ti: tarfile.TarInfo, sink: Sink, stats: LayerStats) -> Inode:
         size = ti.size
@@ -321,6 +367,7 @@ class LayerMerger:
         parts = _parts(ti.linkname)
         if b".." in parts:
             raise self._err(ti.name, f"hard link target {ti.linkname!r} has a '..' component; refusing")
+        self._check_components(ti.name, parts, "hard link target")
         if not parts:
             raise self._err(ti.name, "hard link to the root directory")
         if parts[0] == _PLNK and len(parts) == 2:
@@ -358,6 +405,7 @@ class LayerMerger:
                 if not create:
                     return None
                 child = Inode.directory(0o755)
+                self._fresh.add(id(child))
                 cur.children[c] = child
                 self._mark_own(tuple(path) + (c,))
             elif child.is_symlink:
@@ -394,7 +442,8 @@ class LayerMerger:
                 continue
             if path not in self._own and path not in self._holds_own:
                 del parent.children[name]
-            elif node.children:
+            elif node.children and id(node) not in self._fresh:
+                # a directory this layer created holds nothing from below: no need to look inside
                 todo.extend((node, c, path + (c,)) for c in node.children)
 
 
@@ -409,8 +458,11 @@ def _mtime_ns(ti: tarfile.TarInfo) -> int:
 
 
 def _xattrs(ti: tarfile.TarInfo) -> dict[str, bytes]:
-    return {
-        k[len(_XATTR):]: v.encode(_ENC, _ERR)
-        for k, v in ti.pax_headers.items()
-        if k.startswith(_XATTR)
-    }
+    # SCHILY.xattr.* only, as Go's archive/tar and containerd (bsdtar's LIBARCHIVE.xattr.* ignored)
+    out = {}
+    for k, v in ti.pax_headers.items():
+        if k.startswith(_XATTR):
+            if len(k) == len(_XATTR):
+                raise InvalidInput(f"member {ti.name!r}: empty xattr name in its PAX header")
+            out[k[len(_XATTR):]] = v.encode(_ENC, _ERR)
+    return out

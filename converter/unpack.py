@@ -90,13 +90,13 @@ def _write_file(bs: Bootstrap, node, target: bytes, blobs: LocalBlobs) -> None:
 
 
 def _apply_meta(bs: Bootstrap, node, target: bytes, stats: UnpackStats) -> None:
-    is_link = stat.S_ISLNK(node.mode)
+    # Order matters: chown clears setuid/setgid and security.capability, so it comes first.
+    os.chown(target, node.uid, node.gid, follow_symlinks=False)
+    if not stat.S_ISLNK(node.mode):
+        os.chmod(target, stat.S_IMODE(node.mode))
     for name, value in bs.xattrs(node.ino).items():
         try:
             os.setxattr(target, name, value, follow_symlinks=False)
         except OSError as exc:
             stats.warnings.append(f"{target!r}: xattr {name}: {exc.strerror}")
-    os.chown(target, node.uid, node.gid, follow_symlinks=False)
-    if not is_link:
-        os.chmod(target, stat.S_IMODE(node.mode))  # after chown, which clears setuid/setgid
     os.utime(target, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=False)

@@ -28,7 +28,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CHUNK = 1 << 20
 #: zstd input is fed in small pieces so one call's output stays bounded (decompressobj has no limit).
-_ZSTD_IN_CHUNK = 16 * 1024
+_ZSTD_IN_CHUNK = 64 * 1024
 COMPRESSIONS = ("gzip", "zstd", "none")
 DEFAULT_LEVEL = {"gzip": 2, "zstd": 3, "none": 0}  # isal levels are 0..3; zstd 1..22
 
@@ -37,9 +37,14 @@ def detect_compression(head: bytes) -> str:
     """``"gzip"``, ``"zstd"`` or ``"none"`` from the first bytes of a stream."""
     if head.startswith(GZIP_MAGIC):
         return "gzip"
-    if head.startswith(ZSTD_MAGIC):
+    if head.startswith(ZSTD_MAGIC) or _is_zstd_skippable(head):
         return "zstd"
     return "none"
+
+
+def _is_zstd_skippable(head: bytes) -> bool:
+    # Skippable frames (magic 0x184D2A50..5F, little endian) may lead a zstd stream (zstd:chunked metadata).
+    return len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50
 
 
 def _looks_like_tar(head: bytes) -> bool:
@@ -76,21 +81,72 @@ class _Prefixed(io.RawIOBase):
                 super().close()
 
 
-class _GzipReader(io.RawIOBase):
-    """isal gzip decompression with errors turned into InvalidInput."""
+class _DecompressingReader(io.BufferedIOBase):
+    """Common read()/readinto() over a ``_next_chunk()`` producer of decompressed bytes.
+
+    Chunks are handed out without re-buffering (a whole chunk when the caller asks for at least
+    that much), which keeps the pure-Python layer off the hot path.
+    """
 
     def __init__(self, src: BinaryIO, what: str):
         super().__init__()
         self._src = src
-        self._gz = igzip.IGzipFile(fileobj=src, mode="rb")
         self._what = what
+        self._buf = b""
+        self._pos = 0
 
     def readable(self) -> bool:
         return True
 
+    def _next_chunk(self) -> bytes:
+        raise NotImplementedError
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            parts = [self._buf[self._pos:]]
+            self._buf, self._pos = b"", 0
+            while chunk := self._next_chunk():
+                parts.append(chunk)
+            return b"".join(parts)
+        while self._pos >= len(self._buf):
+            chunk = self._next_chunk()
+            if not chunk:
+                return b""
+            self._buf, self._pos = chunk, 0
+        if self._pos == 0 and size >= len(self._buf):
+            out, self._buf = self._buf, b""
+            return out
+        out = self._buf[self._pos:self._pos + size]
+        self._pos += len(out)
+        return out
+
+    read1 = read
+
     def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    readinto1 = readinto
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._src.close()
+            finally:
+                super().close()
+
+
+class _GzipReader(_DecompressingReader):
+    """isal gzip (multi-member) decompression with errors turned into InvalidInput."""
+
+    def __init__(self, src: BinaryIO, what: str):
+        super().__init__(src, what)
+        self._gz = igzip.IGzipFile(fileobj=src, mode="rb")
+
+    def _next_chunk(self) -> bytes:
         try:
-            return self._gz.readinto(b)
+            return self._gz.read(CHUNK)
         except EOFError as e:
             raise InvalidInput(f"truncated gzip stream in {self._what}: {e}") from None
         except (gzip.BadGzipFile, isal_zlib.error, zlib.error, OSError, ValueError) as e:
@@ -98,29 +154,19 @@ class _GzipReader(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            try:
-                self._gz.close()
-                self._src.close()
-            finally:
-                super().close()
+            self._gz.close()
+        super().close()
 
 
-class _ZstdReader(io.RawIOBase):
+class _ZstdReader(_DecompressingReader):
     """Multi-frame zstd decompression that notices a frame cut short."""
 
     def __init__(self, src: BinaryIO, what: str):
-        super().__init__()
-        self._src = src
-        self._what = what
+        super().__init__(src, what)
         self._dctx = zstandard.ZstdDecompressor()
         self._obj = self._dctx.decompressobj()
         self._in_frame = False  # consumed input belonging to an unfinished frame
-        self._out = b""
-        self._pos = 0
         self._eof = False
-
-    def readable(self) -> bool:
-        return True
 
     def _feed(self, data: bytes) -> bytes:
         out = []
@@ -137,28 +183,18 @@ class _ZstdReader(io.RawIOBase):
             self._in_frame = False
         return b"".join(out)
 
-    def readinto(self, b) -> int:
-        while self._pos >= len(self._out):
-            if self._eof:
-                return 0
+    def _next_chunk(self) -> bytes:
+        while not self._eof:
             data = self._src.read(_ZSTD_IN_CHUNK)
             if not data:
                 self._eof = True
                 if self._in_frame:
                     raise InvalidInput(f"corrupt zstd stream in {self._what}: truncated (input ended inside a frame)")
-                return 0
-            self._out, self._pos = self._feed(data), 0
-        n = min(len(b), len(self._out) - self._pos)
-        b[:n] = self._out[self._pos:self._pos + n]
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            try:
-                self._src.close()
-            finally:
-                super().close()
+                return b""
+            out = self._feed(data)
+            if out:
+                return out
+        return b""
 
 
 def open_layer_stream(fileobj: BinaryIO, media_type: str | None = None, what: str = "layer") -> BinaryIO:
@@ -180,9 +216,9 @@ def open_layer_stream(fileobj: BinaryIO, media_type: str | None = None, what: st
         raise InvalidInput(f"{what}: media type says {hinted} but the data is neither gzip, zstd nor tar")
     src = io.BufferedReader(_Prefixed(head, fileobj), CHUNK)
     if kind == "gzip":
-        return io.BufferedReader(_GzipReader(src, what), CHUNK)
+        return _GzipReader(src, what)
     if kind == "zstd":
-        return io.BufferedReader(_ZstdReader(src, what), CHUNK)
+        return _ZstdReader(src, what)
     return src
 
 

@@ -22,11 +22,13 @@ from typing import BinaryIO
 from remora.digest import VerifyingReader, sha256_digest, validate_digest, verify_bytes
 from remora.errors import DigestMismatch, InvalidInput, NotFound, UsageError
 from remora.layout import OCILayout
-from remora.oci import MANIFEST_ACCEPT, MAX_MANIFEST_SIZE, Descriptor, parse_manifest_or_index
+from remora.oci import (INDEX_MEDIA_TYPES, MANIFEST_ACCEPT, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_SIZE, Descriptor,
+                        parse_manifest_or_index)
 from remora.reference import ImageRef, LayoutRef, parse_reference
 
 #: Configs are small JSON documents; refuse to buffer anything absurd in memory.
 MAX_CONFIG_SIZE = 16 * 1024 * 1024
+_MANIFEST_OR_INDEX = MANIFEST_MEDIA_TYPES | INDEX_MEDIA_TYPES
 
 
 class ImageStore(ABC):
@@ -188,7 +190,8 @@ class RegistryStore(ImageStore):
             raise DigestMismatch(f"manifest {self.ref} (registry's Docker-Content-Digest)", digest, actual)
         if len(data) > MAX_MANIFEST_SIZE:
             raise InvalidInput(f"manifest {self.ref} is {len(data)} bytes, over the {MAX_MANIFEST_SIZE}-byte limit")
-        parsed = parse_manifest_or_index(data, media_type or None)
+        # Registries that answer application/json leave the body to say what it is.
+        parsed = parse_manifest_or_index(data, media_type if media_type in _MANIFEST_OR_INDEX else None)
         return Descriptor(parsed.media_type, actual, len(data)), data
 
     def get_manifest(self, desc_or_digest: Descriptor | str) -> bytes:
@@ -223,9 +226,18 @@ class RegistryStore(ImageStore):
         self.client.push_blob(self.repository, desc.digest, desc.size, str(path))
 
     def mount_blob(self, desc: Descriptor, from_repository: str) -> bool:
-        if from_repository == self.repository:
+        """``from_repository`` is a repository of the same registry (``app/base``, or with the
+        registry prefix, ``localhost:5000/app/base``); a different registry cannot mount: False."""
+        repo = from_repository
+        if "/" in repo:
+            first, _, rest = repo.partition("/")
+            if "." in first or ":" in first or first == "localhost":
+                if first != self.ref.registry:
+                    return False
+                repo = rest
+        if repo == self.repository:
             return self.blob_exists(desc)
-        return bool(self.client.mount_blob(self.repository, desc.digest, from_repository))
+        return bool(self.client.mount_blob(self.repository, desc.digest, repo))
 
     def push_manifest(self, desc: Descriptor, data: bytes, tag: str | None = None) -> None:
         _check_manifest_desc(desc, data, f"manifest for {self.ref.name}")
@@ -256,3 +268,26 @@ def open_store(ref: str | ImageRef | LayoutRef, *, plain_http: bool | None = Non
         plain_http = True
     client = RegistryClient(parsed.host, plain_http=plain_http, credentials=credentials, timeout=timeout)
     return RegistryStore(parsed, client)
+
+
+def copy_blob(src: ImageStore, dst: ImageStore, desc: Descriptor, tmpdir: str | Path | None = None) -> str:
+    """Make ``desc`` available in ``dst``, as cheaply as possible; returns how.
+
+    ``"exists"`` when ``dst`` already has it, ``"mounted"`` for a cross-repository mount (same
+    registry) or a layout-to-layout link, else ``"copied"``: streamed through a verified temp file
+    (never buffered in memory), so a corrupt source fails before anything reaches ``dst``.
+    """
+    if dst.blob_exists(desc):
+        return "exists"
+    if isinstance(src, RegistryStore) and isinstance(dst, RegistryStore) and src.ref.registry == dst.ref.registry:
+        if dst.mount_blob(desc, src.repository):
+            return "mounted"
+    if isinstance(src, LayoutStore) and isinstance(dst, LayoutStore) and dst.mount_blob(desc, src.ref.path):
+        return "mounted"
+    with tempfile.NamedTemporaryFile(prefix="remora-blob-", dir=tmpdir) as tmp:
+        with src.open_blob(desc) as f:
+            while chunk := f.read(1 << 20):
+                tmp.write(chunk)
+        tmp.flush()
+        dst.push_blob(desc, tmp.name)
+    return "copied"

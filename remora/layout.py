@@ -214,7 +214,8 @@ class OCILayout:
             data = (self.path / "index.json").read_bytes()
         except FileNotFoundError:
             raise NotFound(f"{self.path} has no index.json") from None
-        return parse_index(data, MEDIA_TYPE_OCI_INDEX if b'"mediaType"' not in data else None)
+        # index.json may omit mediaType (allowed by the spec before 1.1); the shape says it is an index.
+        return parse_index(data)
 
     def tags(self) -> dict[str, Descriptor]:
         """``{tag: descriptor}`` of every entry with an ``org.opencontainers.image.ref.name``."""
@@ -288,22 +289,30 @@ class OCILayout:
         return entry
 
     def copy_blob_from(self, other: "OCILayout", digest: str, size: int | None = None) -> bool:
-        """Copy (hard-link when possible) a blob from another layout; False if ``other`` lacks it."""
+        """Copy a blob from another layout; False if ``other`` lacks it.
+
+        The source is verified first (a corrupt blob raises and is not propagated); then it is
+        hard-linked when both layouts share a file system (blobs are immutable), copied otherwise.
+        """
         if self.has_blob(digest, size):
             return True
         if not other.has_blob(digest, size):
             return False
+        with other.open_blob(digest, size) as r:
+            while r.read(CHUNK):
+                pass
         src = other.blob_path(digest)
         dst = self.blob_path(digest)
         with _storage_errors(f"copying blob {digest} into {self.path}"):
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(src, dst)
+                _fsync_dir(dst.parent)
                 return True
             except FileExistsError:
                 return True
             except OSError:
-                pass
+                pass  # EXDEV, EPERM...: fall back to a verified copy
         with other.open_blob(digest, size) as r:
             self.write_blob(r, digest, size)
         return True

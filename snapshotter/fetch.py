@@ -322,7 +322,7 @@ class ChunkFetcher:
                 self._mem_bytes -= len(old)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False)
 
 
 class Prefetcher:

@@ -32,12 +32,17 @@ class SourceSpec:
     """A JSON-friendly description of one blob source (it crosses the process boundary to a mount).
 
     ``url`` is the base (``http://127.0.0.1:5000``); ``repo`` the repository; ``ns`` the registry host
-    a peer/mirror should fetch from (sent as ``?ns=``), empty for the registry itself.
+    a peer/mirror should fetch from (sent as ``?ns=``), empty for the registry itself. ``kind``
+    ``registry`` goes through :class:`remora.registry.client.RegistryClient` (credentials from the
+    docker config / auth helpers when none are given here, token auth, retries); ``peer`` is a plain
+    ranged GET with ``?ns=`` (a remora peer or a registry mirror).
     """
 
     url: str
     repo: str
+    kind: str = "registry"
     ns: str = ""
+    retries: int = 1
     username: str = ""
     password: str = ""
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
@@ -48,10 +53,41 @@ class SourceSpec:
     def registry(cls, host: str, repo: str, insecure: bool = False, **kw) -> "SourceSpec":
         """A registry by host name; plain HTTP when ``insecure`` (or for loopback hosts)."""
         plain = insecure or host.startswith(("127.", "localhost", "[::1]"))
-        return cls(url=f"{'http' if plain else 'https'}://{host}", repo=repo, **kw)
+        return cls(url=f"{'http' if plain else 'https'}://{host}", repo=repo, kind="registry", **kw)
+
+    @classmethod
+    def peer(cls, base_url: str, repo: str, registry_host: str, **kw) -> "SourceSpec":
+        """A remora peer or mirror at ``base_url`` serving blobs of ``registry_host`` (``?ns=``)."""
+        return cls(url=base_url.rstrip("/"), repo=repo, kind="peer", ns=registry_host, **kw)
 
     def describe(self) -> str:
         return f"{self.url}/v2/{self.repo}" + (f"?ns={self.ns}" if self.ns else "")
+
+
+def open_source(spec: SourceSpec):
+    """The source object for a spec: ``.name`` and ``.read_range(blob, start, end_inclusive)``."""
+    if spec.kind == "registry":
+        return RegistryClientSource(spec)
+    if spec.kind == "peer":
+        return HttpBlobSource(spec)
+    raise InvalidInput(f"unknown blob source kind {spec.kind!r} (registry or peer)")
+
+
+class RegistryClientSource:
+    """A registry through the shared :class:`RegistryClient` (auth discovery, token flow, retries)."""
+
+    def __init__(self, spec: SourceSpec):
+        from remora.registry.client import RegistryClient
+
+        self.spec = spec
+        self.name = spec.describe()
+        scheme, _, host = spec.url.partition("://")
+        creds = (spec.username, spec.password) if spec.username else None
+        self.client = RegistryClient(host.rstrip("/"), plain_http=scheme == "http", credentials=creds,
+                                     timeout=spec.read_timeout, retries=spec.retries, backoff=0.1)
+
+    def read_range(self, blob: str, start: int, end: int) -> bytes:
+        return self.client.get_blob_range(self.spec.repo, blob, start, end)
 
 
 class HttpBlobSource:

@@ -129,6 +129,13 @@ CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
 """
 
 
+def clean_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+    """Validate sizes and drop empty values (containerd never stores a label whose value is "")."""
+    labels = {k: v for k, v in (labels or {}).items() if v != ""}
+    validate_labels(labels)
+    return labels
+
+
 def validate_labels(labels: Mapping[str, str]) -> None:
     for k, v in labels.items():
         if len(k.encode()) + len(v.encode()) > MAX_LABEL_SIZE:
@@ -287,8 +294,7 @@ class SnapshotStore:
         """Prepare (ACTIVE) or View (VIEW) a snapshot on top of the committed ``parent``."""
         if not key:
             raise InvalidArgument("snapshot key must not be empty")
-        labels = dict(labels or {})
-        validate_labels(labels)
+        labels = clean_labels(labels)
         tmp: Path | None = None
         try:
             with self._tx() as db:
@@ -339,8 +345,7 @@ class SnapshotStore:
         """
         if not name:
             raise InvalidArgument("commit name must not be empty")
-        labels = dict(labels or {})
-        validate_labels(labels)
+        labels = clean_labels(labels)
         if usage is None:
             with self._lock:
                 row = self._row(self._db, key)
@@ -355,10 +360,10 @@ class SnapshotStore:
                 raise FailedPrecondition(f"snapshot {key} is not active")
             if self._row(db, name) is not None:
                 raise AlreadyExists(f"snapshot {name} already exists")
-            now = time.time_ns()
-            db.execute("UPDATE snapshots SET key = ?, kind = ?, updated = ?, labels = ?, size = ?, inodes = ?, "
-                       "remote = ? WHERE id = ?",
-                       (name, int(Kind.COMMITTED), now, json.dumps(labels), usage.size, usage.inodes,
+            now = time.time_ns()  # a committed snapshot is created by the commit, as in containerd
+            db.execute("UPDATE snapshots SET key = ?, kind = ?, created = ?, updated = ?, labels = ?, size = ?, "
+                       "inodes = ?, remote = ? WHERE id = ?",
+                       (name, int(Kind.COMMITTED), now, now, json.dumps(labels), usage.size, usage.inodes,
                         1 if (remote or row[8]) else 0, row[0]))
             return self._info(db, name, self._row(db, name))
 
@@ -393,7 +398,9 @@ class SnapshotStore:
 
     def update(self, name: str, labels: Mapping[str, str], fieldpaths: Sequence[str]) -> Info:
         """Update mutable fields (only labels are): no paths or "labels" replace all labels,
-        "labels.KEY" sets that one label (to "" when absent from ``labels``, like containerd)."""
+        "labels.KEY" sets that one label, or deletes it when absent or empty in ``labels``.
+
+        As in containerd's store, a label with an empty value is never stored."""
         with self._tx() as db:
             row = self._row(db, name)
             if row is None:
@@ -409,7 +416,7 @@ class SnapshotStore:
                     current = dict(labels)
                 else:
                     raise InvalidArgument(f"cannot update {path!r} field on snapshot {name!r}")
-            validate_labels(current)
+            current = clean_labels(current)
             db.execute("UPDATE snapshots SET labels = ?, updated = ? WHERE id = ?",
                        (json.dumps(current), time.time_ns(), row[0]))
             return self._info(db, name, self._row(db, name))

@@ -20,17 +20,19 @@ from aiohttp import web
 
 from remora._proto import remora_scheduler_pb2 as pb
 from remora.errors import StorageError, UsageError
+from remora.plugins.scheduler.client import SchedulerClient
 
 from .config import PeerConfig
 from .download import TaskManager
 from .metrics import PeerMetrics
 from .mirror import Mirror
 from .pieces import PieceStore
-from .schedlink import SchedulerLink
 from .upload import UploadServer
 from .upstream import Upstream, load_docker_credentials
 
 log = logging.getLogger(__name__)
+
+PROBE_INTERVAL = 10.0
 
 
 def guess_advertise_ip(bind_host: str, schedulers: list[str]) -> str:
@@ -55,7 +57,7 @@ class PeerDaemon:
         self.metrics = PeerMetrics()
         self.store: PieceStore | None = None
         self.upstream: Upstream | None = None
-        self.sched: SchedulerLink | None = None
+        self.sched: SchedulerClient | None = None
         self.tasks: TaskManager | None = None
         self._runners: list[web.AppRunner] = []
         self._loops: list[asyncio.Task] = []
@@ -82,18 +84,13 @@ class PeerDaemon:
                            upload_port=cfg.advertise_port or self.upload_port, labels=cfg.labels,
                            upload_slots=cfg.upload_slots, upload_bandwidth=cfg.upload_bandwidth)
         if cfg.schedulers:
-            self.sched = SchedulerLink(cfg.schedulers, host, cfg.scheduler_timeout)
+            self.sched = SchedulerClient(cfg.schedulers, host, timeout=cfg.scheduler_timeout)
         self.tasks = TaskManager(cfg, self.store, self.upstream, self.sched, self.metrics)
         await self.tasks.start()
-        if self.sched:
-            self.sched.on_forgotten = self.tasks.reannounce_all
         mirror = Mirror(self.tasks, self.metrics, cfg.upstream, status_cb=self.status)
         self.mirror_port = await self._serve(mirror.app(), cfg.listen, "mirror")
         self.host = host
         if self.sched:
-            answered = await self.sched.register_all()
-            if not answered:
-                log.warning("no scheduler answered %s: serving from the registry until one does", cfg.schedulers)
             self._loops.append(asyncio.get_running_loop().create_task(self._keepalive_loop()))
             self._loops.append(asyncio.get_running_loop().create_task(self._probe_loop()))
         self._loops.append(asyncio.get_running_loop().create_task(self._gc_loop()))
@@ -132,10 +129,14 @@ class PeerDaemon:
 
     # -- background loops -----------------------------------------------------------------------------
     async def _keepalive_loop(self) -> None:
+        """RegisterPeer is the keepalive; a scheduler that had forgotten us gets our pieces again."""
         while True:
             await asyncio.sleep(self.sched.keepalive_interval)
             try:
-                await self.sched.register_all()
+                forgot = await self.sched.keepalive()
+                if forgot:
+                    log.warning("scheduler(s) %s had forgotten this peer: re-announcing", ", ".join(forgot))
+                    await self.tasks.reannounce_all()
             except Exception:  # a keepalive must never kill the daemon
                 log.exception("keepalive failed")
 
@@ -149,7 +150,7 @@ class PeerDaemon:
                 log.exception("probe sync failed")
                 targets = []
             results = [await _probe(t) for t in targets[:16]]
-            await asyncio.sleep(self.sched.probe_interval or 10.0)
+            await asyncio.sleep(PROBE_INTERVAL)
 
     async def _gc_loop(self) -> None:
         while True:
@@ -159,17 +160,19 @@ class PeerDaemon:
     async def gc(self) -> list[str]:
         cfg = self.cfg
         try:
-            evicted = await asyncio.to_thread(self.store.gc, cfg.gc_ttl, cfg.gc_high, cfg.gc_low)
+            evicted = self.store.gc(cfg.gc_ttl, cfg.gc_high, cfg.gc_low)
+            for entry in evicted:
+                task = self.tasks.tasks.pop(entry.digest, None)
+                if task and self.sched:
+                    self.tasks.spawn(task._sched("LeaveTask", pb.LeaveTaskRequest(peer_id=cfg.peer_id,
+                                                                                  task_id=entry.digest)))
+            await asyncio.to_thread(self.store.delete, evicted)
         except (OSError, StorageError) as exc:
             log.error("gc failed: %s", exc)
             return []
-        for digest in evicted:
-            task = self.tasks.tasks.pop(digest, None)
-            if task and self.sched:
-                self.tasks.spawn(task._sched("LeaveTask", pb.LeaveTaskRequest(peer_id=cfg.peer_id, task_id=digest)))
         self.metrics.gc_evicted.labels("gc").inc(len(evicted))
-        self.metrics.store_bytes.set(await asyncio.to_thread(self.store.usage_bytes))
-        return evicted
+        self.metrics.store_bytes.set(self.store.usage_bytes())
+        return [e.digest for e in evicted]
 
     # -- status ---------------------------------------------------------------------------------------
     def status(self) -> dict:

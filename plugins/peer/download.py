@@ -31,11 +31,11 @@ import aiohttp
 
 from remora._proto import remora_scheduler_pb2 as pb
 from remora.errors import DigestMismatch, InvalidInput, NotFound, RegistryError, RemoraError
+from remora.plugins.scheduler.client import SchedulerClient, SchedulerRequestError, SchedulerUnavailable
 
 from .config import PeerConfig, piece_size_for
 from .metrics import PeerMetrics
 from .pieces import BlobEntry, PieceStore, sha256_digest
-from .schedlink import SchedulerLink, SchedulerUnavailable
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ class Task:
         self._results: list[pb.PieceResult] = []
         self._in_flight: set[int] = set()
         self._progress_at = time.monotonic()
+        self._seen = 0
 
     # -- public ---------------------------------------------------------------------------------------
     @property
@@ -107,6 +108,13 @@ class Task:
         """Learn the blob's size (scheduler, else a HEAD to the registry) and fix the piece layout."""
         if self.entry.has_layout:
             return self.entry
+        self.entry.users += 1
+        try:
+            return await self._learn_layout()
+        finally:
+            self.entry.users -= 1
+
+    async def _learn_layout(self) -> BlobEntry:
         async with self._layout_lock:
             if self.entry.has_layout:
                 return self.entry
@@ -124,6 +132,13 @@ class Task:
 
     async def ensure(self, pieces: range | None) -> BlobEntry:
         """Wait until ``pieces`` (None: the whole blob, then verified) are on disk."""
+        self.entry.users += 1  # no GC under a waiting request
+        try:
+            return await self._ensure(pieces)
+        finally:
+            self.entry.users -= 1
+
+    async def _ensure(self, pieces: range | None) -> BlobEntry:
         entry = await self.ensure_layout()
         need = set(range(entry.n_pieces)) if pieces is None else set(pieces)
         while not need <= entry.have:
@@ -273,7 +288,7 @@ class Task:
             try:
                 resp = await self.m.sched.call(self.digest, "GetParents", pb.GetParentsRequest(
                     peer_id=self.m.peer_id, task_id=self.digest, exclude=sorted(self.blocklist), limit=8))
-            except SchedulerUnavailable as exc:
+            except (SchedulerUnavailable, SchedulerRequestError) as exc:
                 self._scheduler_down("GetParents", exc)
                 return
             if resp.piece_digests:
@@ -283,6 +298,9 @@ class Task:
                 return
             parents, retry = list(resp.parents), resp.retry_after_ms
         parents = [p for p in parents if p.host.peer_id not in self.blocklist and p.host.peer_id != self.m.peer_id]
+        seen = sum(len(p.pieces) + len(p.in_flight) for p in parents) + sum(map(bool, self.entry.piece_digests))
+        if seen != self._seen:  # the mesh moves (the seed is still streaming): that is progress too
+            self._seen, self._progress_at = seen, time.monotonic()
         plan = self._plan(missing, parents)
         if not plan:
             # Nobody holds what we miss (yet): the seed may still be working, so wait as told, but not
@@ -418,7 +436,7 @@ class Task:
             resp = await self.m.sched.call(self.digest, "RegisterTask", pb.RegisterTaskRequest(
                 peer_id=self.m.peer_id, task_id=self.digest, content_length=entry.content_length,
                 piece_size=entry.piece_size))
-        except SchedulerUnavailable as exc:
+        except (SchedulerUnavailable, SchedulerRequestError) as exc:
             self._scheduler_down("RegisterTask", exc)
             return None
         self.registered = True
@@ -443,7 +461,7 @@ class Task:
             return
         try:
             await self.m.sched.call(self.digest, method, request)
-        except SchedulerUnavailable as exc:
+        except (SchedulerUnavailable, SchedulerRequestError) as exc:
             self.m.metrics.scheduler_errors.labels(method).inc()
             log.debug("%s: %s", method, exc)
 
@@ -470,8 +488,8 @@ class Task:
         entry = self.entry
         if not entry.has_layout:
             return
-        digests = [d if i in self.fetched_from_source or i in entry.have else "" for i, d in
-                   enumerate(entry.piece_digests)] if self.fetched_from_source else []
+        # Digests go out once all are known: the scheduler keeps the first list it gets from the seed.
+        digests = entry.piece_digests if self.fetched_from_source and all(entry.piece_digests) else []
         await self._sched("AnnouncePieces", pb.AnnouncePiecesRequest(
             peer_id=self.m.peer_id, task_id=self.digest, finished=sorted(entry.have),
             in_flight=sorted(self._in_flight - entry.have), content_length=entry.content_length,
@@ -489,7 +507,7 @@ class Task:
 class TaskManager:
     """All tasks of the daemon, plus what they share (store, registry session, scheduler link)."""
 
-    def __init__(self, cfg: PeerConfig, store: PieceStore, upstream: Upstream, sched: SchedulerLink | None,
+    def __init__(self, cfg: PeerConfig, store: PieceStore, upstream: Upstream, sched: SchedulerClient | None,
                  metrics: PeerMetrics):
         self.cfg = cfg
         self.store = store
@@ -530,6 +548,13 @@ class TaskManager:
         if source is not None and source not in task.sources:
             task.sources.append(source)
         return task
+
+    def forget_if_empty(self, digest: str) -> None:
+        """Drop a task that never got anything (a 404, a dead registry): no state kept per bad digest."""
+        task = self.tasks.get(digest)
+        if task and not task.entry.have and not task.entry.has_layout and not (task._driver and not task._driver.done()):
+            del self.tasks[digest]
+            self.store.forget(digest)
 
     async def head_blob(self, digest: str, sources: list[Source]) -> int:
         """Size of a blob from the registry (HEAD with this node's credentials)."""

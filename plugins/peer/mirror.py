@@ -66,7 +66,7 @@ class Mirror:
         r.add_route("GET", "/v2/{name:.+}/blobs/{digest}", self.blob)
         r.add_route("HEAD", "/v2/{name:.+}/blobs/{digest}", self.blob)
         r.add_get("/metrics", self.prometheus)
-        r.add_get("/healthz", lambda _r: web.Response(text="ok\n"))
+        r.add_get("/healthz", healthz)
         r.add_get("/_remora/status", self.status)
         return app
 
@@ -154,7 +154,11 @@ class Mirror:
             task = None
             if entry is None or not entry.verified:
                 task = self.tasks.task(digest, Source(self._registry(request), name))
-                entry = await task.ensure_layout()
+                try:
+                    entry = await task.ensure_layout()
+                except (RemoraError, asyncio.TimeoutError):
+                    self.tasks.forget_if_empty(digest)
+                    raise
             size = entry.content_length
             span = _parse_range(request.headers.get("Range", ""), size)
             headers = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest,
@@ -208,6 +212,10 @@ class Mirror:
             self.metrics.served_bytes.labels("range" if span else "blob").inc(sent)
             entry.touch()
         return resp
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
 
 
 def _parse_range(header: str, size: int):

@@ -261,6 +261,12 @@ class PieceStore:
             entry = self.open(digest)
         return entry
 
+    def forget(self, digest: str) -> None:
+        """Drop the in-memory entry of a blob that has nothing on disk."""
+        entry = self._entries.get(digest)
+        if entry is not None and entry.users == 0 and not entry.have:
+            del self._entries[digest]
+
     def entries(self) -> list[BlobEntry]:
         for name in os.listdir(self.root):
             if len(name) == 64:
@@ -275,40 +281,51 @@ class PieceStore:
         total = st.f_blocks * st.f_frsize
         return 100.0 * (total - st.f_bavail * st.f_frsize) / total if total else 0.0
 
-    def _over(self, mark: Watermark) -> bool:
-        if mark.percent is not None:
-            return self.disk_percent_used() > mark.percent
-        return self.usage_bytes() > mark.bytes
+    def _excess(self, high: Watermark, low: Watermark) -> int:
+        """Bytes to free: 0 below the high watermark, else down to the low one."""
+        if high.percent is not None:
+            st = os.statvfs(self.root)
+            total = st.f_blocks * st.f_frsize
+            used = total - st.f_bavail * st.f_frsize
+            if not total or 100.0 * used / total <= high.percent:
+                return 0
+            return int(used - total * low.percent / 100.0)
+        usage = self.usage_bytes()
+        return usage - low.bytes if usage > high.bytes else 0
 
-    def evict(self, entry: BlobEntry) -> None:
-        shutil.rmtree(entry.dir, ignore_errors=True)
-        self._entries.pop(entry.digest, None)
+    def gc(self, ttl: float, high: Watermark, low: Watermark, now: float | None = None) -> list["BlobEntry"]:
+        """Choose and detach the blobs to evict; the caller deletes them with :meth:`delete`.
 
-    def gc(self, ttl: float, high: Watermark, low: Watermark, now: float | None = None) -> list[str]:
-        """Evict idle blobs (blocking). Returns the evicted digests, in eviction order."""
+        Runs in the event loop thread (stat calls only), so that no request can pick up an entry
+        between the decision and the detaching; the slow part, deleting files, happens in a thread.
+        Blobs in use and blobs whose download has not created anything yet are never candidates.
+        """
         now = time.time() if now is None else now
-        evicted = []
 
-        def atime(e: BlobEntry) -> float:
+        def atime(e: BlobEntry) -> float | None:
             try:
                 return e.dir.stat().st_mtime
             except FileNotFoundError:
-                return 0.0
+                return None
 
-        candidates = sorted((e for e in self.entries() if e.users == 0), key=atime)
-        keep = []
-        for e in candidates:
-            if now - atime(e) > ttl:
-                self.evict(e)
-                evicted.append(e.digest)
-            else:
-                keep.append(e)
-        if self._over(high):
-            for e in keep:
-                if not self._over(low):
-                    break
-                self.evict(e)
-                evicted.append(e.digest)
+        aged = [(t, e) for e in self.entries() if e.users == 0 and (t := atime(e)) is not None]
+        aged.sort(key=lambda te: te[0])
+        evicted = [e for t, e in aged if now - t > ttl]
+        excess = self._excess(high, low) - sum(e.size_on_disk() for e in evicted)
+        for _, e in aged:
+            if excess <= 0:
+                break
+            if e not in evicted:
+                evicted.append(e)
+                excess -= e.size_on_disk()
+        for e in evicted:
+            self._entries.pop(e.digest, None)
         if evicted:
-            log.info("gc evicted %d blob(s): %s", len(evicted), ", ".join(d[:19] for d in evicted))
+            log.info("gc evicts %d blob(s): %s", len(evicted), ", ".join(e.digest[:19] for e in evicted))
         return evicted
+
+    @staticmethod
+    def delete(entries: list["BlobEntry"]) -> None:
+        """Remove evicted blobs from disk (blocking)."""
+        for e in entries:
+            shutil.rmtree(e.dir, ignore_errors=True)

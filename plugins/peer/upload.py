@@ -15,6 +15,7 @@ from aiohttp import web
 from remora.errors import InvalidInput
 
 from .metrics import PeerMetrics
+from .mirror import healthz
 from .pieces import PieceStore, check_digest
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class UploadServer:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/pieces/{digest}/{index:[0-9]+}", self.get_piece)
-        app.router.add_get("/healthz", lambda _r: web.Response(text="ok\n"))
+        app.router.add_get("/healthz", healthz)
         return app
 
     async def get_piece(self, request: web.Request) -> web.StreamResponse:

@@ -16,13 +16,17 @@ Score of arm i (UCB1 with a prior and discounting)::
   of 40 candidates before exploiting anything);
 * ``gamma`` < 1 discounts old observations, since a parent's speed changes (it takes on more children,
   its uplink gets busy): discounted UCB (Garivier & Moulines 2008) keeps tracking it;
-* ``c`` trades exploration against exploitation; rewards are in [0, 1], so c around 0.3–1 is sensible.
+* ``c`` trades exploration against exploitation. Every new peer is a new arm, so a mesh has many arms
+  and few pulls each: textbook values (c ~ 1, n0 = 1) explore far too much. The defaults (c = 0.15,
+  n0 = 4 pseudo-pieces of prior) came out best in benchmarks/bench_parent_selection.py (c 0.05–0.5,
+  n0 1–8, gamma 0.99–0.995); c = 0.5 with n0 = 1 was worse than random there.
 
 Observations are pooled over children and tasks: a parent's upload speed is a property of the parent.
 """
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 from .selection import Candidate, WeightedScorer
@@ -38,7 +42,7 @@ class Arm:
 class BanditScorer:
     name = "bandit"
 
-    def __init__(self, c: float = 0.5, gamma: float = 0.995, prior_weight: float = 1.0,
+    def __init__(self, c: float = 0.15, gamma: float = 0.995, prior_weight: float = 4.0,
                  failure_penalty: float = 0.0, prior: WeightedScorer | None = None, max_arms: int = 50_000):
         if c < 0 or not 0 < gamma <= 1 or prior_weight <= 0:
             raise ValueError("bandit needs c >= 0, 0 < gamma <= 1, prior_weight > 0")
@@ -51,6 +55,7 @@ class BanditScorer:
         self.arms: dict[str, Arm] = {}
         self.step = 0
         self.total_count = 0.0
+        self.total_throughput = 0.0
 
     def _decayed(self, arm: Arm) -> Arm:
         if self.gamma < 1 and arm.step != self.step:
@@ -66,6 +71,8 @@ class BanditScorer:
             return
         self.step += 1
         self.total_count = self.total_count * self.gamma + 1.0   # == sum of every arm's discounted count
+        sample = size / cost_s if success else self.failure_penalty
+        self.total_throughput = self.total_throughput * self.gamma + sample
         arm = self.arms.get(parent_id)
         if arm is None:
             if len(self.arms) >= self.max_arms:
@@ -73,7 +80,7 @@ class BanditScorer:
             arm = self.arms[parent_id] = Arm(step=self.step)
         arm = self._decayed(arm)
         arm.count += 1
-        arm.total += size / cost_s if success else self.failure_penalty
+        arm.total += sample
 
     def forget(self, parent_id: str) -> None:
         """Drop a parent that left (its id never comes back: peer ids are per daemon run)."""
@@ -85,19 +92,33 @@ class BanditScorer:
             return None
         return arm.total / arm.count     # discounting scales both alike: no decay needed here
 
+    def population_throughput(self) -> float:
+        """Discounted mean throughput of all recent pieces: what an untried parent is assumed to do."""
+        return self.total_throughput / self.total_count if self.total_count > 1e-12 else 0.0
+
     def score(self, child_id: str, candidates: list[Candidate]) -> None:
-        # Rewards are throughputs relative to the best candidate of this decision: UCB only ever compares
-        # these candidates with each other, and the scale is then [0, 1] whatever the network.
-        self.prior.score(child_id, candidates)   # candidate.score = prior, replaced below
-        means = {c.peer_id: self.mean_throughput(c.peer_id) for c in candidates}
-        best = max((m for m in means.values() if m), default=0.0)
+        self.prior.score(child_id, candidates)   # candidate.score = weighted score, replaced below
+        if not candidates:
+            return
         log_total = math.log(self.total_count + 1.0)
         n0 = self.prior_weight
+        population = self.population_throughput()
+        if population <= 0:
+            # Nothing observed yet: the heuristics decide, every arm with the same exploration bonus.
+            for cand in candidates:
+                cand.score += self.c * math.sqrt(log_total / n0)
+            return
+        # Prior in throughput units: the recent average, tilted by how the heuristics rank this candidate
+        # against the others. Relative to the best posterior of this decision, rewards sit in [0, 1].
+        mean_prior = statistics.fmean(c.score for c in candidates) or 1.0
+        posterior, counts = {}, {}
         for cand in candidates:
-            count, reward_sum = 0.0, 0.0
-            mean = means[cand.peer_id]
-            if mean is not None and best > 0:
-                count = self._decayed(self.arms[cand.peer_id]).count
-                reward_sum = count * mean / best
-            n = count + n0
-            cand.score = (reward_sum + n0 * cand.score) / n + self.c * math.sqrt(log_total / n)
+            prior = population * cand.score / mean_prior
+            mean = self.mean_throughput(cand.peer_id)
+            count = self._decayed(self.arms[cand.peer_id]).count if mean is not None else 0.0
+            posterior[cand.peer_id] = (count * (mean or 0.0) + n0 * prior) / (count + n0)
+            counts[cand.peer_id] = count
+        best = max(posterior.values()) or 1.0
+        for cand in candidates:
+            n = counts[cand.peer_id] + n0
+            cand.score = posterior[cand.peer_id] / best + self.c * math.sqrt(log_total / n)

@@ -51,8 +51,11 @@ def register_scheduler(subparsers) -> None:
                         "a corrupt piece blocklists at once (default: %(default)s)")
     p.add_argument("--probe-interval", type=float, default=30.0, metavar="SECONDS",
                    help="how often peers measure RTTs to each other (default: %(default)s)")
-    p.add_argument("--bandit-c", type=float, default=0.5, metavar="C",
+    p.add_argument("--bandit-c", type=float, default=0.15, metavar="C",
                    help="UCB exploration weight (rewards are in [0,1]) (default: %(default)s)")
+    p.add_argument("--bandit-prior-weight", type=float, default=4.0, metavar="N",
+                   help="how many pieces' worth of evidence the weighted score counts as for an "
+                        "untried parent (default: %(default)s)")
     p.add_argument("--bandit-gamma", type=float, default=0.995, metavar="G",
                    help="UCB discount per observation, 1 = never forget (default: %(default)s)")
     p.set_defaults(func=run)
@@ -70,12 +73,13 @@ def config_from_args(args):
         raise UsageError("--retry-after-ms must be >= 1")
     if args.probe_interval <= 0:
         raise UsageError("--probe-interval must be > 0")
-    if args.bandit_c < 0 or not 0 < args.bandit_gamma <= 1:
-        raise UsageError("--bandit-c must be >= 0 and --bandit-gamma in (0, 1]")
+    if args.bandit_c < 0 or not 0 < args.bandit_gamma <= 1 or args.bandit_prior_weight <= 0:
+        raise UsageError("--bandit-c must be >= 0, --bandit-gamma in (0, 1], --bandit-prior-weight > 0")
     return SchedulerConfig(
         peer_ttl=args.peer_ttl, probe_interval=args.probe_interval, retry_after_ms=args.retry_after_ms,
         max_schedule_failures=args.max_schedule_failures, max_piece_failures=args.max_piece_failures,
         scorer=args.scorer, bandit_c=args.bandit_c, bandit_gamma=args.bandit_gamma,
+        bandit_prior_weight=args.bandit_prior_weight,
         selection=SelectionConfig(candidate_limit=args.candidate_limit, parent_limit=args.parent_limit))
 
 

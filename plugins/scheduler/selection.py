@@ -40,8 +40,9 @@ class SelectionConfig:
     slow_recent_s: float = 30.0      # a last sample older than this no longer makes a peer slow
 
 
-def is_slow(costs: list[float], config: SelectionConfig = SelectionConfig()) -> bool:
+def is_slow(costs: list[float], config: SelectionConfig | None = None) -> bool:
     """The slow-peer rule on a parent's served piece costs, oldest first (the last one is judged)."""
+    config = config or SelectionConfig()
     if len(costs) < config.min_cost_samples:
         return False
     last, history = costs[-1], costs[:-1]
@@ -82,6 +83,9 @@ class Scorer(Protocol):
     def observe(self, parent_id: str, size: int, cost_s: float, success: bool) -> None:
         """Learn from one piece fetched from ``parent_id``."""
 
+    def forget(self, peer_id: str) -> None:
+        """The peer left: drop what was learned about it."""
+
 
 @dataclass
 class Weights:
@@ -115,6 +119,9 @@ class WeightedScorer:
 
     def observe(self, parent_id: str, size: int, cost_s: float, success: bool) -> None:
         """The weighted score reads measured bandwidth from the state; nothing to learn here."""
+
+    def forget(self, peer_id: str) -> None:
+        """Nothing kept per peer."""
 
 
 @dataclass

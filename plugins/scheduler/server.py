@@ -51,8 +51,9 @@ class SchedulerConfig:
     max_schedule_failures: int = 25      # parentless answers in a row before back-to-source (~5 s)
     max_piece_failures: int = 3          # failed pieces in a row before a parent is blocklisted
     scorer: str = "weighted"             # "weighted" or "bandit"
-    bandit_c: float = 0.5
+    bandit_c: float = 0.15
     bandit_gamma: float = 0.995
+    bandit_prior_weight: float = 4.0
     random_seed: int | None = None
     selection: SelectionConfig = field(default_factory=SelectionConfig)
 
@@ -69,7 +70,7 @@ class SchedulerConfig:
 
 def make_scorer(config: SchedulerConfig) -> Scorer:
     if config.scorer == "bandit":
-        return BanditScorer(c=config.bandit_c, gamma=config.bandit_gamma)
+        return BanditScorer(c=config.bandit_c, gamma=config.bandit_gamma, prior_weight=config.bandit_prior_weight)
     return WeightedScorer()
 
 
@@ -124,10 +125,10 @@ def _pieces(values, what: str) -> list[int]:
 
 
 class SchedulerService(pb_grpc.SchedulerServicer):
-    def __init__(self, config: SchedulerConfig | None = None, clock=time.monotonic):
+    def __init__(self, config: SchedulerConfig | None = None, clock=time.monotonic, scorer: Scorer | None = None):
         self.config = config or SchedulerConfig()
         self.state = SchedulerState(peer_ttl=self.config.peer_ttl, clock=clock)
-        self.scorer = make_scorer(self.config)
+        self.scorer = scorer or make_scorer(self.config)
         self.selector = ParentSelector(self.state, self.scorer, self.config.selection,
                                        random.Random(self.config.random_seed))
         self.metrics = SchedulerMetrics(self.state, self.scorer.name)
@@ -151,8 +152,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 
     def _forget_peer(self, peer_id: str, reason: str) -> None:
         self._reset(reason, self.state.remove_peer(peer_id))
-        if isinstance(self.scorer, BanditScorer):
-            self.scorer.forget(peer_id)
+        self.scorer.forget(peer_id)
 
     def schedule(self, task: Task, child_id: str, exclude=(), limit: int = 0) -> tuple[list[pb.Parent], bool, int, str]:
         """(parents, back_to_source, retry_after_ms, reason) for ``child_id``; see the module doc."""
@@ -190,6 +190,18 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             return [], True, 0, "schedule_failures"
         self.metrics.decision("retry")
         return [], False, self.config.retry_after_ms, f"no_candidates (dropped: {dropped})"
+
+    def piece_result(self, task_id: str, child_id: str, parent_id: str, piece: int, success: bool,
+                     cost_s: float, size: int, error: str = "") -> None:
+        """Feed one piece result to the state (blocklist, slow rule, bandwidth) and to the scorer."""
+        reason = self.state.report_piece(child_id, task_id, parent_id, piece, success, cost_s, size, error,
+                                         self.config.max_piece_failures)
+        self.scorer.observe(parent_id, size, cost_s, success)
+        self.metrics.piece_results.labels("success" if success else "failure").inc()
+        if reason:
+            self.metrics.blocklist_events.labels(reason).inc()
+            log.info("task %s: peer %s blocklisted parent %s (%s: %s)", task_id, child_id, parent_id, reason,
+                     error or "failed")
 
     # -- RPCs --------------------------------------------------------------------------------------------
 
@@ -250,17 +262,9 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         child_id = _need(request.peer_id, "peer_id")
         self.state.touch(child_id)
         for r in request.results:
-            if not r.parent_id or r.parent_id == child_id:
-                continue   # a piece from the registry (or itself) says nothing about parents
-            cost_s = r.cost_us / 1e6
-            reason = self.state.report_piece(child_id, task_id, r.parent_id, r.piece, r.success, cost_s, r.size,
-                                             r.error, self.config.max_piece_failures)
-            self.scorer.observe(r.parent_id, r.size, cost_s, r.success)
-            self.metrics.piece_results.labels("success" if r.success else "failure").inc()
-            if reason:
-                self.metrics.blocklist_events.labels(reason).inc()
-                log.info("task %s: peer %s blocklisted parent %s (%s: %s)", task_id, child_id, r.parent_id,
-                         reason, r.error or "failed")
+            if r.parent_id and r.parent_id != child_id:   # a piece from the registry says nothing about parents
+                self.piece_result(task_id, child_id, r.parent_id, r.piece, r.success, r.cost_us / 1e6, r.size,
+                                  r.error)
         return pb.Empty()
 
     @_rpc
@@ -306,8 +310,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         for peer_id in expired.peers:
             log.info("peer %s expired (silent for %.0f s)", peer_id, self.config.peer_ttl)
             self.metrics.peers_expired.inc()
-            if isinstance(self.scorer, BanditScorer):
-                self.scorer.forget(peer_id)
+            self.scorer.forget(peer_id)
         self._reset("seed_expired", expired.reset_tasks)
 
 

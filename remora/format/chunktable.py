@@ -75,6 +75,17 @@ class ChunkTable:
         fid = self.add_frame(self.blob_id(digest, size), f.offset, f.csize, f.usize)
         return self.add_chunk(c.digest, c.size, fid, c.frame_offset)
 
+    def drop_unused_blobs(self) -> dict[int, int]:
+        """Remove blobs no frame lives in (e.g. a layer with no new content); returns old id -> new id."""
+        used = sorted({f.blob for f in self.frames})
+        remap = {old: new for new, old in enumerate(used)}
+        self.blobs = [self.blobs[old] for old in used]
+        for f in self.frames:
+            f.blob = remap[f.blob]
+        self._blob_index = {d: i for i, (d, _) in enumerate(self.blobs)}
+        self._frame_index = {(f.blob, f.offset): i for i, f in enumerate(self.frames)}
+        return remap
+
     def used_blobs(self) -> list[int]:
         """Blob ids that hold at least one chunk, in id order."""
         used = {self.frames[c.frame].blob for c in self.chunks}

@@ -90,18 +90,24 @@ class Mesh:
 
     # ----------------------------------------------------------------------------------- start/stop
     def start(self) -> "Mesh":
-        """Registry (must be filled already, see :meth:`NsRegistry.loopback`) → scheduler → containerd → peers."""
+        """Registry (must be filled already, see :meth:`NsRegistry.loopback`) → scheduler → containerd → peers.
+
+        Daemons of one kind start together and are waited for afterwards: a mesh of 8 is up in seconds.
+        """
         self.registry.start()
         self.start_scheduler()
-        for p in self.peers:
-            if self.opts.containerd:
+        if self.opts.containerd:
+            for p in self.peers:
                 p.containerd = NsContainerd(p.node, self.work / f"containerd{p.index}").start()
                 p.hosts_dir = write_mirror_hosts(self.work / f"hosts{p.index}", self.registry.host, p.mirror)
-            self.start_peer(p)
+        for p in self.peers:
+            self.start_peer(p, wait=False)
+        for p in self.peers:
+            self.wait_peer(p)
         return self
 
     def scheduler_argv(self) -> list[str]:
-        return [*REMORA, "scheduler", "--listen", f"{self.sched_node.ip}:{SCHEDULER_PORT}",
+        return [*REMORA, "-v", "scheduler", "--listen", f"{self.sched_node.ip}:{SCHEDULER_PORT}",
                 "--metrics-listen", f"{self.sched_node.ip}:{SCHEDULER_METRICS_PORT}",
                 "--scorer", self.opts.scorer, *self.opts.scheduler_args]
 
@@ -116,11 +122,11 @@ class Mesh:
 
     def peer_argv(self, p: PeerNode) -> list[str]:
         advertise = CORRUPT_PORT if p.corrupt else UPLOAD_PORT
-        return [*REMORA, "peer",
+        return [*REMORA, "-v", "peer",
                 "--data-dir", str(p.data_dir),
                 "--listen", f"127.0.0.1:{MIRROR_PORT}",
                 "--upload-listen", f"{p.node.ip}:{UPLOAD_PORT}",
-                "--advertise-ip", p.node.ip, "--advertise-port", str(advertise),
+                "--advertise", f"{p.node.ip}:{advertise}",
                 "--scheduler", f"{self.sched_node.ip}:{SCHEDULER_PORT}",
                 "--upstream", self.registry.host, "--plain-http", self.registry.host,
                 # every node of the lab is one machine: give each its own host id, or the scheduler
@@ -128,15 +134,27 @@ class Mesh:
                 "--host-id", f"{self.lab.name}-node{p.index}",
                 *self.opts.peer_args]
 
-    def start_peer(self, p: PeerNode) -> None:
+    def start_peer(self, p: PeerNode, wait: bool = True) -> None:
         p.daemon = self.lab.spawn(p.node, self.peer_argv(p), log_name=f"peer{p.index}.log")
-        wait_port_in(p.node, "127.0.0.1", MIRROR_PORT, daemon=p.daemon)
-        wait_port_in(p.node, p.node.ip, UPLOAD_PORT, daemon=p.daemon)
         if p.corrupt and p.proxy is None:
             p.proxy = self.lab.spawn(p.node, [PY, "-m", "remora.netlab.delay", "--listen", f"{p.node.ip}:{CORRUPT_PORT}",
                                               "--upstream", f"{p.node.ip}:{UPLOAD_PORT}", "--corrupt"],
                                      log_name=f"corrupt-proxy{p.index}.log")
+        if wait:
+            self.wait_peer(p)
+
+    def wait_peer(self, p: PeerNode) -> None:
+        wait_port_in(p.node, "127.0.0.1", MIRROR_PORT, timeout=30, daemon=p.daemon)
+        wait_port_in(p.node, p.node.ip, UPLOAD_PORT, timeout=30, daemon=p.daemon)
+        if p.proxy is not None:
             wait_port_in(p.node, p.node.ip, CORRUPT_PORT, daemon=p.proxy)
+
+    def log_tails(self, n: int = 15) -> str:
+        """The end of every daemon's log, for assertion messages."""
+        parts = []
+        for d in self.lab.daemons:
+            parts.append(f"--- {d.log_path.name} ---\n{d.log_tail(n)}")
+        return "\n".join(parts)
 
     # ------------------------------------------------------------------------------------- clients
     def blob_url(self, p: PeerNode | None, repo: str, digest: str) -> str:

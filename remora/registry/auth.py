@@ -226,8 +226,10 @@ class Authenticator:
     pulling from one repository and pushing to another never reuse a token that lacks the scope.
     """
 
-    def __init__(self, host: str, session: requests.Session, *, loader, timeout: float, allow_plain_http: bool):
+    def __init__(self, host: str, session: requests.Session, *, loader, timeout: float, allow_plain_http: bool,
+                 docker_config: str | os.PathLike | None = None):
         self.host = host
+        self.docker_config = docker_config
         self.session = session
         self.timeout = timeout
         self.allow_plain_http = allow_plain_http
@@ -252,7 +254,7 @@ class Authenticator:
         creds = self.credentials
         if creds is None:
             return (f"no credentials found for {self.host} (checked --username, REMORA_USERNAME/REMORA_PASSWORD and "
-                    f"{docker_config_path()}); run `docker login {self.host}` or pass --username/--password")
+                    f"{docker_config_path(self.docker_config)}); run `docker login {self.host}` or pass --username/--password")
         who = f"user {creds.username!r}" if creds.username else "an identity token"
         return (f"the registry refused {who} from {creds.source}; check them with `docker login {self.host}` "
                 f"or pass --username/--password")

@@ -24,14 +24,14 @@ import random
 import re
 import time
 from typing import BinaryIO, Callable
-from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import oras.provider
 import requests
 from requests.adapters import HTTPAdapter
 
 from remora.errors import (AuthError, DigestMismatch, InvalidInput, NotFound, RegistryError, RemoraError,
-                           UsageError)
+                           StorageError, UnsupportedMediaType, UsageError)
 from remora.registry.auth import Authenticator, Credentials, is_loopback, load_credentials
 
 log = logging.getLogger("remora.registry")
@@ -48,6 +48,10 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MANIFEST_MEDIA_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST)
+DOCKER_SCHEMA1_PREFIX = "application/vnd.docker.distribution.manifest.v1+"
+
+DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry.hub.docker.com"}
+DOCKER_HUB_API = "registry-1.docker.io"
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 #: Blobs up to this size go up in one PUT; larger ones in PATCH chunks of CHUNK_SIZE.
@@ -209,7 +213,10 @@ class RegistryClient:
         self.timeout = timeout
         self.retries = max(0, int(retries))
         self.backoff = backoff
-        self.base_url = f"{'http' if self.plain_http else 'https'}://{host}"
+        # Docker Hub is named docker.io (and its credentials are stored under that name) but serves
+        # the API from registry-1.docker.io.
+        api_host = DOCKER_HUB_API if host in DOCKER_HUB_ALIASES else host
+        self.base_url = f"{'http' if self.plain_http else 'https'}://{api_host}"
         # oras-py sets up the session (cookies ignored); its `insecure` means plain HTTP.
         self._oras = oras.provider.Registry(hostname=host, insecure=self.plain_http, auth_backend="token")
         self.session: requests.Session = self._oras.session
@@ -224,7 +231,7 @@ class RegistryClient:
             return credentials if credentials is not None else load_credentials(host, docker_config)
 
         self.auth = Authenticator(host, self.session, loader=loader, timeout=timeout,
-                                  allow_plain_http=bool(plain_http))
+                                  allow_plain_http=bool(plain_http), docker_config=docker_config)
 
     def __repr__(self) -> str:
         return f"RegistryClient({self.base_url})"
@@ -250,31 +257,33 @@ class RegistryClient:
         time.sleep(delay)
 
     def _send(self, method: str, url: str, *, scope: str | None, headers: dict | None = None,
-              body: Callable[[], object] | None = None, stream: bool = False,
-              allow_redirects: bool = True) -> requests.Response:
+              body: Callable[[], object] | None = None, stream: bool = False) -> requests.Response:
         """One request with auth: sends known credentials up front, answers one 401 challenge."""
         hdrs = dict(headers or {})
         hdrs.update(self.auth.header_for(scope))
         try:
             resp = self.session.request(method, url, headers=hdrs, data=body() if body else None,
-                                        stream=stream, allow_redirects=allow_redirects)
+                                        stream=stream)
             if resp.status_code == 401:
                 retry_headers = self.auth.answer(resp, scope, hdrs)
                 if retry_headers is not None:
                     resp.close()
                     hdrs.update(retry_headers)
                     resp = self.session.request(method, url, headers=hdrs, data=body() if body else None,
-                                                stream=stream, allow_redirects=allow_redirects)
+                                                stream=stream)
+        except requests.exceptions.SSLError as exc:
+            hint = "; if it serves plain HTTP, pass --plain-http" if not self.plain_http else ""
+            raise RegistryError(f"registry {self.host}: TLS failed: {exc}{hint}") from None
         except requests.Timeout as exc:
-            raise TransientRegistryError(f"registry {self.host} timed out ({self.timeout:.0f}s): {method} {urlsplit(url).path}: {exc}") from None
+            raise TransientRegistryError(f"registry {self.host} timed out ({self.timeout:g}s): {method} {urlsplit(url).path}: {exc}") from None
         except requests.RequestException as exc:
             raise TransientRegistryError(f"registry {self.host} unreachable: {exc}") from None
         return resp
 
     def _request(self, method: str, url: str, *, scope: str | None, what: str, ok=(200,),
                  not_found: str | None = None, headers: dict | None = None,
-                 body: Callable[[], object] | None = None, stream: bool = False, retry: bool | None = None,
-                 allow_redirects: bool = True) -> requests.Response:
+                 body: Callable[[], object] | None = None, stream: bool = False, retry: bool | None = None
+                 ) -> requests.Response:
         """A request whose status is checked; retried with backoff when idempotent (or ``retry``).
 
         Returns the response for a status in ``ok``; 404 returns it too when ``not_found`` is None
@@ -286,8 +295,7 @@ class RegistryClient:
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
-                resp = self._send(method, url, scope=scope, headers=headers, body=body, stream=stream,
-                                  allow_redirects=allow_redirects)
+                resp = self._send(method, url, scope=scope, headers=headers, body=body, stream=stream)
             except TransientRegistryError:
                 if last:
                     raise
@@ -374,14 +382,21 @@ class RegistryClient:
             length = resp.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
                 raise InvalidInput(f"{what} is {int(length)} bytes, over the {MAX_MANIFEST_SIZE} byte limit")
+            chunks, got = [], 0
             try:
-                data = resp.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=True)
-            except Exception as exc:
+                for chunk in resp.iter_content(256 * 1024):
+                    chunks.append(chunk)
+                    got += len(chunk)
+                    if got > MAX_MANIFEST_SIZE:
+                        raise InvalidInput(f"{what} is over the {MAX_MANIFEST_SIZE} byte limit")
+            except requests.RequestException as exc:
                 raise RegistryError(f"registry {self.host}: connection lost reading {what}: {exc}") from None
-            if len(data) > MAX_MANIFEST_SIZE:
-                raise InvalidInput(f"{what} is over the {MAX_MANIFEST_SIZE} byte limit")
+            data = b"".join(chunks)
             media_type = _media_type(resp)
             header_digest = resp.headers.get("Docker-Content-Digest", "")
+        if media_type.startswith(DOCKER_SCHEMA1_PREFIX):
+            raise UnsupportedMediaType(f"{what} is a Docker schema 1 manifest ({media_type}), deprecated since 2017 "
+                                       f"and not supported; re-push the image with a current Docker or skopeo")
         if _DIGEST_RE.match(reference):
             algorithm = reference.split(":", 1)[0]
             actual = _hash(data, algorithm)
@@ -477,10 +492,16 @@ class RegistryClient:
         what = f"blob {digest} in {repo}"
         resp = self._request("GET", self._url(f"{repo}/blobs/{digest}"), scope=self._pull(repo), what=what,
                              not_found=f"{what} not found", headers={"Accept-Encoding": "identity"}, stream=True)
+        returned = resp.headers.get("Docker-Content-Digest", "")
+        if _DIGEST_RE.match(returned) and returned.split(":")[0] == digest.split(":")[0] and returned != digest:
+            resp.close()
+            raise DigestMismatch(f"{what} (registry's Docker-Content-Digest)", digest, returned)
         return BlobStream(resp, what)
 
     def get_blob_range(self, repo: str, digest: str, start: int, end_inclusive: int | None) -> bytes:
         """Bytes ``start..end_inclusive`` of a blob (``end_inclusive`` None: to the end) via HTTP Range.
+        Like a file read, a range reaching past the end returns the bytes up to the end; a range that
+        starts past the end raises :class:`InvalidInput`.
 
         A 206 must carry a Content-Range matching the request and exactly that many bytes. A registry
         that ignores Range (200 with the full body) is served by slicing, unless that would mean
@@ -501,7 +522,10 @@ class RegistryClient:
                     raise RegistryError(f"registry {self.host} answered {what} with 206 but a bad Content-Range "
                                         f"{resp.headers.get('Content-Range')!r}")
                 got_start, got_end = int(m.group(1)), int(m.group(2))
+                total = int(m.group(3)) if m.group(3) != "*" else None
                 want_end = got_end if end_inclusive is None else end_inclusive
+                if want_end > got_end and total is not None and got_end == total - 1:
+                    want_end = got_end  # a range past the end is clamped to the blob (RFC 9110 14.1.2)
                 if got_start != start or got_end != want_end:
                     raise RegistryError(f"registry {self.host} answered {what} with Content-Range "
                                         f"{resp.headers['Content-Range']}")
@@ -513,6 +537,8 @@ class RegistryClient:
                 if needed is None and not size.isdigit():
                     raise RegistryError(f"registry {self.host} ignored the Range of {what} and sent no length")
                 total = int(size) if size.isdigit() else None
+                if total is not None and start >= total:
+                    raise InvalidInput(f"registry {self.host}: range not satisfiable for {what} (blob is {total} bytes)")
                 needed = total if needed is None else (min(needed, total) if total is not None else needed)
                 if needed > MAX_RANGE_FALLBACK:
                     raise RegistryError(f"registry {self.host} ignores HTTP Range requests ({what} answered with "
@@ -581,7 +607,7 @@ class RegistryClient:
         try:
             actual_size = os.stat(path).st_size
         except OSError as exc:
-            raise InvalidInput(f"cannot read blob file {path}: {exc.strerror}") from None
+            raise StorageError(f"cannot read blob file {path}: {exc.strerror}") from None
         if actual_size != size:
             raise InvalidInput(f"blob file {path} is {actual_size} bytes, expected {size} for {digest}")
         if self.head_blob(repo, digest) is not None:
@@ -628,7 +654,7 @@ class RegistryClient:
                                          ok=(201,), not_found=f"{what}: upload session lost", retry=False)
         except OSError as exc:
             self._cancel_upload(location, repo)
-            raise InvalidInput(f"cannot read blob file {path}: {exc.strerror or exc}") from None
+            raise StorageError(f"cannot read blob file {path}: {exc.strerror or exc}") from None
         except RemoraError as exc:
             self._cancel_upload(location, repo)
             if isinstance(exc, RegistryError) and "DIGEST_INVALID" in str(exc):

@@ -2,12 +2,16 @@
 on demand: 5xx bursts, wrong bytes, truncated bodies, stalls, ignored or wrong Range answers.
 
 It serves ``GET``/``HEAD`` of ``/v2/<repo>/blobs/<digest>`` and ``/v2/<repo>/manifests/<ref>`` from
-dicts, nothing more; each misbehaviour is an attribute the test sets. ``hits`` counts requests.
+dicts, and monolithic blob uploads (``POST`` a session, ``PUT ?digest=``, ``DELETE`` to cancel; a
+``?mount=`` is answered like a registry without mount support); each misbehaviour is an attribute
+the test sets. ``hits`` counts reads.
 """
 from __future__ import annotations
 
 import hashlib
 import re
+import uuid
+from urllib.parse import parse_qs, urlsplit
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,7 +30,13 @@ class FakeRegistry:
         self.delay = 0.0              # stall this long before answering
         self.ignore_range = False     # answer a Range request with 200 and the whole body
         self.wrong_range = False      # answer 206 with a Content-Range for other bytes
+        self.redirect = False         # send blob GETs elsewhere (as registries backed by S3 do)
+        self.fail_puts = 0            # answer this many upload PUTs with 500
+        self.lie_digest = False       # report another Docker-Content-Digest after an upload
+        self.sessions: list[str] = [] # upload sessions opened
+        self.cancelled: list[str] = []
         self.hits = 0
+        self.storage_hits = 0         # requests that followed the redirect
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,10 +51,20 @@ class FakeRegistry:
             def do_HEAD(self):
                 fake._handle(self, body=False)
 
+            def do_POST(self):
+                fake._post(self)
+
+            def do_PUT(self):
+                fake._put(self)
+
+            def do_DELETE(self):
+                fake.cancelled.append(self.path)
+                fake._send(self, 204, {"Content-Length": "0"}, b"", False)
+
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def add_blob(self, data: bytes) -> str:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -77,7 +97,13 @@ class FakeRegistry:
             self._send(h, self.fail_status, {"Content-Type": "application/json", "Content-Length": str(len(err))},
                        err, body)
             return
-        m = _PATH.match(h.path)
+        storage = h.path.startswith("/storage/")
+        if storage:
+            self.storage_hits += 1
+        m = _PATH.match("/v2/any/blobs/" + h.path.removeprefix("/storage/") if storage else h.path)
+        if m and m["kind"] == "blobs" and self.redirect and not storage and body:
+            self._send(h, 307, {"Location": f"/storage/{m['ref']}", "Content-Length": "0"}, b"", body)
+            return
         if not m:
             self._send(h, 404, {"Content-Length": "0"}, b"", body)
             return
@@ -119,3 +145,24 @@ class FakeRegistry:
             h.close_connection = True
             return
         self._send(h, 200, headers, data, body)
+
+    def _post(self, h) -> None:
+        parts = urlsplit(h.path)
+        location = f"{parts.path.rstrip('/')}/{uuid.uuid4().hex}"
+        self.sessions.append(location)
+        self._send(h, 202, {"Location": location, "Content-Length": "0"}, b"", False)
+
+    def _put(self, h) -> None:
+        parts = urlsplit(h.path)
+        data = h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        digest = parse_qs(parts.query).get("digest", [""])[0]
+        if self.fail_puts > 0:
+            self.fail_puts -= 1
+            self._send(h, 500, {"Content-Length": "0"}, b"", False)
+            return
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            self._send(h, 400, {"Content-Length": "0"}, b"", False)
+            return
+        self.blobs[digest] = data
+        reported = "sha256:" + "0" * 64 if self.lie_digest else digest
+        self._send(h, 201, {"Docker-Content-Digest": reported, "Content-Length": "0"}, b"", False)

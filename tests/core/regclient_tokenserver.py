@@ -1,7 +1,8 @@
 """A real Docker token-auth setup for tests: a JWT token server plus distribution configured to trust it.
 
 The token server (http.server on 127.0.0.1 in a thread) implements the Docker registry token spec:
-``GET /token?service=..&scope=..`` with Basic credentials returns ``{"token": <JWT>}`` whose ``access``
+``GET /token?service=..&scope=..`` with Basic credentials (or the OAuth2 ``POST`` refresh-token grant
+with an identity token) returns ``{"token": <JWT>}`` whose ``access``
 claim grants the requested actions on the repositories the user may use. JWTs are RS256, signed with a
 key whose self-signed certificate is both in the JWT's ``x5c`` header and in the registry's
 ``rootcertbundle``, so distribution 2.8 verifies them exactly as it would a production token server's.
@@ -37,8 +38,10 @@ def _b64url(data: bytes) -> str:
 class TokenServer:
     """``users``: name -> (password, set of repositories the user may pull and push, "*" for all)."""
 
-    def __init__(self, users: dict[str, tuple[str, set[str]]], workdir: Path):
+    def __init__(self, users: dict[str, tuple[str, set[str]]], workdir: Path,
+                 refresh_tokens: dict[str, str] | None = None):
         self.users = users
+        self.refresh_tokens = dict(refresh_tokens or {})  # identity token -> user
         self.requests: list[dict] = []
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "remora test token signer")])
@@ -58,12 +61,20 @@ class TokenServer:
                 pass
 
             def do_GET(self):
-                server._handle(self)
+                query = parse_qs(urlsplit(self.path).query)
+                server._handle(self, server._user(self), query)
+
+            def do_POST(self):  # OAuth2 refresh-token grant (identity tokens from `docker login`)
+                form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
+                user = None
+                if form.get("grant_type") == ["refresh_token"]:
+                    user = server.refresh_tokens.get(form.get("refresh_token", [""])[0])
+                server._handle(self, user, form)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.realm = f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def start(self) -> "TokenServer":
         self._thread.start()
@@ -81,12 +92,10 @@ class TokenServer:
         entry = self.users.get(user)
         return user if entry and secrets.compare_digest(entry[0], password) else None
 
-    def _handle(self, handler) -> None:
-        query = parse_qs(urlsplit(handler.path).query)
+    def _handle(self, handler, user: str | None, query: dict) -> None:
         scopes = [s for raw in query.get("scope", []) for s in raw.split(" ") if s]
-        user = self._user(handler)
         self.requests.append({"user": user, "scopes": scopes, "service": query.get("service", [None])[0],
-                              "authorization": "Authorization" in handler.headers})
+                              "method": handler.command})
         if user is None:
             handler.send_response(401)
             handler.send_header("Content-Type", "application/json")

@@ -12,7 +12,9 @@ import uuid
 import pytest
 
 from regclient_fakes import FakeRegistry
-from remora.errors import DigestMismatch, InvalidInput, NotFound, RegistryError, UsageError
+from remora.errors import (DigestMismatch, InvalidInput, NotFound, RegistryError, StorageError, UnsupportedMediaType,
+                           UsageError)
+from remora.digest import VerifyingReader
 from remora.registry import RegistryClient
 from remora.registry import client as client_mod
 from remora.registry.client import OCI_MANIFEST
@@ -30,18 +32,11 @@ def _blob(tmp_path, data: bytes) -> tuple[str, int, str]:
 
 
 def _read_verified(stream, digest: str, chunk: int = 1 << 20) -> int:
-    """What callers do with open_blob: hash while reading, DigestMismatch at the end."""
-    h, n = hashlib.sha256(), 0
-    with stream:
-        while True:
-            b = stream.read(chunk)
-            if not b:
-                break
-            h.update(b)
+    """What callers do with open_blob: wrap it in remora.digest's VerifyingReader and read to EOF."""
+    with VerifyingReader(stream, digest, what=f"blob {digest}") as reader:
+        n = 0
+        while b := reader.read(chunk):
             n += len(b)
-    actual = "sha256:" + h.hexdigest()
-    if actual != digest:
-        raise DigestMismatch(f"blob {digest}", digest, actual)
     return n
 
 
@@ -96,7 +91,7 @@ def test_push_blob_rejects_wrong_content_and_wrong_size(client, tmp_path):
     assert client.head_blob(repo, lying) is None
     with pytest.raises(InvalidInput, match="expected 99"):
         client.push_blob(repo, lying, 99, path)
-    with pytest.raises(InvalidInput, match="cannot read"):
+    with pytest.raises(StorageError, match="cannot read"):
         client.push_blob(repo, lying, 1, tmp_path / "missing")
 
 
@@ -145,10 +140,24 @@ def test_range_reads(client, tmp_path):
     assert client.get_blob_range(repo, digest, size - 1, size - 1) == data[-1:]
     assert client.get_blob_range(repo, digest, 99_000, None) == data[99_000:]
     assert client.get_blob_range(repo, digest, 0, size - 1) == data
+    assert client.get_blob_range(repo, digest, size - 10, size + 100) == data[-10:]  # clamped, like read()
     with pytest.raises(InvalidInput, match="range not satisfiable"):
         client.get_blob_range(repo, digest, size + 10, size + 20)
     with pytest.raises(UsageError):
         client.get_blob_range(repo, digest, 10, 5)
+
+
+def test_concurrent_range_reads_share_one_client(client, tmp_path):
+    """The lazy fetcher reads ranges from many threads through one client."""
+    from concurrent.futures import ThreadPoolExecutor
+    repo = _repo()
+    data = os.urandom(1 << 20)
+    digest, size, path = _blob(tmp_path, data)
+    client.push_blob(repo, digest, size, path)
+    ranges = [(i * 4096 + i % 5, i * 4096 + 4095 - (i % 7)) for i in range(0, 256, 3)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda r: client.get_blob_range(repo, digest, *r), ranges))
+    assert got == [data[a:b + 1] for a, b in ranges]
 
 
 def test_not_found_names_what_is_missing(client, tmp_path):
@@ -200,7 +209,10 @@ def test_large_upload_is_streamed_in_constant_memory(fresh_registry, tmp_path):
         assert size > client_mod.MONOLITHIC_LIMIT
         assert peak < 8 * 1024 * 1024, f"upload peaked at {peak} bytes of Python memory"
         assert c.head_blob(repo, digest) == size
-        assert c.get_blob_range(repo, digest, size - 4096, None) == path.read_bytes()[-4096:]
+        with open(path, "rb") as f:
+            f.seek(size - 4096)
+            tail = f.read()
+        assert c.get_blob_range(repo, digest, size - 4096, None) == tail
     finally:
         if tracemalloc.is_tracing():
             tracemalloc.stop()
@@ -209,12 +221,20 @@ def test_large_upload_is_streamed_in_constant_memory(fresh_registry, tmp_path):
 
 
 def test_stopped_registry_is_a_quick_registry_error(fresh_registry):
-    c = RegistryClient(fresh_registry.host, retries=2, backoff=0.1)
+    c = RegistryClient(fresh_registry.host)  # default retries and backoff
     fresh_registry.stop()
     t0 = time.monotonic()
     with pytest.raises(RegistryError, match=f"registry {fresh_registry.host} unreachable"):
         c.get_manifest("some/repo", "latest")
     assert time.monotonic() - t0 < 5
+
+
+def test_https_to_a_plain_http_registry_hints_at_plain_http(registry):
+    c = RegistryClient(registry.host, plain_http=False, retries=3)
+    t0 = time.monotonic()
+    with pytest.raises(RegistryError, match="TLS failed.*--plain-http"):
+        c.head_blob("x/y", "sha256:" + "c" * 64)
+    assert time.monotonic() - t0 < 2  # not retried: TLS failures do not pass
 
 
 # ---------------------------------------------------------------- misbehaving registry
@@ -268,6 +288,14 @@ def test_oversized_manifest_is_invalid_input():
             RegistryClient(fake.host).get_manifest("x/y", "big")
 
 
+def test_schema1_manifest_is_unsupported_not_a_digest_mismatch():
+    with FakeRegistry() as fake:
+        fake.manifests["old"] = (b'{"schemaVersion":1,"signatures":[]}',
+                                 "application/vnd.docker.distribution.manifest.v1+prettyjws")
+        with pytest.raises(UnsupportedMediaType, match="schema 1"):
+            RegistryClient(fake.host).get_manifest("x/y", "old")
+
+
 def test_truncated_blob_body_is_an_error_not_a_short_read():
     with FakeRegistry() as fake:
         digest = fake.add_blob(os.urandom(200_000))
@@ -306,3 +334,43 @@ def test_wrong_content_range_is_refused():
         fake.wrong_range = True
         with pytest.raises(RegistryError, match="Content-Range"):
             RegistryClient(fake.host).get_blob_range("x/y", digest, 10, 20)
+
+
+def test_blob_redirects_are_followed_for_streams_and_ranges():
+    with FakeRegistry() as fake:
+        data = os.urandom(20_000)
+        digest = fake.add_blob(data)
+        fake.redirect = True
+        c = RegistryClient(fake.host)
+        assert _read_verified(c.open_blob("x/y", digest), digest) == len(data)
+        assert c.get_blob_range("x/y", digest, 5, 9) == data[5:10]
+        assert fake.storage_hits == 2
+
+
+def test_docker_hub_name_maps_to_its_api_host():
+    assert RegistryClient("docker.io").base_url == "https://registry-1.docker.io"
+    assert RegistryClient("docker.io").host == "docker.io"
+
+
+def test_failed_upload_restarts_in_a_new_session(tmp_path):
+    with FakeRegistry() as fake:
+        digest, size, path = _blob(tmp_path, os.urandom(5000))
+        fake.fail_puts = 1
+        c = RegistryClient(fake.host, backoff=0.01)
+        assert c.push_blob("x/y", digest, size, path) is True
+        assert len(fake.sessions) == 2 and fake.cancelled == fake.sessions[:1]
+        assert fake.blobs[digest] == open(path, "rb").read()
+
+
+def test_registry_reporting_another_digest_after_upload_is_caught(tmp_path):
+    with FakeRegistry() as fake:
+        digest, size, path = _blob(tmp_path, os.urandom(5000))
+        fake.lie_digest = True
+        with pytest.raises(DigestMismatch, match=digest):
+            RegistryClient(fake.host).push_blob("x/y", digest, size, path)
+
+
+def test_mount_refused_by_the_registry_cancels_its_upload_session():
+    with FakeRegistry() as fake:
+        assert RegistryClient(fake.host).mount_blob("x/y", "sha256:" + "b" * 64, "x/z") is False
+        assert len(fake.sessions) == 1 and fake.cancelled == fake.sessions

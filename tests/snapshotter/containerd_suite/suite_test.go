@@ -43,10 +43,10 @@ func newSnapshotter(ctx context.Context, root string) (snapshots.Snapshotter, fu
 		logf.Close()
 		return nil, nil, err
 	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
 	stop := func() error {
 		cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
 		select {
 		case err := <-done:
 			logf.Close()
@@ -67,9 +67,15 @@ func newSnapshotter(ctx context.Context, root string) (snapshots.Snapshotter, fu
 		}
 		if time.Now().After(deadline) {
 			stop()
-			return nil, nil, fmt.Errorf("snapshotter socket %s not ready: %v", sock, err)
+			return nil, nil, fmt.Errorf("snapshotter socket %s not ready: %v (log: %s)", sock, err, logf.Name())
 		}
-		time.Sleep(50 * time.Millisecond)
+		select {
+		case werr := <-done:
+			logf.Close()
+			out, _ := os.ReadFile(logf.Name())
+			return nil, nil, fmt.Errorf("snapshotter exited before serving (%v):\n%s", werr, out)
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
 	conn, err := grpc.Dial("unix://"+sock, grpc.WithInsecure(),
 		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {

@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""P2P mesh vs straight-from-the-registry, with real processes in network namespaces (remora.netlab).
+
+N nodes (default 8), each a namespace with its own ``remora peer`` and containerd; a registry in its own
+namespace; a scheduler in its own. Every link (registry uplink, node up and down) is a tbf at 100 Mbit/s.
+All in ONE run, so the ratios compare like with like:
+
+1. one node alone gets a fresh 200 MB blob through its peer (the baseline of the 1.3x target);
+2. all N nodes get another fresh blob at once through their peers (the mesh);
+3. all N nodes get a third blob at once straight from the registry (no mesh);
+4. all N containerds pull a real image (busybox + real files) through their peers, then, on fresh
+   containerds, straight from the registry;
+5. heterogeneous node uplinks (fast, medium, slow): the same mesh pull with the scheduler's weighted
+   scorer and with its UCB bandit scorer (a fresh lab each, a fresh blob each).
+
+Registry egress is measured twice: application bytes (the registry's access log: body bytes of blob
+GETs) and wire bytes (tx of the registry's interface, with TCP/IP/Ethernet headers, ~3% more).
+
+Targets (issue 4): with the mesh, all N nodes done within 1.3x the time one node alone needs; registry
+egress <= 1.05x the blob size. The scheduler helper's simulation benchmark compares scorers on a model;
+this one runs the real processes.
+
+    python benchmarks/bench_p2p_mesh.py                      # N=8, 100 Mbit/s, 200 MB (~6 min)
+    python benchmarks/bench_p2p_mesh.py --nodes 4 --blob-mb 50 --skip-direct   # quick look
+    python benchmarks/bench_p2p_mesh.py --json results.json
+
+Needs root (namespaces, tc); cleans up after itself, also on Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+from remora.netlab import Lab, cleanup_stale, content
+from remora.netlab.mesh import Mesh, MeshOptions, metric
+from remora.netlab.services import NsContainerd
+
+REPO = "bench/blob"
+PREFIX = "rbm-"
+BYTES = "remora_peer_download_bytes_total"
+IMAGE_FILES = ["/usr/lib/python3.11", "/usr/lib/gcc"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def fill(mesh: Mesh, blobs, images=()) -> None:
+    with mesh.registry.loopback() as loop:
+        for path, digest in blobs:
+            content.push_blob(loop.url, REPO, path=path, digest=digest)
+        for image in images:
+            content.push_image(loop.url, image)
+
+
+def check(results: list[dict], digest: str, size: int, what: str) -> None:
+    bad = [r for r in results if r.get("status") != 200 or r.get("sha256") != digest or r.get("bytes") != size]
+    if bad:
+        raise SystemExit(f"{what}: {len(bad)} node(s) did not get the right bytes: {bad[:2]}")
+
+
+def egress(mesh: Mesh, digests: list[str], tx_before: int) -> tuple[int, int]:
+    served = mesh.registry.blob_bytes_served()
+    return sum(served.get(d, 0) for d in digests), mesh.registry_node.tx_bytes() - tx_before
+
+
+def sources(mesh: Mesh) -> dict[str, float]:
+    total = {"registry": 0.0, "peer": 0.0}
+    for p in mesh.peers:
+        m = mesh.metrics(p)
+        for s in total:
+            total[s] += metric(m, BYTES, source=s)
+    return total
+
+
+def pull_all(mesh: Mesh, ref: str, ctrds: list[NsContainerd], hosts_dirs: list[Path]) -> float:
+    errors: list[str] = []
+
+    def one(i: int) -> None:
+        try:
+            ctrds[i].pull(ref, hosts_dirs[i], timeout=900)
+        except Exception as exc:
+            errors.append(f"node{i}: {exc}")
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(ctrds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    if errors:
+        raise SystemExit("image pull failed:\n" + "\n".join(errors))
+    return elapsed
+
+
+def main_bench(args) -> dict:
+    cache = Path(args.cache) / "netlab"
+    size = args.blob_mb * 1_000_000
+    blobs = {name: (cache / f"bench-{args.blob_mb}mb-{name}.bin") for name in ("alone", "mesh", "direct")}
+    log(f"preparing {len(blobs)} blobs of {args.blob_mb} MB and a real image (cached in {cache})")
+    digests = {name: content.random_blob(path, size, seed=1000 + i) for i, (name, path) in enumerate(blobs.items())}
+    image = content.cached_image(cache, "bench/app", "v1", extra_paths=IMAGE_FILES)
+    res: dict = {"nodes": args.nodes, "rate": args.rate, "blob_bytes": size, "image_bytes": image.size}
+
+    with Lab(prefix=PREFIX, workdir=Path(args.workdir) / "main") as lab:
+        mesh = Mesh(lab, MeshOptions(peers=args.nodes, node_rate=args.rate, registry_rate=args.rate,
+                                     containerd=True))
+        fill(mesh, [(blobs[n], digests[n]) for n in blobs], [image])
+        mesh.start()
+        log(f"lab {lab.name} up: {lab.subnet}, {args.nodes} nodes")
+
+        # 1. one node alone, through its peer (it seeds from the registry)
+        tx0 = mesh.registry_node.tx_bytes()
+        t, r = mesh.fetch_all(REPO, digests["alone"], nodes=mesh.peers[:1])
+        check(r, digests["alone"], size, "alone")
+        res["alone_s"] = t
+        res["alone_egress_app"], res["alone_egress_wire"] = egress(mesh, [digests["alone"]], tx0)
+        log(f"one node alone: {t:.1f}s")
+
+        # 2. all nodes through the mesh
+        before = sources(mesh)
+        tx0 = mesh.registry_node.tx_bytes()
+        t, r = mesh.fetch_all(REPO, digests["mesh"])
+        check(r, digests["mesh"], size, "mesh")
+        after = sources(mesh)
+        res["mesh_s"] = t
+        res["mesh_node_s"] = sorted(x["seconds"] for x in r)
+        res["mesh_egress_app"], res["mesh_egress_wire"] = egress(mesh, [digests["mesh"]], tx0)
+        res["mesh_from_peers"] = after["peer"] - before["peer"]
+        res["mesh_from_registry"] = after["registry"] - before["registry"]
+        log(f"mesh, {args.nodes} nodes: {t:.1f}s")
+
+        # 3. all nodes straight from the registry
+        if not args.skip_direct:
+            tx0 = mesh.registry_node.tx_bytes()
+            t, r = mesh.fetch_all(REPO, digests["direct"], direct=True)
+            check(r, digests["direct"], size, "direct")
+            res["direct_s"] = t
+            res["direct_egress_app"], res["direct_egress_wire"] = egress(mesh, [digests["direct"]], tx0)
+            log(f"direct, {args.nodes} nodes: {t:.1f}s")
+
+        # 4. a real image: containerd through the peers, then fresh containerds straight
+        ref = f"{mesh.registry.host}/{image.repo}:{image.tag}"
+        layer_digests = [layer.digest for layer in image.layers]
+        tx0 = mesh.registry_node.tx_bytes()
+        res["image_mesh_s"] = pull_all(mesh, ref, [p.containerd for p in mesh.peers], [p.hosts_dir for p in mesh.peers])
+        res["image_mesh_egress_app"], res["image_mesh_egress_wire"] = egress(mesh, layer_digests, tx0)
+        log(f"image through the mesh: {res['image_mesh_s']:.1f}s")
+        if not args.skip_direct:
+            fresh = [NsContainerd(p.node, lab.workdir / f"containerd-direct{p.index}").start() for p in mesh.peers]
+            nohosts = lab.workdir / "no-mirror"
+            nohosts.mkdir(exist_ok=True)
+            served_before = sum(mesh.registry.blob_bytes_served().get(d, 0) for d in layer_digests)
+            tx0 = mesh.registry_node.tx_bytes()
+            res["image_direct_s"] = pull_all(mesh, ref, fresh, [nohosts] * len(fresh))
+            app, wire = egress(mesh, layer_digests, tx0)
+            res["image_direct_egress_app"], res["image_direct_egress_wire"] = app - served_before, wire
+            for c in fresh:
+                c.stop()
+            log(f"image straight from the registry: {res['image_direct_s']:.1f}s")
+
+    # 5. weighted vs bandit on heterogeneous uplinks
+    if not args.skip_scorers:
+        het_size = args.het_blob_mb * 1_000_000
+        rates = heterogeneous_rates(args.nodes)
+        res["het_rates"] = {i: r[0] for i, r in rates.items()}
+        res["het_blob_bytes"] = het_size
+        for n, scorer in enumerate(("weighted", "bandit")):
+            path = cache / f"bench-het-{args.het_blob_mb}mb-{scorer}.bin"
+            digest = content.random_blob(path, het_size, seed=2000 + n)
+            with Lab(prefix=PREFIX, workdir=Path(args.workdir) / scorer) as lab:
+                mesh = Mesh(lab, MeshOptions(peers=args.nodes, registry_rate=args.rate, peer_rates=rates,
+                                             scorer=scorer, containerd=False))
+                fill(mesh, [(path, digest)])
+                mesh.start()
+                tx0 = mesh.registry_node.tx_bytes()
+                t, r = mesh.fetch_all(REPO, digest)
+                check(r, digest, het_size, scorer)
+                res[f"{scorer}_s"] = t
+                res[f"{scorer}_node_s"] = sorted(x["seconds"] for x in r)
+                res[f"{scorer}_egress_app"], _ = egress(mesh, [digest], tx0)
+                log(f"{scorer} on heterogeneous links: {t:.1f}s")
+    return res
+
+
+def heterogeneous_rates(n: int) -> dict[int, tuple[str, str]]:
+    """Uplinks cycle fast/medium/slow (100/30/5 Mbit/s); every downlink 100 Mbit/s."""
+    cycle = ("100mbit", "30mbit", "5mbit")
+    return {i: (cycle[i % 3], "100mbit") for i in range(n)}
+
+
+def report(res: dict) -> str:
+    size, n = res["blob_bytes"], res["nodes"]
+    rows = [("case", "time s", "vs alone", "registry app bytes", "x blob", "registry wire bytes", "x blob")]
+
+    def row(name, secs, app, wire, unit):
+        rows.append((name, f"{secs:.1f}", f"{secs / res['alone_s']:.2f}", f"{app:,}", f"{app / unit:.3f}",
+                     f"{wire:,}", f"{wire / unit:.3f}"))
+
+    row("1 node alone (peer)", res["alone_s"], res["alone_egress_app"], res["alone_egress_wire"], size)
+    row(f"{n} nodes, mesh", res["mesh_s"], res["mesh_egress_app"], res["mesh_egress_wire"], size)
+    if "direct_s" in res:
+        row(f"{n} nodes, direct", res["direct_s"], res["direct_egress_app"], res["direct_egress_wire"], size)
+    img = res["image_bytes"]
+    row(f"image {img / 1e6:.0f} MB, {n} nodes, mesh", res["image_mesh_s"], res["image_mesh_egress_app"],
+        res["image_mesh_egress_wire"], img)
+    if "image_direct_s" in res:
+        row(f"image {img / 1e6:.0f} MB, {n} nodes, direct", res["image_direct_s"], res["image_direct_egress_app"],
+            res["image_direct_egress_wire"], img)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.append("")
+    lines.append(f"blob {size / 1e6:.0f} MB, links {res['rate']} (registry uplink and every node link), tbf")
+    lines.append(f"mesh: from peers {res['mesh_from_peers'] / size:.2f}x blob, from registry "
+                 f"{res['mesh_from_registry'] / size:.2f}x blob; per-node times {['%.1f' % s for s in res['mesh_node_s']]}")
+    ok_time = res["mesh_s"] <= 1.3 * res["alone_s"]
+    ok_egress = res["mesh_egress_app"] <= 1.05 * size
+    lines.append(f"TARGET all nodes within 1.3x one node alone: {res['mesh_s'] / res['alone_s']:.2f}x -> "
+                 f"{'MET' if ok_time else 'NOT MET'}")
+    lines.append(f"TARGET registry egress <= 1.05x blob: {res['mesh_egress_app'] / size:.3f}x (app), "
+                 f"{res['mesh_egress_wire'] / size:.3f}x (wire) -> {'MET' if ok_egress else 'NOT MET'}")
+    if "direct_s" in res:
+        lines.append(f"mesh vs direct: time {res['mesh_s'] / res['direct_s']:.2f}x, registry egress "
+                     f"{res['mesh_egress_app'] / max(res['direct_egress_app'], 1):.2f}x")
+    if "weighted_s" in res:
+        lines.append("")
+        lines.append(f"heterogeneous uplinks {sorted(set(res['het_rates'].values()))}, blob "
+                     f"{res['het_blob_bytes'] / 1e6:.0f} MB:")
+        for scorer in ("weighted", "bandit"):
+            lines.append(f"  {scorer:8s} all done {res[scorer + '_s']:.1f}s, median node "
+                         f"{res[scorer + '_node_s'][len(res[scorer + '_node_s']) // 2]:.1f}s, registry "
+                         f"{res[scorer + '_egress_app'] / res['het_blob_bytes']:.2f}x blob")
+        lines.append(f"  bandit / weighted time: {res['bandit_s'] / res['weighted_s']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n  python benchmarks/bench_p2p_mesh.py\n"
+                                       "  python benchmarks/bench_p2p_mesh.py --nodes 4 --blob-mb 50 --skip-direct")
+    p.add_argument("--nodes", type=int, default=8)
+    p.add_argument("--rate", default="100mbit", help="registry uplink and every node link (tbf)")
+    p.add_argument("--blob-mb", type=int, default=200)
+    p.add_argument("--het-blob-mb", type=int, default=100, help="blob of the weighted-vs-bandit runs")
+    p.add_argument("--skip-direct", action="store_true", help="skip the straight-from-registry runs (slow: N x)")
+    p.add_argument("--skip-scorers", action="store_true", help="skip weighted vs bandit")
+    p.add_argument("--cache", default="/var/cache/remora-test", help="where test blobs/layers are kept")
+    p.add_argument("--workdir", default="/tmp/remora-bench-p2p")
+    p.add_argument("--json", help="also write the raw figures here")
+    args = p.parse_args(argv)
+    cleanup_stale(PREFIX)  # a previous run killed with -9
+    res = main_bench(args)
+    print(report(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

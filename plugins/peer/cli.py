@@ -1,0 +1,189 @@
+"""``remora peer`` (the daemon), ``remora peer hosts-toml`` and ``remora peer status``.
+
+:func:`register_peer` only builds parsers; the daemon's modules (aiohttp, grpc) are imported when a
+command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PEER_EPILOG = """\
+A per-node P2P daemon. containerd pulls through it as a registry mirror (see `remora peer hosts-toml`);
+blobs are cut into pieces that peers fetch from each other, as the scheduler directs, instead of all
+from the registry. Every blob is sha256-verified before containerd gets it; with no scheduler (or the
+scheduler down) the peer simply fetches from the registry itself.
+
+examples:
+  # a node of a cluster: mirror for containerd on loopback, pieces served to peers on the node address
+  remora peer --scheduler 10.0.0.5:8002 --scheduler 10.0.0.6:8002 --data-dir /var/lib/remora/peer \\
+      --upload-listen 0.0.0.0:65002 --advertise 10.0.1.17 --label zone=eu-1a --label rack=r12
+
+  # alone, no scheduler: a caching pull-through mirror of one registry
+  remora peer --upstream registry.local:5000 --plain-http registry.local:5000 --data-dir /tmp/peer
+
+  # keep at most 20 GiB of pieces; blobs unused for 3 days go first
+  remora peer --scheduler sched:8002 --gc-high 20GiB --gc-low 16GiB --gc-ttl 3d
+
+  remora peer hosts-toml --registry docker.io --registry ghcr.io      # point containerd at it
+  remora peer status                                                  # what it is doing
+
+endpoints on --listen: /v2/ (mirror), /metrics (Prometheus), /_remora/status (JSON), /healthz
+endpoints on --upload-listen: /pieces/<digest>/<index> (other peers), /healthz
+"""
+
+HOSTS_EPILOG = """\
+Writes <dir>/<registry>/hosts.toml for each --registry: the peer first (pull, resolve), the registry as
+the fallback server. containerd must have the directory as its registry config_path (the command
+prints the stanza); `ctr images pull --hosts-dir DIR` uses it directly.
+
+examples:
+  remora peer hosts-toml --registry docker.io --registry ghcr.io
+  remora peer hosts-toml --registry 10.0.0.9:5000 --plain-http 10.0.0.9:5000 --containerd 1.6
+  remora peer hosts-toml --registry _default --mirror http://127.0.0.1:65001 --dir /etc/containerd/certs.d
+  remora peer hosts-toml --registry docker.io --print          # show, do not write
+"""
+
+STATUS_EPILOG = """\
+examples:
+  remora peer status                               # the peer on 127.0.0.1:65001
+  remora peer status --address 10.0.1.17:65001
+  remora peer status --json | jq '.tasks[] | select(.state != "done")'
+"""
+
+
+def register_peer(subparsers) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser("peer", help="P2P peer daemon: registry mirror for containerd, pieces from peers",
+                              description="Run the remora peer daemon (registry mirror + P2P piece exchange).",
+                              epilog=PEER_EPILOG, formatter_class=fmt)
+    net = p.add_argument_group("addresses")
+    net.add_argument("--listen", default="127.0.0.1:65001", metavar="HOST:PORT",
+                     help="mirror API for containerd, /metrics, status (default %(default)s)")
+    net.add_argument("--upload-listen", default="0.0.0.0:65002", metavar="HOST:PORT",
+                     help="piece server for other peers (default %(default)s; port 0 = any free port)")
+    net.add_argument("--advertise", default="", metavar="IP[:PORT]",
+                     help="address other peers dial for pieces (default: the upload address, or the "
+                          "route toward the scheduler)")
+    net.add_argument("--scheduler", action="append", default=[], metavar="HOST:PORT",
+                     help="scheduler gRPC address; repeat (or comma-separate) for a cluster. None: "
+                          "registry only")
+    reg = p.add_argument_group("registry")
+    reg.add_argument("--upstream", default="", metavar="REGISTRY",
+                     help="registry used when a request names none (containerd names it with ?ns=)")
+    reg.add_argument("--plain-http", action="append", default=[], metavar="REGISTRY",
+                     help="talk plain HTTP to this registry (loopback registries always are)")
+    reg.add_argument("--registry-config", type=Path, default=None, metavar="CONFIG_JSON",
+                     help="docker config.json with this node's registry credentials (default "
+                          "$DOCKER_CONFIG/config.json or ~/.docker/config.json); never sent to peers")
+    node = p.add_argument_group("node")
+    node.add_argument("--data-dir", type=Path, default=Path("/var/lib/remora/peer"),
+                      help="piece store (default %(default)s)")
+    node.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                      help="locality label given to the scheduler (zone=, rack=, region=...)")
+    node.add_argument("--host-id", default="", help="stable machine id (default: hostname + machine-id)")
+    node.add_argument("--peer-id", default="", help="peer id (default: host id + pid + random)")
+    tune = p.add_argument_group("tuning")
+    tune.add_argument("--upload-slots", type=int, default=16, help="concurrent uploads (default %(default)s)")
+    tune.add_argument("--upload-bandwidth", default="0", metavar="SIZE",
+                      help="bytes/s this node can upload, told to the scheduler (e.g. 100MiB; 0 = unknown)")
+    tune.add_argument("--concurrency", type=int, default=8, help="pieces fetched at once per blob (default %(default)s)")
+    tune.add_argument("--piece-timeout", default="10s", metavar="DURATION",
+                      help="a piece not received by then (or slower than --min-piece-rate) blocklists its parent")
+    tune.add_argument("--min-piece-rate", default="1MiB", metavar="SIZE", help="bytes/s below which a parent crawls")
+    tune.add_argument("--max-parent-failures", type=int, default=6,
+                      help="failed pieces/scheduling rounds before going to the registry (default %(default)s)")
+    tune.add_argument("--scheduler-timeout", default="2s", metavar="DURATION", help="deadline of a scheduler RPC")
+    tune.add_argument("--upstream-timeout", default="30s", metavar="DURATION", help="registry read timeout")
+    gc = p.add_argument_group("garbage collection")
+    gc.add_argument("--gc-ttl", default="24h", metavar="DURATION", help="evict blobs unused this long (default %(default)s)")
+    gc.add_argument("--gc-high", default="85%", metavar="SIZE|PCT",
+                    help="start evicting above this store size or filesystem usage (default %(default)s)")
+    gc.add_argument("--gc-low", default="75%", metavar="SIZE|PCT", help="evict down to this (default %(default)s)")
+    gc.add_argument("--gc-interval", default="60s", metavar="DURATION", help="how often GC runs (default %(default)s)")
+    p.set_defaults(func=run_daemon)
+
+    sub = p.add_subparsers(dest="peer_command", metavar="SUBCOMMAND")
+    h = sub.add_parser("hosts-toml", help="write containerd hosts.toml files that use the peer",
+                       description="Write containerd hosts.toml files that pull through the local peer.",
+                       epilog=HOSTS_EPILOG, formatter_class=fmt)
+    h.add_argument("--registry", action="append", default=[], metavar="REGISTRY",
+                   help="registry host[:port] to mirror (repeat); _default = every registry (containerd >= 1.7)")
+    h.add_argument("--mirror", default="http://127.0.0.1:65001", help="the peer's mirror URL (default %(default)s)")
+    h.add_argument("--dir", type=Path, default=Path("/etc/containerd/certs.d"),
+                   help="containerd's registry config_path (default %(default)s)")
+    h.add_argument("--containerd", choices=("1.6", "1.7", "2.x"), default="2.x",
+                   help="containerd version the files are for (default %(default)s)")
+    h.add_argument("--dial-timeout", default="200ms", help="how long containerd tries to reach the peer (1.7+)")
+    h.add_argument("--plain-http", action="append", default=[], metavar="REGISTRY",
+                   help="this registry's fallback server is plain HTTP")
+    h.add_argument("--print", action="store_true", dest="print_only", help="print the files instead of writing them")
+    h.set_defaults(func=run_hosts_toml)
+
+    s = sub.add_parser("status", help="show what a running peer is doing",
+                       description="Show a running peer's tasks, traffic and failures.",
+                       epilog=STATUS_EPILOG, formatter_class=fmt)
+    s.add_argument("--address", default="127.0.0.1:65001", help="the peer's --listen address (default %(default)s)")
+    s.add_argument("--json", action="store_true", help="raw JSON")
+    s.set_defaults(func=run_status)
+
+
+def build_config(args):
+    from .config import (PeerConfig, Watermark, default_host_id, parse_duration, parse_hostport, parse_labels,
+                         parse_size)
+
+    schedulers = [a.strip() for item in args.scheduler for a in item.split(",") if a.strip()]
+    advertise_ip, advertise_port = "", 0
+    if args.advertise:
+        host, _, port = args.advertise.rpartition(":") if args.advertise.count(":") == 1 else (args.advertise, "", "")
+        advertise_ip, advertise_port = host or args.advertise, int(port) if port.isdigit() else 0
+    return PeerConfig(
+        data_dir=args.data_dir, listen=parse_hostport(args.listen), upload_listen=parse_hostport(args.upload_listen),
+        advertise_ip=advertise_ip, advertise_port=advertise_port, schedulers=schedulers, upstream=args.upstream,
+        plain_http=args.plain_http, registry_config=args.registry_config, labels=parse_labels(args.label),
+        host_id=args.host_id or default_host_id(), peer_id=args.peer_id, upload_slots=args.upload_slots,
+        upload_bandwidth=parse_size(args.upload_bandwidth), concurrency=args.concurrency,
+        piece_timeout=parse_duration(args.piece_timeout), min_piece_rate=parse_size(args.min_piece_rate),
+        max_parent_failures=args.max_parent_failures, scheduler_timeout=parse_duration(args.scheduler_timeout),
+        upstream_timeout=parse_duration(args.upstream_timeout), gc_ttl=parse_duration(args.gc_ttl),
+        gc_high=Watermark.parse(args.gc_high), gc_low=Watermark.parse(args.gc_low),
+        gc_interval=parse_duration(args.gc_interval))
+
+
+def run_daemon(args) -> int:
+    from .daemon import run
+
+    return run(build_config(args))
+
+
+def run_hosts_toml(args) -> int:
+    from . import hoststoml
+
+    if args.print_only:
+        for registry in args.registry or []:
+            print(f"# {args.dir / registry / 'hosts.toml'}")
+            print(hoststoml.render(registry, args.mirror, args.containerd, args.dial_timeout,
+                                   registry in args.plain_http))
+        if not args.registry:
+            hoststoml.write(args.dir, [], args.mirror)  # raises the usage error
+        return 0
+    for path in hoststoml.write(args.dir, args.registry, args.mirror, args.containerd, args.dial_timeout,
+                                args.plain_http):
+        print(f"wrote {path}")
+    print("\ncontainerd must use this directory; in its config.toml:\n"
+          + hoststoml.CONFIG_HINT[args.containerd].format(dir=args.dir), file=sys.stderr)
+    return 0
+
+
+def run_status(args) -> int:
+    import json
+
+    from .status import fetch_status, render
+
+    status = fetch_status(args.address)
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        render(status)
+    return 0

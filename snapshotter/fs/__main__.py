@@ -1,0 +1,5 @@
+import sys
+
+from remora.snapshotter.fs.daemon import main
+
+sys.exit(main())

@@ -1,0 +1,326 @@
+"""Lazy mounts as separate processes: start, stop, health-check, and restore after a restart.
+
+Process model: every lazy mount is served by its own process (``python -m remora.snapshotter.fs
+--spec FILE``) in its own session. FUSE serving never competes with the snapshotter's gRPC threads
+(the GIL is per process), a crash or hang of one mount's process affects that mount only, and the
+mounts outlive a snapshotter restart (containers keep running on them).
+
+State lives on disk under ``STATE/mounts/``: ``<id>.json`` (the :class:`MountSpec`: everything needed
+to re-mount), ``<id>.pid``, ``<id>.log`` and ``<id>.stats.json`` (counters the process publishes, see
+:mod:`remora.snapshotter.metrics`). :meth:`MountManager.restore` reads it back after a restart: a mount
+whose process still answers is adopted; a dead one (process gone, mount point answering ENOTCONN) is
+detached and re-mounted from its spec.
+
+Liveness: :meth:`MountManager.check` stats a random, non-existent name under the mount point in a
+helper thread with a timeout. The name is new every time, so the kernel cannot answer from its
+caches: the request has to reach the fs process. ENOENT means alive, ENOTCONN/ECONNABORTED means the
+process is gone, no answer within the timeout means hung. At most one probe per mount is in flight,
+so a hung mount cannot pile up blocked threads.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from remora.errors import InvalidInput, NotFound, RemoraError, StorageError
+from remora.snapshotter.fs.spec import MountSpec
+from remora.snapshotter.metrics import MountCollector, read_stats
+from remora.snapshotter.sources import SourceSpec
+
+log = logging.getLogger(__name__)
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+FSTYPE = "fuse.remora"
+
+
+@dataclass(frozen=True)
+class Health:
+    """``state`` is ``ok``, ``dead`` (process gone / ENOTCONN), ``hung`` (no answer) or ``unmounted``."""
+
+    state: str
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
+
+
+def mounted_fstype(path: Path | str) -> str | None:
+    """The fs type mounted exactly at ``path`` per /proc/self/mountinfo (never touches the mount)."""
+    target = os.path.abspath(path)  # no realpath: it would stat (and maybe block on) the mount itself
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5:
+            continue
+        mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        if mp == target:
+            found = right.split()[0]  # the last (topmost) mount wins
+    return found
+
+
+def detach(path: Path | str, lazy: bool = True) -> bool:
+    """Unmount ``path`` (a live, busy or dead FUSE mount); returns whether nothing is mounted there."""
+    path = str(path)
+    for argv in (["fusermount3", "-u", path], ["umount", path]) + ((["umount", "-l", path],) if lazy else ()):
+        if mounted_fstype(path) is None:
+            return True
+        try:
+            subprocess.run(argv, capture_output=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return mounted_fstype(path) is None
+
+
+class MountManager:
+    """Start/stop/check lazy mounts; one instance per snapshotter.
+
+    ``state_dir`` holds the mount records; ``cache_dir``/``cache_limit`` configure the chunk cache
+    shared by all mounts. All methods are thread-safe.
+    """
+
+    def __init__(self, state_dir: Path | str, cache_dir: Path | str, cache_limit: int = 10 << 30,
+                 python: str = sys.executable, mount_timeout: float = 20.0):
+        self.state_dir = Path(state_dir) / "mounts"
+        self.cache_dir = Path(cache_dir)
+        self.cache_limit = cache_limit
+        self.python = python
+        self.mount_timeout = mount_timeout
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._probes: dict[str, threading.Thread] = {}
+
+    # -- files --------------------------------------------------------------------------------
+    def _file(self, mount_id: str, suffix: str) -> Path:
+        if not _ID_RE.match(mount_id):
+            raise InvalidInput(f"bad mount id {mount_id!r}: use letters, digits, '.', '_', '-' (max 128)")
+        return self.state_dir / f"{mount_id}{suffix}"
+
+    def spec(self, mount_id: str) -> MountSpec:
+        path = self._file(mount_id, ".json")
+        if not path.exists():
+            raise NotFound(f"no lazy mount {mount_id!r}")
+        return MountSpec.load(path)
+
+    def ids(self) -> list[str]:
+        return sorted(p.name[:-5] for p in self.state_dir.glob("*.json") if not p.name.endswith(".stats.json"))
+
+    def pid(self, mount_id: str) -> int | None:
+        try:
+            return int(self._file(mount_id, ".pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    # -- start --------------------------------------------------------------------------------
+    def mount(self, mount_id: str, bootstrap: Path | str, mountpoint: Path | str, sources: Sequence[SourceSpec],
+              *, prefetch: bool = True, prefetch_all: bool = False, **options) -> MountSpec:
+        """Mount ``bootstrap`` read-only at ``mountpoint``, data from ``sources`` (tried in order).
+
+        Returns once the mount answers; raises :class:`StorageError` with the process log if it fails.
+        ``options`` are further :class:`MountSpec` fields (``max_gap``, ``parallel``, ...). Mounting an id
+        that is already mounted and healthy returns its spec.
+        """
+        with self._lock:
+            if self._file(mount_id, ".json").exists():
+                if self.check(mount_id).ok:
+                    return self.spec(mount_id)
+                self.unmount(mount_id)
+            spec = MountSpec(id=mount_id, bootstrap=str(Path(bootstrap).resolve()),
+                             mountpoint=str(Path(mountpoint).resolve()), cache_dir=str(self.cache_dir),
+                             cache_limit=self.cache_limit, sources=list(sources),
+                             stats_file=str(self._file(mount_id, ".stats.json")), prefetch=prefetch,
+                             prefetch_all=prefetch_all, **options)
+            if not sources:
+                raise InvalidInput(f"mount {mount_id}: no blob source given")
+            spec.save(self._file(mount_id, ".json"))
+            self._start(spec)
+            return spec
+
+    def _start(self, spec: MountSpec) -> None:
+        mnt = Path(spec.mountpoint)
+        if mounted_fstype(mnt) is not None and not detach(mnt):
+            raise StorageError(f"mount {spec.id}: {mnt} is still mounted and cannot be detached")
+        mnt.mkdir(parents=True, exist_ok=True)
+        log_path = self._file(spec.id, ".log")
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen([self.python, "-m", "remora.snapshotter.fs", "--spec",
+                                     str(self._file(spec.id, ".json"))],
+                                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self._procs[spec.id] = proc
+        self._file(spec.id, ".pid").write_text(str(proc.pid))
+        deadline = time.monotonic() + self.mount_timeout
+        while mounted_fstype(mnt) != FSTYPE:
+            if proc.poll() is not None:
+                raise StorageError(f"mount {spec.id} failed (exit {proc.returncode}):\n{self.log_tail(spec.id)}")
+            if time.monotonic() > deadline:
+                self._kill(spec.id)
+                raise StorageError(f"mount {spec.id}: not mounted after {self.mount_timeout:.0f}s:\n"
+                                   f"{self.log_tail(spec.id)}")
+            time.sleep(0.02)
+        log.info("lazy mount %s at %s (pid %d)", spec.id, mnt, proc.pid)
+
+    def log_tail(self, mount_id: str, lines: int = 30) -> str:
+        try:
+            return "\n".join(self._file(mount_id, ".log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    # -- stop ---------------------------------------------------------------------------------
+    def unmount(self, mount_id: str, timeout: float = 10.0) -> None:
+        """Unmount (lazily if busy), stop the process, unpin its chunks and forget the mount."""
+        with self._lock:
+            try:
+                spec = self.spec(mount_id)
+            except NotFound:
+                return
+            if not detach(spec.mountpoint):
+                raise StorageError(f"mount {mount_id}: cannot unmount {spec.mountpoint}")
+            self._kill(mount_id, grace=timeout)
+            self._unpin(mount_id)
+            for suffix in (".json", ".pid", ".stats.json", ".log"):
+                self._file(mount_id, suffix).unlink(missing_ok=True)
+
+    def unmount_all(self) -> None:
+        for mount_id in self.ids():
+            try:
+                self.unmount(mount_id)
+            except RemoraError as exc:
+                log.error("%s", exc)
+
+    def _unpin(self, mount_id: str) -> None:
+        from remora.cache import ChunkCache
+
+        cache = ChunkCache(self.cache_dir, self.cache_limit)
+        try:
+            cache.unpin(mount_id)
+        finally:
+            cache.close()
+
+    def _alive(self, mount_id: str) -> bool:
+        proc = self._procs.get(mount_id)
+        if proc is not None:
+            return proc.poll() is None
+        pid = self.pid(mount_id)
+        if pid is None:
+            return False
+        try:  # an adopted process (we were restarted): check it is ours and not a zombie
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state != "Z" and str(self._file(mount_id, ".json")).encode() in cmdline
+
+    def _kill(self, mount_id: str, grace: float = 5.0) -> None:
+        """SIGTERM the process group, SIGKILL after ``grace``; reap our own child."""
+        pid = self.pid(mount_id)
+        proc = self._procs.pop(mount_id, None)
+        if pid is None or not (proc is not None and proc.poll() is None or self._alive(mount_id)):
+            if proc is not None:
+                proc.poll()
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if proc is not None:
+                    if proc.poll() is not None:
+                        return
+                elif not Path(f"/proc/{pid}").exists():
+                    return
+                time.sleep(0.02)
+
+    # -- health -------------------------------------------------------------------------------
+    def check(self, mount_id: str, timeout: float = 2.0) -> Health:
+        """Is the mount alive and answering? Bounded by ``timeout`` even if the fs process hangs."""
+        spec = self.spec(mount_id)
+        if not self._alive(mount_id):
+            return Health("dead", f"fs process {self.pid(mount_id)} is not running")
+        if mounted_fstype(spec.mountpoint) != FSTYPE:
+            return Health("unmounted", f"{spec.mountpoint} is not a remora mount")
+        with self._lock:
+            probe = self._probes.get(mount_id)
+            if probe is not None and probe.is_alive():
+                return Health("hung", "a previous liveness probe is still blocked")
+            result: list = []
+            probe = threading.Thread(target=self._probe, args=(spec.mountpoint, result), daemon=True,
+                                     name=f"probe-{mount_id}")
+            self._probes[mount_id] = probe
+            probe.start()
+        probe.join(timeout)
+        if probe.is_alive():
+            return Health("hung", f"no answer from {spec.mountpoint} within {timeout:.1f}s")
+        err = result[0] if result else None
+        if err in (errno.ENOENT, None):
+            return Health("ok")
+        if err in (errno.ENOTCONN, errno.ECONNABORTED):
+            return Health("dead", f"{spec.mountpoint}: {os.strerror(err)}")
+        return Health("dead", f"{spec.mountpoint}: unexpected {os.strerror(err)}")
+
+    @staticmethod
+    def _probe(mountpoint: str, result: list) -> None:
+        try:
+            os.stat(os.path.join(mountpoint, f".remora-liveness-{secrets.token_hex(8)}"))
+            result.append(None)
+        except OSError as exc:
+            result.append(exc.errno)
+
+    # -- restart ------------------------------------------------------------------------------
+    def restore(self) -> dict[str, str]:
+        """After a snapshotter restart: adopt live mounts, re-mount dead or stale ones.
+
+        Returns ``{mount id: "adopted" | "remounted" | "failed: <reason>"}``.
+        """
+        out = {}
+        for mount_id in self.ids():
+            with self._lock:
+                try:
+                    health = self.check(mount_id)
+                    if health.ok:
+                        out[mount_id] = "adopted"
+                        continue
+                    log.warning("mount %s is %s (%s): re-mounting", mount_id, health.state, health.detail)
+                    spec = self.spec(mount_id)
+                    self._kill(mount_id, grace=2.0)
+                    if not detach(spec.mountpoint):
+                        raise StorageError(f"cannot detach stale mount {spec.mountpoint}")
+                    self._start(spec)
+                    out[mount_id] = "remounted"
+                except RemoraError as exc:
+                    log.error("restore of mount %s failed: %s", mount_id, exc)
+                    out[mount_id] = f"failed: {exc}"
+        return out
+
+    # -- metrics ------------------------------------------------------------------------------
+    def stats(self, mount_id: str) -> dict:
+        """The counters the mount's process last published (``{}`` before the first write)."""
+        return read_stats(self._file(mount_id, ".stats.json")) or {}
+
+    def collector(self, cache=None) -> MountCollector:
+        """A Prometheus collector over every mount's published counters (register it once)."""
+
+        def mounts():
+            for mount_id in self.ids():
+                yield mount_id, self._file(mount_id, ".stats.json"), self._alive(mount_id)
+
+        return MountCollector(mounts, cache)

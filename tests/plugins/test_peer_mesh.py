@@ -1,0 +1,181 @@
+"""Several peers and a real scheduler on loopback: pieces flow between peers, faults are isolated."""
+from __future__ import annotations
+
+import asyncio
+import os
+
+import aiohttp
+import grpc
+import pytest
+from aiohttp import web
+
+from remora._proto import remora_scheduler_pb2 as pb
+from remora._proto import remora_scheduler_pb2_grpc as pb_grpc
+from remora.plugins.peer.config import MIN_PIECE_SIZE
+from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
+from remora.procutil import free_port
+
+from peer_util import push_blob, sha, start_peer, unique
+
+BLOB_SIZE = 12 * MIN_PIECE_SIZE + 999
+
+
+@pytest.fixture
+async def scheduler():
+    server = await SchedulerServer(SchedulerConfig(random_seed=7), "127.0.0.1:0").start()
+    yield server
+    await server.stop(0)
+
+
+@pytest.fixture
+async def peers(tmp_path):
+    started = []
+
+    async def make(name, schedulers, **kw):
+        p = await start_peer(tmp_path, name, schedulers, **kw)
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        await p.stop()
+
+
+@pytest.fixture
+def blob(registry):
+    repo = unique("mesh/app")
+    data = os.urandom(BLOB_SIZE)
+    return repo, push_blob(registry.url, repo, data), data
+
+
+async def fetch(peer, registry, repo, digest, headers=None) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{peer.mirror_url}/v2/{repo}/blobs/{digest}?ns={registry.host}", headers=headers or {}) as r:
+            return r.status, await r.read()
+
+
+def counter(peer, name, **labels) -> float:
+    return peer.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+async def test_children_get_the_blob_from_peers(scheduler, peers, registry, blob):
+    repo, digest, data = blob
+    seed = await peers("seed", [scheduler.address])
+    assert await fetch(seed, registry, repo, digest) == (200, data)
+    children = [await peers(f"child{i}", [scheduler.address]) for i in range(3)]
+    results = await asyncio.gather(*(fetch(c, registry, repo, digest) for c in children))
+    assert all(r == (200, data) for r in results)
+    for c in children:
+        assert counter(c, "remora_peer_download_bytes_total", source="peer") == BLOB_SIZE, c.cfg.peer_id
+        assert counter(c, "remora_peer_download_bytes_total", source="registry") == 0
+    assert counter(seed, "remora_peer_download_bytes_total", source="registry") == BLOB_SIZE
+    uploaded = sum(counter(p, "remora_peer_upload_bytes_total") for p in [seed, *children])
+    assert uploaded == 3 * BLOB_SIZE
+    # A range read on a fresh peer takes only the covering pieces, from the mesh.
+    lazy = await peers("lazy", [scheduler.address])
+    status, body = await fetch(lazy, registry, repo, digest, {"Range": f"bytes={MIN_PIECE_SIZE * 3}-{MIN_PIECE_SIZE * 3 + 9}"})
+    assert (status, body) == (206, data[MIN_PIECE_SIZE * 3:MIN_PIECE_SIZE * 3 + 10])
+    assert lazy.store.get(digest).have == {3}
+    assert counter(lazy, "remora_peer_download_bytes_total", source="peer") == MIN_PIECE_SIZE
+
+
+async def test_seed_and_children_at_once(scheduler, peers, registry, blob):
+    repo, digest, data = blob
+    group = [await peers(f"p{i}", [scheduler.address]) for i in range(4)]
+    results = await asyncio.gather(*(fetch(p, registry, repo, digest) for p in group))
+    assert all(r == (200, data) for r in results)
+    from_registry = sum(counter(p, "remora_peer_download_bytes_total", source="registry") for p in group)
+    assert from_registry < 2 * BLOB_SIZE, "the mesh must spare the registry"
+
+
+async def test_scheduler_down_means_straight_from_the_registry(peers, registry, blob):
+    repo, digest, data = blob
+    p = await peers("alone", [f"127.0.0.1:{free_port()}"], scheduler_timeout=0.5)
+    assert await fetch(p, registry, repo, digest) == (200, data)
+    assert counter(p, "remora_peer_download_bytes_total", source="registry") == BLOB_SIZE
+    assert counter(p, "remora_peer_back_to_source_total", reason="scheduler_down") == 1
+
+
+class BadParent:
+    """A peer that registers with the scheduler, claims to hold the whole blob, and misbehaves."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.requests = 0
+
+    async def handler(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        index = int(request.match_info["index"])
+        size = min(MIN_PIECE_SIZE, BLOB_SIZE - index * MIN_PIECE_SIZE)
+        resp = web.StreamResponse(headers={"Content-Length": str(size)})
+        await resp.prepare(request)
+        if self.mode == "corrupt":
+            await resp.write(os.urandom(size))
+        elif self.mode == "dies":
+            await resp.write(os.urandom(size // 2))
+            request.transport.abort()
+            return resp
+        elif self.mode == "crawls":
+            try:
+                for _ in range(size // 1024):
+                    await resp.write(b"x" * 1024)
+                    await asyncio.sleep(0.05)
+            except ConnectionError:  # the child gave up on us, as it should
+                return resp
+        await resp.write_eof()
+        return resp
+
+    async def start(self, scheduler_address: str, digest: str) -> None:
+        app = web.Application()
+        app.router.add_get("/pieces/{digest}/{index}", self.handler)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        self.peer_id = f"bad-{self.mode}"
+        async with grpc.aio.insecure_channel(scheduler_address) as ch:
+            stub = pb_grpc.SchedulerStub(ch)
+            await stub.RegisterPeer(pb.RegisterPeerRequest(host=pb.PeerHost(
+                peer_id=self.peer_id, host_id=f"host-{self.peer_id}", ip="127.0.0.1", upload_port=port, upload_slots=16)))
+            await stub.AnnouncePieces(pb.AnnouncePiecesRequest(peer_id=self.peer_id, task_id=digest, done=True,
+                                                               finished=range(13)))
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+@pytest.mark.parametrize("mode", ["corrupt", "dies", "crawls"])
+async def test_bad_parent_is_blocklisted_and_the_piece_fetched_elsewhere(scheduler, peers, registry, blob, mode):
+    repo, digest, data = blob
+    seed = await peers("seed", [scheduler.address])
+    assert await fetch(seed, registry, repo, digest) == (200, data)
+    bad = BadParent(mode)
+    await bad.start(scheduler.address, digest)
+    try:
+        child = await peers("child", [scheduler.address], piece_timeout=1.0)
+        assert await fetch(child, registry, repo, digest) == (200, data)
+    finally:
+        await bad.stop()
+    assert bad.requests >= 1, "the scheduler never offered the bad parent: the test proves nothing"
+    reason = {"corrupt": "corrupt", "dies": "connection", "crawls": "timeout"}[mode]
+    task = child.tasks.tasks[digest]
+    assert task.blocklist == {bad.peer_id: reason}
+    assert counter(child, "remora_peer_blocklist_total", reason=reason) == 1
+    assert counter(child, "remora_peer_download_bytes_total", source="peer") == BLOB_SIZE
+    assert counter(child, "remora_peer_download_bytes_total", source="registry") == 0
+
+
+async def test_no_good_parent_left_means_back_to_the_registry(scheduler, peers, registry, blob):
+    repo, digest, data = blob
+    bad = BadParent("corrupt")
+    # The bad peer claims the task first (it says it is complete); its digests are unknown, so the child
+    # cannot verify anything it would send and has to get the blob itself.
+    await bad.start(scheduler.address, digest)
+    try:
+        child = await peers("child", [scheduler.address], piece_timeout=0.5)
+        assert await fetch(child, registry, repo, digest) == (200, data)
+    finally:
+        await bad.stop()
+    assert counter(child, "remora_peer_download_bytes_total", source="registry") == BLOB_SIZE
+    assert child.tasks.tasks[digest].back_to_source

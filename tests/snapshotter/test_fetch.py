@@ -1,0 +1,176 @@
+"""The chunk fetcher against a real registry: verified bytes, frame-sized fetches, merged and
+single-flight requests, lying and dead sources, corrupted cache entries, prefetch."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from lazy_support import CountingProxy, build_image, dead_port_url
+from remora.cache import ChunkCache
+from remora.format.bootstrap import Bootstrap
+from remora.snapshotter.fetch import ChunkFetcher, FetchError, Prefetcher
+from remora.snapshotter.sources import SourceSpec, open_source
+
+
+@pytest.fixture(scope="module")
+def image(registry, tmp_path_factory):
+    return build_image(tmp_path_factory.mktemp("lazy-image"), registry.host)
+
+
+@pytest.fixture
+def proxy(registry):
+    with CountingProxy(registry.url) as p:
+        yield p
+
+
+def make_fetcher(image, cache_dir, *urls, **kw):
+    specs = []
+    for url in urls:
+        host = url.split("://", 1)[1]
+        specs.append(SourceSpec.registry(host, image.repo, read_timeout=kw.pop("read_timeout", 5.0), retries=0))
+    return ChunkFetcher(Bootstrap(image.bootstrap), ChunkCache(cache_dir, 1 << 30), [open_source(s) for s in specs], **kw)
+
+
+def read_path(fetcher, path: bytes, size: int = 1 << 30) -> bytes:
+    rec = fetcher.bootstrap.lookup_path(path)
+    return fetcher.read(rec.ino, 0, size)
+
+
+def file_extents(fetcher, path: bytes):
+    rec = fetcher.bootstrap.lookup_path(path)
+    return fetcher.bootstrap.read_plan(rec.ino, 0, rec.size)
+
+
+def test_reads_every_file_byte_exact(image, proxy, tmp_path):
+    f = make_fetcher(image, tmp_path, proxy.url)
+    for path, data in image.contents.items():
+        assert read_path(f, path) == data, path
+        rec = f.bootstrap.lookup_path(path)
+        if rec.size > 7:
+            assert f.read(rec.ino, 3, 5) == data[3:8]
+    assert f.stats.snapshot()["fetch_failures"] == 0
+
+
+def test_small_file_costs_about_one_frame(image, proxy, tmp_path):
+    f = make_fetcher(image, tmp_path, proxy.url)
+    (e,) = file_extents(f, b"/etc/hot.conf")
+    assert read_path(f, b"/etc/hot.conf") == image.contents[b"/etc/hot.conf"]
+    assert len(proxy.blob_requests()) == 1
+    assert proxy.bytes == e.frame.csize, "exactly the file's frame crosses the wire, not the blob"
+    total = sum(size for _, size in image.table.blobs)
+    assert proxy.bytes < total / 10
+
+
+def test_neighbouring_frames_are_merged_into_one_request(image, proxy, tmp_path):
+    f = make_fetcher(image, tmp_path, proxy.url)
+    paths = [p for p in image.contents if p.startswith(b"/etc/small")]
+    extents = [e for p in paths for e in file_extents(f, p)]
+    frames = {e.chunk.frame for e in extents}
+    assert len(frames) >= 3
+    chunks = f.chunks(extents)
+    assert all(chunks[e.chunk.digest] for e in extents)
+    s = f.stats.snapshot()
+    assert (len(proxy.blob_requests()), s["requests"], s["merged_requests"]) == (1, 1, 1)
+    assert s["frames_fetched"] == len(frames)
+
+    proxy.reset()
+    g = make_fetcher(image, tmp_path / "nomerge", proxy.url, max_gap=0, max_range=1)
+    g.chunks(extents)
+    assert len(proxy.blob_requests()) == len(frames), "with merging disabled: one request per frame"
+
+
+def test_concurrent_readers_of_one_frame_make_one_request(image, registry, tmp_path):
+    with CountingProxy(registry.url, delay=0.4) as slow:
+        f = make_fetcher(image, tmp_path, slow.url)
+        results, errors = [], []
+
+        def reader():
+            try:
+                results.append(read_path(f, b"/etc/small001.txt"))
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert not errors
+        assert results == [image.contents[b"/etc/small001.txt"]] * 4
+        assert len(slow.blob_requests()) == 1
+        assert f.stats.snapshot()["singleflight_waits"] >= 1
+
+
+def test_wrong_bytes_fail_and_nothing_is_cached(image, registry, tmp_path):
+    with CountingProxy(registry.url, mode="flip") as liar:
+        f = make_fetcher(image, tmp_path, liar.url)
+        with pytest.raises(FetchError, match="digest mismatch|corrupt zstd"):
+            read_path(f, b"/etc/hot.conf")
+        assert f.cache.info()["chunks"] == 0
+        assert not [p for p in (tmp_path / "sha256").rglob("*") if p.is_file()]
+        assert f.stats.snapshot()["verify_failures"] == 1
+
+
+def test_lying_mirror_falls_back_to_the_registry(image, registry, tmp_path):
+    with CountingProxy(registry.url, mode="flip") as liar:
+        f = make_fetcher(image, tmp_path, liar.url, registry.url)
+        assert read_path(f, b"/bin/big") == image.contents[b"/bin/big"]
+        s = f.stats.snapshot()
+        assert s["verify_failures"] >= 1 and s["fetch_failures"] == 0
+
+
+def test_unreachable_registry_fails_fast(image, tmp_path):
+    f = make_fetcher(image, tmp_path, dead_port_url())
+    t0 = time.monotonic()
+    with pytest.raises(FetchError, match="cannot fetch"):
+        read_path(f, b"/etc/hot.conf")
+    assert time.monotonic() - t0 < 5
+
+
+def test_stalled_registry_times_out_instead_of_hanging(image, registry, tmp_path):
+    with CountingProxy(registry.url, mode="stall") as stall:
+        f = make_fetcher(image, tmp_path, stall.url, read_timeout=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(FetchError):
+            read_path(f, b"/etc/hot.conf")
+        assert time.monotonic() - t0 < 5
+
+
+def test_corrupted_cache_entry_is_detected_and_refetched(image, proxy, tmp_path):
+    f = make_fetcher(image, tmp_path, proxy.url)
+    data = image.contents[b"/data/deep/er/file"]
+    assert read_path(f, b"/data/deep/er/file") == data
+    (e,) = file_extents(f, b"/data/deep/er/file")
+    path = f.cache.path(e.chunk.digest)
+    path.write_bytes(b"rotten" + path.read_bytes()[6:])
+    proxy.reset()
+    fresh = make_fetcher(image, tmp_path, proxy.url)  # new process view: no in-memory copy
+    assert read_path(fresh, b"/data/deep/er/file") == data
+    assert fresh.cache.corrupt == 1
+    assert len(proxy.blob_requests()) == 1
+    assert fresh.cache.get(e.chunk.digest) == data
+
+
+def test_peer_source_sends_ns_and_is_verified(image, registry, proxy, tmp_path):
+    spec = SourceSpec.peer(proxy.url, image.repo, registry_host="docker.io")
+    f = ChunkFetcher(Bootstrap(image.bootstrap), ChunkCache(tmp_path, 1 << 30), [open_source(spec)])
+    assert read_path(f, b"/etc/hot.conf") == image.contents[b"/etc/hot.conf"]
+    assert proxy.blob_requests()[0].endswith("?ns=docker.io")
+
+
+def test_prefetch_follows_the_list_then_everything(image, proxy, tmp_path):
+    f = make_fetcher(image, tmp_path, proxy.url)
+    p = Prefetcher(f).start()
+    p.join(20)
+    (hot,) = file_extents(f, b"/etc/hot.conf")
+    assert f.cache.contains(hot.chunk.digest)
+    assert f.cache.info()["chunks"] < len(image.table.chunks), "only the prefetch list"
+    everything = Prefetcher(f, prefetch_all=True).start()
+    everything.join(30)
+    s = f.stats.snapshot()
+    assert s["prefetch_done"] == 1
+    assert f.cache.info()["chunks"] == len(image.table.chunks)
+    assert s["merged_requests"] >= 1
+    assert s["requests"] <= 4, "whole image in a few merged requests"
