@@ -15,10 +15,13 @@ tree instead, with the OCI image-spec (layer.md) rules where containerd is loose
   children and takes the member's metadata. Missing parent directories are created (0755, root,
   mtime 0; containerd uses 0700, moby 0755). A parent that exists but is not a directory is an error.
 * Hard links (LNKTYPE) make two entries share one :class:`Inode`, within a layer or to a lower
-  layer's file. The link entry's own header metadata is not applied to the shared inode: writers
-  emit the inode's metadata there anyway. A link to a missing path or a directory is InvalidInput.
-  A link to a symlink links the symlink itself (link(2) semantics; containerd's RootPath would
-  follow it).
+  layer's file. As in containerd, the link header's uid/gid, mtime and xattrs (added, not
+  replacing) are applied to the shared inode, its mode is not; writers put the inode's own
+  metadata there, so this only matters for hand-made tars. A link to a missing path or a
+  directory is InvalidInput. A link to a symlink links the symlink itself (link(2) semantics;
+  containerd's RootPath would follow it). containerd 1.6's overlayfs applier cannot link to a
+  lower layer's file at all (it extracts into the layer's own upper dir); Docker and an apply onto
+  the mounted view can, and so can this merge.
 * Names are bytes (utf-8 + surrogateescape, the inverse of how tarfile decodes them), so non-UTF-8
   names round-trip; ``SCHILY.xattr.*`` PAX values are recovered as their exact bytes the same way.
   mtime keeps the nanoseconds of a PAX decimal mtime.
@@ -219,7 +222,7 @@ class LayerMerger:
         counting = _Counting(stream)
         try:
             tf = tarfile.open(fileobj=counting, mode="r|", tarinfo=_TarInfo, encoding=_ENC, errors=_ERR)
-        except (tarfile.ReadError, EOFError) as e:
+        except (tarfile.TarError, EOFError, ValueError) as e:
             if counting.count == 0:
                 return stats            # a zero-byte layer is an empty layer, as for Go's archive/tar
             hint = next((f" (it looks {kind}-compressed: pass the decompressed stream)"
@@ -233,6 +236,8 @@ class LayerMerger:
                     ti = tf.next()
                 except (tarfile.ReadError, EOFError) as e:
                     raise InvalidInput(f"{self._where}: truncated tar at member {last!r}: {e}") from None
+                except (tarfile.TarError, ValueError) as e:     # e.g. a garbled PAX hdrcharset
+                    raise InvalidInput(f"{self._where}: corrupt tar header after member {last!r}: {e!r}") from None
                 if ti is None:
                     self._check_end(tf, last)
                     break
@@ -327,7 +332,13 @@ class LayerMerger:
                 raise self._err(ti.name, f"symlink target of {len(target)} bytes is not a valid Linux path")
             return Inode(mode=stat.S_IFLNK | 0o777, size=len(target), target=target, **self._meta(ti))
         if t == tarfile.LNKTYPE:
-            return self._link_target(ti)
+            node = self._link_target(ti)
+            # containerd lchowns, setxattrs and chtimes the new name, i.e. the shared inode (its
+            # chmod of a link never happens: it lstats the link name relative to its own cwd)
+            meta = self._meta(ti)
+            node.uid, node.gid, node.mtime_ns = meta["uid"], meta["gid"], meta["mtime_ns"]
+            node.xattrs.update(meta["xattrs"])
+            return node
         if t in (tarfile.CHRTYPE, tarfile.BLKTYPE):
             kind = stat.S_IFCHR if t == tarfile.CHRTYPE else stat.S_IFBLK
             return Inode(mode=kind | (ti.mode & 0o7777), rdev=os.makedev(ti.devmajor, ti.devminor), **self._meta(ti))

@@ -25,6 +25,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -433,14 +434,31 @@ def debian_rootfs(cache_dir: str | Path, include: Iterable[str] = ("python3",), 
             dir_to_tar(root, tmp_tar)
             os.rename(tmp_tar, final)
         finally:
+            _umount_below(work)
             shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def _umount_below(path: Path) -> None:
+    """Unmount anything debootstrap left mounted under ``path`` (it mounts proc/sys while
+    installing and may not unmount them when it fails), deepest first, before deleting."""
+    prefix = str(path.resolve()) + "/"
+    try:
+        mounts = [line.split()[1].replace("\\040", " ") for line in Path("/proc/self/mounts").read_text().splitlines()]
+    except OSError:
+        return
+    for mnt in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
 
 
 #: Pinned pure-python wheels for the deps layer (resolved from PyPI once, then cached).
 PYTHON_DEPS = ("requests==2.31.0", "urllib3==2.0.7", "idna==3.6", "certifi==2023.11.17",
                "rich==13.7.0", "markdown-it-py==3.0.0", "mdurl==0.1.2", "attrs==23.2.0",
-               "packaging==23.2", "six==1.16.0", "jinja2==3.1.2", "click==8.1.7")
+               "packaging==23.2", "six==1.16.0", "jinja2==3.1.2", "click==8.1.7",
+               # a data app's typical heavy dependencies: the layer is then the bulk of the image,
+               # as in real python services, which is where cross-version dedup pays
+               "numpy==1.26.4", "pandas==2.1.4", "python-dateutil==2.8.2", "pytz==2023.3.post1",
+               "tzdata==2023.4")
 #: The package each new app version upgrades (one per version after the first).
 PYTHON_UPGRADES = ("pygments==2.15.1", "pygments==2.16.1", "pygments==2.17.2")
 SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"
@@ -481,7 +499,7 @@ def _fetch_wheels(cache: Path, specs: Iterable[str]) -> dict[str, Path]:
             batches.append([spec])
     for batch in batches:
         with tempfile.TemporaryDirectory(dir=wheels) as tmp:
-            proc = subprocess.run(["python3", "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                                    "--python-version", "3.11", "-d", tmp, *batch],
                                   capture_output=True, text=True)
             if proc.returncode != 0:

@@ -77,18 +77,22 @@ class OCILayout:
 
     @classmethod
     def init(cls, path: str | Path) -> "OCILayout":
-        """Create the layout (directory, ``oci-layout``, empty ``index.json``) unless it exists."""
+        """Create the layout (directory, ``oci-layout``, empty ``index.json``) unless it exists.
+
+        Safe against concurrent initialisation of the same directory (serialised by ``flock``).
+        """
         layout = cls(path)
         with _storage_errors(f"creating OCI layout {layout.path}"):
             layout.path.mkdir(parents=True, exist_ok=True)
-            marker = layout.path / "oci-layout"
-            if marker.exists():
-                return cls.open(path)
-            if any(p.name not in (_TMP_DIR,) for p in layout.path.iterdir()):
-                raise UsageError(f"{layout.path} exists, is not empty and is not an OCI layout")
-            (layout.path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-            atomic_write(layout.path / "index.json", canonical_json(Index([]).to_dict()))
-            atomic_write(marker, canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION}))
+            with layout._locked():
+                marker = layout.path / "oci-layout"
+                if marker.exists():
+                    return cls.open(path)
+                if any(layout.path.iterdir()):
+                    raise UsageError(f"{layout.path} exists, is not empty and is not an OCI layout")
+                (layout.path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+                atomic_write(layout.path / "index.json", canonical_json(Index([]).to_dict()))
+                atomic_write(marker, canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION}))
         return layout
 
     @classmethod

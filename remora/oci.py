@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from remora.digest import validate_digest
-from remora.errors import InvalidInput, NotFound, UnsupportedMediaType
+from remora.errors import InvalidInput, NotFound, UnsupportedMediaType, UsageError
 
 # --- media types -------------------------------------------------------------------------------
 
@@ -136,7 +136,6 @@ class Platform:
         """Parse ``os/arch[/variant]`` (e.g. ``linux/arm64/v8``)."""
         parts = s.split("/")
         if len(parts) not in (2, 3) or not all(parts):
-            from remora.errors import UsageError
             raise UsageError(f"bad platform {s!r}: expected os/arch[/variant], e.g. linux/amd64")
         return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 

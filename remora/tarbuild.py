@@ -77,6 +77,8 @@ class LayerBuilder:
 
     ``mtime`` is the default modification time (seconds, int or a decimal string such as
     ``"1700000000.123456789"`` for exact nanoseconds) of every member that does not give its own.
+    Nanoseconds, xattrs and non-ASCII names need PAX; ``format=tarfile.GNU_FORMAT`` (GNU long
+    names) or ``USTAR_FORMAT`` drop nanoseconds and xattrs, as those formats do.
     """
 
     def __init__(self, *, format: int = tarfile.PAX_FORMAT, mtime: int | str = 0):
@@ -241,7 +243,8 @@ class LayerBuilder:
                 arc = os.path.join(prefix, rel) if prefix else rel
                 st = os.lstat(full)
                 perm = stat.S_IMODE(st.st_mode)
-                kw = dict(uid=st.st_uid, gid=st.st_gid, mtime=st.st_mtime_ns // 10**9)
+                sec, ns = divmod(st.st_mtime_ns, 10**9)
+                kw = dict(uid=st.st_uid, gid=st.st_gid, mtime=f"{sec}.{ns:09d}")
                 if stat.S_ISDIR(st.st_mode):
                     self.add_dir(arc, mode=perm, **kw)
                 elif stat.S_ISLNK(st.st_mode):
@@ -284,8 +287,9 @@ class LayerBuilder:
         if compression == "none":
             self._emit(out)
         elif compression == "gzip":
-            # mtime=0 and no file name keep the gzip header, hence the digest, reproducible
-            with gzip.GzipFile(fileobj=out, mode="wb", mtime=0, filename="") as gz:
+            # mtime=0 and no file name keep the gzip header, hence the digest, reproducible; level 6 as
+            # Go's and pigz's default (9 is several times slower for little gain)
+            with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0, filename="") as gz:
                 self._emit(gz)
         elif compression == "zstd":
             import zstandard

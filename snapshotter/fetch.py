@@ -96,8 +96,11 @@ class ChunkFetcher:
         self.max_range = max_range
         self.stats = stats or Stats()
         self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="fetch")
+        # prefetch has its own single worker: it never queues in front of a reader's request
+        self._bg_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch-io")
         self._lock = threading.Lock()
         self._inflight: dict[int, Future] = {}
+        self._stored = threading.Condition(self._lock)  # notified when fetched frames are on disk
         self._local = threading.local()
         self._mem: OrderedDict[bytes, bytes] = OrderedDict()
         self._mem_bytes = 0
@@ -167,8 +170,11 @@ class ChunkFetcher:
                     out[e.chunk.digest] = results[e.chunk.frame][e.chunk.digest]
         return out
 
-    def ensure(self, extents: Iterable[Extent]) -> int:
-        """Make sure the chunks are in the disk cache (prefetch); returns the frames fetched."""
+    def ensure(self, extents: Iterable[Extent], background: bool = True) -> int:
+        """Make sure the chunks are in the disk cache (prefetch); returns the frames fetched.
+
+        With ``background`` the requests run on the prefetch worker, not the readers' pool.
+        """
         missing: dict[int, Frame] = {}
         blobs: dict[int, str] = {}
         for e in extents:
@@ -176,11 +182,19 @@ class ChunkFetcher:
                 missing[e.chunk.frame] = e.frame
                 blobs[e.chunk.frame] = e.blob
         if missing:
-            self._fetch_frames(missing, blobs)
+            self._fetch_frames(missing, blobs, self._bg_pool if background else self._pool)
+            self.wait_stored(missing)
         return len(missing)
 
+    def wait_stored(self, frames: Iterable[int], timeout: float = 60.0) -> bool:
+        """Wait until fetched ``frames`` are written to the disk cache (readers do not wait for that)."""
+        frames = list(frames)
+        with self._stored:
+            return self._stored.wait_for(lambda: not any(f in self._inflight for f in frames), timeout)
+
     # -- frames -------------------------------------------------------------------------------
-    def _fetch_frames(self, frames: dict[int, Frame], blobs: dict[int, str]) -> dict[int, dict[bytes, bytes]]:
+    def _fetch_frames(self, frames: dict[int, Frame], blobs: dict[int, str],
+                      pool: ThreadPoolExecutor | None = None) -> dict[int, dict[bytes, bytes]]:
         """Chunks of every frame in ``frames``, fetching (or waiting for) each frame once."""
         waiting: dict[int, Future] = {}
         mine: dict[int, Future] = {}
@@ -195,7 +209,7 @@ class ChunkFetcher:
         if waiting:
             self.stats.add("singleflight_waits", len(waiting))
         for job in self._plan({fid: frames[fid] for fid in mine}, blobs):
-            self._pool.submit(self._run_job, job)
+            (pool or self._pool).submit(self._run_job, job)
         results = {}
         errors = []
         for fid, fut in {**mine, **waiting}.items():
@@ -241,12 +255,6 @@ class ChunkFetcher:
         except BaseException as exc:  # a bug must not leave readers waiting forever
             log.exception("fetch of %s failed unexpectedly", job.blob)
             failures.append(f"internal error: {exc!r}")
-        to_cache = [(d, b) for chunks in results.values() for d, b in chunks.items()]
-        if to_cache:
-            try:
-                self.cache.put_many(to_cache)
-            except RemoraError as exc:  # a full/broken cache disk must not fail the read
-                log.warning("could not cache %d chunks: %s", len(to_cache), exc)
         for chunks in results.values():
             for d, b in chunks.items():
                 self._mem_put(d, b)
@@ -255,13 +263,27 @@ class ChunkFetcher:
             self.stats.add("fetch_failures", len(pending))
             err = FetchError(f"cannot fetch {len(pending)} frame(s) of {job.blob}: " + "; ".join(failures))
             log.error("%s", err)
+        # Readers are released before the disk write; the completed futures stay in ``_inflight``
+        # until the chunks are on disk, so a reader arriving meanwhile takes them from there.
         with self._lock:
             for fid, _ in job.frames:
-                fut = self._inflight.pop(fid)
+                fut = self._inflight[fid]
                 if fid in results:
                     fut.set_result(results[fid])
                 else:
                     fut.set_exception(err)
+                    del self._inflight[fid]
+        to_cache = [(d, b) for chunks in results.values() for d, b in chunks.items()]
+        try:
+            if to_cache:
+                self.cache.put_many(to_cache)
+        except RemoraError as exc:  # a full/broken cache disk must not fail the read
+            log.warning("could not cache %d chunks: %s", len(to_cache), exc)
+        finally:
+            with self._lock:
+                for fid in results:
+                    self._inflight.pop(fid, None)
+                self._stored.notify_all()
 
     def _try_source(self, source, blob: str, frames: list[tuple[int, Frame]],
                     results: dict, failures: list[str]) -> list[tuple[int, Frame]]:
@@ -275,7 +297,7 @@ class ChunkFetcher:
             data = source.read_range(blob, start, end)
         except RemoraError as exc:
             self.stats.add("source_errors")
-            log.warning("%s", exc)
+            log.info("%s", exc)  # the final FetchError (logged as an error) lists every source's failure
             failures.append(str(exc))
             return frames
         self.stats.add("bytes_fetched", len(data))
@@ -306,8 +328,9 @@ class ChunkFetcher:
             data = self._mem.get(d)
             if data is not None:
                 self._mem.move_to_end(d)
-                self.stats.values["memory_hits"] += 1
-            return data
+        if data is not None:
+            self.stats.add("memory_hits")
+        return data
 
     def _mem_put(self, d: bytes, data: bytes) -> None:
         if len(data) > self._mem_limit // 4:
@@ -323,6 +346,7 @@ class ChunkFetcher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        self._bg_pool.shutdown(wait=False)
 
 
 class Prefetcher:

@@ -150,7 +150,11 @@ class MountManager:
             if not sources:
                 raise InvalidInput(f"mount {mount_id}: no blob source given")
             spec.save(self._file(mount_id, ".json"))
-            self._start(spec)
+            try:
+                self._start(spec)
+            except BaseException:
+                self._forget(mount_id)  # a mount that never came up must not be "restored" later
+                raise
             return spec
 
     def _start(self, spec: MountSpec) -> None:
@@ -194,9 +198,12 @@ class MountManager:
             if not detach(spec.mountpoint):
                 raise StorageError(f"mount {mount_id}: cannot unmount {spec.mountpoint}")
             self._kill(mount_id, grace=timeout)
-            self._unpin(mount_id)
-            for suffix in (".json", ".pid", ".stats.json", ".log"):
-                self._file(mount_id, suffix).unlink(missing_ok=True)
+            self._forget(mount_id)
+
+    def _forget(self, mount_id: str) -> None:
+        self._unpin(mount_id)
+        for suffix in (".json", ".pid", ".stats.json", ".log"):
+            self._file(mount_id, suffix).unlink(missing_ok=True)
 
     def unmount_all(self) -> None:
         for mount_id in self.ids():

@@ -252,6 +252,9 @@ class SnapshotterServer:
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> "SnapshotterServer":
+        if len(os.fsencode(self.address)) > 107:  # sun_path is 108 bytes including the NUL
+            raise UsageError(f"socket path too long for a unix socket ({len(str(self.address))} > 107 bytes): "
+                             f"{self.address}")
         self.store = await asyncio.to_thread(SnapshotStore, self.root)
         await asyncio.to_thread(self._recover)
         await self._restore_remote()

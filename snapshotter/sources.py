@@ -185,10 +185,9 @@ class HttpBlobSource:
 
 
 def _short(exc: Exception) -> str:
-    """requests' messages nest the whole urllib3 repr; keep the informative tail."""
-    text = str(exc)
-    for marker in ("Failed to establish a new connection: ", "Read timed out", "Connection refused"):
-        if marker in text:
-            return marker.rstrip(": ") if marker != "Failed to establish a new connection: " else \
-                "connection failed: " + text.split(marker, 1)[1].rstrip(")'\"")
+    """requests nests urllib3's whole repr in its messages; keep the innermost reason."""
+    reason = exc
+    while reason.__context__ is not None and isinstance(reason.__context__, Exception):
+        reason = reason.__context__
+    text = str(reason).split(": ", 1)[-1] if "object at 0x" in str(reason) else str(reason)
     return f"{type(exc).__name__}: {text[:200]}"

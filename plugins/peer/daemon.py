@@ -28,7 +28,7 @@ from .metrics import PeerMetrics
 from .mirror import Mirror
 from .pieces import PieceStore
 from .upload import UploadServer
-from .upstream import Upstream, load_docker_credentials
+from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class PeerDaemon:
         cfg = self.cfg
         self.started_at = time.time()
         self.store = PieceStore(cfg.data_dir)
-        self.upstream = Upstream(cfg.plain_http, load_docker_credentials(cfg.registry_config), cfg.upstream_timeout)
+        self.upstream = Upstream(cfg.plain_http, cfg.registry_config, cfg.upstream_timeout)
         await self.upstream.start()
         upload = UploadServer(self.store, self.metrics, cfg.upload_slots)
         self.upload_port = await self._serve(upload.app(), cfg.upload_listen, "upload")

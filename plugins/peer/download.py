@@ -362,7 +362,9 @@ class Task:
             self._results.append(pb.PieceResult(parent_id=host.peer_id, piece=index, success=True,
                                                 cost_us=int((time.monotonic() - t0) * 1e6), size=size))
         except ParentFailure as exc:
-            self.failures += 1
+            # One bad parent counts once however many of its pieces were in flight when it failed.
+            if not (exc.blocklist and host.peer_id in self.blocklist):
+                self.failures += 1
             self.m.metrics.piece_failures.labels(exc.reason).inc()
             self._results.append(pb.PieceResult(parent_id=host.peer_id, piece=index, success=False,
                                                 cost_us=int((time.monotonic() - t0) * 1e6), error=exc.reason))

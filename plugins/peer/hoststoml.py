@@ -46,6 +46,8 @@ def render(registry: str, mirror: str, containerd: str = "2.x", dial_timeout: st
              "# remora peer, fall back to the registry when the peer is down or answers 404/5xx."]
     if registry != "_default":
         lines.append(f'server = "{registry_server(registry, plain_http)}"')
+    else:
+        lines.append("# no `server`: the fallback is the registry named in each image reference (https)")
     lines += ["", f'[host."{mirror.rstrip("/")}"]', '  capabilities = ["pull", "resolve"]']
     if containerd != "1.6" and dial_timeout:
         lines.append(f'  dial_timeout = "{dial_timeout}"')

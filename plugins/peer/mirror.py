@@ -152,14 +152,20 @@ class Mirror:
                 raise NotFound(str(exc)) from None
             entry = self.tasks.store.get(digest)
             task = None
-            if entry is None or not entry.verified:
+            if entry is not None and entry.has_layout and (entry.verified or head):
+                size = entry.content_length
+            elif head:
+                # A HEAD must not open a task: the scheduler would make us the seed of a download that
+                # nobody starts. The registry (with our credentials) says whether the blob exists.
+                size = await self.tasks.head_blob(digest, [Source(self._registry(request), name)])
+            else:
                 task = self.tasks.task(digest, Source(self._registry(request), name))
                 try:
                     entry = await task.ensure_layout()
                 except (RemoraError, asyncio.TimeoutError):
                     self.tasks.forget_if_empty(digest)
                     raise
-            size = entry.content_length
+                size = entry.content_length
             span = _parse_range(request.headers.get("Range", ""), size)
             headers = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest,
                        "Accept-Ranges": "bytes", "Docker-Distribution-API-Version": "registry/2.0"}

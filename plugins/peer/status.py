@@ -56,7 +56,7 @@ def render(status: dict, console=None) -> None:
     console.print(head)
 
     table = Table(title="blobs")
-    for col, kw in (("digest", {}), ("state", {}), ("size", {"justify": "right"}),
+    for col, kw in (("digest", {"no_wrap": True, "min_width": 12}), ("state", {}), ("size", {"justify": "right"}),
                     ("pieces", {"justify": "right"}), ("from peers", {"justify": "right"}),
                     ("from registry", {"justify": "right"}), ("notes", {})):
         table.add_column(col, **kw)

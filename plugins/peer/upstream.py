@@ -1,7 +1,9 @@
 """The registry side of the peer: async OCI distribution requests with this node's own credentials.
 
-Only the peer that talks to the registry ever holds credentials: they are read from this node's docker
-``config.json`` and never put on the wire to other peers (pieces carry no headers of the registry).
+Only the peer that talks to the registry ever holds credentials: they are this node's own (read with
+:func:`remora.registry.auth.load_credentials`: ``REMORA_USERNAME``/``REMORA_PASSWORD``, then the docker
+config's credential helpers and ``auths``), and they are never put on the wire to other peers (pieces
+carry no headers of the registry).
 Handles the two auth schemes of the distribution spec (Basic, and Bearer tokens from the realm named in
 ``WWW-Authenticate``), follows redirects to blob storage by hand so ``Authorization`` never leaks to
 another host, and maps failures onto :mod:`remora.errors` (404 -> NotFound, 401/403 -> AuthError, the
@@ -10,10 +12,7 @@ rest -> RegistryError) so the mirror can answer containerd with a clean status.
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -22,46 +21,12 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import aiohttp
 
 from remora.errors import AuthError, NotFound, RegistryError
+from remora.registry.auth import Credentials, is_loopback, load_credentials
 
 log = logging.getLogger(__name__)
 
 #: Docker Hub's name in image references vs the host that serves its API.
 HUB_ALIASES = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
-
-
-def load_docker_credentials(path: Path | None) -> dict[str, tuple[str, str]]:
-    """``{registry host: (user, password)}`` from a docker ``config.json`` (``auths`` only).
-
-    Uses :func:`remora.registry.auth.load_credentials` when the core provides it, so every remora
-    component reads credentials the same way.
-    """
-    try:
-        from remora.registry.auth import load_credentials  # type: ignore
-    except ImportError:
-        load_credentials = None
-    if load_credentials is not None:
-        try:
-            return dict(load_credentials(path))
-        except TypeError:
-            pass
-    if path is None:
-        path = Path(os.environ.get("DOCKER_CONFIG", Path.home() / ".docker")) / "config.json"
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise AuthError(f"cannot read registry credentials from {path}: {exc}") from exc
-    creds = {}
-    for host, entry in (doc.get("auths") or {}).items():
-        host = re.sub(r"^https?://", "", host).split("/")[0]
-        if entry.get("auth"):
-            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-        else:
-            user, password = entry.get("username", ""), entry.get("password", "")
-        if user:
-            creds[host] = (user, password)
-    return creds
 
 
 def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -73,10 +38,11 @@ def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 class Upstream:
     """One aiohttp session to any number of registries, with per-host auth state."""
 
-    def __init__(self, plain_http: list[str] | None = None, credentials: dict[str, tuple[str, str]] | None = None,
+    def __init__(self, plain_http: list[str] | None = None, docker_config: Path | None = None,
                  timeout: float = 30.0):
         self.plain_http = set(plain_http or [])
-        self.credentials = dict(credentials or {})
+        self.docker_config = docker_config
+        self._credentials: dict[str, Credentials | None] = {}
         self.timeout = timeout
         self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -93,17 +59,14 @@ class Upstream:
     # -- addressing -----------------------------------------------------------------------------------
     def endpoint(self, registry: str) -> str:
         host = HUB_ALIASES.get(registry, registry)
-        name = host.split(":")[0]
-        plain = registry in self.plain_http or host in self.plain_http or name in ("localhost", "127.0.0.1", "::1") \
-            or name.startswith("127.")
+        plain = registry in self.plain_http or host in self.plain_http or is_loopback(host)
         return f"{'http' if plain else 'https'}://{host}"
 
-    def _creds(self, registry: str) -> tuple[str, str] | None:
-        for key in (registry, HUB_ALIASES.get(registry, registry), "https://index.docker.io/v1/"
-                    if registry in HUB_ALIASES else registry):
-            if key in self.credentials:
-                return self.credentials[key]
-        return None
+    async def _creds(self, registry: str) -> Credentials | None:
+        """This node's credentials for ``registry`` (looked up once; helpers may run a program)."""
+        if registry not in self._credentials:
+            self._credentials[registry] = await asyncio.to_thread(load_credentials, registry, self.docker_config)
+        return self._credentials[registry]
 
     # -- requests -------------------------------------------------------------------------------------
     async def request(self, method: str, registry: str, path: str, headers: dict[str, str] | None = None,
@@ -161,19 +124,17 @@ class Upstream:
         token = self._tokens.get((registry, scope))
         if token and token[1] > time.monotonic():
             return token[0]
-        creds = self._creds(registry)
-        if creds and (registry, "basic") in self._tokens:
-            return self._tokens[(registry, "basic")][0]
-        return None
+        basic = self._tokens.get((registry, "basic"))
+        return basic[0] if basic else None
 
     async def _authenticate(self, registry: str, scope: str, challenge: str) -> None:
         scheme, params = _parse_challenge(challenge)
-        creds = self._creds(registry)
-        basic = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode() if creds else None
+        creds = await self._creds(registry)
+        basic = f"Basic {creds.basic()}" if creds and creds.basic() else None
         if scheme == "basic":
             if not basic:
                 raise AuthError(f"{registry} requires credentials and this node has none for it "
-                                "(add them to the docker config.json given by --registry-config)")
+                                "(docker login on this node, or --registry-config)")
             self._tokens[(registry, "basic")] = (basic, float("inf"))
             return
         if scheme != "bearer" or "realm" not in params:

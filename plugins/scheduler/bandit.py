@@ -3,23 +3,28 @@
 The weighted score trusts what peers declare and what probes measured. Those are often missing (a new
 peer, no probe yet) or wrong (a declared 1 Gbit/s uplink that is saturated by another job), while the
 quantity that matters — how long a piece from this parent takes — is reported for every piece anyway.
-Each parent is an arm; pulling it is handing it out as a parent; the reward of a piece is its throughput
-relative to the best parent's mean throughput (so rewards sit in [0, 1] whatever the link speeds).
+Each parent is an arm; handing it out is pulling it; the reward of a piece is its throughput.
 
-Score of arm i (UCB1 with a prior and discounting)::
+The bandit replaces only the *speed* part of the weighted score (the bandwidth and RTT terms); free
+upload slots, pieces held and locality keep their weights, since no piece time says whether a parent
+holds the pieces the child lacks. For each candidate i::
 
-    mean_i  = (gamma-discounted sum of rewards + n0 * prior_i) / (discounted count + n0)
-    score_i = mean_i + c * sqrt(ln(total count + 1) / (discounted count + n0))
+    prior_i = population * belief_i / mean(belief)        # throughput units
+    post_i  = (count_i * mean_i + n0 * prior_i) / (count_i + n0)
+    ucb_i   = post_i / max_j(post_j) + c * sqrt(ln(N + 1) / (count_i + n0))
+    score_i = w_free * free_i + w_pieces * pieces_i + w_locality * locality_i + (w_bw + w_rtt) * ucb_i
 
-* ``prior_i`` is the weighted score (:class:`.selection.WeightedScorer`): an arm nobody tried yet starts
-  where the heuristics put it, with a wide bonus, instead of at +infinity (plain UCB would try every one
-  of 40 candidates before exploiting anything);
+* ``mean_i``/``count_i``: discounted mean throughput and number of pieces from parent i; ``N``: the
+  discounted number of all pieces; ``population``: the discounted mean throughput of all recent pieces;
+* ``belief_i``: the weighted scorer's bandwidth/RTT features (unknown = 0.5). An untried parent starts
+  as "an average parent, tilted by what the heuristics know" — not at +infinity as in plain UCB, which
+  would try all 40 candidates before exploiting anything, and not at the bare heuristic score, which
+  would never beat a parent observed once (its normalized reward is 1.0 by construction);
 * ``gamma`` < 1 discounts old observations, since a parent's speed changes (it takes on more children,
   its uplink gets busy): discounted UCB (Garivier & Moulines 2008) keeps tracking it;
-* ``c`` trades exploration against exploitation. Every new peer is a new arm, so a mesh has many arms
-  and few pulls each: textbook values (c ~ 1, n0 = 1) explore far too much. The defaults (c = 0.15,
-  n0 = 4 pseudo-pieces of prior) came out best in benchmarks/bench_parent_selection.py (c 0.05–0.5,
-  n0 1–8, gamma 0.99–0.995); c = 0.5 with n0 = 1 was worse than random there.
+* ``c`` trades exploration against exploitation; ``n0`` is how many pieces' worth of evidence the prior
+  counts as. Every new peer is a new arm, so a mesh has many arms and few pulls each: textbook values
+  (c ~ 1, n0 = 1) explore far too much. See benchmarks/bench_parent_selection.py for the comparison.
 
 Observations are pooled over children and tasks: a parent's upload speed is a property of the parent.
 """
@@ -29,7 +34,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from .selection import Candidate, WeightedScorer
+from .selection import UNKNOWN, Candidate, WeightedScorer
 
 
 @dataclass
@@ -42,7 +47,7 @@ class Arm:
 class BanditScorer:
     name = "bandit"
 
-    def __init__(self, c: float = 0.15, gamma: float = 0.995, prior_weight: float = 4.0,
+    def __init__(self, c: float = 0.05, gamma: float = 0.99, prior_weight: float = 8.0,
                  failure_penalty: float = 0.0, prior: WeightedScorer | None = None, max_arms: int = 50_000):
         if c < 0 or not 0 < gamma <= 1 or prior_weight <= 0:
             raise ValueError("bandit needs c >= 0, 0 < gamma <= 1, prior_weight > 0")
@@ -97,28 +102,33 @@ class BanditScorer:
         return self.total_throughput / self.total_count if self.total_count > 1e-12 else 0.0
 
     def score(self, child_id: str, candidates: list[Candidate]) -> None:
-        self.prior.score(child_id, candidates)   # candidate.score = weighted score, replaced below
         if not candidates:
             return
+        w = self.prior.weights
+        speed_weight = w.bandwidth + w.rtt
         log_total = math.log(self.total_count + 1.0)
         n0 = self.prior_weight
-        population = self.population_throughput()
-        if population <= 0:
-            # Nothing observed yet: the heuristics decide, every arm with the same exploration bonus.
-            for cand in candidates:
-                cand.score += self.c * math.sqrt(log_total / n0)
-            return
-        # Prior in throughput units: the recent average, tilted by how the heuristics rank this candidate
-        # against the others. Relative to the best posterior of this decision, rewards sit in [0, 1].
-        mean_prior = statistics.fmean(c.score for c in candidates) or 1.0
-        posterior, counts = {}, {}
+        # What the heuristics believe about each candidate's speed (bandwidth and RTT features), in [0, 1].
+        beliefs = []
         for cand in candidates:
-            prior = population * cand.score / mean_prior
+            f = cand.features
+            bw = UNKNOWN if f.bandwidth is None else f.bandwidth
+            rtt = UNKNOWN if f.rtt is None else f.rtt
+            beliefs.append((w.bandwidth * bw + w.rtt * rtt) / speed_weight)
+        population = self.population_throughput()
+        mean_belief = statistics.fmean(beliefs) or 1.0
+        posterior, counts = [], []
+        for cand, belief in zip(candidates, beliefs):
             mean = self.mean_throughput(cand.peer_id)
             count = self._decayed(self.arms[cand.peer_id]).count if mean is not None else 0.0
-            posterior[cand.peer_id] = (count * (mean or 0.0) + n0 * prior) / (count + n0)
-            counts[cand.peer_id] = count
-        best = max(posterior.values()) or 1.0
-        for cand in candidates:
-            n = counts[cand.peer_id] + n0
-            cand.score = posterior[cand.peer_id] / best + self.c * math.sqrt(log_total / n)
+            if population > 0:
+                # Prior in throughput units: the recent average piece, tilted by the heuristics' belief.
+                prior = population * belief / mean_belief
+                posterior.append((count * (mean or 0.0) + n0 * prior) / (count + n0))
+            else:
+                posterior.append(belief)       # nothing observed yet: the heuristics alone
+            counts.append(count)
+        best = max(posterior) or 1.0
+        for cand, post, count in zip(candidates, posterior, counts):
+            ucb = post / best + self.c * math.sqrt(log_total / (count + n0))
+            cand.score = self.prior.value_without_speed(cand.features) + speed_weight * ucb

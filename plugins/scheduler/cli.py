@@ -51,12 +51,12 @@ def register_scheduler(subparsers) -> None:
                         "a corrupt piece blocklists at once (default: %(default)s)")
     p.add_argument("--probe-interval", type=float, default=30.0, metavar="SECONDS",
                    help="how often peers measure RTTs to each other (default: %(default)s)")
-    p.add_argument("--bandit-c", type=float, default=0.15, metavar="C",
+    p.add_argument("--bandit-c", type=float, default=0.05, metavar="C",
                    help="UCB exploration weight (rewards are in [0,1]) (default: %(default)s)")
-    p.add_argument("--bandit-prior-weight", type=float, default=4.0, metavar="N",
+    p.add_argument("--bandit-prior-weight", type=float, default=8.0, metavar="N",
                    help="how many pieces' worth of evidence the weighted score counts as for an "
                         "untried parent (default: %(default)s)")
-    p.add_argument("--bandit-gamma", type=float, default=0.995, metavar="G",
+    p.add_argument("--bandit-gamma", type=float, default=0.99, metavar="G",
                    help="UCB discount per observation, 1 = never forget (default: %(default)s)")
     p.set_defaults(func=run)
 

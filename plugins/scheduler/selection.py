@@ -113,6 +113,11 @@ class WeightedScorer:
                 + w.rtt * (UNKNOWN if f.rtt is None else f.rtt)
                 + w.free_upload * f.free_upload + w.pieces * f.pieces + w.locality * f.locality)
 
+    def value_without_speed(self, f: Features) -> float:
+        """The part of the score that is not about link speed (the bandit learns that part instead)."""
+        w = self.weights
+        return w.free_upload * f.free_upload + w.pieces * f.pieces + w.locality * f.locality
+
     def score(self, child_id: str, candidates: list[Candidate]) -> None:
         for c in candidates:
             c.score = self.value(c.features)

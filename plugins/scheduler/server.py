@@ -51,9 +51,9 @@ class SchedulerConfig:
     max_schedule_failures: int = 25      # parentless answers in a row before back-to-source (~5 s)
     max_piece_failures: int = 3          # failed pieces in a row before a parent is blocklisted
     scorer: str = "weighted"             # "weighted" or "bandit"
-    bandit_c: float = 0.15
-    bandit_gamma: float = 0.995
-    bandit_prior_weight: float = 4.0
+    bandit_c: float = 0.05
+    bandit_gamma: float = 0.99
+    bandit_prior_weight: float = 8.0
     random_seed: int | None = None
     selection: SelectionConfig = field(default_factory=SelectionConfig)
 

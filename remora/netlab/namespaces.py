@@ -365,6 +365,13 @@ class Lab:
         self._closed = True
         errors = []
         try:
+            # SIGTERM every daemon first, then wait for each: a lab of 20 daemons stops in one grace period
+            for daemon in self.daemons:
+                if daemon.alive():
+                    try:
+                        os.killpg(daemon.pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
             for daemon in reversed(self.daemons):
                 try:
                     daemon.stop(grace=5)

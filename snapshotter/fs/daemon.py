@@ -29,7 +29,8 @@ def serve(spec: MountSpec) -> int:
 
     bootstrap = Bootstrap(spec.bootstrap)
     cache = ChunkCache(spec.cache_dir, spec.cache_limit)
-    cache.pin(spec.id, (c.digest for c in bootstrap.chunk_table().chunks))
+    # streamed straight from the bootstrap's chunk table (docs/format.md), not loaded whole
+    cache.pin(spec.id, (d for (d,) in bootstrap.connection().execute("SELECT digest FROM chunks")))
     stats = Stats()
     fetcher = ChunkFetcher(bootstrap, cache, [open_source(s) for s in spec.sources], max_gap=spec.max_gap,
                            max_range=spec.max_range, parallel=spec.parallel, stats=stats)
@@ -47,7 +48,7 @@ def serve(spec: MountSpec) -> int:
     try:
         mfusepy.FUSE(ops, spec.mountpoint, foreground=True, ro=True, allow_other=True, default_permissions=True,
                      fsname=f"remora:{spec.id}", subtype="remora", use_ino=True, kernel_cache=True,
-                     entry_timeout=t, attr_timeout=t, negative_timeout=0)
+                     entry_timeout=t, attr_timeout=t, negative_timeout=t)
     finally:
         if prefetcher:
             prefetcher.stop()

@@ -12,8 +12,6 @@ from remora.imagebuild import LayerSpec, busybox_image, tar_of_files, write_imag
 from remora.imagestore import LayoutStore, RegistryStore, copy_blob, open_store
 from remora.oci import MEDIA_TYPE_OCI_LAYER_GZIP, Descriptor, parse_index, parse_manifest, select_platform
 
-from tests.conftest import AUTH_PASSWORD, AUTH_USER
-
 
 def _repo(prefix="core"):
     return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}/img"
@@ -173,6 +171,7 @@ def test_registry_push_blob_with_wrong_digest_is_refused(registry, tmp_path):
 
 
 def test_auth_registry(auth_registry):
+    ((AUTH_USER, AUTH_PASSWORD),) = auth_registry.users.items()
     ref = f"{auth_registry.host}/{_repo()}:v1"
     with pytest.raises(AuthError):
         busybox_image(ref)

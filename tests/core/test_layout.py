@@ -141,3 +141,30 @@ def test_copy_blob_between_layouts(tmp_path):
     assert b.copy_blob_from(a, d, s)
     assert b.read_blob(d) == b"shared"
     assert not b.copy_blob_from(a, sha256_digest(b"missing"))
+
+
+def _init_and_tag(path, i):
+    _store_manifest(OCILayout.init(path), f"p{i}", json.dumps({"p": i}).encode())
+
+
+def test_concurrent_init_of_a_new_layout(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_init_and_tag, args=(tmp_path / "new", i)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert set(OCILayout.open(tmp_path / "new").tags()) == {"p0", "p1", "p2", "p3"}
+
+
+def test_index_json_without_media_type_is_read(tmp_path):
+    """Layouts written before image-spec 1.1 (and by some tools) omit mediaType in index.json."""
+    layout = OCILayout.init(tmp_path)
+    desc = _store_manifest(layout, "v1")
+    raw = json.loads((tmp_path / "index.json").read_text())
+    del raw["mediaType"]
+    (tmp_path / "index.json").write_text(json.dumps(raw))
+    assert layout.resolve("v1").digest == desc.digest
+    _store_manifest(layout, "v2", b'{"v":2}')  # and it can be updated
+    assert set(layout.tags()) == {"v1", "v2"}

@@ -23,15 +23,15 @@ def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def push_blob(registry_url: str, repo: str, data: bytes) -> str:
+def push_blob(registry_url: str, repo: str, data: bytes, auth: tuple[str, str] | None = None) -> str:
     digest = sha(data)
-    r = requests.post(f"{registry_url}/v2/{repo}/blobs/uploads/", timeout=10)
+    r = requests.post(f"{registry_url}/v2/{repo}/blobs/uploads/", timeout=10, auth=auth)
     r.raise_for_status()
     location = r.headers["Location"]
     if location.startswith("/"):
         location = registry_url + location
     sep = "&" if "?" in location else "?"
-    r = requests.put(f"{location}{sep}digest={digest}", data=data, timeout=60,
+    r = requests.put(f"{location}{sep}digest={digest}", data=data, timeout=60, auth=auth,
                      headers={"Content-Type": "application/octet-stream"})
     r.raise_for_status()
     return digest

@@ -15,7 +15,7 @@ from remora.plugins.peer.config import MIN_PIECE_SIZE
 from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
 from remora.procutil import free_port
 
-from peer_util import push_blob, sha, start_peer, unique
+from peer_util import push_blob, start_peer, unique
 
 BLOB_SIZE = 12 * MIN_PIECE_SIZE + 999
 

@@ -31,21 +31,23 @@ def play(bandit: BanditScorer, rates: list[float], rounds: int, rng: random.Rand
 
 def test_converges_to_the_best_arm():
     rates = [5e6, 20e6, 8e6, 30e6, 12e6, 2e6, 25e6, 10e6]   # bytes/s; p3 is best, p6 close second
-    picks = play(BanditScorer(c=0.5, gamma=1.0), rates, 1500, random.Random(1))
+    picks = play(BanditScorer(), rates, 1500, random.Random(1))   # the shipped defaults
     tail = picks[-500:]
-    assert tail.count(3) / len(tail) > 0.7
+    assert tail.count(3) / len(tail) > 0.8
     assert tail[-100:].count(3) > 80
-    assert set(picks[:60]) == set(range(len(rates)))          # it did explore every arm
+    assert set(picks) == set(range(len(rates)))               # it did explore every arm
 
 
 def test_tracks_a_parent_that_slows_down():
-    rates = [10e6, 30e6, 15e6]
-    rng = random.Random(2)
-    bandit = BanditScorer(c=0.5, gamma=0.98)
-    assert play(bandit, rates, 600, rng)[-200:].count(1) > 150
-    rates[1] = 1e6                    # the best parent's uplink gets saturated by someone else
-    picks = play(bandit, rates, 600, rng)
-    assert picks[-200:].count(2) > 150
+    """Discounting is what lets it follow a change; without it (gamma = 1) it stays on the old best."""
+    for gamma, follows in ((0.99, True), (1.0, False)):
+        rates = [10e6, 30e6, 15e6]
+        rng = random.Random(2)
+        bandit = BanditScorer(gamma=gamma)
+        assert play(bandit, rates, 600, rng)[-200:].count(1) > 150
+        rates[1] = 1e6                    # the best parent's uplink gets saturated by someone else
+        picks = play(bandit, rates, 600, rng)
+        assert (picks[-200:].count(2) > 150) is follows
 
 
 def test_failures_count_against_an_arm():

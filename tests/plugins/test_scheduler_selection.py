@@ -182,3 +182,17 @@ def test_candidate_sampling_bounds_work(state):
         peer(state, f"p{i}", pieces=range(10))
     decision = selector(state, candidate_limit=10, parent_limit=4).select(state.tasks[TASK], "child")
     assert decision.sampled == 10 and len(decision.parents) == 4
+
+
+def test_parent_selection_benchmark_runs(capsys):
+    """Keep benchmarks/bench_parent_selection.py working (tiny run; its figures are not asserted)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_parent_selection.py"
+    spec = importlib.util.spec_from_file_location("bench_parent_selection", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--seeds", "1", "--children", "6", "--pieces", "8", "--scenario", "mixed"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.split()[:1]]
+    assert {"random", "weighted", "bandit"} <= set(rows)

@@ -51,7 +51,8 @@ def _data(rng: random.Random, n: int) -> bytes:
 
 
 def build_image(workdir: Path, registry_host: str, n_small: int = 60, big_size: int = 3 << 20,
-                prefetch_paths: tuple[bytes, ...] = (b"/etc/hot.conf",), seed: int = 7) -> Image:
+                prefetch_paths: tuple[bytes, ...] = (b"/etc/hot.conf",), seed: int = 7,
+                credentials: tuple[str, str] | None = None) -> Image:
     """A realistic little image in two data blobs, pushed to ``registry_host`` under a unique repo."""
     rng = random.Random(seed)
     workdir = Path(workdir)
@@ -146,7 +147,7 @@ def build_image(workdir: Path, registry_host: str, n_small: int = 60, big_size: 
     bootstrap = workdir / "bootstrap.db"
     write_bootstrap(bootstrap, tree, table, prefetch=[tree.lookup(p).ino for p in prefetch_paths])
     repo = f"lazytest/img-{uuid.uuid4().hex[:10]}"
-    client = RegistryClient(registry_host)
+    client = RegistryClient(registry_host, credentials=credentials)
     for dg, path in blob_paths.items():
         client.push_blob(repo, dg, path.stat().st_size, path)
     client.close()
@@ -167,6 +168,8 @@ class CountingProxy:
         self.requests: list[str] = []
         self.bytes = 0
         self._lock = threading.Lock()
+        self._session = requests.Session()  # keep-alive to the registry: the proxy adds little latency
+        self._session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=32))
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -189,7 +192,7 @@ class CountingProxy:
                     self.end_headers()
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() in ("range", "authorization", "accept")}
-                r = requests.get(proxy.upstream + self.path.split("?")[0], headers=headers, timeout=10)
+                r = proxy._session.get(proxy.upstream + self.path.split("?")[0], headers=headers, timeout=10)
                 body = r.content
                 if proxy.mode == "flip" and body:
                     body = bytearray(body)

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,16 +42,23 @@ def suite_binary(tmp_path_factory, cache_dir) -> Path:
     return out
 
 
-def test_containerd_snapshotter_suite(suite_binary, tmp_path):
+@pytest.fixture
+def short_tmp():
+    """The suite puts each case's socket in TMPDIR: keep it short (unix socket paths <= 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="rsuite-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_containerd_snapshotter_suite(suite_binary, short_tmp, tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
-    env = dict(os.environ, REMORA_SUITE_LOGS=str(logs), TMPDIR=str(tmp_path),
+    env = dict(os.environ, REMORA_SUITE_LOGS=str(logs), TMPDIR=str(short_tmp),
                REMORA_SNAPSHOTTER_CMD=json.dumps([sys.executable, "-m", "remora.snapshotter.cli"]))
     proc = subprocess.run([str(suite_binary), "-test.v", "-test.timeout", "240s", "-test.parallel", "2"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=short_tmp, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
-    results = dict(re.findall(r"--- (PASS|FAIL|SKIP): TestRemoraSnapshotter/(\S+)", out)[i][::-1]
-                   for i in range(len(re.findall(r"--- (PASS|FAIL|SKIP): TestRemoraSnapshotter/(\S+)", out))))
+    results = {case: verdict for verdict, case in re.findall(r"--- (PASS|FAIL|SKIP): TestRemoraSnapshotter/(\S+)", out)}
     failed = sorted(k for k, v in results.items() if v == "FAIL")
     tail = "\n".join(out.splitlines()[-80:])
     assert proc.returncode == 0 and not failed, f"failed: {failed}\n{tail}"
@@ -61,4 +69,4 @@ def test_containerd_snapshotter_suite(suite_binary, tmp_path):
     assert len(results) >= 20, results
     # every per-case snapshotter stopped cleanly and left no mount behind
     with open("/proc/self/mountinfo") as f:
-        assert str(tmp_path) not in f.read()
+        assert str(short_tmp) not in f.read()

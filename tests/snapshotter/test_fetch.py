@@ -150,6 +150,7 @@ def test_corrupted_cache_entry_is_detected_and_refetched(image, proxy, tmp_path)
     assert read_path(fresh, b"/data/deep/er/file") == data
     assert fresh.cache.corrupt == 1
     assert len(proxy.blob_requests()) == 1
+    assert fresh.wait_stored([e.chunk.frame])
     assert fresh.cache.get(e.chunk.digest) == data
 
 
@@ -174,3 +175,20 @@ def test_prefetch_follows_the_list_then_everything(image, proxy, tmp_path):
     assert f.cache.info()["chunks"] == len(image.table.chunks)
     assert s["merged_requests"] >= 1
     assert s["requests"] <= 4, "whole image in a few merged requests"
+
+
+def test_authenticated_registry_needs_and_uses_credentials(auth_registry, tmp_path):
+    from conftest import AUTH_PASSWORD, AUTH_USER
+
+    img = build_image(tmp_path / "img", auth_registry.host, n_small=3, big_size=1 << 16,
+                      credentials=(AUTH_USER, AUTH_PASSWORD))
+    bs = Bootstrap(img.bootstrap)
+    ino = bs.lookup_path(b"/etc/hot.conf").ino
+    for kind, url in (("registry", auth_registry.url), ("peer", auth_registry.url)):
+        spec = SourceSpec(url=url, repo=img.repo, kind=kind, username=AUTH_USER, password=AUTH_PASSWORD, retries=0)
+        f = ChunkFetcher(bs, ChunkCache(tmp_path / kind, 1 << 30), [open_source(spec)])
+        assert f.read(ino, 0, 1000) == img.contents[b"/etc/hot.conf"]
+        anonymous = SourceSpec(url=url, repo=img.repo, kind=kind, retries=0)
+        g = ChunkFetcher(bs, ChunkCache(tmp_path / (kind + "-anon"), 1 << 30), [open_source(anonymous)])
+        with pytest.raises(FetchError, match="(?i)auth|credential|401"):
+            g.read(ino, 0, 1000)

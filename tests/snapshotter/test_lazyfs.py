@@ -16,6 +16,7 @@ import pytest
 
 from lazy_support import CountingProxy, build_image, dead_port_url
 from remora.cache import ChunkCache
+from remora.errors import StorageError
 from remora.procutil import wait_until
 from remora.snapshotter.mount import MountManager, detach, mounted_fstype
 from remora.snapshotter.sources import SourceSpec
@@ -136,7 +137,7 @@ def test_corrupted_cache_entry_is_refetched_through_the_mount(manager, image, pr
         assert f.read() == image.contents[target]
     assert published(manager, "m1", "cache_corrupt", "cache") == 1
     assert len(proxy.blob_requests()) == 1
-    assert cache.get(digest) == image.contents[target]
+    wait_until(lambda: cache.get(digest) == image.contents[target], 5, what="refetched chunk cached")
 
 
 def test_registry_returning_wrong_bytes_gives_eio_and_caches_nothing(manager, image, registry, tmp_path):
@@ -217,3 +218,11 @@ def test_prefetch_and_prometheus_metrics(manager, image, proxy, tmp_path):
     requests = [l for l in text.splitlines() if l.startswith('remora_fetch_requests_total{mount="m1"}')]
     assert requests and float(requests[0].split()[-1]) == len(proxy.blob_requests()) >= 1
     assert "remora_fuse_op_seconds_bucket" in text and "remora_cache_bytes" in text
+
+
+def test_a_mount_that_cannot_start_reports_why_and_leaves_nothing(manager, image, tmp_path):
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StorageError, match="not a remora bootstrap"):
+        manager.mount("bad", bad, tmp_path / "mnt-bad", [source("http://127.0.0.1:1", image.repo)])
+    assert manager.ids() == [] and mounted_fstype(tmp_path / "mnt-bad") is None

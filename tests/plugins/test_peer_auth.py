@@ -1,0 +1,63 @@
+"""Registry credentials stay on the node that has them: the mesh serves peers that have none."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+import aiohttp
+import pytest
+
+from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
+
+from peer_util import push_blob, start_peer, unique
+
+AUTH = ("remora", "s3cret-pass")  # tests/conftest.py's auth_registry user
+
+
+@pytest.fixture(autouse=True)
+def no_env_credentials(monkeypatch):
+    monkeypatch.delenv("REMORA_USERNAME", raising=False)
+    monkeypatch.delenv("REMORA_PASSWORD", raising=False)
+
+
+def docker_config(path, registry_host: str | None) -> str:
+    auths = {registry_host: {"auth": base64.b64encode(":".join(AUTH).encode()).decode()}} if registry_host else {}
+    path.write_text(json.dumps({"auths": auths}))
+    return path
+
+
+async def get(peer, host, repo, digest):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{peer.mirror_url}/v2/{repo}/blobs/{digest}?ns={host}") as r:
+            return r.status, await r.read()
+
+
+async def test_only_the_node_with_credentials_talks_to_the_registry(tmp_path, auth_registry):
+    repo = unique("auth/app")
+    data = os.urandom(1_500_000)
+    digest = push_blob(auth_registry.url, repo, data, auth=AUTH)
+    sched = await SchedulerServer(SchedulerConfig(), "127.0.0.1:0").start()
+    started = []
+    try:
+        lonely = await start_peer(tmp_path, "lonely", registry_config=docker_config(tmp_path / "none.json", None))
+        started.append(lonely)
+        status, body = await get(lonely, auth_registry.host, repo, digest)
+        assert status == 502 and b"credentials" in body, "no credentials: a clean 5xx, never a 401 or a 200"
+
+        seed = await start_peer(tmp_path, "seed", [sched.address],
+                                registry_config=docker_config(tmp_path / "seed.json", auth_registry.host))
+        started.append(seed)
+        assert await get(seed, auth_registry.host, repo, digest) == (200, data)
+
+        child = await start_peer(tmp_path, "child", [sched.address],
+                                 registry_config=docker_config(tmp_path / "child.json", None))
+        started.append(child)
+        assert await get(child, auth_registry.host, repo, digest) == (200, data)
+        m = child.metrics.registry.get_sample_value
+        assert m("remora_peer_download_bytes_total", {"source": "peer"}) == len(data)
+        assert (m("remora_peer_download_bytes_total", {"source": "registry"}) or 0) == 0
+    finally:
+        for p in started:
+            await p.stop()
+        await sched.stop(0)
