@@ -8,17 +8,21 @@ registries are 5-50 ms away). Baselines are measured in the same run:
 * ``whole image``: fetch every chunk with range merging (default gap/size thresholds) vs with merging
   disabled (one request per frame).
 
-Run: ``python benchmarks/bench_lazy_fetch.py [--files 2000] [--rtt 10]``. Measured here (2 shared
-cores, loopback, 10 ms added per request, 2000 small files + a 3 MiB file, two blobs, one run):
+Run: ``python benchmarks/bench_lazy_fetch.py [--files 2000] [--rtt 10] [--big-mib 64]``. Measured here
+(2 shared cores under load, loopback + 10 ms per request, 2000 small files and a 64 MiB file that
+dedups to 16 MiB, 160 frames, 18.6 MB of blobs; two runs):
 
-==============================  ==========  ==============================
-case                            time        requests / bytes on the wire
-==============================  ==========  ==============================
-first file, lazy                see output  1 request, one frame
-first file, full blob download  see output  2 requests, every byte
-whole image, merged ranges      see output  few requests
-whole image, one request/frame  see output  one per frame
-==============================  ==========  ==============================
+===============================  ===============  ========  ============
+case                             time             requests  bytes
+===============================  ===============  ========  ============
+first file, lazy                 106 / 41 ms      1         19,713
+first file, full blob download   297 / 204 ms     2         18,650,624
+whole image, merged ranges       742 / 607 ms     3         18,646,981
+whole image, one request/frame   2691 / 3093 ms   160       18,646,981
+===============================  ===============  ========  ============
+
+Lazy first read: x2.8 / x5.0 faster and ~950x fewer bytes than downloading the blobs; merging:
+x3.6 / x5.1 faster for a whole-image prefetch (53x fewer requests). The gap grows with RTT.
 """
 from __future__ import annotations
 
@@ -45,11 +49,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--rtt", type=float, default=10.0, help="added latency per request, ms")
+    ap.add_argument("--big-mib", type=int, default=64, help="size of the one large file, MiB")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-lazy-"))
     try:
         with LocalRegistry(root=work / "registry") as reg:
-            img = build_image(work / "img", reg.host, n_small=args.files)
+            img = build_image(work / "img", reg.host, n_small=args.files, big_size=args.big_mib << 20)
             with CountingProxy(reg.url, delay=args.rtt / 1000) as px:
                 bs = Bootstrap(img.bootstrap)
                 rows = []
@@ -86,7 +91,7 @@ def main() -> None:
                     f.chunks(extents)
                     rows.append((name, time.perf_counter() - t, len(px.blob_requests()), px.bytes))
                     f.wait_stored({e.chunk.frame for e in extents})  # disk writes must not overlap the next case
-        print(f"{args.files} small files + 3 MiB file, {len(img.table.frames)} frames, "
+        print(f"{args.files} small files + {args.big_mib} MiB file, {len(img.table.frames)} frames, "
               f"{sum(s for _, s in img.table.blobs)} blob bytes, +{args.rtt:.0f} ms per request")
         print(f"{'case':34} {'time':>9} {'requests':>9} {'bytes':>10}")
         for name, secs, n, nbytes in rows:

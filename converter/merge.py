@@ -13,11 +13,13 @@ tree instead, with the OCI image-spec (layer.md) rules where containerd is loose
   ``.wh..wh.plnk/*`` regular files, which (as in containerd) serve as hard-link targets only.
 * A member replaces whatever is at its path, except a directory over a directory, which keeps its
   children and takes the member's metadata. Missing parent directories are created (0755, root,
-  mtime 0; containerd uses 0700, moby 0755). A parent that exists but is not a directory is an error.
+  mtime 0; containerd uses 0700, moby 0755), for whiteout markers too, as containerd does. A
+  parent that exists but is not a directory is an error. tests/converter/test_merge.py checks the
+  result against containerd 1.6 applying the same layers on overlayfs, entry by entry.
 * Hard links (LNKTYPE) make two entries share one :class:`Inode`, within a layer or to a lower
-  layer's file. As in containerd, the link header's uid/gid, mtime and xattrs (added, not
-  replacing) are applied to the shared inode, its mode is not; writers put the inode's own
-  metadata there, so this only matters for hand-made tars. A link to a missing path or a
+  layer's file. As in containerd, the link header's uid/gid, permission bits (not on a symlink),
+  mtime and xattrs (added, not replacing) are applied to the shared inode; writers put the inode's
+  own metadata there, so this only matters for hand-made tars. A link to a missing path or a
   directory is InvalidInput. A link to a symlink links the symlink itself (link(2) semantics;
   containerd's RootPath would follow it). containerd 1.6's overlayfs applier cannot link to a
   lower layer's file at all (it extracts into the layer's own upper dir); Docker and an apply onto
@@ -32,6 +34,8 @@ outside the root through a symlink already in the tree (a ``..`` climbing above 
 inside the root are followed for parent directories, as containerd's RootPath does, with absolute
 targets taken relative to the root. Symlink *targets* are stored as given and never followed
 otherwise. Entries that resolve to the root itself are ignored (containerd: "resolved to root").
+Names no Linux file system can hold (a NUL byte, a component over 255 bytes, a symlink target of
+4096 bytes or more) are InvalidInput rather than a tree that fails at mount time.
 
 Integrity: a member whose data or padding is cut short, a corrupt header, or a header split by the
 end of the stream raises InvalidInput naming the layer and member. tarfile alone would treat a
@@ -333,11 +337,13 @@ class LayerMerger:
             return Inode(mode=stat.S_IFLNK | 0o777, size=len(target), target=target, **self._meta(ti))
         if t == tarfile.LNKTYPE:
             node = self._link_target(ti)
-            # containerd lchowns, setxattrs and chtimes the new name, i.e. the shared inode (its
-            # chmod of a link never happens: it lstats the link name relative to its own cwd)
+            # containerd lchowns, setxattrs, chmods (unless it is a symlink) and chtimes the new
+            # name after link(2), i.e. the shared inode
             meta = self._meta(ti)
             node.uid, node.gid, node.mtime_ns = meta["uid"], meta["gid"], meta["mtime_ns"]
             node.xattrs.update(meta["xattrs"])
+            if not node.is_symlink:
+                node.mode = stat.S_IFMT(node.mode) | (ti.mode & 0o7777)
             return node
         if t in (tarfile.CHRTYPE, tarfile.BLKTYPE):
             kind = stat.S_IFCHR if t == tarfile.CHRTYPE else stat.S_IFBLK

@@ -149,8 +149,21 @@ class LayerBuilder:
         self._members.append(_Member(ti))
         return self
 
-    def add_hardlink(self, path, target, *, mode=0o644, uid=0, gid=0, mtime=None) -> "LayerBuilder":
-        ti = self._info(path, tarfile.LNKTYPE, mode, uid, gid, mtime, None, linkname=target)
+    def add_hardlink(self, path, target, *, mode=None, uid=None, gid=None, mtime=None) -> "LayerBuilder":
+        """A hard link to ``target``. Appliers (containerd, Docker) give the shared inode the link
+        header's owner, mode and mtime, so by default the header repeats those of ``target`` as
+        added earlier to this builder (what tar writers do); for a target in a lower layer pass
+        them, else 0644 root and the builder's mtime are written."""
+        src = next((m.info for m in reversed(self._members)
+                    if m.info is not None and m.info.name.strip("/") == _name(target).strip("/")), None)
+        if src is not None:
+            mode = src.mode if mode is None else mode
+            uid = src.uid if uid is None else uid
+            gid = src.gid if gid is None else gid
+            if mtime is None:
+                mtime = src.pax_headers.get("mtime", src.mtime)
+        ti = self._info(path, tarfile.LNKTYPE, 0o644 if mode is None else mode, uid or 0, gid or 0, mtime, None,
+                        linkname=target)
         self._members.append(_Member(ti))
         return self
 

@@ -385,6 +385,14 @@ class SnapshotStore:
                 raise NotFound(f"snapshot {key} does not exist")
             return self._info(self._db, key, row)
 
+    def snapshot_id(self, key: str) -> str:
+        """The directory id of ``key`` (any kind)."""
+        with self._lock:
+            row = self._row(self._db, key)
+        if row is None:
+            raise NotFound(f"snapshot {key} does not exist")
+        return str(row[0])
+
     def snapshot(self, key: str) -> Snapshot:
         """Ids for building the mounts of an active or view snapshot."""
         with self._lock:

@@ -91,6 +91,7 @@ class PeerDaemon:
         self.mirror_port = await self._serve(mirror.app(), cfg.listen, "mirror")
         self.host = host
         if self.sched:
+            self._loops.append(asyncio.get_running_loop().create_task(self.tasks.reannounce_all()))
             self._loops.append(asyncio.get_running_loop().create_task(self._keepalive_loop()))
             self._loops.append(asyncio.get_running_loop().create_task(self._probe_loop()))
         self._loops.append(asyncio.get_running_loop().create_task(self._gc_loop()))

@@ -490,8 +490,10 @@ class Task:
         entry = self.entry
         if not entry.has_layout:
             return
-        # Digests go out once all are known: the scheduler keeps the first list it gets from the seed.
-        digests = entry.piece_digests if self.fetched_from_source and all(entry.piece_digests) else []
+        # Digests go out once all are known (the scheduler keeps the first list it gets from the seed),
+        # by the peer that hashed them from the registry, or by one whose whole blob matched its digest.
+        digests = entry.piece_digests if (self.fetched_from_source or entry.verified) \
+            and all(entry.piece_digests) else []
         await self._sched("AnnouncePieces", pb.AnnouncePiecesRequest(
             peer_id=self.m.peer_id, task_id=self.digest, finished=sorted(entry.have),
             in_flight=sorted(self._in_flight - entry.have), content_length=entry.content_length,
@@ -575,8 +577,14 @@ class TaskManager:
         raise last or NotFound(f"{digest}: not in the mesh and no repository known to fetch it from")
 
     async def reannounce_all(self) -> None:
-        """After a scheduler forgot us: tell it again what we hold."""
-        for task in list(self.tasks.values()):
+        """Tell the schedulers what we hold: at start (pieces kept from the last run) and after a
+        scheduler forgot us. Complete blobs first: they make this peer a parent for everything."""
+        if self.sched is None:
+            return
+        for entry in self.store.entries():
+            if entry.verified and entry.digest not in self.tasks:
+                self.task(entry.digest)
+        for task in sorted(self.tasks.values(), key=lambda t: not t.entry.verified):
             task.registered = False
             if task.entry.have:
                 await task._register_task()

@@ -12,7 +12,7 @@ import logging
 
 from aiohttp import web
 
-from remora.errors import InvalidInput
+from remora.errors import InvalidInput, StorageError
 
 from .metrics import PeerMetrics
 from .mirror import healthz
@@ -51,7 +51,12 @@ class UploadServer:
         self.active += 1
         entry.users += 1
         try:
-            data = await asyncio.to_thread(entry.read_piece, index)
+            try:
+                data = await asyncio.to_thread(entry.read_piece, index)
+            except StorageError as exc:  # evicted or damaged under us: this peer does not have it
+                log.warning("%s", exc)
+                self.metrics.upload_pieces.labels("missing").inc()
+                return web.Response(status=404, text="piece not here\n")
             resp = web.Response(body=data, content_type="application/octet-stream",
                                 headers={"X-Remora-Piece-Size": str(entry.piece_size)})
             await resp.prepare(request)

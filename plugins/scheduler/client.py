@@ -64,7 +64,9 @@ class SchedulerClient:
         self.clock = clock
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, pb_grpc.SchedulerStub] = {}
-        self._registered: dict[str, pb.RegisterPeerResponse] = {}
+        self._registered: dict[str, pb.RegisterPeerResponse] = {}   # registered and not failed since
+        self._used: set[str] = set()          # every scheduler we ever registered with
+        self._forgot: set[str] = set()        # ... that later answered known=False: re-announce there
         self._down_until: dict[str, float] = {}
         self.last_address: dict[str, str] = {}   # task id -> scheduler that answered last
 
@@ -78,14 +80,15 @@ class SchedulerClient:
         return stub
 
     def order(self, task_id: str) -> list[str]:
-        """Schedulers to try for ``task_id``: the ring's order, the ones recently down moved last."""
+        """Schedulers to try for ``task_id``: the ring's order without those marked down recently."""
         now = self.clock()
-        addresses = self.ring.pick(task_id)
-        return [a for a in addresses if self._down_until.get(a, 0) <= now] + \
-               [a for a in addresses if self._down_until.get(a, 0) > now]
+        return [a for a in self.ring.pick(task_id) if self._down_until.get(a, 0) <= now]
 
     async def _register(self, address: str) -> pb.RegisterPeerResponse:
         resp = await self._stub(address).RegisterPeer(pb.RegisterPeerRequest(host=self.host), timeout=self.timeout)
+        if not resp.known and address in self._used:
+            self._forgot.add(address)
+        self._used.add(address)
         self._registered[address] = resp
         return resp
 
@@ -104,7 +107,11 @@ class SchedulerClient:
 
     async def call(self, task_id: str, method: str, request):
         """Call ``method`` for ``task_id`` on its scheduler, failing over along the ring."""
-        errors = []
+        # A scheduler that failed is skipped for ``down_for`` seconds; when all are, give up at once:
+        # waiting on dead schedulers would only delay the peer's fallback to the registry.
+        now = self.clock()
+        errors = [f"{a}: down (retry in {self._down_until[a] - now:.1f}s)"
+                  for a in self.ring.pick(task_id) if self._down_until.get(a, 0) > now]
         for address in self.order(task_id):
             try:
                 resp = await self._call_at(address, method, request)
@@ -147,22 +154,37 @@ class SchedulerClient:
 
     # -- peer-wide RPCs ----------------------------------------------------------------------------------
 
-    async def keepalive(self) -> list[str]:
-        """RegisterPeer again on every scheduler we use; returns those that had forgotten us.
+    async def register(self) -> list[str]:
+        """Register with every scheduler of the ring now (optional: task calls register lazily).
 
-        Run it every ``keepalive_interval_ms`` (see :attr:`keepalive_interval`). For each returned address
-        the peer should re-announce the pieces of its tasks that hash there (they were lost).
+        Useful at start-up so that RTT probing (:meth:`sync_probes`) and keepalives cover every scheduler
+        before the first download. Returns the schedulers that answered; the others are logged.
         """
-        forgot = []
-        for address in list(self._registered):
+        answered = []
+        for address in self.ring.addresses:
             try:
-                resp = await self._register(address)
+                await self._register(address)
+                answered.append(address)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("registering with scheduler %s failed: %s", address, exc.code().name)
+        return answered
+
+    async def keepalive(self) -> list[str]:
+        """RegisterPeer again on every scheduler we ever used; returns those that had forgotten us.
+
+        Run it every :attr:`keepalive_interval` seconds. A scheduler "forgot" us when it answered
+        ``known = false`` to a registration after an earlier one (it restarted or expired us), here or
+        in a transparent re-registration since the last keepalive. For each returned address the peer
+        should re-announce the pieces of its tasks whose ring owner that is (see ``last_address``).
+        """
+        for address in sorted(self._used):
+            try:
+                await self._register(address)
             except grpc.aio.AioRpcError as exc:
                 log.warning("keepalive to scheduler %s failed: %s", address, exc.code().name)
                 self._registered.pop(address, None)
-                continue
-            if not resp.known:
-                forgot.append(address)
+        forgot = sorted(self._forgot)
+        self._forgot.clear()
         return forgot
 
     @property

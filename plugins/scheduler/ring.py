@@ -55,7 +55,8 @@ class SchedulerRing:
         return order
 
     def owner(self, task_id: str) -> str:
-        return self.pick(task_id)[0]
+        """The scheduler responsible for ``task_id`` while it is up (``pick(task_id)[0]``)."""
+        return self._owners[bisect.bisect_left(self._keys, _hash(task_id)) % len(self._keys)]
 
     def __len__(self) -> int:
         return len(self.addresses)

@@ -258,8 +258,10 @@ class Node:
 
 
 def _link_stat(ns: str, dev: str, name: str) -> int:
-    out = run_in(ns, ["cat", f"/sys/class/net/{dev}/statistics/{name}"]).stdout
-    return int(out.strip())
+    """Interface counter through netlink (``ip -s -j``): /sys inside nsenter still shows the root namespace."""
+    info = json.loads(ip("-s", "-j", "link", "show", "dev", dev, ns=ns).stdout)[0]
+    direction, _, field_ = name.partition("_")
+    return int(info["stats64"][direction][field_])
 
 
 class Lab:

@@ -394,3 +394,47 @@ def _replace_layer(layout: Path, img, blob: bytes | None, media_type: str, diff_
     data = new.to_bytes()
     store = open_store(f"oci:{layout}:1")
     store.push_manifest(oci.Descriptor(oci.MEDIA_TYPE_OCI_MANIFEST, "sha256:" + hashlib.sha256(data).hexdigest(), len(data)), data, "1")
+
+
+@pytest.mark.slow
+def test_real_debian_python_image_roundtrip(registry, cache_dir, tmp_path):
+    """A real image (debootstrap minbase + python3, ~175 MB) converts, checks and unpacks to exactly
+    what GNU tar extracts from the same layer."""
+    from remora.imagebuild import debian_rootfs
+
+    tar = debian_rootfs(cache_dir)
+    src = f"{registry.host}/real/debian-python:12"
+    write_image(src, None, [LayerSpec(tar)], config={"Cmd": ["python3"]})
+    dst = f"{registry.host}/real/debian-python:12-remora"
+    report = convert(src, dst, ConvertOptions(progress=False))
+    assert report.files > 5000
+    assert report.output_bytes < report.input_compressed_bytes, "no larger than the gzip image"
+    assert report.bootstrap_bytes < 0.02 * report.input_compressed_bytes
+    image, blobs = _open(dst, tmp_path)
+    try:
+        res = check(image, blobs)
+        assert res.ok, res.problems[:5]
+        unpack(image, tmp_path / "rootfs", blobs)
+    finally:
+        image.close()
+    reference = tmp_path / "reference"
+    declared = flatten_with_gnu_tar([Path(tar)], reference)
+    assert compare_trees(reference, tmp_path / "rootfs", declared_dirs=declared) == []
+    python = tmp_path / "rootfs" / "usr/bin/python3.11"
+    assert python.stat().st_size > 1_000_000 and os.access(python, os.X_OK)
+
+
+def test_oversized_manifest_is_rejected(registry, tmp_path):
+    layout = tmp_path / "src"
+    img = write_image(f"oci:{layout}:1", None, [LayerSpec(LayerBuilder().add_file("a", b"abc").build("none"))])
+    manifest = json.loads(img.manifest)
+    manifest["annotations"] = {"padding": "x" * (5 * 1024 * 1024)}
+    data = json.dumps(manifest).encode()
+    import hashlib
+
+    from remora.layout import OCILayout
+    lay = OCILayout.open(layout)
+    digest, size = lay.write_blob_bytes(data)
+    lay.add_manifest(oci.Descriptor(oci.MEDIA_TYPE_OCI_MANIFEST, digest, size), "big")
+    with pytest.raises(InvalidInput, match="limit"):
+        convert(f"oci:{layout}:big", f"{registry.host}/bad/big:1", ConvertOptions(progress=False))

@@ -293,10 +293,14 @@ def test_aufs_metadata_is_skipped_and_plnk_files_serve_as_link_targets():
 # -- hard links -------------------------------------------------------------------------------------
 def test_hardlinks_within_and_across_layers():
     l1 = LayerBuilder().add_file("usr/bin/python3.11", b"py" * 1000, mode=0o755).add_hardlink("usr/bin/py", "usr/bin/python3.11")
+    tree, _, _ = merge(l1)
+    assert tree.lookup("usr/bin/py").mode == stat.S_IFREG | 0o755
     l2 = LayerBuilder().add_hardlink("usr/local/bin/python", "/usr/bin/python3.11").add_file("x", b"x")
     tree, (s1, s2), sink = merge(l1, l2)
     a, b, c = (tree.lookup(p) for p in ("usr/bin/python3.11", "usr/bin/py", "usr/local/bin/python"))
     assert a is b is c and a.nlink == 3 and sink.content(c) == b"py" * 1000
+    # the builder's link header repeated the target's 0755; the cross-layer one wrote 0644
+    assert a.mode == stat.S_IFREG | 0o644
     assert (s1.files, s1.entries, s2.files) == (1, 2, 1)
     # replacing one name in a later layer leaves the other names on the old inode
     tree, _, sink = merge(l1, l2, LayerBuilder().add_file("usr/bin/py", b"new"))
@@ -308,7 +312,7 @@ def test_hardlinks_within_and_across_layers():
     assert content(sink, tree, "usr/bin/py") == b"py" * 1000 and tree.lookup("usr/bin/py").nlink == 1
 
 
-def test_hardlink_header_owner_mtime_and_xattrs_apply_to_the_shared_inode_like_containerd():
+def test_hardlink_header_metadata_applies_to_the_shared_inode_like_containerd():
     ti = tarfile.TarInfo("h")
     ti.type, ti.linkname, ti.uid, ti.gid, ti.mtime, ti.mode = tarfile.LNKTYPE, "f", 5, 6, 77, 0o600
     ti.pax_headers = {"SCHILY.xattr.user.b": "2"}
@@ -316,8 +320,11 @@ def test_hardlink_header_owner_mtime_and_xattrs_apply_to_the_shared_inode_like_c
     tree, _, _ = merge(layer)
     f = tree.lookup("f")
     assert tree.lookup("h") is f
-    assert (f.uid, f.gid, f.mtime_ns, stat.S_IMODE(f.mode)) == (5, 6, 77 * 10**9, 0o755)
+    assert (f.uid, f.gid, f.mtime_ns, f.mode) == (5, 6, 77 * 10**9, stat.S_IFREG | 0o600)
     assert f.xattrs == {"user.a": b"1", "user.b": b"2"}
+    ti.linkname = "s"                                             # a symlink keeps its 0777
+    tree, _, _ = merge(LayerBuilder().add_symlink("s", "t").raw_member(ti))
+    assert tree.lookup("s").mode == stat.S_IFLNK | 0o777 and tree.lookup("s").uid == 5
 
 
 def test_hardlink_to_symlink_links_the_symlink_itself():
@@ -705,6 +712,19 @@ def test_real_tree_written_by_python_tarfile_and_tarbuild():
             builder.add_file(top, source=full, mode=stat.S_IMODE(st.st_mode), mtime=mtime)
     tree, _, sink = merge(builder)
     assert _check_against_source(tree, sink, exact_mtime=True) > 50
+
+
+def test_tarbuild_add_tree_keeps_hardlinks_symlinks_and_fifos(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a").write_bytes(b"A")
+    os.link(src / "sub" / "a", src / "b")
+    os.symlink("sub", src / "dirlink")
+    os.mkfifo(src / "sub" / "fifo")
+    tree, _, sink = merge(LayerBuilder().add_tree(src, prefix="root"))
+    assert tree.lookup("root/b") is tree.lookup("root/sub/a") and content(sink, tree, "root/b") == b"A"
+    assert tree.lookup("root/dirlink").target == b"sub"
+    assert stat.S_ISFIFO(tree.lookup("root/sub/fifo").mode)
 
 
 def test_gnu_tar_xattrs_security_capability_bytes_identical(tmp_path):

@@ -53,6 +53,8 @@ def test_lab_builds_and_namespaces_talk(tmp_path):
         assert a.ip != b.ip and all(ip_ in {str(h) for h in lab.subnet.hosts()} for ip_ in (a.ip, b.ip))
         got = send_through(lab, a, b, 2_000_000)
         assert got["bytes"] == 2_000_000
+        # interface counters are the namespace's own (netlink), wire level: payload plus headers
+        assert a.tx_bytes() >= 2_000_000 and b.rx_bytes() >= 2_000_000
         assert set(lab.namespaces()) <= set(netns_list())
         # the lab's interfaces exist only inside its namespaces
         root_addrs = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout

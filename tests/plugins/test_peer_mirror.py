@@ -207,3 +207,35 @@ async def test_lying_registry_is_never_served_as_200(peer, http, image, lying_re
     assert not entry.have and not entry.verified, "a failed back-to-source resets the task"
     async with http.get(f"{peer.mirror_url}/v2/{image['repo']}/manifests/v1?ns={lying_registry}") as r:
         assert r.status == 502 and "digest mismatch" in await r.text()
+
+
+async def test_restart_serves_stored_blobs_without_the_registry(tmp_path, fresh_registry, http):
+    repo = unique("mirror/restart")
+    blob = os.urandom(BLOB_SIZE)
+    digest = push_blob(fresh_registry.url, repo, blob)
+    p = await start_peer(tmp_path, "restart")
+    try:
+        async with http.get(f"{p.mirror_url}/v2/{repo}/blobs/{digest}?ns={fresh_registry.host}") as r:
+            assert r.status == 200 and await r.read() == blob
+    finally:
+        await p.stop()
+    fresh_registry.stop()
+    p = await start_peer(tmp_path, "restart")
+    try:
+        async with http.get(f"{p.mirror_url}/v2/{repo}/blobs/{digest}?ns={fresh_registry.host}",
+                            headers={"Range": "bytes=10-19"}) as r:
+            assert r.status == 206 and await r.read() == blob[10:20]
+        async with http.get(f"{p.mirror_url}/v2/{repo}/blobs/{digest}?ns={fresh_registry.host}") as r:
+            assert r.status == 200 and await r.read() == blob
+        # Its upload API serves the stored pieces to other peers, and nothing else.
+        upload = f"http://127.0.0.1:{p.upload_port}/pieces"
+        async with http.get(f"{upload}/{digest}/1") as r:
+            assert r.status == 200 and await r.read() == blob[MIN_PIECE_SIZE:2 * MIN_PIECE_SIZE]
+        async with http.get(f"{upload}/{digest}/99") as r:
+            assert r.status == 404
+        async with http.get(f"{upload}/sha256:{'0' * 64}/0") as r:
+            assert r.status == 404
+        async with http.get(f"{upload}/md5:abc/0") as r:
+            assert r.status == 400
+    finally:
+        await p.stop()

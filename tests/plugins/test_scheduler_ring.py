@@ -12,7 +12,7 @@ from remora.plugins.scheduler.client import SchedulerClient, SchedulerRequestErr
 from remora.plugins.scheduler.ring import SchedulerRing
 from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
 
-TASKS = ["sha256:" + hashlib.sha256(str(i).encode()).hexdigest() for i in range(20_000)]
+TASKS = ["sha256:" + hashlib.sha256(str(i).encode()).hexdigest() for i in range(10_000)]
 FOUR = [f"10.0.0.{i}:8002" for i in range(1, 5)]
 
 
@@ -23,11 +23,12 @@ def owners(ring: SchedulerRing) -> list[str]:
 def test_pick_is_a_deterministic_failover_order():
     ring = SchedulerRing(FOUR)
     again = SchedulerRing(list(reversed(FOUR)) + [FOUR[0]])      # order and duplicates don't matter
-    for task in TASKS[:200]:
+    without = {gone: SchedulerRing([a for a in FOUR if a != gone]) for gone in FOUR}
+    for task in TASKS[:500]:
         order = ring.pick(task)
         assert sorted(order) == sorted(FOUR) and order == again.pick(task)
         # the second choice is exactly where the task goes when its owner is removed
-        assert SchedulerRing([a for a in FOUR if a != order[0]]).owner(task) == order[1]
+        assert without[order[0]].owner(task) == order[1]
 
 
 def test_load_is_balanced():
@@ -99,6 +100,10 @@ async def test_client_routes_by_hash_and_fails_over(two):
         with pytest.raises(SchedulerUnavailable) as err:
             await client.announce_pieces(pb.AnnouncePiecesRequest(peer_id="peer-1", task_id=task, finished=[0]))
         assert a.address in str(err.value) and b.address in str(err.value)
+        # Both marked down: the next call gives up at once instead of waiting on dead schedulers.
+        with pytest.raises(SchedulerUnavailable) as err:
+            await client.get_parents(pb.GetParentsRequest(peer_id="peer-1", task_id=task))
+        assert "down (retry in" in str(err.value)
     finally:
         await client.close()
 
@@ -135,12 +140,21 @@ async def test_client_re_registers_when_the_scheduler_forgot_it(two):
         await client.register_task(pb.RegisterTaskRequest(peer_id="peer-1", task_id=task))
         a.state.remove_peer("peer-1")        # as after a TTL expiry
         assert await client.keepalive() == [a.address]            # known=False: re-announce your tasks
+        assert await client.keepalive() == []                     # remembered now
         a.state.remove_peer("peer-1")
+        # A task call re-registers transparently, and the next keepalive still reports the loss (the
+        # peer's other tasks there are gone too and must be re-announced).
         await client.announce_pieces(pb.AnnouncePiecesRequest(peer_id="peer-1", task_id=task, finished=[3]))
         assert a.state.tasks[task].peers["peer-1"].finished == {3}
+        assert await client.keepalive() == [a.address]
         assert await client.keepalive() == [] and client.keepalive_interval == pytest.approx(20.0)
+        b_less = SchedulerClient([a.address, "127.0.0.1:1"], host("peer-2"), timeout=1)
+        try:
+            assert await b_less.register() == [a.address] and "peer-2" in a.state.peers
+        finally:
+            await b_less.close()
         targets = await client.sync_probes([])
-        assert targets == []                  # alone: nobody to probe
+        assert [t.peer_id for t in targets] == ["peer-2"]   # the other registered peer is to be probed
     finally:
         await client.close()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 
@@ -184,7 +185,7 @@ def test_candidate_sampling_bounds_work(state):
     assert decision.sampled == 10 and len(decision.parents) == 4
 
 
-def test_parent_selection_benchmark_runs(capsys):
+def test_parent_selection_benchmark_runs(capsys, monkeypatch):
     """Keep benchmarks/bench_parent_selection.py working (tiny run; its figures are not asserted)."""
     import importlib.util
     from pathlib import Path
@@ -192,6 +193,7 @@ def test_parent_selection_benchmark_runs(capsys):
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_parent_selection.py"
     spec = importlib.util.spec_from_file_location("bench_parent_selection", path)
     bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)   # dataclasses look their module up there
     spec.loader.exec_module(bench)
     assert bench.main(["--seeds", "1", "--children", "6", "--pieces", "8", "--scenario", "mixed"]) == 0
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.split()[:1]]

@@ -47,6 +47,8 @@ class ServerThread:
         return fn(request, metadata=md, timeout=30)
 
     def stop(self) -> None:
+        if self.loop.is_closed():
+            return
         if self.channel:
             self.channel.close()
         if self.server:

@@ -178,8 +178,7 @@ def test_prefetch_follows_the_list_then_everything(image, proxy, tmp_path):
 
 
 def test_authenticated_registry_needs_and_uses_credentials(auth_registry, tmp_path):
-    from conftest import AUTH_PASSWORD, AUTH_USER
-
+    AUTH_USER, AUTH_PASSWORD = next(iter(auth_registry.users.items()))
     img = build_image(tmp_path / "img", auth_registry.host, n_small=3, big_size=1 << 16,
                       credentials=(AUTH_USER, AUTH_PASSWORD))
     bs = Bootstrap(img.bootstrap)
