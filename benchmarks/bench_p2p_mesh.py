@@ -105,11 +105,12 @@ def main_bench(args) -> dict:
     log(f"preparing {len(blobs)} blobs of {args.blob_mb} MB and a real image (cached in {cache})")
     digests = {name: content.random_blob(path, size, seed=1000 + i) for i, (name, path) in enumerate(blobs.items())}
     image = content.cached_image(cache, "bench/app", "v1", extra_paths=IMAGE_FILES)
-    res: dict = {"nodes": args.nodes, "rate": args.rate, "blob_bytes": size, "image_bytes": image.size}
+    res: dict = {"nodes": args.nodes, "rate": args.rate, "blob_bytes": size, "image_bytes": image.size,
+                 "peer_args": args.peer_arg, "scheduler_args": args.scheduler_arg}
 
     with Lab(prefix=PREFIX, workdir=Path(args.workdir) / "main") as lab:
         mesh = Mesh(lab, MeshOptions(peers=args.nodes, node_rate=args.rate, registry_rate=args.rate,
-                                     containerd=True))
+                                     containerd=True, peer_args=args.peer_arg, scheduler_args=args.scheduler_arg))
         fill(mesh, [(blobs[n], digests[n]) for n in blobs], [image])
         mesh.start()
         log(f"lab {lab.name} up: {lab.subnet}, {args.nodes} nodes")
@@ -175,7 +176,8 @@ def main_bench(args) -> dict:
             digest = content.random_blob(path, het_size, seed=2000 + n)
             with Lab(prefix=PREFIX, workdir=Path(args.workdir) / scorer) as lab:
                 mesh = Mesh(lab, MeshOptions(peers=args.nodes, registry_rate=args.rate, peer_rates=rates,
-                                             scorer=scorer, containerd=False))
+                                             scorer=scorer, containerd=False, peer_args=args.peer_arg,
+                                             scheduler_args=args.scheduler_arg))
                 fill(mesh, [(path, digest)])
                 mesh.start()
                 tx0 = mesh.registry_node.tx_bytes()
@@ -215,7 +217,8 @@ def report(res: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.append("")
-    lines.append(f"blob {size / 1e6:.0f} MB, links {res['rate']} (registry uplink and every node link), tbf")
+    lines.append(f"blob {size / 1e6:.0f} MB, links {res['rate']} (registry uplink and every node link), tbf; "
+                 f"extra peer flags {res['peer_args'] or 'none'}, scheduler flags {res['scheduler_args'] or 'none'}")
     lines.append(f"mesh: from peers {res['mesh_from_peers'] / size:.2f}x blob, from registry "
                  f"{res['mesh_from_registry'] / size:.2f}x blob; per-node times {['%.1f' % s for s in res['mesh_node_s']]}")
     ok_time = res["mesh_s"] <= 1.3 * res["alone_s"]
@@ -252,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-scorers", action="store_true", help="skip weighted vs bandit")
     p.add_argument("--cache", default="/var/cache/remora-test", help="where test blobs/layers are kept")
     p.add_argument("--workdir", default="/tmp/remora-bench-p2p")
+    p.add_argument("--peer-arg", action="append", default=[], metavar="ARG",
+                   help="extra flag for every remora peer (repeat; e.g. --peer-arg=--upload-slots=64)")
+    p.add_argument("--scheduler-arg", action="append", default=[], metavar="ARG",
+                   help="extra flag for the remora scheduler (repeat)")
     p.add_argument("--json", help="also write the raw figures here")
     args = p.parse_args(argv)
     cleanup_stale(PREFIX)  # a previous run killed with -9

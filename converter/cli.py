@@ -82,6 +82,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--platform", default="linux/amd64")
     u.set_defaults(func=run_unpack)
 
+    t = sub.add_parser("trace", help="run a workload in an image and record the files it reads, in order",
+                       description="Run COMMAND once inside IMAGE's root file system (materialised in a temp dir, "
+                                   "private mount and PID namespaces) under strace, and print the regular files it "
+                                   "opened or executed, in first-access order: the --prefetch-list of 'remora convert'.",
+                       epilog="examples:\n  remora trace reg.local/app:1 -o hot.txt -- python3 -c 'import json'\n"
+                              "  remora convert reg.local/app:1 reg.local/app:1-remora --prefetch-list hot.txt\n",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("image", metavar="IMAGE", help="a remora or OCI image")
+    t.add_argument("command", metavar="COMMAND", nargs=argparse.REMAINDER, help="the workload (after --)")
+    t.add_argument("-o", "--output", metavar="FILE", help="write the list here (default: stdout)")
+    t.add_argument("--timeout", type=float, default=120.0, help="seconds the workload may run (default 120)")
+    t.add_argument("--plain-http", action="store_true", default=None)
+    t.set_defaults(func=run_trace)
+
 
 def run_convert(args) -> int:
     from remora.converter.convert import ConvertOptions, convert, read_prefetch_list
@@ -157,4 +171,21 @@ def run_unpack(args) -> int:
         print(f"warning: {w}", file=sys.stderr)
     print(f"unpacked {stats.entries:,} entries ({stats.files:,} files, {stats.bytes / 1e6:.1f} MB, "
           f"{stats.hardlinks} hard links) into {args.directory}")
+    return 0
+
+
+def run_trace(args) -> int:
+    from remora.converter.trace import trace_image
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    result = trace_image(args.image, command, timeout=args.timeout, plain_http=args.plain_http)
+    text = "".join(f"{p}\n" for p in result.files)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"{len(result.files)} files (workload exit code {result.exit_code}) written to {args.output}",
+              file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    if result.exit_code != 0:
+        print(f"warning: the workload exited with {result.exit_code}:\n{result.output[-2000:]}", file=sys.stderr)
     return 0

@@ -175,16 +175,6 @@ class _HotSpool:
         self.f.close()
 
 
-class _PathTrackingMerger(LayerMerger):
-    """Knows the path of the member being applied, so the sink can tell prefetch files apart."""
-
-    current_path = b"/"
-
-    def _apply_member(self, tf, ti, sink, stats):
-        self.current_path = _norm(os.fsencode(ti.name))
-        return super()._apply_member(tf, ti, sink, stats)
-
-
 def _norm(path: str | bytes) -> bytes:
     return b"/" + b"/".join(split_path(path))
 
@@ -251,7 +241,7 @@ def _convert(source: str, destination: str, opts: ConvertOptions, report: Conver
     hot_order = [_norm(p) for p in opts.prefetch_list]
     hot = set(hot_order)
     spool = _HotSpool(workdir)
-    merger = _PathTrackingMerger()
+    merger = LayerMerger()
     layer_blobs: list[int] = []
 
     def sink(fileobj: BinaryIO, size: int) -> list[ChunkRef]:
@@ -345,14 +335,16 @@ def _convert(source: str, destination: str, opts: ConvertOptions, report: Conver
     report.bootstrap_bytes = boot_size
 
     # -- 5. manifest and config ---------------------------------------------------------------
+    host, repo = store_location(dst)
+    where = f"{host}/{repo}" if host != "oci" else None   # lets the snapshotter find blobs with no client help
     layer_descs: list[tuple[oci.Descriptor, Path | None]] = []
     for bid in order:
         digest, size = table.blobs[bid]
         desc = oci.Descriptor(ann.BLOB_MEDIA_TYPE, digest, size,
-                              ann.layer_annotations("blob", boot_digest, boot_size))
+                              ann.layer_annotations("blob", boot_digest, boot_size, where))
         layer_descs.append((desc, blob_files.get(bid)))
     boot_desc = oci.Descriptor(ann.BOOTSTRAP_MEDIA_TYPE, boot_digest, boot_size,
-                               ann.layer_annotations("bootstrap", boot_digest, boot_size))
+                               ann.layer_annotations("bootstrap", boot_digest, boot_size, where))
     new_config = oci.ImageConfig(dict(config.raw))
     new_config.diff_ids = [d.digest for d, _ in layer_descs] + [boot_diff_id]
     created = config.raw.get("created")

@@ -89,6 +89,7 @@ class ChunkCache:
         self._last_flush = time.monotonic()
         self.hits = self.misses = self.corrupt = 0
         self.evicted_chunks = self.evicted_bytes = self.stored_bytes = 0
+        self._clean_tmp()
         new_index = not (self.root / "index.db").exists()
         self._db().executescript(_SCHEMA)
         if new_index:
@@ -120,6 +121,16 @@ class ChunkCache:
         h = _hex(digest)
         return self.root / "sha256" / h[:2] / h
 
+    def _clean_tmp(self) -> None:
+        """Drop half-written chunks of processes that died mid-write (``<hex>.<pid>.<thread>``)."""
+        for f in (self.root / "tmp").iterdir():
+            try:
+                pid = int(f.name.split(".")[1])
+            except (IndexError, ValueError):
+                pid = 0
+            if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+                f.unlink(missing_ok=True)
+
     def _rebuild_index(self) -> None:
         """A missing index (first start, or deleted by hand) is rebuilt from the files on disk."""
         rows = []
@@ -148,19 +159,23 @@ class ChunkCache:
         try:
             data = p.read_bytes()
         except FileNotFoundError:
-            self.misses += 1
+            self._count(misses=1)
             return None
         except OSError as exc:
             raise StorageError(f"chunk cache: cannot read {p}: {exc}") from None
         if hashlib.sha256(data).hexdigest() != h:
-            self.corrupt += 1
-            self.misses += 1
+            self._count(corrupt=1, misses=1)
             log.warning("chunk cache: %s is corrupt (%d bytes, digest mismatch); dropping it", p, len(data))
             self._remove([h])
             return None
-        self.hits += 1
+        self._count(hits=1)
         self._touch(h)
         return data
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, n in deltas.items():
+                setattr(self, name, getattr(self, name) + n)
 
     def _touch(self, h: str) -> None:
         with self._lock:
@@ -206,7 +221,7 @@ class ChunkCache:
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
                 raise StorageError(f"chunk cache: cannot write {final}: {exc}") from None
-            self.stored_bytes += len(data)
+            self._count(stored_bytes=len(data))
             rows.append((h, len(data), now))
         if not rows:
             return
@@ -240,8 +255,7 @@ class ChunkCache:
                 if freed >= excess:
                     break
             self._remove(victims, db)
-        self.evicted_chunks += len(victims)
-        self.evicted_bytes += freed
+        self._count(evicted_chunks=len(victims), evicted_bytes=freed)
         if freed < excess:
             log.warning("chunk cache %s: %d bytes over target but the rest is pinned by live mounts",
                         self.root, excess - freed)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch containerd 2.1 and dockerd/docker 28 from Debian sid (plus tini from bookworm) and unpack them
+# Fetch containerd 2.1 and dockerd/docker 28 from Debian sid (plus tini) and unpack them
 # privately under /opt/remora-runtimes, for remora's interop tests. Run as root; setup.sh calls it.
 #
 # Why private: Debian 12 ships containerd 1.6 only. Newer containerd and Docker exist as .debs in
@@ -10,8 +10,10 @@
 #
 # Result (fixed paths the tests look for):
 #   /opt/remora-runtimes/containerd-<version>/usr/bin/{containerd,ctr,containerd-shim-runc-v2}
-#   /opt/remora-runtimes/docker-<version>/usr/bin/{dockerd,docker,docker-proxy,...}   (docker.io + docker-cli)
+#   /opt/remora-runtimes/docker-<version>/usr/{sbin/dockerd,sbin/docker-proxy,bin/docker,bin/docker-init}
+#       (docker.io + docker-cli + tini: docker.io's docker-init is a link to tini-static, for --init)
 #   /opt/remora-runtimes/tini-<version>/usr/bin/{tini,tini-static}
+# tini comes from trixie: the same upstream 0.19.0 as bookworm's, and one package list fewer to fetch.
 #   /opt/remora-runtimes/{containerd2,docker,tini} -> the versioned directories above
 #
 # Idempotent: when the three links resolve to complete installs it prints one line and exits without
@@ -26,8 +28,8 @@ KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 # link | directory prefix | packages (name/suite) | required binary (in the extracted tree) | version prefix
 RUNTIMES=(
   "containerd2|containerd|containerd/sid|usr/bin/containerd|2.1."
-  "docker|docker|docker.io/sid docker-cli/sid|usr/bin/dockerd|28."
-  "tini|tini|tini/bookworm|usr/bin/tini-static|"
+  "docker|docker|docker.io/sid docker-cli/sid tini/trixie|usr/sbin/dockerd|28."
+  "tini|tini|tini/trixie|usr/bin/tini-static|"
 )
 
 complete() {  # complete LINK BINARY: the link exists and its tree has the binary
@@ -52,7 +54,6 @@ cat >"$APTDIR/etc/sources.list" <<EOF
 # remora's private apt sources: used only by scripts/fetch-newer-runtimes.sh for apt-get download
 deb [signed-by=$KEYRING] $MIRROR sid main
 deb [signed-by=$KEYRING] $MIRROR trixie main
-deb [signed-by=$KEYRING] $MIRROR bookworm main
 EOF
 # An empty preferences dir too: the host's pinning must not steer our downloads.
 mkdir -p "$APTDIR/etc/preferences.d"
@@ -78,12 +79,15 @@ apt-get "${APT_OPTS[@]}" -qq update
 
 work=$(mktemp -d /tmp/remora-runtimes.XXXXXX)
 trap 'rm -rf "$work"' EXIT
+# apt downloads as the unprivileged _apt user: let it write into our download directories.
+chmod 755 "$work"
 
 for entry in "${missing[@]}"; do
   IFS='|' read -r link dir pkgs bin prefix <<<"$entry"
   read -r -a specs <<<"$pkgs"
   dl="$work/$link"
   mkdir -p "$dl"
+  if id _apt >/dev/null 2>&1; then chown _apt "$dl"; fi
   (cd "$dl" && apt-get "${APT_OPTS[@]}" -qq download "${specs[@]}")
   first_pkg=${specs[0]%%/*}
   version=$(dpkg-deb -f "$dl"/"${first_pkg}"_*.deb Version)

@@ -42,17 +42,34 @@ def register(subparsers) -> None:
                    help="unix socket to serve on; containerd's proxy_plugins address (default: %(default)s)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
                    help="log level of the snapshotter (default: warning, or as -v/-vv say)")
+    p.add_argument("--mirror", action="append", default=[], metavar="URL",
+                   help="peer or registry mirror tried before the registry for lazy range reads "
+                        "(e.g. http://127.0.0.1:65001, a local 'remora peer'); repeatable")
+    p.add_argument("--cache-size", default="10G", metavar="SIZE",
+                   help="chunk cache size limit, shared by all lazily mounted images (default 10G)")
+    p.add_argument("--plain-http", action="store_true",
+                   help="fetch lazily mounted images over plain HTTP even from non-loopback registries")
+    p.add_argument("--no-lazy", action="store_true",
+                   help="never mount remora images lazily (behave exactly like the overlayfs snapshotter)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
+    from remora.format.chunker import parse_size
+
     from .server import serve
 
     if args.log_level:
         logging.getLogger().setLevel(args.log_level.upper())
-    asyncio.run(serve(args.root, args.address))
+    handler = None
+    if not args.no_lazy:
+        from .remora_layers import RemoraLayerHandler
+
+        handler = RemoraLayerHandler(args.root, mirrors=args.mirror, insecure=args.plain_http,
+                                     cache_limit=parse_size(args.cache_size))
+    asyncio.run(serve(args.root, args.address, handler))
     return 0
 
 

@@ -103,9 +103,14 @@ class MountManager:
         self.python = python
         self.mount_timeout = mount_timeout
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # guards the dicts below; held only briefly
+        self._id_locks: dict[str, threading.RLock] = {}  # serialise mount/unmount/restore per id
         self._procs: dict[str, subprocess.Popen] = {}
         self._probes: dict[str, threading.Thread] = {}
+
+    def _id_lock(self, mount_id: str) -> threading.RLock:
+        with self._lock:
+            return self._id_locks.setdefault(mount_id, threading.RLock())
 
     # -- files --------------------------------------------------------------------------------
     def _file(self, mount_id: str, suffix: str) -> Path:
@@ -135,9 +140,10 @@ class MountManager:
 
         Returns once the mount answers; raises :class:`StorageError` with the process log if it fails.
         ``options`` are further :class:`MountSpec` fields (``max_gap``, ``parallel``, ...). Mounting an id
-        that is already mounted and healthy returns its spec.
+        that is already mounted and healthy returns its spec. Blocking (seconds): call it from a worker
+        thread in async code (``await asyncio.to_thread(manager.mount, ...)``).
         """
-        with self._lock:
+        with self._id_lock(mount_id):
             if self._file(mount_id, ".json").exists():
                 if self.check(mount_id).ok:
                     return self.spec(mount_id)
@@ -149,6 +155,9 @@ class MountManager:
                              prefetch_all=prefetch_all, **options)
             if not sources:
                 raise InvalidInput(f"mount {mount_id}: no blob source given")
+            for other in self.ids():
+                if other != mount_id and self.spec(other).mountpoint == spec.mountpoint:
+                    raise InvalidInput(f"mount {mount_id}: {spec.mountpoint} is already used by mount {other}")
             spec.save(self._file(mount_id, ".json"))
             try:
                 self._start(spec)
@@ -190,14 +199,14 @@ class MountManager:
     # -- stop ---------------------------------------------------------------------------------
     def unmount(self, mount_id: str, timeout: float = 10.0) -> None:
         """Unmount (lazily if busy), stop the process, unpin its chunks and forget the mount."""
-        with self._lock:
+        with self._id_lock(mount_id):
             try:
                 spec = self.spec(mount_id)
             except NotFound:
                 return
             if not detach(spec.mountpoint):
                 raise StorageError(f"mount {mount_id}: cannot unmount {spec.mountpoint}")
-            self._kill(mount_id, grace=timeout)
+            self._kill(mount_id, grace=timeout, exiting=timeout)
             self._forget(mount_id)
 
     def _forget(self, mount_id: str) -> None:
@@ -235,27 +244,38 @@ class MountManager:
             return False
         return state != "Z" and str(self._file(mount_id, ".json")).encode() in cmdline
 
-    def _kill(self, mount_id: str, grace: float = 5.0) -> None:
-        """SIGTERM the process group, SIGKILL after ``grace``; reap our own child."""
+    def _kill(self, mount_id: str, grace: float = 5.0, exiting: float = 0.0) -> None:
+        """Stop the fs process: wait ``exiting`` seconds for it to leave by itself (after an unmount
+        it finishes its cache writes and exits), then SIGTERM the group, SIGKILL after ``grace``."""
         pid = self.pid(mount_id)
-        proc = self._procs.pop(mount_id, None)
-        if pid is None or not (proc is not None and proc.poll() is None or self._alive(mount_id)):
+        proc = self._procs.get(mount_id)
+
+        def gone() -> bool:
             if proc is not None:
-                proc.poll()
-            return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                if proc is not None:
-                    if proc.poll() is not None:
-                        return
-                elif not Path(f"/proc/{pid}").exists():
+                return proc.poll() is not None
+            return not self._alive(mount_id)
+
+        try:
+            if pid is None or self._wait(gone, exiting):
+                return
+            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(pid, sig)
+                except ProcessLookupError:
                     return
-                time.sleep(0.02)
+                if self._wait(gone, wait):
+                    return
+        finally:
+            self._procs.pop(mount_id, None)
+
+    @staticmethod
+    def _wait(predicate, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     # -- health -------------------------------------------------------------------------------
     def check(self, mount_id: str, timeout: float = 2.0) -> Health:
@@ -300,23 +320,30 @@ class MountManager:
         """
         out = {}
         for mount_id in self.ids():
-            with self._lock:
-                try:
-                    health = self.check(mount_id)
-                    if health.ok:
-                        out[mount_id] = "adopted"
-                        continue
-                    log.warning("mount %s is %s (%s): re-mounting", mount_id, health.state, health.detail)
-                    spec = self.spec(mount_id)
-                    self._kill(mount_id, grace=2.0)
-                    if not detach(spec.mountpoint):
-                        raise StorageError(f"cannot detach stale mount {spec.mountpoint}")
-                    self._start(spec)
-                    out[mount_id] = "remounted"
-                except RemoraError as exc:
-                    log.error("restore of mount %s failed: %s", mount_id, exc)
-                    out[mount_id] = f"failed: {exc}"
+            try:
+                out[mount_id] = self.restore_mount(mount_id)
+            except RemoraError as exc:
+                log.error("restore of mount %s failed: %s", mount_id, exc)
+                out[mount_id] = f"failed: {exc}"
         return out
+
+    def restore_mount(self, mount_id: str) -> str:
+        """Adopt mount ``mount_id`` if its process answers, else detach and re-mount it from its spec.
+
+        Returns ``"adopted"`` or ``"remounted"``; raises :class:`NotFound` for an unknown id and
+        :class:`StorageError` if the re-mount fails.
+        """
+        with self._id_lock(mount_id):
+            health = self.check(mount_id)
+            if health.ok:
+                return "adopted"
+            log.warning("mount %s is %s (%s): re-mounting", mount_id, health.state, health.detail)
+            spec = self.spec(mount_id)
+            self._kill(mount_id, grace=2.0)
+            if not detach(spec.mountpoint):
+                raise StorageError(f"cannot detach stale mount {spec.mountpoint}")
+            self._start(spec)
+            return "remounted"
 
     # -- metrics ------------------------------------------------------------------------------
     def stats(self, mount_id: str) -> dict:

@@ -93,7 +93,7 @@ def register_peer(subparsers) -> None:
                       help="a piece not received by then (or slower than --min-piece-rate) blocklists its parent")
     tune.add_argument("--min-piece-rate", default="1MiB", metavar="SIZE", help="bytes/s below which a parent crawls")
     tune.add_argument("--max-parent-failures", type=int, default=6,
-                      help="failed pieces/scheduling rounds before going to the registry (default %(default)s)")
+                      help="parents that failed (blocklisted or busy) before going to the registry (default %(default)s)")
     tune.add_argument("--scheduler-timeout", default="2s", metavar="DURATION", help="deadline of a scheduler RPC")
     tune.add_argument("--upstream-timeout", default="30s", metavar="DURATION", help="registry read timeout")
     gc = p.add_argument_group("garbage collection")

@@ -143,7 +143,7 @@ class PeerConfig:
     concurrency: int = 8                                    # pieces fetched at once per task
     piece_timeout: float = 10.0                             # floor of the per-piece deadline
     min_piece_rate: int = 1 * MiB                           # slower than this (bytes/s) counts as crawling
-    max_parent_failures: int = 6                            # failed pieces/scheduling rounds before back-to-source
+    max_parent_failures: int = 6                            # failed parents before back-to-source
     scheduler_timeout: float = 2.0                          # per scheduler RPC
     upstream_timeout: float = 30.0
     gc_ttl: float = 24 * 3600.0

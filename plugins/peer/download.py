@@ -8,8 +8,9 @@ single driver coroutine per task fetches what is missing:
   and fetch them over HTTP from the parents' upload endpoints. Every piece is checked against the piece
   digest published by the peer that fetched it from the registry. A parent that fails (dies mid-piece,
   returns corrupt bytes, crawls below ``min_piece_rate``) is blocklisted for the task and the piece is
-  fetched elsewhere; after ``max_parent_failures`` failed pieces or empty scheduling rounds the child
-  goes back to the registry itself.
+  fetched elsewhere; after ``max_parent_failures`` failed parents, when the scheduler says so after
+  repeated empty scheduling rounds, or when the mesh makes no progress for three piece timeouts, the
+  child goes back to the registry itself.
 * **the seed** (told so by the scheduler), or any peer whose scheduler is down, streams the missing
   ranges from the registry with this node's credentials, cuts them into pieces, hashes each piece and
   announces pieces and digests to the scheduler as they land, so children start before it is done.
@@ -177,13 +178,13 @@ class Task:
         except asyncio.CancelledError:
             self.error = RegistryError(f"{self.digest}: download cancelled (daemon stopping)")
             raise
-        except BaseException as exc:  # every waiter must learn why, whatever it is
+        except Exception as exc:  # every waiter must learn why, whatever it is
             if not isinstance(exc, RemoraError):
                 log.exception("%s: download failed", self.digest)
                 exc = RegistryError(f"{self.digest}: download failed: {exc}")
             self.error = exc
             self.m.metrics.tasks.labels("failed").inc()
-            if self.back_to_source and not isinstance(exc, NotFound):
+            if self.back_to_source:
                 await self._reset(f"back-to-source failed: {exc}")
         finally:
             self.entry.users -= 1
@@ -248,6 +249,7 @@ class Task:
         want = entry.piece_span(index)[1] - entry.piece_span(index)[0]
         t0 = time.monotonic()
         self._in_flight.add(index)
+        self._announce_soon()  # children may line up behind the seed's in-flight pieces at once
         try:
             async for chunk in resp.content.iter_chunked(READ_CHUNK):
                 if skip:
@@ -303,13 +305,9 @@ class Task:
             self._seen, self._progress_at = seen, time.monotonic()
         plan = self._plan(missing, parents)
         if not plan:
-            # Nobody holds what we miss (yet): the seed may still be working, so wait as told, but not
-            # forever: without progress for a few piece timeouts, or after repeated empty rounds, fetch
-            # it ourselves.
-            self.failures += 1 if not parents else 0
-            if self.failures >= self.cfg.max_parent_failures:
-                self._go_to_source("schedule_failures")
-                return
+            # Nobody holds what we miss (yet): the seed may still be working, so wait as told. The
+            # scheduler sends us to the registry after repeated empty answers; without it noticing,
+            # no progress in the mesh for a few piece timeouts does the same.
             if time.monotonic() - self._progress_at > 3 * self.cfg.piece_timeout:
                 self._go_to_source("stalled")
                 return
@@ -416,11 +414,11 @@ class Task:
             entry = self.entry
             if entry.verified:
                 return
-            if not entry.complete:
-                raise InvalidInput(f"{self.digest}: pieces went missing before verification")
+            if not entry.complete:  # a concurrent verification failed and reset the task
+                raise self.error or InvalidInput(f"{self.digest}: pieces went missing before verification")
             actual = await asyncio.to_thread(_hash_pieces, entry)
             if actual != self.digest:
-                err = DigestMismatch(f"blob {self.digest}", self.digest, actual)
+                err = self.error = DigestMismatch(f"blob {self.digest}", self.digest, actual)
                 self.m.metrics.tasks.labels("digest_mismatch").inc()
                 await self._reset(str(err))
                 raise err

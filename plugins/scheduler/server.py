@@ -5,7 +5,8 @@ ParentSelector` decisions. The scheduling policy lives in :meth:`SchedulerServic
 
 1. a peer that is the seed (or was already sent to the registry) keeps being told so;
 2. parents the caller blocklisted join the task's blocklist for that caller, for good;
-3. a task with no working seed and no complete peer elects the caller as its seed (back to source);
+3. a task with no working seed and no complete peer elects the caller as its seed (back to source),
+   unless the caller's own registry fetch failed for this task and another peer can try instead;
 4. otherwise the selector's best parents are returned — possibly the seed itself while it still
    downloads, since peers announce the pieces they have in flight;
 5. no usable parent: "retry after N ms"; after ``max_schedule_failures`` such answers in a row, the
@@ -99,6 +100,9 @@ def _rpc(method):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown task {exc.args[0]!r}")
         except BadRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception:
+            log.exception("%s failed", name)   # a bug: grpc answers UNKNOWN, the client fails over
+            raise
         finally:
             self.metrics.rpc_seconds.labels(name).observe(time.perf_counter() - start)
     return wrapper
@@ -162,7 +166,10 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         for parent_id in exclude:
             if parent_id and parent_id != child_id and self.state.blocklist(task, child_id, parent_id):
                 self.metrics.blocklist_events.labels("excluded").inc()
-        if task.needs_seed():
+        # A peer whose registry fetch just failed is not re-elected while another peer could try: its
+        # registry access may be what is broken. It waits (retry) like any child meanwhile.
+        if task.needs_seed() and (child_id not in task.failed_seed_peers or not any(
+                p != child_id and p not in task.failed_seed_peers for p in task.peers)):
             reason = "reseed" if task.failed_seeds else "seed"
             self.state.elect_seed(task, child_id)
             self.metrics.back_to_source.labels(reason).inc()

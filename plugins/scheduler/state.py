@@ -101,6 +101,7 @@ class Task:
     piece_digests: list[str] = field(default_factory=list)
     seed_peer: str | None = None
     failed_seeds: int = 0
+    failed_seed_peers: set[str] = field(default_factory=set)   # not re-elected while others can seed
     peers: dict[str, TaskPeer] = field(default_factory=dict)
     children_of: dict[str, set[str]] = field(default_factory=dict)   # reverse of TaskPeer.parents
 
@@ -284,8 +285,10 @@ class SchedulerState:
                  done: bool = False) -> TaskPeer:
         tp = self.join_task(peer_id, task_id)
         task = self.tasks[task_id]
-        # Digests only from a peer that read the blob from the registry: a child's copy adds nothing.
-        self.learn_metadata(task, content_length, piece_size, digests if tp.back_to_source else None)
+        # Digests only from a peer that hashed them from the registry or whose whole blob matched its
+        # digest: a partial child's list could come from a bad parent.
+        trusted = tp.back_to_source or tp.done or done
+        self.learn_metadata(task, content_length, piece_size, digests if trusted else None)
         tp.finished.update(finished)
         tp.in_flight.update(in_flight)
         tp.in_flight -= tp.finished
@@ -331,6 +334,7 @@ class SchedulerState:
             # The seed's registry fetch failed or vanished: what it said about the blob is suspect (the
             # piece digests may come from a corrupt stream). Forget it; the next peer to ask re-seeds.
             task.failed_seeds += 1
+            task.failed_seed_peers.add(peer_id)
             task.piece_digests = []
             reset = True
         if not task.peers:

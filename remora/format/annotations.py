@@ -16,6 +16,7 @@ VERSION = PREFIX + "version"          # format version, on every layer
 ROLE = PREFIX + "role"                # "blob" or "bootstrap"
 BOOTSTRAP = PREFIX + "bootstrap"      # digest of the bootstrap layer, on every layer
 BOOTSTRAP_SIZE = PREFIX + "bootstrap-size"
+REPOSITORY = PREFIX + "repository"    # "host/repository" the image was pushed to (may be stale after a copy)
 
 # The bootstrap layer is a zstd-compressed tar with one member; data blobs are plain tar layers.
 BOOTSTRAP_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+zstd"
@@ -34,9 +35,12 @@ class LayerInfo:
     version: int
 
 
-def layer_annotations(role: str, bootstrap_digest: str, bootstrap_size: int) -> dict[str, str]:
-    return {VERSION: str(FORMAT_VERSION), ROLE: role, BOOTSTRAP: bootstrap_digest,
-            BOOTSTRAP_SIZE: str(bootstrap_size)}
+def layer_annotations(role: str, bootstrap_digest: str, bootstrap_size: int,
+                      repository: str | None = None) -> dict[str, str]:
+    out = {VERSION: str(FORMAT_VERSION), ROLE: role, BOOTSTRAP: bootstrap_digest, BOOTSTRAP_SIZE: str(bootstrap_size)}
+    if repository:
+        out[REPOSITORY] = repository
+    return out
 
 
 def parse_labels(labels: dict[str, str]) -> LayerInfo | None:

@@ -48,14 +48,15 @@ class _Pipe:
         self.has_room = asyncio.Event()
         self.has_room.set()
         self.eof = False
+        self.broken = False
         self.corrupted = 0
 
     async def read_side(self) -> None:
         try:
-            while True:
+            while not self.broken:
                 await self.has_room.wait()
                 data = await self.reader.read(CHUNK)
-                if not data:
+                if not data or self.broken:
                     break
                 if self.corrupt and len(data) >= CORRUPT_MIN_CHUNK:
                     data = data[:-1] + bytes([data[-1] ^ 0xFF])
@@ -99,7 +100,9 @@ class _Pipe:
             if self.writer.can_write_eof():
                 self.writer.write_eof()
         except (ConnectionError, OSError):
-            pass
+            # the receiving side is gone: stop reading too, or a full buffer would block the reader forever
+            self.broken = True
+            self.has_room.set()
 
 
 class DelayProxy:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from remora.errors import InvalidInput
@@ -34,7 +34,6 @@ class MountSpec:
     kernel_timeout: float = DEFAULT_TIMEOUT
     stats_interval: float = 1.0
     log_level: str = "INFO"
-    extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)

@@ -65,7 +65,7 @@ def layer_two() -> bytes:
     b.add_dir("opq", mode=0o700, mtime=T + 5)
     b.add_file("opq/new", b"new in layer 2\n", mtime=T + 5)
     b.opaque("opq")                                   # marker after the same-layer child
-    b.add_hardlink("data/hl2", "data/a")              # link to a file from the lower layer
+    b.add_hardlink("data/hl2", "data/a", mtime=T)     # link to a file from the lower layer
     b.add_dir("rep", mtime=T + 5).add_file("rep/x", b"x", mtime=T + 5)
     b.add_file("rep2", b"dir became a file\n", mtime=T + 5)
     b.add_file("etc/hello", b"hello v2\n", mtime=T + 5)

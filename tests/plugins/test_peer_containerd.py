@@ -15,20 +15,44 @@ from remora.procutil import Daemon, free_port, wait_until
 from peer_util import make_layer, push_image, start_peer, unique
 
 
-def _containerd_binary() -> str:
+SID_CONTAINERD = "2.1"
+
+
+def _private_containerd(cache_dir: Path) -> Path:
+    """containerd 2.1 from Debian sid, extracted privately (never installed): its ``usr/bin``.
+
+    Downloaded once into the test cache with an apt configuration of its own (platform notes);
+    the binaries need only libc.
+    """
+    target = cache_dir / "containerd-sid"
+    bindir = target / "x" / "usr" / "bin"
+    if (bindir / "containerd").exists():
+        return bindir
+    apt = target / "apt"
+    (apt / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    (apt / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    (apt / "sources.list").write_text("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+                                      "http://deb.debian.org/debian sid main\n")
+    opts = [f"-oDir::Etc::SourceList={apt / 'sources.list'}", "-oDir::Etc::SourceParts=/dev/null",
+            f"-oDir::State::Lists={apt / 'lists'}", f"-oDir::Cache={apt / 'cache'}", "-q"]
+    subprocess.run(["apt-get", *opts, "update"], check=True, capture_output=True, timeout=300)
+    subprocess.run(["apt-get", *opts, "download", "containerd"], check=True, capture_output=True, timeout=300,
+                   cwd=target)
+    deb = sorted(target.glob("containerd_2.*.deb"))[-1]
+    subprocess.run(["dpkg", "-x", str(deb), str(target / "x")], check=True, timeout=120)
+    return bindir
+
+
+@pytest.fixture(params=["1.6", SID_CONTAINERD])
+def containerd(request, cache_dir):
+    """A containerd of the test's own (the system's 1.6, and 2.1 extracted privately): own root, state,
+    sockets and opt dir; stopped by PID afterwards, its mounts and directories removed."""
     from shutil import which
-    path = which("containerd")
-    if not path:
-        raise RuntimeError("containerd is not installed (apt-get install containerd)")
-    return path
-
-
-@pytest.fixture
-def containerd():
-    """A containerd of the test's own: own root, state, sockets and opt dir; stopped by PID afterwards."""
+    version = request.param
+    bindir = _private_containerd(cache_dir) if version == SID_CONTAINERD else Path(which("containerd")).parent
     root = Path(tempfile.mkdtemp(prefix="remora-peer-ctd-", dir="/tmp"))
     sock = root / "c.sock"
-    (root / "config.toml").write_text(f"""version = 2
+    (root / "config.toml").write_text(f"""version = {3 if version == SID_CONTAINERD else 2}
 root = "{root}/root"
 state = "{root}/state"
 [grpc]
@@ -38,12 +62,15 @@ state = "{root}/state"
 [plugins."io.containerd.internal.v1.opt"]
   path = "{root}/opt"
 """)
-    d = Daemon([_containerd_binary(), "--config", str(root / "config.toml")], root / "containerd.log").start()
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    d = Daemon([str(bindir / "containerd"), "--config", str(root / "config.toml")], root / "containerd.log",
+               env=env).start()
+    cd = {"address": str(sock), "root": root, "ns": unique("peer-test"), "ctr": str(bindir / "ctr"),
+          "version": version, "env": env}
     try:
-        wait_until(lambda: subprocess.run(["ctr", "--address", str(sock), "version"], capture_output=True).returncode == 0
-                   or not d.alive(), 15, what="containerd")
+        wait_until(lambda: ctr(cd, "version", check=False).returncode == 0 or not d.alive(), 15, what="containerd")
         assert d.alive(), d.log_tail()
-        yield {"address": str(sock), "root": root, "ns": unique("peer-test")}
+        yield cd
     finally:
         d.stop()
         for mnt in reversed(Path("/proc/mounts").read_text().splitlines()):
@@ -54,8 +81,8 @@ state = "{root}/state"
 
 
 def ctr(cd, *args, check=True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ctr", "--address", cd["address"], "--namespace", cd["ns"], *args], capture_output=True,
-                          timeout=120, check=check)
+    return subprocess.run([cd["ctr"], "--address", cd["address"], "--namespace", cd["ns"], *args],
+                          capture_output=True, timeout=120, check=check, env=cd["env"])
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +102,8 @@ async def test_ctr_pull_through_the_peer(tmp_path, registry, containerd, image):
     peer = await start_peer(tmp_path, "node")
     try:
         hosts = tmp_path / "certs.d"
-        hoststoml.write(hosts, [registry.host], peer.mirror_url, containerd="1.6")
+        hoststoml.write(hosts, [registry.host], peer.mirror_url,
+                        containerd="1.6" if containerd["version"] == "1.6" else "2.x")
         ref = f"{registry.host}/{image['repo']}:v1"
         out = await _pull(containerd, hosts, ref)
         assert out.returncode == 0, out.stderr.decode()
@@ -94,7 +122,8 @@ async def test_ctr_pull_through_the_peer(tmp_path, registry, containerd, image):
 
 async def test_ctr_pull_falls_back_to_the_registry_when_the_peer_is_down(tmp_path, registry, containerd, image):
     hosts = tmp_path / "certs.d"
-    hoststoml.write(hosts, [registry.host], f"http://127.0.0.1:{free_port()}", containerd="1.6")
+    hoststoml.write(hosts, [registry.host], f"http://127.0.0.1:{free_port()}",
+                    containerd="1.6" if containerd["version"] == "1.6" else "2.x")
     t0 = time.monotonic()
     out = await _pull(containerd, hosts, f"{registry.host}/{image['repo']}:v1")
     assert out.returncode == 0, out.stderr.decode()

@@ -105,6 +105,9 @@ async def test_failed_seed_resets_the_task_and_the_next_registrant_is_seed(sched
                                                            back_to_source=True, error="digest mismatch"))
     stat = await stub.StatTask(pb.StatTaskRequest(task_id=TASK))
     assert stat.seed_peer == "" and stat.state == "failed" and "s1" not in stat.peers
+    # The failed seed starts over at once, but is not re-elected while others can try the registry.
+    r = await stub.RegisterTask(pb.RegisterTaskRequest(peer_id="s1", task_id=TASK))
+    assert not r.back_to_source and r.retry_after_ms > 0
     r = await stub.RegisterTask(pb.RegisterTaskRequest(peer_id="c2", task_id=TASK))
     assert r.back_to_source and r.reason == "reseed"
     assert not r.piece_digests          # the failed seed's digests were dropped with it

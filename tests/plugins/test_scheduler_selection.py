@@ -198,3 +198,35 @@ def test_parent_selection_benchmark_runs(capsys, monkeypatch):
     assert bench.main(["--seeds", "1", "--children", "6", "--pieces", "8", "--scenario", "mixed"]) == 0
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.split()[:1]]
     assert {"random", "weighted", "bandit"} <= set(rows)
+
+
+def test_piece_digests_are_learned_only_from_trusted_peers(state):
+    bad = ["sha256:" + "f" * 64] * 10
+    good = ["sha256:" + "0" * 64] * 10
+    peer(state, "child")
+    state.announce("child", TASK, [0], (), digests=bad)            # a partial child: not trusted
+    assert state.tasks[TASK].piece_digests == []
+    peer(state, "complete")
+    state.announce("complete", TASK, range(10), (), digests=good, done=True)   # whole blob verified
+    assert state.tasks[TASK].piece_digests == good
+    state.announce("child", TASK, [1], (), digests=bad)            # the first trusted list stays
+    assert state.tasks[TASK].piece_digests == good
+
+
+def test_a_failed_seed_is_not_re_elected_while_others_wait():
+    from remora.plugins.scheduler.server import SchedulerConfig, SchedulerService
+
+    svc = SchedulerService(SchedulerConfig(random_seed=3))
+    for pid in ("s1", "c1"):
+        svc.state.register_peer(Host(peer_id=pid, host_id=pid))
+        svc.state.join_task(pid, TASK)
+    task = svc.state.tasks[TASK]
+    assert svc.schedule(task, "s1")[1] is True                     # first: seed
+    assert svc.state.report_task("s1", TASK, success=False)        # its registry fetch failed: reset
+    svc.state.join_task("s1", TASK)
+    parents, b2s, retry, _ = svc.schedule(task, "s1")
+    assert not b2s and not parents and retry > 0                   # c1 may seed instead
+    _, b2s, _, reason = svc.schedule(task, "c1")
+    assert b2s and reason == "reseed"
+    svc.state.leave_task("c1", TASK)                               # c1 fails too (task reset again)
+    assert svc.schedule(task, "s1")[1] is True                     # only s1 left: it tries again

@@ -108,3 +108,13 @@ def test_two_instances_share_accounting(tmp_path):
     a.put_many([chunk(1)])
     b.put_many([chunk(2), chunk(1)])  # chunk 1 is already there: not counted twice
     assert a.info()["bytes"] == b.info()["bytes"] == 2000
+
+
+def test_half_written_chunks_of_dead_processes_are_removed(tmp_path):
+    ChunkCache(tmp_path, 1 << 20).close()
+    dead = tmp_path / "tmp" / f"{'ab' * 32}.999999999.1"
+    live = tmp_path / "tmp" / f"{'cd' * 32}.{os.getppid()}.1"
+    dead.write_bytes(b"partial")
+    live.write_bytes(b"partial")
+    ChunkCache(tmp_path, 1 << 20)
+    assert not dead.exists() and live.exists(), "only writers that are gone lose their temp files"

@@ -143,6 +143,7 @@ def test_corrupted_cache_entry_is_detected_and_refetched(image, proxy, tmp_path)
     data = image.contents[b"/data/deep/er/file"]
     assert read_path(f, b"/data/deep/er/file") == data
     (e,) = file_extents(f, b"/data/deep/er/file")
+    assert f.wait_stored([e.chunk.frame])
     path = f.cache.path(e.chunk.digest)
     path.write_bytes(b"rotten" + path.read_bytes()[6:])
     proxy.reset()

@@ -16,7 +16,7 @@ import pytest
 
 from lazy_support import CountingProxy, build_image, dead_port_url
 from remora.cache import ChunkCache
-from remora.errors import StorageError
+from remora.errors import InvalidInput, StorageError
 from remora.procutil import wait_until
 from remora.snapshotter.mount import MountManager, detach, mounted_fstype
 from remora.snapshotter.sources import SourceSpec
@@ -59,7 +59,9 @@ def host_path(mnt: str, path: bytes) -> bytes:
 
 
 def published(manager, mount_id, key, section="fetch"):
-    time.sleep(0.5)  # the fs process publishes every 0.2 s here
+    """A counter as the fs process publishes it, from a write made after this call."""
+    since = time.time()
+    wait_until(lambda: manager.stats(mount_id).get("time", 0) > since, 5, what="fresh stats file")
     return manager.stats(mount_id).get(section, {}).get(key)
 
 
@@ -206,6 +208,9 @@ def test_prefetch_and_prometheus_metrics(manager, image, proxy, tmp_path):
     mnt = mount(manager, image, tmp_path, proxy.url, prefetch=True, prefetch_all=True)
     wait_until(lambda: (manager.stats("m1").get("fetch") or {}).get("prefetch_done") == 1, 15, what="prefetch")
     assert sorted(os.listdir(mnt)) == sorted(n.decode() for n in image.tree.root.children)
+    with pytest.raises(InvalidInput, match="already used by mount m1"):
+        manager.mount("m2", image.bootstrap, mnt, [source(proxy.url, image.repo)])
+    assert manager.check("m1").ok
     wait_until(lambda: "getattr" in manager.stats("m1").get("ops", {}), 5, what="op latencies published")
     cache = ChunkCache(tmp_path / "cache")
     assert cache.info()["chunks"] == len(image.table.chunks)

@@ -1,0 +1,166 @@
+"""``remora trace IMAGE -- CMD``: run a workload once and record the files it reads, in order.
+
+The output feeds ``remora convert --prefetch-list``: those files are laid out first and contiguously
+and the snapshotter prefetches them in that order, so a cold start fetches what it needs in a few
+large requests.
+
+How: the image's root file system is materialised in a temporary directory (a remora image is
+unpacked; an OCI image is first converted into a temporary OCI layout), then the command runs in it
+under ``strace`` inside private mount and PID namespaces (``unshare``), with ``/proc`` and ``/dev``
+mounted. Every successful open/openat/execve made after the ``chroot`` — by the command and all its
+children — is recorded; paths are resolved inside the image root (symlinks included) and only regular
+files are kept, each once, in first-access order.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from remora.errors import RemoraError, UsageError
+
+_LINE = re.compile(r"^(\d+)\s+(\w+)\((.*)\)\s+=\s+(-?\d+|\?)")
+# with several processes, strace splits a call: "PID call(args <unfinished ...>" ... "PID <... call resumed>rest) = R"
+_UNFINISHED = re.compile(r"^(\d+)\s+(\w+)\((.*) <unfinished \.\.\.>$")
+_RESUMED = re.compile(r"^(\d+)\s+<\.\.\. (\w+) resumed>(.*)\)\s+=\s+(-?\d+|\?)")
+_PATH_ARG = {"open": 0, "openat": 1, "openat2": 1, "execve": 0, "chroot": 0}
+_FORKS = {"clone", "clone3", "fork", "vfork"}
+
+
+@dataclass
+class TraceResult:
+    files: list[str]
+    exit_code: int
+    output: str
+
+
+def resolve_in_root(root: Path, path: str, max_links: int = 40) -> str | None:
+    """The path of ``path`` inside ``root`` with every symlink resolved within the root, or None."""
+    parts = [p for p in path.split("/") if p and p != "."]
+    resolved: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = root.joinpath(*resolved, part)
+        try:
+            st = os.lstat(candidate)
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > max_links:
+                return None
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p and p != "."] + parts
+            continue
+        resolved.append(part)
+    return "/" + "/".join(resolved)
+
+
+def _string_arg(args: str, index: int) -> str | None:
+    strings = re.findall(r'"((?:[^"\\]|\\.)*)"', args)
+    # openat's first argument is a dirfd (AT_FDCWD or a number), not a string: the path is string 0
+    if not strings:
+        return None
+    try:
+        return bytes(strings[0], "utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        return strings[0]
+
+
+def parse_strace(log: str, root: Path) -> list[str]:
+    chrooted: set[int] = set()
+    seen: dict[str, None] = {}
+    pending: dict[int, tuple[str, str]] = {}
+    for line in log.splitlines():
+        m = _LINE.match(line)
+        if m:
+            pid, call, args, ret = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        elif (u := _UNFINISHED.match(line)):
+            pending[int(u.group(1))] = (u.group(2), u.group(3))
+            continue
+        elif (r := _RESUMED.match(line)):
+            pid, ret = int(r.group(1)), r.group(4)
+            call, args = pending.pop(pid, (r.group(2), ""))
+            args += r.group(3)
+        else:
+            continue
+        if ret == "?" or int(ret) < 0:
+            continue
+        if call in _FORKS:
+            if pid in chrooted:
+                chrooted.add(int(ret))
+            continue
+        if call == "chroot":
+            chrooted.add(pid)
+            continue
+        if pid not in chrooted or call not in _PATH_ARG:
+            continue
+        path = _string_arg(args, _PATH_ARG[call])
+        if not path or not path.startswith("/"):
+            continue
+        real = resolve_in_root(root, path)
+        if real and real not in seen and stat.S_ISREG(os.lstat(root / real.lstrip("/")).st_mode):
+            seen[real] = None
+    return list(seen)
+
+
+def run_traced(root: Path, command: list[str], timeout: float, env: dict[str, str] | None = None) -> TraceResult:
+    if not command:
+        raise UsageError("no command to trace (give it after '--')")
+    for tool in ("strace", "unshare", "chroot", "mount"):
+        if shutil.which(tool) is None:
+            raise RemoraError(f"'{tool}' is required by remora trace (apt-get install strace util-linux)")
+    (root / "proc").mkdir(exist_ok=True)
+    (root / "dev").mkdir(exist_ok=True)
+    script = (f"mount -t proc proc {shlex.quote(str(root / 'proc'))} && "
+              f"mount --rbind /dev {shlex.quote(str(root / 'dev'))} && exec chroot {shlex.quote(str(root))} \"$@\"")
+    with tempfile.NamedTemporaryFile("r", suffix=".strace") as log:
+        argv = ["strace", "-f", "-qq", "-o", log.name, "-e", "trace=process,chroot,open,openat,openat2",
+                "-e", "signal=none", "unshare", "--mount", "--pid", "--fork", "--propagation", "private",
+                "sh", "-c", script, "sh", *command]
+        run_env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+                   "LANG": "C.UTF-8", **(env or {})}
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=run_env)
+        except subprocess.TimeoutExpired:
+            raise RemoraError(f"the traced command did not finish within {timeout:.0f}s") from None
+        files = parse_strace(Path(log.name).read_text(errors="replace"), root)
+    return TraceResult(files, proc.returncode, proc.stdout + proc.stderr)
+
+
+def trace_image(image: str, command: list[str], *, timeout: float = 120.0, plain_http: bool | None = None,
+                env: dict[str, str] | None = None) -> TraceResult:
+    from remora.converter.convert import ConvertOptions, convert
+    from remora.converter.image import LocalBlobs, RemoraImage
+    from remora.converter.unpack import unpack
+    from remora.errors import InvalidInput
+    from remora.imagestore import open_store
+
+    with tempfile.TemporaryDirectory(prefix="remora-trace-") as tmp:
+        tmp_path = Path(tmp)
+        ref = image
+        try:
+            remora_image = RemoraImage.open(open_store(ref, plain_http=plain_http), tmp_path / "meta")
+        except InvalidInput:
+            ref = f"oci:{tmp_path / 'converted'}:trace"
+            convert(image, ref, ConvertOptions(progress=False, plain_http=plain_http))
+            remora_image = RemoraImage.open(open_store(ref), tmp_path / "meta")
+        try:
+            root = tmp_path / "rootfs"
+            unpack(remora_image, root, LocalBlobs(remora_image, tmp_path / "blobs"))
+        finally:
+            remora_image.close()
+        return run_traced(root, command, timeout, env)

@@ -1,0 +1,166 @@
+"""A private containerd 2.1 (Debian sid, unpacked by scripts/fetch-newer-runtimes.sh) for interop tests.
+
+Why a second class: containerd 2.x reads config ``version = 3`` (new plugin IDs for CRI,
+``io.containerd.cri.v1.images``), pulls through the Transfer service by default (which unpacks only
+for the platform/snapshotter pairs listed in ``unpack_config``) and passes the ``cri.*`` snapshot labels
+to a proxy snapshotter only when the plugin exports ``enable_remote_snapshot_annotations = "true"``.
+Everything else -- ``ctr()``, stop by PID, removing the namespace's cgroups -- is
+:class:`remora.testenv.containerd.PrivateContainerd`'s, which this class subclasses.
+
+Isolation from the host and from other tests: root, state, ``opt``, the sockets, NRI (disabled: it
+would share ``/var/run/nri/nri.sock``), the CRI registry ``config_path`` and the containerd namespace are
+all private. The daemon runs with ``PATH`` starting at the 2.1 tree so the matching
+``containerd-shim-runc-v2`` is picked (Debian 12's 1.6 shim sits in /usr/bin); runc stays bookworm's.
+
+Example::
+
+    with PrivateContainerd2(tmp / "ctd2", snap.address) as ctd:
+        ctd.ctr("images", "pull", "--plain-http", "--snapshotter", "remora", ref)
+        ctd.ctr("run", "--rm", "--snapshotter", "remora", ref, "c1", "echo", "hi")
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+from remora.errors import NotFound, UsageError
+from remora.procutil import Daemon, wait_until
+from remora.testenv.containerd import PrivateContainerd
+
+RUNTIMES_DIR = Path(os.environ.get("REMORA_RUNTIMES_DIR", "/opt/remora-runtimes"))
+CONTAINERD2_DIR = RUNTIMES_DIR / "containerd2"
+RUNC_STATE = Path("/run/containerd/runc")  # runc's --root for every containerd: per-namespace dirs
+
+
+def containerd2_bin_dir() -> Path:
+    """The directory holding containerd 2.1's ``containerd``, ``ctr`` and shim, or a clear error."""
+    bindir = CONTAINERD2_DIR / "usr" / "bin"
+    if not (bindir / "containerd").is_file():
+        raise NotFound(f"containerd 2.x not found under {CONTAINERD2_DIR}: run scripts/fetch-newer-runtimes.sh")
+    return bindir
+
+
+class PrivateContainerd2(PrivateContainerd):
+    """containerd 2.1 of our own; same constructor as :class:`PrivateContainerd` plus:
+
+    ``unpack_platform``: the platform the Transfer service unpacks for (one ``unpack_config`` entry is
+    written for the default ``overlayfs`` snapshotter and one for the proxy snapshotter, so both
+    ``ctr images pull`` and ``ctr images pull --snapshotter remora`` unpack).
+    ``remote_snapshot_annotations``: the proxy plugin's ``enable_remote_snapshot_annotations`` export
+    (True: Transfer and CRI pulls pass ``cri.*`` labels, which remora's remote path needs).
+    ``registry_mirrors`` (CRI only): ``{"127.0.0.1:5000": "http://127.0.0.1:5000"}`` becomes a
+    ``hosts.toml`` under ``<base_dir>/certs.d``, the only registry configuration CRI 2.x reads.
+    """
+
+    def __init__(self, base_dir: Path | str, snapshotter_socket: Path | str | None = None, *,
+                 snapshotter_name: str = "remora", cri: bool = False,
+                 registry_mirrors: Mapping[str, str] | None = None, namespace: str | None = None,
+                 unpack_platform: str = "linux/amd64", remote_snapshot_annotations: bool = True,
+                 extra_config: str = ""):
+        bindir = containerd2_bin_dir()
+        super().__init__(base_dir, snapshotter_socket, snapshotter_name=snapshotter_name, cri=cri,
+                         registry_mirrors=registry_mirrors, namespace=namespace,
+                         containerd=str(bindir / "containerd"), ctr=str(bindir / "ctr"),
+                         extra_config=extra_config)
+        self.bin_dir = bindir
+        self.unpack_platform = unpack_platform
+        self.remote_snapshot_annotations = remote_snapshot_annotations
+        self.certs_dir = self.base_dir / "certs.d"
+
+    def config_text(self) -> str:
+        q = json.dumps  # TOML basic strings accept JSON string escapes
+        disabled = [] if self.cri else ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images",
+                                        "io.containerd.cri.v1.runtime"]
+        lines = [
+            "version = 3",
+            f"root = {q(str(self.root))}",
+            f"state = {q(str(self.state))}",
+            f"disabled_plugins = {q(disabled)}",
+            "[grpc]",
+            f"  address = {q(str(self.address))}",
+            "[ttrpc]",
+            f"  address = {q(str(self.address) + '.ttrpc')}",
+            "[debug]",
+            '  level = "info"',
+            "[plugins.'io.containerd.internal.v1.opt']",
+            f"  path = {q(str(self.base_dir / 'opt'))}",
+            "[plugins.'io.containerd.nri.v1.nri']",
+            "  disable = true",
+            "[plugins.'io.containerd.image-verifier.v1.bindir']",
+            f"  bin_dir = {q(str(self.base_dir / 'image-verifier'))}",
+        ]
+        snapshotters = ["overlayfs"] + ([self.snapshotter_name] if self.snapshotter_socket else [])
+        for name in snapshotters:
+            lines += ["[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]",
+                      f"  platform = {q(self.unpack_platform)}", f"  snapshotter = {q(name)}"]
+        if self.cri:
+            lines += self._cri_lines()
+        if self.snapshotter_socket:
+            lines += [f"[proxy_plugins.{q(self.snapshotter_name)}]", '  type = "snapshot"',
+                      f"  address = {q(str(self.snapshotter_socket))}"]
+            if self.remote_snapshot_annotations:
+                lines += [f"[proxy_plugins.{q(self.snapshotter_name)}.exports]",
+                          '  enable_remote_snapshot_annotations = "true"']
+        return "\n".join(lines) + "\n" + self.extra_config
+
+    def _cri_lines(self) -> list[str]:
+        q = json.dumps
+        return [
+            "[plugins.'io.containerd.cri.v1.images']",
+            f"  snapshotter = {q(self.snapshotter_name if self.snapshotter_socket else 'overlayfs')}",
+            "  disable_snapshot_annotations = false",
+            "[plugins.'io.containerd.cri.v1.images'.registry]",
+            f"  config_path = {q(str(self.certs_dir))}",
+            "[plugins.'io.containerd.cri.v1.runtime']",
+            "  enable_cdi = false",
+            "[plugins.'io.containerd.cri.v1.runtime'.cni]",
+            f"  bin_dirs = [{q(str(self.base_dir / 'cni' / 'bin'))}]",
+            f"  conf_dir = {q(str(self.base_dir / 'cni' / 'conf'))}",
+            "[plugins.'io.containerd.grpc.v1.cri']",
+            '  stream_server_address = "127.0.0.1"',
+            '  stream_server_port = "0"',
+        ]
+
+    def _write_hosts(self) -> None:
+        """One ``certs.d/<host>/hosts.toml`` per mirror: CRI 2.x has no inline mirror table any more."""
+        for host, endpoint in self.registry_mirrors.items():
+            d = self.certs_dir / host
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "hosts.toml").write_text(f"server = {json.dumps(endpoint)}\n"
+                                          f"[host.{json.dumps(endpoint)}]\n"
+                                          '  capabilities = ["pull", "resolve"]\n')
+
+    def start(self, timeout: float = 20.0) -> "PrivateContainerd2":
+        if self.daemon and self.daemon.alive():
+            raise UsageError("containerd 2 already running")
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self._write_hosts()
+        self.config_path.write_text(self.config_text())
+        env = dict(os.environ, PATH=f"{self.bin_dir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
+        self.daemon = Daemon([self.containerd_bin, "--config", str(self.config_path)], self.log_path,
+                             env=env).start()
+        try:
+            wait_until(lambda: not self.daemon.alive() or self.ctr("version", check=False, timeout=5).returncode == 0,
+                       timeout, interval=0.1, what="containerd 2")
+        except TimeoutError:
+            self.stop()
+            raise
+        if not self.daemon.alive():
+            raise UsageError(f"containerd 2 exited at start:\n{self.daemon.log_tail()}")
+        return self
+
+    def close(self) -> None:
+        """Stop, then remove the socket dir, the namespace's cgroups and its empty runc state dir."""
+        super().close()
+        remove_runc_state(self.namespace)
+
+
+def remove_runc_state(namespace: str) -> None:
+    """runc keeps per-namespace state in /run/containerd/runc/<ns> for every containerd; drop ours if empty."""
+    try:
+        (RUNC_STATE / namespace).rmdir()
+    except OSError:
+        pass
