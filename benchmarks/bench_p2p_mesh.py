@@ -11,7 +11,8 @@ All in ONE run, so the ratios compare like with like:
 4. all N containerds pull a real image (busybox + real files) through their peers, then, on fresh
    containerds, straight from the registry;
 5. heterogeneous node uplinks (fast, medium, slow): the same mesh pull with the scheduler's weighted
-   scorer and with its UCB bandit scorer (a fresh lab each, a fresh blob each).
+   scorer and with its UCB bandit scorer (a fresh lab each, a fresh blob each; node0, on a fast uplink,
+   starts 1 s early so both runs have the same seed).
 
 Registry egress is measured twice: application bytes (the registry's access log: body bytes of blob
 GETs) and wire bytes (tx of the registry's interface, with TCP/IP/Ethernet headers, ~3% more).
@@ -181,7 +182,7 @@ def main_bench(args) -> dict:
                 fill(mesh, [(path, digest)])
                 mesh.start()
                 tx0 = mesh.registry_node.tx_bytes()
-                t, r = mesh.fetch_all(REPO, digest)
+                t, r = mesh.fetch_all(REPO, digest, lead=1.0)  # node0 (fast uplink) seeds in both runs
                 check(r, digest, het_size, scorer)
                 res[f"{scorer}_s"] = t
                 res[f"{scorer}_node_s"] = sorted(x["seconds"] for x in r)

@@ -90,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "  remora convert reg.local/app:1 reg.local/app:1-remora --prefetch-list hot.txt\n",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("image", metavar="IMAGE", help="a remora or OCI image")
-    t.add_argument("command", metavar="COMMAND", nargs=argparse.REMAINDER, help="the workload (after --)")
+    t.add_argument("command", metavar="-- COMMAND", nargs=argparse.REMAINDER, help="the workload, after '--'")
     t.add_argument("-o", "--output", metavar="FILE", help="write the list here (default: stdout)")
     t.add_argument("--timeout", type=float, default=120.0, help="seconds the workload may run (default 120)")
     t.add_argument("--plain-http", action="store_true", default=None)
@@ -177,8 +177,21 @@ def run_unpack(args) -> int:
 def run_trace(args) -> int:
     from remora.converter.trace import trace_image
 
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    result = trace_image(args.image, command, timeout=args.timeout, plain_http=args.plain_http)
+    # argparse hands everything after IMAGE to COMMAND: options given there (before "--") are ours
+    rest = list(args.command)
+    if "--" in rest:
+        cut = rest.index("--")
+        opts, rest = rest[:cut], rest[cut + 1:]
+        if opts:
+            extra = argparse.ArgumentParser(prog="remora trace", add_help=False)
+            extra.add_argument("-o", "--output")
+            extra.add_argument("--timeout", type=float)
+            extra.add_argument("--plain-http", action="store_true", default=None)
+            parsed = extra.parse_args(opts)
+            for key, value in vars(parsed).items():
+                if value is not None:
+                    setattr(args, key, value)
+    result = trace_image(args.image, rest, timeout=args.timeout, plain_http=args.plain_http)
     text = "".join(f"{p}\n" for p in result.files)
     if args.output:
         Path(args.output).write_text(text)

@@ -43,8 +43,9 @@ corrupt header in mid-archive as a normal end of archive; :class:`_TarInfo` reco
 parsing stopped so we can tell. A stream that ends cleanly at a member boundary without the two
 zero blocks is accepted, as Go's archive/tar (and so containerd) accepts it.
 
-The reader is strictly streaming (``tarfile`` mode ``r|``): no seeking, file content goes straight
-to the caller's ``sink`` and is never held whole, so multi-GB and sparse files need bounded memory.
+The reader is strictly streaming (tarfile reads through :class:`~remora.converter.tarstream.ForwardReader`,
+which only ever moves forward): file content goes straight to the caller's ``sink`` and is never
+held whole, so multi-GB and sparse files need bounded memory.
 The stream is read to its end, padding after the end-of-archive blocks included, so a digest
 verifier wrapped around it sees the whole blob.
 """
@@ -59,6 +60,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import BinaryIO, Callable
 
+from remora.converter.tarstream import FastTarInfo, ForwardReader
 from remora.errors import InvalidInput
 from remora.format.tree import ChunkRef, Inode, Tree
 
@@ -122,7 +124,7 @@ class HashingSink:
 hashing_sink = HashingSink()
 
 
-class _TarInfo(tarfile.TarInfo):
+class _TarInfo(FastTarInfo):
     """Remembers why tarfile stopped reading headers: TarFile.next() swallows a corrupt or
     truncated header after the first member and reports a plain end of archive."""
 
@@ -225,7 +227,7 @@ class LayerMerger:
         stats = LayerStats()
         counting = _Counting(stream)
         try:
-            tf = tarfile.open(fileobj=counting, mode="r|", tarinfo=_TarInfo, encoding=_ENC, errors=_ERR)
+            tf = tarfile.open(fileobj=ForwardReader(counting), mode="r:", tarinfo=_TarInfo, encoding=_ENC, errors=_ERR)
         except (tarfile.TarError, EOFError, ValueError) as e:
             if counting.count == 0:
                 return stats            # a zero-byte layer is an empty layer, as for Go's archive/tar

@@ -30,7 +30,6 @@ _LINE = re.compile(r"^(\d+)\s+(\w+)\((.*)\)\s+=\s+(-?\d+|\?)")
 _UNFINISHED = re.compile(r"^(\d+)\s+(\w+)\((.*) <unfinished \.\.\.>$")
 _RESUMED = re.compile(r"^(\d+)\s+<\.\.\. (\w+) resumed>(.*)\)\s+=\s+(-?\d+|\?)")
 _PATH_ARG = {"open": 0, "openat": 1, "openat2": 1, "execve": 0, "chroot": 0}
-_FORKS = {"clone", "clone3", "fork", "vfork"}
 
 
 @dataclass
@@ -81,7 +80,15 @@ def _string_arg(args: str, index: int) -> str | None:
 
 
 def parse_strace(log: str, root: Path) -> list[str]:
-    chrooted: set[int] = set()
+    """Files opened/executed inside the chroot, resolved in ``root``, in first-access order.
+
+    The workload runs in a new PID namespace, where clone() returns namespace-local PIDs that do not
+    match the PIDs strace prints; so a process counts as "inside" when it called chroot itself or
+    first appears after the chroot (only the workload's descendants can appear then).
+    """
+    before: set[int] = set()
+    inside: set[int] = set()
+    chrooted = False
     seen: dict[str, None] = {}
     pending: dict[int, tuple[str, str]] = {}
     for line in log.splitlines():
@@ -90,6 +97,8 @@ def parse_strace(log: str, root: Path) -> list[str]:
             pid, call, args, ret = int(m.group(1)), m.group(2), m.group(3), m.group(4)
         elif (u := _UNFINISHED.match(line)):
             pending[int(u.group(1))] = (u.group(2), u.group(3))
+            if not chrooted:
+                before.add(int(u.group(1)))
             continue
         elif (r := _RESUMED.match(line)):
             pid, ret = int(r.group(1)), r.group(4)
@@ -97,16 +106,17 @@ def parse_strace(log: str, root: Path) -> list[str]:
             args += r.group(3)
         else:
             continue
+        if not chrooted:
+            before.add(pid)
+        elif pid not in before:
+            inside.add(pid)
         if ret == "?" or int(ret) < 0:
             continue
-        if call in _FORKS:
-            if pid in chrooted:
-                chrooted.add(int(ret))
-            continue
         if call == "chroot":
-            chrooted.add(pid)
+            chrooted = True
+            inside.add(pid)
             continue
-        if pid not in chrooted or call not in _PATH_ARG:
+        if pid not in inside or call not in _PATH_ARG:
             continue
         path = _string_arg(args, _PATH_ARG[call])
         if not path or not path.startswith("/"):

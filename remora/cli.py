@@ -19,6 +19,7 @@ from remora.errors import RemoraError
 COMMAND_MODULES = (
     "remora.converter.cli",
     "remora.snapshotter.cli",
+    "remora.snapshotter.pull",
     "remora.plugins.cli",
     "remora.demo",
 )

@@ -14,6 +14,8 @@ hold many small chunks). For a read the fetcher
    decompressed and *every chunk in it* is verified against its sha256 before anything is cached or
    returned. A source that fails or lies is skipped for the next one (mirrors/peers first, then the
    registry); when none delivers, the read fails with :class:`FetchError` (the fs maps it to EIO).
+   A source that was unreachable (connection error, timeout, 5xx) is skipped for ``cooldown``
+   seconds while a later source remains, so a dead peer costs one timeout, not one per read.
 
 :class:`Prefetcher` runs the same machinery in the background over the bootstrap's prefetch list
 (then, optionally, every file), so the files a container needs first are local before it asks.
@@ -22,13 +24,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from remora.cache import ChunkCache
-from remora.errors import InvalidInput, RegistryError, RemoraError
+from remora.errors import InvalidInput, NotFound, RegistryError, RemoraError
 from remora.format.blob import decompress_frame, verify_chunk
 from remora.format.bootstrap import Bootstrap, Extent
 from remora.format.chunktable import Frame
@@ -39,6 +42,7 @@ DEFAULT_MAX_GAP = 256 << 10
 DEFAULT_MAX_RANGE = 16 << 20
 DEFAULT_PARALLEL = 4
 DEFAULT_MEMORY_CACHE = 64 << 20
+DEFAULT_COOLDOWN = 10.0
 
 
 class FetchError(RegistryError):
@@ -86,7 +90,7 @@ class ChunkFetcher:
     def __init__(self, bootstrap: Bootstrap, cache: ChunkCache, sources: Sequence, *,
                  max_gap: int = DEFAULT_MAX_GAP, max_range: int = DEFAULT_MAX_RANGE,
                  parallel: int = DEFAULT_PARALLEL, memory_cache: int = DEFAULT_MEMORY_CACHE,
-                 stats: Stats | None = None):
+                 cooldown: float = DEFAULT_COOLDOWN, stats: Stats | None = None):
         if not sources:
             raise InvalidInput("a chunk fetcher needs at least one blob source")
         self.bootstrap = bootstrap
@@ -94,6 +98,8 @@ class ChunkFetcher:
         self.sources = list(sources)
         self.max_gap = max_gap
         self.max_range = max_range
+        self.cooldown = cooldown
+        self._down_until: dict[int, float] = {}  # source index -> monotonic time it may be tried again
         self.stats = stats or Stats()
         self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="fetch")
         # prefetch has its own single worker: it never queues in front of a reader's request
@@ -146,6 +152,7 @@ class ChunkFetcher:
 
     def chunks(self, extents: Iterable[Extent]) -> dict[bytes, bytes]:
         """``{chunk digest: verified bytes}`` for every extent, fetching what is missing."""
+        extents = list(extents)
         out: dict[bytes, bytes] = {}
         missing: dict[int, Frame] = {}
         blobs: dict[int, str] = {}
@@ -248,10 +255,16 @@ class ChunkFetcher:
         results: dict[int, dict[bytes, bytes]] = {}
         failures: list[str] = []
         try:
-            for source in self.sources:
+            last = len(self.sources) - 1
+            for i, source in enumerate(self.sources):
                 if not pending:
                     break
-                pending = self._try_source(source, job.blob, pending, results, failures)
+                if i < last and time.monotonic() < self._down_until.get(i, 0.0):
+                    failures.append(f"{source.name}: skipped (failed less than {self.cooldown:.0f}s ago)")
+                    continue
+                pending, unreachable = self._try_source(source, job.blob, pending, results, failures)
+                if unreachable:
+                    self._down_until[i] = time.monotonic() + self.cooldown
         except BaseException as exc:  # a bug must not leave readers waiting forever
             log.exception("fetch of %s failed unexpectedly", job.blob)
             failures.append(f"internal error: {exc!r}")
@@ -286,8 +299,11 @@ class ChunkFetcher:
                 self._stored.notify_all()
 
     def _try_source(self, source, blob: str, frames: list[tuple[int, Frame]],
-                    results: dict, failures: list[str]) -> list[tuple[int, Frame]]:
-        """One range request for ``frames`` from ``source``; returns the frames still not verified."""
+                    results: dict, failures: list[str]) -> tuple[list[tuple[int, Frame]], bool]:
+        """One range request for ``frames`` from ``source``.
+
+        Returns the frames still not verified, and whether the source looked unreachable.
+        """
         start = frames[0][1].offset
         end = frames[-1][1].offset + frames[-1][1].csize - 1
         self.stats.add("requests")
@@ -295,11 +311,16 @@ class ChunkFetcher:
             self.stats.add("merged_requests")
         try:
             data = source.read_range(blob, start, end)
-        except RemoraError as exc:
+        except (NotFound, InvalidInput) as exc:  # the source answered: it is up, just not helpful
             self.stats.add("source_errors")
             log.info("%s", exc)  # the final FetchError (logged as an error) lists every source's failure
             failures.append(str(exc))
-            return frames
+            return frames, False
+        except RemoraError as exc:  # unreachable, timed out, 5xx, auth: worth a cool-down
+            self.stats.add("source_errors")
+            log.info("%s", exc)
+            failures.append(str(exc))
+            return frames, True
         self.stats.add("bytes_fetched", len(data))
         left = []
         db = self._db()
@@ -320,7 +341,7 @@ class ChunkFetcher:
             self.stats.add("frames_fetched")
             self.stats.add("chunks_verified", len(chunks))
             results[fid] = chunks
-        return left
+        return left, False
 
     # -- in-memory LRU of recent chunks (a 128 KiB FUSE read of a 1 MiB chunk reads it once) -------
     def _mem_get(self, d: bytes) -> bytes | None:

@@ -149,7 +149,7 @@ class MountManager:
                     return self.spec(mount_id)
                 self.unmount(mount_id)
             spec = MountSpec(id=mount_id, bootstrap=str(Path(bootstrap).resolve()),
-                             mountpoint=str(Path(mountpoint).resolve()), cache_dir=str(self.cache_dir),
+                             mountpoint=os.path.abspath(mountpoint), cache_dir=str(self.cache_dir),
                              cache_limit=self.cache_limit, sources=list(sources),
                              stats_file=str(self._file(mount_id, ".stats.json")), prefetch=prefetch,
                              prefetch_all=prefetch_all, **options)
@@ -204,9 +204,12 @@ class MountManager:
                 spec = self.spec(mount_id)
             except NotFound:
                 return
-            if not detach(spec.mountpoint):
+            clean = detach(spec.mountpoint, lazy=False)
+            if not clean and not detach(spec.mountpoint):  # busy: detach lazily
                 raise StorageError(f"mount {mount_id}: cannot unmount {spec.mountpoint}")
-            self._kill(mount_id, grace=timeout, exiting=timeout)
+            # after a clean unmount the process exits by itself once its cache writes are done; after a
+            # lazy one it would keep serving the remaining open files, so it is told to stop at once
+            self._kill(mount_id, grace=timeout, exiting=timeout if clean else 0.0)
             self._forget(mount_id)
 
     def _forget(self, mount_id: str) -> None:

@@ -102,7 +102,9 @@ def mounts_to_pb(mounts: list[overlay.Mount]) -> list[mount_pb2.Mount]:
 
 
 class SnapshotsService(pb_grpc.SnapshotsServicer):
-    """The RPC handlers. Blocking store calls run in worker threads."""
+    """The RPC handlers. Writes (which fsync) and directory walks run in worker threads; point reads
+    (Stat, Mounts: one indexed SELECT on a WAL reader, ~0.1 ms) run on the event loop, which saves
+    the thread hand-off that would otherwise dominate their latency."""
 
     def __init__(self, store: SnapshotStore, handler: RemoteLayerHandler):
         self.store = store
@@ -129,7 +131,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
     async def _exists(self, name: str) -> bool:
         try:
-            await self._call(self.store.stat, name)
+            self.store.stat(name)
             return True
         except NotFound:
             return False
@@ -172,13 +174,13 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
     @_rpc
     async def Mounts(self, request: pb.MountsRequest, context) -> pb.MountsResponse:
-        snap = await self._call(self.store.snapshot, request.key)
+        snap = self.store.snapshot(request.key)
         return pb.MountsResponse(mounts=self._mounts(snap))
 
     @_rpc
     async def Commit(self, request: pb.CommitSnapshotRequest, context) -> empty_pb2.Empty:
         if request.parent:
-            info = await self._call(self.store.stat, request.key)
+            info = self.store.stat(request.key)
             if request.parent != info.parent:
                 raise Unimplemented(f"commit of {request.key} onto a different parent ({request.parent}) "
                                     "is not supported (no rebase)")
@@ -198,7 +200,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
     @_rpc
     async def Stat(self, request: pb.StatSnapshotRequest, context) -> pb.StatSnapshotResponse:
-        return pb.StatSnapshotResponse(info=info_to_pb(await self._call(self.store.stat, request.key)))
+        return pb.StatSnapshotResponse(info=info_to_pb(self.store.stat(request.key)))
 
     @_rpc
     async def Update(self, request: pb.UpdateSnapshotRequest, context) -> pb.UpdateSnapshotResponse:

@@ -21,8 +21,9 @@ Crash safety (kill -9 at any instant leaves the old or the new state, never a mi
 Directories never get deleted through a live mount: :func:`remove_tree` detaches any mount below
 the path first (a lazily mounted remote layer sits on ``<id>/fs``).
 
-The store is synchronous and thread-safe (one connection behind a lock); the gRPC server calls it
-from worker threads so the event loop never blocks on disk.
+The store is synchronous and thread-safe: writes go through one connection behind a lock (the
+gRPC server calls them from worker threads, as they fsync); reads use a per-thread connection
+without the lock (WAL readers never wait for the writer), cheap enough to run on the event loop.
 """
 from __future__ import annotations
 
@@ -32,11 +33,13 @@ import enum
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -174,6 +177,7 @@ def disk_usage(path: Path) -> Usage:
     return Usage(size=size, inodes=len(seen))
 
 
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes space, tab, newline, backslash as \ooo
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 MNT_DETACH = 2
 
@@ -184,7 +188,7 @@ def mountpoints_under(path: Path) -> list[str]:
     found = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            mp = line.split()[4].encode().decode("unicode_escape")
+            mp = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), line.split()[4])
             if mp == prefix or mp.startswith(prefix + "/"):
                 found.append(mp)
     return sorted(found, key=len, reverse=True)
@@ -229,14 +233,28 @@ class SnapshotStore:
         except OSError as exc:
             raise StorageError(f"cannot create snapshotter root {self.root}: {exc}") from exc
         self._lock = threading.RLock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
         self._db = sqlite3.connect(self.root / "metadata.db", isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
 
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection (autocommit: every statement sees the latest commit)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.root / "metadata.db", isolation_level=None, check_same_thread=False)
+            self._local.db = db
+            with self._lock:
+                self._readers.append(db)
+        return db
+
     def close(self) -> None:
         with self._lock:
+            for db in self._readers:
+                db.close()
             self._db.close()
 
     # -- paths -------------------------------------------------------------------------------
@@ -379,30 +397,30 @@ class SnapshotStore:
         return Removed(id=str(row[0]), path=self.dir(str(row[0])), remote=bool(row[8]))
 
     def stat(self, key: str) -> Info:
-        with self._lock:
-            row = self._row(self._db, key)
-            if row is None:
-                raise NotFound(f"snapshot {key} does not exist")
-            return self._info(self._db, key, row)
+        db = self._reader()
+        row = self._row(db, key)
+        if row is None:
+            raise NotFound(f"snapshot {key} does not exist")
+        return self._info(db, key, row)
 
     def snapshot_id(self, key: str) -> str:
         """The directory id of ``key`` (any kind)."""
-        with self._lock:
-            row = self._row(self._db, key)
+        row = self._row(self._reader(), key)
         if row is None:
             raise NotFound(f"snapshot {key} does not exist")
         return str(row[0])
 
     def snapshot(self, key: str) -> Snapshot:
         """Ids for building the mounts of an active or view snapshot."""
-        with self._lock:
-            row = self._row(self._db, key)
-            if row is None:
-                raise NotFound(f"snapshot {key} does not exist")
-            if row[1] == Kind.COMMITTED:
-                raise FailedPrecondition(f"snapshot {key} is committed: it has no mounts (use View)")
-            return Snapshot(id=str(row[0]), kind=Kind(row[1]), parent_ids=self._parent_ids(self._db, row[2]),
-                            remote=bool(row[8]))
+        db = self._reader()
+        row = self._row(db, key)
+        if row is None:
+            raise NotFound(f"snapshot {key} does not exist")
+        if row[1] == Kind.COMMITTED:
+            raise FailedPrecondition(f"snapshot {key} is committed: it has no mounts (use View)")
+        # the chain cannot change under us: a parent with a child cannot be removed
+        return Snapshot(id=str(row[0]), kind=Kind(row[1]), parent_ids=self._parent_ids(db, row[2]),
+                        remote=bool(row[8]))
 
     def update(self, name: str, labels: Mapping[str, str], fieldpaths: Sequence[str]) -> Info:
         """Update mutable fields (only labels are): no paths or "labels" replace all labels,
@@ -432,10 +450,9 @@ class SnapshotStore:
     def walk(self, filter_strings: Sequence[str] = ()) -> Iterator[Info]:
         """Every snapshot matching the containerd filters (OR over strings, AND within one)."""
         flt = filterlang.parse_all(list(filter_strings))
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT s.key, s.kind, p.key, s.created, s.updated, s.labels FROM snapshots s "
-                "LEFT JOIN snapshots p ON s.parent_id = p.id ORDER BY s.id").fetchall()
+        rows = self._reader().execute(
+            "SELECT s.key, s.kind, p.key, s.created, s.updated, s.labels FROM snapshots s "
+            "LEFT JOIN snapshots p ON s.parent_id = p.id ORDER BY s.id").fetchall()
         for key, kind, parent, created, updated, labels in rows:
             info = Info(name=key, parent=parent or "", kind=Kind(kind), created_ns=created, updated_ns=updated,
                         labels=json.loads(labels))
@@ -444,8 +461,7 @@ class SnapshotStore:
 
     def usage(self, key: str) -> Usage:
         """Committed: the usage recorded at commit. Active: walk the upper directory now."""
-        with self._lock:
-            row = self._row(self._db, key)
+        row = self._row(self._reader(), key)
         if row is None:
             raise NotFound(f"snapshot {key} does not exist")
         if row[1] == Kind.ACTIVE and not row[8]:
@@ -454,8 +470,7 @@ class SnapshotStore:
 
     def remote_snapshots(self) -> list[tuple[str, str, dict[str, str]]]:
         """(id, key, labels) of every snapshot whose fs is a remote-layer mount (to restore on start)."""
-        with self._lock:
-            rows = self._db.execute("SELECT id, key, labels FROM snapshots WHERE remote = 1").fetchall()
+        rows = self._reader().execute("SELECT id, key, labels FROM snapshots WHERE remote = 1").fetchall()
         return [(str(i), k, json.loads(l)) for i, k, l in rows]
 
     def mark_remote(self, key: str) -> None:
@@ -483,7 +498,7 @@ class SnapshotStore:
                     if path.name.startswith("rm-"):
                         doomed.append(path)
                         continue
-                    target = Path(tempfile.mktemp(prefix="rm-", dir=self.snapshots_dir))
+                    target = self.snapshots_dir / f"rm-{uuid.uuid4().hex}"
                     os.rename(path, target)
                     doomed.append(target)
                 except (OSError, StorageError) as exc:

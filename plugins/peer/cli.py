@@ -75,8 +75,9 @@ def register_peer(subparsers) -> None:
     reg.add_argument("--plain-http", action="append", default=[], metavar="REGISTRY",
                      help="talk plain HTTP to this registry (loopback registries always are)")
     reg.add_argument("--registry-config", type=Path, default=None, metavar="CONFIG_JSON",
-                     help="docker config.json with this node's registry credentials (default "
-                          "$DOCKER_CONFIG/config.json or ~/.docker/config.json); never sent to peers")
+                     help="docker config (file or directory) with this node's registry credentials, "
+                          "helpers included (default $DOCKER_CONFIG or ~/.docker; REMORA_USERNAME/"
+                          "REMORA_PASSWORD win); used only by this node, never sent to peers")
     node = p.add_argument_group("node")
     node.add_argument("--data-dir", type=Path, default=Path("/var/lib/remora/peer"),
                       help="piece store (default %(default)s)")
@@ -90,12 +91,13 @@ def register_peer(subparsers) -> None:
                       help="bytes/s this node can upload, told to the scheduler (e.g. 100MiB; 0 = unknown)")
     tune.add_argument("--concurrency", type=int, default=8, help="pieces fetched at once per blob (default %(default)s)")
     tune.add_argument("--piece-timeout", default="10s", metavar="DURATION",
-                      help="a piece not received by then (or slower than --min-piece-rate) blocklists its parent")
-    tune.add_argument("--min-piece-rate", default="1MiB", metavar="SIZE", help="bytes/s below which a parent crawls")
+                      help="a piece not received by then (or slower than --min-piece-rate) blocklists its parent "
+                           "(default %(default)s)")
+    tune.add_argument("--min-piece-rate", default="1MiB", metavar="SIZE", help="bytes/s below which a parent crawls (default %(default)s)")
     tune.add_argument("--max-parent-failures", type=int, default=6,
                       help="parents that failed (blocklisted or busy) before going to the registry (default %(default)s)")
-    tune.add_argument("--scheduler-timeout", default="2s", metavar="DURATION", help="deadline of a scheduler RPC")
-    tune.add_argument("--upstream-timeout", default="30s", metavar="DURATION", help="registry read timeout")
+    tune.add_argument("--scheduler-timeout", default="2s", metavar="DURATION", help="deadline of a scheduler RPC (default %(default)s)")
+    tune.add_argument("--upstream-timeout", default="30s", metavar="DURATION", help="registry read timeout (default %(default)s)")
     gc = p.add_argument_group("garbage collection")
     gc.add_argument("--gc-ttl", default="24h", metavar="DURATION", help="evict blobs unused this long (default %(default)s)")
     gc.add_argument("--gc-high", default="85%", metavar="SIZE|PCT",
@@ -134,10 +136,7 @@ def build_config(args):
                          parse_size)
 
     schedulers = [a.strip() for item in args.scheduler for a in item.split(",") if a.strip()]
-    advertise_ip, advertise_port = "", 0
-    if args.advertise:
-        host, _, port = args.advertise.rpartition(":") if args.advertise.count(":") == 1 else (args.advertise, "", "")
-        advertise_ip, advertise_port = host or args.advertise, int(port) if port.isdigit() else 0
+    advertise_ip, advertise_port = parse_hostport(args.advertise, default_port=0) if args.advertise else ("", 0)
     return PeerConfig(
         data_dir=args.data_dir, listen=parse_hostport(args.listen), upload_listen=parse_hostport(args.upload_listen),
         advertise_ip=advertise_ip, advertise_port=advertise_port, schedulers=schedulers, upstream=args.upstream,

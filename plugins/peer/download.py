@@ -222,7 +222,7 @@ class Task:
         """GET pieces ``first..last`` (inclusive) from the registry in one ranged request."""
         entry = self.entry
         start, end = entry.piece_span(first)[0], entry.piece_span(last)[1]
-        headers = {"Accept-Encoding": "identity"}
+        headers = {}
         whole = start == 0 and end == entry.content_length
         if not whole:
             headers["Range"] = f"bytes={start}-{end - 1}"

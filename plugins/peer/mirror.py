@@ -202,11 +202,13 @@ class Mirror:
                 sent += len(data)
             await resp.write_eof()
             self.metrics.requests.labels("blob", str(status)).inc()
-        except (ConnectionError, asyncio.CancelledError):
+        except (ConnectionError, asyncio.CancelledError) as exc:
             # The client went away (containerd cancelled, a lazy reader got enough): nothing to undo,
             # the pieces stay for the next request.
             self.metrics.requests.labels("blob", "aborted").inc()
             log.info("%s: client disconnected after %d of %d bytes", digest[:19], sent, end - start)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         except StorageError as exc:
             # Headers are out: the only honest signal left is to cut the connection short.
             log.error("%s: %s; aborting the response", digest, exc)

@@ -20,6 +20,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
 
+from remora import __version__
 from remora.errors import AuthError, NotFound, RegistryError
 from remora.registry.auth import Credentials, is_loopback, load_credentials
 
@@ -48,9 +49,10 @@ class Upstream:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
+        # identity: digests are over the bytes as stored, so no transfer compression may touch them.
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(self.timeout, 10), sock_read=self.timeout),
-            auto_decompress=False)
+            auto_decompress=False, headers={"Accept-Encoding": "identity", "User-Agent": f"remora-peer/{__version__}"})
 
     async def close(self) -> None:
         if self._session:

@@ -180,15 +180,19 @@ class Mesh:
         return json.loads(lines[-1])
 
     def fetch_all(self, repo: str, digest: str, nodes: Sequence[PeerNode] | None = None, direct: bool = False,
-                  stagger: float = 0.0) -> tuple[float, list[dict]]:
-        """Every node fetches the blob at once (through its peer, or ``direct``); wall time and results."""
+                  lead: float = 0.0) -> tuple[float, list[dict]]:
+        """Every node fetches the blob at once (through its peer, or ``direct``); wall time and results.
+
+        ``lead`` starts the first node that many seconds before the others, so that it is the seed: runs
+        that compare schedulers then start from the same seed instead of whoever registered first.
+        """
         nodes = list(self.peers if nodes is None else nodes)
         t0 = time.monotonic()
         procs = []
-        for p in nodes:
+        for n, p in enumerate(nodes):
             procs.append(self.start_fetch(p.node, self.blob_url(None if direct else p, repo, digest)))
-            if stagger:
-                time.sleep(stagger)
+            if n == 0 and lead:
+                time.sleep(lead)
         results = [self.finish_fetch(proc) for proc in procs]
         return time.monotonic() - t0, results
 

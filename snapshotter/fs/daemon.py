@@ -70,11 +70,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_spec(path: str) -> int:
-    spec = MountSpec.load(path)
-    logging.basicConfig(level=getattr(logging, spec.log_level.upper(), logging.INFO),
-                        format=f"%(asctime)s %(levelname)s fs[{spec.id}] %(name)s: %(message)s", stream=sys.stderr)
     from remora.errors import RemoraError
 
+    try:
+        spec = MountSpec.load(path)
+    except RemoraError as exc:
+        print(f"remora fs: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    logging.basicConfig(level=getattr(logging, spec.log_level.upper(), logging.INFO),
+                        format=f"%(asctime)s %(levelname)s fs[{spec.id}] %(name)s: %(message)s", stream=sys.stderr)
     try:
         return serve(spec)
     except RemoraError as exc:

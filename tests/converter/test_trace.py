@@ -45,9 +45,10 @@ def test_trace_python_then_convert_with_the_list(registry, cache_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     files = hot.read_text().split()
     assert files[0] == "/usr/bin/python3.11"          # the interpreter is executed first
-    assert "/usr/lib/python3.11/json/__init__.py" in files
-    assert "/usr/lib/python3.11/email/parser.py" in files
-    assert "/usr/lib/python3.11/tkinter/__init__.py" not in files
+    # python reads the byte-compiled modules (the .py is only stat'ed, which needs no data)
+    assert any(f.startswith("/usr/lib/python3.11/json/") for f in files)
+    assert any(f.startswith("/usr/lib/python3.11/email/") and "parser" in f for f in files)
+    assert not any("/tkinter/" in f for f in files)
     report = convert(src, f"{registry.host}/trace/py:1-remora",
                      ConvertOptions(progress=False, prefetch_list=files))
     assert report.prefetch_files == len(files)

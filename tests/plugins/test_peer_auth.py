@@ -61,3 +61,48 @@ async def test_only_the_node_with_credentials_talks_to_the_registry(tmp_path, au
         for p in started:
             await p.stop()
         await sched.stop(0)
+
+
+@pytest.fixture(scope="module")
+def token_registry(tmp_path_factory):
+    """distribution with ``auth: token`` and a real JWT token server (the core's test helper)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "core"))
+    from regclient_tokenserver import TokenAuthRegistry, TokenServer
+
+    work = tmp_path_factory.mktemp("peer-token-auth")
+    server = TokenServer({"alice": ("alice-pw", {"team/peer"})}, work).start()
+    reg = TokenAuthRegistry(work / "registry", server)
+    try:
+        reg.start()
+        yield reg, server
+    finally:
+        reg.stop()
+        server.stop()
+
+
+async def test_bearer_token_auth_with_the_nodes_credentials(tmp_path, token_registry):
+    from remora.registry.client import RegistryClient
+    reg, server = token_registry
+    data = os.urandom(700_000)
+    (tmp_path / "blob").write_bytes(data)
+    digest = "sha256:" + __import__("hashlib").sha256(data).hexdigest()
+    RegistryClient(reg.host, credentials=("alice", "alice-pw")).push_blob("team/peer", digest, len(data),
+                                                                         tmp_path / "blob")
+    cfg = tmp_path / "alice.json"
+    cfg.write_text(json.dumps({"auths": {reg.host: {"auth": base64.b64encode(b"alice:alice-pw").decode()}}}))
+    server.requests.clear()
+    p = await start_peer(tmp_path, "bearer", registry_config=cfg)
+    try:
+        assert await get(p, reg.host, "team/peer", digest) == (200, data)
+        assert {"user": "alice", "scopes": ["repository:team/peer:pull"], "service": "remora-test-registry",
+                "method": "GET"} in server.requests
+        # The token is cached per repository: another request there asks the token server nothing.
+        n = len(server.requests)
+        async with aiohttp.ClientSession() as s:
+            async with s.head(f"{p.mirror_url}/v2/team/peer/blobs/{'sha256:' + '1' * 64}?ns={reg.host}") as r:
+                assert r.status == 404
+        assert len(server.requests) == n
+    finally:
+        await p.stop()

@@ -57,6 +57,8 @@ def test_daemon_flags_are_validated():
     assert out.returncode == 2 and "needs a port" in out.stderr
     out = remora("peer", "--gc-ttl", "soon")
     assert out.returncode == 2 and "bad duration" in out.stderr
+    out = remora("peer", "--advertise", "10.0.0.1:http")
+    assert out.returncode == 2 and "bad port" in out.stderr
 
 
 async def test_peer_process_status_and_a_killed_parent(tmp_path, registry):
@@ -89,7 +91,7 @@ async def test_peer_process_status_and_a_killed_parent(tmp_path, registry):
         assert table.returncode == 0 and digest[7:19] in table.stdout and "done" in table.stdout
         # The parent dies (SIGKILL): the scheduler still believes in it, the child must not.
         proc.kill()
-        child = await start_peer(tmp_path, "child", [sched.address], piece_timeout=1.0)
+        child = await start_peer(tmp_path, "child", [sched.address], piece_timeout=0.5)
         async with aiohttp.ClientSession() as s:
             async with s.get(f"{child.mirror_url}/v2/{repo}/blobs/{digest}?ns={registry.host}") as r:
                 assert r.status == 200 and await r.read() == data

@@ -192,3 +192,16 @@ def test_authenticated_registry_needs_and_uses_credentials(auth_registry, tmp_pa
         g = ChunkFetcher(bs, ChunkCache(tmp_path / (kind + "-anon"), 1 << 30), [open_source(anonymous)])
         with pytest.raises(FetchError, match="(?i)auth|credential|401"):
             g.read(ino, 0, 1000)
+
+
+def test_a_stalled_mirror_costs_one_timeout_then_is_skipped(image, registry, tmp_path):
+    with CountingProxy(registry.url, mode="stall") as stall:
+        mirror = SourceSpec.peer(stall.url, image.repo, registry.host, read_timeout=0.5)
+        origin = SourceSpec.registry(registry.host, image.repo, retries=0)
+        f = ChunkFetcher(Bootstrap(image.bootstrap), ChunkCache(tmp_path, 1 << 30),
+                         [open_source(mirror), open_source(origin)], cooldown=30)
+        t0 = time.monotonic()
+        assert read_path(f, b"/etc/hot.conf") == image.contents[b"/etc/hot.conf"]
+        assert time.monotonic() - t0 >= 0.5, "the first read waited for the mirror's timeout"
+        assert read_path(f, b"/bin/big") == image.contents[b"/bin/big"]
+        assert len(stall.blob_requests()) == 1, "later reads go straight to the registry"

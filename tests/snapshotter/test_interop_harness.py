@@ -1,5 +1,6 @@
 """The interop harness works: containerd 2.1, dockerd 28 and a CRI client, each against containerd's own
-overlayfs snapshotter and against a proxy snapshotter (``remora snapshotter``).
+overlayfs snapshotter and against a proxy snapshotter (``remora snapshotter`` behind a SnapshotRecorder,
+which also pins down which labels each client sends on Prepare: the table in docs/interop.md).
 
 These tests prove the pieces the interop suite stands on (remora.testenv.containerd2 / docker / cri
 and scripts/fetch-newer-runtimes.sh), not remora's lazy loading: a failure here means the runtime
@@ -9,31 +10,45 @@ namespace, and the last test checks that stopping them leaves nothing behind.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
 from remora.errors import NotFound
-from remora.imagebuild import busybox_image
+from remora.imagebuild import LayerSpec, busybox_layer, write_image
 from remora.snapshotter.storage import mountpoints_under
 from remora.testenv.containerd import PrivateContainerd, RemoraSnapshotter
 from remora.testenv.containerd2 import RUNC_STATE, PrivateContainerd2
 from remora.testenv.cri import CRIImageClient
 from remora.testenv.docker import PrivateDocker
+from remora.testenv.snaprecorder import SnapshotRecorder
+
+PROBE = "containerd.io/snapshot/interop-probe"  # a layer annotation containerd should pass through
+CRI_LABELS = {f"containerd.io/snapshot/cri.{k}" for k in ("image-ref", "layer-digest", "manifest-digest",
+                                                          "image-layers")}
+REF_LABEL = "containerd.io/snapshot.ref"
 
 
 @pytest.fixture(scope="module")
 def busybox_ref(registry) -> str:
+    """A one-layer busybox image whose layer carries the PROBE annotation (and one containerd drops)."""
     ref = f"{registry.host}/interop-harness-{uuid.uuid4().hex[:8]}/busybox:1"
-    busybox_image(ref)
+    write_image(ref, None, [LayerSpec(busybox_layer(), annotations={PROBE: "yes", "org.example.dropped": "x"})],
+                {"Cmd": ["sh"], "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]})
     return ref
 
 
 @pytest.fixture(scope="module")
 def snapshotter(tmp_path_factory):
-    with RemoraSnapshotter(tmp_path_factory.mktemp("interop") / "snap") as snap:
-        yield snap
+    """``remora snapshotter`` behind a recorder: containerds get ``recorder.address`` as proxy address."""
+    sockdir = Path(tempfile.mkdtemp(prefix="rrec-", dir="/tmp"))
+    with RemoraSnapshotter(tmp_path_factory.mktemp("interop") / "snap") as snap, \
+            SnapshotRecorder(sockdir / "recorder.sock", snap.address) as recorder:
+        yield recorder
+    shutil.rmtree(sockdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +58,13 @@ def containerd2(tmp_path_factory, snapshotter):
         yield ctd
 
 
+def _labels(recorder: SnapshotRecorder, namespace: str) -> dict[str, str]:
+    """The labels of the one Prepare a one-layer pull sent in ``namespace``."""
+    calls = recorder.take(namespace)
+    assert len(calls) == 1, calls
+    return calls[0].labels
+
+
 def _snapshot_keys(ctd, snapshotter_name: str, namespace: str) -> list[str]:
     out = ctd.ctr("snapshots", "--snapshotter", snapshotter_name, "ls", namespace=namespace).stdout
     return [line.split()[0] for line in out.splitlines()[1:] if line.strip()]
@@ -50,7 +72,7 @@ def _snapshot_keys(ctd, snapshotter_name: str, namespace: str) -> list[str]:
 
 def test_containerd2_version_and_config(containerd2):
     out = containerd2.ctr("version").stdout
-    assert "Version:  2.1." in out.split("Server:")[1], out
+    assert "Version:  2." in out.split("Server:")[1], out  # sid: 2.1.x when written
     config = containerd2.config_path.read_text()
     assert config.startswith("version = 3\n")
     assert 'enable_remote_snapshot_annotations = "true"' in config
@@ -67,17 +89,35 @@ def test_containerd2_ctr_pull_and_run_overlayfs(containerd2, busybox_ref):
     assert _snapshot_keys(containerd2, "overlayfs", containerd2.namespace)
 
 
-def test_containerd2_transfer_pull_through_proxy_snapshotter(containerd2, busybox_ref):
+def test_containerd2_transfer_pull_through_proxy_snapshotter(containerd2, snapshotter, busybox_ref):
     ns = f"{containerd2.namespace}-proxy"
     containerd2.ctr("images", "pull", "--plain-http", "--snapshotter", "remora", busybox_ref, namespace=ns)
     assert _snapshot_keys(containerd2, "remora", ns), "the layer was not committed in the proxy snapshotter"
+    # Transfer service + enable_remote_snapshot_annotations export: the full remote-snapshot label set.
+    labels = _labels(snapshotter, ns)
+    assert CRI_LABELS | {REF_LABEL, PROBE} == set(labels)
+    assert labels["containerd.io/snapshot/cri.image-ref"] == busybox_ref
     out = containerd2.ctr("run", "--rm", "--snapshotter", "remora", busybox_ref, "c-proxy", "cat", "/etc/passwd",
                           namespace=ns).stdout
     assert out.startswith("root:x:0:0:")
 
 
+def test_containerd2_local_pull_passes_no_labels(containerd2, snapshotter, busybox_ref):
+    ns = f"{containerd2.namespace}-local"
+    containerd2.ctr("images", "pull", "--local", "--plain-http", "--snapshotter", "remora", busybox_ref,
+                    namespace=ns)
+    assert _labels(snapshotter, ns) == {}
+
+
+def test_containerd2_without_export_passes_ref_and_layer_annotations(tmp_path, snapshotter, busybox_ref):
+    with PrivateContainerd2(tmp_path / "ctd2", snapshotter.address, remote_snapshot_annotations=False) as ctd:
+        assert "enable_remote_snapshot_annotations" not in ctd.config_path.read_text()
+        ctd.ctr("images", "pull", "--plain-http", "--snapshotter", "remora", busybox_ref)
+        assert set(_labels(snapshotter, ctd.namespace)) == {REF_LABEL, PROBE}
+
+
 @pytest.mark.parametrize("driver", ["overlayfs", "remora"])
-def test_docker_pull_and_run(tmp_path, containerd2, registry, busybox_ref, driver):
+def test_docker_pull_and_run(tmp_path, containerd2, snapshotter, registry, busybox_ref, driver):
     with PrivateDocker(tmp_path / "docker", containerd2.address, snapshotter=driver,
                        insecure_registries=[registry.host]) as dk:
         docker = dk.client()
@@ -85,11 +125,14 @@ def test_docker_pull_and_run(tmp_path, containerd2, registry, busybox_ref, drive
         assert info.driver == driver
         image = docker.pull(busybox_ref, quiet=True)
         assert image.os == "linux" and image.architecture == "amd64"
+        if driver == "remora":  # moby sends the cri.* labels to any snapshotter name
+            assert set(_labels(snapshotter, dk.namespace)) == CRI_LABELS | {REF_LABEL, PROBE}
         assert docker.run(busybox_ref, ["echo", f"docker-{driver}-ok"], remove=True).strip() == f"docker-{driver}-ok"
         assert docker.container.list(all=True) == []  # --rm removed it
         # dockerd keeps its images in containerd, in its own namespace, on the chosen snapshotter.
         assert busybox_ref in containerd2.ctr("images", "ls", "-q", namespace=dk.namespace).stdout
         assert _snapshot_keys(containerd2, driver, dk.namespace)
+        snapshotter.take(dk.namespace)  # the container's own Prepares
 
 
 @pytest.mark.parametrize("proxy", [False, True], ids=["overlayfs", "remora"])
@@ -105,6 +148,11 @@ def test_cri_image_service_on_containerd16(tmp_path, registry, busybox_ref, snap
         assert busybox_ref in status.repo_tags
         assert [i.id for i in cri.list(busybox_ref)] == [image_id]
         assert _snapshot_keys(ctd, "remora" if proxy else "overlayfs", "k8s.io")
+        if proxy:
+            assert set(_labels(snapshotter, "k8s.io")) == CRI_LABELS | {REF_LABEL, PROBE}
+            # while plain `ctr images pull` on 1.6 sends no label at all: why `remora pull` exists
+            ctd.ctr("images", "pull", "--plain-http", "--snapshotter", "remora", busybox_ref)
+            assert _labels(snapshotter, ctd.namespace) == {}
         with pytest.raises(NotFound):
             cri.pull(f"{registry.host}/interop-harness-missing/none:1")
         assert cri.status(f"{registry.host}/interop-harness-missing/none:1") is None
@@ -120,6 +168,7 @@ def test_cri_image_service_on_containerd2(tmp_path, registry, busybox_ref, snaps
         image_id = cri.pull(busybox_ref)
         assert cri.status(busybox_ref).id == image_id
         assert _snapshot_keys(ctd, "remora", "k8s.io")
+        assert set(_labels(snapshotter, "k8s.io")) == CRI_LABELS | {REF_LABEL, PROBE}
 
 
 def test_teardown_leaves_nothing(tmp_path, registry, busybox_ref):
@@ -148,3 +197,49 @@ def test_teardown_leaves_nothing(tmp_path, registry, busybox_ref):
         assert not (RUNC_STATE / ns).exists()
     assert not list(Path("/sys/fs/cgroup").glob(f"*/{dk.cgroup_parent}"))
     assert not list(Path("/sys/fs/cgroup").glob(f"*/{ctd.namespace}"))
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_examples_match_the_tested_configs(tmp_path):
+    """The shipped config snippets say what the harness runs: same proxy plugin, export, unpack
+    pairs, CRI snapshotter settings and Docker keys (so a drift in either shows up here)."""
+    import json
+    import tomllib
+
+    sock = tmp_path / "snap.sock"
+    ctd2 = PrivateContainerd2(tmp_path / "c2", sock, cri=True)
+    ctd16 = PrivateContainerd(tmp_path / "c16", sock, cri=True)
+    try:
+        tested2, tested16 = tomllib.loads(ctd2.config_text()), tomllib.loads(ctd16.config_text())
+    finally:
+        ctd2.close()
+        ctd16.close()
+    ex2 = tomllib.loads((EXAMPLES / "snapshotter" / "containerd-2.x.toml").read_text())
+    assert ex2["version"] == tested2["version"] == 3
+    assert ex2["proxy_plugins"]["remora"]["exports"] == tested2["proxy_plugins"]["remora"]["exports"]
+    assert ex2["proxy_plugins"]["remora"]["type"] == "snapshot"
+    transfer = "io.containerd.transfer.v1.local"
+    assert ex2["plugins"][transfer]["unpack_config"] == tested2["plugins"][transfer]["unpack_config"]
+    for key in ("snapshotter", "disable_snapshot_annotations"):
+        assert ex2["plugins"]["io.containerd.cri.v1.images"][key] == tested2["plugins"]["io.containerd.cri.v1.images"][key]
+    cri16 = "io.containerd.grpc.v1.cri"
+    for name in ("containerd-1.6.toml", "containerd-1.7.toml"):
+        ex = tomllib.loads((EXAMPLES / "snapshotter" / name).read_text())
+        assert ex["version"] == tested16["version"] == 2
+        assert ex["proxy_plugins"]["remora"]["type"] == tested16["proxy_plugins"]["remora"]["type"]
+        assert ex["plugins"][cri16]["containerd"] == {k: tested16["plugins"][cri16]["containerd"][k]
+                                                      for k in ("snapshotter", "disable_snapshot_annotations")}
+    k8s = (EXAMPLES / "kubernetes" / "snapshotter-daemonset.yaml").read_text()
+    assert 'enable_remote_snapshot_annotations = "true"' in k8s and "disable_snapshot_annotations = false" in k8s
+
+    daemon = json.loads((EXAMPLES / "docker" / "daemon.json").read_text())
+    dk = PrivateDocker(tmp_path / "dk", sock, snapshotter="remora")
+    try:
+        tested = dk.daemon_config()
+    finally:
+        dk.close()
+    for key in ("features", "storage-driver"):
+        assert daemon[key] == tested[key]
+    assert "containerd" in daemon

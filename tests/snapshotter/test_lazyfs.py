@@ -224,6 +224,16 @@ def test_prefetch_and_prometheus_metrics(manager, image, proxy, tmp_path):
     assert requests and float(requests[0].split()[-1]) == len(proxy.blob_requests()) >= 1
     assert "remora_fuse_op_seconds_bucket" in text and "remora_cache_bytes" in text
 
+    busy = open(os.path.join(mnt, "etc", "hot.conf"), "rb")  # a container still holding a file
+    try:
+        pid = manager.pid("m1")
+        t0 = time.monotonic()
+        manager.unmount("m1")
+        assert time.monotonic() - t0 < 8
+        assert mounted_fstype(mnt) is None and not os.path.exists(f"/proc/{pid}")
+    finally:
+        busy.close()
+
 
 def test_a_mount_that_cannot_start_reports_why_and_leaves_nothing(manager, image, tmp_path):
     bad = tmp_path / "bad.db"

@@ -1,0 +1,467 @@
+#!/usr/bin/env python3
+"""Cold start of a realistic image over a slow link: overlayfs full pull vs remora lazy pull.
+
+What is timed is what a user waits for: from the start of the pull to the workload's output. The image
+is Debian bookworm (minbase) + python3 with a small app layer; the workload (``python3 /app/main.py``)
+imports a few stdlib modules and prints a line. Both scenarios start from a cold cache every run (a
+fresh containerd root and, for remora, a fresh snapshotter root with an empty chunk cache) and run in
+the same invocation, so the ratios are meaningful even on a loaded machine.
+
+* ``overlayfs``: ``ctr images pull`` with containerd's built-in overlayfs snapshotter (download every
+  layer, unpack), then ``ctr run``;
+* ``remora``: the image converted beforehand by ``remora convert --prefetch-list`` (the list recorded by
+  ``remora trace`` running the same workload), pulled with ``remora pull`` (every layer's Prepare
+  carries the remote-snapshot labels, the snapshotter mounts the image lazily; no layer is downloaded;
+  ``--puller rpull`` uses stargz's ``ctr-remote images rpull`` instead), then ``ctr run --snapshotter
+  remora``.
+
+The link. The registry runs in a network namespace of its own (:class:`remora.netlab.Lab`: the lab's
+/24 is blackholed in the root namespace first), behind ``tbf`` at ``--rate`` (100 Mbit/s) in both
+directions. containerd, ctr and the snapshotter stay in the root namespace and reach the registry only
+through a loopback forwarder: this script re-runs itself as ``forward``, binds 127.0.0.1 in the root
+namespace, then enters a client namespace of the lab (``setns``), so every connection to the registry is
+made from inside the lab (the platform's safety rule) and the root namespace only ever talks to
+loopback. The forwarder is :class:`remora.netlab.delay.DelayProxy` (this kernel has no netem): it adds
+``--delay-ms`` (10 ms) one way in each direction, and holds a new connection for one round trip before
+relaying, as a TCP handshake over that link would.
+
+Bytes and requests are counted from the registry's own access log (body bytes of successful blob
+GETs), so they are exactly what crossed the link at the application level. ``bound`` is the floor the
+issue sets for remora: bytes fetched / link rate + one round trip for the metadata.
+
+Usage (root; ~1 min to build and convert the image the first time, cached afterwards)::
+
+    python benchmarks/bench_cold_start.py [--runs 3] [--rate 100mbit] [--delay-ms 10] [--json]
+
+Image, prefetch list and conversion are cached under ``--cache`` (``/var/cache/remora-test``);
+``--rebuild`` redoes them.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from remora.imagebuild import File, LayerSpec, debian_rootfs, tar_of_files, write_image
+from remora.procutil import Daemon, wait_until
+
+HERE = Path(__file__).resolve()
+BUILD_VERSION = "cold-start/1"  # bump when the image recipe changes (invalidates the cache)
+REPO = "bench/debian-python"
+OCI_TAG, REMORA_TAG = "1", "1-remora"
+MARKER = "remora-bench: hello"
+APP_MAIN = (b"import json, decimal, email.parser, http.client, argparse, logging, pathlib\n"
+            b"print('" + MARKER.encode() + b"', json.dumps({'decimal': str(decimal.Decimal('1.1'))}))\n")
+WORKLOAD = ["python3", "/app/main.py"]
+IMAGE_CONFIG = {"Cmd": WORKLOAD, "WorkingDir": "/",
+                "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"]}
+CLONE_NEWNET = 0x40000000
+
+
+# ----------------------------------------------------------------------------------------- the image
+
+@dataclass
+class PreparedImage:
+    """A registry storage directory holding ``REPO:OCI_TAG`` and its remora conversion."""
+
+    registry_root: Path
+    repo: str
+    oci_tag: str
+    remora_tag: str
+    prefetch_files: int
+    oci_bytes: int       # compressed layers of the OCI image
+    remora_bytes: int    # all blobs of the remora image (bootstrap included)
+
+
+def image_cache_dir(cache: Path, name: str, *parts) -> Path:
+    key = hashlib.sha256(json.dumps([BUILD_VERSION, name, *[str(p) for p in parts]]).encode()).hexdigest()[:12]
+    return cache / "bench-images" / f"{name}-{key}"
+
+
+def prepare_image(cache: Path, name: str, app_files: dict[str, File], workload: list[str], *,
+                  rebuild: bool = False, log=print) -> PreparedImage:
+    """Build Debian+python3+app, trace ``workload`` in it, convert with that prefetch list; cached.
+
+    Runs against a loopback registry over the cached storage directory (nothing crosses a lab link);
+    ``ready.json`` is written last, so a half-built cache is rebuilt, never trusted.
+    """
+    from remora.registry.local import LocalRegistry
+
+    base = debian_rootfs(cache)
+    app_digest = hashlib.sha256(b"".join(k.encode() + v.data for k, v in sorted(app_files.items()))).hexdigest()
+    d = image_cache_dir(cache, name, base.name, app_digest, workload)
+    ready = d / "ready.json"
+    if ready.exists() and not rebuild:
+        return PreparedImage(**{**json.loads(ready.read_text()), "registry_root": d / "registry"})
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    with LocalRegistry(root=d / "registry") as reg:
+        src, dst = f"{reg.host}/{REPO}:{OCI_TAG}", f"{reg.host}/{REPO}:{REMORA_TAG}"
+        t0 = time.monotonic()
+        built = write_image(src, None, [LayerSpec(base, created_by="debootstrap minbase + python3"),
+                                        LayerSpec(tar_of_files(app_files), created_by="COPY app /app")],
+                            config=IMAGE_CONFIG)
+        log(f"built {src} in {time.monotonic() - t0:.1f}s")
+        hot = d / "hot.txt"
+        t0 = time.monotonic()
+        _check(["remora", "trace", "-o", str(hot), src, "--", *workload], "remora trace")
+        log(f"traced {len(hot.read_text().split())} files in {time.monotonic() - t0:.1f}s")
+        t0 = time.monotonic()
+        report = json.loads(_check(["remora", "convert", "--json", "--no-progress", "--prefetch-list", str(hot),
+                                    src, dst], "remora convert"))
+        log(f"converted in {time.monotonic() - t0:.1f}s")
+    info = {"repo": REPO, "oci_tag": OCI_TAG, "remora_tag": REMORA_TAG,
+            "prefetch_files": len(hot.read_text().split()),
+            "oci_bytes": sum(layer.size for layer in built.layers),
+            "remora_bytes": int(report["output_bytes"])}
+    ready.write_text(json.dumps(info))
+    return PreparedImage(**info, registry_root=d / "registry")
+
+
+def _check(argv: list[str], what: str, timeout: float = 900) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed ({proc.returncode}):\n{proc.stderr[-3000:]}{proc.stdout[-2000:]}")
+    return proc.stdout
+
+
+def cold_start_app() -> dict[str, File]:
+    return {"app/main.py": File(APP_MAIN)}
+
+
+# --------------------------------------------------------------------------------- loopback forwarder
+
+def forward_main(argv: list[str]) -> int:
+    """``bench_cold_start.py forward``: 127.0.0.1 in the root namespace -> UPSTREAM inside NETNS, delayed."""
+    from remora.netlab.delay import DelayProxy
+
+    ap = argparse.ArgumentParser(prog="bench_cold_start.py forward")
+    ap.add_argument("--netns", required=True, help="lab namespace the upstream connections are made from")
+    ap.add_argument("--upstream", required=True, help="HOST:PORT inside the lab")
+    ap.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay per direction")
+    ap.add_argument("--port-file", required=True, help="where the chosen loopback port is written")
+    args = ap.parse_args(argv)
+    host, _, port = args.upstream.rpartition(":")
+
+    # The listening socket is created BEFORE setns: it stays in the root namespace, on loopback only.
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(256)
+    lsock.setblocking(False)
+    fd = os.open(f"/run/netns/{args.netns}", os.O_RDONLY)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), f"setns into {args.netns}")
+    os.close(fd)
+    delay = args.delay_ms / 1000
+
+    class LoopbackIntoLab(DelayProxy):
+        async def start(self):
+            self.server = await asyncio.start_server(self._handle, sock=lsock)
+            return self
+
+        async def _handle(self, reader, writer):
+            await asyncio.sleep(self.up_delay + self.down_delay)  # the TCP handshake's round trip
+            await super()._handle(reader, writer)
+
+    async def serve() -> None:
+        import signal
+
+        proxy = await LoopbackIntoLab(("127.0.0.1", 0), (host, int(port)), delay, delay).start()
+        tmp = Path(args.port_file + ".tmp")
+        tmp.write_text(str(lsock.getsockname()[1]))
+        tmp.replace(args.port_file)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await proxy.close()
+
+    asyncio.run(serve())
+    return 0
+
+
+def start_forwarder(netns: str, upstream: str, delay_ms: float, workdir: Path) -> tuple[Daemon, int]:
+    port_file = workdir / "forwarder.port"
+    port_file.unlink(missing_ok=True)
+    daemon = Daemon([sys.executable, str(HERE), "forward", "--netns", netns, "--upstream", upstream,
+                     "--delay-ms", str(delay_ms), "--port-file", str(port_file)], workdir / "forwarder.log").start()
+    try:
+        wait_until(lambda: port_file.exists() or not daemon.alive(), 15, what="loopback forwarder")
+    except TimeoutError:
+        daemon.stop()
+        raise
+    if not daemon.alive():
+        raise SystemExit(f"loopback forwarder exited:\n{daemon.log_tail()}")
+    return daemon, int(port_file.read_text())
+
+
+# ---------------------------------------------------------------------------------------- scenarios
+
+@dataclass
+class Result:
+    scenario: str
+    run: int
+    pull_s: float
+    run_s: float
+    bytes: int
+    requests: int
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def total_s(self) -> float:
+        return self.pull_s + self.run_s
+
+
+class Bench:
+    """One lab (registry behind the shaped link) and the loopback address that leads to it."""
+
+    def __init__(self, registry, host: str, image: PreparedImage, workdir: Path, rtt_s: float, rate_bps: int,
+                 puller: str = "remora"):
+        self.registry, self.host, self.image, self.workdir = registry, host, image, workdir
+        self.puller = puller
+        self.rtt_s, self.rate_bps = rtt_s, rate_bps
+
+    def ref(self, tag: str) -> str:
+        return f"{self.host}/{self.image.repo}:{tag}"
+
+    def _served_since(self, mark: int) -> tuple[int, int, list]:
+        time.sleep(0.2)  # the registry writes a log line when the response is complete
+        rows = self.registry.blob_gets()[mark:]
+        ok = [r for r in rows if r[1] in ("200", "206")]
+        return sum(r[2] for r in ok), len(rows), rows
+
+    def overlayfs(self, i: int) -> Result:
+        from remora.testenv.containerd import PrivateContainerd
+
+        d = Path(tempfile.mkdtemp(prefix=f"ovl{i}-", dir=self.workdir))
+        ref = self.ref(self.image.oci_tag)
+        mark = len(self.registry.blob_gets())
+        with PrivateContainerd(d / "ctd", None, namespace=f"rbench-{os.getpid()}-ovl{i}") as ctd:
+            t0 = time.monotonic()
+            ctd.ctr("images", "pull", "--plain-http", ref, timeout=900)
+            t1 = time.monotonic()
+            out = ctd.ctr("run", "--rm", ref, f"ovl{i}", *WORKLOAD, timeout=300).stdout
+            t2 = time.monotonic()
+        _expect_marker(out, "overlayfs")
+        nbytes, nreq, _ = self._served_since(mark)
+        _remove(d)
+        return Result("overlayfs", i, t1 - t0, t2 - t1, nbytes, nreq)
+
+    def remora(self, i: int) -> Result:
+        from remora.snapshotter.mount import MountManager
+        from remora.testenv.containerd import PrivateContainerd, RemoraSnapshotter
+
+        d = Path(tempfile.mkdtemp(prefix=f"rem{i}-", dir=self.workdir))
+        ref = self.ref(self.image.remora_tag)
+        mark = len(self.registry.blob_gets())
+        snap = RemoraSnapshotter(d / "snap", log_level="info",
+                                 argv=[sys.executable, "-m", "remora.snapshotter.cli", "--plain-http"])
+        try:
+            with snap, PrivateContainerd(d / "ctd", snap.address, namespace=f"rbench-{os.getpid()}-rem{i}") as ctd:
+                t0 = time.monotonic()
+                _pull_lazy(ctd, ref, self.puller)
+                t1 = time.monotonic()
+                out = ctd.ctr("run", "--rm", "--snapshotter", "remora", ref, f"rem{i}", *WORKLOAD, timeout=300).stdout
+                t2 = time.monotonic()
+                _expect_marker(out, "remora")
+            detail = _mount_stats(d / "snap" / "lazy")
+        finally:
+            MountManager(d / "snap" / "lazy", d / "snap" / "cache").unmount_all()
+            _remove(d)
+        nbytes, nreq, rows = self._served_since(mark)
+        if any(r[2] >= self.image.oci_bytes // 4 for r in rows):
+            detail["warning"] = "a whole layer was downloaded: the lazy path fell back to a normal pull"
+        return Result("remora", i, t1 - t0, t2 - t1, nbytes, nreq, detail)
+
+    def bound_s(self, nbytes: int) -> float:
+        return nbytes * 8 / self.rate_bps + self.rtt_s
+
+
+def _pull_lazy(ctd, ref: str, puller: str) -> None:
+    """Pull so that every layer's Prepare carries the remote-snapshot labels (no layer download).
+
+    ``remora``: ``remora pull`` (remora's own client of containerd's API); ``rpull``: stargz's
+    ``ctr-remote images rpull``, which forwards the layer annotations too (a second client, for comparison).
+    """
+    if puller == "remora":
+        argv = ["remora", "pull", "-q", "--address", str(ctd.address), "--namespace", ctd.namespace, ref]
+    else:
+        argv = ["ctr-remote", "-a", str(ctd.address), "-n", ctd.namespace, "images", "rpull", "--plain-http",
+                "--snapshotter", "remora", ref]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:2])} failed:\n{proc.stderr[-2000:]}\n--- containerd ---\n{ctd.log_tail()}")
+
+
+def _mount_stats(state_dir: Path) -> dict:
+    """Counters the lazy mount processes publish (requests, bytes, prefetch progress), summed."""
+    total: dict = {}
+    for f in state_dir.glob("mounts/*.stats.json"):
+        try:
+            stats = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        for k, v in (stats.get("fetch", stats) if isinstance(stats, dict) else {}).items():
+            if isinstance(v, (int, float)):
+                total[k] = total.get(k, 0) + v
+    return total
+
+
+def _expect_marker(out: str, who: str) -> None:
+    if MARKER not in out:
+        raise RuntimeError(f"{who}: the workload did not print {MARKER!r}; output: {out[-500:]!r}")
+
+
+def _remove(d: Path) -> None:
+    from remora.snapshotter.storage import detach_mount, mountpoints_under
+
+    for mp in mountpoints_under(d):
+        try:
+            detach_mount(mp)
+        except Exception as exc:  # keep cleaning; report what stays
+            print(f"warning: {exc}", file=sys.stderr)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------- report
+
+def summarize(results: list[Result], bench: Bench) -> dict:
+    def med(scn: str, attr: str) -> float:
+        vals = [getattr(r, attr) for r in results if r.scenario == scn]
+        return statistics.median(vals) if vals else float("nan")
+
+    ovl_total = med("overlayfs", "total_s")
+    summary = {}
+    for scn in ("overlayfs", "remora"):
+        if not any(r.scenario == scn for r in results):
+            continue
+        total = med(scn, "total_s")
+        nbytes = int(med(scn, "bytes"))
+        summary[scn] = {"pull_s": med(scn, "pull_s"), "run_s": med(scn, "run_s"), "total_s": total,
+                        "bytes": nbytes, "requests": med(scn, "requests"),
+                        "speedup": ovl_total / total, "bound_s": bench.bound_s(nbytes),
+                        "vs_bound": total / bench.bound_s(nbytes)}
+    return summary
+
+
+def print_table(results: list[Result], summary: dict, bench: Bench, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("scenario", "run", "pull s", "run s", "total s", "MB fetched", "blob GETs", "speedup",
+                "bound s", "total/bound"):
+        t.add_column(col, justify="left" if col == "scenario" else "right")
+    ovl = summary.get("overlayfs", {}).get("total_s", float("nan"))
+    for r in results:
+        b = bench.bound_s(r.bytes)
+        t.add_row(r.scenario, str(r.run), f"{r.pull_s:.2f}", f"{r.run_s:.2f}", f"{r.total_s:.2f}",
+                  f"{r.bytes / 1e6:.1f}", str(r.requests), f"{ovl / r.total_s:.1f}x", f"{b:.2f}", f"{r.total_s / b:.2f}")
+    t.add_section()
+    for scn, s in summary.items():
+        t.add_row(f"[bold]{scn} (median)", "", f"{s['pull_s']:.2f}", f"{s['run_s']:.2f}", f"{s['total_s']:.2f}",
+                  f"{s['bytes'] / 1e6:.1f}", f"{s['requests']:.0f}", f"{s['speedup']:.1f}x", f"{s['bound_s']:.2f}",
+                  f"{s['vs_bound']:.2f}")
+    Console(width=max(Console().width, 130)).print(t)
+    if "remora" in summary:
+        s = summary["remora"]
+        print(f"targets: remora total {s['total_s']:.2f}s (goal <= 1.3s), speedup {s['speedup']:.1f}x (goal >= 6x), "
+              f"total/bound {s['vs_bound']:.2f} (goal <= 1.6)")
+    for r in results:
+        if r.detail.get("warning"):
+            print(f"WARNING {r.scenario} run {r.run}: {r.detail['warning']}")
+
+
+# --------------------------------------------------------------------------------------------- main
+
+def open_lab(image: PreparedImage, workdir: Path, rate: str, delay_ms: float, puller: str = "remora"):
+    """Context manager: (Bench, teardown-safe) with the registry in the lab behind tbf + delay."""
+    import contextlib
+
+    from remora.netlab import Lab
+    from remora.netlab.services import NsRegistry
+    from remora.netlab.shaping import parse_rate
+
+    @contextlib.contextmanager
+    def cm():
+        with Lab(workdir=workdir / "lab") as lab:
+            reg_node = lab.add_node("registry", up=rate, down=rate)
+            client = lab.add_node("client", up=rate, down=rate)
+            registry = NsRegistry(reg_node, image.registry_root).start()
+            fwd, port = start_forwarder(client.ns, registry.host, delay_ms, workdir)
+            try:
+                yield Bench(registry, f"127.0.0.1:{port}", image, workdir, 2 * delay_ms / 1000, parse_rate(rate),
+                            puller)
+            finally:
+                fwd.stop()
+                registry.stop()
+    return cm()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["forward"]:
+        return forward_main(argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="see the module docstring for the method",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3, help="cold starts per scenario (default %(default)s)")
+    ap.add_argument("--rate", default="100mbit", help="registry link rate, tc syntax (default %(default)s)")
+    ap.add_argument("--delay-ms", type=float, default=10.0, help="one-way delay (default %(default)s)")
+    ap.add_argument("--scenarios", default="overlayfs,remora", help="comma list (default %(default)s)")
+    ap.add_argument("--puller", choices=["remora", "rpull"], default="remora",
+                    help="lazy pull client: 'remora pull' or stargz's 'ctr-remote images rpull' (default %(default)s)")
+    ap.add_argument("--cache", type=Path, default=Path("/var/cache/remora-test"))
+    ap.add_argument("--rebuild", action="store_true", help="rebuild, re-trace and re-convert the image")
+    ap.add_argument("--json", action="store_true", help="also print the results as JSON")
+    args = ap.parse_args(argv)
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    if os.geteuid() != 0:
+        raise SystemExit("run as root (network namespaces, containerd, FUSE)")
+    image = prepare_image(args.cache, "cold-start", cold_start_app(), WORKLOAD, rebuild=args.rebuild)
+    print(f"image: OCI {image.oci_bytes / 1e6:.1f} MB compressed, remora {image.remora_bytes / 1e6:.1f} MB, "
+          f"{image.prefetch_files} prefetch files")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-cold-"))
+    results: list[Result] = []
+    errors: list[str] = []
+    try:
+        with open_lab(image, workdir, args.rate, args.delay_ms, args.puller) as bench:
+            for i in range(args.runs):
+                order = scenarios if i % 2 == 0 else scenarios[::-1]  # alternate: drift hits both alike
+                for scn in order:
+                    try:
+                        r = getattr(bench, scn)(i)
+                    except Exception as exc:  # report the other scenario anyway
+                        errors.append(f"{scn} run {i}: {exc}")
+                        print(f"ERROR {scn} run {i}: {exc}", file=sys.stderr)
+                        continue
+                    results.append(r)
+                    print(f"{scn} run {i}: pull {r.pull_s:.2f}s run {r.run_s:.2f}s bytes {r.bytes / 1e6:.1f} MB "
+                          f"requests {r.requests} {r.detail or ''}", flush=True)
+            summary = summarize(results, bench)
+            print_table(results, summary, bench, f"cold start, registry behind {args.rate} + {args.delay_ms:g} ms "
+                                                 f"one way ({args.runs} runs each, cold caches)")
+            if args.json:
+                print(json.dumps({"results": [asdict(r) | {"total_s": r.total_s} for r in results],
+                                  "summary": summary, "errors": errors}, indent=2))
+    finally:
+        _remove(workdir)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""``remora pull``: make a remora image runnable in containerd without downloading its layers.
+
+Why a command of our own: ``ctr images pull`` (containerd 1.6/1.7) sends no labels to the
+snapshotter, so a remote snapshotter cannot tell it is being asked for a remote layer and containerd
+downloads and unpacks every layer. ``remora pull`` does what containerd's unpacker does for a remote
+snapshotter, through containerd's gRPC services:
+
+1. resolve the reference (for an OCI-fallback index, the entry marked as remora's);
+2. under a lease, store manifest and config in containerd's content store, with the GC labels
+   that tie them together (``containerd.io/gc.ref.content.config``, ``...l.<i>``);
+3. for each layer bottom-up, ``Prepare(key="extract-<random> <chainID>", parent=<parent chainID>)``
+   on the snapshotter with ``containerd.io/snapshot.ref=<chainID>`` and the layer's annotations;
+   remora answers ALREADY_EXISTS once the layer is mounted lazily (data blobs: an empty snapshot;
+   the bootstrap layer: the FUSE mount of the merged image). A layer that is not remote is an error;
+4. point the image record at the manifest and label the config with
+   ``containerd.io/gc.ref.snapshot.<snapshotter>=<top chainID>`` so containerd's GC keeps the
+   snapshots while the image exists; delete the lease.
+
+After that ``ctr run --snapshotter remora IMAGE`` finds the image unpacked and starts at once.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+
+DESCRIPTION = """\
+Pull a remora image into containerd WITHOUT downloading its layers: the remora snapshotter
+mounts it lazily and file contents are fetched on first read. Only the manifest, the config
+and the (small) bootstrap are fetched up front.
+
+The image must have been converted with 'remora convert' (for an OCI-fallback index the remora
+entry is used). For ordinary images use 'ctr images pull --snapshotter remora': the snapshotter
+then behaves exactly like overlayfs.
+
+The remora snapshotter must be configured in containerd as a proxy plugin (see
+'remora snapshotter --help') and running.
+"""
+
+EPILOG = """\
+examples:
+  remora pull 127.0.0.1:5000/app:1-remora
+  ctr run --rm --snapshotter remora 127.0.0.1:5000/app:1-remora app1 /app/start
+
+  remora pull --address /run/containerd/containerd.sock -n k8s.io registry.local/app:2-remora
+  remora pull --annotations-only registry.local/app:2-remora   # like nerdctl: no cri.* labels
+
+labels sent to the snapshotter on each layer's Prepare:
+  containerd.io/snapshot.ref                 the layer's chain ID (the remote-snapshot handshake)
+  containerd.io/snapshot/remora.*            the layer's annotations (from 'remora convert')
+  containerd.io/snapshot/cri.image-ref,      where the image lives (left out by
+    cri.layer-digest, cri.manifest-digest     --annotations-only: remora.repository must suffice)
+
+exit codes: 0 ok, 2 usage (containerd unreachable, layer not remote), 3 not a remora image,
+4 registry auth, 5 not found, 6 registry unreachable, 7 containerd/snapshotter error.
+"""
+
+SNAPSHOT_REF = "containerd.io/snapshot.ref"
+SNAPSHOT_LABEL_PREFIX = "containerd.io/snapshot/"
+CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
+CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
+CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
+GC_CONFIG = "containerd.io/gc.ref.content.config"
+GC_LAYER = "containerd.io/gc.ref.content.l.{}"
+GC_SNAPSHOT = "containerd.io/gc.ref.snapshot.{}"
+DISTRIBUTION_SOURCE = "containerd.io/distribution.source.{}"
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """OCI chain IDs: ``chain[0] = diff[0]``, ``chain[i] = sha256(chain[i-1] + " " + diff[i])``.
+
+    containerd names committed layer snapshots by chain ID; ``ctr run`` finds an image "unpacked"
+    when the top one exists, so ours must be computed exactly like containerd's."""
+    out: list[str] = []
+    for d in diff_ids:
+        out.append(d if not out else "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
+    return out
+
+
+@dataclass
+class PullResult:
+    name: str
+    manifest_digest: str
+    chain_ids: list[str]
+    remote_layers: int
+    reused_layers: int
+    seconds: float
+
+
+def resolve_remora_manifest(store, platform: str = "linux/amd64"):
+    """``(descriptor, manifest bytes, Manifest)`` of the remora manifest the store's reference names."""
+    from remora import oci
+    from remora.errors import InvalidInput
+    from remora.format import annotations as ann
+
+    desc, data = store.resolve()
+    top = oci.parse_manifest_or_index(data, desc.media_type)
+    if isinstance(top, oci.Index):
+        candidates = [m for m in top.manifests if ann.MANIFEST_MARKER in m.annotations]
+        if not candidates:
+            raise InvalidInput(f"{store.ref} is an index without a remora manifest: convert it with "
+                               "'remora convert', or pull it normally with 'ctr images pull --snapshotter remora'")
+        want = oci.Platform.parse(platform)
+        desc = next((m for m in candidates if m.platform is None or m.platform.matches(want)), None)
+        if desc is None:
+            raise InvalidInput(f"{store.ref} has no remora manifest for {platform}")
+        data = store.get_manifest(desc)
+        top = oci.parse_manifest(data, desc.media_type)
+    if not ann.is_remora_manifest(top.to_dict()):
+        raise InvalidInput(f"{store.ref} is not a remora image (its layers carry no remora annotations): "
+                           "pull it with 'ctr images pull --snapshotter remora', or convert it with 'remora convert'")
+    return desc, data, top
+
+
+def layer_labels(layer, chain_id: str, ref: str, manifest_digest: str, annotations_only: bool) -> dict[str, str]:
+    """The labels of one layer's Prepare, as containerd's unpacker (with CRI's handler) sends them."""
+    labels = {SNAPSHOT_REF: chain_id}
+    labels.update({k: v for k, v in layer.annotations.items() if k.startswith(SNAPSHOT_LABEL_PREFIX)})
+    if not annotations_only:
+        labels[CRI_IMAGE_REF] = ref
+        labels[CRI_LAYER_DIGEST] = layer.digest
+        labels[CRI_MANIFEST_DIGEST] = manifest_digest
+    return labels
+
+
+def pull(reference: str, *, address: str, namespace: str = "default", snapshotter: str = "remora",
+         plain_http: bool = False, annotations_only: bool = False, platform: str = "linux/amd64",
+         timeout: float = 120.0, say=lambda msg: None) -> PullResult:
+    """Pull ``reference`` into containerd lazily; see the module docstring. ``say`` gets progress lines."""
+    from remora import oci
+    from remora.errors import InvalidInput, StorageError, UsageError
+    from remora.imagestore import open_store
+    from remora.reference import ImageRef, parse_reference
+
+    from .containerd_client import AlreadyExists, ContainerdClient
+
+    started = time.monotonic()
+    ref = parse_reference(reference)
+    if not isinstance(ref, ImageRef):
+        raise UsageError(f"{reference}: remora pull needs a registry reference (host/repository:tag), "
+                         "not an OCI layout")
+    # Connect to containerd first: a missing socket is the most common mistake, say it before
+    # talking to the registry.
+    with ContainerdClient(address, namespace, timeout=timeout) as ctd:
+        with open_store(ref, plain_http=True if plain_http else None) as store:
+            mdesc, mdata, manifest = resolve_remora_manifest(store, platform)
+            config_bytes = store.read_blob(manifest.config)
+        config = oci.ImageConfig.from_bytes(config_bytes)
+        diff_ids = config.diff_ids
+        if len(diff_ids) != len(manifest.layers):
+            raise InvalidInput(f"{ref}: config has {len(diff_ids)} diff_ids for {len(manifest.layers)} layers")
+        chains = chain_ids(diff_ids)
+        name = str(ref)
+        say(f"{name}: manifest {mdesc.digest[:19]}, {len(manifest.layers)} layers "
+            f"({sum(l.size for l in manifest.layers) / 1e6:.1f} MB in the registry, fetched lazily)")
+        source = {DISTRIBUTION_SOURCE.format(ref.registry): ref.repository}
+        remote = reused = 0
+        with ctd.leased():
+            ctd.write_content(manifest.config.digest, config_bytes, source)
+            mlabels = {GC_CONFIG: manifest.config.digest, **source}
+            mlabels.update({GC_LAYER.format(i): l.digest for i, l in enumerate(manifest.layers)})
+            ctd.write_content(mdesc.digest, mdata, mlabels)
+            for i, (layer, chain) in enumerate(zip(manifest.layers, chains)):
+                what = f"layer {i + 1}/{len(chains)} {layer.digest[:19]} ({layer.annotations.get('containerd.io/snapshot/remora.role', '?')})"
+                if ctd.stat(snapshotter, chain) is not None:
+                    reused += 1
+                    say(f"{what}: already present")
+                    continue
+                key = f"extract-{time.time_ns()}-{secrets.token_hex(4)} {chain}"
+                labels = layer_labels(layer, chain, name, mdesc.digest, annotations_only)
+                t0 = time.monotonic()
+                try:
+                    ctd.prepare(snapshotter, key, chains[i - 1] if i else "", labels)
+                except AlreadyExists:
+                    remote += 1
+                    say(f"{what}: remote, mounted lazily in {time.monotonic() - t0:.2f}s")
+                    continue
+                except UsageError as exc:
+                    if "snapshotter not loaded" in str(exc) or "not found" in str(exc).lower():
+                        raise UsageError(f"{exc} (is the '{snapshotter}' proxy plugin in containerd's config?)") from None
+                    raise
+                # The snapshotter made an ordinary (empty) active snapshot: it did not mount the layer.
+                ctd.remove(snapshotter, key)
+                raise UsageError(
+                    f"{what} was not mounted remotely by snapshotter {snapshotter!r} (is it the remora "
+                    "snapshotter, running without --no-lazy? its log says why the lazy mount failed). "
+                    f"To download the image instead: ctr images pull --snapshotter {snapshotter} {name}")
+            ctd.update_content_labels(manifest.config.digest, {GC_SNAPSHOT.format(snapshotter): chains[-1]})
+            ctd.put_image(name, mdesc.media_type, mdesc.digest, mdesc.size)
+            top = ctd.stat(snapshotter, chains[-1])
+            if top is None:
+                raise StorageError(f"snapshot {chains[-1]} vanished right after the pull")
+    return PullResult(name, mdesc.digest, chains, remote, reused, time.monotonic() - started)
+
+
+def register(subparsers) -> None:
+    """Add ``remora pull`` (cheap: heavy imports happen in :func:`run`)."""
+    p = subparsers.add_parser("pull", help="pull a remora image into containerd lazily (no layer download)",
+                              description=DESCRIPTION, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image", metavar="IMAGE", help="registry reference of a remora image (host/repo:tag)")
+    p.add_argument("--address", "-a", default="/run/containerd/containerd.sock", metavar="SOCKET",
+                   help="containerd's gRPC socket (default: %(default)s)")
+    p.add_argument("--namespace", "-n", default="default", help="containerd namespace (default: %(default)s; "
+                   "Kubernetes uses k8s.io)")
+    p.add_argument("--snapshotter", default="remora",
+                   help="name of the remora proxy plugin in containerd's config (default: %(default)s)")
+    p.add_argument("--plain-http", action="store_true",
+                   help="use plain HTTP for the registry even if it is not on loopback")
+    p.add_argument("--annotations-only", action="store_true",
+                   help="send only snapshot.ref and the layer annotations, no cri.* labels (what nerdctl "
+                        "does for snapshotters it does not know): tests the remora.repository fallback")
+    p.add_argument("--platform", default="linux/amd64", help="platform of an index to pull (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="deadline of each containerd call; the bootstrap layer's Prepare fetches the "
+                        "bootstrap (default: %(default)s)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the image name and manifest digest")
+    p.set_defaults(func=run)
+
+
+register_pull = register
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False)
+    say = (lambda msg: None) if args.quiet else (lambda msg: err.print(msg, markup=False))
+    result = pull(args.image, address=args.address, namespace=args.namespace, snapshotter=args.snapshotter,
+                  plain_http=args.plain_http, annotations_only=args.annotations_only, platform=args.platform,
+                  timeout=args.timeout, say=say)
+    say(f"pulled in {result.seconds:.2f}s: {result.remote_layers} layers mounted lazily, "
+        f"{result.reused_layers} already present")
+    print(f"{result.name} {result.manifest_digest}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m remora.snapshotter.pull IMAGE ...``: the command without the rest of the CLI."""
+    from remora.errors import RemoraError
+
+    parser = argparse.ArgumentParser(prog="remora-pull")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["pull", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return args.func(args)
+    except RemoraError as exc:
+        print(f"remora pull: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
