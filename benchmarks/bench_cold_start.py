@@ -90,9 +90,9 @@ def image_cache_dir(cache: Path, name: str, *parts) -> Path:
     return cache / "bench-images" / f"{name}-{key}"
 
 
-def prepare_image(cache: Path, name: str, app_files: dict[str, File], workload: list[str], *,
+def prepare_image(cache: Path, name: str, app_files: dict[str, File], workload: list[str] | None, *,
                   rebuild: bool = False, log=print) -> PreparedImage:
-    """Build Debian+python3+app, trace ``workload`` in it, convert with that prefetch list; cached.
+    """Build Debian+python3+app, trace ``workload`` in it (if any), convert with that prefetch list; cached.
 
     Runs against a loopback registry over the cached storage directory (nothing crosses a lab link);
     ``ready.json`` is written last, so a half-built cache is rebuilt, never trusted.
@@ -107,6 +107,7 @@ def prepare_image(cache: Path, name: str, app_files: dict[str, File], workload: 
         return PreparedImage(**{**json.loads(ready.read_text()), "registry_root": d / "registry"})
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
+    hot = d / "hot.txt"
     with LocalRegistry(root=d / "registry") as reg:
         src, dst = f"{reg.host}/{REPO}:{OCI_TAG}", f"{reg.host}/{REPO}:{REMORA_TAG}"
         t0 = time.monotonic()
@@ -114,16 +115,18 @@ def prepare_image(cache: Path, name: str, app_files: dict[str, File], workload: 
                                         LayerSpec(tar_of_files(app_files), created_by="COPY app /app")],
                             config=IMAGE_CONFIG)
         log(f"built {src} in {time.monotonic() - t0:.1f}s")
-        hot = d / "hot.txt"
+        prefetch = []
+        if workload:
+            t0 = time.monotonic()
+            _check(["remora", "trace", "-o", str(hot), src, "--", *workload], "remora trace")
+            log(f"traced {len(hot.read_text().split())} files in {time.monotonic() - t0:.1f}s")
+            prefetch = ["--prefetch-list", str(hot)]
         t0 = time.monotonic()
-        _check(["remora", "trace", "-o", str(hot), src, "--", *workload], "remora trace")
-        log(f"traced {len(hot.read_text().split())} files in {time.monotonic() - t0:.1f}s")
-        t0 = time.monotonic()
-        report = json.loads(_check(["remora", "convert", "--json", "--no-progress", "--prefetch-list", str(hot),
-                                    src, dst], "remora convert"))
+        report = json.loads(_check(["remora", "convert", "--json", "--no-progress", *prefetch, src, dst],
+                                   "remora convert"))
         log(f"converted in {time.monotonic() - t0:.1f}s")
     info = {"repo": REPO, "oci_tag": OCI_TAG, "remora_tag": REMORA_TAG,
-            "prefetch_files": len(hot.read_text().split()),
+            "prefetch_files": len(hot.read_text().split()) if workload else 0,
             "oci_bytes": sum(layer.size for layer in built.layers),
             "remora_bytes": int(report["output_bytes"])}
     ready.write_text(json.dumps(info))

@@ -12,7 +12,6 @@ repositories when needed.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +35,6 @@ class ChunkDict:
         if not where or where.startswith("oci:"):
             return where
         return where.split("/", 1)[1] if "/" in where else where
-
-    def copy_blob(self, desc, dst) -> None:
-        with tempfile.NamedTemporaryFile() as tmp:
-            stream = self.store.open_blob(desc)
-            try:
-                shutil.copyfileobj(stream, tmp, 1 << 20)
-            finally:
-                stream.close()
-            tmp.flush()
-            dst.push_blob(desc, Path(tmp.name))
 
 
 def _image_location(store) -> str | None:

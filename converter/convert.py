@@ -438,7 +438,9 @@ def _ensure_foreign_blob(dst, desc: oci.Descriptor, chunk_dict: ChunkDict | None
         return 1
     if chunk_dict.store is not None:
         # different registry or no mount support: copy the blob (verified) through a temp file
-        chunk_dict.copy_blob(desc, dst)
+        from remora.imagestore import copy_blob
+
+        copy_blob(chunk_dict.store, dst, desc)
         return 1
     raise NotFound(f"chunk dictionary blob {desc.digest} is not in the destination and cannot be mounted"
                    f"{' from ' + repo if repo else ''}; convert with a dictionary built from images in the same registry")
@@ -446,22 +448,13 @@ def _ensure_foreign_blob(dst, desc: oci.Descriptor, chunk_dict: ChunkDict | None
 
 def _copy_image(src, dst, source: str, mdesc, mbytes: bytes, manifest, report: ConvertReport) -> None:
     """Make the original image's blobs and manifest available next to the remora one (OCI fallback)."""
-    src_host, src_repo = store_location(src)
-    dst_host, _ = store_location(dst)
+    from remora.imagestore import copy_blob
+
     for desc in [manifest.config, *manifest.layers]:
-        if dst.blob_exists(desc):
-            continue
-        if src_host == dst_host and dst.mount_blob(desc, src_repo):
+        how = copy_blob(src, dst, desc, tmpdir=os.environ.get("REMORA_TMPDIR"))
+        if how == "mounted":
             report.mounted_blobs += 1
-            continue
-        with tempfile.NamedTemporaryFile(dir=os.environ.get("REMORA_TMPDIR")) as tmp:
-            stream = src.open_blob(desc)
-            try:
-                shutil.copyfileobj(stream, tmp, 1 << 20)
-            finally:
-                stream.close()
-            tmp.flush()
-            dst.push_blob(desc, Path(tmp.name))
+        elif how == "copied":
             report.uploaded_bytes += desc.size
     dst.push_manifest(oci.Descriptor(mdesc.media_type, mdesc.digest, len(mbytes)), mbytes, tag=None)
 

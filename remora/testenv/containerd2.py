@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Mapping
 
@@ -69,6 +68,13 @@ class PrivateContainerd2(PrivateContainerd):
         self.unpack_platform = unpack_platform
         self.remote_snapshot_annotations = remote_snapshot_annotations
         self.certs_dir = self.base_dir / "certs.d"
+        self._namespaces = {self.namespace}
+
+    def ctr(self, *args: str, namespace: str | None = None, **kw):
+        """As :meth:`PrivateContainerd.ctr`; also remembers ``namespace`` so close() cleans up after it."""
+        if namespace:
+            self._namespaces.add(namespace)
+        return super().ctr(*args, namespace=namespace, **kw)
 
     def config_text(self) -> str:
         q = json.dumps  # TOML basic strings accept JSON string escapes
@@ -153,14 +159,28 @@ class PrivateContainerd2(PrivateContainerd):
         return self
 
     def close(self) -> None:
-        """Stop, then remove the socket dir, the namespace's cgroups and its empty runc state dir."""
+        """Stop, then remove the socket dir and, for every namespace ctr() used, the empty cgroups and
+        runc state directory that containers leave behind."""
         super().close()
-        remove_runc_state(self.namespace)
+        for ns in self._namespaces:
+            remove_namespace_leftovers(ns)
 
 
-def remove_runc_state(namespace: str) -> None:
-    """runc keeps per-namespace state in /run/containerd/runc/<ns> for every containerd; drop ours if empty."""
+def remove_namespace_leftovers(namespace: str, cgroup_name: str | None = None) -> None:
+    """Remove what runc leaves per containerd namespace after its containers are gone, if empty:
+    /run/containerd/runc/<ns> (shared by every containerd on the host) and the cgroup directories
+    named ``cgroup_name`` (default: the namespace) under each controller."""
     try:
         (RUNC_STATE / namespace).rmdir()
     except OSError:
         pass
+    base = Path("/sys/fs/cgroup")
+    name = cgroup_name or namespace
+    for cg in [base / name, *base.glob(f"*/{name}")]:
+        if not cg.is_dir():
+            continue
+        for dirpath, _, _ in sorted(os.walk(cg), key=lambda t: len(t[0]), reverse=True):
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                pass

@@ -32,7 +32,7 @@ from typing import Iterable
 
 from remora.errors import NotFound, UsageError
 from remora.procutil import Daemon, wait_until
-from remora.testenv.containerd2 import RUNTIMES_DIR, remove_runc_state
+from remora.testenv.containerd2 import RUNTIMES_DIR, remove_namespace_leftovers
 
 DOCKER_DIR = RUNTIMES_DIR / "docker"
 RUN_DOCKER = Path("/run/docker")
@@ -163,21 +163,14 @@ class PrivateDocker:
             for mp in mountpoints_under(root):
                 detach_mount(mp)
         shutil.rmtree(self._rundir, ignore_errors=True)
-        remove_runc_state(self.namespace)
-        remove_runc_state(f"{self.namespace}-plugins")
+        remove_namespace_leftovers(self.namespace, cgroup_name=self.cgroup_parent)
+        remove_namespace_leftovers(f"{self.namespace}-plugins")
         if self._made_run_docker:  # dockerd always creates /run/docker/plugins (plugin discovery)
             for d in (RUN_DOCKER / "plugins", RUN_DOCKER):
                 try:
                     d.rmdir()
                 except OSError:
                     break
-        base = Path("/sys/fs/cgroup")
-        for cg in [base / self.cgroup_parent, *base.glob(f"*/{self.cgroup_parent}")]:
-            for dirpath, _, _ in sorted(os.walk(cg), key=lambda t: len(t[0]), reverse=True):
-                try:
-                    os.rmdir(dirpath)
-                except OSError:
-                    pass
 
     def __enter__(self) -> "PrivateDocker":
         return self.start()

@@ -181,8 +181,10 @@ def test_teardown_leaves_nothing(tmp_path, registry, busybox_ref):
         docker = dk.client()
         docker.pull(busybox_ref, quiet=True)
         assert docker.run(busybox_ref, ["true"], remove=True) == ""
-        ctd.ctr("images", "pull", "--plain-http", busybox_ref)
-        ctd.ctr("run", "--rm", busybox_ref, "c-teardown", "true")
+        extra_ns = f"{ctd.namespace}-extra"
+        ctd.ctr("images", "pull", "--plain-http", busybox_ref, namespace=extra_ns)
+        ctd.ctr("run", "--rm", busybox_ref, "c-teardown", "true", namespace=extra_ns)
+        assert (RUNC_STATE / extra_ns).is_dir()  # what runc leaves behind, until close()
         pids = [dk.daemon.pid, ctd.daemon.pid]
         sockets = [dk.socket, ctd.address]
     finally:
@@ -193,10 +195,10 @@ def test_teardown_leaves_nothing(tmp_path, registry, busybox_ref):
             os.kill(pid, 0)
     assert not any(s.exists() for s in sockets)
     assert mountpoints_under(tmp_path) == []
-    for ns in (ctd.namespace, dk.namespace):
+    for ns in (extra_ns, dk.namespace):
         assert not (RUNC_STATE / ns).exists()
-    assert not list(Path("/sys/fs/cgroup").glob(f"*/{dk.cgroup_parent}"))
-    assert not list(Path("/sys/fs/cgroup").glob(f"*/{ctd.namespace}"))
+    for cgroup in (dk.cgroup_parent, extra_ns):
+        assert not list(Path("/sys/fs/cgroup").glob(f"*/{cgroup}"))
 
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
