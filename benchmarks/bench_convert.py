@@ -23,7 +23,8 @@ the CPU columns (user+sys of the whole process, main thread for remora) do not d
 Sizes: the remora image (data blobs + bootstrap) against the image's OCI gzip blobs as pushed (ISA-L
 level 2) and against ``pigz -6`` of the same layers (zlib level 6, what ``docker build`` produces).
 
-    python benchmarks/bench_convert.py [--images debian,python] [--repeat 3] [--no-estargz] [--json out.json]
+    python benchmarks/bench_convert.py [--images debian,python] [--repeat 3] [--estargz-repeat 1]
+                                       [--no-estargz] [--no-cdc] [--json out.json]
 """
 from __future__ import annotations
 
@@ -196,6 +197,8 @@ def main() -> int:
     ap.add_argument("--cache", default=os.environ.get("REMORA_TEST_CACHE", "/var/cache/remora-test"))
     ap.add_argument("--images", default="debian,python", help="comma-separated: debian, python")
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best is kept")
+    ap.add_argument("--estargz-repeat", type=int, default=1,
+                    help="runs of ctr-remote (default 1: it is ~30x slower than remora, noise does not matter)")
     ap.add_argument("--no-estargz", action="store_true", help="skip ctr-remote (needs containerd, root)")
     ap.add_argument("--no-cdc", action="store_true", help="skip the content-defined chunking run")
     ap.add_argument("--json", help="also write the rows as JSON to this file")
@@ -203,7 +206,7 @@ def main() -> int:
     names = [n.strip() for n in args.images.split(",") if n.strip()]
     if any(n not in ("debian", "python") for n in names):
         ap.error("--images takes debian and/or python")
-    console = Console()
+    console = Console(width=max(140, shutil.get_terminal_size().columns))
     work = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=os.environ.get("REMORA_TMPDIR")))
     try:
         with LocalRegistry(root=work / "registry") as reg:
@@ -214,7 +217,7 @@ def main() -> int:
                 if not args.no_cdc:
                     runs.append(bench_remora(s, reg, "cdc:1M", args.repeat))
                 if not args.no_estargz:
-                    runs.append(bench_estargz(s, reg, args.repeat, work))
+                    runs.append(bench_estargz(s, reg, args.estargz_repeat, work))
                 results[s.name] = runs
                 console.print(f"[dim]{s.name}: measured {', '.join(r.tool for r in runs)}[/dim]")
             rows = report(subjects, results, console)

@@ -141,14 +141,13 @@ class ChunkFetcher:
         if not plan:
             return b""
         chunks = self.chunks(plan)
-        out = bytearray()
         end = offset + size
-        for e in plan:
-            data = chunks[e.chunk.digest]
+        parts = []
+        for e in plan:  # memoryview slices: the only copy is the final join
             lo = max(offset - e.file_offset, 0)
             hi = min(end - e.file_offset, e.chunk.size)
-            out += data[lo:hi]
-        return bytes(out)
+            parts.append(memoryview(chunks[e.chunk.digest])[lo:hi])
+        return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
 
     def chunks(self, extents: Iterable[Extent]) -> dict[bytes, bytes]:
         """``{chunk digest: verified bytes}`` for every extent, fetching what is missing."""

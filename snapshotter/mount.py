@@ -56,8 +56,8 @@ class Health:
         return self.state == "ok"
 
 
-def mounted_fstype(path: Path | str) -> str | None:
-    """The fs type mounted exactly at ``path`` per /proc/self/mountinfo (never touches the mount)."""
+def _mountinfo(path: Path | str) -> tuple[str, str] | None:
+    """``(fs type, "major:minor")`` of the topmost mount exactly at ``path`` (never touches the mount)."""
     target = os.path.abspath(path)  # no realpath: it would stat (and maybe block on) the mount itself
     try:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
@@ -71,8 +71,31 @@ def mounted_fstype(path: Path | str) -> str | None:
             continue
         mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
         if mp == target:
-            found = right.split()[0]  # the last (topmost) mount wins
+            found = (right.split()[0], fields[2])  # the last (topmost) mount wins
     return found
+
+
+def mounted_fstype(path: Path | str) -> str | None:
+    """The fs type mounted exactly at ``path`` per /proc/self/mountinfo, or None."""
+    info = _mountinfo(path)
+    return info[0] if info else None
+
+
+def set_read_ahead(path: Path | str, kib: int) -> bool:
+    """Set the kernel readahead of the mount at ``path`` (its backing-dev-info in sysfs).
+
+    FUSE mounts get 128 KiB, so a sequential read reaches the fs process in 128 KiB requests; with
+    1 MiB the same read costs 8x fewer round trips through the (Python) daemon.
+    """
+    info = _mountinfo(path)
+    if not info:
+        return False
+    try:
+        Path(f"/sys/class/bdi/{info[1]}/read_ahead_kb").write_text(str(kib))
+        return True
+    except OSError as exc:
+        log.debug("cannot set read_ahead_kb of %s: %s", path, exc)
+        return False
 
 
 def detach(path: Path | str, lazy: bool = True) -> bool:
@@ -188,6 +211,8 @@ class MountManager:
                 raise StorageError(f"mount {spec.id}: not mounted after {self.mount_timeout:.0f}s:\n"
                                    f"{self.log_tail(spec.id)}")
             time.sleep(0.02)
+        if spec.read_ahead_kb:
+            set_read_ahead(mnt, spec.read_ahead_kb)
         log.info("lazy mount %s at %s (pid %d)", spec.id, mnt, proc.pid)
 
     def log_tail(self, mount_id: str, lines: int = 30) -> str:

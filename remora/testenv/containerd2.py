@@ -71,8 +71,9 @@ class PrivateContainerd2(PrivateContainerd):
         self._namespaces = {self.namespace}
 
     def ctr(self, *args: str, namespace: str | None = None, **kw):
-        """As :meth:`PrivateContainerd.ctr`; also remembers ``namespace`` so close() cleans up after it."""
-        if namespace:
+        """As :meth:`PrivateContainerd.ctr`. Namespaces named ``<self.namespace>-<suffix>`` are ours too:
+        close() cleans up after them (shared ones such as ``k8s.io`` are left alone)."""
+        if namespace and namespace.startswith(self.namespace + "-"):
             self._namespaces.add(namespace)
         return super().ctr(*args, namespace=namespace, **kw)
 

@@ -32,6 +32,7 @@ class MountSpec:
     max_range: int = 16 << 20
     parallel: int = 4
     kernel_timeout: float = DEFAULT_TIMEOUT
+    read_ahead_kb: int = 1024  # kernel readahead of the mount (FUSE default 128 KiB: 8x more requests)
     stats_interval: float = 1.0
     log_level: str = "INFO"
 

@@ -138,6 +138,7 @@ def test_docker_pull_and_run(tmp_path, containerd2, snapshotter, registry, busyb
 @pytest.mark.parametrize("proxy", [False, True], ids=["overlayfs", "remora"])
 def test_cri_image_service_on_containerd16(tmp_path, registry, busybox_ref, snapshotter, proxy):
     kw = {"snapshotter_name": "overlayfs"} if not proxy else {}
+    snapshotter.take("k8s.io")  # CRI always uses k8s.io: forget what an earlier (failed) test left
     with PrivateContainerd(tmp_path / "ctd16", snapshotter.address if proxy else None, cri=True,
                            registry_mirrors={registry.host: registry.url}, **kw) as ctd, \
             CRIImageClient(ctd.address, timeout=60) as cri:
@@ -162,6 +163,7 @@ def test_cri_image_service_on_containerd16(tmp_path, registry, busybox_ref, snap
 
 
 def test_cri_image_service_on_containerd2(tmp_path, registry, busybox_ref, snapshotter):
+    snapshotter.take("k8s.io")
     with PrivateContainerd2(tmp_path / "ctd2cri", snapshotter.address, cri=True,
                             registry_mirrors={registry.host: registry.url}) as ctd, \
             CRIImageClient(ctd.address, timeout=60) as cri:

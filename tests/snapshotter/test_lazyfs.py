@@ -98,6 +98,9 @@ def test_metadata_from_bootstrap_only_then_data_byte_exact(manager, image, proxy
     with pytest.raises(OSError) as exc:
         open(host_path(mnt, b"/etc/hot.conf"), "ab")
     assert exc.value.errno == errno.EROFS
+    dev = os.stat(mnt).st_dev
+    bdi = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    assert open(bdi).read().strip() == "1024", "sequential reads reach the daemon in 1 MiB requests"
     assert proxy.blob_requests() == [], "metadata must never touch the network"
     assert published(manager, "m1", "requests") == 0
 
