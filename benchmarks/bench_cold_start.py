@@ -44,6 +44,7 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -119,14 +120,14 @@ def prepare_image(cache: Path, name: str, app_files: dict[str, File], workload: 
         if workload:
             t0 = time.monotonic()
             _check(["remora", "trace", "-o", str(hot), src, "--", *workload], "remora trace")
-            log(f"traced {len(hot.read_text().split())} files in {time.monotonic() - t0:.1f}s")
+            log(f"traced {len(hot.read_text().splitlines())} files in {time.monotonic() - t0:.1f}s")
             prefetch = ["--prefetch-list", str(hot)]
         t0 = time.monotonic()
         report = json.loads(_check(["remora", "convert", "--json", "--no-progress", *prefetch, src, dst],
                                    "remora convert"))
         log(f"converted in {time.monotonic() - t0:.1f}s")
     info = {"repo": REPO, "oci_tag": OCI_TAG, "remora_tag": REMORA_TAG,
-            "prefetch_files": len(hot.read_text().split()) if workload else 0,
+            "prefetch_files": len(hot.read_text().splitlines()) if workload else 0,
             "oci_bytes": sum(layer.size for layer in built.layers),
             "remora_bytes": int(report["output_bytes"])}
     ready.write_text(json.dumps(info))
@@ -233,10 +234,18 @@ class Bench:
     """One lab (registry behind the shaped link) and the loopback address that leads to it."""
 
     def __init__(self, registry, host: str, image: PreparedImage, workdir: Path, rtt_s: float, rate_bps: int,
-                 puller: str = "remora"):
+                 puller: str = "remora", keep_logs: Path | None = None):
         self.registry, self.host, self.image, self.workdir = registry, host, image, workdir
-        self.puller = puller
+        self.puller, self.keep_logs = puller, keep_logs
         self.rtt_s, self.rate_bps = rtt_s, rate_bps
+
+    def _keep(self, d: Path, name: str) -> None:
+        """Copy a run's logs (containerd, snapshotter, lazy mounts) out before its directory goes."""
+        if self.keep_logs:
+            for f in d.rglob("*.log"):
+                dest = self.keep_logs / name / f.relative_to(d)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, dest)
 
     def ref(self, tag: str) -> str:
         return f"{self.host}/{self.image.repo}:{tag}"
@@ -259,10 +268,12 @@ class Bench:
             t1 = time.monotonic()
             out = ctd.ctr("run", "--rm", ref, f"ovl{i}", *WORKLOAD, timeout=300).stdout
             t2 = time.monotonic()
-        _expect_marker(out, "overlayfs")
+            _expect_marker(out, "overlayfs")
+            rerun = _timed_run(ctd, [ref, f"ovl{i}b"])
         nbytes, nreq, _ = self._served_since(mark)
+        self._keep(d, f"overlayfs-{i}")
         _remove(d)
-        return Result("overlayfs", i, t1 - t0, t2 - t1, nbytes, nreq)
+        return Result("overlayfs", i, t1 - t0, t2 - t1, nbytes, nreq, {"rerun_s": rerun})
 
     def remora(self, i: int) -> Result:
         from remora.snapshotter.mount import MountManager
@@ -276,13 +287,17 @@ class Bench:
         try:
             with snap, PrivateContainerd(d / "ctd", snap.address, namespace=f"rbench-{os.getpid()}-rem{i}") as ctd:
                 t0 = time.monotonic()
-                _pull_lazy(ctd, ref, self.puller)
+                inproc = _pull_lazy(ctd, ref, self.puller)
                 t1 = time.monotonic()
                 out = ctd.ctr("run", "--rm", "--snapshotter", "remora", ref, f"rem{i}", *WORKLOAD, timeout=300).stdout
                 t2 = time.monotonic()
                 _expect_marker(out, "remora")
-            detail = _mount_stats(d / "snap" / "lazy")
+                rerun = _timed_run(ctd, ["--snapshotter", "remora", ref, f"rem{i}b"])
+            detail = {"rerun_s": rerun, **_mount_stats(d / "snap" / "lazy")}
+            if inproc is not None:
+                detail["pull_inproc_s"] = inproc
         finally:
+            self._keep(d, f"remora-{i}")
             MountManager(d / "snap" / "lazy", d / "snap" / "cache").unmount_all()
             _remove(d)
         nbytes, nreq, rows = self._served_since(mark)
@@ -290,24 +305,57 @@ class Bench:
             detail["warning"] = "a whole layer was downloaded: the lazy path fell back to a normal pull"
         return Result("remora", i, t1 - t0, t2 - t1, nbytes, nreq, detail)
 
+    def link_check(self) -> tuple[float, float]:
+        """(Mbit/s, ms) actually seen through the forwarder: a whole-layer GET and a small request's RTT."""
+        import requests
+
+        with requests.Session() as http:
+            base = f"http://{self.host}/v2/{self.image.repo}"
+            manifest = http.get(f"{base}/manifests/{self.image.oci_tag}", timeout=30,
+                                headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
+            layer = max(manifest["layers"], key=lambda layer: layer["size"])
+            rtts = []
+            for _ in range(5):  # keep-alive connection: each one is a request/response round trip
+                t0 = time.monotonic()
+                http.get(f"http://{self.host}/v2/", timeout=30)
+                rtts.append(time.monotonic() - t0)
+            t0 = time.monotonic()
+            n = 0
+            with http.get(f"{base}/blobs/{layer['digest']}", stream=True, timeout=60) as r:
+                for chunk in r.iter_content(1 << 20):
+                    n += len(chunk)
+            secs = time.monotonic() - t0
+        return n * 8 / secs / 1e6, statistics.median(rtts) * 1000
+
     def bound_s(self, nbytes: int) -> float:
         return nbytes * 8 / self.rate_bps + self.rtt_s
 
 
-def _pull_lazy(ctd, ref: str, puller: str) -> None:
+def _pull_lazy(ctd, ref: str, puller: str) -> float | None:
     """Pull so that every layer's Prepare carries the remote-snapshot labels (no layer download).
 
     ``remora``: ``remora pull`` (remora's own client of containerd's API); ``rpull``: stargz's
     ``ctr-remote images rpull``, which forwards the layer annotations too (a second client, for comparison).
+    Returns the pull's own time as ``remora pull`` reports it (wall time minus interpreter start-up).
     """
     if puller == "remora":
-        argv = ["remora", "pull", "-q", "--address", str(ctd.address), "--namespace", ctd.namespace, ref]
+        argv = ["remora", "pull", "--address", str(ctd.address), "--namespace", ctd.namespace, ref]
     else:
         argv = ["ctr-remote", "-a", str(ctd.address), "-n", ctd.namespace, "images", "rpull", "--plain-http",
                 "--snapshotter", "remora", ref]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:2])} failed:\n{proc.stderr[-2000:]}\n--- containerd ---\n{ctd.log_tail()}")
+    m = re.search(r"pulled in ([0-9.]+)s", proc.stderr)
+    return float(m.group(1)) if m else None
+
+
+def _timed_run(ctd, args: list[str]) -> float:
+    """A second ``ctr run`` of the workload, everything local by now: the runtime's fixed cost."""
+    t0 = time.monotonic()
+    out = ctd.ctr("run", "--rm", *args, *WORKLOAD, timeout=300).stdout
+    _expect_marker(out, "warm re-run")
+    return time.monotonic() - t0
 
 
 def _mount_stats(state_dir: Path) -> dict:
@@ -357,6 +405,8 @@ def summarize(results: list[Result], bench: Bench) -> dict:
         summary[scn] = {"pull_s": med(scn, "pull_s"), "run_s": med(scn, "run_s"), "total_s": total,
                         "bytes": nbytes, "requests": med(scn, "requests"),
                         "speedup": ovl_total / total, "bound_s": bench.bound_s(nbytes),
+                        "rerun_s": statistics.median(r.detail.get("rerun_s", float("nan"))
+                                                     for r in results if r.scenario == scn),
                         "vs_bound": total / bench.bound_s(nbytes)}
     return summary
 
@@ -367,18 +417,19 @@ def print_table(results: list[Result], summary: dict, bench: Bench, title: str) 
 
     t = Table(title=title)
     for col in ("scenario", "run", "pull s", "run s", "total s", "MB fetched", "blob GETs", "speedup",
-                "bound s", "total/bound"):
+                "bound s", "total/bound", "warm re-run s"):
         t.add_column(col, justify="left" if col == "scenario" else "right")
     ovl = summary.get("overlayfs", {}).get("total_s", float("nan"))
     for r in results:
         b = bench.bound_s(r.bytes)
         t.add_row(r.scenario, str(r.run), f"{r.pull_s:.2f}", f"{r.run_s:.2f}", f"{r.total_s:.2f}",
-                  f"{r.bytes / 1e6:.1f}", str(r.requests), f"{ovl / r.total_s:.1f}x", f"{b:.2f}", f"{r.total_s / b:.2f}")
+                  f"{r.bytes / 1e6:.1f}", str(r.requests), f"{ovl / r.total_s:.1f}x", f"{b:.2f}", f"{r.total_s / b:.2f}",
+                  f"{r.detail.get('rerun_s', float('nan')):.2f}")
     t.add_section()
     for scn, s in summary.items():
         t.add_row(f"[bold]{scn} (median)", "", f"{s['pull_s']:.2f}", f"{s['run_s']:.2f}", f"{s['total_s']:.2f}",
                   f"{s['bytes'] / 1e6:.1f}", f"{s['requests']:.0f}", f"{s['speedup']:.1f}x", f"{s['bound_s']:.2f}",
-                  f"{s['vs_bound']:.2f}")
+                  f"{s['vs_bound']:.2f}", f"{s['rerun_s']:.2f}")
     Console(width=max(Console().width, 130)).print(t)
     if "remora" in summary:
         s = summary["remora"]
@@ -391,7 +442,8 @@ def print_table(results: list[Result], summary: dict, bench: Bench, title: str) 
 
 # --------------------------------------------------------------------------------------------- main
 
-def open_lab(image: PreparedImage, workdir: Path, rate: str, delay_ms: float, puller: str = "remora"):
+def open_lab(image: PreparedImage, workdir: Path, rate: str, delay_ms: float, puller: str = "remora",
+             keep_logs: Path | None = None):
     """Context manager: (Bench, teardown-safe) with the registry in the lab behind tbf + delay."""
     import contextlib
 
@@ -408,7 +460,7 @@ def open_lab(image: PreparedImage, workdir: Path, rate: str, delay_ms: float, pu
             fwd, port = start_forwarder(client.ns, registry.host, delay_ms, workdir)
             try:
                 yield Bench(registry, f"127.0.0.1:{port}", image, workdir, 2 * delay_ms / 1000, parse_rate(rate),
-                            puller)
+                            puller, keep_logs)
             finally:
                 fwd.stop()
                 registry.stop()
@@ -431,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path("/var/cache/remora-test"))
     ap.add_argument("--rebuild", action="store_true", help="rebuild, re-trace and re-convert the image")
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")
+    ap.add_argument("--keep-logs", type=Path, metavar="DIR",
+                    help="copy each run's logs (containerd, snapshotter, lazy mounts) into DIR")
     args = ap.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
     if os.geteuid() != 0:
@@ -442,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     errors: list[str] = []
     try:
-        with open_lab(image, workdir, args.rate, args.delay_ms, args.puller) as bench:
+        with open_lab(image, workdir, args.rate, args.delay_ms, args.puller, args.keep_logs) as bench:
+            mbit, rtt_ms = bench.link_check()
+            print(f"link as measured through the forwarder: {mbit:.1f} Mbit/s, request round trip {rtt_ms:.1f} ms")
             for i in range(args.runs):
                 order = scenarios if i % 2 == 0 else scenarios[::-1]  # alternate: drift hits both alike
                 for scn in order:
@@ -453,11 +509,15 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"ERROR {scn} run {i}: {exc}", file=sys.stderr)
                         continue
                     results.append(r)
-                    print(f"{scn} run {i}: pull {r.pull_s:.2f}s run {r.run_s:.2f}s bytes {r.bytes / 1e6:.1f} MB "
-                          f"requests {r.requests} {r.detail or ''}", flush=True)
+                    keys = ("rerun_s", "pull_inproc_s", "requests", "bytes_fetched", "prefetch_files_done", "warning")
+                    extra = " ".join(f"{k}={r.detail[k]:.2f}" if isinstance(r.detail[k], float) else f"{k}={r.detail[k]}"
+                                     for k in keys if k in r.detail)
+                    print(f"{scn} run {i}: pull {r.pull_s:.2f}s run {r.run_s:.2f}s, registry served "
+                          f"{r.bytes / 1e6:.1f} MB in {r.requests} blob GETs; {extra}", flush=True)
             summary = summarize(results, bench)
+            load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
             print_table(results, summary, bench, f"cold start, registry behind {args.rate} + {args.delay_ms:g} ms "
-                                                 f"one way ({args.runs} runs each, cold caches)")
+                                                 f"one way ({args.runs} runs each, cold caches; load avg {load})")
             if args.json:
                 print(json.dumps({"results": [asdict(r) | {"total_s": r.total_s} for r in results],
                                   "summary": summary, "errors": errors}, indent=2))

@@ -21,7 +21,7 @@ Targets (issue 4): with the mesh, all N nodes done within 1.3x the time one node
 egress <= 1.05x the blob size. The scheduler helper's simulation benchmark compares scorers on a model;
 this one runs the real processes.
 
-    python benchmarks/bench_p2p_mesh.py                      # N=8, 100 Mbit/s, 200 MB (~6 min)
+    python benchmarks/bench_p2p_mesh.py                      # N=8, 100 Mbit/s, 200 MB (~10 min)
     python benchmarks/bench_p2p_mesh.py --nodes 4 --blob-mb 50 --skip-direct   # quick look
     python benchmarks/bench_p2p_mesh.py --json results.json
 

@@ -44,6 +44,10 @@ class AlreadyExists(RemoraError):
     """containerd answered ALREADY_EXISTS (for Prepare with a snapshot.ref: the layer is remote)."""
 
 
+class Unavailable(UsageError):
+    """containerd, or the proxy snapshotter behind it, cannot be reached (gRPC UNAVAILABLE)."""
+
+
 _CODES = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
@@ -120,7 +124,7 @@ class ContainerdClient:
     def _error(self, what: str, e: grpc.RpcError) -> RemoraError:
         code = e.code()
         if code == grpc.StatusCode.UNAVAILABLE:
-            return UsageError(f"containerd at {self.address} is unavailable ({what}): {e.details()}")
+            return Unavailable(f"containerd {what}: UNAVAILABLE: {e.details()}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return StorageError(f"containerd {what}: no answer within {self.timeout:.0f}s")
         cls = _CODES.get(code, StorageError)

@@ -135,7 +135,7 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
     from remora.imagestore import open_store
     from remora.reference import ImageRef, parse_reference
 
-    from .containerd_client import AlreadyExists, ContainerdClient
+    from .containerd_client import AlreadyExists, ContainerdClient, Unavailable
 
     started = time.monotonic()
     ref = parse_reference(reference)
@@ -158,6 +158,14 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
             f"({sum(l.size for l in manifest.layers) / 1e6:.1f} MB in the registry, fetched lazily)")
         source = {DISTRIBUTION_SOURCE.format(ref.registry): ref.repository}
         remote = reused = 0
+        try:
+            ctd.stat(snapshotter, chains[-1])
+        except InvalidInput as exc:
+            if "snapshotter not loaded" not in str(exc):
+                raise
+            raise UsageError(f"containerd at {address} has no snapshotter named {snapshotter!r}: add "
+                             f'[proxy_plugins.{snapshotter}] type = "snapshot" address = "<remora socket>" to '
+                             "its config and restart it, or pass --snapshotter NAME") from None
         with ctd.leased():
             ctd.write_content(manifest.config.digest, config_bytes, source)
             mlabels = {GC_CONFIG: manifest.config.digest, **source}
@@ -178,10 +186,10 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
                     remote += 1
                     say(f"{what}: remote, mounted lazily in {time.monotonic() - t0:.2f}s")
                     continue
-                except UsageError as exc:
-                    if "snapshotter not loaded" in str(exc) or "not found" in str(exc).lower():
-                        raise UsageError(f"{exc} (is the '{snapshotter}' proxy plugin in containerd's config?)") from None
-                    raise
+                except Unavailable as exc:
+                    raise Unavailable(f"snapshotter {snapshotter!r} is not reachable through containerd: is "
+                                      "'remora snapshotter' running on the proxy plugin's address? "
+                                      f"({exc})") from None
                 # The snapshotter made an ordinary (empty) active snapshot: it did not mount the layer.
                 ctd.remove(snapshotter, key)
                 raise UsageError(

@@ -20,6 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
+import threading
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -66,6 +69,10 @@ class RemoraLayerHandler(RemoteLayerHandler):
         self.mounts = mounts or MountManager(self.root / "lazy", self.root / "cache", cache_limit)
         self.mirrors = list(mirrors)
         self.insecure = insecure
+        self._lock = threading.Lock()
+        self._fetching: dict[str, threading.Lock] = {}
+        for stale in self.bootstraps.glob(".tmp-*"):  # left by a crash mid-fetch
+            shutil.rmtree(stale, ignore_errors=True)
 
     # -- RemoteLayerHandler ----------------------------------------------------------------------
     async def mount(self, layer: RemoteLayer) -> bool:
@@ -119,18 +126,19 @@ class RemoraLayerHandler(RemoteLayerHandler):
         from remora.imagestore import open_store
 
         final = self.bootstraps / f"{digest.replace(':', '-')}.db"
-        if final.exists():
-            return final
-        store = open_store(f"{host}/{repo}@{digest}", plain_http=True if self.insecure else None)
-        try:
-            if not size:
-                size = store.client.head_blob(repo, digest) or 0
-            desc = oci.Descriptor(ann.BOOTSTRAP_MEDIA_TYPE, digest, size)
-            tmpdir = self.bootstraps / f".tmp-{os.getpid()}-{digest[7:19]}"
-            tmpdir.mkdir(exist_ok=True)
-            path = fetch_bootstrap(store, desc, tmpdir)
-            os.replace(path, final)
-            os.rmdir(tmpdir)
-        finally:
-            store.close()
+        with self._lock:
+            lock = self._fetching.setdefault(digest, threading.Lock())
+        with lock:  # concurrent Prepares of one image (CRI pulls layers in parallel): fetch once
+            if final.exists():
+                return final
+            store = open_store(f"{host}/{repo}@{digest}", plain_http=True if self.insecure else None)
+            tmpdir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.bootstraps))
+            try:
+                if not size:
+                    size = store.client.head_blob(repo, digest) or 0
+                desc = oci.Descriptor(ann.BOOTSTRAP_MEDIA_TYPE, digest, size)
+                os.replace(fetch_bootstrap(store, desc, tmpdir), final)
+            finally:
+                store.close()
+                shutil.rmtree(tmpdir, ignore_errors=True)
         return final

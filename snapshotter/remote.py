@@ -15,7 +15,9 @@ only mounts and unmounts filesystems. The handshake, as containerd 1.6/1.7/2.x a
    (returns False) or fails (raises), the core answers with normal overlay mounts and containerd
    downloads and applies the layer itself: a broken remote path costs speed, never correctness;
 4. ``unmount`` is called before a remote snapshot's directory is removed, and ``restore`` on
-   start for each remote snapshot recorded in the store (mounts do not survive a restart).
+   start for each remote snapshot recorded in the store. The core never detaches a remote
+   snapshot's mount at start: lazy mounts outlive the snapshotter (running containers use them
+   as lower layers), so ``restore`` must adopt a live mount and re-mount only a dead or missing one.
 
 Committed remote snapshots are lower layers of overlay mounts like any other: children use
 ``<root>/snapshots/<id>/fs`` (the mountpoint) as a lowerdir.
@@ -71,7 +73,8 @@ class RemoteLayerHandler:
         """Release a layer mounted by :meth:`mount` or :meth:`restore` (its snapshot is removed)."""
 
     async def restore(self, snapshot_id: str, mountpoint: Path, labels: Mapping[str, str]) -> None:
-        """Mount again, after a restart, a committed remote layer (labels as committed).
+        """After a restart: adopt a committed remote layer's mount if it is still live, else mount
+        it again (labels as committed).
 
         Raising leaves the snapshot in place without a mount: containers using it will fail to start
         until the handler can restore it, which is logged loudly.

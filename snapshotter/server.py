@@ -14,6 +14,7 @@ parent), UNIMPLEMENTED (commit with rebase) and UNAVAILABLE (server shutting dow
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import logging
 import os
@@ -252,33 +253,68 @@ class SnapshotterServer:
         self.store: SnapshotStore | None = None
         self.service: SnapshotsService | None = None
         self._server: grpc.aio.Server | None = None
+        self._lock_fd: int | None = None
 
     async def start(self) -> "SnapshotterServer":
         if len(os.fsencode(self.address)) > 107:  # sun_path is 108 bytes including the NUL
             raise UsageError(f"socket path too long for a unix socket ({len(str(self.address))} > 107 bytes): "
                              f"{self.address}")
-        self.store = await asyncio.to_thread(SnapshotStore, self.root)
-        await asyncio.to_thread(self._recover)
-        await self._restore_remote()
-        if self.address.exists() or self.address.is_symlink():
-            if _socket_in_use(self.address):
-                raise UsageError(f"{self.address} is in use: is another snapshotter running?")
-            self.address.unlink()
-        self.address.parent.mkdir(parents=True, exist_ok=True)
-        self.service = SnapshotsService(self.store, self.handler)
-        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
-        pb_grpc.add_SnapshotsServicer_to_server(self.service, self._server)
-        if self._server.add_insecure_port(f"unix://{self.address}") == 0:
-            raise UsageError(f"cannot listen on {self.address}")
-        await self._server.start()
+        # Before touching anything: recovery would detach the mounts of a live server on this root.
+        if (self.address.exists() or self.address.is_symlink()) and _socket_in_use(self.address):
+            raise UsageError(f"{self.address} is in use: is another snapshotter running?")
+        self._lock_root()
+        try:
+            self.store = await asyncio.to_thread(SnapshotStore, self.root)
+            await asyncio.to_thread(self._recover)
+            await self._restore_remote()
+            if self.address.exists() or self.address.is_symlink():
+                self.address.unlink()  # stale: its server died without cleaning up
+            self.address.parent.mkdir(parents=True, exist_ok=True)
+            self.service = SnapshotsService(self.store, self.handler)
+            self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
+            pb_grpc.add_SnapshotsServicer_to_server(self.service, self._server)
+            if self._server.add_insecure_port(f"unix://{self.address}") == 0:
+                raise UsageError(f"cannot listen on {self.address}")
+            await self._server.start()
+        except BaseException:
+            if self.store:
+                self.store.close()
+                self.store = None
+            self._unlock_root()
+            raise
         os.chmod(self.address, 0o660)
         log.info("snapshotter serving on %s (root %s)", self.address, self.root)
         return self
 
+    def _lock_root(self) -> None:
+        """One server per root (an flock the kernel drops when the process dies, even by kill -9)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StorageError(f"cannot create snapshotter root {self.root}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f"{self.root} is in use by another snapshotter") from None
+        self._lock_fd = fd
+
+    def _unlock_root(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def _recover(self) -> None:
         from .storage import detach_mount, mountpoints_under
 
+        # Lazy mounts of remote snapshots outlive the snapshotter on purpose (running containers use
+        # them as lower layers): the handler adopts or re-mounts them in _restore_remote. Only
+        # detach what nothing owns.
+        remote = {os.path.realpath(self.store.fs_path(sid)) for sid, _, _ in self.store.remote_snapshots()}
         for mp in mountpoints_under(self.store.snapshots_dir):
+            if mp in remote:
+                continue
             log.warning("detaching stale mount %s left by a previous run", mp)
             try:
                 detach_mount(mp)
@@ -289,7 +325,13 @@ class SnapshotterServer:
             log.info("removed %d orphaned snapshot directories", len(removed))
 
     async def _restore_remote(self) -> None:
-        for sid, key, labels in await asyncio.to_thread(self.store.remote_snapshots):
+        remote = await asyncio.to_thread(self.store.remote_snapshots)
+        if remote and type(self.handler) is RemoteLayerHandler:
+            log.error("%d lazily mounted snapshots cannot be restored without a remote-layer handler "
+                      "(started with --no-lazy?): containers using them will fail until it is enabled",
+                      len(remote))
+            return
+        for sid, key, labels in remote:
             try:
                 await self.handler.restore(sid, self.store.fs_path(sid), labels)
             except Exception as exc:
@@ -307,10 +349,12 @@ class SnapshotterServer:
         await self.handler.close()
         if self.store:
             self.store.close()
+            self.store = None
         try:
             self.address.unlink()
         except FileNotFoundError:
             pass
+        self._unlock_root()
 
 
 async def serve(root: Path | str, address: Path | str, handler: RemoteLayerHandler | None = None) -> None:

@@ -33,6 +33,7 @@ from .upstream import Upstream
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL = 10.0
+REFRESH_EVERY = 10  # keepalives between two full re-announcements
 
 
 def guess_advertise_ip(bind_host: str, schedulers: list[str]) -> str:
@@ -91,7 +92,7 @@ class PeerDaemon:
         self.mirror_port = await self._serve(mirror.app(), cfg.listen, "mirror")
         self.host = host
         if self.sched:
-            self._loops.append(asyncio.get_running_loop().create_task(self.tasks.reannounce_all()))
+            self._loops.append(asyncio.get_running_loop().create_task(self._announce_stored()))
             self._loops.append(asyncio.get_running_loop().create_task(self._keepalive_loop()))
             self._loops.append(asyncio.get_running_loop().create_task(self._probe_loop()))
         self._loops.append(asyncio.get_running_loop().create_task(self._gc_loop()))
@@ -129,14 +130,29 @@ class PeerDaemon:
             await self.upstream.close()
 
     # -- background loops -----------------------------------------------------------------------------
-    async def _keepalive_loop(self) -> None:
-        """RegisterPeer is the keepalive; a scheduler that had forgotten us gets our pieces again."""
-        while True:
+    async def _announce_stored(self) -> None:
+        """Blobs kept from the last run make this peer a parent at once, as soon as a scheduler answers."""
+        while not await self.tasks.reannounce_all():
             await asyncio.sleep(self.sched.keepalive_interval)
+
+    async def _keepalive_loop(self) -> None:
+        """RegisterPeer is the keepalive; a scheduler that forgot us gets our pieces again at once, and
+        every scheduler gets them every REFRESH_EVERY keepalives anyway (soft state, refreshed)."""
+        beats, interval, last = 0, float("inf"), time.monotonic()
+        while True:
+            # The interval is known only once a scheduler answered, and the client forgets it while that
+            # scheduler is unreachable: tick at least every second and keep the shortest interval seen.
+            interval = min(interval, self.sched.keepalive_interval)
+            await asyncio.sleep(min(interval, 1.0))
+            if time.monotonic() - last < interval:
+                continue
+            last = time.monotonic()
+            beats += 1
             try:
                 forgot = await self.sched.keepalive()
                 if forgot:
                     log.warning("scheduler(s) %s had forgotten this peer: re-announcing", ", ".join(forgot))
+                if forgot or beats % REFRESH_EVERY == 0:
                     await self.tasks.reannounce_all()
             except Exception:  # a keepalive must never kill the daemon
                 log.exception("keepalive failed")
@@ -150,7 +166,7 @@ class PeerDaemon:
             except Exception:
                 log.exception("probe sync failed")
                 targets = []
-            results = [await _probe(t) for t in targets[:16]]
+            results = list(await asyncio.gather(*(_probe(t) for t in targets[:16])))
             await asyncio.sleep(PROBE_INTERVAL)
 
     async def _gc_loop(self) -> None:

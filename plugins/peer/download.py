@@ -42,6 +42,9 @@ from .upstream import Upstream
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
+#: How long wanted pieces may have no holder in the mesh (not even in flight) before this peer fetches
+#: them from the registry itself (capped by the piece timeout).
+ORPHAN_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ class Task:
         self._in_flight: set[int] = set()
         self._progress_at = time.monotonic()
         self._seen = 0
+        self._streamed_digest = ""                  # sha256 of the blob as streamed into the pieces
+        self._orphans_since: float | None = None    # since when wanted pieces have no holder at all
 
     # -- public ---------------------------------------------------------------------------------------
     @property
@@ -201,6 +206,7 @@ class Task:
         """Forget the task's pieces: the next request starts from scratch (and the scheduler knows)."""
         log.warning("%s: resetting task: %s", self.digest, why)
         self.entry.reset()
+        self._streamed_digest = ""
         self.wanted.clear()
         self.fetched_from_source.clear()
         self.back_to_source = False
@@ -250,6 +256,8 @@ class Task:
         t0 = time.monotonic()
         self._in_flight.add(index)
         self._announce_soon()  # children may line up behind the seed's in-flight pieces at once
+        # Streaming the blob from its first byte, the whole-blob digest comes for free: no second pass.
+        whole = hashlib.sha256() if first == 0 and last == entry.n_pieces - 1 else None
         try:
             async for chunk in resp.content.iter_chunked(READ_CHUNK):
                 if skip:
@@ -258,7 +266,8 @@ class Task:
                 buf += chunk
                 while index <= last and len(buf) >= want:
                     data, buf = bytes(buf[:want]), buf[want:]
-                    await self._store(index, data, sha256_digest(data), "registry", time.monotonic() - t0)
+                    digest = await asyncio.to_thread(_hash_piece, data, whole)
+                    await self._store(index, data, digest, "registry", time.monotonic() - t0)
                     self.fetched_from_source.add(index)
                     self._in_flight.discard(index)
                     index += 1
@@ -276,6 +285,8 @@ class Task:
         if index <= last:
             raise RegistryError(f"{self.digest}: registry sent a truncated blob (stopped in piece {index} of "
                                 f"{entry.n_pieces})")
+        if whole is not None:
+            self._streamed_digest = "sha256:" + whole.hexdigest()
 
     # -- mesh -----------------------------------------------------------------------------------------
     async def _fetch_from_parents(self, missing: list[int]) -> None:
@@ -303,6 +314,8 @@ class Task:
         seen = sum(len(p.pieces) + len(p.in_flight) for p in parents) + sum(map(bool, self.entry.piece_digests))
         if seen != self._seen:  # the mesh moves (the seed is still streaming): that is progress too
             self._seen, self._progress_at = seen, time.monotonic()
+        if await self._fetch_orphans(missing, parents):
+            return
         plan = self._plan(missing, parents)
         if not plan:
             # Nobody holds what we miss (yet): the seed may still be working, so wait as told. The
@@ -323,6 +336,25 @@ class Task:
 
         await asyncio.gather(*(one(i, p) for i, p in plan))
         self._flush_results()
+
+    async def _fetch_orphans(self, missing: list[int], parents: list[pb.Parent]) -> bool:
+        """Pieces no parent has or is fetching (a lazy read of a part nobody read yet) come from the
+        registry after a short grace, without giving up the mesh for the rest of the task."""
+        held = {i for p in parents for i in (*p.pieces, *p.in_flight)}
+        orphans = [i for i in missing if i not in held]
+        now = time.monotonic()
+        if not orphans:
+            self._orphans_since = None
+            return False
+        if self._orphans_since is None:
+            self._orphans_since = now
+        if now - self._orphans_since < min(ORPHAN_GRACE, self.cfg.piece_timeout):
+            return False
+        log.info("%s: %d piece(s) nobody holds: from the registry", self.digest[:19], len(orphans))
+        self.m.metrics.back_to_source.labels("no_holder").inc()
+        self._orphans_since = None
+        await self._fetch_from_source(orphans)
+        return True
 
     def _plan(self, missing: list[int], parents: list[pb.Parent]) -> list[tuple[int, pb.Parent]]:
         """Assign each missing piece (with a known digest) to a parent holding it, spread round-robin."""
@@ -353,7 +385,7 @@ class Task:
                 data = await asyncio.wait_for(self._get_piece(url, size), deadline)
             except asyncio.TimeoutError:
                 raise ParentFailure("timeout", f"no complete piece within {deadline:.1f}s (crawling parent)")
-            actual = sha256_digest(data)
+            actual = await asyncio.to_thread(sha256_digest, data)
             if actual != expected:
                 raise ParentFailure("corrupt", f"piece digest {actual[:19]}, expected {expected[:19]}")
             await self._store(index, data, expected, "peer", time.monotonic() - t0)
@@ -383,12 +415,12 @@ class Task:
                     raise ParentFailure("busy", "parent has no free upload slot", blocklist=False)
                 if resp.status != 200:
                     raise ParentFailure("http", f"parent answered {resp.status}")
-                data = await resp.content.read(size + 1)
-                while len(data) < size + 1:
-                    more = await resp.content.read(size + 1 - len(data))
-                    if not more:
+                buf = bytearray()
+                async for chunk in resp.content.iter_chunked(READ_CHUNK):
+                    buf += chunk
+                    if len(buf) > size:  # more than a piece: no need to read the rest of a lie
                         break
-                    data += more
+                data = bytes(buf)
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             raise ParentFailure("connection", f"{type(exc).__name__}: {exc}") from exc
         if len(data) != size:
@@ -416,7 +448,7 @@ class Task:
                 return
             if not entry.complete:  # a concurrent verification failed and reset the task
                 raise self.error or InvalidInput(f"{self.digest}: pieces went missing before verification")
-            actual = await asyncio.to_thread(_hash_pieces, entry)
+            actual = self._streamed_digest or await asyncio.to_thread(_hash_pieces, entry)
             if actual != self.digest:
                 err = self.error = DigestMismatch(f"blob {self.digest}", self.digest, actual)
                 self.m.metrics.tasks.labels("digest_mismatch").inc()
@@ -455,15 +487,18 @@ class Task:
         self.m.metrics.scheduler_errors.labels(method).inc()
         self._go_to_source("scheduler_down")
 
-    async def _sched(self, method: str, request) -> None:
-        """Fire-and-forget scheduler RPC (reports): a failure only costs the scheduler some accuracy."""
+    async def _sched(self, method: str, request) -> bool:
+        """Best-effort scheduler RPC (reports, announcements): a failure only costs the scheduler some
+        accuracy, so it is counted and logged, not raised. Returns whether a scheduler took it."""
         if self.m.sched is None:
-            return
+            return False
         try:
             await self.m.sched.call(self.digest, method, request)
+            return True
         except (SchedulerUnavailable, SchedulerRequestError) as exc:
             self.m.metrics.scheduler_errors.labels(method).inc()
             log.debug("%s: %s", method, exc)
+            return False
 
     def _flush_results(self) -> None:
         if self._results and self.m.sched is not None:
@@ -484,15 +519,15 @@ class Task:
             self._announce_dirty = False
             await self.announce()
 
-    async def announce(self) -> None:
+    async def announce(self) -> bool:
         entry = self.entry
         if not entry.has_layout:
-            return
+            return True
         # Digests go out once all are known (the scheduler keeps the first list it gets from the seed),
         # by the peer that hashed them from the registry, or by one whose whole blob matched its digest.
         digests = entry.piece_digests if (self.fetched_from_source or entry.verified) \
             and all(entry.piece_digests) else []
-        await self._sched("AnnouncePieces", pb.AnnouncePiecesRequest(
+        return await self._sched("AnnouncePieces", pb.AnnouncePiecesRequest(
             peer_id=self.m.peer_id, task_id=self.digest, finished=sorted(entry.have),
             in_flight=sorted(self._in_flight - entry.have), content_length=entry.content_length,
             piece_size=entry.piece_size, piece_digests=digests, done=entry.verified))
@@ -574,19 +609,20 @@ class TaskManager:
             return resp.content_length
         raise last or NotFound(f"{digest}: not in the mesh and no repository known to fetch it from")
 
-    async def reannounce_all(self) -> None:
-        """Tell the schedulers what we hold: at start (pieces kept from the last run) and after a
-        scheduler forgot us. Complete blobs first: they make this peer a parent for everything."""
+    async def reannounce_all(self) -> bool:
+        """Refresh the schedulers' soft state with what we hold: at start (blobs kept from the last
+        run), when a scheduler says it forgot us, and every few keepalives (a scheduler that restarted
+        while unreachable never gets to say so). An announcement joins the task implicitly and has no
+        scheduling side effects. Returns False when no scheduler took it (try again later)."""
         if self.sched is None:
-            return
+            return True
         for entry in self.store.entries():
             if entry.verified and entry.digest not in self.tasks:
                 self.task(entry.digest)
         for task in sorted(self.tasks.values(), key=lambda t: not t.entry.verified):
-            task.registered = False
-            if task.entry.have:
-                await task._register_task()
-                await task.announce()
+            if task.entry.have and not await task.announce():
+                return False
+        return True
 
 
 def _runs(indexes: list[int]) -> list[tuple[int, int]]:
@@ -598,6 +634,14 @@ def _runs(indexes: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append((i, i))
     return runs
+
+
+def _hash_piece(data: bytes, whole) -> str:
+    """The piece digest, feeding the running whole-blob hash on the way (in a thread: hashlib lets go
+    of the GIL, so hashing overlaps the network on a second core)."""
+    if whole is not None:
+        whole.update(data)
+    return sha256_digest(data)
 
 
 def _hash_pieces(entry: BlobEntry) -> str:

@@ -143,6 +143,16 @@ class Mesh:
         if wait:
             self.wait_peer(p)
 
+    def restart_peer(self, p: PeerNode, corrupt: bool | None = None) -> None:
+        """Stop (SIGTERM) and start a node's peer again, optionally behind the corrupting proxy or not."""
+        for d in (p.daemon, p.proxy):
+            if d is not None:
+                d.stop()
+        p.proxy = None
+        if corrupt is not None:
+            p.corrupt = corrupt
+        self.start_peer(p)
+
     def wait_peer(self, p: PeerNode) -> None:
         wait_port_in(p.node, "127.0.0.1", MIRROR_PORT, timeout=30, daemon=p.daemon)
         wait_port_in(p.node, p.node.ip, UPLOAD_PORT, timeout=30, daemon=p.daemon)

@@ -365,6 +365,8 @@ class Lab:
         if self._closed:
             return
         self._closed = True
+        if self._old_sigterm is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut teardown short
         errors = []
         try:
             # SIGTERM every daemon first, then wait for each: a lab of 20 daemons stops in one grace period

@@ -1,8 +1,11 @@
 """The P2P mesh end to end, with real processes in network namespaces (remora.netlab).
 
-Each test builds its own lab: a registry in its namespace (uplink 400 Mbit/s), a scheduler in its own,
-and 4 nodes each with a ``remora peer`` (and, for the image test, a private containerd); node links are
-100 Mbit/s (tbf). Every client runs inside a node namespace and asks its own peer, as containerd does.
+One lab for the module (starting 4 peers, a scheduler, a registry and 4 containerds is most of the cost):
+a registry in its namespace (uplink 400 Mbit/s), a scheduler in its own, and 4 nodes each with a
+``remora peer`` and a private containerd; node links are 100 Mbit/s (tbf). Every client runs inside a
+node namespace and asks its own peer, as containerd does. Each scenario uses a blob of its own (a fresh
+task) and puts back what it changed (a killed peer is restarted, a shaped link restored, a stopped
+scheduler started again), in a ``finally``.
 
 Faults are real: a peer SIGKILLed mid-transfer, a peer whose served pieces are corrupted on the wire,
 a peer on a 2 Mbit/s uplink, a scheduler stopped mid-transfer. Whatever happens, every surviving node
@@ -11,7 +14,6 @@ show where the bytes came from.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import threading
 import time
@@ -33,44 +35,33 @@ RATE = "100mbit"
 REGISTRY_RATE = "400mbit"
 REPO = "lab/blob"
 BYTES = "remora_peer_download_bytes_total"
+SCENARIOS = ("every", "kill", "corrupt", "slow", "sched", "sched-cold")
+IMAGE_FILES = ["/usr/lib/python3.11"]
+PROBE_FILE = "/usr/lib/python3.11/email/parser.py"
 
 
-@pytest.fixture
-def blob_for(cache_dir):
-    """``blob_for(seed)`` -> (path, digest): a 30 MiB incompressible blob, one per scenario (fresh task)."""
-    def make(seed: int) -> tuple[Path, str]:
+@pytest.fixture(scope="module")
+def lab_mesh(tmp_path_factory, cache_dir):
+    """(mesh, {scenario: digest}, image): one started mesh for the module, always torn down."""
+    blobs = {}
+    for seed, name in enumerate(SCENARIOS, start=1):
         path = cache_dir / "netlab" / f"blob-{BLOB_SIZE >> 20}m-{seed}.bin"
-        return path, content.random_blob(path, BLOB_SIZE, seed=seed)
-    return make
-
-
-@pytest.fixture
-def mesh_for(tmp_path):
-    """``mesh_for(blobs=[(path, digest)], image=None, **MeshOptions)`` -> a started Mesh; always torn down."""
-    stack = contextlib.ExitStack()
-    meshes = []
-
-    def make(blobs=(), image=None, **opts) -> Mesh:
-        lab = stack.enter_context(Lab(prefix=PREFIX, workdir=tmp_path / f"lab{len(meshes)}"))
-        opts.setdefault("node_rate", RATE)
-        opts.setdefault("registry_rate", REGISTRY_RATE)
-        opts.setdefault("containerd", False)
-        mesh = Mesh(lab, MeshOptions(**opts))
+        blobs[name] = (path, content.random_blob(path, BLOB_SIZE, seed=seed))
+    # busybox (runnable) + a layer of real files from this machine
+    image = content.cached_image(cache_dir / "netlab", "lab/app", "v1", extra_paths=IMAGE_FILES)
+    with Lab(prefix=PREFIX, workdir=tmp_path_factory.mktemp("mesh-lab")) as lab:
+        mesh = Mesh(lab, MeshOptions(peers=4, node_rate=RATE, registry_rate=REGISTRY_RATE, containerd=True))
         with mesh.registry.loopback() as loop:  # fill the storage from the root namespace, on 127.0.0.1
-            for path, digest in blobs:
+            for path, digest in blobs.values():
                 content.push_blob(loop.url, REPO, path=path, digest=digest)
-            if image is not None:
-                content.push_image(loop.url, image)
-        meshes.append(mesh.start())
-        return mesh
-
-    with stack:
-        yield make
-        for mesh in meshes:
-            print(mesh.log_tails(6))
+            content.push_image(loop.url, image)
+        mesh.start()
+        yield mesh, {name: digest for name, (_, digest) in blobs.items()}, image
+        print(mesh.log_tails(6))
 
 
 def peer_bytes(mesh: Mesh) -> list[dict]:
+    """Per node: bytes it downloaded from the registry / from peers, uploaded, and fault counters."""
     rows = []
     for p in mesh.peers:
         m = mesh.metrics(p) if p.daemon and p.daemon.alive() else {}
@@ -83,118 +74,117 @@ def peer_bytes(mesh: Mesh) -> list[dict]:
     return rows
 
 
+def delta(after: list[dict], before: list[dict]) -> list[dict]:
+    """Counters are cumulative over the module's scenarios: what this scenario added."""
+    return [{k: (a[k] - b[k] if k != "node" else a[k]) for k in a} for a, b in zip(after, before)]
+
+
 def assert_all_right(results: list[dict], digest: str, mesh: Mesh) -> None:
     for i, r in enumerate(results):
         assert r["status"] == 200 and r["sha256"] == digest and r["bytes"] == BLOB_SIZE, \
             f"node result {i}: {r}\n{mesh.log_tails()}"
 
 
-def wait_for_peer_traffic(mesh: Mesh, nodes, timeout: float = 60) -> None:
-    """Until some node in ``nodes`` received piece bytes from a peer (the mesh is mid-transfer)."""
+def wait_for_peer_traffic(mesh: Mesh, nodes, before: list[dict], timeout: float = 60) -> None:
+    """Until some node in ``nodes`` received piece bytes from a peer in this scenario (mid-transfer)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(metric(mesh.metrics(p), BYTES, source="peer") > 0 for p in nodes):
+        if any(metric(mesh.metrics(p), BYTES, source="peer") > before[p.index]["peer"] for p in nodes):
             return
         time.sleep(0.1)
     raise AssertionError(f"no peer-to-peer traffic within {timeout}s\n{mesh.log_tails()}")
 
 
-def test_every_node_gets_the_blob_and_the_registry_serves_it_about_once(mesh_for, blob_for):
-    path, digest = blob_for(1)
-    mesh = mesh_for(blobs=[(path, digest)])
+def test_every_node_gets_the_blob_and_the_registry_serves_it_about_once(lab_mesh):
+    mesh, blobs, _ = lab_mesh
+    digest = blobs["every"]
+    before = peer_bytes(mesh)
     wall, results = mesh.fetch_all(REPO, digest)
     assert_all_right(results, digest, mesh)
-    rows = peer_bytes(mesh)
+    rows = delta(peer_bytes(mesh), before)
     served = mesh.registry.blob_bytes_served().get(digest, 0)
     print(f"4 nodes in {wall:.1f}s; registry served {served / BLOB_SIZE:.2f}x the blob")
-    # the registry served fewer than two copies (4 without the mesh), and the metrics agree with its log
+    # the registry served fewer than two copies (4 without the mesh), and the peers' metrics agree with
+    # its log (which may count a little more: a ranged GET cut short when a peer switches source)
     assert served < 2 * BLOB_SIZE
-    assert sum(r["registry"] for r in rows) == pytest.approx(served, abs=BLOB_SIZE * 0.02)
+    from_registry = sum(r["registry"] for r in rows)
+    assert served * 0.9 <= from_registry <= served
     # at least one whole copy went peer to peer, and what was downloaded from peers was uploaded by peers
     assert sum(r["peer"] for r in rows) >= BLOB_SIZE
     assert sum(r["uploaded"] for r in rows) >= sum(r["peer"] for r in rows)
 
 
-def test_peer_killed_mid_transfer(mesh_for, blob_for):
-    path, digest = blob_for(2)
-    mesh = mesh_for(blobs=[(path, digest)])
+def test_peer_killed_mid_transfer(lab_mesh):
+    mesh, blobs, _ = lab_mesh
+    digest = blobs["kill"]
     victim, others = mesh.peers[0], mesh.peers[1:]
-    first = mesh.start_fetch(victim.node, mesh.blob_url(victim, REPO, digest))  # the victim seeds
-    time.sleep(0.5)
-    procs = [mesh.start_fetch(p.node, mesh.blob_url(p, REPO, digest)) for p in others]
-    wait_for_peer_traffic(mesh, others)
-    still_running = [p for p in procs if p.poll() is None]
-    mesh.kill_peer(victim)
-    assert still_running, "every node finished before the kill: not a mid-transfer fault"
-    results = [mesh.finish_fetch(p) for p in procs]
-    mesh.finish_fetch(first)  # its own client lost its mirror: nothing to assert on it
-    assert_all_right(results, digest, mesh)
-    rows = peer_bytes(mesh)
-    assert not victim.daemon.alive()
-    # the survivors got the blob from somewhere else than the dead peer: peers and/or the registry
-    assert sum(r["registry"] + r["peer"] for r in rows[1:]) >= 3 * BLOB_SIZE
+    before = peer_bytes(mesh)
+    try:
+        first = mesh.start_fetch(victim.node, mesh.blob_url(victim, REPO, digest))  # the victim seeds
+        time.sleep(0.5)
+        procs = [mesh.start_fetch(p.node, mesh.blob_url(p, REPO, digest)) for p in others]
+        wait_for_peer_traffic(mesh, others, before)
+        still_running = [p for p in procs if p.poll() is None]
+        mesh.kill_peer(victim)
+        assert still_running, "every node finished before the kill: not a mid-transfer fault"
+        results = [mesh.finish_fetch(p) for p in procs]
+        mesh.finish_fetch(first)  # its client lost its mirror: nothing to assert on it
+        assert_all_right(results, digest, mesh)
+        assert not victim.daemon.alive()
+        rows = delta(peer_bytes(mesh), before)
+        # the survivors got the whole blob each, from the other peers and/or the registry
+        assert all(r["registry"] + r["peer"] >= BLOB_SIZE for r in rows[1:])
+    finally:
+        mesh.restart_peer(victim)
 
 
-def test_peer_serving_corrupt_bytes(mesh_for, blob_for):
-    path, digest = blob_for(3)
-    mesh = mesh_for(blobs=[(path, digest)], corrupt=[0])
+def test_peer_serving_corrupt_bytes(lab_mesh):
+    mesh, blobs, _ = lab_mesh
+    digest = blobs["corrupt"]
     bad, others = mesh.peers[0], mesh.peers[1:]
-    # the corrupt peer seeds from the registry (its own copy is fine: only what it serves is corrupted)
-    _, first = mesh.fetch_all(REPO, digest, nodes=[bad])
-    assert_all_right(first, digest, mesh)
-    _, results = mesh.fetch_all(REPO, digest, nodes=others)
-    assert_all_right(results, digest, mesh)
-    rows = peer_bytes(mesh)
-    # the corruption was seen, counted, and the bad parent blocklisted; nobody stored its bytes
-    assert sum(r["corrupt"] for r in rows[1:]) >= 1
-    assert sum(r["blocklisted"] for r in rows[1:]) >= 1
-    assert rows[0]["uploaded"] > 0
+    mesh.restart_peer(bad, corrupt=True)  # now advertises a port where every piece it serves is damaged
+    try:
+        before = peer_bytes(mesh)
+        # the corrupt peer seeds from the registry (its own copy is fine: only what it serves is corrupted)
+        _, first = mesh.fetch_all(REPO, digest, nodes=[bad])
+        assert_all_right(first, digest, mesh)
+        _, results = mesh.fetch_all(REPO, digest, nodes=others)
+        assert_all_right(results, digest, mesh)
+        rows = delta(peer_bytes(mesh), before)
+        # the corruption was seen, counted, and the bad parent blocklisted; nobody kept its bytes
+        assert sum(r["corrupt"] for r in rows[1:]) >= 1
+        assert sum(r["blocklisted"] for r in rows[1:]) >= 1
+        assert rows[0]["uploaded"] > 0
+    finally:
+        mesh.restart_peer(bad, corrupt=False)
 
 
-def test_slow_peer_does_not_hold_the_mesh_back(mesh_for, blob_for):
-    path, digest = blob_for(4)
-    # a 2 s piece deadline floor (instead of 10 s) so the crawling parent is found out quickly
-    mesh = mesh_for(blobs=[(path, digest)], peer_rates={0: ("2mbit", RATE)}, peer_args=["--piece-timeout", "2s"])
+def test_slow_peer_does_not_hold_the_mesh_back(lab_mesh):
+    mesh, blobs, _ = lab_mesh
+    digest = blobs["slow"]
     slow, others = mesh.peers[0], mesh.peers[1:]
-    _, first = mesh.fetch_all(REPO, digest, nodes=[slow])  # the slow node holds the whole blob first
-    assert_all_right(first, digest, mesh)
-    t0 = time.monotonic()
-    _, results = mesh.fetch_all(REPO, digest, nodes=others)
-    elapsed = time.monotonic() - t0
-    assert_all_right(results, digest, mesh)
-    rows = peer_bytes(mesh)
-    # 2 Mbit/s moves 30 MiB in ~126 s: whatever the slow peer served, the others did not wait for it all
-    max_from_slow = 2e6 / 8 * elapsed * 1.2
-    print(f"others done in {elapsed:.1f}s; slow peer uploaded {rows[0]['uploaded'] / 2**20:.1f} MiB")
-    assert rows[0]["uploaded"] <= max_from_slow
+    slow.node.shape(up="2mbit")
+    try:
+        before = peer_bytes(mesh)
+        _, first = mesh.fetch_all(REPO, digest, nodes=[slow])  # the slow node holds the whole blob first
+        assert_all_right(first, digest, mesh)
+        t0 = time.monotonic()
+        _, results = mesh.fetch_all(REPO, digest, nodes=others)
+        elapsed = time.monotonic() - t0
+        assert_all_right(results, digest, mesh)
+        rows = delta(peer_bytes(mesh), before)
+        # 2 Mbit/s moves 30 MiB in ~126 s: whatever the slow peer served, the others did not wait for it all
+        max_from_slow = 2e6 / 8 * elapsed * 1.2
+        print(f"others done in {elapsed:.1f}s; slow peer uploaded {rows[0]['uploaded'] / 2**20:.1f} MiB")
+        assert rows[0]["uploaded"] <= max_from_slow
+    finally:
+        slow.node.shape(up=RATE)
 
 
-def test_scheduler_stopped_mid_transfer(mesh_for, blob_for):
-    path, digest = blob_for(5)
-    path2, digest2 = blob_for(6)
-    mesh = mesh_for(blobs=[(path, digest), (path2, digest2)])
-    procs = []
-    for p in mesh.peers:
-        procs.append(mesh.start_fetch(p.node, mesh.blob_url(p, REPO, digest)))
-        time.sleep(0.3)
-    wait_for_peer_traffic(mesh, mesh.peers[1:])
-    mesh.stop_scheduler()
-    assert not mesh.scheduler.alive()
-    results = [mesh.finish_fetch(p) for p in procs]
-    assert_all_right(results, digest, mesh)
-    rows = peer_bytes(mesh)
-    assert sum(r["registry"] + r["peer"] for r in rows) >= 4 * BLOB_SIZE
-    # a blob first asked for while the scheduler is down still arrives (from the registry)
-    _, again = mesh.fetch_all(REPO, digest2, nodes=mesh.peers[:2])
-    assert_all_right(again, digest2, mesh)
-    assert mesh.registry.blob_bytes_served().get(digest2, 0) >= BLOB_SIZE
-
-
-def test_containerd_pulls_real_image_through_the_mirror(mesh_for, cache_dir):
-    # busybox (runnable) + a layer of real files from this machine
-    image = content.cached_image(cache_dir / "netlab", "lab/app", "v1", extra_paths=["/usr/lib/python3.11"])
-    mesh = mesh_for(image=image, containerd=True)
+def test_containerd_pulls_real_image_through_the_mirror(lab_mesh):
+    mesh, _, image = lab_mesh
     ref = f"{mesh.registry.host}/{image.repo}:{image.tag}"
+    before = peer_bytes(mesh)
     errors = []
 
     def pull(p):
@@ -213,14 +203,38 @@ def test_containerd_pulls_real_image_through_the_mirror(mesh_for, cache_dir):
         assert p.containerd.image_digest(ref) == image.manifest_digest
         assert {layer.digest for layer in image.layers} <= p.containerd.content_digests()
     # the bytes inside the container are the host's bytes
-    probe_file = "/usr/lib/python3.11/email/parser.py"
-    want = hashlib.sha256(Path(probe_file).read_bytes()).hexdigest()
-    out = mesh.peers[1].containerd.run_container(ref, ["sha256sum", f"/data{probe_file}"], name=f"t{time.time_ns()}")
+    want = hashlib.sha256(Path(PROBE_FILE).read_bytes()).hexdigest()
+    out = mesh.peers[1].containerd.run_container(ref, ["sha256sum", f"/data{PROBE_FILE}"], name=f"t{time.time_ns()}")
     assert out.split()[0] == want
-    # every layer went through the peers, and the registry served the big layer less than once per node
-    rows = peer_bytes(mesh)
+    # every node got the layers through its peer, and the registry served the big layer less than once
+    # per node
+    rows = delta(peer_bytes(mesh), before)
     big = max(image.layers, key=lambda layer: layer.size)
     served = mesh.registry.blob_bytes_served().get(big.digest, 0)
     print(f"registry served the {big.size / 2**20:.1f} MiB layer {served / big.size:.2f} times for 4 nodes")
     assert served < 4 * big.size
     assert all(r["registry"] + r["peer"] >= big.size for r in rows)
+
+
+def test_scheduler_stopped_mid_transfer(lab_mesh):
+    mesh, blobs, _ = lab_mesh
+    digest, cold = blobs["sched"], blobs["sched-cold"]
+    before = peer_bytes(mesh)
+    try:
+        procs = []
+        for p in mesh.peers:
+            procs.append(mesh.start_fetch(p.node, mesh.blob_url(p, REPO, digest)))
+            time.sleep(0.3)
+        wait_for_peer_traffic(mesh, mesh.peers[1:], before)
+        mesh.stop_scheduler()
+        assert not mesh.scheduler.alive()
+        results = [mesh.finish_fetch(p) for p in procs]
+        assert_all_right(results, digest, mesh)
+        rows = delta(peer_bytes(mesh), before)
+        assert all(r["registry"] + r["peer"] >= BLOB_SIZE for r in rows)
+        # a blob first asked for while the scheduler is down still arrives (from the registry)
+        _, again = mesh.fetch_all(REPO, cold, nodes=mesh.peers[:2])
+        assert_all_right(again, cold, mesh)
+        assert mesh.registry.blob_bytes_served().get(cold, 0) >= BLOB_SIZE
+    finally:
+        mesh.start_scheduler()

@@ -192,3 +192,6 @@ def test_cleanup_removes_killed_run_but_not_live_lab(tmp_path):
         assert all(ns.startswith(live.name) for ns in stale_ns) and stale_states == [f"{live.name}.json"]
     assert leftovers(prefix) == ([], [])
     assert subnet not in blackhole_routes() and str(live.subnet) not in blackhole_routes()
+    # the command-line form finds nothing more to do
+    out = subprocess.run([PY, "-m", "remora.netlab", "cleanup", "--prefix", prefix], capture_output=True, text=True)
+    assert out.returncode == 0 and "nothing to clean" in out.stdout

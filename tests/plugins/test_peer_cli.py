@@ -97,7 +97,8 @@ async def test_peer_process_status_and_a_killed_parent(tmp_path, registry):
                 assert r.status == 200 and await r.read() == data
         task = child.tasks.tasks[digest]
         assert task.blocklist == {"proc-peer": "connection"}
-        assert task.back_to_source
+        assert child.metrics.registry.get_sample_value("remora_peer_download_bytes_total",
+                                                       {"source": "registry"}) == len(data)
         dead = await asyncio.to_thread(remora, "peer", "status", "--address", f"127.0.0.1:{listen}")
         assert dead.returncode != 0 and "cannot get the status" in dead.stderr
     finally:

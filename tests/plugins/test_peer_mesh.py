@@ -179,3 +179,46 @@ async def test_no_good_parent_left_means_back_to_the_registry(scheduler, peers, 
         await bad.stop()
     assert counter(child, "remora_peer_download_bytes_total", source="registry") == BLOB_SIZE
     assert child.tasks.tasks[digest].back_to_source
+
+
+async def test_a_restarted_scheduler_learns_again_what_peers_hold(peers, registry, blob):
+    repo, digest, data = blob
+    config = SchedulerConfig(keepalive_interval=0.2, random_seed=7)
+    first = await SchedulerServer(config, "127.0.0.1:0").start()
+    address = first.address
+    try:
+        seed = await peers("seed", [address])
+        assert await fetch(seed, registry, repo, digest) == (200, data)
+    finally:
+        await first.stop(0)
+    second = await SchedulerServer(config, address).start()  # same address, empty state
+    try:
+        for _ in range(100):  # the seed's keepalive finds out it was forgotten and re-announces
+            task = second.state.tasks.get(digest)
+            if task and seed.cfg.peer_id in task.peers and task.peers[seed.cfg.peer_id].done:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the restarted scheduler never learned that the seed holds the blob")
+        assert task.content_length == BLOB_SIZE and task.piece_size == MIN_PIECE_SIZE
+        # ... with the digests it verified, so a new peer gets the blob from it, not from the registry.
+        child = await peers("child", [address])
+        assert await fetch(child, registry, repo, digest) == (200, data)
+        assert counter(child, "remora_peer_download_bytes_total", source="peer") == BLOB_SIZE
+    finally:
+        await second.stop(0)
+
+
+async def test_lazy_reads_of_parts_nobody_holds_come_from_the_registry_quickly(scheduler, peers, registry, blob):
+    repo, digest, data = blob
+    first = await peers("first", [scheduler.address], piece_timeout=1.0)
+    second = await peers("second", [scheduler.address], piece_timeout=1.0)
+    r0 = f"bytes={MIN_PIECE_SIZE * 2}-{MIN_PIECE_SIZE * 2 + 99}"
+    assert await fetch(first, registry, repo, digest, {"Range": r0}) == (206, data[MIN_PIECE_SIZE * 2:][:100])
+    t0 = asyncio.get_running_loop().time()
+    r1 = f"bytes={MIN_PIECE_SIZE * 7}-{MIN_PIECE_SIZE * 7 + 99}"
+    assert await fetch(second, registry, repo, digest, {"Range": r1}) == (206, data[MIN_PIECE_SIZE * 7:][:100])
+    assert asyncio.get_running_loop().time() - t0 < 3.0, "a lazy read must not wait for the mesh to stall"
+    assert second.store.get(digest).have == {7}
+    assert counter(second, "remora_peer_download_bytes_total", source="registry") == MIN_PIECE_SIZE
+    assert not second.tasks.tasks[digest].back_to_source, "the rest of the task still uses the mesh"

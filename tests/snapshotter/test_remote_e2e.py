@@ -13,11 +13,10 @@ the teardown kills containers, stops the daemons and detaches every FUSE/overlay
 from __future__ import annotations
 
 import json
+import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -131,9 +130,10 @@ class Stack:
     """One snapshotter + one containerd under ``base``; ``close()`` leaves nothing behind."""
 
     def __init__(self, base: Path, cri: bool = False, registry_mirrors=None, containerd_cls=PrivateContainerd,
-                 **ctd_kw):
+                 snapshotter_args: tuple[str, ...] = (), **ctd_kw):
         self.base = base
-        self.snap = RemoraSnapshotter(base / "snap", log_level="info").start()
+        argv = [sys.executable, "-m", "remora.snapshotter.cli", *snapshotter_args]
+        self.snap = RemoraSnapshotter(base / "snap", log_level="info", argv=argv).start()
         self.namespaces: list[str] = []
         try:
             self.ctd = containerd_cls(base / "ctd", self.snap.address, cri=cri, registry_mirrors=registry_mirrors,
@@ -189,12 +189,22 @@ class Stack:
             detach_mount(mp)
 
     def close(self) -> None:
+        from remora.testenv.containerd2 import remove_runc_state
+
         try:
             for ns in self.namespaces:
                 _reap(self.ctd, ns)
         finally:
             self.ctd.close()
             self._stop_snapshotter()
+            for ns in self.namespaces:  # runc's per-namespace state dir and cgroups, if empty
+                remove_runc_state(ns)
+                for cg in Path("/sys/fs/cgroup").glob(f"*/{ns}"):
+                    for dirpath, _, _ in sorted(os.walk(cg), key=lambda t: len(t[0]), reverse=True):
+                        try:
+                            os.rmdir(dirpath)
+                        except OSError:
+                            pass
 
 
 @pytest.fixture
@@ -306,6 +316,23 @@ def test_cri_pull_is_remote(stacks, reg, busybox):
     assert st.run(busybox.ref, "echo", "cri-ok", namespace="k8s.io").stdout == "cri-ok\n"
 
 
+# -- ctr-remote (stargz-snapshotter's client) ---------------------------------------------------------
+def test_ctr_remote_rpull_is_remote(stacks, reg, busybox):
+    """``ctr-remote images rpull`` sends stargz-style labels (remote/stargz.reference, no cri.*):
+    remora locates the image from them and mounts it lazily."""
+    st = stacks()
+    mark = reg.mark()
+    proc = subprocess.run(["ctr-remote", "--address", str(st.ctd.address), "-n", st.ns, "images", "rpull",
+                           "--plain-http", "--snapshotter", "remora", busybox.ref],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr + st.snap_log()
+    assert not set(reg.blob_gets(mark)) & set(busybox.blobs)
+    labels = st.snapshot_labels(next(k for k in _committed(st)
+                                     if st.snapshot_labels(k).get(ann.ROLE) == "bootstrap"))
+    assert "containerd.io/snapshot/remote/stargz.reference" in labels
+    assert st.run(busybox.ref, "echo", "rpull-ok").stdout == "rpull-ok\n"
+
+
 # -- (4) ordinary images fall back to overlayfs behaviour ---------------------------------------------
 def test_oci_image_runs_like_overlayfs(stacks, busybox):
     st = stacks()
@@ -330,6 +357,19 @@ def test_pull_of_oci_image_says_use_ctr(stacks, busybox):
     proc = st.pull(busybox.source_ref, check=False)
     assert proc.returncode == 3, proc.stderr
     assert "not a remora image" in proc.stderr and "ctr images pull" in proc.stderr
+
+
+def test_pull_refuses_non_remote_layers(stacks, busybox):
+    """A snapshotter that does not mount lazily (--no-lazy) or a wrong snapshotter name: a clear
+    error, no image record, no snapshot left behind."""
+    st = stacks(snapshotter_args=("--no-lazy",))
+    proc = st.pull(busybox.ref, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "was not mounted remotely" in proc.stderr and "ctr images pull" in proc.stderr
+    assert st.ctd.ctr("images", "ls", "-q").stdout.split() == []
+    assert st.ctd.ctr("snapshots", "--snapshotter", "remora", "ls").stdout.splitlines()[1:] == []
+    proc = st.pull(busybox.ref, "--snapshotter", "nosuch", check=False)
+    assert proc.returncode == 2 and "no snapshotter named 'nosuch'" in proc.stderr, proc.stderr
 
 
 # -- (5) registry gone: clear errors in bounded time --------------------------------------------------

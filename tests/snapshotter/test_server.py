@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -183,7 +181,8 @@ class RecordingHandler(RemoteLayerHandler):
         self.unmounted.append(snapshot_id)
 
     async def restore(self, snapshot_id, mountpoint, labels) -> None:
-        await self._mount(mountpoint, labels[REF])
+        if not os.path.ismount(mountpoint):  # a live mount survives a restart: adopt it as is
+            await self._mount(mountpoint, labels[REF])
         self.restored.append(snapshot_id)
 
 
@@ -221,11 +220,15 @@ def test_remote_handshake(start_server, tmp_path):
         assert (target / "marker").read_text() == "sha256:chain1"
     finally:
         subprocess.run(["umount", str(target)], check=True)
-    # restart: the stale mount is detached and the layer restored through the handler (once)
+    # restart: the live mount is left in place (containers may use it) and handed to restore (once);
+    # a stray mount anywhere else under the root is detached
+    stray = tmp_path / "root" / "snapshots" / S.server.store.snapshot_id("ctr") / "work"
+    subprocess.run(["mount", "-t", "tmpfs", "stray", str(stray)], check=True)
     S.stop()
     S = start_server(handler)
     assert handler.restored == [layer.snapshot_id]
-    assert len(mountpoints_under(tmp_path / "root")) == 1
+    assert mountpoints_under(tmp_path / "root") == [str(layer.mountpoint)]
+    assert (layer.mountpoint / "marker").read_text() == "sha256:chain1"
     # Remove unmounts through the handler before deleting the directory
     S.call("Remove", pb.RemoveSnapshotRequest(key="ctr"))
     S.call("Remove", pb.RemoveSnapshotRequest(key="sha256:chain1"))
@@ -247,6 +250,10 @@ def test_socket_in_use_and_too_long(start_server, server, tmp_path):
 
     with pytest.raises(UsageError, match="in use"):
         asyncio.run(SnapshotterServer(tmp_path / "root2", server.address).start())
+    # a second server on the same root (other socket) must not run recovery under the first one
+    with pytest.raises(UsageError, match="in use by another snapshotter"):
+        asyncio.run(SnapshotterServer(server.root, tmp_path / "other.sock").start())
+    assert server.call("List", pb.ListSnapshotsRequest()) == []
     with pytest.raises(UsageError, match="too long"):
         asyncio.run(SnapshotterServer(tmp_path / "root3", "/tmp/" + "x" * 120).start())
 
@@ -259,6 +266,7 @@ def test_kill_9_leaves_consistent_state(tmp_path):
     snap = RemoraSnapshotter(tmp_path / "snap", log_level="warning")
     committed: dict[str, str] = {}  # name -> parent, for every Commit that returned OK
     attempted: dict[str, str] = {}  # name -> parent, for every Commit sent (its reply may be lost)
+    parents: set[str] = set()  # everything ever given as a parent (an active child may outlive a kill)
     removed: set[str] = set()
     seq = 0
     try:
@@ -273,13 +281,14 @@ def test_kill_9_leaves_consistent_state(tmp_path):
                     seq += 1
                     parent = rng.choice(sorted(set(committed) - removed) or [""]) if rng.random() < 0.8 else ""
                     name, key = f"layer-{seq}", f"extract-{seq}"
+                    parents.add(parent)
                     mounts = stub.Prepare(pb.PrepareSnapshotRequest(key=key, parent=parent), timeout=5).mounts
                     (upper(mounts) / "content").write_text(name)
                     attempted[name] = parent
                     stub.Commit(pb.CommitSnapshotRequest(name=name, key=key, labels={"name": name, "parent": parent}),
                                 timeout=5)
                     committed[name] = parent
-                    leaves = sorted(set(committed) - removed - set(committed.values()))
+                    leaves = sorted(set(committed) - removed - parents)
                     if leaves and rng.random() < 0.3:
                         victim = rng.choice(leaves)
                         removed.add(victim)  # before the call: its reply may be lost to a kill
