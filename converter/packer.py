@@ -7,6 +7,8 @@ a chunk of ``batch_size`` bytes or more gets a frame of its own; smaller ones (s
 are appended to a shared batch frame until it reaches ``batch_size``, so one range request brings many
 small files. Frames are compressed on a thread pool (zstandard releases the GIL) and written to the
 current blob strictly in submission order, so output is reproducible whatever the thread timing.
+Writes go through one writer thread: a frame's offset is known as soon as its compressed size is,
+and the thread that parses the layers never waits for a busy disk.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from remora.format.blob import BlobWriter, compress_frame
+from remora.format.blob import TAR_HEADER_SIZE, BlobWriter, compress_frame
 from remora.format.chunktable import ChunkTable, Frame
 from remora.format.tree import ChunkRef
 
@@ -43,7 +45,16 @@ class _Lane:
         self.batch = bytearray()
         self.batch_frame: int | None = None
         self.pending: deque[tuple[Frame, Future]] = deque()
+        self.payload = 0                                  # compressed bytes handed to the writer
+        self.writes: deque[tuple[Future, tuple[int, int]]] = deque()
         self.packer = packer
+
+    def wait_writes(self, keep: int = 0) -> None:
+        """Let at most ``keep`` writes be outstanding; a failed write raises here."""
+        while self.writes and (len(self.writes) > keep or self.writes[0][0].done()):
+            fut, expected = self.writes.popleft()
+            if fut.result() != expected:
+                raise RuntimeError(f"blob writer put a frame at {fut.result()}, expected {expected}")
 
 
 class Packer:
@@ -58,6 +69,7 @@ class Packer:
         self.stats = PackStats()
         self.max_pending = max_pending
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="zstd")
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-writer")  # one: in order
         self._lane: _Lane | None = None
         self._blob_files: dict[int, Path] = {}
         self.reused_blobs: set[int] = set()
@@ -80,6 +92,7 @@ class Packer:
             return None
         self._flush_batch(lane)
         self._drain(lane, 0)
+        lane.wait_writes()
         if lane.writer.frames == 0:
             lane.writer.abort()
             del self._blob_files[lane.bid]
@@ -148,7 +161,10 @@ class Packer:
         while len(lane.pending) > keep:
             frame, fut = lane.pending.popleft()
             compressed = fut.result()
-            frame.offset, frame.csize = lane.writer.add_frame(compressed)
+            frame.offset, frame.csize = TAR_HEADER_SIZE + lane.payload, len(compressed)
+            lane.payload += frame.csize
+            lane.writes.append((self._io.submit(lane.writer.add_frame, compressed), (frame.offset, frame.csize)))
+            lane.wait_writes(self.max_pending)
             self.stats.compressed_bytes += frame.csize
 
     def blob_path(self, bid: int) -> Path | None:
@@ -158,11 +174,14 @@ class Packer:
     def close(self) -> None:
         self.close_blob()
         self._pool.shutdown(wait=True)
+        self._io.shutdown(wait=True)
 
     def abort(self) -> None:
         lane, self._lane = self._lane, None
         if lane is not None:
             for _, fut in lane.pending:
                 fut.cancel()
+            self._io.shutdown(wait=True, cancel_futures=True)   # no write may land after the unlink
             lane.writer.abort()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._io.shutdown(wait=True, cancel_futures=True)

@@ -8,6 +8,7 @@ APT_PACKAGES=(
   containerd runc docker-registry skopeo fuse3 libfuse3-dev pkg-config gcc python3-dev
   debootstrap busybox-static stargz-snapshotter iproute2 zstd pigz apache2-utils
   ca-certificates e2fsprogs attr tar strace util-linux
+  golang-go golang-github-containerd-containerd-dev
 )
 
 missing=()

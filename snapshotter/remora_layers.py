@@ -137,7 +137,10 @@ class RemoraLayerHandler(RemoteLayerHandler):
                 if not size:
                     size = store.client.head_blob(repo, digest) or 0
                 desc = oci.Descriptor(ann.BOOTSTRAP_MEDIA_TYPE, digest, size)
-                os.replace(fetch_bootstrap(store, desc, tmpdir), final)
+                path = fetch_bootstrap(store, desc, tmpdir)
+                with open(path, "rb") as f:  # durable before it becomes visible under its final name
+                    os.fsync(f.fileno())
+                os.replace(path, final)
             finally:
                 store.close()
                 shutil.rmtree(tmpdir, ignore_errors=True)

@@ -97,7 +97,7 @@ class Task:
         self._results: list[pb.PieceResult] = []
         self._in_flight: set[int] = set()
         self._progress_at = time.monotonic()
-        self._seen = 0
+        self._seen: tuple = ()
         self._streamed_digest = ""                  # sha256 of the blob as streamed into the pieces
         self._orphans_since: float | None = None    # since when wanted pieces have no holder at all
 
@@ -254,8 +254,9 @@ class Task:
         buf = bytearray()
         want = entry.piece_span(index)[1] - entry.piece_span(index)[0]
         t0 = time.monotonic()
-        self._in_flight.add(index)
-        self._announce_soon()  # children may line up behind the seed's in-flight pieces at once
+        run = set(range(first, last + 1))
+        self._in_flight |= run  # the whole run is on its way: children line up behind it at once
+        self._announce_soon()
         # Streaming the blob from its first byte, the whole-blob digest comes for free: no second pass.
         whole = hashlib.sha256() if first == 0 and last == entry.n_pieces - 1 else None
         try:
@@ -272,7 +273,6 @@ class Task:
                     self._in_flight.discard(index)
                     index += 1
                     if index <= last:
-                        self._in_flight.add(index)
                         want = entry.piece_span(index)[1] - entry.piece_span(index)[0]
                         t0 = time.monotonic()
                 if index > last:
@@ -281,7 +281,7 @@ class Task:
             raise RegistryError(f"{self.digest}: registry stream broke at piece {index}: {exc or type(exc).__name__}") \
                 from exc
         finally:
-            self._in_flight.discard(index)
+            self._in_flight -= run
         if index <= last:
             raise RegistryError(f"{self.digest}: registry sent a truncated blob (stopped in piece {index} of "
                                 f"{entry.n_pieces})")
@@ -311,7 +311,7 @@ class Task:
                 return
             parents, retry = list(resp.parents), resp.retry_after_ms
         parents = [p for p in parents if p.host.peer_id not in self.blocklist and p.host.peer_id != self.m.peer_id]
-        seen = sum(len(p.pieces) + len(p.in_flight) for p in parents) + sum(map(bool, self.entry.piece_digests))
+        seen = (sum(len(p.pieces) + len(p.in_flight) for p in parents),)
         if seen != self._seen:  # the mesh moves (the seed is still streaming): that is progress too
             self._seen, self._progress_at = seen, time.monotonic()
         if await self._fetch_orphans(missing, parents):

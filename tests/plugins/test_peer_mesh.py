@@ -222,3 +222,48 @@ async def test_lazy_reads_of_parts_nobody_holds_come_from_the_registry_quickly(s
     assert second.store.get(digest).have == {7}
     assert counter(second, "remora_peer_download_bytes_total", source="registry") == MIN_PIECE_SIZE
     assert not second.tasks.tasks[digest].back_to_source, "the rest of the task still uses the mesh"
+
+
+@pytest.fixture
+async def slow_registry(registry):
+    """The real registry behind a proxy that streams blobs at about 1.3 MB/s (a far-away registry)."""
+    async def forward(request: web.Request) -> web.StreamResponse:
+        async with aiohttp.ClientSession(auto_decompress=False) as s:
+            async with s.request(request.method, f"{registry.url}{request.path_qs}",
+                                 headers={k: v for k, v in request.headers.items() if k.lower() != "host"}) as up:
+                resp = web.StreamResponse(status=up.status, headers={
+                    k: v for k, v in up.headers.items() if k.lower() not in ("transfer-encoding", "connection")})
+                await resp.prepare(request)
+                async for chunk in up.content.iter_chunked(64 * 1024):
+                    await resp.write(chunk)
+                    await asyncio.sleep(0.05)
+                await resp.write_eof()
+                return resp
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    await runner.cleanup()
+
+
+async def test_children_wait_for_a_slow_seed_instead_of_hitting_the_registry(scheduler, peers, registry, blob,
+                                                                              slow_registry):
+    repo, digest, data = blob
+
+    class Via:  # fetch() takes the registry's host from here
+        host = slow_registry
+
+    seed = await peers("seed", [scheduler.address], piece_timeout=0.5)
+    children = [await peers(f"child{i}", [scheduler.address], piece_timeout=0.5) for i in range(2)]
+    seed_get = asyncio.ensure_future(fetch(seed, Via, repo, digest))
+    await asyncio.sleep(0.3)  # the seed is streaming (the whole blob takes ~2.5 s through the proxy)
+    results = await asyncio.gather(seed_get, *(fetch(c, Via, repo, digest) for c in children))
+    assert all(r == (200, data) for r in results)
+    assert counter(seed, "remora_peer_download_bytes_total", source="registry") == BLOB_SIZE
+    for c in children:
+        assert counter(c, "remora_peer_download_bytes_total", source="registry") == 0, c.cfg.peer_id
+        assert counter(c, "remora_peer_download_bytes_total", source="peer") == BLOB_SIZE

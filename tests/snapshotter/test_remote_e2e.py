@@ -189,8 +189,6 @@ class Stack:
             detach_mount(mp)
 
     def close(self) -> None:
-        from remora.testenv.containerd2 import remove_runc_state
-
         try:
             for ns in self.namespaces:
                 _reap(self.ctd, ns)
@@ -198,7 +196,10 @@ class Stack:
             self.ctd.close()
             self._stop_snapshotter()
             for ns in self.namespaces:  # runc's per-namespace state dir and cgroups, if empty
-                remove_runc_state(ns)
+                try:
+                    os.rmdir(Path("/run/containerd/runc") / ns)
+                except OSError:
+                    pass
                 for cg in Path("/sys/fs/cgroup").glob(f"*/{ns}"):
                     for dirpath, _, _ in sorted(os.walk(cg), key=lambda t: len(t[0]), reverse=True):
                         try:
@@ -293,6 +294,17 @@ def _fuse_mounts(st: Stack) -> list[str]:
         if right.split()[0] == FSTYPE and left.split()[4].startswith(root):
             out.append(left.split()[4])
     return out
+
+
+def test_pull_picks_remora_entry_of_fallback_index(stacks, reg, busybox):
+    """``--with-oci-fallback`` tags an index [original, remora]: remora pull takes the remora entry."""
+    ref = busybox.source_ref.rsplit(":", 1)[0] + ":fallback"
+    subprocess.run([sys.executable, "-m", "remora.cli", "convert", "--no-progress", "--json", "--with-oci-fallback",
+                    busybox.source_ref, ref], check=True, capture_output=True, timeout=120)
+    st = stacks()
+    out = st.pull(ref).stdout.split()
+    assert out == [ref, busybox.manifest_digest]  # same remora manifest as the plain conversion
+    assert st.run(ref, "echo", "fallback-ok").stdout == "fallback-ok\n"
 
 
 # -- (3) CRI -----------------------------------------------------------------------------------------
