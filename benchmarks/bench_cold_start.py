@@ -241,8 +241,10 @@ class Bench:
 
     def _keep(self, d: Path, name: str) -> None:
         """Copy a run's logs (containerd, snapshotter, lazy mounts) out before its directory goes."""
-        if self.keep_logs:
-            for f in d.rglob("*.log"):
+        if self.keep_logs:  # named paths only: a glob would walk into the mounted image's /var/log
+            for f in [d / "snap.log", d / "ctd" / "containerd.log", *d.glob("snap/lazy/mounts/*.log")]:
+                if not f.is_file():
+                    continue
                 dest = self.keep_logs / name / f.relative_to(d)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, dest)
@@ -262,17 +264,19 @@ class Bench:
         d = Path(tempfile.mkdtemp(prefix=f"ovl{i}-", dir=self.workdir))
         ref = self.ref(self.image.oci_tag)
         mark = len(self.registry.blob_gets())
-        with PrivateContainerd(d / "ctd", None, namespace=f"rbench-{os.getpid()}-ovl{i}") as ctd:
-            t0 = time.monotonic()
-            ctd.ctr("images", "pull", "--plain-http", ref, timeout=900)
-            t1 = time.monotonic()
-            out = ctd.ctr("run", "--rm", ref, f"ovl{i}", *WORKLOAD, timeout=300).stdout
-            t2 = time.monotonic()
-            _expect_marker(out, "overlayfs")
-            rerun = _timed_run(ctd, [ref, f"ovl{i}b"])
+        try:
+            with PrivateContainerd(d / "ctd", None, namespace=f"rbench-{os.getpid()}-ovl{i}") as ctd:
+                t0 = time.monotonic()
+                ctd.ctr("images", "pull", "--plain-http", ref, timeout=900)
+                t1 = time.monotonic()
+                out = ctd.ctr("run", "--rm", ref, f"ovl{i}", *WORKLOAD, timeout=300).stdout
+                t2 = time.monotonic()
+                _expect_marker(out, "overlayfs")
+                rerun = _timed_run(ctd, [ref, f"ovl{i}b"])
+        finally:
+            self._keep(d, f"overlayfs-{i}")
+            _remove(d)
         nbytes, nreq, _ = self._served_since(mark)
-        self._keep(d, f"overlayfs-{i}")
-        _remove(d)
         return Result("overlayfs", i, t1 - t0, t2 - t1, nbytes, nreq, {"rerun_s": rerun})
 
     def remora(self, i: int) -> Result:
@@ -301,6 +305,7 @@ class Bench:
             MountManager(d / "snap" / "lazy", d / "snap" / "cache").unmount_all()
             _remove(d)
         nbytes, nreq, rows = self._served_since(mark)
+        detail["gets"] = ", ".join(f"{status}:{size}" for _, status, size in rows)
         if any(r[2] >= self.image.oci_bytes // 4 for r in rows):
             detail["warning"] = "a whole layer was downloaded: the lazy path fell back to a normal pull"
         return Result("remora", i, t1 - t0, t2 - t1, nbytes, nreq, detail)
@@ -509,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"ERROR {scn} run {i}: {exc}", file=sys.stderr)
                         continue
                     results.append(r)
-                    keys = ("rerun_s", "pull_inproc_s", "requests", "bytes_fetched", "prefetch_files_done", "warning")
+                    keys = ("rerun_s", "pull_inproc_s", "requests", "bytes_fetched", "prefetch_files_done", "gets", "warning")
                     extra = " ".join(f"{k}={r.detail[k]:.2f}" if isinstance(r.detail[k], float) else f"{k}={r.detail[k]}"
                                      for k in keys if k in r.detail)
                     print(f"{scn} run {i}: pull {r.pull_s:.2f}s run {r.run_s:.2f}s, registry served "

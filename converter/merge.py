@@ -368,13 +368,21 @@ class LayerMerger:
         def truncated() -> InvalidInput:
             return InvalidInput(f"{where}: truncated tar at member {name!r}: its {size} bytes of data are cut short")
 
-        try:
-            src = tf.extractfile(ti)
-        except (tarfile.ReadError, EOFError) as e:  # GNU sparse 1.0 maps live in the data area
-            raise truncated() from e
-        # read tarfile's raw member reader directly: its BufferedReader wrapper only adds a copy
-        reader = _MemberReader(getattr(src, "raw", src), size, truncated)
-        chunks = list(sink(reader, size)) if size else []
+        if ti.sparse is None:
+            # a plain member's bytes follow its header: read them straight from the stream
+            # (tarfile's per-member file objects only add calls and copies)
+            if not size:
+                chunks = []
+            else:
+                tf.fileobj.seek(ti.offset_data)
+                chunks = list(sink(_MemberReader(tf.fileobj, size, truncated), size))
+        else:
+            try:
+                src = tf.extractfile(ti)
+            except (tarfile.ReadError, EOFError) as e:  # GNU sparse 1.0 maps live in the data area
+                raise truncated() from e
+            reader = _MemberReader(getattr(src, "raw", src), size, truncated)
+            chunks = list(sink(reader, size)) if size else []
         got = sum(c.size for c in chunks)
         if got != size:
             raise RuntimeError(f"{where}: sink returned chunks for {got} bytes of {name!r}, which has {size}")

@@ -147,11 +147,15 @@ class Task:
     async def _ensure(self, pieces: range | None) -> BlobEntry:
         entry = await self.ensure_layout()
         need = set(range(entry.n_pieces)) if pieces is None else set(pieces)
+        driver = None
         while not need <= entry.have:
+            if driver is not None and driver.done() and self.error is not None:
+                raise self.error  # the download this request waited for failed (a wake-up may be late)
             self.wanted |= need
             if self._driver is None or self._driver.done():
                 self.error = None
                 self._driver = asyncio.get_running_loop().create_task(self._drive())
+            driver = self._driver
             error = await asyncio.shield(self._changed)
             if error is not None and not need <= entry.have:
                 raise error
@@ -311,7 +315,8 @@ class Task:
                 return
             parents, retry = list(resp.parents), resp.retry_after_ms
         parents = [p for p in parents if p.host.peer_id not in self.blocklist and p.host.peer_id != self.m.peer_id]
-        seen = (sum(len(p.pieces) + len(p.in_flight) for p in parents),)
+        seen = (sum(len(p.pieces) for p in parents), sum(len(p.in_flight) for p in parents),
+                sum(map(bool, self.entry.piece_digests)))
         if seen != self._seen:  # the mesh moves (the seed is still streaming): that is progress too
             self._seen, self._progress_at = seen, time.monotonic()
         if await self._fetch_orphans(missing, parents):
@@ -523,10 +528,11 @@ class Task:
         entry = self.entry
         if not entry.has_layout:
             return True
-        # Digests go out once all are known (the scheduler keeps the first list it gets from the seed),
-        # by the peer that hashed them from the registry, or by one whose whole blob matched its digest.
+        # Digests go out as they are learned ("" = not yet; the scheduler fills the gaps from later
+        # announcements), from the peer that hashed them from the registry, or from one whose whole blob
+        # matched its digest: children start on the seed's first pieces while it still downloads.
         digests = entry.piece_digests if (self.fetched_from_source or entry.verified) \
-            and all(entry.piece_digests) else []
+            and any(entry.piece_digests) else []
         return await self._sched("AnnouncePieces", pb.AnnouncePiecesRequest(
             peer_id=self.m.peer_id, task_id=self.digest, finished=sorted(entry.have),
             in_flight=sorted(self._in_flight - entry.have), content_length=entry.content_length,

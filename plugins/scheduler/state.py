@@ -264,13 +264,26 @@ class SchedulerState:
 
     @staticmethod
     def learn_metadata(task: Task, content_length: int, piece_size: int, digests: list[str] | None = None) -> None:
-        """First value wins: later peers learn the metadata from the scheduler, they don't override it."""
+        """First value wins: later peers learn the metadata from the scheduler, they don't override it.
+
+        Piece digests arrive incrementally (``""`` = not hashed yet) while the seed downloads, so children
+        can fetch a piece from the seed as soon as its digest is known: unknown entries are filled from
+        later lists, known ones are never changed.
+        """
         if content_length and not task.content_length:
             task.content_length = content_length
         if piece_size and not task.piece_size:
             task.piece_size = piece_size
-        if digests and not task.piece_digests:
+        if not digests:
+            return
+        if not task.piece_digests:
             task.piece_digests = list(digests)
+            return
+        if len(digests) != len(task.piece_digests):
+            return  # a different layout: ignore rather than mix
+        for i, d in enumerate(digests):
+            if d and not task.piece_digests[i]:
+                task.piece_digests[i] = d
 
     def elect_seed(self, task: Task, peer_id: str) -> None:
         task.seed_peer = peer_id

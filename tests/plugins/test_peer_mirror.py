@@ -197,6 +197,38 @@ async def lying_registry(image):
     await runner.cleanup()
 
 
+@pytest.fixture
+async def truncating_registry():
+    """A registry whose blob responses die halfway (a dropped connection, a crashed storage backend)."""
+    async def blob(request):
+        headers = {"Content-Length": str(BLOB_SIZE), "Content-Type": "application/octet-stream"}
+        if request.method == "HEAD":
+            return web.Response(headers=headers)
+        resp = web.StreamResponse(headers=headers)
+        await resp.prepare(request)
+        await resp.write(os.urandom(BLOB_SIZE // 2))
+        request.transport.abort()
+        return resp
+
+    app = web.Application()
+    app.router.add_route("*", "/v2/{name:.+}/blobs/{d}", blob)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    await runner.cleanup()
+
+
+async def test_truncated_registry_stream_is_a_502_and_resets_the_task(peer, http, image, truncating_registry):
+    digest = image["layers"][0]
+    async with http.get(f"{peer.mirror_url}/v2/{image['repo']}/blobs/{digest}?ns={truncating_registry}") as r:
+        assert r.status == 502
+        assert "registry" in (await r.json())["errors"][0]["message"]
+    entry = peer.store.open(digest)
+    assert not entry.have and not entry.has_layout, "half a blob must not stay behind as if it were good"
+
+
 async def test_lying_registry_is_never_served_as_200(peer, http, image, lying_registry):
     digest = image["layers"][0]
     url = f"{peer.mirror_url}/v2/{image['repo']}/blobs/{digest}?ns={lying_registry}"

@@ -189,23 +189,30 @@ class Stack:
             detach_mount(mp)
 
     def close(self) -> None:
-        try:
-            for ns in self.namespaces:
-                _reap(self.ctd, ns)
-        finally:
-            self.ctd.close()
-            self._stop_snapshotter()
-            for ns in self.namespaces:  # runc's per-namespace state dir and cgroups, if empty
-                try:
-                    os.rmdir(Path("/run/containerd/runc") / ns)
-                except OSError:
-                    pass
-                for cg in Path("/sys/fs/cgroup").glob(f"*/{ns}"):
-                    for dirpath, _, _ in sorted(os.walk(cg), key=lambda t: len(t[0]), reverse=True):
-                        try:
-                            os.rmdir(dirpath)
-                        except OSError:
-                            pass
+        """Every step runs even if an earlier one fails; the first failure is raised at the end."""
+        errors: list[BaseException] = []
+        for step in [*(lambda ns=ns: _reap(self.ctd, ns) for ns in self.namespaces), self.ctd.close,
+                     self._stop_snapshotter, self._remove_namespace_leftovers]:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - keep cleaning up
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def _remove_namespace_leftovers(self) -> None:
+        """runc's per-namespace state dir and the namespace's cgroups, once empty."""
+        for ns in self.namespaces:
+            try:
+                os.rmdir(Path("/run/containerd/runc") / ns)
+            except OSError:
+                pass
+            for cg in Path("/sys/fs/cgroup").glob(f"*/{ns}"):
+                for dirpath, _, _ in sorted(os.walk(cg), key=lambda t: len(t[0]), reverse=True):
+                    try:
+                        os.rmdir(dirpath)
+                    except OSError:
+                        pass
 
 
 @pytest.fixture
@@ -219,8 +226,14 @@ def stacks(tmp_path):
         return st
 
     yield make
+    errors = []
     for st in reversed(made):
-        st.close()
+        try:
+            st.close()
+        except Exception as exc:  # noqa: BLE001 - close the other stacks too
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 def _assert_lazy(reg: LoggingRegistry, since: int, image: RemoraImage, fraction: float) -> dict[str, int]:
@@ -401,10 +414,9 @@ def test_registry_down_fails_fast(stacks, tmp_path):
     assert proc.returncode != 0 and "unreachable" not in proc.stdout
     assert "input/output error" in proc.stderr, proc.stderr  # EIO from the lazy fs, not a hang
     assert time.monotonic() - t0 < 90
-    # A fresh pull with the registry stopped: exit code 6 (registry error) naming the registry.
-    st2 = stacks()
+    # Pulling with the registry stopped: exit code 6 (registry error) naming the registry.
     t0 = time.monotonic()
-    proc = st2.pull(image.ref, check=False, timeout=120)
+    proc = st.pull(image.ref, check=False, timeout=120)
     assert proc.returncode == 6, proc.stderr
     assert gone.host in proc.stderr
     assert time.monotonic() - t0 < 60
