@@ -132,6 +132,7 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
     """Pull ``reference`` into containerd lazily; see the module docstring. ``say`` gets progress lines."""
     from remora import oci
     from remora.errors import InvalidInput, StorageError, UsageError
+    from remora.format import annotations as ann
     from remora.imagestore import open_store
     from remora.reference import ImageRef, parse_reference
 
@@ -172,7 +173,8 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
             mlabels.update({GC_LAYER.format(i): l.digest for i, l in enumerate(manifest.layers)})
             ctd.write_content(mdesc.digest, mdata, mlabels)
             for i, (layer, chain) in enumerate(zip(manifest.layers, chains)):
-                what = f"layer {i + 1}/{len(chains)} {layer.digest[:19]} ({layer.annotations.get('containerd.io/snapshot/remora.role', '?')})"
+                role = layer.annotations.get(ann.ROLE, "?")
+                what = f"layer {i + 1}/{len(chains)} {layer.digest[:19]} ({role})"
                 if ctd.stat(snapshotter, chain) is not None:
                     reused += 1
                     say(f"{what}: already present")

@@ -11,36 +11,12 @@ import pytest
 
 from remora.plugins.peer import hoststoml
 from remora.procutil import Daemon, free_port, wait_until
+from remora.testenv.containerd2 import containerd2_bin_dir  # fetched by scripts/fetch-newer-runtimes.sh
 
 from peer_util import make_layer, push_image, start_peer, unique
 
 
 SID_CONTAINERD = "2.1"
-
-
-def _private_containerd(cache_dir: Path) -> Path:
-    """containerd 2.1 from Debian sid, extracted privately (never installed): its ``usr/bin``.
-
-    Downloaded once into the test cache with an apt configuration of its own (platform notes);
-    the binaries need only libc.
-    """
-    target = cache_dir / "containerd-sid"
-    bindir = target / "x" / "usr" / "bin"
-    if (bindir / "containerd").exists():
-        return bindir
-    apt = target / "apt"
-    (apt / "lists" / "partial").mkdir(parents=True, exist_ok=True)
-    (apt / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
-    (apt / "sources.list").write_text("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
-                                      "http://deb.debian.org/debian sid main\n")
-    opts = [f"-oDir::Etc::SourceList={apt / 'sources.list'}", "-oDir::Etc::SourceParts=/dev/null",
-            f"-oDir::State::Lists={apt / 'lists'}", f"-oDir::Cache={apt / 'cache'}", "-q"]
-    subprocess.run(["apt-get", *opts, "update"], check=True, capture_output=True, timeout=300)
-    subprocess.run(["apt-get", *opts, "download", "containerd"], check=True, capture_output=True, timeout=300,
-                   cwd=target)
-    deb = sorted(target.glob("containerd_2.*.deb"))[-1]
-    subprocess.run(["dpkg", "-x", str(deb), str(target / "x")], check=True, timeout=120)
-    return bindir
 
 
 @pytest.fixture(params=["1.6", SID_CONTAINERD])
@@ -49,7 +25,7 @@ def containerd(request, cache_dir):
     sockets and opt dir; stopped by PID afterwards, its mounts and directories removed."""
     from shutil import which
     version = request.param
-    bindir = _private_containerd(cache_dir) if version == SID_CONTAINERD else Path(which("containerd")).parent
+    bindir = containerd2_bin_dir() if version == SID_CONTAINERD else Path(which("containerd")).parent
     root = Path(tempfile.mkdtemp(prefix="remora-peer-ctd-", dir="/tmp"))
     sock = root / "c.sock"
     (root / "config.toml").write_text(f"""version = {3 if version == SID_CONTAINERD else 2}
