@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import ctypes
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -158,6 +159,10 @@ def forward_main(argv: list[str]) -> int:
     ap.add_argument("--port-file", required=True, help="where the chosen loopback port is written")
     args = ap.parse_args(argv)
     host, _, port = args.upstream.rpartition(":")
+    from remora.netlab import LAB_SUPERNET
+
+    if ipaddress.ip_address(host) not in LAB_SUPERNET:  # the forwarder only ever leads into a lab
+        raise SystemExit(f"upstream {host} is not a lab address ({LAB_SUPERNET})")
 
     # The listening socket is created BEFORE setns: it stays in the root namespace, on loopback only.
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -416,6 +421,10 @@ def summarize(results: list[Result], bench: Bench) -> dict:
     return summary
 
 
+def _ratio(x: float) -> str:
+    return "n/a" if x != x else f"{x:.1f}x"  # NaN when overlayfs was not run
+
+
 def print_table(results: list[Result], summary: dict, bench: Bench, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -428,17 +437,17 @@ def print_table(results: list[Result], summary: dict, bench: Bench, title: str) 
     for r in results:
         b = bench.bound_s(r.bytes)
         t.add_row(r.scenario, str(r.run), f"{r.pull_s:.2f}", f"{r.run_s:.2f}", f"{r.total_s:.2f}",
-                  f"{r.bytes / 1e6:.1f}", str(r.requests), f"{ovl / r.total_s:.1f}x", f"{b:.2f}", f"{r.total_s / b:.2f}",
+                  f"{r.bytes / 1e6:.1f}", str(r.requests), _ratio(ovl / r.total_s), f"{b:.2f}", f"{r.total_s / b:.2f}",
                   f"{r.detail.get('rerun_s', float('nan')):.2f}")
     t.add_section()
     for scn, s in summary.items():
         t.add_row(f"[bold]{scn} (median)", "", f"{s['pull_s']:.2f}", f"{s['run_s']:.2f}", f"{s['total_s']:.2f}",
-                  f"{s['bytes'] / 1e6:.1f}", f"{s['requests']:.0f}", f"{s['speedup']:.1f}x", f"{s['bound_s']:.2f}",
+                  f"{s['bytes'] / 1e6:.1f}", f"{s['requests']:.0f}", _ratio(s['speedup']), f"{s['bound_s']:.2f}",
                   f"{s['vs_bound']:.2f}", f"{s['rerun_s']:.2f}")
     Console(width=max(Console().width, 130)).print(t)
     if "remora" in summary:
         s = summary["remora"]
-        print(f"targets: remora total {s['total_s']:.2f}s (goal <= 1.3s), speedup {s['speedup']:.1f}x (goal >= 6x), "
+        print(f"targets: remora total {s['total_s']:.2f}s (goal <= 1.3s), speedup {_ratio(s['speedup'])} (goal >= 6x), "
               f"total/bound {s['vs_bound']:.2f} (goal <= 1.6)")
     for r in results:
         if r.detail.get("warning"):

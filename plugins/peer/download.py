@@ -397,6 +397,12 @@ class Task:
             self._results.append(pb.PieceResult(parent_id=host.peer_id, piece=index, success=True,
                                                 cost_us=int((time.monotonic() - t0) * 1e6), size=size))
         except ParentFailure as exc:
+            if exc.reason == "busy":
+                # A parent with no free upload slot is healthy, just loaded: no failure, nothing reported
+                # to the scheduler (which would count it against the parent); the piece is planned again.
+                self.m.metrics.piece_failures.labels("busy").inc()
+                await asyncio.sleep(0.05)
+                return
             # One bad parent counts once however many of its pieces were in flight when it failed.
             if not (exc.blocklist and host.peer_id in self.blocklist):
                 self.failures += 1
