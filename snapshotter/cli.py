@@ -49,9 +49,31 @@ def register(subparsers) -> None:
                    help="chunk cache size limit, shared by all lazily mounted images (default 10G)")
     p.add_argument("--plain-http", action="store_true",
                    help="fetch lazily mounted images over plain HTTP even from non-loopback registries")
+    p.add_argument("--metrics-address", metavar="HOST:PORT", default="",
+                   help="serve Prometheus metrics (lazy mounts, fetches, cache, FUSE latency) at "
+                        "http://HOST:PORT/metrics (default: off)")
     p.add_argument("--no-lazy", action="store_true",
                    help="never mount remora images lazily (behave exactly like the overlayfs snapshotter)")
     p.set_defaults(func=run)
+    from .stats import register as register_stats
+
+    register_stats(subparsers)
+
+
+def _serve_metrics(address: str, handler) -> None:
+    """Prometheus /metrics on a thread of its own: a scrape reads stats files, never an fs process."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from remora.cache import ChunkCache
+    from remora.errors import UsageError
+
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise UsageError(f"--metrics-address {address!r}: expected HOST:PORT, e.g. 127.0.0.1:9128")
+    registry = CollectorRegistry()
+    if handler is not None:
+        registry.register(handler.mounts.collector(ChunkCache(handler.mounts.cache_dir, handler.mounts.cache_limit)))
+    start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
         handler = RemoraLayerHandler(args.root, mirrors=args.mirror, insecure=args.plain_http,
                                      cache_limit=parse_size(args.cache_size))
+    if args.metrics_address:
+        _serve_metrics(args.metrics_address, handler)
     asyncio.run(serve(args.root, args.address, handler))
     return 0
 

@@ -109,6 +109,25 @@ class RemoraLayerHandler(RemoteLayerHandler):
         boot = await asyncio.to_thread(self._bootstrap, host, repo, info.bootstrap, size)
         await asyncio.to_thread(self.mounts.mount, snapshot_id, boot, mountpoint, self._sources(host, repo))
 
+    async def ensure_healthy(self, snapshot_id: str, mountpoint: Path) -> None:
+        """A dead or hung lazy mount is restored once from its record; if that fails: UNAVAILABLE."""
+        from remora.snapshotter.remote import LayerUnavailable
+
+        if snapshot_id not in self.mounts.ids():
+            return  # a data-blob layer: nothing is mounted there
+        health = await asyncio.to_thread(self.mounts.check, snapshot_id)
+        if health.ok:
+            return
+        log.warning("lazy mount %s is %s (%s): restoring it", snapshot_id, health.state, health.detail)
+        try:
+            await asyncio.to_thread(self.mounts.restore_mount, snapshot_id)
+            health = await asyncio.to_thread(self.mounts.check, snapshot_id)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            health = type(health)("dead", f"restore failed: {exc}")
+        if not health.ok:
+            raise LayerUnavailable(f"lazily mounted layer {snapshot_id} is {health.state}: {health.detail} "
+                                   f"(log: {self.mounts.log_tail(snapshot_id, 5)!r})")
+
     async def close(self) -> None:
         """Mounts outlive the snapshotter on purpose: running containers keep their root fs."""
 

@@ -80,5 +80,14 @@ class RemoteLayerHandler:
         until the handler can restore it, which is logged loudly.
         """
 
+    async def ensure_healthy(self, snapshot_id: str, mountpoint: Path) -> None:
+        """Raise :class:`LayerUnavailable` if the layer's filesystem is dead or hung and cannot be
+        brought back; called before handing out mounts that stack on a remote layer, so containerd gets
+        UNAVAILABLE at once instead of a container start that hangs on a dead FUSE mount."""
+
     async def close(self) -> None:
         """Stop background work; called once when the server shuts down."""
+
+
+class LayerUnavailable(Exception):
+    """A remote layer's filesystem is dead or hung and could not be restored (gRPC UNAVAILABLE)."""

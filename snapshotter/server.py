@@ -32,7 +32,7 @@ from remora._proto.containerd.types import mount_pb2
 from remora.errors import InvalidInput, NotFound, UsageError
 
 from . import overlay
-from .remote import TARGET_REF_LABEL, RemoteLayer, RemoteLayerHandler, is_remote_candidate
+from .remote import TARGET_REF_LABEL, LayerUnavailable, RemoteLayer, RemoteLayerHandler, is_remote_candidate
 from .storage import (AlreadyExists, FailedPrecondition, Info, Kind, SnapshotStore, StorageError, Usage,
                       remove_tree)
 
@@ -52,6 +52,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
+    (LayerUnavailable, grpc.StatusCode.UNAVAILABLE),
 ]
 
 
@@ -118,6 +119,15 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
     def _mounts(self, snap) -> list[mount_pb2.Mount]:
         return mounts_to_pb(overlay.mounts_for(snap, self.store.fs_path, self.store.work_path))
 
+    async def _checked_mounts(self, snap) -> list[mount_pb2.Mount]:
+        """Mounts of ``snap``, after checking that every lazily mounted layer below it is alive."""
+        chain = set(snap.parent_ids)
+        if chain:
+            for sid, _, _ in await self._call(self.store.remote_snapshots):
+                if sid in chain:
+                    await self.handler.ensure_healthy(sid, self.store.fs_path(sid))
+        return self._mounts(snap)
+
     @_rpc
     async def Prepare(self, request: pb.PrepareSnapshotRequest, context) -> pb.PrepareSnapshotResponse:
         labels = dict(request.labels)
@@ -128,7 +138,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         snap = await self._call(self.store.create, Kind.ACTIVE, request.key, request.parent, labels)
         if remote and await self._prepare_remote(request, context, snap.id, target, labels):
             raise AlreadyExists(f"target snapshot {target!r} already exists")
-        return pb.PrepareSnapshotResponse(mounts=self._mounts(snap))
+        return pb.PrepareSnapshotResponse(mounts=await self._checked_mounts(snap))
 
     async def _exists(self, name: str) -> bool:
         try:
@@ -171,12 +181,12 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
     @_rpc
     async def View(self, request: pb.ViewSnapshotRequest, context) -> pb.ViewSnapshotResponse:
         snap = await self._call(self.store.create, Kind.VIEW, request.key, request.parent, dict(request.labels))
-        return pb.ViewSnapshotResponse(mounts=self._mounts(snap))
+        return pb.ViewSnapshotResponse(mounts=await self._checked_mounts(snap))
 
     @_rpc
     async def Mounts(self, request: pb.MountsRequest, context) -> pb.MountsResponse:
         snap = self.store.snapshot(request.key)
-        return pb.MountsResponse(mounts=self._mounts(snap))
+        return pb.MountsResponse(mounts=await self._checked_mounts(snap))
 
     @_rpc
     async def Commit(self, request: pb.CommitSnapshotRequest, context) -> empty_pb2.Empty:

@@ -1,0 +1,121 @@
+"""A dead lazy filesystem is detected: restored when possible, otherwise UNAVAILABLE (never a hang).
+
+Talks to ``remora snapshotter`` over its gRPC socket the way containerd's unpacker does (Prepare with
+snapshot.ref and the layer annotations), so no containerd is needed to create the remote layers.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from remora import oci
+from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc
+from remora.converter.convert import ConvertOptions, convert
+from remora.imagebuild import LayerSpec, busybox_rootfs, write_image
+from remora.imagestore import open_store
+from remora.snapshotter.pull import chain_ids, layer_labels
+from remora.testenv.containerd import RemoraSnapshotter
+
+
+@pytest.fixture
+def lazy_layers(registry, tmp_path):
+    """A remora image whose layers are prepared remotely in a fresh snapshotter; yields (stub, top, root)."""
+    src = f"{registry.host}/health/bb:1"
+    write_image(src, None, [LayerSpec(busybox_rootfs(tmp_path / "bb"))])
+    dst = f"{registry.host}/health/bb:1-remora"
+    convert(src, dst, ConvertOptions(progress=False))
+    desc, data = open_store(dst).resolve()
+    manifest = oci.parse_manifest(data, desc.media_type)
+    config = oci.ImageConfig.from_bytes(open_store(dst).open_blob(manifest.config).read())
+    chains = chain_ids(config.diff_ids)
+    from remora.procutil import free_port
+    import sys
+    metrics_port = free_port()
+    snap = RemoraSnapshotter(tmp_path / "root", argv=[sys.executable, "-m", "remora.snapshotter.cli",
+                                                      "--metrics-address", f"127.0.0.1:{metrics_port}"]).start()
+    channel = grpc.insecure_channel(f"unix://{snap.address}")
+    stub = snapshots_pb2_grpc.SnapshotsStub(channel)
+    md = (("containerd-namespace", "health"),)
+    parent = ""
+    for layer, chain in zip(manifest.layers, chains):
+        labels = layer_labels(layer, chain, dst, desc.digest, annotations_only=False)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Prepare(pb.PrepareSnapshotRequest(key=f"extract-{chain}", parent=parent, labels=labels),
+                         metadata=md, timeout=60)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
+        parent = chain
+    try:
+        yield stub, md, parent, tmp_path / "root", metrics_port
+    finally:
+        channel.close()
+        snap.stop()
+        from remora.snapshotter.mount import MountManager
+        MountManager(tmp_path / "root" / "lazy", tmp_path / "root" / "cache").unmount_all()
+        snap.close()
+
+
+def _fs_pid(root: Path) -> int:
+    pids = list((root / "lazy" / "mounts").glob("*.pid"))
+    assert len(pids) == 1, pids
+    return int(pids[0].read_text())
+
+
+def test_dead_fs_is_restored_then_unavailable_when_it_cannot_be(lazy_layers):
+    stub, md, top, root, _ = lazy_layers
+    resp = stub.Prepare(pb.PrepareSnapshotRequest(key="ctr-1", parent=top), metadata=md, timeout=30)
+    assert resp.mounts, "an active snapshot on a lazy layer gets mounts"
+    os.kill(_fs_pid(root), signal.SIGKILL)
+    time.sleep(0.5)
+    # the dead fs process is noticed and the layer re-mounted from its record
+    stub.Mounts(pb.MountsRequest(key="ctr-1"), metadata=md, timeout=60)
+    assert _fs_pid(root) > 0
+    lower = resp.mounts[0].options
+    mountpoint = next(o for o in lower if o.startswith("lowerdir=")).split("=", 1)[1].split(":")[0] \
+        if resp.mounts[0].type == "overlay" else resp.mounts[0].source
+    assert os.path.exists(os.path.join(mountpoint, "bin", "busybox"))
+    # now make a restore impossible: the bootstrap it mounts from is gone
+    for db in (root / "bootstraps").glob("*.db"):
+        db.unlink()
+    os.kill(_fs_pid(root), signal.SIGKILL)
+    time.sleep(0.5)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Mounts(pb.MountsRequest(key="ctr-1"), metadata=md, timeout=60)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    assert "lazily mounted layer" in err.value.details()
+    assert time.monotonic() - started < 30, "a dead layer is reported, not waited on"
+
+
+def test_stats_and_prometheus_metrics(lazy_layers):
+    import json
+    import subprocess
+
+    import requests
+
+    stub, md, top, root, port = lazy_layers
+    resp = stub.Prepare(pb.PrepareSnapshotRequest(key="ctr-1", parent=top), metadata=md, timeout=30)
+    mountpoint = next(o for o in resp.mounts[0].options if o.startswith("lowerdir=")).split("=", 1)[1].split(":")[0] \
+        if resp.mounts[0].type == "overlay" else resp.mounts[0].source
+    data = Path(mountpoint, "bin", "busybox").read_bytes()          # a lazy read: fetched from the registry
+    assert len(data) > 100_000
+    time.sleep(1.5)                                                 # the fs process publishes every second
+    proc = subprocess.run(["remora", "stats", "--root", str(root), "--json"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)
+    [mount] = stats["mounts"]
+    assert mount["state"] == "ok"
+    assert mount["fetch"]["bytes_fetched"] > 0 and mount["fetch"]["requests"] >= 1
+    assert stats["cache"]["chunks"] >= 1
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert 'remora_mount_up{mount="' in text
+    fetched = [l for l in text.splitlines() if l.startswith("remora_fetch_bytes_total{")]
+    assert fetched and float(fetched[0].split()[-1]) > 0
+    assert "remora_fuse_op_seconds_bucket" in text
+    proc = subprocess.run(["remora", "stats", "--root", str(root)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "chunk cache" in proc.stdout
