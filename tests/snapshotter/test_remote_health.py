@@ -13,51 +13,18 @@ from pathlib import Path
 import grpc
 import pytest
 
-from remora import oci
 from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc
-from remora.converter.convert import ConvertOptions, convert
-from remora.imagebuild import LayerSpec, busybox_rootfs, write_image
-from remora.imagestore import open_store
-from remora.snapshotter.pull import chain_ids, layer_labels
-from remora.testenv.containerd import RemoraSnapshotter
+from remora.procutil import free_port
+
+from remote_support import NAMESPACE, lowest_dir, remote_busybox
 
 
 @pytest.fixture
 def lazy_layers(registry, tmp_path):
-    """A remora image whose layers are prepared remotely in a fresh snapshotter; yields (stub, top, root)."""
-    src = f"{registry.host}/health/bb:1"
-    write_image(src, None, [LayerSpec(busybox_rootfs(tmp_path / "bb"))])
-    dst = f"{registry.host}/health/bb:1-remora"
-    convert(src, dst, ConvertOptions(progress=False))
-    desc, data = open_store(dst).resolve()
-    manifest = oci.parse_manifest(data, desc.media_type)
-    config = oci.ImageConfig.from_bytes(open_store(dst).open_blob(manifest.config).read())
-    chains = chain_ids(config.diff_ids)
-    from remora.procutil import free_port
-    import sys
-    metrics_port = free_port()
-    snap = RemoraSnapshotter(tmp_path / "root", argv=[sys.executable, "-m", "remora.snapshotter.cli",
-                                                      "--metrics-address", f"127.0.0.1:{metrics_port}"]).start()
-    channel = grpc.insecure_channel(f"unix://{snap.address}")
-    stub = snapshots_pb2_grpc.SnapshotsStub(channel)
-    md = (("containerd-namespace", "health"),)
-    parent = ""
-    for layer, chain in zip(manifest.layers, chains):
-        labels = layer_labels(layer, chain, dst, desc.digest, annotations_only=False)
-        with pytest.raises(grpc.RpcError) as err:
-            stub.Prepare(pb.PrepareSnapshotRequest(key=f"extract-{chain}", parent=parent, labels=labels),
-                         metadata=md, timeout=60)
-        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
-        parent = chain
-    try:
-        yield stub, md, parent, tmp_path / "root", metrics_port
-    finally:
-        channel.close()
-        snap.stop()
-        from remora.snapshotter.mount import MountManager
-        MountManager(tmp_path / "root" / "lazy", tmp_path / "root" / "cache").unmount_all()
-        snap.close()
+    """A converted busybox image prepared remotely in a fresh snapshotter that serves /metrics."""
+    port = free_port()
+    with remote_busybox(registry, tmp_path, "health/bb", ["--metrics-address", f"127.0.0.1:{port}"]) as (stub, top, root):
+        yield stub, NAMESPACE, top, root, port
 
 
 def _fs_pid(root: Path) -> int:
@@ -75,9 +42,7 @@ def test_dead_fs_is_restored_then_unavailable_when_it_cannot_be(lazy_layers):
     # the dead fs process is noticed and the layer re-mounted from its record
     stub.Mounts(pb.MountsRequest(key="ctr-1"), metadata=md, timeout=60)
     assert _fs_pid(root) > 0
-    lower = resp.mounts[0].options
-    mountpoint = next(o for o in lower if o.startswith("lowerdir=")).split("=", 1)[1].split(":")[0] \
-        if resp.mounts[0].type == "overlay" else resp.mounts[0].source
+    mountpoint = lowest_dir(resp.mounts[0])
     assert os.path.exists(os.path.join(mountpoint, "bin", "busybox"))
     # now make a restore impossible: the bootstrap it mounts from is gone
     for db in (root / "bootstraps").glob("*.db"):
@@ -100,8 +65,7 @@ def test_stats_and_prometheus_metrics(lazy_layers):
 
     stub, md, top, root, port = lazy_layers
     resp = stub.Prepare(pb.PrepareSnapshotRequest(key="ctr-1", parent=top), metadata=md, timeout=30)
-    mountpoint = next(o for o in resp.mounts[0].options if o.startswith("lowerdir=")).split("=", 1)[1].split(":")[0] \
-        if resp.mounts[0].type == "overlay" else resp.mounts[0].source
+    mountpoint = lowest_dir(resp.mounts[0])
     data = Path(mountpoint, "bin", "busybox").read_bytes()          # a lazy read: fetched from the registry
     assert len(data) > 100_000
     time.sleep(1.5)                                                 # the fs process publishes every second
