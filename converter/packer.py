@@ -90,9 +90,13 @@ class Packer:
         lane, self._lane = self._lane, None
         if lane is None:
             return None
-        self._flush_batch(lane)
-        self._drain(lane, 0)
-        lane.wait_writes()
+        try:
+            self._flush_batch(lane)
+            self._drain(lane, 0)
+            lane.wait_writes()
+        except BaseException:
+            self._lane = lane       # a failed write (disk full): abort() closes and removes the file
+            raise
         if lane.writer.frames == 0:
             lane.writer.abort()
             del self._blob_files[lane.bid]
@@ -182,6 +186,9 @@ class Packer:
             for _, fut in lane.pending:
                 fut.cancel()
             self._io.shutdown(wait=True, cancel_futures=True)   # no write may land after the unlink
-            lane.writer.abort()
+            try:
+                lane.writer.abort()
+            except OSError:     # closing flushes buffered bytes, which fails on a full disk
+                lane.writer.path.unlink(missing_ok=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._io.shutdown(wait=True, cancel_futures=True)

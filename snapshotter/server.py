@@ -369,11 +369,13 @@ class SnapshotterServer:
 
 async def serve(root: Path | str, address: Path | str, handler: RemoteLayerHandler | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain in-flight RPCs and exit."""
-    server = await SnapshotterServer(root, address, handler).start()
+    # Signal handlers first: a SIGTERM that arrives as soon as the socket answers must still mean a
+    # clean stop (exit 0), not death by signal.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    server = await SnapshotterServer(root, address, handler).start()
     waiter = asyncio.ensure_future(server.wait())
     await asyncio.wait([waiter, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     log.info("snapshotter stopping")
