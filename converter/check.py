@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from remora.errors import RemoraError
 from remora.converter.image import LocalBlobs, RemoraImage
-from remora.format.blob import TAR_HEADER_SIZE, decompress_frame, read_payload_header, verify_chunk
+from remora.format.blob import TAR_HEADER_SIZE, read_payload_header, verify_chunk
 
 
 @dataclass

@@ -33,7 +33,7 @@ from remora.format import FORMAT_VERSION, annotations as ann
 from remora.format.bootstrap import write_bootstrap
 from remora.format.chunker import ChunkingSpec
 from remora.format.chunktable import ChunkTable
-from remora.format.tree import ChunkRef, Tree, split_path
+from remora.format.tree import ChunkRef, split_path
 from remora.converter.chunkdict import ChunkDict, load_chunk_dict
 from remora.converter.merge import LayerMerger
 from remora.converter.packer import Packer

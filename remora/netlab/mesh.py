@@ -132,6 +132,8 @@ class Mesh:
                 # every node of the lab is one machine: give each its own host id, or the scheduler
                 # would (rightly) never let them serve each other
                 "--host-id", f"{self.lab.name}-node{p.index}",
+                # byte watermarks: the lab shares one disk, whose % use says nothing about a node
+                "--gc-high", "64G", "--gc-low", "48G",
                 *self.opts.peer_args]
 
     def start_peer(self, p: PeerNode, wait: bool = True) -> None:

@@ -169,19 +169,32 @@ class PrivateContainerd:
                       f"  address = {q(str(self.snapshotter_socket))}"]
         return "\n".join(lines) + "\n" + self.extra_config
 
+    def daemon_env(self) -> dict[str, str] | None:
+        """Environment of the containerd process (None: ours); subclasses put their shims on PATH."""
+        return None
+
+    def prepare_files(self) -> None:
+        """Write what the daemon reads at start besides config.toml (hook for subclasses)."""
+
     def start(self, timeout: float = 20.0) -> "PrivateContainerd":
+        if self.daemon and self.daemon.alive():
+            raise UsageError(f"{self.label} already running")
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare_files()
         self.config_path.write_text(self.config_text())
-        self.daemon = Daemon([self.containerd_bin, "--config", str(self.config_path)], self.log_path).start()
+        self.daemon = Daemon([self.containerd_bin, "--config", str(self.config_path)], self.log_path,
+                             env=self.daemon_env()).start()
         try:
             wait_until(lambda: not self.daemon.alive() or self.ctr("version", check=False, timeout=5).returncode == 0,
-                       timeout, interval=0.1, what="containerd")
+                       timeout, interval=0.1, what=self.label)
         except TimeoutError:
             self.stop()
             raise
         if not self.daemon.alive():
-            raise UsageError(f"containerd exited at start:\n{self.daemon.log_tail()}")
+            raise UsageError(f"{self.label} exited at start:\n{self.daemon.log_tail()}")
         return self
+
+    label = "containerd"
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 120.0, namespace: str | None = None,
             input: str | None = None) -> subprocess.CompletedProcess:

@@ -25,8 +25,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from remora.errors import NotFound, UsageError
-from remora.procutil import Daemon, wait_until
+from remora.errors import NotFound
 from remora.testenv.containerd import PrivateContainerd
 
 RUNTIMES_DIR = Path(os.environ.get("REMORA_RUNTIMES_DIR", "/opt/remora-runtimes"))
@@ -140,24 +139,13 @@ class PrivateContainerd2(PrivateContainerd):
                                           f"[host.{json.dumps(endpoint)}]\n"
                                           '  capabilities = ["pull", "resolve"]\n')
 
-    def start(self, timeout: float = 20.0) -> "PrivateContainerd2":
-        if self.daemon and self.daemon.alive():
-            raise UsageError("containerd 2 already running")
-        self.base_dir.mkdir(parents=True, exist_ok=True)
+    label = "containerd 2"
+
+    def prepare_files(self) -> None:
         self._write_hosts()
-        self.config_path.write_text(self.config_text())
-        env = dict(os.environ, PATH=f"{self.bin_dir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
-        self.daemon = Daemon([self.containerd_bin, "--config", str(self.config_path)], self.log_path,
-                             env=env).start()
-        try:
-            wait_until(lambda: not self.daemon.alive() or self.ctr("version", check=False, timeout=5).returncode == 0,
-                       timeout, interval=0.1, what="containerd 2")
-        except TimeoutError:
-            self.stop()
-            raise
-        if not self.daemon.alive():
-            raise UsageError(f"containerd 2 exited at start:\n{self.daemon.log_tail()}")
-        return self
+
+    def daemon_env(self) -> dict[str, str]:
+        return dict(os.environ, PATH=f"{self.bin_dir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
 
     def close(self) -> None:
         """Stop, then remove the socket dir and, for every namespace ctr() used, the empty cgroups and

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import requests
 
-from remora.plugins.peer.config import PeerConfig
+from remora.plugins.peer.config import PeerConfig, Watermark
 from remora.plugins.peer.daemon import PeerDaemon
 
 
@@ -76,6 +76,10 @@ def unique(prefix: str) -> str:
 def peer_config(tmp: Path, name: str, schedulers: list[str] | None = None, **kw) -> PeerConfig:
     kw.setdefault("piece_timeout", 2.0)
     kw.setdefault("gc_interval", 3600.0)
+    # Watermarks in bytes, not the default % of the filesystem: on a nearly full test disk the
+    # startup GC would otherwise evict the blobs a test just stored.
+    kw.setdefault("gc_high", Watermark(bytes=64 << 30))
+    kw.setdefault("gc_low", Watermark(bytes=48 << 30))
     return PeerConfig(data_dir=tmp / name, listen=("127.0.0.1", 0), upload_listen=("127.0.0.1", 0),
                       schedulers=list(schedulers or []), host_id=f"host-{name}", peer_id=f"peer-{name}", **kw)
 

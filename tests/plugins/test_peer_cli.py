@@ -66,7 +66,8 @@ async def test_peer_process_status_and_a_killed_parent(tmp_path, registry):
     listen, upload = free_port(), free_port()
     proc = Daemon([*REMORA, "-v", "peer", "--listen", f"127.0.0.1:{listen}", "--upload-listen",
                    f"127.0.0.1:{upload}", "--scheduler", sched.address, "--data-dir", str(tmp_path / "proc"),
-                   "--upstream", registry.host, "--label", "zone=z1", "--peer-id", "proc-peer"],
+                   "--upstream", registry.host, "--label", "zone=z1", "--peer-id", "proc-peer",
+                   "--gc-high", "64G", "--gc-low", "48G"],
                   tmp_path / "peer.log")
     child = None
     try:
