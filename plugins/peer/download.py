@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import random
 import time
 from dataclasses import dataclass
 
@@ -363,27 +362,17 @@ class Task:
         return True
 
     def _plan(self, missing: list[int], parents: list[pb.Parent]) -> list[tuple[int, pb.Parent]]:
-        """Assign missing pieces (with a known digest) to parents, for one round.
-
-        Rarest first, ties broken at random: children of one seed then fetch *different* pieces and can
-        trade them (fetching in order, they would all hold the same pieces and have nothing to give each
-        other). Each piece goes to its least loaded holder of the round, and a round is at most two
-        pieces per concurrent fetch: then the scheduler is asked again, so children that got pieces
-        meanwhile become parents instead of everyone draining the seed.
-        """
+        """Assign each missing piece (with a known digest) to a parent holding it, spread round-robin."""
         holders: dict[int, list[pb.Parent]] = {}
         for p in parents:
             for i in p.pieces:
                 holders.setdefault(i, []).append(p)
-        rnd = random.Random()
-        candidates = [i for i in missing if holders.get(i) and self.entry.piece_digests[i]]
-        candidates.sort(key=lambda i: (len(holders[i]), rnd.random()))
-        load: dict[str, int] = {}
         plan = []
-        for index in candidates[: 2 * max(self.cfg.concurrency, 1)]:
-            parent = min(holders[index], key=lambda p: (load.get(p.host.peer_id, 0), rnd.random()))
-            load[parent.host.peer_id] = load.get(parent.host.peer_id, 0) + 1
-            plan.append((index, parent))
+        for n, index in enumerate(missing):
+            options = holders.get(index)
+            if not options or not self.entry.piece_digests[index]:
+                continue
+            plan.append((index, options[n % len(options)]))
         return plan
 
     async def _fetch_piece(self, index: int, parent: pb.Parent) -> None:
