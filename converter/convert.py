@@ -34,6 +34,7 @@ from remora.format.bootstrap import write_bootstrap
 from remora.format.chunker import ChunkingSpec
 from remora.format.chunktable import ChunkTable
 from remora.format.tree import ChunkRef, split_path
+from remora.compression import open_layer_stream
 from remora.converter.chunkdict import ChunkDict, load_chunk_dict
 from remora.converter.merge import LayerMerger
 from remora.converter.packer import Packer
@@ -289,7 +290,7 @@ def _convert(source: str, destination: str, opts: ConvertOptions, report: Conver
             progress.phase(f"layer {i + 1}/{len(manifest.layers)} {layer.digest[7:19]}", layer.size)
             report.input_compressed_bytes += layer.size
             compressed = _Counting(src.open_blob(layer), on_bytes=progress.advance)
-            tar_stream = _Counting(oci_open_layer(compressed, layer.media_type), hash_it=True)
+            tar_stream = _Counting(open_layer_stream(compressed, layer.media_type), hash_it=True)
             reader = _ThreadedReader(tar_stream)
             packer.open_blob()
             try:
@@ -429,12 +430,6 @@ def store_location(store) -> tuple[str, str]:
     if repo is not None:
         return store.ref.host, repo
     return "oci", str(store.ref.path)
-
-
-def oci_open_layer(stream: BinaryIO, media_type: str) -> BinaryIO:
-    from remora.compression import open_layer_stream
-
-    return open_layer_stream(stream, media_type)
 
 
 def _read_all(stream) -> bytes:

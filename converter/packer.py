@@ -72,7 +72,6 @@ class Packer:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-writer")  # one: in order
         self._lane: _Lane | None = None
         self._blob_files: dict[int, Path] = {}
-        self.reused_blobs: set[int] = set()
 
     # -- blobs --------------------------------------------------------------------------------
     def open_blob(self) -> int:
@@ -119,8 +118,7 @@ class Packer:
             st.bytes_deduped += size
             return ChunkRef(digest, size)
         if self.dict is not None and digest in self.dict.by_digest:
-            cid = table.import_chunk(self.dict, self.dict.by_digest[digest])
-            self.reused_blobs.add(table.frames[table.chunks[cid].frame].blob)
+            table.import_chunk(self.dict, self.dict.by_digest[digest])
             st.chunks_reused += 1
             st.bytes_reused += size
             return ChunkRef(digest, size)

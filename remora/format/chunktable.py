@@ -85,8 +85,3 @@ class ChunkTable:
         self._blob_index = {d: i for i, (d, _) in enumerate(self.blobs)}
         self._frame_index = {(f.blob, f.offset): i for i, f in enumerate(self.frames)}
         return remap
-
-    def used_blobs(self) -> list[int]:
-        """Blob ids that hold at least one chunk, in id order."""
-        used = {self.frames[c.frame].blob for c in self.chunks}
-        return sorted(used)

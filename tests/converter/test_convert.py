@@ -19,7 +19,7 @@ from remora.converter.convert import ConvertOptions, convert
 from remora.converter.image import LocalBlobs, RemoraImage
 from remora.converter.check import check
 from remora.converter.unpack import unpack
-from remora.errors import DigestMismatch, InvalidInput, NotFound, StorageError, UnsupportedMediaType
+from remora.errors import DigestMismatch, InvalidInput, NotFound, StorageError
 from remora.format import annotations as ann
 from remora.format.chunker import ChunkingSpec
 from remora.imagebuild import LayerSpec, write_image
@@ -433,8 +433,6 @@ def test_oversized_manifest_is_rejected(registry, tmp_path):
     manifest = json.loads(img.manifest)
     manifest["annotations"] = {"padding": "x" * (5 * 1024 * 1024)}
     data = json.dumps(manifest).encode()
-    import hashlib
-
     from remora.layout import OCILayout
     lay = OCILayout.open(layout)
     digest, size = lay.write_blob_bytes(data)
