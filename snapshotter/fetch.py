@@ -102,23 +102,16 @@ class ChunkFetcher:
         self._down_until: dict[int, float] = {}  # source index -> monotonic time it may be tried again
         self.stats = stats or Stats()
         self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="fetch")
-        # prefetch has its own single worker: it never queues in front of a reader's request
-        self._bg_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch-io")
+        # prefetch has its own workers: it never queues in front of a reader's request. Two, so one
+        # request is on the wire while the previous response is decompressed, verified and cached.
+        self._bg_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch-io")
         self._lock = threading.Lock()
         self._inflight: dict[int, Future] = {}
         self._stored = threading.Condition(self._lock)  # notified when fetched frames are on disk
-        self._local = threading.local()
         self._mem: OrderedDict[bytes, bytes] = OrderedDict()
         self._mem_bytes = 0
         self._mem_limit = memory_cache
         self._extents: OrderedDict[int, list[tuple[int, int]]] = OrderedDict()
-
-    # -- per-thread bootstrap access ------------------------------------------------------------
-    def _db(self):
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = self.bootstrap.connection()
-        return db
 
     def extents_of(self, ino: int) -> list[tuple[int, int]]:
         """A file's extent list, memoised (it is read on every FUSE read of that file)."""
@@ -127,7 +120,8 @@ class ChunkFetcher:
             if ext is not None:
                 self._extents.move_to_end(ino)
                 return ext
-        ext = self.bootstrap.extents(ino, self._db())
+        with self.bootstrap.pooled() as db:
+            ext = self.bootstrap.extents(ino, db)
         with self._lock:
             self._extents[ino] = ext
             if len(self._extents) > 4096:
@@ -137,7 +131,9 @@ class ChunkFetcher:
     # -- reads --------------------------------------------------------------------------------
     def read(self, ino: int, offset: int, size: int) -> bytes:
         """Bytes ``offset .. offset+size`` of regular file ``ino`` (short at end of file)."""
-        plan = self.bootstrap.read_plan(ino, offset, size, self.extents_of(ino), self._db())
+        extents = self.extents_of(ino)
+        with self.bootstrap.pooled() as db:
+            plan = self.bootstrap.read_plan(ino, offset, size, extents, db)
         if not plan:
             return b""
         chunks = self.chunks(plan)
@@ -176,10 +172,12 @@ class ChunkFetcher:
                     out[e.chunk.digest] = results[e.chunk.frame][e.chunk.digest]
         return out
 
-    def ensure(self, extents: Iterable[Extent], background: bool = True) -> int:
-        """Make sure the chunks are in the disk cache (prefetch); returns the frames fetched.
+    def ensure(self, extents: Iterable[Extent], background: bool = True, wait_stored: bool = True) -> int:
+        """Make sure the chunks are fetched and verified (prefetch); returns the frames fetched.
 
-        With ``background`` the requests run on the prefetch worker, not the readers' pool.
+        With ``background`` the requests run on the prefetch workers, not the readers' pool. With
+        ``wait_stored`` it returns once they are in the disk cache; without, as soon as readers can
+        have them (the disk write finishes in the background: see :meth:`wait_stored`).
         """
         missing: dict[int, Frame] = {}
         blobs: dict[int, str] = {}
@@ -189,8 +187,14 @@ class ChunkFetcher:
                 blobs[e.chunk.frame] = e.blob
         if missing:
             self._fetch_frames(missing, blobs, self._bg_pool if background else self._pool)
-            self.wait_stored(missing)
+            if wait_stored:
+                self.wait_stored(missing)
         return len(missing)
+
+    def wait_all_stored(self, timeout: float = 60.0) -> bool:
+        """Wait until no fetched frame is still waiting for its disk write."""
+        with self._stored:
+            return self._stored.wait_for(lambda: not any(f.done() for f in self._inflight.values()), timeout)
 
     def wait_stored(self, frames: Iterable[int], timeout: float = 60.0) -> bool:
         """Wait until fetched ``frames`` are written to the disk cache (readers do not wait for that)."""
@@ -308,6 +312,7 @@ class ChunkFetcher:
         self.stats.add("requests")
         if len(frames) > 1:
             self.stats.add("merged_requests")
+        t0 = time.monotonic()
         try:
             data = source.read_range(blob, start, end)
         except (NotFound, InvalidInput) as exc:  # the source answered: it is up, just not helpful
@@ -321,15 +326,18 @@ class ChunkFetcher:
             failures.append(str(exc))
             return frames, True
         self.stats.add("bytes_fetched", len(data))
+        log.debug("%s: %s bytes %d-%d (%d frames) in %.3fs", source.name, blob[:19], start, end, len(frames),
+                  time.monotonic() - t0)
         left = []
-        db = self._db()
         for fid, fr in frames:
             raw = data[fr.offset - start: fr.offset - start + fr.csize]
             where = f"{source.name}: {blob} frame@{fr.offset}"
             try:
                 plain = decompress_frame(raw, fr.usize, where)
                 chunks = {}
-                for c in self.bootstrap.frame_chunks(fid, db):
+                with self.bootstrap.pooled() as db:
+                    members = self.bootstrap.frame_chunks(fid, db)
+                for c in members:
                     chunks[c.digest] = verify_chunk(plain[c.frame_offset:c.frame_offset + c.size], c.digest, where)
             except InvalidInput as exc:
                 self.stats.add("verify_failures")
@@ -372,15 +380,22 @@ class ChunkFetcher:
 class Prefetcher:
     """Background fetch of the bootstrap's prefetch list (in order), then optionally every file.
 
-    Files are fetched in batches of about ``batch_bytes`` of chunk data so neighbouring frames still
-    merge into few requests, while on-demand reads keep their own slots in the fetcher's pool. Errors
-    are logged and the file skipped: prefetch is an optimisation, a read will retry on demand.
+    Files are fetched in batches of chunk data so neighbouring frames still merge into few requests,
+    while on-demand reads keep their own slots in the fetcher's pool. The batches grow from
+    ``first_batch`` to ``batch_bytes`` (doubling): the first files a container opens arrive after
+    one small request instead of after the biggest one, and the later, larger requests keep the
+    round trips few. ``depth`` batches are in flight at once, so the link never idles while a
+    response is decompressed, verified and written to the cache. Errors are logged and the batch
+    skipped: prefetch is an optimisation, a read will retry on demand.
     """
 
-    def __init__(self, fetcher: ChunkFetcher, *, prefetch_all: bool = False, batch_bytes: int = 8 << 20):
+    def __init__(self, fetcher: ChunkFetcher, *, prefetch_all: bool = False, batch_bytes: int = 8 << 20,
+                 first_batch: int = 1 << 20, depth: int = 2):
         self.fetcher = fetcher
         self.prefetch_all = prefetch_all
         self.batch_bytes = batch_bytes
+        self.first_batch = min(first_batch, batch_bytes)
+        self.depth = max(1, depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
 
@@ -407,13 +422,24 @@ class Prefetcher:
 
     def _run(self) -> None:
         stats = self.fetcher.stats
+        pool = ThreadPoolExecutor(max_workers=self.depth, thread_name_prefix="prefetch-batch")
+        outstanding: list[Future] = []
         try:
             files = self._files()
             stats.set("prefetch_files_total", len(files))
             batch: list[Extent] = []
             batch_files = 0
             size = 0
+            target = self.first_batch
             db = self.fetcher.bootstrap.connection()
+
+            def submit(first: bool) -> None:
+                outstanding.append(pool.submit(self._flush, batch, batch_files, size))
+                # The first batch goes alone (what the container opens first gets the whole link),
+                # then ``depth`` batches are kept in flight, no more.
+                while len(outstanding) >= (1 if first else self.depth):
+                    outstanding.pop(0).result()
+
             for ino in files:
                 if self._stop.is_set():
                     return
@@ -423,19 +449,27 @@ class Prefetcher:
                     batch.append(e)
                     size += e.chunk.size
                 batch_files += 1
-                if size >= self.batch_bytes:
-                    self._flush(batch, batch_files, size)
+                if size >= target:
+                    submit(target == self.first_batch)
                     batch, batch_files, size = [], 0, 0
+                    target = min(target * 2, self.batch_bytes)
             if batch or batch_files:
-                self._flush(batch, batch_files, size)
+                submit(False)
+            for fut in outstanding:
+                fut.result()
+            self.fetcher.wait_all_stored()
             stats.set("prefetch_done", 1)
             log.info("prefetch finished: %d files", len(files))
         except Exception:
             log.exception("prefetch stopped")
+        finally:
+            pool.shutdown(wait=False)
 
     def _flush(self, batch: list[Extent], files: int, size: int) -> None:
         try:
-            self.fetcher.ensure(batch)
+            # not waiting for the disk write: readers get these chunks from memory meanwhile, and
+            # the next request goes out while this one is being written
+            self.fetcher.ensure(batch, wait_stored=False)
             self.fetcher.stats.add("prefetch_bytes", size)
         except RemoraError as exc:
             log.warning("prefetch: %s", exc)

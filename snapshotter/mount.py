@@ -11,6 +11,15 @@ to re-mount), ``<id>.pid``, ``<id>.log`` and ``<id>.stats.json`` (counters the p
 whose process still answers is adopted; a dead one (process gone, mount point answering ENOTCONN) is
 detached and re-mounted from its spec.
 
+Warm spare: starting a Python process and importing the fs stack (FUSE binding, fetcher, HTTP
+client, zstd) costs a few hundred milliseconds, which would sit on every cold start's critical path
+(the bootstrap layer's Prepare waits for the mount). With ``standby=True`` (what the snapshotter
+uses) the manager keeps one process started ahead of time with ``--standby``: it has done its
+imports and blocks reading a spec path on its stdin. A mount hands it the spec and it becomes that
+mount's process; a new spare is started in the background for the next mount. The spare's stdin is
+a pipe from the manager, so a spare whose snapshotter died reads EOF and exits; a claimed one is in
+its own session like any mount process and outlives the snapshotter.
+
 Liveness: :meth:`MountManager.check` stats a random, non-existent name under the mount point in a
 helper thread with a timeout. The name is new every time, so the kernel cannot answer from its
 caches: the request has to reach the fs process. ENOENT means alive, ENOTCONN/ECONNABORTED means the
@@ -98,6 +107,22 @@ def set_read_ahead(path: Path | str, kib: int) -> bool:
         return False
 
 
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): with the pid,
+    it identifies a process even after its pid is recycled."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "0"
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def detach(path: Path | str, lazy: bool = True) -> bool:
     """Unmount ``path`` (a live, busy or dead FUSE mount); returns whether nothing is mounted there."""
     path = str(path)
@@ -119,7 +144,7 @@ class MountManager:
     """
 
     def __init__(self, state_dir: Path | str, cache_dir: Path | str, cache_limit: int = 10 << 30,
-                 python: str = sys.executable, mount_timeout: float = 20.0):
+                 python: str = sys.executable, mount_timeout: float = 20.0, standby: bool = False):
         self.state_dir = Path(state_dir) / "mounts"
         self.cache_dir = Path(cache_dir)
         self.cache_limit = cache_limit
@@ -130,6 +155,14 @@ class MountManager:
         self._id_locks: dict[str, threading.RLock] = {}  # serialise mount/unmount/restore per id
         self._procs: dict[str, subprocess.Popen] = {}
         self._probes: dict[str, threading.Thread] = {}
+        self._standby_enabled = standby
+        self._spare: tuple[subprocess.Popen, Path] | None = None
+        self._spare_lock = threading.Lock()
+        self._closed = False
+        for stale in self.state_dir.glob("spare-*.log"):  # spares of an earlier run (they exited on EOF)
+            stale.unlink(missing_ok=True)
+        if standby:
+            self._start_spare()
 
     def _id_lock(self, mount_id: str) -> threading.RLock:
         with self._lock:
@@ -152,8 +185,8 @@ class MountManager:
 
     def pid(self, mount_id: str) -> int | None:
         try:
-            return int(self._file(mount_id, ".pid").read_text())
-        except (OSError, ValueError):
+            return int(self._file(mount_id, ".pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
             return None
 
     # -- start --------------------------------------------------------------------------------
@@ -189,19 +222,78 @@ class MountManager:
                 raise
             return spec
 
+    # -- warm spare ---------------------------------------------------------------------------
+    def _start_spare(self) -> None:
+        """Start a spare fs process (imports done, waiting for a spec on stdin) unless one exists."""
+        with self._spare_lock:
+            if self._closed or (self._spare is not None and self._spare[0].poll() is None):
+                return
+            log_path = self.state_dir / f"spare-{secrets.token_hex(6)}.log"
+            try:
+                with open(log_path, "ab") as logf:
+                    proc = subprocess.Popen([self.python, "-m", "remora.snapshotter.fs", "--standby"],
+                                            stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+            except OSError as exc:
+                log.warning("cannot start a spare fs process (mounts start cold): %s", exc)
+                return
+            self._spare = (proc, log_path)
+
+    def _claim_spare(self, spec_path: Path, log_path: Path) -> subprocess.Popen | None:
+        """Hand ``spec_path`` to the spare; returns its process, or None if there is no live spare."""
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        proc, spare_log = spare
+        if proc.poll() is not None:
+            spare_log.unlink(missing_ok=True)
+            return None
+        try:
+            os.replace(spare_log, log_path)  # it keeps writing to the same file, now under the mount's name
+            proc.stdin.write(f"{spec_path}\n".encode())
+            proc.stdin.close()
+        except OSError as exc:
+            log.warning("spare fs process %d did not take the mount (%s): starting one cold", proc.pid, exc)
+            _kill_group(proc.pid)
+            return None
+        return proc
+
+    def _respawn_spare_soon(self) -> None:
+        if self._standby_enabled and not self._closed:
+            threading.Thread(target=self._start_spare, name="fs-spare", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop the spare (mount processes stay: running containers keep their root fs)."""
+        with self._spare_lock:
+            self._closed = True
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            proc, spare_log = spare
+            try:
+                proc.stdin.close()  # EOF: the spare exits by itself
+                proc.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                _kill_group(proc.pid)
+            spare_log.unlink(missing_ok=True)
+
     def _start(self, spec: MountSpec) -> None:
         mnt = Path(spec.mountpoint)
         if mounted_fstype(mnt) is not None and not detach(mnt):
             raise StorageError(f"mount {spec.id}: {mnt} is still mounted and cannot be detached")
         mnt.mkdir(parents=True, exist_ok=True)
         log_path = self._file(spec.id, ".log")
-        with open(log_path, "ab") as logf:
-            proc = subprocess.Popen([self.python, "-m", "remora.snapshotter.fs", "--spec",
-                                     str(self._file(spec.id, ".json"))],
-                                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+        spec_path = self._file(spec.id, ".json")
+        proc = self._claim_spare(spec_path, log_path)
+        if proc is not None:
+            self._respawn_spare_soon()
+        else:
+            with open(log_path, "ab") as logf:
+                proc = subprocess.Popen([self.python, "-m", "remora.snapshotter.fs", "--spec", str(spec_path)],
+                                        stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
         self._procs[spec.id] = proc
-        self._file(spec.id, ".pid").write_text(str(proc.pid))
+        self._file(spec.id, ".pid").write_text(f"{proc.pid} {_start_time(proc.pid)}")
         deadline = time.monotonic() + self.mount_timeout
         while mounted_fstype(mnt) != FSTYPE:
             if proc.poll() is not None:
@@ -266,11 +358,16 @@ class MountManager:
         if pid is None:
             return False
         try:  # an adopted process (we were restarted): check it is ours and not a zombie
+            recorded = self._file(mount_id, ".pid").read_text().split()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             return False
-        return state != "Z" and str(self._file(mount_id, ".json")).encode() in cmdline
+        if fields[0] == "Z":
+            return False
+        if len(recorded) > 1:  # pid + start time: the same process, not a recycled pid
+            return fields[19] == recorded[1] and b"remora.snapshotter.fs" in cmdline
+        return str(self._file(mount_id, ".json")).encode() in cmdline  # a record from an older version
 
     def _kill(self, mount_id: str, grace: float = 5.0, exiting: float = 0.0) -> None:
         """Stop the fs process: wait ``exiting`` seconds for it to leave by itself (after an unmount

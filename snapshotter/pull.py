@@ -235,10 +235,9 @@ register_pull = register
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    err = Console(stderr=True, highlight=False)
-    say = (lambda msg: None) if args.quiet else (lambda msg: err.print(msg, markup=False))
+    # Plain lines on stderr, no rich: this command is on the cold-start path, and importing a
+    # console library would cost more than the pull's own work on a warm registry connection.
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = pull(args.image, address=args.address, namespace=args.namespace, snapshotter=args.snapshotter,
                   plain_http=args.plain_http, annotations_only=args.annotations_only, platform=args.platform,
                   timeout=args.timeout, say=say)

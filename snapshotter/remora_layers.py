@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -60,13 +61,14 @@ class RemoraLayerHandler(RemoteLayerHandler):
     """Mount remora images lazily. ``mirrors`` are peer/mirror base URLs tried before the registry."""
 
     def __init__(self, root: Path | str, mounts=None, mirrors: Sequence[str] = (), insecure: bool = False,
-                 cache_limit: int = 10 << 30):
+                 cache_limit: int = 10 << 30, standby: bool = True):
         from remora.snapshotter.mount import MountManager
 
         self.root = Path(root)
         self.bootstraps = self.root / "bootstraps"
         self.bootstraps.mkdir(parents=True, exist_ok=True)
-        self.mounts = mounts or MountManager(self.root / "lazy", self.root / "cache", cache_limit)
+        # standby: a warm spare fs process takes the next mount (no interpreter start on the cold path)
+        self.mounts = mounts or MountManager(self.root / "lazy", self.root / "cache", cache_limit, standby=standby)
         self.mirrors = list(mirrors)
         self.insecure = insecure
         self._lock = threading.Lock()
@@ -83,10 +85,13 @@ class RemoraLayerHandler(RemoteLayerHandler):
             return True
         host, repo = image_location(layer.labels)
         size = int(layer.labels.get(ann.BOOTSTRAP_SIZE, "0") or 0)
+        t0 = time.monotonic()
         boot = await asyncio.to_thread(self._bootstrap, host, repo, info.bootstrap, size)
+        t1 = time.monotonic()
         await asyncio.to_thread(self.mounts.mount, layer.snapshot_id, boot, layer.mountpoint,
                                 self._sources(host, repo))
-        log.info("lazily mounted %s/%s (bootstrap %s) at %s", host, repo, info.bootstrap[:19], layer.mountpoint)
+        log.info("lazily mounted %s/%s (bootstrap %s) at %s: bootstrap %.3fs, mount %.3fs", host, repo,
+                 info.bootstrap[:19], layer.mountpoint, t1 - t0, time.monotonic() - t1)
         return True
 
     async def unmount(self, snapshot_id: str, mountpoint: Path) -> None:
@@ -129,7 +134,9 @@ class RemoraLayerHandler(RemoteLayerHandler):
                                    f"(log: {self.mounts.log_tail(snapshot_id, 5)!r})")
 
     async def close(self) -> None:
-        """Mounts outlive the snapshotter on purpose: running containers keep their root fs."""
+        """Mounts outlive the snapshotter on purpose: running containers keep their root fs. Only the
+        warm spare process goes."""
+        await asyncio.to_thread(self.mounts.close)
 
     # -- helpers --------------------------------------------------------------------------------
     def _sources(self, host: str, repo: str):

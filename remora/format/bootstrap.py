@@ -15,6 +15,8 @@ import bisect
 import os
 import sqlite3
 import struct
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -129,12 +131,19 @@ def write_chunk_table(path: Path, table: ChunkTable, meta: dict[str, str] | None
 
 
 class Bootstrap:
-    """Read-only access to a bootstrap file. Thread-safe: one SQLite connection per thread."""
+    """Read-only access to a bootstrap file.
+
+    Thread-safe: a connection is never used by two threads at once. Callers on many threads borrow
+    one from a pool (:meth:`pooled`) rather than keeping one per thread: a FUSE server's worker
+    threads come and go, and opening a connection costs more than most lookups.
+    """
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
         if not self.path.is_file():
             raise NotFound(f"bootstrap {self.path} not found")
+        self._pool: list[sqlite3.Connection] = []
+        self._pool_lock = threading.Lock()
         self._db = self._connect()
         try:
             self.meta = dict(self._db.execute("SELECT key, value FROM meta"))
@@ -155,7 +164,29 @@ class Bootstrap:
         """A new connection for another thread (sqlite3 connections are not shared across threads)."""
         return self._connect()
 
+    @contextmanager
+    def pooled(self) -> Iterator[sqlite3.Connection]:
+        """Borrow a connection for the duration of one operation (returned to the pool after)."""
+        with self._pool_lock:
+            db = self._pool.pop() if self._pool else None
+        if db is None:
+            db = self._connect()
+        try:
+            yield db
+        finally:
+            with self._pool_lock:
+                self._pool.append(db)
+
+    def xattr_inodes(self) -> frozenset[int]:
+        """Inodes that carry extended attributes (often none: then a FUSE server can tell the kernel
+        to stop asking)."""
+        return frozenset(i for (i,) in self._db.execute("SELECT DISTINCT ino FROM xattrs"))
+
     def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, []
+        for db in pool:
+            db.close()
         self._db.close()
 
     # -- tree ---------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
-from oras.auth.utils import get_basic_auth, parse_auth_header
 
 from remora.errors import AuthError, RegistryError
 
@@ -62,6 +61,8 @@ class Credentials:
         """The base64 ``user:password`` of a Basic ``Authorization`` header, or None."""
         if self.username is None or self.password is None:
             return None
+        from oras.auth.utils import get_basic_auth  # oras-py costs ~0.2 s to import: only when auth is used
+
         return get_basic_auth(self.username, self.password)
 
     def __repr__(self) -> str:  # never show a secret, even in a debugger or a traceback
@@ -282,6 +283,8 @@ class Authenticator:
                 return None
             return {"Authorization": f"Basic {basic}"}
         if kind == "bearer":
+            from oras.auth.utils import parse_auth_header
+
             h = parse_auth_header(challenge)
             if not h.realm:
                 raise RegistryError(f"registry {self.host} sent a Bearer challenge without a realm: {challenge[:200]}")

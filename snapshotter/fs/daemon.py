@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
 
 from remora.cache import ChunkCache
 from remora.format.bootstrap import Bootstrap
@@ -27,10 +29,13 @@ def serve(spec: MountSpec) -> int:
 
     from remora.snapshotter.fs.lazyfs import LazyFS
 
+    t0 = time.monotonic()
     bootstrap = Bootstrap(spec.bootstrap)
     cache = ChunkCache(spec.cache_dir, spec.cache_limit)
-    # streamed straight from the bootstrap's chunk table (docs/format.md), not loaded whole
-    cache.pin(spec.id, (d for (d,) in bootstrap.connection().execute("SELECT digest FROM chunks")))
+    # Pinning every chunk of the image is one transaction over thousands of rows: it runs beside the
+    # mount instead of before it (a chunk evicted in those milliseconds is simply fetched again).
+    pinner = threading.Thread(target=_pin, args=(cache, spec.id, bootstrap), name="pin", daemon=True)
+    pinner.start()
     stats = Stats()
     fetcher = ChunkFetcher(bootstrap, cache, [open_source(s) for s in spec.sources], max_gap=spec.max_gap,
                            max_range=spec.max_range, parallel=spec.parallel, stats=stats)
@@ -44,12 +49,14 @@ def serve(spec: MountSpec) -> int:
     writer = StatsWriter(spec.stats_file, collect, spec.stats_interval).start()
     prefetcher = Prefetcher(fetcher, prefetch_all=spec.prefetch_all).start() if spec.prefetch else None
     t = int(spec.kernel_timeout)
-    log.info("mounting %s at %s (pid %d)", spec.bootstrap, spec.mountpoint, os.getpid())
+    log.info("mounting %s at %s (pid %d, ready in %.3fs)", spec.bootstrap, spec.mountpoint, os.getpid(),
+             time.monotonic() - t0)
     try:
         mfusepy.FUSE(ops, spec.mountpoint, foreground=True, ro=True, allow_other=True, default_permissions=True,
                      fsname=f"remora:{spec.id}", subtype="remora", use_ino=True, kernel_cache=True,
                      entry_timeout=t, attr_timeout=t, negative_timeout=t)
     finally:
+        pinner.join()
         if prefetcher:
             prefetcher.stop()
         writer.stop()
@@ -59,14 +66,41 @@ def serve(spec: MountSpec) -> int:
     return 0
 
 
+def _pin(cache: ChunkCache, owner: str, bootstrap: Bootstrap) -> None:
+    try:  # streamed straight from the bootstrap's chunk table (docs/format.md), not loaded whole
+        with bootstrap.pooled() as db:
+            cache.pin(owner, (d for (d,) in db.execute("SELECT digest FROM chunks")))
+    except Exception:  # noqa: BLE001 - unpinned chunks are only evictable, never wrong
+        log.exception("could not pin the image's chunks in the cache")
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m remora.snapshotter.fs",
                                      description="Serve one remora lazy mount (started by the snapshotter).")
-    parser.add_argument("--spec", required=True, help="mount spec JSON written by the snapshotter")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--spec", help="mount spec JSON written by the snapshotter")
+    what.add_argument("--standby", action="store_true",
+                      help="import everything, then read the spec's path from stdin (a warm spare: the "
+                           "snapshotter hands it the next mount); exit quietly on EOF")
     args = parser.parse_args(argv)
+    if args.standby:
+        return standby()
     return run_spec(args.spec)
+
+
+def standby() -> int:
+    """Wait, fully imported, for the path of a spec on stdin; EOF (the snapshotter went away) ends it."""
+    import mfusepy  # noqa: F401 - the point is to have paid for these imports before a mount is asked for
+
+    import remora.registry.client  # noqa: F401 - what a registry source uses
+    import remora.snapshotter.fs.lazyfs  # noqa: F401
+
+    line = sys.stdin.readline().strip()
+    if not line:
+        return 0
+    return run_spec(line)
 
 
 def run_spec(path: str) -> int:

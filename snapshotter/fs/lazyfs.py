@@ -33,7 +33,6 @@ from remora.snapshotter.metrics import OpLatency
 
 log = logging.getLogger(__name__)
 
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 _PATH_MEMO_MAX = 200_000
 
 
@@ -71,8 +70,9 @@ class LazyFS(mfusepy.Operations):
         self.bootstrap = bootstrap
         self.fetcher = fetcher
         self.latency = latency or OpLatency()
-        self._local = threading.local()
         self._paths: dict[str, int] = {"/": ROOT_INO}
+        self._recs: dict[int, InodeRecord] = {}  # the tree is immutable: a record never changes
+        self._xattr_inodes = bootstrap.xattr_inodes()
         self._dirs: dict[int, list[tuple[str, dict]]] = {}
         self._dir_lock = threading.Lock()
         self._next_dh = 1
@@ -82,32 +82,43 @@ class LazyFS(mfusepy.Operations):
                         "f_namemax": 255}
 
     # -- helpers ------------------------------------------------------------------------------
-    def _db(self):
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = self.bootstrap.connection()
-        return db
-
     def _record(self, path: str) -> InodeRecord:
         ino = self._paths.get(path)
-        db = self._db()
         if ino is not None:
-            try:
-                return self.bootstrap.getattr(ino, db)
-            except NotFound:
-                raise mfusepy.FuseOSError(errno.ENOENT) from None
+            rec = self._recs.get(ino)
+            if rec is not None:
+                return rec
+        with self.bootstrap.pooled() as db:
+            return self._resolve(path, db)
+
+    def _resolve(self, path: str, db) -> InodeRecord:
+        ino = self._paths.get(path)
+        if ino is not None:
+            rec = self._recs.get(ino)
+            if rec is None:
+                try:
+                    rec = self.bootstrap.getattr(ino, db)
+                except NotFound:
+                    raise mfusepy.FuseOSError(errno.ENOENT) from None
+                self._remember(path, rec)
+            return rec
         parent, _, name = path.rpartition("/")
-        prec = self._record(parent or "/")
+        prec = self._resolve(parent or "/", db)
         if not stat.S_ISDIR(prec.mode):
             raise mfusepy.FuseOSError(errno.ENOTDIR)
         rec = self.bootstrap.lookup(prec.ino, os.fsencode(name), db)
         if rec is None:
             raise mfusepy.FuseOSError(errno.ENOENT)
-        if len(self._paths) >= _PATH_MEMO_MAX:
+        self._remember(path, rec)
+        return rec
+
+    def _remember(self, path: str, rec: InodeRecord) -> None:
+        if len(self._paths) >= _PATH_MEMO_MAX:  # bounded memos (dict ops are atomic under the GIL)
             self._paths.clear()
             self._paths["/"] = ROOT_INO
+            self._recs.clear()
         self._paths[path] = rec.ino
-        return rec
+        self._recs[rec.ino] = rec
 
     @staticmethod
     def _attrs(rec: InodeRecord) -> dict:
@@ -130,15 +141,18 @@ class LazyFS(mfusepy.Operations):
 
     @_op("opendir")
     def opendir(self, path):
+        # (Not ENOSYS as open does: libfuse's high-level API keeps its own directory handle in fh.)
         rec = self._record(path)
         if not stat.S_ISDIR(rec.mode):
             raise mfusepy.FuseOSError(errno.ENOTDIR)
         entries = [(".", {"st_mode": stat.S_IFDIR, "st_ino": rec.ino}, 0), ("..", {"st_mode": stat.S_IFDIR}, 0)]
         prefix = path.rstrip("/") + "/"
-        for name, child in self.bootstrap.readdir(rec.ino, db=self._db()):
+        with self.bootstrap.pooled() as db:
+            children = self.bootstrap.readdir(rec.ino, db=db)
+        for name, child in children:
             sname = os.fsdecode(name)
             entries.append((sname, {"st_mode": child.mode, "st_ino": child.ino}, 0))
-            self._paths[prefix + sname] = child.ino
+            self._remember(prefix + sname, child)
         with self._dir_lock:
             dh = self._next_dh
             self._next_dh += 1
@@ -155,16 +169,31 @@ class LazyFS(mfusepy.Operations):
             self._dirs.pop(fh, None)
         return 0
 
+    # Overlayfs asks its lower layers for trusted.overlay.* on every lookup, and exec asks for
+    # security.capability: the kernel does not cache xattrs, so each is a round trip to this process.
+    # An image without any xattr answers ENOSYS, which makes the kernel stop asking for good (callers
+    # then see EOPNOTSUPP, as on a filesystem without xattr support); otherwise only the inodes
+    # that have xattrs touch the bootstrap. (listxattr still answers: an empty list.)
     @_op("getxattr")
     def getxattr(self, path, name, position=0):
-        value = self.bootstrap.xattrs(self._record(path).ino, self._db()).get(name)
+        if not self._xattr_inodes:
+            raise mfusepy.FuseOSError(errno.ENOSYS)
+        ino = self._record(path).ino
+        if ino not in self._xattr_inodes:
+            raise mfusepy.FuseOSError(errno.ENODATA)
+        with self.bootstrap.pooled() as db:
+            value = self.bootstrap.xattrs(ino, db).get(name)
         if value is None:
             raise mfusepy.FuseOSError(errno.ENODATA)
         return value
 
     @_op("listxattr")
-    def listxattr(self, path):
-        return sorted(self.bootstrap.xattrs(self._record(path).ino, self._db()))
+    def listxattr(self, path):  # rare (copy-up, archivers): an honest empty list, no ENOSYS
+        ino = self._record(path).ino
+        if ino not in self._xattr_inodes:
+            return []
+        with self.bootstrap.pooled() as db:
+            return sorted(self.bootstrap.xattrs(ino, db))
 
     @_op("statfs")
     def statfs(self, path):
@@ -178,18 +207,20 @@ class LazyFS(mfusepy.Operations):
         return 0
 
     # -- data ---------------------------------------------------------------------------------
+    # open answers ENOSYS (FUSE_NO_OPEN_SUPPORT): the kernel then stops sending OPEN and RELEASE for
+    # good and opens files itself, with keep_cache set. A read-only, immutable tree needs no per-open
+    # state (writes are refused by the read-only mount before they get here), and every open of a
+    # container's start-up (the interpreter, its libraries, each module) saves two round trips.
     @_op("open")
     def open(self, path, flags):
-        if flags & _WRITE_FLAGS:
-            raise mfusepy.FuseOSError(errno.EROFS)
-        rec = self._record(path)
-        if not stat.S_ISREG(rec.mode):
-            raise mfusepy.FuseOSError(errno.EISDIR if stat.S_ISDIR(rec.mode) else errno.EACCES)
-        return rec.ino
+        raise mfusepy.FuseOSError(errno.ENOSYS)
 
     @_op("read")
     def read(self, path, size, offset, fh):
-        return self.fetcher.read(fh, offset, size)
+        rec = self._record(path)
+        if not stat.S_ISREG(rec.mode):
+            raise mfusepy.FuseOSError(errno.EISDIR if stat.S_ISDIR(rec.mode) else errno.EINVAL)
+        return self.fetcher.read(rec.ino, offset, size)
 
     @_op("release")
     def release(self, path, fh):

@@ -52,7 +52,7 @@ def _data(rng: random.Random, n: int) -> bytes:
 
 def build_image(workdir: Path, registry_host: str, n_small: int = 60, big_size: int = 3 << 20,
                 prefetch_paths: tuple[bytes, ...] = (b"/etc/hot.conf",), seed: int = 7,
-                credentials: tuple[str, str] | None = None) -> Image:
+                credentials: tuple[str, str] | None = None, xattrs: bool = True) -> Image:
     """A realistic little image in two data blobs, pushed to ``registry_host`` under a unique repo."""
     rng = random.Random(seed)
     workdir = Path(workdir)
@@ -77,7 +77,8 @@ def build_image(workdir: Path, registry_host: str, n_small: int = 60, big_size: 
         node = regular(path, _data(rng, rng.randint(100, 6000)))
         d[b"etc"].children[path.rsplit(b"/", 1)[1]] = node
         files.append((path, node))
-    hot = regular(b"/etc/hot.conf", b"hot=1\n" * 50, xattrs={"user.remora": b"\x00\xffbin", "user.x": b"y"})
+    hot = regular(b"/etc/hot.conf", b"hot=1\n" * 50,
+                  xattrs={"user.remora": b"\x00\xffbin", "user.x": b"y"} if xattrs else {})
     d[b"etc"].children[b"hot.conf"] = hot
     files.append((b"/etc/hot.conf", hot))
     empty = regular(b"/etc/empty", b"")

@@ -110,6 +110,25 @@ def test_metadata_from_bootstrap_only_then_data_byte_exact(manager, image, proxy
     assert published(manager, "m1", "chunks_verified") == len(image.table.chunks)
     ops = manager.stats("m1")["ops"]
     assert sum(ops["read"]["counts"]) > 0 and sum(ops["getattr"]["counts"]) > 0
+    # open answered ENOSYS once; the kernel has opened every other file by itself since
+    assert sum(ops["open"]["counts"]) == 1 and "release" not in ops, ops.keys()
+
+
+def test_image_without_xattrs_makes_the_kernel_stop_asking(manager, registry, tmp_path):
+    """Overlayfs asks a lower layer for trusted.overlay.* on every lookup and exec asks for
+    security.capability; the kernel caches none of it. An image without any xattr answers ENOSYS
+    once, after which the kernel answers EOPNOTSUPP itself: one round trip, not one per lookup."""
+    plain = build_image(tmp_path / "img", registry.host, n_small=5, xattrs=False)
+    mnt = mount(manager, plain, tmp_path, registry.url, name="nox")
+    for path in (b"/etc/hot.conf", b"/etc/small000.txt", b"/bin/big", b"/etc"):
+        for name in ("trusted.overlay.opaque", "security.capability", "user.x"):
+            with pytest.raises(OSError) as exc:
+                os.getxattr(host_path(mnt, path), name)
+            assert exc.value.errno == errno.EOPNOTSUPP
+        assert os.listxattr(host_path(mnt, path)) == []
+    with open(host_path(mnt, b"/etc/hot.conf"), "rb") as f:
+        assert f.read() == plain.contents[b"/etc/hot.conf"]
+    assert sum(published(manager, "nox", "getxattr", section="ops")["counts"]) == 1
 
 
 def test_reading_one_small_file_fetches_about_one_frame(manager, image, proxy, tmp_path):

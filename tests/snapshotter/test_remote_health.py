@@ -30,7 +30,7 @@ def lazy_layers(registry, tmp_path):
 def _fs_pid(root: Path) -> int:
     pids = list((root / "lazy" / "mounts").glob("*.pid"))
     assert len(pids) == 1, pids
-    return int(pids[0].read_text())
+    return int(pids[0].read_text().split()[0])  # "pid start-time"
 
 
 def test_dead_fs_is_restored_then_unavailable_when_it_cannot_be(lazy_layers):

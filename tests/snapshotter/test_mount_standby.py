@@ -1,0 +1,121 @@
+"""The warm spare fs process: a mount is handed to a process that has already paid for its imports.
+
+What must hold: the mount is served by the spare (same bytes, same checks as a cold start), a new
+spare replaces it, a spare never outlives its snapshotter (EOF on its stdin), a restarted manager
+adopts spare-started mounts by pid + start time, and a recycled pid is neither adopted nor killed.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lazy_support import build_image
+from remora.procutil import wait_until
+from remora.snapshotter.mount import MountManager, detach, mounted_fstype
+from remora.snapshotter.sources import SourceSpec
+
+
+@pytest.fixture(scope="module")
+def image(registry, tmp_path_factory):
+    return build_image(tmp_path_factory.mktemp("standby-image"), registry.host, n_small=8)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _spare_pid(mm: MountManager) -> int:
+    wait_until(lambda: mm._spare is not None and mm._spare[0].poll() is None, 10, what="a spare fs process")
+    return mm._spare[0].pid
+
+
+@pytest.fixture
+def standby(tmp_path):
+    mm = MountManager(tmp_path / "state", tmp_path / "cache", mount_timeout=30, standby=True)
+    yield mm
+    mm.close()
+    mm.unmount_all()
+    for mnt in tmp_path.glob("mnt*"):
+        detach(mnt)
+        assert mounted_fstype(mnt) is None
+
+
+def _mount(mm, image, tmp_path, registry, name="m1"):
+    return mm.mount(name, image.bootstrap, tmp_path / f"mnt-{name}",
+                    [SourceSpec.registry(registry.host, image.repo, retries=0)], prefetch=False).mountpoint
+
+
+def test_mount_is_served_by_the_spare_and_a_new_spare_follows(standby, image, registry, tmp_path):
+    spare = _spare_pid(standby)
+    wait_until(lambda: b"remora.snapshotter.fs --standby" in _cmdline(spare), 10, what="the spare's command line")
+    mnt = _mount(standby, image, tmp_path, registry)
+    assert standby.pid("m1") == spare, "the warm spare took the mount"
+    for path in (b"/etc/hot.conf", b"/bin/big", b"/etc/small003.txt"):
+        with open(os.fsencode(mnt) + path, "rb") as f:
+            assert f.read() == image.contents[path], path
+    assert "mounting" in standby.log_tail("m1"), "the spare's log became the mount's log"
+    successor = _spare_pid(standby)
+    assert successor != spare
+
+    mnt2 = _mount(standby, image, tmp_path, registry, name="m2")
+    assert standby.pid("m2") == successor
+    with open(os.fsencode(mnt2) + b"/etc/hot.conf", "rb") as f:
+        assert f.read() == image.contents[b"/etc/hot.conf"]
+
+    # a snapshotter restart adopts both (pid + start time recorded), and the spare goes with close()
+    last = _spare_pid(standby)
+    standby.close()
+    wait_until(lambda: not _alive(last), 10, what="the spare to exit on close")
+    restarted = MountManager(tmp_path / "state", tmp_path / "cache")
+    assert restarted.restore() == {"m1": "adopted", "m2": "adopted"}
+    assert _alive(spare) and _alive(successor), "closing the manager never stops mounts"
+
+
+def test_spare_exits_when_its_snapshotter_dies(tmp_path):
+    """The spare's stdin is a pipe from the snapshotter: if the snapshotter dies, EOF ends the spare."""
+    code = ("import os, sys\n"
+            "from remora.snapshotter.mount import MountManager\n"
+            f"mm = MountManager({str(tmp_path / 'state')!r}, {str(tmp_path / 'cache')!r}, standby=True)\n"
+            "print(mm._spare[0].pid, flush=True)\n"
+            "os._exit(0)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    spare = int(out.stdout.split()[0])
+    wait_until(lambda: not _alive(spare), 20, what="the orphaned spare to exit")
+
+
+def test_recycled_pid_is_not_adopted_nor_killed(standby, image, registry, tmp_path):
+    mnt = _mount(standby, image, tmp_path, registry)
+    real = standby.pid("m1")
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        # the record now names a live process that is not the mount's (as after pid reuse)
+        start_time = Path(f"/proc/{real}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        (tmp_path / "state" / "mounts" / "m1.pid").write_text(f"{stranger.pid} {start_time}")
+        restarted = MountManager(tmp_path / "state", tmp_path / "cache")
+        assert restarted.check("m1").state == "dead"
+        # it is re-mounted (the old process is told to go by the unmount it gets), never the stranger killed
+        assert restarted.restore() == {"m1": "remounted"}
+        assert stranger.poll() is None, "an unrelated process with a recycled pid was signalled"
+        assert restarted.check("m1").ok and restarted.pid("m1") not in (real, stranger.pid)
+        with open(os.fsencode(mnt) + b"/etc/hot.conf", "rb") as f:
+            assert f.read() == image.contents[b"/etc/hot.conf"]
+        restarted.unmount("m1")
+    finally:
+        stranger.kill()
+        stranger.wait()
+    wait_until(lambda: not _alive(real), 10, what="the displaced fs process to exit")
