@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
-import os
 import secrets
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 DESCRIPTION = """\
@@ -139,25 +136,19 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
     from remora.imagestore import open_store
     from remora.reference import ImageRef, parse_reference
 
+    from .containerd_client import AlreadyExists, ContainerdClient, Unavailable
+
     started = time.monotonic()
     ref = parse_reference(reference)
     if not isinstance(ref, ImageRef):
         raise UsageError(f"{reference}: remora pull needs a registry reference (host/repository:tag), "
                          "not an OCI layout")
-    # A missing containerd socket is the most common mistake: say so before talking to the registry.
-    if not os.path.exists(address):
-        raise UsageError(f"containerd socket {address} does not exist: is containerd running? "
-                         "(pass its socket with --address)")
-    # containerd's client (gRPC and the API stubs) takes longer to import than the registry round
-    # trips below take: it loads in a thread meanwhile (this command is on the cold-start path).
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        loader = pool.submit(importlib.import_module, f"{__package__}.containerd_client")
+    # Connect to containerd first: a missing socket is the most common mistake, say it before
+    # talking to the registry.
+    with ContainerdClient(address, namespace, timeout=timeout) as ctd:
         with open_store(ref, plain_http=True if plain_http else None) as store:
             mdesc, mdata, manifest = resolve_remora_manifest(store, platform)
             config_bytes = store.read_blob(manifest.config)
-        client = loader.result()
-    AlreadyExists, ContainerdClient, Unavailable = client.AlreadyExists, client.ContainerdClient, client.Unavailable
-    with ContainerdClient(address, namespace, timeout=timeout) as ctd:
         config = oci.ImageConfig.from_bytes(config_bytes)
         diff_ids = config.diff_ids
         if len(diff_ids) != len(manifest.layers):
