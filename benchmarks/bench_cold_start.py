@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Cold start of a realistic image over a slow link: overlayfs full pull vs remora lazy pull.
 
-What is timed is what a user waits for: from the start of the pull to the workload's output. The image
+What is timed is what a user waits for: from the start of the pull to the workload's output (the
+moment its line arrives on ``ctr run``'s stdout; the ``--rm`` clean-up after it is not counted, for
+either scenario). The image
 is Debian bookworm (minbase) + python3 with a small app layer; the workload (``python3 /app/main.py``)
 imports a few stdlib modules and prints a line. Both scenarios start from a cold cache every run (a
 fresh containerd root and, for remora, a fresh snapshotter root with an empty chunk cache) and run in
@@ -10,7 +12,8 @@ the same invocation, so the ratios are meaningful even on a loaded machine.
 * ``overlayfs``: ``ctr images pull`` with containerd's built-in overlayfs snapshotter (download every
   layer, unpack), then ``ctr run``;
 * ``remora``: the image converted beforehand by ``remora convert --prefetch-list`` (the list recorded by
-  ``remora trace`` running the same workload), pulled with ``remora pull`` (every layer's Prepare
+  ``remora trace`` running the same workload), pulled with ``remora pull`` (this interpreter's console
+  script, not a version manager's shim in front of it; every layer's Prepare
   carries the remote-snapshot labels, the snapshotter mounts the image lazily; no layer is downloaded;
   ``--puller rpull`` uses stargz's ``ctr-remote images rpull`` instead), then ``ctr run --snapshotter
   remora``.

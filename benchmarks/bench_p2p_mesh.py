@@ -14,6 +14,10 @@ All in ONE run, so the ratios compare like with like:
    scorer and with its UCB bandit scorer (a fresh lab each, a fresh blob each; node0, on a fast uplink,
    starts 1 s early so both runs have the same seed).
 
+The machine's CPU is reported with the mesh case (peers' CPU seconds, % busy, load average): eight
+peers, eight clients and the kernel's emulated links share its cores, and on a small machine they run out
+of CPU before the links are full.
+
 Registry egress is measured twice: application bytes (the registry's access log: body bytes of blob
 GETs) and wire bytes (tx of the registry's interface, with TCP/IP/Ethernet headers, ~3% more).
 
@@ -23,6 +27,7 @@ this one runs the real processes.
 
     python benchmarks/bench_p2p_mesh.py                      # N=8, 100 Mbit/s, 200 MB (~10 min)
     python benchmarks/bench_p2p_mesh.py --nodes 4 --blob-mb 50 --skip-direct   # quick look
+    python benchmarks/bench_p2p_mesh.py --skip-direct --skip-image --skip-scorers  # the targets only (~2 min)
     python benchmarks/bench_p2p_mesh.py --json results.json
 
 Needs root (namespaces, tc); cleans up after itself, also on Ctrl-C.
@@ -31,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import threading
 import time
@@ -78,6 +85,27 @@ def sources(mesh: Mesh) -> dict[str, float]:
     return total
 
 
+def cpu_seconds(mesh: Mesh) -> float:
+    """CPU time (user + system) used so far by every peer daemon and the scheduler: the lab shares the
+    machine's cores, so a mesh that is CPU bound shows here rather than on the links."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for d in [p.daemon for p in mesh.peers] + [mesh.scheduler]:
+        try:
+            fields = Path(f"/proc/{d.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, AssertionError, AttributeError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far, from /proc/stat (iowait counts as idle)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
 def pull_all(mesh: Mesh, ref: str, ctrds: list[NsContainerd], hosts_dirs: list[Path]) -> float:
     errors: list[str] = []
 
@@ -111,7 +139,7 @@ def main_bench(args) -> dict:
 
     with Lab(prefix=PREFIX, workdir=Path(args.workdir) / "main") as lab:
         mesh = Mesh(lab, MeshOptions(peers=args.nodes, node_rate=args.rate, registry_rate=args.rate,
-                                     containerd=True, peer_args=args.peer_arg, scheduler_args=args.scheduler_arg))
+                                     containerd=not args.skip_image, peer_args=args.peer_arg, scheduler_args=args.scheduler_arg))
         fill(mesh, [(blobs[n], digests[n]) for n in blobs], [image])
         mesh.start()
         log(f"lab {lab.name} up: {lab.subnet}, {args.nodes} nodes")
@@ -126,8 +154,12 @@ def main_bench(args) -> dict:
 
         # 2. all nodes through the mesh
         before = sources(mesh)
+        cpu0, load0, ticks0 = cpu_seconds(mesh), os.getloadavg()[0], machine_ticks()
         tx0 = mesh.registry_node.tx_bytes()
         t, r = mesh.fetch_all(REPO, digests["mesh"])
+        res["mesh_cpu_s"], res["mesh_load"] = cpu_seconds(mesh) - cpu0, (load0, os.getloadavg()[0])
+        ticks1 = machine_ticks()
+        res["mesh_machine_busy"] = (ticks1[0] - ticks0[0]) / max(1, ticks1[1] - ticks0[1])
         check(r, digests["mesh"], size, "mesh")
         after = sources(mesh)
         res["mesh_s"] = t
@@ -147,24 +179,25 @@ def main_bench(args) -> dict:
             log(f"direct, {args.nodes} nodes: {t:.1f}s")
 
         # 4. a real image: containerd through the peers, then fresh containerds straight
-        ref = f"{mesh.registry.host}/{image.repo}:{image.tag}"
-        layer_digests = [layer.digest for layer in image.layers]
-        tx0 = mesh.registry_node.tx_bytes()
-        res["image_mesh_s"] = pull_all(mesh, ref, [p.containerd for p in mesh.peers], [p.hosts_dir for p in mesh.peers])
-        res["image_mesh_egress_app"], res["image_mesh_egress_wire"] = egress(mesh, layer_digests, tx0)
-        log(f"image through the mesh: {res['image_mesh_s']:.1f}s")
-        if not args.skip_direct:
-            fresh = [NsContainerd(p.node, lab.workdir / f"containerd-direct{p.index}").start() for p in mesh.peers]
-            nohosts = lab.workdir / "no-mirror"
-            nohosts.mkdir(exist_ok=True)
-            served_before = sum(mesh.registry.blob_bytes_served().get(d, 0) for d in layer_digests)
+        if not args.skip_image:
+            ref = f"{mesh.registry.host}/{image.repo}:{image.tag}"
+            layer_digests = [layer.digest for layer in image.layers]
             tx0 = mesh.registry_node.tx_bytes()
-            res["image_direct_s"] = pull_all(mesh, ref, fresh, [nohosts] * len(fresh))
-            app, wire = egress(mesh, layer_digests, tx0)
-            res["image_direct_egress_app"], res["image_direct_egress_wire"] = app - served_before, wire
-            for c in fresh:
-                c.stop()
-            log(f"image straight from the registry: {res['image_direct_s']:.1f}s")
+            res["image_mesh_s"] = pull_all(mesh, ref, [p.containerd for p in mesh.peers], [p.hosts_dir for p in mesh.peers])
+            res["image_mesh_egress_app"], res["image_mesh_egress_wire"] = egress(mesh, layer_digests, tx0)
+            log(f"image through the mesh: {res['image_mesh_s']:.1f}s")
+            if not args.skip_direct:
+                fresh = [NsContainerd(p.node, lab.workdir / f"containerd-direct{p.index}").start() for p in mesh.peers]
+                nohosts = lab.workdir / "no-mirror"
+                nohosts.mkdir(exist_ok=True)
+                served_before = sum(mesh.registry.blob_bytes_served().get(d, 0) for d in layer_digests)
+                tx0 = mesh.registry_node.tx_bytes()
+                res["image_direct_s"] = pull_all(mesh, ref, fresh, [nohosts] * len(fresh))
+                app, wire = egress(mesh, layer_digests, tx0)
+                res["image_direct_egress_app"], res["image_direct_egress_wire"] = app - served_before, wire
+                for c in fresh:
+                    c.stop()
+                log(f"image straight from the registry: {res['image_direct_s']:.1f}s")
 
     # 5. weighted vs bandit on heterogeneous uplinks
     if not args.skip_scorers:
@@ -210,8 +243,9 @@ def report(res: dict) -> str:
     if "direct_s" in res:
         row(f"{n} nodes, direct", res["direct_s"], res["direct_egress_app"], res["direct_egress_wire"], size)
     img = res["image_bytes"]
-    row(f"image {img / 1e6:.0f} MB, {n} nodes, mesh", res["image_mesh_s"], res["image_mesh_egress_app"],
-        res["image_mesh_egress_wire"], img)
+    if "image_mesh_s" in res:
+        row(f"image {img / 1e6:.0f} MB, {n} nodes, mesh", res["image_mesh_s"], res["image_mesh_egress_app"],
+            res["image_mesh_egress_wire"], img)
     if "image_direct_s" in res:
         row(f"image {img / 1e6:.0f} MB, {n} nodes, direct", res["image_direct_s"], res["image_direct_egress_app"],
             res["image_direct_egress_wire"], img)
@@ -222,6 +256,9 @@ def report(res: dict) -> str:
                  f"extra peer flags {res['peer_args'] or 'none'}, scheduler flags {res['scheduler_args'] or 'none'}")
     lines.append(f"mesh: from peers {res['mesh_from_peers'] / size:.2f}x blob, from registry "
                  f"{res['mesh_from_registry'] / size:.2f}x blob; per-node times {['%.1f' % s for s in res['mesh_node_s']]}")
+    lines.append(f"mesh: CPU of the peers + scheduler {res['mesh_cpu_s']:.1f}s; machine busy "
+                 f"{res['mesh_machine_busy'] * 100:.0f}% of {os.cpu_count()} cores; load average before/after "
+                 f"{res['mesh_load'][0]:.1f}/{res['mesh_load'][1]:.1f}")
     ok_time = res["mesh_s"] <= 1.3 * res["alone_s"]
     ok_egress = res["mesh_egress_app"] <= 1.05 * size
     lines.append(f"TARGET all nodes within 1.3x one node alone: {res['mesh_s'] / res['alone_s']:.2f}x -> "
@@ -247,15 +284,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="examples:\n  python benchmarks/bench_p2p_mesh.py\n"
-                                       "  python benchmarks/bench_p2p_mesh.py --nodes 4 --blob-mb 50 --skip-direct")
+                                       "  python benchmarks/bench_p2p_mesh.py --nodes 4 --blob-mb 50 --skip-direct\n"
+                                       "  python benchmarks/bench_p2p_mesh.py --skip-direct --skip-image --skip-scorers"
+                                       "   # the targets only")
     p.add_argument("--nodes", type=int, default=8)
     p.add_argument("--rate", default="100mbit", help="registry uplink and every node link (tbf)")
     p.add_argument("--blob-mb", type=int, default=200)
     p.add_argument("--het-blob-mb", type=int, default=100, help="blob of the weighted-vs-bandit runs")
     p.add_argument("--skip-direct", action="store_true", help="skip the straight-from-registry runs (slow: N x)")
     p.add_argument("--skip-scorers", action="store_true", help="skip weighted vs bandit")
+    p.add_argument("--skip-image", action="store_true", help="skip the containerd pulls of a real image")
     p.add_argument("--cache", default="/var/cache/remora-test", help="where test blobs/layers are kept")
-    p.add_argument("--workdir", default="/tmp/remora-bench-p2p")
+    p.add_argument("--workdir", default="/tmp/remora-bench-p2p",
+                   help="lab state and logs (emptied at start: peers must not start with the blobs)")
     p.add_argument("--peer-arg", action="append", default=[], metavar="ARG",
                    help="extra flag for every remora peer (repeat; e.g. --peer-arg=--upload-slots=64)")
     p.add_argument("--scheduler-arg", action="append", default=[], metavar="ARG",
@@ -263,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the raw figures here")
     args = p.parse_args(argv)
     cleanup_stale(PREFIX)  # a previous run killed with -9
+    # Peers keep their pieces across runs: a leftover data dir would serve the "fresh" blobs from disk.
+    for sub in ("main", "weighted", "bandit"):
+        shutil.rmtree(Path(args.workdir) / sub, ignore_errors=True)
     res = main_bench(args)
     print(report(res))
     if args.json:

@@ -89,11 +89,14 @@ def register_peer(subparsers) -> None:
     tune.add_argument("--upload-slots", type=int, default=16, help="concurrent uploads (default %(default)s)")
     tune.add_argument("--upload-bandwidth", default="0", metavar="SIZE",
                       help="bytes/s this node can upload, told to the scheduler (e.g. 100MiB; 0 = unknown)")
-    tune.add_argument("--concurrency", type=int, default=8, help="pieces fetched at once per blob (default %(default)s)")
+    tune.add_argument("--concurrency", type=int, default=8,
+                      help="pieces fetched at once per blob from other peers, plus one from a seed that is still "
+                           "streaming the blob (default %(default)s)")
     tune.add_argument("--piece-timeout", default="10s", metavar="DURATION",
-                      help="a piece not received by then (or slower than --min-piece-rate) blocklists its parent "
-                           "(default %(default)s)")
-    tune.add_argument("--min-piece-rate", default="1MiB", metavar="SIZE", help="bytes/s below which a parent crawls (default %(default)s)")
+                      help="a parent that does not start answering by then, or sends a piece slower than "
+                           "--min-piece-rate per upload it serves, is blocklisted (default %(default)s)")
+    tune.add_argument("--min-piece-rate", default="1MiB", metavar="SIZE",
+                      help="bytes/s per upload below which a parent crawls (default %(default)s)")
     tune.add_argument("--max-parent-failures", type=int, default=6,
                       help="parents that failed (blocklisted or busy) before going to the registry (default %(default)s)")
     tune.add_argument("--scheduler-timeout", default="2s", metavar="DURATION", help="deadline of a scheduler RPC (default %(default)s)")

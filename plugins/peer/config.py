@@ -24,6 +24,12 @@ MAX_PIECE_SIZE = 16 * MiB
 #: Aim for about this many pieces per blob: enough to spread a blob over several parents, few enough
 #: that per-piece overhead (one request, one file, one digest) stays negligible.
 TARGET_PIECES = 64
+#: The header of the seed's 503 meaning "this fresh piece went to another child: get it from the children"
+#: (upload.py sends it, download.py understands it).
+RELAYED_HEADER = "X-Remora-Relayed"
+#: How many uploads the parent serves, this one included: its uplink is shared among them, so the child
+#: allows the piece that much longer before calling the parent crawling.
+UPLOADS_HEADER = "X-Remora-Uploads"
 
 
 def piece_size_for(content_length: int) -> int:

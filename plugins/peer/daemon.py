@@ -87,6 +87,7 @@ class PeerDaemon:
         if cfg.schedulers:
             self.sched = SchedulerClient(cfg.schedulers, host, timeout=cfg.scheduler_timeout)
         self.tasks = TaskManager(cfg, self.store, self.upstream, self.sched, self.metrics)
+        upload.fresh = self.tasks.fresh_from_source
         await self.tasks.start()
         mirror = Mirror(self.tasks, self.metrics, cfg.upstream, status_cb=self.status)
         self.mirror_port = await self._serve(mirror.app(), cfg.listen, "mirror")

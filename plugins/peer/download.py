@@ -4,9 +4,12 @@ One :class:`Task` per blob digest, shared by every request for that blob (contai
 snapshotter's range reads, several pulls at once). A request says which pieces it needs and waits; a
 single driver coroutine per task fetches what is missing:
 
-* **children** ask the scheduler for parents, spread the missing pieces over the parents that hold them
-  and fetch them over HTTP from the parents' upload endpoints. Every piece is checked against the piece
-  digest published by the peer that fetched it from the registry. A parent that fails (dies mid-piece,
+* **children** keep a pipeline of piece fetches running over HTTP from the upload endpoints of the
+  parents the scheduler names (refreshed every 100 ms when there is room for more): a piece only the
+  streaming seed has is asked from it by one child (the seed refuses second copies, see upload.py), every
+  other piece comes from the least loaded other child holding it, rarest first, so children relay to
+  each other what they got first. Every piece is checked against the piece digest published by the peer
+  that fetched it from the registry. A parent that fails (dies mid-piece,
   returns corrupt bytes, crawls below ``min_piece_rate``) is blocklisted for the task and the piece is
   fetched elsewhere; after ``max_parent_failures`` failed parents, when the scheduler says so after
   repeated empty scheduling rounds, or when the mesh makes no progress for three piece timeouts, the
@@ -25,16 +28,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import aiohttp
 
 from remora._proto import remora_scheduler_pb2 as pb
-from remora.errors import DigestMismatch, InvalidInput, NotFound, RegistryError, RemoraError
+from remora.errors import DigestMismatch, InvalidInput, NotFound, RegistryError, RemoraError, StorageError
 from remora.plugins.scheduler.client import SchedulerClient, SchedulerRequestError, SchedulerUnavailable
 
-from .config import PeerConfig, piece_size_for
+from .config import RELAYED_HEADER, UPLOADS_HEADER, PeerConfig, piece_size_for
 from .metrics import PeerMetrics
 from .pieces import BlobEntry, PieceStore, sha256_digest
 from .upstream import Upstream
@@ -45,6 +50,19 @@ READ_CHUNK = 256 * 1024
 #: How long wanted pieces may have no holder in the mesh (not even in flight) before this peer fetches
 #: them from the registry itself (capped by the piece timeout).
 ORPHAN_GRACE = 2.0
+#: How often a downloading child refreshes its view of the mesh (parents and the pieces they hold): a
+#: piece a sibling just finished is picked up within that much.
+TICK = 0.1
+#: ... but only while it has free fetch slots and nothing to start; with every slot busy, at least this often.
+MAX_VIEW_AGE = 0.5
+#: A parent that answered 503 (no free upload slot) is left alone this long.
+BUSY_BACKOFF = 0.2
+#: A seed that refused a fresh piece (it sent it to another child moments ago) is not asked for that piece
+#: again before this; meanwhile the piece comes from that child.
+RELAYED_BACKOFF = 0.5
+#: Results are reported in batches of this many, or at least every FLUSH_EVERY seconds.
+FLUSH_BATCH = 16
+FLUSH_EVERY = 0.5
 
 
 @dataclass(frozen=True)
@@ -99,7 +117,21 @@ class Task:
         self._progress_at = time.monotonic()
         self._seen: tuple = ()
         self._streamed_digest = ""                  # sha256 of the blob as streamed into the pieces
+        # children: the whole-blob sha256 runs over the pieces as they land in order (a background task),
+        # so verifying 200 MB at the end costs the few pieces that landed last, not a second pass
+        self._whole: "hashlib._Hash | None" = None
+        self._whole_next = 0                        # pieces 0.._whole_next-1 are in self._whole
+        self._whole_task: asyncio.Task | None = None
         self._orphans_since: float | None = None    # since when wanted pieces have no holder at all
+        # the child's view of the mesh (see _fetch_from_parents)
+        self._parents: dict[str, pb.Parent] = {}     # peer id -> parent, with the pieces it holds
+        self._held: set[int] = set()                # pieces some peer of the task has or fetches
+        self._view_at = 0.0
+        self._load: Counter = Counter()             # parent peer id -> our requests in flight to it
+        self._busy_until: dict[str, float] = {}     # parent peer id -> no request before (503 busy)
+        self._refused: dict[tuple[str, int], float] = {}  # (source parent, piece) -> not before (relayed)
+        self._flushed_at = 0.0
+        self._rng = random.Random()
 
     # -- public ---------------------------------------------------------------------------------------
     @property
@@ -183,7 +215,7 @@ class Task:
                         self._go_to_source("no_scheduler")
                     await self._fetch_from_source(missing)
                 else:
-                    await self._fetch_from_parents(missing)
+                    await self._fetch_from_parents()
         except asyncio.CancelledError:
             self.error = RegistryError(f"{self.digest}: download cancelled (daemon stopping)")
             raise
@@ -211,6 +243,7 @@ class Task:
         log.warning("%s: resetting task: %s", self.digest, why)
         self.entry.reset()
         self._streamed_digest = ""
+        self._whole, self._whole_next = None, 0
         self.wanted.clear()
         self.fetched_from_source.clear()
         self.back_to_source = False
@@ -293,60 +326,95 @@ class Task:
             self._streamed_digest = "sha256:" + whole.hexdigest()
 
     # -- mesh -----------------------------------------------------------------------------------------
-    async def _fetch_from_parents(self, missing: list[int]) -> None:
+    async def _fetch_from_parents(self) -> None:
+        """The child's pipeline: keep up to ``concurrency`` piece fetches running, and pick the next piece
+        whenever one lands or a tick passes, from a view of the mesh refreshed every :data:`TICK`.
+
+        Picking (:meth:`_pick`) follows the capacity of the mesh rather than piece order: a piece that only
+        a *source* parent (the seed, still streaming from the registry) has is asked from it by one child at
+        a time (at most one such request per child; the seed refuses a second copy while the first is on
+        its way, see upload.py), and everyone else gets it from that child. Pieces other children hold come
+        from the least loaded of them, rarest first, so each child's uplink relays what it got first.
+        Returns when nothing wanted is missing, or when the task went back to the registry.
+        """
+        running: dict[asyncio.Task, tuple[int, str]] = {}
+        retry_ms = 0
+        starved = True  # free slots and nothing to start: a fresher view of the mesh may have something
+        try:
+            while not self.back_to_source:
+                missing = self.wanted - self.entry.have
+                if not missing:
+                    return
+                now = time.monotonic()
+                age = now - self._view_at
+                tick = retry_ms / 1000 if retry_ms and not running else TICK  # the scheduler said "wait"
+                if age >= MAX_VIEW_AGE or (starved and age >= tick):
+                    retry_ms = await self._refresh_view()
+                    if self.back_to_source:
+                        return
+                if await self._fetch_orphans(missing):
+                    continue
+                picked, starved = self._pick(missing, running.values())
+                for index, parent in picked:
+                    task = asyncio.get_running_loop().create_task(self._fetch_piece(index, parent))
+                    running[task] = (index, parent.host.peer_id)
+                if not running:
+                    # Nobody holds what we miss (yet): the seed may still be working, so wait as told. The
+                    # scheduler sends us to the registry after repeated empty answers; without it noticing,
+                    # no progress in the mesh for a few piece timeouts does the same.
+                    if time.monotonic() - self._progress_at > 3 * self.cfg.piece_timeout:
+                        self._go_to_source("stalled")
+                        return
+                    await asyncio.sleep(min(max(retry_ms, TICK * 1000), 1000) / 1000)
+                    continue
+                done, _ = await asyncio.wait(running, timeout=TICK, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    del running[task]
+                    task.result()  # a piece failure is handled inside; what escapes (disk full) fails the task
+                self._flush_results()
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            self._flush_results(force=True)
+            self._refused.clear()
+            self._view_at = 0.0  # a later run (more pieces wanted) starts from a fresh view
+
+    async def _refresh_view(self) -> int:
+        """Ask the scheduler for parents (and what they hold); returns its retry-after in ms."""
         if not self.registered:
             resp = await self._register_task()
-            if resp is None:
-                return  # scheduler down: _register_task went back to source
-            if self.back_to_source:
-                return
-            parents, retry = list(resp.parents), resp.retry_after_ms
+            if resp is None or self.back_to_source:
+                return 0  # scheduler down or we are the seed: _register_task went back to source
         else:
             try:
                 resp = await self.m.sched.call(self.digest, "GetParents", pb.GetParentsRequest(
-                    peer_id=self.m.peer_id, task_id=self.digest, exclude=sorted(self.blocklist), limit=8))
+                    peer_id=self.m.peer_id, task_id=self.digest, exclude=sorted(self.blocklist), limit=8,
+                    known_digests=sum(map(bool, self.entry.piece_digests))))
             except (SchedulerUnavailable, SchedulerRequestError) as exc:
                 self._scheduler_down("GetParents", exc)
-                return
+                return 0
             if resp.piece_digests:
                 self.entry.set_piece_digests(list(resp.piece_digests))
             if resp.back_to_source:
                 self._go_to_source(resp.reason or "scheduler")
-                return
-            parents, retry = list(resp.parents), resp.retry_after_ms
-        parents = [p for p in parents if p.host.peer_id not in self.blocklist and p.host.peer_id != self.m.peer_id]
-        seen = (sum(len(p.pieces) for p in parents), sum(len(p.in_flight) for p in parents),
-                sum(map(bool, self.entry.piece_digests)))
+                return 0
+        self._view_at = time.monotonic()
+        self._parents = {p.host.peer_id: p for p in resp.parents
+                         if p.host.peer_id not in self.blocklist and p.host.peer_id != self.m.peer_id}
+        self._held = set(resp.held)
+        seen = (len(self._held), sum(len(p.pieces) for p in resp.parents),
+                sum(len(p.in_flight) for p in resp.parents), sum(map(bool, self.entry.piece_digests)))
         if seen != self._seen:  # the mesh moves (the seed is still streaming): that is progress too
             self._seen, self._progress_at = seen, time.monotonic()
-        if await self._fetch_orphans(missing, parents):
-            return
-        plan = self._plan(missing, parents)
-        if not plan:
-            # Nobody holds what we miss (yet): the seed may still be working, so wait as told. The
-            # scheduler sends us to the registry after repeated empty answers; without it noticing,
-            # no progress in the mesh for a few piece timeouts does the same.
-            if time.monotonic() - self._progress_at > 3 * self.cfg.piece_timeout:
-                self._go_to_source("stalled")
-                return
-            await asyncio.sleep(min(max(retry, 20), 1000) / 1000)
-            return
-        sem = asyncio.Semaphore(self.cfg.concurrency)
+        return resp.retry_after_ms
 
-        async def one(index: int, parent: pb.Parent) -> None:
-            async with sem:
-                if parent.host.peer_id in self.blocklist or index in self.entry.have:
-                    return
-                await self._fetch_piece(index, parent)
-
-        await asyncio.gather(*(one(i, p) for i, p in plan))
-        self._flush_results()
-
-    async def _fetch_orphans(self, missing: list[int], parents: list[pb.Parent]) -> bool:
-        """Pieces no parent has or is fetching (a lazy read of a part nobody read yet) come from the
-        registry after a short grace, without giving up the mesh for the rest of the task."""
-        held = {i for p in parents for i in (*p.pieces, *p.in_flight)}
-        orphans = [i for i in missing if i not in held]
+    async def _fetch_orphans(self, missing: set[int]) -> bool:
+        """Pieces nobody in the mesh has or is fetching (a lazy read of a part nobody read yet) come from
+        the registry after a short grace, without giving up the mesh for the rest of the task. The
+        scheduler's ``held`` covers every peer of the task, not only our parents: a piece the seed is
+        streaming is never an orphan, even when the seed is not among the parents handed to us."""
+        orphans = sorted(i for i in missing if i not in self._held and i not in self._in_flight)
         now = time.monotonic()
         if not orphans:
             self._orphans_since = None
@@ -361,19 +429,72 @@ class Task:
         await self._fetch_from_source(orphans)
         return True
 
-    def _plan(self, missing: list[int], parents: list[pb.Parent]) -> list[tuple[int, pb.Parent]]:
-        """Assign each missing piece (with a known digest) to a parent holding it, spread round-robin."""
-        holders: dict[int, list[pb.Parent]] = {}
-        for p in parents:
-            for i in p.pieces:
-                holders.setdefault(i, []).append(p)
-        plan = []
-        for n, index in enumerate(missing):
-            options = holders.get(index)
-            if not options or not self.entry.piece_digests[index]:
-                continue
-            plan.append((index, options[n % len(options)]))
-        return plan
+    def _pick(self, missing: set[int], running) -> tuple[list[tuple[int, pb.Parent]], bool]:
+        """(piece, parent) pairs to start now, given the ``running`` (piece, parent id) fetches: up to
+        ``concurrency`` from non-source parents, plus one from each source parent; and whether slots were
+        left free for lack of candidates (then the view of the mesh is worth refreshing).
+
+        * A piece some non-source parent has finished comes from one of those, the one we have the fewest
+          requests running to (at most ``per_parent`` each, so every relaying child gets asked), rarest
+          piece first so that what one child got first spreads fastest.
+        * A piece only a source parent has is asked from it with at most one request of ours in flight
+          to that parent (every child then takes a different fresh piece, and the seed's uplink carries
+          each piece about once); pieces another child is already fetching come last.
+        The request to a source does not take one of the ``concurrency`` slots: the source's uplink is
+        the bottleneck of the mesh while it streams and must never idle because our slots are full of
+        (slower) relays.
+        """
+        if not self._parents:
+            return [], True
+        slots = self.cfg.concurrency - sum(1 for _, pid in running
+                                           if not (pid in self._parents and self._parents[pid].source))
+        now = time.monotonic()
+        usable = [p for pid, p in self._parents.items()
+                  if pid not in self.blocklist and self._busy_until.get(pid, 0.0) <= now]
+        if not usable:
+            return [], True
+        per_parent = max(2, -(-self.cfg.concurrency // len(usable)))
+        load = self._load
+        relays: dict[int, list[pb.Parent]] = {}
+        sources: dict[int, list[pb.Parent]] = {}
+        elsewhere: set[int] = set()   # in flight at a non-source parent: it will relay them soon
+        for p in usable:
+            if p.source:
+                for i in p.pieces:
+                    sources.setdefault(i, []).append(p)
+            else:
+                elsewhere.update(p.in_flight)
+                for i in p.pieces:
+                    relays.setdefault(i, []).append(p)
+        digests = self.entry.piece_digests
+        have = self.entry.have  # ``missing`` may be a few awaits old: pieces landed meanwhile
+        candidates = [i for i in missing if i not in self._in_flight and i not in have and digests[i]]
+        rng = self._rng
+        rng.shuffle(candidates)  # ties break differently on every child: fewer collisions on one parent
+        plan: list[tuple[int, pb.Parent]] = []
+        fresh = sorted((i for i in candidates if i not in relays and i in sources), key=lambda i: i in elsewhere)
+        for i in fresh:
+            options = [p for p in sources[i] if load[p.host.peer_id] < 1
+                       and self._refused.get((p.host.peer_id, i), 0.0) <= now]
+            if options:
+                parent = options[0]
+                plan.append((i, parent))
+                load[parent.host.peer_id] += 1  # provisional: _fetch_piece counts it for real
+        relayable = sorted((i for i in candidates if i in relays), key=lambda i: len(relays[i]))
+        for i in relayable:
+            if slots <= 0:
+                break
+            options = [p for p in relays[i] if load[p.host.peer_id] < per_parent]
+            if options:
+                parent = min(options, key=lambda p: load[p.host.peer_id])
+                plan.append((i, parent))
+                load[parent.host.peer_id] += 1
+                slots -= 1
+        for _, parent in plan:  # undo the provisional counts
+            load[parent.host.peer_id] -= 1
+        source_idle = any(p.source and not load[p.host.peer_id] for p in usable) and \
+            not any(parent.source for _, parent in plan)
+        return plan, slots > 0 or source_idle
 
     async def _fetch_piece(self, index: int, parent: pb.Parent) -> None:
         host = parent.host
@@ -381,27 +502,31 @@ class Task:
         size = end - start
         expected = self.entry.piece_digests[index]
         url = f"http://{_url_host(host.ip)}:{host.upload_port}/pieces/{self.digest}/{index}"
-        # A piece must arrive at min_piece_rate at least, with piece_timeout as the floor: slower is crawling.
-        deadline = max(self.cfg.piece_timeout, size / max(self.cfg.min_piece_rate, 1))
+        self._load[host.peer_id] += 1
         t0 = time.monotonic()
         self._in_flight.add(index)
         try:
-            try:
-                data = await asyncio.wait_for(self._get_piece(url, size), deadline)
-            except asyncio.TimeoutError:
-                raise ParentFailure("timeout", f"no complete piece within {deadline:.1f}s (crawling parent)")
+            data, sharing = await self._get_piece(url, size, self._load[host.peer_id])
             actual = await asyncio.to_thread(sha256_digest, data)
             if actual != expected:
                 raise ParentFailure("corrupt", f"piece digest {actual[:19]}, expected {expected[:19]}")
             await self._store(index, data, expected, "peer", time.monotonic() - t0)
+            # The cost the scheduler learns is per unit of the parent's uplink: a piece that took 2 s
+            # while the parent served 8 uploads says the parent moves a piece every 0.25 s. Raw times
+            # swing with the load of a swarm and made the scheduler's slow-peer rule hide busy parents.
             self._results.append(pb.PieceResult(parent_id=host.peer_id, piece=index, success=True,
-                                                cost_us=int((time.monotonic() - t0) * 1e6), size=size))
+                                                cost_us=int((time.monotonic() - t0) / sharing * 1e6), size=size))
         except ParentFailure as exc:
             if exc.reason == "busy":
                 # A parent with no free upload slot is healthy, just loaded: no failure, nothing reported
-                # to the scheduler (which would count it against the parent); the piece is planned again.
+                # to the scheduler (which would count it against the parent); left alone for a moment.
                 self.m.metrics.piece_failures.labels("busy").inc()
-                await asyncio.sleep(0.05)
+                self._busy_until[host.peer_id] = time.monotonic() + BUSY_BACKOFF
+                return
+            if exc.reason == "relayed":
+                # The seed already sent this fresh piece to another child: get it from that child.
+                self.m.metrics.piece_failures.labels("relayed").inc()
+                self._refused[(host.peer_id, index)] = time.monotonic() + RELAYED_BACKOFF
                 return
             # One bad parent counts once however many of its pieces were in flight when it failed.
             if not (exc.blocklist and host.peer_id in self.blocklist):
@@ -418,26 +543,47 @@ class Task:
                 self._go_to_source("parent_failures")
         finally:
             self._in_flight.discard(index)
+            self._load[host.peer_id] -= 1
 
-    async def _get_piece(self, url: str, size: int) -> bytes:
+    async def _get_piece(self, url: str, size: int, mine: int) -> tuple[bytes, int]:
+        """One piece from a parent, within a deadline that accounts for the parent's load, and the number
+        of uploads the parent shared its uplink with.
+
+        The answer must start within ``piece_timeout``. The parent says how many uploads it is serving
+        (``X-Remora-Uploads``); its uplink is shared among them, so the body gets ``size * uploads /
+        min_piece_rate`` (at least ``piece_timeout``): a busy, healthy parent is not mistaken for a
+        crawling one, while a parent slower than ``min_piece_rate`` per upload still is.
+        """
+        cfg = self.cfg
         try:
-            async with self.m.peer_session.get(url) as resp:
-                if resp.status == 503:
-                    raise ParentFailure("busy", "parent has no free upload slot", blocklist=False)
-                if resp.status != 200:
-                    raise ParentFailure("http", f"parent answered {resp.status}")
-                buf = bytearray()
-                async for chunk in resp.content.iter_chunked(READ_CHUNK):
-                    buf += chunk
-                    if len(buf) > size:  # more than a piece: no need to read the rest of a lie
-                        break
-                data = bytes(buf)
+            async with asyncio.timeout(cfg.piece_timeout) as budget:
+                async with self.m.peer_session.get(url) as resp:
+                    if resp.status == 503:
+                        if resp.headers.get(RELAYED_HEADER):
+                            raise ParentFailure("relayed", "the seed sent this piece to another child",
+                                                blocklist=False)
+                        raise ParentFailure("busy", "parent has no free upload slot", blocklist=False)
+                    if resp.status != 200:
+                        raise ParentFailure("http", f"parent answered {resp.status}")
+                    if resp.content_length is None:
+                        raise ParentFailure("http", "parent sent a piece without Content-Length")
+                    if resp.content_length != size:  # no need to read a lie
+                        raise ParentFailure("corrupt", f"piece has {resp.content_length} bytes, expected {size}")
+                    try:
+                        sharing = max(1, mine, int(resp.headers.get(UPLOADS_HEADER, "1")))
+                    except ValueError:
+                        sharing = max(1, mine)
+                    seconds = max(cfg.piece_timeout, size * sharing / max(cfg.min_piece_rate, 1))
+                    budget.reschedule(asyncio.get_running_loop().time() + seconds)
+                    data = await resp.read()  # one buffer, joined in C: no Python per chunk
+        except TimeoutError:
+            raise ParentFailure("timeout", "no complete piece within its deadline (crawling parent)") from None
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             raise ParentFailure("connection", f"{type(exc).__name__}: {exc}") from exc
         if len(data) != size:
             raise ParentFailure("connection" if len(data) < size else "corrupt",
                                 f"piece has {len(data)} bytes, expected {size}")
-        return data
+        return data, sharing
 
     # -- shared ---------------------------------------------------------------------------------------
     async def _store(self, index: int, data: bytes, digest: str, source: str, seconds: float) -> None:
@@ -451,6 +597,37 @@ class Task:
         mt.piece_seconds.labels(source).observe(seconds)
         self._announce_soon()
         self._notify()
+        if source == "peer" and index == self._whole_next and (self._whole_task is None or self._whole_task.done()):
+            self._whole_task = self.m.spawn(self._hash_ahead())
+
+    async def _hash_ahead(self) -> str:
+        """Feed the pieces that are on disk, in order from where it stopped, to the whole-blob hash;
+        returns the digest once every piece is in."""
+        entry = self.entry
+        if self._whole is None:
+            self._whole, self._whole_next = hashlib.sha256(), 0
+        whole = self._whole
+        while self._whole_next < entry.n_pieces and self._whole_next in entry.have:
+            try:
+                await asyncio.to_thread(_feed_piece, entry, self._whole_next, whole)
+            except StorageError:  # evicted or damaged under us: the final check reads everything again
+                return ""
+            if whole is not self._whole:  # the task was reset meanwhile
+                return ""
+            self._whole_next += 1
+        return "sha256:" + whole.hexdigest() if self._whole_next == entry.n_pieces else ""
+
+    async def _whole_digest(self) -> str:
+        if self._streamed_digest:
+            return self._streamed_digest
+        while self._whole_task is not None and not self._whole_task.done():  # one feeder at a time
+            await asyncio.wait([self._whole_task])
+        self._whole_task = self.m.spawn(self._hash_ahead())
+        digest = await self._whole_task
+        if digest == self.digest:
+            return digest
+        # Not the blob's digest (or a piece was replaced after it was hashed): judge on one clean pass.
+        return await asyncio.to_thread(_hash_pieces, self.entry)
 
     async def _verify_whole(self) -> None:
         async with self._verify_lock:
@@ -459,7 +636,7 @@ class Task:
                 return
             if not entry.complete:  # a concurrent verification failed and reset the task
                 raise self.error or InvalidInput(f"{self.digest}: pieces went missing before verification")
-            actual = self._streamed_digest or await asyncio.to_thread(_hash_pieces, entry)
+            actual = await self._whole_digest()
             if actual != self.digest:
                 err = self.error = DigestMismatch(f"blob {self.digest}", self.digest, actual)
                 self.m.metrics.tasks.labels("digest_mismatch").inc()
@@ -511,8 +688,12 @@ class Task:
             log.debug("%s: %s", method, exc)
             return False
 
-    def _flush_results(self) -> None:
-        if self._results and self.m.sched is not None:
+    def _flush_results(self, force: bool = False) -> None:
+        """Report piece results to the scheduler, batched (a child lands dozens of pieces a second)."""
+        if not self._results or self.m.sched is None:
+            return
+        if force or len(self._results) >= FLUSH_BATCH or time.monotonic() - self._flushed_at >= FLUSH_EVERY:
+            self._flushed_at = time.monotonic()
             results, self._results = self._results, []
             self.m.spawn(self._sched("ReportPieceResults", pb.ReportPieceResultsRequest(
                 peer_id=self.m.peer_id, task_id=self.digest, results=results)))
@@ -598,6 +779,13 @@ class TaskManager:
             task.sources.append(source)
         return task
 
+    def fresh_from_source(self, digest: str, index: int) -> bool:
+        """Whether piece ``index`` of ``digest`` came from the registry to this peer, which is still
+        downloading the blob: the upload server then sends it to one child only (see upload.py)."""
+        task = self.tasks.get(digest)
+        return (task is not None and self.sched is not None and not task.entry.verified
+                and index in task.fetched_from_source)
+
     def forget_if_empty(self, digest: str) -> None:
         """Drop a task that never got anything (a 404, a dead registry): no state kept per bad digest."""
         task = self.tasks.get(digest)
@@ -654,6 +842,10 @@ def _hash_piece(data: bytes, whole) -> str:
     if whole is not None:
         whole.update(data)
     return sha256_digest(data)
+
+
+def _feed_piece(entry: BlobEntry, index: int, whole) -> None:
+    whole.update(entry.read_piece(index))
 
 
 def _hash_pieces(entry: BlobEntry) -> str:

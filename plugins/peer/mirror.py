@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import re
 
 from aiohttp import web
@@ -26,7 +27,7 @@ from remora.errors import AuthError, InvalidInput, NotFound, RegistryError, Remo
 
 from .download import Source, TaskManager
 from .metrics import PeerMetrics
-from .pieces import check_digest
+from .pieces import check_digest, send_file
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ MANIFEST_ACCEPT = ", ".join([
 _REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
 _REF_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|sha256:[a-f0-9]{64})$")
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
-SERVE_CHUNK = 1024 * 1024
 
 
 def _error(status: int, code: str, message: str, head: bool = False) -> web.Response:
@@ -194,12 +194,17 @@ class Mirror:
             for index in entry.pieces_for_range(start, end):
                 p_start, p_end = entry.piece_span(index)
                 lo, hi = max(start, p_start) - p_start, min(end, p_end) - p_start
-                data = await asyncio.to_thread(entry.read_piece, index, lo, hi)
-                if len(data) != hi - lo:
-                    raise StorageError(f"{digest}: piece {index} is short on disk")
-                for off in range(0, len(data), SERVE_CHUNK):
-                    await resp.write(data[off:off + SERVE_CHUNK])
-                sent += len(data)
+                try:
+                    fobj = await asyncio.to_thread(open, entry.piece_path(index), "rb")
+                except OSError as exc:
+                    raise StorageError(f"{digest}: cannot read piece {index}: {exc.strerror or exc}") from exc
+                try:
+                    if os.fstat(fobj.fileno()).st_size < hi:
+                        raise StorageError(f"{digest}: piece {index} is short on disk")
+                    await send_file(request, fobj, lo, hi - lo)  # kernel copy: no Python per byte
+                finally:
+                    fobj.close()
+                sent += hi - lo
             await resp.write_eof()
             self.metrics.requests.labels("blob", str(status)).inc()
         except (ConnectionError, asyncio.CancelledError) as exc:

@@ -17,6 +17,7 @@ a response being streamed) are never evicted.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -44,6 +45,22 @@ def check_digest(digest: str) -> str:
 
 def sha256_digest(data: bytes) -> str:
     return DIGEST_PREFIX + hashlib.sha256(data).hexdigest()
+
+
+async def send_file(request, fobj, offset: int, count: int) -> None:
+    """Send ``count`` bytes of an open file from ``offset`` on the response's connection with sendfile(2):
+    the kernel copies from the page cache to the socket (asyncio falls back to reads and writes, with
+    flow control, where sendfile cannot work). The response's headers must be out already
+    (``await resp.prepare(request)``)."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("connection lost")
+    try:
+        await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
+    except RuntimeError as exc:  # asyncio's "Transport is closing": the client went away meanwhile
+        if transport.is_closing():
+            raise ConnectionResetError(f"connection lost: {exc}") from exc
+        raise
 
 
 def _write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:

@@ -4,21 +4,37 @@ Only pieces already on disk are served, and they are on disk only once verified 
 registry by the seed), so nothing half-written ever leaves this node. No registry credential or header
 is involved: a piece is content addressed by the blob digest and its index. Concurrent uploads are
 capped (``upload_slots``); a peer over the cap gets a fast 503 and asks another parent.
+
+**Each fresh piece leaves the seed once.** While this peer streams a blob from the registry, its uplink is
+the bottleneck of the whole mesh: every child wants each new piece the moment it lands, and sending it
+to all of them would split the uplink N ways and make everybody trail the seed. So a piece this peer got
+from the registry, while its download is not finished, is sent to ONE child; a second request for it,
+while that upload runs or within :data:`FRESH_GRACE` after it, gets a fast 503 with the
+``X-Remora-Relayed`` header: "a sibling has it or will have it in a moment, ask them". If that upload
+failed (the child died), the next request after the grace is served. Once the blob is complete here, every
+piece is served to anyone (the tail of a download is what the seed's free uplink helps with).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from typing import Callable
 
 from aiohttp import web
 
-from remora.errors import InvalidInput, StorageError
+from remora.errors import InvalidInput
 
+from .config import RELAYED_HEADER, UPLOADS_HEADER
 from .metrics import PeerMetrics
 from .mirror import healthz
-from .pieces import PieceStore, check_digest
+from .pieces import PieceStore, check_digest, send_file
 
 log = logging.getLogger(__name__)
+
+#: After a fresh piece went to one child, other children are refused it this long (they get it from that
+#: child: piece relay time plus a scheduler tick or two); then the seed serves it again.
+FRESH_GRACE = 2.0
 
 
 class UploadServer:
@@ -27,6 +43,10 @@ class UploadServer:
         self.metrics = metrics
         self.slots = max(1, slots)
         self.active = 0
+        #: (digest, index) -> whether this peer fetched that piece from the registry and is still
+        #: downloading the blob (set by the daemon to TaskManager.fresh_from_source)
+        self.fresh: Callable[[str, int], bool] = lambda digest, index: False
+        self._fresh_uploads: dict[tuple[str, int], list] = {}   # -> [uploads running, end of the last]
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -45,23 +65,40 @@ class UploadServer:
         if entry is None or index not in entry.have:
             self.metrics.upload_pieces.labels("missing").inc()
             return web.Response(status=404, text="piece not here\n")
+        fresh = self._fresh_state(digest, index)
+        if fresh is not None and (fresh[0] or time.monotonic() - fresh[1] < FRESH_GRACE):
+            self.metrics.upload_pieces.labels("relayed").inc()
+            return web.Response(status=503, text="fresh piece already sent to another peer: ask it\n",
+                                headers={RELAYED_HEADER: "1", "Retry-After": "1"})
         if self.active >= self.slots:
             self.metrics.upload_pieces.labels("busy").inc()
             return web.Response(status=503, text="no free upload slot\n", headers={"Retry-After": "1"})
+        if fresh is not None:
+            fresh[0] += 1
+            self.metrics.upload_pieces.labels("fresh").inc()
         self.active += 1
         entry.users += 1
         try:
+            start, end = entry.piece_span(index)
             try:
-                data = await asyncio.to_thread(entry.read_piece, index)
-            except StorageError as exc:  # evicted or damaged under us: this peer does not have it
-                log.warning("%s", exc)
+                fobj = await asyncio.to_thread(open, entry.piece_path(index), "rb")
+            except OSError as exc:  # evicted or damaged under us: this peer does not have it
+                log.warning("%s: cannot read piece %d: %s", digest, index, exc.strerror or exc)
                 self.metrics.upload_pieces.labels("missing").inc()
                 return web.Response(status=404, text="piece not here\n")
-            resp = web.Response(body=data, content_type="application/octet-stream",
-                                headers={"X-Remora-Piece-Size": str(entry.piece_size)})
-            await resp.prepare(request)
-            await resp.write_eof()
-            self.metrics.upload_bytes.inc(len(data))
+            try:
+                resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
+                                                   "Content-Length": str(end - start),
+                                                   "X-Remora-Piece-Size": str(entry.piece_size),
+                                                   UPLOADS_HEADER: str(self.active)})
+                await resp.prepare(request)
+                # sendfile: the kernel copies the piece from the page cache to the socket (8 peers on a
+                # small machine are CPU bound long before their links are full when Python copies it)
+                await send_file(request, fobj, 0, end - start)
+                await resp.write_eof()
+            finally:
+                fobj.close()
+            self.metrics.upload_bytes.inc(end - start)
             self.metrics.upload_pieces.labels("ok").inc()
             entry.touch()
             return resp
@@ -71,3 +108,17 @@ class UploadServer:
         finally:
             self.active -= 1
             entry.users -= 1
+            if fresh is not None:
+                fresh[0] -= 1
+                fresh[1] = time.monotonic()
+
+    def _fresh_state(self, digest: str, index: int) -> list | None:
+        """The upload record of a fresh piece (None when the piece is not fresh here any more)."""
+        key = (digest, index)
+        if not self.fresh(digest, index):
+            self._fresh_uploads.pop(key, None)
+            return None
+        if len(self._fresh_uploads) > 4096:  # blobs finished since: drop what no longer applies
+            for k in [k for k, v in self._fresh_uploads.items() if not v[0] and not self.fresh(*k)]:
+                del self._fresh_uploads[k]
+        return self._fresh_uploads.setdefault(key, [0, float("-inf")])

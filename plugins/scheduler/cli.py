@@ -6,7 +6,7 @@ import argparse
 DESCRIPTION = """\
 Run the P2P scheduler: peers register with it, announce the pieces of each blob they hold (or are
 fetching), and ask it for parents. The first peer of a blob is told to fetch it from the registry (the
-seed); the others get the best few parents, filtered (blocklisted, same host, no data, cycle, slow) and
+seed); the others get the best few parents, filtered (blocklisted, same host, no data, slow) and
 scored (free upload slots, measured bandwidth, probe RTT, locality labels, pieces held).
 
 Run several schedulers for availability: peers spread blobs over them by consistent hashing of the blob

@@ -7,17 +7,22 @@ The drop rules are hard constraints that hold whatever the scorer:
 * ``blocklisted`` — the child excluded the parent, or the parent sent it a corrupt piece / failed
   repeatedly in this task (:meth:`SchedulerState.report_piece`);
 * ``no_data`` — the candidate holds (or fetches) no piece the child still lacks;
-* ``cycle`` — the candidate downloads, directly or not, from the child: handing it out could make two
-  peers wait on each other for a piece neither has, so the parent graph of a task stays acyclic;
 * ``slow`` — the last piece the candidate served in this task cost more than 20x the mean of the earlier
   ones while there are fewer than 30 samples (too few for a distribution), more than mean + 3 sigma once
   there are enough (a normal-distribution outlier). Only a recent last sample counts, or a parent that
   was slow once would stay banned forever (nobody picks it, no new sample ever arrives).
 
+Two children may be each other's parents (a swarm: each relays the pieces it got first to the others).
+That cannot deadlock: a child fetches from a parent only pieces the parent has *finished*; a piece the
+parent is still fetching only tells the child to wait for it, and the parent's own fetch never depends on
+the child. (An acyclic parent graph, as a peer-level DAG, made 8 children of one seed queue behind each
+other: a child that was handed out as a parent could not get pieces from its own children.)
+
 Scoring is pluggable (:class:`Scorer`): :class:`WeightedScorer` here, the UCB bandit in :mod:`.bandit`.
 """
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections import Counter
@@ -26,7 +31,7 @@ from typing import Protocol
 
 from .state import SchedulerState, Task, TaskPeer
 
-DROP_REASONS = ("self", "same_host", "blocklisted", "no_data", "cycle", "slow")
+DROP_REASONS = ("self", "same_host", "blocklisted", "no_data", "slow")
 
 
 @dataclass
@@ -49,7 +54,10 @@ def is_slow(costs: list[float], config: SelectionConfig | None = None) -> bool:
     mean = statistics.fmean(history)
     if len(costs) < config.normal_samples:
         return last > config.slow_factor * mean
-    return last > mean + config.slow_sigmas * statistics.pstdev(history)
+    # Plain float arithmetic: statistics.pstdev is exact (fractions) and was a fifth of the scheduler's
+    # CPU with children asking for parents ten times a second.
+    var = max(0.0, math.fsum(c * c for c in history) / len(history) - mean * mean)
+    return last > mean + config.slow_sigmas * math.sqrt(var)
 
 
 @dataclass
@@ -148,7 +156,7 @@ class ParentSelector:
 
     # -- filtering -----------------------------------------------------------------------------------------
 
-    def drop_reason(self, task: Task, child: TaskPeer, cand: TaskPeer, descendants: set[str]) -> str | None:
+    def drop_reason(self, task: Task, child: TaskPeer, cand: TaskPeer) -> str | None:
         if cand.peer_id == child.peer_id:
             return "self"
         me, other = self.state.peers.get(child.peer_id), self.state.peers.get(cand.peer_id)
@@ -162,8 +170,6 @@ class ParentSelector:
             return "no_data"
         if cand.done and task.total_pieces and len(child.finished) >= task.total_pieces:
             return "no_data"
-        if cand.peer_id in descendants:
-            return "cycle"
         if self.slow(cand):
             return "slow"
         return None
@@ -225,10 +231,9 @@ class ParentSelector:
         else:
             self.rng.shuffle(pool)   # ties in the score then break randomly, not by arrival order
         decision = Decision(parents=[], sampled=len(pool))
-        descendants = task.descendants(child_id)
         kept = []
         for cand in pool:
-            reason = self.drop_reason(task, child, cand, descendants)
+            reason = self.drop_reason(task, child, cand)
             if reason:
                 decision.dropped[reason] += 1
             else:

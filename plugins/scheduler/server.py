@@ -147,7 +147,29 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     def _parent_pb(self, task: Task, tp: TaskPeer, score: float) -> pb.Parent:
         finished = range(task.total_pieces) if tp.done and task.total_pieces else sorted(tp.finished)
         return pb.Parent(host=self._host_pb(tp.peer_id), pieces=finished,
-                         in_flight=sorted(tp.in_flight - tp.finished), score=score)
+                         in_flight=sorted(tp.in_flight - tp.finished), score=score,
+                         source=tp.back_to_source and not tp.done)
+
+    @staticmethod
+    def held(task: Task, child_id: str) -> list[int]:
+        """Pieces some peer of the task other than the child, and not blocklisted by it, has finished or
+        is fetching: what the child may wait for instead of going to the registry."""
+        child = task.peers[child_id]
+        total = task.total_pieces
+        held: set[int] = set()
+        # The seed first: it usually has or streams every piece, and then one set is enough (children ask
+        # several times a second; a union over hundreds of peers each time would not scale).
+        order = sorted(task.peers.values(), key=lambda tp: tp.peer_id != task.seed_peer)
+        for tp in order:
+            if tp.peer_id == child_id or tp.peer_id in child.blocklist:
+                continue
+            if tp.done and total:
+                return list(range(total))
+            held |= tp.finished
+            held |= tp.in_flight
+            if total and len(held) >= total:
+                break
+        return sorted(held)
 
     def _reset(self, reason: str, tasks) -> None:
         for task_id in tasks:
@@ -239,7 +261,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         parents, b2s, retry, reason = self.schedule(task, tp.peer_id)
         return pb.RegisterTaskResponse(back_to_source=b2s, parents=parents, content_length=task.content_length,
                                        piece_size=task.piece_size, piece_digests=task.piece_digests,
-                                       retry_after_ms=retry, reason=reason)
+                                       retry_after_ms=retry, reason=reason,
+                                       held=[] if b2s else self.held(task, tp.peer_id))
 
     @_rpc
     def AnnouncePieces(self, request: pb.AnnouncePiecesRequest) -> pb.Empty:
@@ -259,9 +282,14 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         tp = self.state.join_task(_need(request.peer_id, "peer_id"), task_id)
         task = self.state.tasks[task_id]
         parents, b2s, retry, reason = self.schedule(task, tp.peer_id, request.exclude, request.limit)
+        # Children ask every ~100 ms while they download: the digest list (~70 bytes a piece) goes out
+        # only when the scheduler knows a different number of digests than the caller says it does (more:
+        # the seed hashed new pieces; fewer: the task was reset, and a new seed's digests will follow).
+        known = sum(map(bool, task.piece_digests))
+        digests = task.piece_digests if known != request.known_digests else []
         return pb.GetParentsResponse(parents=parents, back_to_source=b2s, retry_after_ms=retry, reason=reason,
                                      content_length=task.content_length, piece_size=task.piece_size,
-                                     piece_digests=task.piece_digests)
+                                     piece_digests=digests, held=[] if b2s else self.held(task, tp.peer_id))
 
     @_rpc
     def ReportPieceResults(self, request: pb.ReportPieceResultsRequest) -> pb.Empty:

@@ -11,8 +11,8 @@ Vocabulary (as in docs/p2p.md):
 * a *task* is one blob, its id is the blob digest; a peer in a task is a :class:`TaskPeer`;
 * the *seed* is the peer the scheduler sent back to the registry; while no seed is working and no peer
   holds the whole blob, the next peer that asks is elected seed;
-* the *parents* of a peer are the peers it was told to download from; the scheduler keeps that graph
-  acyclic per task (see :meth:`Task.descendants`).
+* the *parents* of a peer are the peers it was told to download from or reported a piece from; two
+  peers may be each other's parents (see :mod:`.selection`). The edges count a parent's upload load.
 """
 from __future__ import annotations
 
@@ -125,17 +125,6 @@ class Task:
         """No peer is fetching from the registry and nobody holds the whole blob."""
         return self.seed_peer is None and not any(tp.done for tp in self.peers.values())
 
-    def descendants(self, peer_id: str) -> set[str]:
-        """Every peer that downloads, directly or not, from ``peer_id``: never a parent for it."""
-        seen: set[str] = set()
-        todo = [peer_id]
-        while todo:
-            for child in self.children_of.get(todo.pop(), ()):
-                if child not in seen and child != peer_id:
-                    seen.add(child)
-                    todo.append(child)
-        return seen
-
     def set_parents(self, child_id: str, parent_ids: Iterable[str]) -> None:
         child = self.peers[child_id]
         for old in child.parents:
@@ -149,11 +138,9 @@ class Task:
             self.children_of.setdefault(parent, set()).add(child_id)
 
     def add_parent(self, child_id: str, parent_id: str) -> bool:
-        """Record an edge the child reports it used, unless it would close a cycle (stale view)."""
+        """Record an edge the child reports it used (it counts in the parent's upload load)."""
         child = self.peers.get(child_id)
-        if child is None or parent_id not in self.peers or parent_id in child.parents:
-            return False
-        if parent_id == child_id or parent_id in self.descendants(child_id):
+        if child is None or parent_id not in self.peers or parent_id in child.parents or parent_id == child_id:
             return False
         child.parents.add(parent_id)
         self.children_of.setdefault(parent_id, set()).add(child_id)
@@ -290,7 +277,7 @@ class SchedulerState:
         tp = task.peers[peer_id]
         tp.back_to_source = True
         tp.schedule_failures = 0
-        # A seed downloads from the registry: it has no parents (and so can never sit in a cycle).
+        # A seed downloads from the registry: it has no parents.
         task.set_parents(peer_id, ())
 
     def announce(self, peer_id: str, task_id: str, finished: Iterable[int], in_flight: Iterable[int],
@@ -303,8 +290,9 @@ class SchedulerState:
         trusted = tp.back_to_source or tp.done or done
         self.learn_metadata(task, content_length, piece_size, digests if trusted else None)
         tp.finished.update(finished)
-        tp.in_flight.update(in_flight)
-        tp.in_flight -= tp.finished
+        # An announcement carries the peer's whole in-flight set: a piece it gave up on (its parent sent it
+        # elsewhere) must not keep looking like it is on its way.
+        tp.in_flight = set(in_flight) - tp.finished
         if done:
             self.mark_done(task, tp)
         return tp

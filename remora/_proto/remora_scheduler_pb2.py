@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16remora_scheduler.proto\x12\x13remora.scheduler.v1\"\x07\n\x05\x45mpty\"\xe7\x01\n\x08PeerHost\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\n\n\x02ip\x18\x03 \x01(\t\x12\x13\n\x0bupload_port\x18\x04 \x01(\r\x12\x39\n\x06labels\x18\x05 \x03(\x0b\x32).remora.scheduler.v1.PeerHost.LabelsEntry\x12\x14\n\x0cupload_slots\x18\x06 \x01(\r\x12\x18\n\x10upload_bandwidth\x18\x07 \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x13RegisterPeerRequest\x12+\n\x04host\x18\x01 \x01(\x0b\x32\x1d.remora.scheduler.v1.PeerHost\"t\n\x14RegisterPeerResponse\x12\x19\n\x11probe_interval_ms\x18\x01 \x01(\r\x12\x1d\n\x15keepalive_interval_ms\x18\x02 \x01(\r\x12\x13\n\x0bpeer_ttl_ms\x18\x03 \x01(\r\x12\r\n\x05known\x18\x04 \x01(\x08\"#\n\x10LeavePeerRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\"c\n\x13RegisterTaskRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontent_length\x18\x03 \x01(\x04\x12\x12\n\npiece_size\x18\x04 \x01(\r\"\xc7\x01\n\x14RegisterTaskResponse\x12\x16\n\x0e\x62\x61\x63k_to_source\x18\x01 \x01(\x08\x12,\n\x07parents\x18\x02 \x03(\x0b\x32\x1b.remora.scheduler.v1.Parent\x12\x16\n\x0e\x63ontent_length\x18\x03 \x01(\x04\x12\x12\n\npiece_size\x18\x04 \x01(\r\x12\x15\n\rpiece_digests\x18\x05 \x03(\t\x12\x16\n\x0eretry_after_ms\x18\x06 \x01(\r\x12\x0e\n\x06reason\x18\x07 \x01(\t\"g\n\x06Parent\x12+\n\x04host\x18\x01 \x01(\x0b\x32\x1d.remora.scheduler.v1.PeerHost\x12\x0e\n\x06pieces\x18\x02 \x03(\r\x12\x11\n\tin_flight\x18\x03 \x03(\r\x12\r\n\x05score\x18\x04 \x01(\x01\"\xaf\x01\n\x15\x41nnouncePiecesRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x10\n\x08\x66inished\x18\x03 \x03(\r\x12\x11\n\tin_flight\x18\x04 \x03(\r\x12\x16\n\x0e\x63ontent_length\x18\x05 \x01(\x04\x12\x12\n\npiece_size\x18\x06 \x01(\r\x12\x15\n\rpiece_digests\x18\x07 \x03(\t\x12\x0c\n\x04\x64one\x18\x08 \x01(\x08\"U\n\x11GetParentsRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07\x65xclude\x18\x03 \x03(\t\x12\r\n\x05limit\x18\x04 \x01(\r\"\xc5\x01\n\x12GetParentsResponse\x12,\n\x07parents\x18\x01 \x03(\x0b\x32\x1b.remora.scheduler.v1.Parent\x12\x16\n\x0e\x62\x61\x63k_to_source\x18\x02 \x01(\x08\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontent_length\x18\x05 \x01(\x04\x12\x12\n\npiece_size\x18\x06 \x01(\r\x12\x15\n\rpiece_digests\x18\x07 \x03(\t\"n\n\x0bPieceResult\x12\x11\n\tparent_id\x18\x01 \x01(\t\x12\r\n\x05piece\x18\x02 \x01(\r\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x0f\n\x07\x63ost_us\x18\x04 \x01(\x04\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"p\n\x19ReportPieceResultsRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x31\n\x07results\x18\x03 \x03(\x0b\x32 .remora.scheduler.v1.PieceResult\"s\n\x17ReportTaskResultRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x16\n\x0e\x62\x61\x63k_to_source\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"4\n\x10LeaveTaskRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"\"\n\x0fStatTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x80\x01\n\x10StatTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontent_length\x18\x02 \x01(\x04\x12\x12\n\npiece_size\x18\x03 \x01(\r\x12\r\n\x05peers\x18\x04 \x03(\t\x12\x11\n\tseed_peer\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\"?\n\x0bProbeResult\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06rtt_us\x18\x02 \x01(\x04\x12\x0f\n\x07success\x18\x03 \x01(\x08\"W\n\x11SyncProbesRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x31\n\x07results\x18\x02 \x03(\x0b\x32 .remora.scheduler.v1.ProbeResult\"_\n\x12SyncProbesResponse\x12.\n\x07targets\x18\x01 \x03(\x0b\x32\x1d.remora.scheduler.v1.PeerHost\x12\x19\n\x11probe_interval_ms\x18\x02 \x01(\r2\xa6\x07\n\tScheduler\x12\x63\n\x0cRegisterPeer\x12(.remora.scheduler.v1.RegisterPeerRequest\x1a).remora.scheduler.v1.RegisterPeerResponse\x12N\n\tLeavePeer\x12%.remora.scheduler.v1.LeavePeerRequest\x1a\x1a.remora.scheduler.v1.Empty\x12\x63\n\x0cRegisterTask\x12(.remora.scheduler.v1.RegisterTaskRequest\x1a).remora.scheduler.v1.RegisterTaskResponse\x12X\n\x0e\x41nnouncePieces\x12*.remora.scheduler.v1.AnnouncePiecesRequest\x1a\x1a.remora.scheduler.v1.Empty\x12]\n\nGetParents\x12&.remora.scheduler.v1.GetParentsRequest\x1a\'.remora.scheduler.v1.GetParentsResponse\x12`\n\x12ReportPieceResults\x12..remora.scheduler.v1.ReportPieceResultsRequest\x1a\x1a.remora.scheduler.v1.Empty\x12\\\n\x10ReportTaskResult\x12,.remora.scheduler.v1.ReportTaskResultRequest\x1a\x1a.remora.scheduler.v1.Empty\x12N\n\tLeaveTask\x12%.remora.scheduler.v1.LeaveTaskRequest\x1a\x1a.remora.scheduler.v1.Empty\x12W\n\x08StatTask\x12$.remora.scheduler.v1.StatTaskRequest\x1a%.remora.scheduler.v1.StatTaskResponse\x12]\n\nSyncProbes\x12&.remora.scheduler.v1.SyncProbesRequest\x1a\'.remora.scheduler.v1.SyncProbesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16remora_scheduler.proto\x12\x13remora.scheduler.v1\"\x07\n\x05\x45mpty\"\xe7\x01\n\x08PeerHost\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\n\n\x02ip\x18\x03 \x01(\t\x12\x13\n\x0bupload_port\x18\x04 \x01(\r\x12\x39\n\x06labels\x18\x05 \x03(\x0b\x32).remora.scheduler.v1.PeerHost.LabelsEntry\x12\x14\n\x0cupload_slots\x18\x06 \x01(\r\x12\x18\n\x10upload_bandwidth\x18\x07 \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x13RegisterPeerRequest\x12+\n\x04host\x18\x01 \x01(\x0b\x32\x1d.remora.scheduler.v1.PeerHost\"t\n\x14RegisterPeerResponse\x12\x19\n\x11probe_interval_ms\x18\x01 \x01(\r\x12\x1d\n\x15keepalive_interval_ms\x18\x02 \x01(\r\x12\x13\n\x0bpeer_ttl_ms\x18\x03 \x01(\r\x12\r\n\x05known\x18\x04 \x01(\x08\"#\n\x10LeavePeerRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\"c\n\x13RegisterTaskRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontent_length\x18\x03 \x01(\x04\x12\x12\n\npiece_size\x18\x04 \x01(\r\"\xd5\x01\n\x14RegisterTaskResponse\x12\x16\n\x0e\x62\x61\x63k_to_source\x18\x01 \x01(\x08\x12,\n\x07parents\x18\x02 \x03(\x0b\x32\x1b.remora.scheduler.v1.Parent\x12\x16\n\x0e\x63ontent_length\x18\x03 \x01(\x04\x12\x12\n\npiece_size\x18\x04 \x01(\r\x12\x15\n\rpiece_digests\x18\x05 \x03(\t\x12\x16\n\x0eretry_after_ms\x18\x06 \x01(\r\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0c\n\x04held\x18\x08 \x03(\r\"w\n\x06Parent\x12+\n\x04host\x18\x01 \x01(\x0b\x32\x1d.remora.scheduler.v1.PeerHost\x12\x0e\n\x06pieces\x18\x02 \x03(\r\x12\x11\n\tin_flight\x18\x03 \x03(\r\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x0e\n\x06source\x18\x05 \x01(\x08\"\xaf\x01\n\x15\x41nnouncePiecesRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x10\n\x08\x66inished\x18\x03 \x03(\r\x12\x11\n\tin_flight\x18\x04 \x03(\r\x12\x16\n\x0e\x63ontent_length\x18\x05 \x01(\x04\x12\x12\n\npiece_size\x18\x06 \x01(\r\x12\x15\n\rpiece_digests\x18\x07 \x03(\t\x12\x0c\n\x04\x64one\x18\x08 \x01(\x08\"l\n\x11GetParentsRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07\x65xclude\x18\x03 \x03(\t\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x15\n\rknown_digests\x18\x05 \x01(\r\"\xd3\x01\n\x12GetParentsResponse\x12,\n\x07parents\x18\x01 \x03(\x0b\x32\x1b.remora.scheduler.v1.Parent\x12\x16\n\x0e\x62\x61\x63k_to_source\x18\x02 \x01(\x08\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontent_length\x18\x05 \x01(\x04\x12\x12\n\npiece_size\x18\x06 \x01(\r\x12\x15\n\rpiece_digests\x18\x07 \x03(\t\x12\x0c\n\x04held\x18\x08 \x03(\r\"n\n\x0bPieceResult\x12\x11\n\tparent_id\x18\x01 \x01(\t\x12\r\n\x05piece\x18\x02 \x01(\r\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x0f\n\x07\x63ost_us\x18\x04 \x01(\x04\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"p\n\x19ReportPieceResultsRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x31\n\x07results\x18\x03 \x03(\x0b\x32 .remora.scheduler.v1.PieceResult\"s\n\x17ReportTaskResultRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x16\n\x0e\x62\x61\x63k_to_source\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"4\n\x10LeaveTaskRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"\"\n\x0fStatTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x80\x01\n\x10StatTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontent_length\x18\x02 \x01(\x04\x12\x12\n\npiece_size\x18\x03 \x01(\r\x12\r\n\x05peers\x18\x04 \x03(\t\x12\x11\n\tseed_peer\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\"?\n\x0bProbeResult\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06rtt_us\x18\x02 \x01(\x04\x12\x0f\n\x07success\x18\x03 \x01(\x08\"W\n\x11SyncProbesRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x31\n\x07results\x18\x02 \x03(\x0b\x32 .remora.scheduler.v1.ProbeResult\"_\n\x12SyncProbesResponse\x12.\n\x07targets\x18\x01 \x03(\x0b\x32\x1d.remora.scheduler.v1.PeerHost\x12\x19\n\x11probe_interval_ms\x18\x02 \x01(\r2\xa6\x07\n\tScheduler\x12\x63\n\x0cRegisterPeer\x12(.remora.scheduler.v1.RegisterPeerRequest\x1a).remora.scheduler.v1.RegisterPeerResponse\x12N\n\tLeavePeer\x12%.remora.scheduler.v1.LeavePeerRequest\x1a\x1a.remora.scheduler.v1.Empty\x12\x63\n\x0cRegisterTask\x12(.remora.scheduler.v1.RegisterTaskRequest\x1a).remora.scheduler.v1.RegisterTaskResponse\x12X\n\x0e\x41nnouncePieces\x12*.remora.scheduler.v1.AnnouncePiecesRequest\x1a\x1a.remora.scheduler.v1.Empty\x12]\n\nGetParents\x12&.remora.scheduler.v1.GetParentsRequest\x1a\'.remora.scheduler.v1.GetParentsResponse\x12`\n\x12ReportPieceResults\x12..remora.scheduler.v1.ReportPieceResultsRequest\x1a\x1a.remora.scheduler.v1.Empty\x12\\\n\x10ReportTaskResult\x12,.remora.scheduler.v1.ReportTaskResultRequest\x1a\x1a.remora.scheduler.v1.Empty\x12N\n\tLeaveTask\x12%.remora.scheduler.v1.LeaveTaskRequest\x1a\x1a.remora.scheduler.v1.Empty\x12W\n\x08StatTask\x12$.remora.scheduler.v1.StatTaskRequest\x1a%.remora.scheduler.v1.StatTaskResponse\x12]\n\nSyncProbes\x12&.remora.scheduler.v1.SyncProbesRequest\x1a\'.remora.scheduler.v1.SyncProbesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,33 +48,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERTASKREQUEST']._serialized_start=513
   _globals['_REGISTERTASKREQUEST']._serialized_end=612
   _globals['_REGISTERTASKRESPONSE']._serialized_start=615
-  _globals['_REGISTERTASKRESPONSE']._serialized_end=814
-  _globals['_PARENT']._serialized_start=816
-  _globals['_PARENT']._serialized_end=919
-  _globals['_ANNOUNCEPIECESREQUEST']._serialized_start=922
-  _globals['_ANNOUNCEPIECESREQUEST']._serialized_end=1097
-  _globals['_GETPARENTSREQUEST']._serialized_start=1099
-  _globals['_GETPARENTSREQUEST']._serialized_end=1184
-  _globals['_GETPARENTSRESPONSE']._serialized_start=1187
-  _globals['_GETPARENTSRESPONSE']._serialized_end=1384
-  _globals['_PIECERESULT']._serialized_start=1386
-  _globals['_PIECERESULT']._serialized_end=1496
-  _globals['_REPORTPIECERESULTSREQUEST']._serialized_start=1498
-  _globals['_REPORTPIECERESULTSREQUEST']._serialized_end=1610
-  _globals['_REPORTTASKRESULTREQUEST']._serialized_start=1612
-  _globals['_REPORTTASKRESULTREQUEST']._serialized_end=1727
-  _globals['_LEAVETASKREQUEST']._serialized_start=1729
-  _globals['_LEAVETASKREQUEST']._serialized_end=1781
-  _globals['_STATTASKREQUEST']._serialized_start=1783
-  _globals['_STATTASKREQUEST']._serialized_end=1817
-  _globals['_STATTASKRESPONSE']._serialized_start=1820
-  _globals['_STATTASKRESPONSE']._serialized_end=1948
-  _globals['_PROBERESULT']._serialized_start=1950
-  _globals['_PROBERESULT']._serialized_end=2013
-  _globals['_SYNCPROBESREQUEST']._serialized_start=2015
-  _globals['_SYNCPROBESREQUEST']._serialized_end=2102
-  _globals['_SYNCPROBESRESPONSE']._serialized_start=2104
-  _globals['_SYNCPROBESRESPONSE']._serialized_end=2199
-  _globals['_SCHEDULER']._serialized_start=2202
-  _globals['_SCHEDULER']._serialized_end=3136
+  _globals['_REGISTERTASKRESPONSE']._serialized_end=828
+  _globals['_PARENT']._serialized_start=830
+  _globals['_PARENT']._serialized_end=949
+  _globals['_ANNOUNCEPIECESREQUEST']._serialized_start=952
+  _globals['_ANNOUNCEPIECESREQUEST']._serialized_end=1127
+  _globals['_GETPARENTSREQUEST']._serialized_start=1129
+  _globals['_GETPARENTSREQUEST']._serialized_end=1237
+  _globals['_GETPARENTSRESPONSE']._serialized_start=1240
+  _globals['_GETPARENTSRESPONSE']._serialized_end=1451
+  _globals['_PIECERESULT']._serialized_start=1453
+  _globals['_PIECERESULT']._serialized_end=1563
+  _globals['_REPORTPIECERESULTSREQUEST']._serialized_start=1565
+  _globals['_REPORTPIECERESULTSREQUEST']._serialized_end=1677
+  _globals['_REPORTTASKRESULTREQUEST']._serialized_start=1679
+  _globals['_REPORTTASKRESULTREQUEST']._serialized_end=1794
+  _globals['_LEAVETASKREQUEST']._serialized_start=1796
+  _globals['_LEAVETASKREQUEST']._serialized_end=1848
+  _globals['_STATTASKREQUEST']._serialized_start=1850
+  _globals['_STATTASKREQUEST']._serialized_end=1884
+  _globals['_STATTASKRESPONSE']._serialized_start=1887
+  _globals['_STATTASKRESPONSE']._serialized_end=2015
+  _globals['_PROBERESULT']._serialized_start=2017
+  _globals['_PROBERESULT']._serialized_end=2080
+  _globals['_SYNCPROBESREQUEST']._serialized_start=2082
+  _globals['_SYNCPROBESREQUEST']._serialized_end=2169
+  _globals['_SYNCPROBESRESPONSE']._serialized_start=2171
+  _globals['_SYNCPROBESRESPONSE']._serialized_end=2266
+  _globals['_SCHEDULER']._serialized_start=2269
+  _globals['_SCHEDULER']._serialized_end=3203
 # @@protoc_insertion_point(module_scope)

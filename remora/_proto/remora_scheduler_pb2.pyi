@@ -72,7 +72,7 @@ class RegisterTaskRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., task_id: _Optional[str] = ..., content_length: _Optional[int] = ..., piece_size: _Optional[int] = ...) -> None: ...
 
 class RegisterTaskResponse(_message.Message):
-    __slots__ = ("back_to_source", "parents", "content_length", "piece_size", "piece_digests", "retry_after_ms", "reason")
+    __slots__ = ("back_to_source", "parents", "content_length", "piece_size", "piece_digests", "retry_after_ms", "reason", "held")
     BACK_TO_SOURCE_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     CONTENT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class RegisterTaskResponse(_message.Message):
     PIECE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     back_to_source: bool
     parents: _containers.RepeatedCompositeFieldContainer[Parent]
     content_length: int
@@ -87,19 +88,22 @@ class RegisterTaskResponse(_message.Message):
     piece_digests: _containers.RepeatedScalarFieldContainer[str]
     retry_after_ms: int
     reason: str
-    def __init__(self, back_to_source: _Optional[bool] = ..., parents: _Optional[_Iterable[_Union[Parent, _Mapping]]] = ..., content_length: _Optional[int] = ..., piece_size: _Optional[int] = ..., piece_digests: _Optional[_Iterable[str]] = ..., retry_after_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    held: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, back_to_source: _Optional[bool] = ..., parents: _Optional[_Iterable[_Union[Parent, _Mapping]]] = ..., content_length: _Optional[int] = ..., piece_size: _Optional[int] = ..., piece_digests: _Optional[_Iterable[str]] = ..., retry_after_ms: _Optional[int] = ..., reason: _Optional[str] = ..., held: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Parent(_message.Message):
-    __slots__ = ("host", "pieces", "in_flight", "score")
+    __slots__ = ("host", "pieces", "in_flight", "score", "source")
     HOST_FIELD_NUMBER: _ClassVar[int]
     PIECES_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     host: PeerHost
     pieces: _containers.RepeatedScalarFieldContainer[int]
     in_flight: _containers.RepeatedScalarFieldContainer[int]
     score: float
-    def __init__(self, host: _Optional[_Union[PeerHost, _Mapping]] = ..., pieces: _Optional[_Iterable[int]] = ..., in_flight: _Optional[_Iterable[int]] = ..., score: _Optional[float] = ...) -> None: ...
+    source: bool
+    def __init__(self, host: _Optional[_Union[PeerHost, _Mapping]] = ..., pieces: _Optional[_Iterable[int]] = ..., in_flight: _Optional[_Iterable[int]] = ..., score: _Optional[float] = ..., source: _Optional[bool] = ...) -> None: ...
 
 class AnnouncePiecesRequest(_message.Message):
     __slots__ = ("peer_id", "task_id", "finished", "in_flight", "content_length", "piece_size", "piece_digests", "done")
@@ -122,19 +126,21 @@ class AnnouncePiecesRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., task_id: _Optional[str] = ..., finished: _Optional[_Iterable[int]] = ..., in_flight: _Optional[_Iterable[int]] = ..., content_length: _Optional[int] = ..., piece_size: _Optional[int] = ..., piece_digests: _Optional[_Iterable[str]] = ..., done: _Optional[bool] = ...) -> None: ...
 
 class GetParentsRequest(_message.Message):
-    __slots__ = ("peer_id", "task_id", "exclude", "limit")
+    __slots__ = ("peer_id", "task_id", "exclude", "limit", "known_digests")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     task_id: str
     exclude: _containers.RepeatedScalarFieldContainer[str]
     limit: int
-    def __init__(self, peer_id: _Optional[str] = ..., task_id: _Optional[str] = ..., exclude: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ...) -> None: ...
+    known_digests: int
+    def __init__(self, peer_id: _Optional[str] = ..., task_id: _Optional[str] = ..., exclude: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., known_digests: _Optional[int] = ...) -> None: ...
 
 class GetParentsResponse(_message.Message):
-    __slots__ = ("parents", "back_to_source", "retry_after_ms", "reason", "content_length", "piece_size", "piece_digests")
+    __slots__ = ("parents", "back_to_source", "retry_after_ms", "reason", "content_length", "piece_size", "piece_digests", "held")
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     BACK_TO_SOURCE_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +148,7 @@ class GetParentsResponse(_message.Message):
     CONTENT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     PIECE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PIECE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     parents: _containers.RepeatedCompositeFieldContainer[Parent]
     back_to_source: bool
     retry_after_ms: int
@@ -149,7 +156,8 @@ class GetParentsResponse(_message.Message):
     content_length: int
     piece_size: int
     piece_digests: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, parents: _Optional[_Iterable[_Union[Parent, _Mapping]]] = ..., back_to_source: _Optional[bool] = ..., retry_after_ms: _Optional[int] = ..., reason: _Optional[str] = ..., content_length: _Optional[int] = ..., piece_size: _Optional[int] = ..., piece_digests: _Optional[_Iterable[str]] = ...) -> None: ...
+    held: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, parents: _Optional[_Iterable[_Union[Parent, _Mapping]]] = ..., back_to_source: _Optional[bool] = ..., retry_after_ms: _Optional[int] = ..., reason: _Optional[str] = ..., content_length: _Optional[int] = ..., piece_size: _Optional[int] = ..., piece_digests: _Optional[_Iterable[str]] = ..., held: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PieceResult(_message.Message):
     __slots__ = ("parent_id", "piece", "success", "cost_us", "size", "error")

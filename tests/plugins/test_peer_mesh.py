@@ -267,3 +267,54 @@ async def test_children_wait_for_a_slow_seed_instead_of_hitting_the_registry(sch
     for c in children:
         assert counter(c, "remora_peer_download_bytes_total", source="registry") == 0, c.cfg.peer_id
         assert counter(c, "remora_peer_download_bytes_total", source="peer") == BLOB_SIZE
+    # Each fresh piece left the seed once (to one child), the other child got it from that child: the
+    # seed answered "relayed" to second requests, and the children served each other.
+    n_pieces = seed.store.get(digest).n_pieces
+    assert counter(seed, "remora_peer_upload_pieces_total", result="fresh") <= n_pieces
+    assert counter(seed, "remora_peer_upload_pieces_total", result="relayed") >= 1
+    assert sum(counter(c, "remora_peer_upload_bytes_total") for c in children) > 0
+
+
+async def test_a_fresh_piece_is_uploaded_once_while_the_seed_streams(tmp_path):
+    """The upload rule behind "each piece leaves the seed once": while a piece is fresh (this peer got it
+    from the registry and is still downloading the blob), a second request gets a fast 503 marked
+    relayed, during the upload and for a grace after it; once the blob is complete, anyone gets it."""
+    from remora.plugins.peer.config import RELAYED_HEADER, UPLOADS_HEADER
+    from remora.plugins.peer.metrics import PeerMetrics
+    from remora.plugins.peer.pieces import PieceStore, sha256_digest
+    from remora.plugins.peer.upload import UploadServer
+
+    data = os.urandom(2 * MIN_PIECE_SIZE)
+    digest = sha256_digest(data)
+    store = PieceStore(tmp_path)
+    entry = store.open(digest)
+    entry.set_layout(len(data), MIN_PIECE_SIZE)
+    for i in range(entry.n_pieces):
+        piece = data[i * MIN_PIECE_SIZE:(i + 1) * MIN_PIECE_SIZE]
+        entry.write_piece(i, piece, sha256_digest(piece))
+        entry.commit_piece(i, sha256_digest(piece))
+    metrics = PeerMetrics()
+    upload = UploadServer(store, metrics, slots=4)
+    streaming = {"on": True}
+    upload.fresh = lambda d, i: streaming["on"] and d == digest
+    runner = web.AppRunner(upload.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/pieces/{digest}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{base}/0") as r:
+                assert r.status == 200 and await r.read() == data[:MIN_PIECE_SIZE]
+                assert r.headers[UPLOADS_HEADER] == "1"
+            async with s.get(f"{base}/0") as r:    # the same fresh piece again, within the grace
+                assert r.status == 503 and r.headers.get(RELAYED_HEADER) == "1"
+            async with s.get(f"{base}/1") as r:    # another fresh piece: not sent to anyone yet
+                assert r.status == 200 and await r.read() == data[MIN_PIECE_SIZE:]
+            streaming["on"] = False                 # the blob is complete here: the rule no longer applies
+            async with s.get(f"{base}/0") as r:
+                assert r.status == 200 and await r.read() == data[:MIN_PIECE_SIZE]
+    finally:
+        await runner.cleanup()
+    assert metrics.registry.get_sample_value("remora_peer_upload_pieces_total", {"result": "fresh"}) == 2
+    assert metrics.registry.get_sample_value("remora_peer_upload_pieces_total", {"result": "relayed"}) == 1

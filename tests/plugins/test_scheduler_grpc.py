@@ -253,3 +253,43 @@ def test_cli_serves_grpc_and_metrics_and_stops_on_sigterm(tmp_path):
         assert d.proc.returncode == 0, d.log_tail()
     finally:
         d.stop(grace=2)
+
+
+async def test_held_covers_the_whole_task_and_source_marks_a_streaming_seed(sched):
+    """``held`` lists what anyone (not blocklisted by the caller) has or fetches, parent or not: a child
+    never goes to the registry for a piece the seed is streaming. ``source`` marks the streaming seed
+    (children fetch each of its fresh pieces once), not a peer that merely holds the whole blob."""
+    server, stub = sched
+    digests = [f"sha256:{i:064x}" for i in range(6)]
+    for pid in ("seed", "relay", "child"):
+        await register(stub, pid)
+    assert (await stub.RegisterTask(pb.RegisterTaskRequest(peer_id="seed", task_id=TASK))).back_to_source
+    await stub.AnnouncePieces(pb.AnnouncePiecesRequest(
+        peer_id="seed", task_id=TASK, finished=[0, 1], in_flight=[2, 3, 4], content_length=6 * PIECE,
+        piece_size=PIECE, piece_digests=digests[:2] + [""] * 4))
+    await stub.AnnouncePieces(pb.AnnouncePiecesRequest(peer_id="relay", task_id=TASK, finished=[0], in_flight=[1]))
+    r = await stub.RegisterTask(pb.RegisterTaskRequest(peer_id="child", task_id=TASK))
+    assert list(r.held) == [0, 1, 2, 3, 4]          # piece 5: nobody has it or fetches it
+    source = {p.host.peer_id: p.source for p in r.parents}
+    assert source == {"seed": True, "relay": False}
+
+    # the relay gave up on piece 1 (the seed sent it elsewhere): its next announcement says so
+    await stub.AnnouncePieces(pb.AnnouncePiecesRequest(peer_id="relay", task_id=TASK, finished=[0], in_flight=[]))
+    r = await stub.GetParents(pb.GetParentsRequest(peer_id="child", task_id=TASK, limit=8))
+    relay = next(p for p in r.parents if p.host.peer_id == "relay")
+    assert list(relay.in_flight) == []
+    assert len(r.piece_digests) == 6                 # the caller said it knows no digest yet
+    r = await stub.GetParents(pb.GetParentsRequest(peer_id="child", task_id=TASK, limit=8, known_digests=2))
+    assert list(r.piece_digests) == []               # nothing new for it: the list is left out
+
+    # a blocklisted seed's pieces are not "held" for that child any more: they may become orphans
+    r = await stub.GetParents(pb.GetParentsRequest(peer_id="child", task_id=TASK, limit=8, exclude=["seed"]))
+    assert list(r.held) == [0] and [p.host.peer_id for p in r.parents] == ["relay"]
+
+    # once the seed is done it is an ordinary complete parent, and everything is held
+    await stub.AnnouncePieces(pb.AnnouncePiecesRequest(peer_id="seed", task_id=TASK, finished=range(6),
+                                                       piece_digests=digests, done=True))
+    await register(stub, "late")
+    r = await stub.RegisterTask(pb.RegisterTaskRequest(peer_id="late", task_id=TASK))
+    assert list(r.held) == list(range(6))
+    assert {p.host.peer_id: p.source for p in r.parents}["seed"] is False
