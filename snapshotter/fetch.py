@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -253,10 +253,24 @@ class ChunkFetcher:
         return jobs
 
     def _run_job(self, job: _Job) -> None:
-        """Fetch one merged range; resolve the futures of its frames (result or error) no matter what."""
+        """Fetch one merged range; resolve the futures of its frames (result or error) no matter what.
+
+        Each frame's future is resolved the moment that frame is verified, while the rest of the range
+        is still arriving: a reader (or the container behind it) waiting for the first frames of a
+        large prefetch range does not wait for the whole range."""
         pending = list(job.frames)
         results: dict[int, dict[bytes, bytes]] = {}
         failures: list[str] = []
+
+        def deliver(fid: int, chunks: dict[bytes, bytes]) -> None:
+            results[fid] = chunks
+            for d, b in chunks.items():
+                self._mem_put(d, b)
+            with self._lock:
+                # stays in ``_inflight`` (done) until the chunks are on disk: a reader arriving
+                # meanwhile takes them from the future
+                self._inflight[fid].set_result(chunks)
+
         try:
             last = len(self.sources) - 1
             for i, source in enumerate(self.sources):
@@ -265,30 +279,20 @@ class ChunkFetcher:
                 if i < last and time.monotonic() < self._down_until.get(i, 0.0):
                     failures.append(f"{source.name}: skipped (failed less than {self.cooldown:.0f}s ago)")
                     continue
-                pending, unreachable = self._try_source(source, job.blob, pending, results, failures)
+                pending, unreachable = self._try_source(source, job.blob, pending, deliver, failures)
                 if unreachable:
                     self._down_until[i] = time.monotonic() + self.cooldown
         except BaseException as exc:  # a bug must not leave readers waiting forever
             log.exception("fetch of %s failed unexpectedly", job.blob)
             failures.append(f"internal error: {exc!r}")
-        for chunks in results.values():
-            for d, b in chunks.items():
-                self._mem_put(d, b)
-        err = None
-        if pending:
-            self.stats.add("fetch_failures", len(pending))
-            err = FetchError(f"cannot fetch {len(pending)} frame(s) of {job.blob}: " + "; ".join(failures))
+        missing = [fid for fid, _ in job.frames if fid not in results]
+        if missing:
+            self.stats.add("fetch_failures", len(missing))
+            err = FetchError(f"cannot fetch {len(missing)} frame(s) of {job.blob}: " + "; ".join(failures))
             log.error("%s", err)
-        # Readers are released before the disk write; the completed futures stay in ``_inflight``
-        # until the chunks are on disk, so a reader arriving meanwhile takes them from there.
-        with self._lock:
-            for fid, _ in job.frames:
-                fut = self._inflight[fid]
-                if fid in results:
-                    fut.set_result(results[fid])
-                else:
-                    fut.set_exception(err)
-                    del self._inflight[fid]
+            with self._lock:
+                for fid in missing:
+                    self._inflight.pop(fid).set_exception(err)
         to_cache = [(d, b) for chunks in results.values() for d, b in chunks.items()]
         try:
             if to_cache:
@@ -301,54 +305,76 @@ class ChunkFetcher:
                     self._inflight.pop(fid, None)
                 self._stored.notify_all()
 
-    def _try_source(self, source, blob: str, frames: list[tuple[int, Frame]],
-                    results: dict, failures: list[str]) -> tuple[list[tuple[int, Frame]], bool]:
-        """One range request for ``frames`` from ``source``.
+    def _try_source(self, source, blob: str, frames: list[tuple[int, Frame]], deliver,
+                    failures: list[str]) -> tuple[list[tuple[int, Frame]], bool]:
+        """One range request for ``frames`` (sorted by offset) from ``source``, cut into frames as the
+        body streams in; each verified frame goes to ``deliver`` at once.
 
-        Returns the frames still not verified, and whether the source looked unreachable.
+        Returns the frames still not verified (in offset order), and whether the source looked
+        unreachable. Frames delivered before a failure stay delivered: their bytes were verified.
         """
         start = frames[0][1].offset
         end = frames[-1][1].offset + frames[-1][1].csize - 1
         self.stats.add("requests")
         if len(frames) > 1:
             self.stats.add("merged_requests")
+        queue = deque(frames)
+        bad: list[tuple[int, Frame]] = []
+        buf = bytearray()
+        base = start       # blob offset of buf[0]
+        received = 0
+
+        def sink(piece: bytes) -> None:
+            nonlocal base, received
+            buf.extend(piece)
+            received += len(piece)
+            while queue and queue[0][1].offset + queue[0][1].csize <= base + len(buf):
+                fid, fr = queue.popleft()
+                lo = fr.offset - base
+                self._verify_frame(source.name, blob, fid, fr, bytes(buf[lo:lo + fr.csize]), deliver, bad, failures)
+                del buf[:lo + fr.csize]
+                base = fr.offset + fr.csize
+
         t0 = time.monotonic()
         try:
-            data = source.read_range(blob, start, end)
+            source.read_range(blob, start, end, sink=sink)
         except (NotFound, InvalidInput) as exc:  # the source answered: it is up, just not helpful
             self.stats.add("source_errors")
             log.info("%s", exc)  # the final FetchError (logged as an error) lists every source's failure
             failures.append(str(exc))
-            return frames, False
+            return bad + list(queue), False
         except RemoraError as exc:  # unreachable, timed out, 5xx, auth: worth a cool-down
             self.stats.add("source_errors")
             log.info("%s", exc)
             failures.append(str(exc))
-            return frames, True
-        self.stats.add("bytes_fetched", len(data))
+            return bad + list(queue), True
+        finally:
+            self.stats.add("bytes_fetched", received)
         log.debug("%s: %s bytes %d-%d (%d frames) in %.3fs", source.name, blob[:19], start, end, len(frames),
                   time.monotonic() - t0)
-        left = []
-        for fid, fr in frames:
-            raw = data[fr.offset - start: fr.offset - start + fr.csize]
-            where = f"{source.name}: {blob} frame@{fr.offset}"
-            try:
-                plain = decompress_frame(raw, fr.usize, where)
-                chunks = {}
-                with self.bootstrap.pooled() as db:
-                    members = self.bootstrap.frame_chunks(fid, db)
-                for c in members:
-                    chunks[c.digest] = verify_chunk(plain[c.frame_offset:c.frame_offset + c.size], c.digest, where)
-            except InvalidInput as exc:
-                self.stats.add("verify_failures")
-                log.error("%s", exc)
-                failures.append(str(exc))
-                left.append((fid, fr))
-                continue
-            self.stats.add("frames_fetched")
-            self.stats.add("chunks_verified", len(chunks))
-            results[fid] = chunks
-        return left, False
+        if queue:  # the source said it was done, short of the range's end
+            failures.append(f"{source.name}: {blob} range {start}-{end} ended {len(queue)} frame(s) early")
+        return bad + list(queue), False
+
+    def _verify_frame(self, source: str, blob: str, fid: int, fr: Frame, raw: bytes, deliver,
+                      bad: list, failures: list[str]) -> None:
+        """Decompress one frame and verify every chunk in it; deliver it, or record it as bad."""
+        where = f"{source}: {blob} frame@{fr.offset}"
+        try:
+            plain = decompress_frame(raw, fr.usize, where)
+            with self.bootstrap.pooled() as db:
+                members = self.bootstrap.frame_chunks(fid, db)
+            chunks = {c.digest: verify_chunk(plain[c.frame_offset:c.frame_offset + c.size], c.digest, where)
+                      for c in members}
+        except InvalidInput as exc:
+            self.stats.add("verify_failures")
+            log.error("%s", exc)
+            failures.append(str(exc))
+            bad.append((fid, fr))
+            return
+        self.stats.add("frames_fetched")
+        self.stats.add("chunks_verified", len(chunks))
+        deliver(fid, chunks)
 
     # -- in-memory LRU of recent chunks (a 128 KiB FUSE read of a 1 MiB chunk reads it once) -------
     def _mem_get(self, d: bytes) -> bytes | None:

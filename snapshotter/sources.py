@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_READ_TIMEOUT = 20.0
+STREAM_BLOCK = 256 * 1024  # pieces a streamed range read is handed over in
 _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
 
 
@@ -86,8 +87,8 @@ class RegistryClientSource:
         self.client = RegistryClient(host.rstrip("/"), plain_http=scheme == "http", credentials=creds,
                                      timeout=spec.read_timeout, retries=spec.retries, backoff=0.1)
 
-    def read_range(self, blob: str, start: int, end: int) -> bytes:
-        return self.client.get_blob_range(self.spec.repo, blob, start, end)
+    def read_range(self, blob: str, start: int, end: int, sink=None) -> bytes | int:
+        return self.client.get_blob_range(self.spec.repo, blob, start, end, sink=sink)
 
 
 class HttpBlobSource:
@@ -103,8 +104,9 @@ class HttpBlobSource:
         self._auth_header: str | None = None
         self._lock = threading.Lock()
 
-    def read_range(self, blob: str, start: int, end: int) -> bytes:
-        """Bytes ``start..end`` inclusive of ``blob``; raises RegistryError/NotFound/AuthError."""
+    def read_range(self, blob: str, start: int, end: int, sink=None) -> bytes | int:
+        """Bytes ``start..end`` inclusive of ``blob`` (with ``sink``: streamed to it, the count
+        returned); raises RegistryError/NotFound/AuthError."""
         s = self.spec
         url = f"{s.url.rstrip('/')}/v2/{s.repo}/blobs/{blob}"
         params = {"ns": s.ns} if s.ns else None
@@ -122,18 +124,29 @@ class HttpBlobSource:
                 if r.status_code == 401 and attempt == 0:
                     self._authenticate(r.headers.get("WWW-Authenticate", ""))
                     continue
-                return self._body(r, blob, start, want)
+                return self._body(r, blob, start, want, sink)
             finally:
                 r.close()
         raise AuthError(f"{self.name}: credentials refused for {blob}")
 
-    def _body(self, r: requests.Response, blob: str, start: int, want: int) -> bytes:
+    def _body(self, r: requests.Response, blob: str, start: int, want: int, sink=None) -> bytes | int:
         where = f"{self.name}: {blob} bytes {start}-{start + want - 1}"
         if r.status_code == 404:
             raise NotFound(f"{where}: blob not found")
         if r.status_code in (401, 403):
             raise AuthError(f"{where}: HTTP {r.status_code}")
         try:
+            if r.status_code == 206 and sink is not None:
+                got = 0
+                while got < want:
+                    block = r.raw.read(min(want - got, STREAM_BLOCK), decode_content=False)
+                    if not block:
+                        break
+                    got += len(block)
+                    sink(block)
+                if got != want or r.raw.read(1, decode_content=False):
+                    raise InvalidInput(f"{where}: the range's body is not {want} bytes")
+                return got
             if r.status_code == 206:
                 data = r.raw.read(want + 1, decode_content=False)
                 if len(data) != want:
@@ -151,6 +164,9 @@ class HttpBlobSource:
                 data = r.raw.read(want, decode_content=False)
                 if len(data) != want:
                     raise InvalidInput(f"{where}: blob shorter than the requested range")
+                if sink is not None:
+                    sink(data)
+                    return want
                 return data
         except (requests.RequestException, OSError) as exc:  # read timeout / reset mid-body
             raise RegistryError(f"{where}: {_short(exc)}") from None

@@ -55,6 +55,8 @@ DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry.hub.docker.com"}
 DOCKER_HUB_API = "registry-1.docker.io"
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+#: Pieces a streamed range read is handed over in (~20 ms of a 100 Mbit/s link).
+STREAM_BLOCK = 256 * 1024
 #: Blobs up to this size go up in one PUT; larger ones in PATCH chunks of CHUNK_SIZE.
 MONOLITHIC_LIMIT = 64 * 1024 * 1024
 CHUNK_SIZE = 32 * 1024 * 1024
@@ -500,10 +502,16 @@ class RegistryClient:
             raise DigestMismatch(f"{what} (registry's Docker-Content-Digest)", digest, returned)
         return BlobStream(resp, what)
 
-    def get_blob_range(self, repo: str, digest: str, start: int, end_inclusive: int | None) -> bytes:
+    def get_blob_range(self, repo: str, digest: str, start: int, end_inclusive: int | None,
+                       sink: Callable[[bytes], None] | None = None) -> bytes | int:
         """Bytes ``start..end_inclusive`` of a blob (``end_inclusive`` None: to the end) via HTTP Range.
         Like a file read, a range reaching past the end returns the bytes up to the end; a range that
         starts past the end raises :class:`InvalidInput`.
+
+        With ``sink``, the body is handed over as it arrives (consecutive pieces of at most
+        :data:`STREAM_BLOCK` bytes) and the byte count is returned: a caller cutting a large range into
+        frames can use the first ones while the rest is still on the wire. An error raised after some
+        pieces were delivered means the range is incomplete, not that the delivered bytes are wrong.
 
         A 206 must carry a Content-Range matching the request and exactly that many bytes. A registry
         that ignores Range (200 with the full body) is served by slicing, unless that would mean
@@ -532,7 +540,9 @@ class RegistryClient:
                     raise RegistryError(f"registry {self.host} answered {what} with Content-Range "
                                         f"{resp.headers['Content-Range']}")
                 length = got_end - got_start + 1
-                data = self._read_exact(resp, length, what)
+                data = self._read_exact(resp, length, what, sink)
+                if sink is not None:
+                    return data
             else:
                 size = resp.headers.get("Content-Length", "")
                 needed = None if end_inclusive is None else end_inclusive + 1
@@ -549,22 +559,33 @@ class RegistryClient:
                 length = needed - start
         if len(data) != length:
             raise RegistryError(f"registry {self.host} sent {len(data)} bytes for {what}, expected {length}")
+        if sink is not None:
+            sink(data)
+            return len(data)
         return data
 
-    def _read_exact(self, resp: requests.Response, n: int, what: str) -> bytes:
+    def _read_exact(self, resp: requests.Response, n: int, what: str,
+                    sink: Callable[[bytes], None] | None = None) -> bytes | int:
+        """Exactly ``n`` body bytes (joined, or handed to ``sink`` as they come: then the count)."""
         chunks, got = [], 0
+        block = STREAM_BLOCK if sink is not None else 1024 * 1024
         try:
             while got < n:
-                c = resp.raw.read(min(n - got, 1024 * 1024), decode_content=False)
+                c = resp.raw.read(min(n - got, block), decode_content=False)
                 if not c:
                     break
-                chunks.append(c)
                 got += len(c)
+                if sink is not None:
+                    sink(c)
+                else:
+                    chunks.append(c)
+        except RemoraError:
+            raise  # from the sink: its own verdict on the bytes
         except Exception as exc:
             raise RegistryError(f"registry {self.host}: connection lost reading {what}: {exc}") from None
         if got < n:
             raise RegistryError(f"registry {self.host}: {what} ended after {got} of {n} bytes")
-        return b"".join(chunks)
+        return got if sink is not None else b"".join(chunks)
 
     # ---------------------------------------------------------------- blobs, writing
 

@@ -205,3 +205,79 @@ def test_a_stalled_mirror_costs_one_timeout_then_is_skipped(image, registry, tmp
         assert time.monotonic() - t0 >= 0.5, "the first read waited for the mirror's timeout"
         assert read_path(f, b"/bin/big") == image.contents[b"/bin/big"]
         assert len(stall.blob_requests()) == 1, "later reads go straight to the registry"
+
+
+class _HeldSource:
+    """A real registry source whose body is held after ``hold_after`` bytes until ``release`` is set,
+    or broken there (``RegistryError``) when ``break_there``: a range caught mid-stream."""
+
+    def __init__(self, inner, hold_after: int, break_there: bool = False):
+        self.inner, self.name = inner, inner.name + " (held)"
+        self.hold_after, self.break_there = hold_after, break_there
+        self.release = threading.Event()
+        self.held = threading.Event()
+        self.ranges: list[tuple[int, int]] = []
+
+    def read_range(self, blob, start, end, sink=None):
+        from remora.errors import RegistryError
+
+        self.ranges.append((start, end))
+        seen = 0
+
+        def gate(piece: bytes) -> None:
+            nonlocal seen
+            while piece:
+                if seen >= self.hold_after and not self.release.is_set():
+                    if self.break_there:
+                        raise RegistryError("connection reset mid-range (test)")
+                    self.held.set()
+                    assert self.release.wait(30), "the test never released the range"
+                take = piece if seen >= self.hold_after else piece[:self.hold_after - seen]
+                sink(take)
+                seen += len(take)
+                piece = piece[len(take):]
+
+        return self.inner.read_range(blob, start, end, sink=gate)
+
+
+def test_frames_are_served_while_their_range_is_still_streaming(image, registry, tmp_path):
+    """One merged range of many frames: the first frame is delivered (and readable) while the rest
+    of the range is still on the wire, and nothing is fetched twice."""
+    spec = SourceSpec.registry(registry.host, image.repo, retries=0)
+    probe = ChunkFetcher(Bootstrap(image.bootstrap), ChunkCache(tmp_path / "probe", 1 << 30), [open_source(spec)])
+    extents = file_extents(probe, b"/bin/big")
+    frames = sorted({e.chunk.frame: e.frame for e in extents}.items(), key=lambda kv: kv[1].offset)
+    assert len(frames) >= 3
+    first = frames[0][1]
+    held = _HeldSource(open_source(spec), hold_after=first.csize)
+    f = ChunkFetcher(Bootstrap(image.bootstrap), ChunkCache(tmp_path / "c", 1 << 30), [held])
+    bg = threading.Thread(target=f.ensure, args=(extents,))
+    bg.start()
+    try:
+        assert held.held.wait(30)
+        rec = f.bootstrap.lookup_path(b"/bin/big")
+        t0 = time.monotonic()
+        assert f.read(rec.ino, 0, 4096) == image.contents[b"/bin/big"][:4096]
+        assert time.monotonic() - t0 < 5, "the first frame waited for the rest of its range"
+        assert len(held.ranges) == 1, "served from the streaming range, not a request of its own"
+    finally:
+        held.release.set()
+        bg.join(30)
+    assert read_path(f, b"/bin/big") == image.contents[b"/bin/big"]
+    assert len(held.ranges) == 1 and f.stats.snapshot()["frames_fetched"] == len(frames)
+
+
+def test_range_broken_mid_stream_keeps_what_arrived_and_refetches_the_rest(image, registry, tmp_path):
+    spec = SourceSpec.registry(registry.host, image.repo, retries=0)
+    probe = ChunkFetcher(Bootstrap(image.bootstrap), ChunkCache(tmp_path / "probe", 1 << 30), [open_source(spec)])
+    extents = file_extents(probe, b"/bin/big")
+    frames = sorted({e.chunk.frame: e.frame for e in extents}.items(), key=lambda kv: kv[1].offset)
+    two = frames[0][1].csize + frames[1][1].csize
+    broken = _HeldSource(open_source(spec), hold_after=two, break_there=True)
+    backup = _HeldSource(open_source(spec), hold_after=1 << 40)  # never held: records its ranges
+    f = ChunkFetcher(Bootstrap(image.bootstrap), ChunkCache(tmp_path / "c", 1 << 30), [broken, backup])
+    assert read_path(f, b"/bin/big") == image.contents[b"/bin/big"]
+    (bstart, _), = backup.ranges
+    assert bstart == frames[2][1].offset, "the two frames that arrived whole were kept, not fetched again"
+    s = f.stats.snapshot()
+    assert s["frames_fetched"] == len(frames) and s["source_errors"] == 1 and s["fetch_failures"] == 0
