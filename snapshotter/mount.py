@@ -284,7 +284,9 @@ class MountManager:
         mnt.mkdir(parents=True, exist_ok=True)
         log_path = self._file(spec.id, ".log")
         spec_path = self._file(spec.id, ".json")
-        proc = self._claim_spare(spec_path, log_path)
+        # A re-mount (restore after a crash) starts cold: it is off the cold-start path, and the
+        # earlier process's log (why it died) must stay at the head of the mount's log.
+        proc = None if log_path.exists() else self._claim_spare(spec_path, log_path)
         if proc is not None:
             self._respawn_spare_soon()
         else:

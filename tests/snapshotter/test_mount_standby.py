@@ -119,3 +119,19 @@ def test_recycled_pid_is_not_adopted_nor_killed(standby, image, registry, tmp_pa
         stranger.kill()
         stranger.wait()
     wait_until(lambda: not _alive(real), 10, what="the displaced fs process to exit")
+
+
+def test_remount_after_a_crash_keeps_the_dead_process_log(standby, image, registry, tmp_path):
+    """A restore re-mounts cold, appending to the mount's log: why the old process died stays there."""
+    import signal
+
+    mnt = _mount(standby, image, tmp_path, registry)
+    dead = standby.pid("m1")
+    os.kill(dead, signal.SIGKILL)
+    wait_until(lambda: standby.check("m1", timeout=1.0).state == "dead", 10, what="the dead mount")
+    assert standby.restore_mount("m1") == "remounted"
+    assert standby.pid("m1") != dead
+    log_text = (tmp_path / "state" / "mounts" / "m1.log").read_text()
+    assert log_text.count("mounting ") == 2, log_text
+    with open(os.fsencode(mnt) + b"/etc/hot.conf", "rb") as f:
+        assert f.read() == image.contents[b"/etc/hot.conf"]
