@@ -13,10 +13,10 @@ the same invocation, so the ratios are meaningful even on a loaded machine.
   layer, unpack), then ``ctr run``;
 * ``remora``: the image converted beforehand by ``remora convert --prefetch-list`` (the list recorded by
   ``remora trace`` running the same workload), pulled with ``remora pull`` (this interpreter's console
-  script, not a version manager's shim in front of it; every layer's Prepare
-  carries the remote-snapshot labels, the snapshotter mounts the image lazily; no layer is downloaded;
-  ``--puller rpull`` uses stargz's ``ctr-remote images rpull`` instead), then ``ctr run --snapshotter
-  remora``.
+  script, not a version manager's shim in front of it, asking the snapshotter's pull service; every
+  layer's Prepare carries the remote-snapshot labels, the snapshotter mounts the image lazily; no
+  layer is downloaded; ``--puller remora-local`` pulls in the CLI's own process instead, ``--puller
+  rpull`` with stargz's ``ctr-remote images rpull``), then ``ctr run --snapshotter remora``.
 
 The link. The registry runs in a network namespace of its own (:class:`remora.netlab.Lab`: the lab's
 /24 is blackholed in the root namespace first), behind ``tbf`` at ``--rate`` (100 Mbit/s) in both
@@ -63,7 +63,7 @@ from remora.imagebuild import File, LayerSpec, debian_rootfs, tar_of_files, writ
 from remora.procutil import Daemon, wait_until
 
 HERE = Path(__file__).resolve()
-BUILD_VERSION = "cold-start/1"  # bump when the image recipe changes (invalidates the cache)
+BUILD_VERSION = "cold-start/3"  # bump when the image recipe changes (invalidates the cache)
 REPO = "bench/debian-python"
 OCI_TAG, REMORA_TAG = "1", "1-remora"
 MARKER = "remora-bench: hello"
@@ -298,7 +298,7 @@ class Bench:
         try:
             with snap, PrivateContainerd(d / "ctd", snap.address, namespace=f"rbench-{os.getpid()}-rem{i}") as ctd:
                 t0 = time.monotonic()
-                inproc = _pull_lazy(ctd, ref, self.puller)
+                inproc = _pull_lazy(ctd, ref, self.puller, snap.api_address)
                 t1 = time.monotonic()
                 t2, out = _run_to_output(ctd, ["--rm", "--snapshotter", "remora", ref, f"rem{i}"])
                 _expect_marker(out, "remora")
@@ -342,21 +342,26 @@ class Bench:
         return nbytes * 8 / self.rate_bps + self.rtt_s
 
 
-def _pull_lazy(ctd, ref: str, puller: str) -> float | None:
+def _pull_lazy(ctd, ref: str, puller: str, api: Path | None = None) -> float | None:
     """Pull so that every layer's Prepare carries the remote-snapshot labels (no layer download).
 
-    ``remora``: ``remora pull`` (remora's own client of containerd's API); ``rpull``: stargz's
+    ``remora``: ``remora pull --api API``, the thin client: the snapshotter's pull service (already
+    warm) does the pull, the CLI only relays; ``remora-local``: ``remora pull --local``, the pull in the
+    CLI's own process (which first loads gRPC, protobuf and the registry client); ``rpull``: stargz's
     ``ctr-remote images rpull``, which forwards the layer annotations too (a second client, for comparison).
-    Returns the pull's own time as ``remora pull`` reports it (wall time minus interpreter start-up).
+    Returns the pull's own time as ``remora pull`` reports it (wall time minus the CLI's start-up).
     """
-    if puller == "remora":
-        argv = [*_remora_command(), "pull", "--address", str(ctd.address), "--namespace", ctd.namespace, ref]
+    if puller in ("remora", "remora-local"):
+        mode = ["--local"] if puller == "remora-local" else ["--api", str(api)]
+        argv = [*_remora_command(), "pull", "--address", str(ctd.address), "--namespace", ctd.namespace, *mode, ref]
     else:
         argv = ["ctr-remote", "-a", str(ctd.address), "-n", ctd.namespace, "images", "rpull", "--plain-http",
                 "--snapshotter", "remora", ref]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:2])} failed:\n{proc.stderr[-2000:]}\n--- containerd ---\n{ctd.log_tail()}")
+    if puller == "remora" and "by the snapshotter's pull service" not in proc.stderr:
+        raise RuntimeError(f"remora pull did not go through the pull service at {api}:\n{proc.stderr[-2000:]}")
     m = re.search(r"pulled in ([0-9.]+)s", proc.stderr)
     return float(m.group(1)) if m else None
 
@@ -520,8 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", default="100mbit", help="registry link rate, tc syntax (default %(default)s)")
     ap.add_argument("--delay-ms", type=float, default=10.0, help="one-way delay (default %(default)s)")
     ap.add_argument("--scenarios", default="overlayfs,remora", help="comma list (default %(default)s)")
-    ap.add_argument("--puller", choices=["remora", "rpull"], default="remora",
-                    help="lazy pull client: 'remora pull' or stargz's 'ctr-remote images rpull' (default %(default)s)")
+    ap.add_argument("--puller", choices=["remora", "remora-local", "rpull"], default="remora",
+                    help="lazy pull client: 'remora pull' through the snapshotter's pull service, 'remora pull "
+                         "--local' (pull in the CLI process), or stargz's 'ctr-remote images rpull' (default %(default)s)")
     ap.add_argument("--cache", type=Path, default=Path("/var/cache/remora-test"))
     ap.add_argument("--rebuild", action="store_true", help="rebuild, re-trace and re-convert the image")
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")

@@ -134,10 +134,10 @@ def main_bench(args) -> dict:
     log(f"preparing {len(blobs)} blobs of {args.blob_mb} MB and a real image (cached in {cache})")
     digests = {name: content.random_blob(path, size, seed=1000 + i) for i, (name, path) in enumerate(blobs.items())}
     image = content.cached_image(cache, "bench/app", "v1", extra_paths=IMAGE_FILES)
-    res: dict = {"nodes": args.nodes, "rate": args.rate, "blob_bytes": size, "image_bytes": image.size,
+    res: dict = {"nodes": args.nodes, "rate": args.rate, "offload": not args.no_offload, "blob_bytes": size, "image_bytes": image.size,
                  "peer_args": args.peer_arg, "scheduler_args": args.scheduler_arg}
 
-    with Lab(prefix=PREFIX, workdir=Path(args.workdir) / "main") as lab:
+    with Lab(prefix=PREFIX, workdir=Path(args.workdir) / "main", offload=not args.no_offload) as lab:
         mesh = Mesh(lab, MeshOptions(peers=args.nodes, node_rate=args.rate, registry_rate=args.rate,
                                      containerd=not args.skip_image, peer_args=args.peer_arg, scheduler_args=args.scheduler_arg))
         fill(mesh, [(blobs[n], digests[n]) for n in blobs], [image])
@@ -156,7 +156,9 @@ def main_bench(args) -> dict:
         before = sources(mesh)
         cpu0, load0, ticks0 = cpu_seconds(mesh), os.getloadavg()[0], machine_ticks()
         tx0 = mesh.registry_node.tx_bytes()
+        res["mesh_epoch"] = [time.time()]
         t, r = mesh.fetch_all(REPO, digests["mesh"])
+        res["mesh_epoch"].append(time.time())
         res["mesh_cpu_s"], res["mesh_load"] = cpu_seconds(mesh) - cpu0, (load0, os.getloadavg()[0])
         ticks1 = machine_ticks()
         res["mesh_machine_busy"] = (ticks1[0] - ticks0[0]) / max(1, ticks1[1] - ticks0[1])
@@ -208,7 +210,7 @@ def main_bench(args) -> dict:
         for n, scorer in enumerate(("weighted", "bandit")):
             path = cache / f"bench-het-{args.het_blob_mb}mb-{scorer}.bin"
             digest = content.random_blob(path, het_size, seed=2000 + n)
-            with Lab(prefix=PREFIX, workdir=Path(args.workdir) / scorer) as lab:
+            with Lab(prefix=PREFIX, workdir=Path(args.workdir) / scorer, offload=not args.no_offload) as lab:
                 mesh = Mesh(lab, MeshOptions(peers=args.nodes, registry_rate=args.rate, peer_rates=rates,
                                              scorer=scorer, containerd=False, peer_args=args.peer_arg,
                                              scheduler_args=args.scheduler_arg))
@@ -301,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra flag for every remora peer (repeat; e.g. --peer-arg=--upload-slots=64)")
     p.add_argument("--scheduler-arg", action="append", default=[], metavar="ARG",
                    help="extra flag for the remora scheduler (repeat)")
+    p.add_argument("--no-offload", action="store_true",
+                   help="shape links frame by frame (tbf cuts TCP super-packets into MTU frames, bridged frames "
+                        "go through br_netfilter): more kernel CPU per byte, same rates")
     p.add_argument("--json", help="also write the raw figures here")
     args = p.parse_args(argv)
     cleanup_stale(PREFIX)  # a previous run killed with -9

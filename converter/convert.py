@@ -364,10 +364,14 @@ def _convert(source: str, destination: str, opts: ConvertOptions, report: Conver
     host, repo = store_location(dst)
     where = f"{host}/{repo}" if host != "oci" else None   # lets the snapshotter find blobs with no client help
     layer_descs: list[tuple[oci.Descriptor, Path | None]] = []
+    hot_bid = remap.get(hot_blob) if hot_blob is not None else None
     for bid in order:
         digest, size = table.blobs[bid]
+        # The hot blob is nothing but the prefetch files' chunks in access order: a snapshotter may
+        # fetch it whole the moment it sees this layer, before it has the bootstrap.
         desc = oci.Descriptor(ann.BLOB_MEDIA_TYPE, digest, size,
-                              ann.layer_annotations("blob", boot_digest, boot_size, where))
+                              ann.layer_annotations("blob", boot_digest, boot_size, where,
+                                                    prefetch_bytes=size if bid == hot_bid and prefetch_inos else 0))
         layer_descs.append((desc, blob_files.get(bid)))
     boot_desc = oci.Descriptor(ann.BOOTSTRAP_MEDIA_TYPE, boot_digest, boot_size,
                                ann.layer_annotations("bootstrap", boot_digest, boot_size, where))

@@ -68,11 +68,14 @@ class RemoraImage:
         self.bootstrap.close()
 
 
-def fetch_bootstrap(store, desc: oci.Descriptor, workdir: Path) -> Path:
-    """Download (verified), decompress and untar the bootstrap layer; returns the database path."""
+def fetch_bootstrap(store, desc: oci.Descriptor, workdir: Path, on_downloaded=None) -> Path:
+    """Download (verified), decompress and untar the bootstrap layer; returns the database path.
+    ``on_downloaded`` is called once the bytes are in (the connection is free for other requests)."""
     if desc.size > MAX_BOOTSTRAP_SIZE:
         raise InvalidInput(f"bootstrap layer of {desc.size} bytes is larger than the {MAX_BOOTSTRAP_SIZE} limit")
     raw = _read(store.open_blob(desc))
+    if on_downloaded is not None:
+        on_downloaded()
     try:
         tar_bytes = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
     except zstandard.ZstdError as exc:

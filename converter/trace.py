@@ -10,6 +10,15 @@ under ``strace`` inside private mount and PID namespaces (``unshare``), with ``/
 mounted. Every successful open/openat/execve made after the ``chroot`` — by the command and all its
 children — is recorded; paths are resolved inside the image root (symlinks included) and only regular
 files are kept, each once, in first-access order.
+
+Two kinds of reads make no system call strace can see, so they are added by rule:
+
+* the kernel itself opens what an ``execve`` needs: a script's ``#!`` interpreter and an ELF
+  program's dynamic loader (``PT_INTERP``, e.g. ``ld-linux-x86-64.so.2``); each follows its executable;
+* the container runtime reads the image's ``/etc/passwd`` and ``/etc/group`` before the command
+  starts (containerd resolves the user and its additional groups from them, runc the user again):
+  they go first. A cold start that misses them waits for an on-demand fetch before the container
+  even exists.
 """
 from __future__ import annotations
 
@@ -30,6 +39,8 @@ _LINE = re.compile(r"^(\d+)\s+(\w+)\((.*)\)\s+=\s+(-?\d+|\?)")
 _UNFINISHED = re.compile(r"^(\d+)\s+(\w+)\((.*) <unfinished \.\.\.>$")
 _RESUMED = re.compile(r"^(\d+)\s+<\.\.\. (\w+) resumed>(.*)\)\s+=\s+(-?\d+|\?)")
 _PATH_ARG = {"open": 0, "openat": 1, "openat2": 1, "execve": 0, "chroot": 0}
+RUNTIME_FILES = ("/etc/passwd", "/etc/group")  # read by containerd/runc before the command runs
+PT_INTERP = 3
 
 
 @dataclass
@@ -79,6 +90,45 @@ def _string_arg(args: str, index: int) -> str | None:
         return strings[0]
 
 
+def exec_interpreter(path: Path) -> str | None:
+    """What the kernel opens to run ``path``: a script's ``#!`` interpreter or an ELF program's
+    ``PT_INTERP`` loader (absolute paths inside the image), else None."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+            if head.startswith(b"#!"):
+                words = head[2:].split(b"\n", 1)[0].split()
+                return words[0].decode("utf-8", "surrogateescape") if words else None
+            if head[:4] != b"\x7fELF" or len(head) < 64 or head[4] not in (1, 2) or head[5] not in (1, 2):
+                return None
+            end = "<" if head[5] == 1 else ">"
+            if head[4] == 2:
+                phoff, = struct.unpack_from(end + "Q", head, 32)
+                phentsize, phnum = struct.unpack_from(end + "HH", head, 54)
+                fmt = end + "IIQQQQQQ"  # p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, ...
+            else:
+                phoff, = struct.unpack_from(end + "I", head, 28)
+                phentsize, phnum = struct.unpack_from(end + "HH", head, 42)
+                fmt = end + "IIIIIIII"  # p_type, p_offset, p_vaddr, p_paddr, p_filesz, ...
+            for i in range(min(phnum, 64)):
+                f.seek(phoff + i * phentsize)
+                raw = f.read(struct.calcsize(fmt))
+                if len(raw) < struct.calcsize(fmt):
+                    return None
+                ph = struct.unpack(fmt, raw)
+                if ph[0] != PT_INTERP:
+                    continue
+                offset, size = (ph[2], ph[5]) if head[4] == 2 else (ph[1], ph[4])
+                f.seek(offset)
+                name = f.read(min(size, 4096)).split(b"\0", 1)[0]
+                return name.decode("utf-8", "surrogateescape") or None
+    except OSError:
+        return None
+    return None
+
+
 def parse_strace(log: str, root: Path) -> list[str]:
     """Files opened/executed inside the chroot, resolved in ``root``, in first-access order.
 
@@ -91,6 +141,19 @@ def parse_strace(log: str, root: Path) -> list[str]:
     chrooted = False
     seen: dict[str, None] = {}
     pending: dict[int, tuple[str, str]] = {}
+
+    def add(path: str, executed: bool = False, depth: int = 0) -> None:
+        real = resolve_in_root(root, path)
+        if not real or real in seen or not stat.S_ISREG(os.lstat(root / real.lstrip("/")).st_mode):
+            return
+        seen[real] = None
+        if executed and depth < 4:  # what the kernel opens for this execve, right after it
+            interp = exec_interpreter(root / real.lstrip("/"))
+            if interp and interp.startswith("/"):
+                add(interp, True, depth + 1)
+
+    for path in RUNTIME_FILES:
+        add(path)
     for line in log.splitlines():
         m = _LINE.match(line)
         if m:
@@ -121,9 +184,7 @@ def parse_strace(log: str, root: Path) -> list[str]:
         path = _string_arg(args, _PATH_ARG[call])
         if not path or not path.startswith("/"):
             continue
-        real = resolve_in_root(root, path)
-        if real and real not in seen and stat.S_ISREG(os.lstat(root / real.lstrip("/")).st_mode):
-            seen[real] = None
+        add(path, executed=call == "execve")
     return list(seen)
 
 

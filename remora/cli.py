@@ -24,6 +24,17 @@ COMMAND_MODULES = (
     "remora.demo",
 )
 
+# Which module registers each command: a command line naming one loads only that module (the CLI's
+# start-up is on the cold-start path of 'remora pull'); --help and unknown commands load them all.
+COMMANDS = {
+    "convert": "remora.converter.cli", "dict": "remora.converter.cli", "check": "remora.converter.cli",
+    "unpack": "remora.converter.cli", "trace": "remora.converter.cli",
+    "snapshotter": "remora.snapshotter.cli", "stats": "remora.snapshotter.cli",
+    "pull": "remora.snapshotter.pull",
+    "peer": "remora.plugins.cli", "scheduler": "remora.plugins.cli",
+    "demo": "remora.demo",
+}
+
 EPILOG = """\
 examples:
   remora demo                                   start a local registry, build and convert a real image
@@ -37,7 +48,8 @@ Run 'remora COMMAND --help' for the options of one command.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``remora`` parser; given ``argv`` that names a known command, with that command only."""
     parser = argparse.ArgumentParser(
         prog="remora",
         description="Lazy-loading container images for containerd: convert, snapshot, distribute.",
@@ -47,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"remora {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    command = next((a for a in argv or () if not a.startswith("-")), None)
+    for name in ([COMMANDS[command]] if command in COMMANDS else COMMAND_MODULES):
         # One broken component must not take every other command down with it: report and go on.
         try:
             importlib.import_module(name).register(sub)
@@ -63,7 +76,8 @@ def setup_logging(verbosity: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
     func = getattr(args, "func", None)

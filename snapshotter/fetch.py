@@ -276,6 +276,9 @@ class ChunkFetcher:
             for i, source in enumerate(self.sources):
                 if not pending:
                     break
+                covers = getattr(source, "covers", None)  # a source for a few blobs only (staged)
+                if covers is not None and not covers(job.blob, pending[0][1].offset):
+                    continue
                 if i < last and time.monotonic() < self._down_until.get(i, 0.0):
                     failures.append(f"{source.name}: skipped (failed less than {self.cooldown:.0f}s ago)")
                     continue

@@ -55,14 +55,19 @@ def image_location(labels: Mapping[str, str]) -> tuple[str, str]:
         return host, repo
     raise InvalidInput("remora layer without an image reference: none of the labels "
                        f"{', '.join(IMAGE_REF_LABELS + (ann.REPOSITORY,))} is set")
+LAYER_DIGEST_LABELS = (
+    "containerd.io/snapshot/cri.layer-digest",
+    "containerd.io/snapshot/remote/stargz.digest",
+)
 
 
 class RemoraLayerHandler(RemoteLayerHandler):
     """Mount remora images lazily. ``mirrors`` are peer/mirror base URLs tried before the registry."""
 
     def __init__(self, root: Path | str, mounts=None, mirrors: Sequence[str] = (), insecure: bool = False,
-                 cache_limit: int = 10 << 30, standby: bool = True):
+                 cache_limit: int = 10 << 30, standby: bool = True, early_prefetch_limit: int = 256 << 20):
         from remora.snapshotter.mount import MountManager
+        from remora.snapshotter.staging import StagingArea
 
         self.root = Path(root)
         self.bootstraps = self.root / "bootstraps"
@@ -73,6 +78,10 @@ class RemoraLayerHandler(RemoteLayerHandler):
         self.insecure = insecure
         self._lock = threading.Lock()
         self._fetching: dict[str, threading.Lock] = {}
+        # early prefetch: hot blobs streamed from their layer's Prepare on (see staging.py)
+        self.staging = StagingArea(self.root / "staging", limit=early_prefetch_limit)
+        self._hot_blobs: dict[str, set[str]] = {}  # bootstrap digest -> hot blobs of that image
+        self._warmed: set[tuple[str, str]] = set()
         for stale in self.bootstraps.glob(".tmp-*"):  # left by a crash mid-fetch
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -82,6 +91,9 @@ class RemoraLayerHandler(RemoteLayerHandler):
         if info is None:
             return False
         if info.role == "blob":
+            # A base layer's chain ID is its diff_id, and a data blob's diff_id is its digest: that
+            # names the hot blob (always the first layer) for clients that send no digest label.
+            self.warm(layer.labels, layer.target if not layer.parent else "")
             return True
         host, repo = image_location(layer.labels)
         size = int(layer.labels.get(ann.BOOTSTRAP_SIZE, "0") or 0)
@@ -89,10 +101,72 @@ class RemoraLayerHandler(RemoteLayerHandler):
         boot = await asyncio.to_thread(self._bootstrap, host, repo, info.bootstrap, size)
         t1 = time.monotonic()
         await asyncio.to_thread(self.mounts.mount, layer.snapshot_id, boot, layer.mountpoint,
-                                self._sources(host, repo))
+                                self._sources(host, repo, info.bootstrap))
         log.info("lazily mounted %s/%s (bootstrap %s) at %s: bootstrap %.3fs, mount %.3fs", host, repo,
                  info.bootstrap[:19], layer.mountpoint, t1 - t0, time.monotonic() - t1)
         return True
+
+    def warm(self, labels: Mapping[str, str], digest: str = "") -> None:
+        """Start fetching, in the background, what this image's Prepares will need: its bootstrap, and
+        a hot blob's bytes (``remora.prefetch-bytes``) into the staging area. Non-blocking, idempotent,
+        never raises: it is a head start, and the Prepare that needs the bytes fetches or waits itself.
+
+        Called by the data blob layers' Prepares (the bootstrap layer comes last) and by the pull
+        service as soon as it has read the manifest. The layer's blob digest is taken from ``digest``
+        or the labels CRI/``remora pull`` (``cri.layer-digest``) and ``ctr-remote`` send."""
+        try:
+            info = ann.parse_labels(labels)
+            if info is None:
+                return
+            host, repo = image_location(labels)
+        except InvalidInput as exc:
+            log.debug("no warm-up: %s", exc)
+            return
+        hot = ann.prefetch_bytes(labels) if info.role == "blob" else 0
+        blob = digest or next((labels[k] for k in LAYER_DIGEST_LABELS if labels.get(k)), "")
+        size = int(labels.get(ann.BOOTSTRAP_SIZE, "0") or 0)
+        with self._lock:
+            first = (host, info.bootstrap) not in self._warmed
+            self._warmed.add((host, info.bootstrap))
+        need_bootstrap = first and not self._bootstrap_path(info.bootstrap).exists()
+        if hot and blob.startswith("sha256:"):
+            from remora.registry.client import RegistryClient
+            from remora.snapshotter.sources import open_source
+
+            # One connection: the bootstrap first (the mount waits for it; sharing the link with
+            # the hot blob starved it), then the hot blob on the same kept-alive connection.
+            client = RegistryClient(host, plain_http=True if self.insecure else None, retries=1, backoff=0.1)
+            sources = [open_source(s, client) for s in self._sources(host, repo)]
+            downloaded = threading.Event()
+            with self._lock:
+                self._hot_blobs.setdefault(info.bootstrap, set()).add(blob)
+            # the hot blob's request goes out as soon as the bootstrap's bytes are in (its
+            # decompression and fsync overlap the hot blob's first round trip)
+            before = (lambda: downloaded.wait(60)) if need_bootstrap else None
+            if self.staging.start(blob, hot, sources, first=before):
+                if need_bootstrap:
+                    threading.Thread(target=self._bootstrap_quietly,
+                                     args=(host, repo, info.bootstrap, size, client, downloaded.set),
+                                     name="warm-bootstrap", daemon=True).start()
+                return
+            for source in sources:  # not staged (already, or no room): nobody else uses them
+                source.close()
+        if need_bootstrap:
+            threading.Thread(target=self._bootstrap_quietly, args=(host, repo, info.bootstrap, size),
+                             name="warm-bootstrap", daemon=True).start()
+
+    def _bootstrap_quietly(self, host: str, repo: str, digest: str, size: int, client=None,
+                           on_downloaded=None) -> None:
+        try:
+            self._bootstrap(host, repo, digest, size, client, on_downloaded)
+        except Exception as exc:  # noqa: BLE001 - the bootstrap layer's Prepare fetches again and reports
+            log.info("early bootstrap fetch of %s failed: %s", digest[:19], exc)
+        finally:
+            if on_downloaded is not None:
+                on_downloaded()  # whatever happened, whoever waits for it goes on
+
+    def _bootstrap_path(self, digest: str) -> Path:
+        return self.bootstraps / f"{digest.replace(':', '-')}.db"
 
     async def unmount(self, snapshot_id: str, mountpoint: Path) -> None:
         if snapshot_id in self.mounts.ids():
@@ -139,35 +213,47 @@ class RemoraLayerHandler(RemoteLayerHandler):
         await asyncio.to_thread(self.mounts.close)
 
     # -- helpers --------------------------------------------------------------------------------
-    def _sources(self, host: str, repo: str):
+    def _sources(self, host: str, repo: str, bootstrap: str = ""):
+        """Blob sources of a mount, in order: this image's staged hot blobs (if ``bootstrap`` names an
+        image being warmed), mirrors/peers, the registry."""
         from remora.snapshotter.sources import SourceSpec
 
-        return [SourceSpec.peer(m, repo, host) for m in self.mirrors] + \
+        with self._lock:
+            hot = sorted(self._hot_blobs.get(bootstrap, ()))
+        staged = self.staging.staged(hot) if hot else {}
+        return ([SourceSpec.staging(str(self.staging.dir), staged)] if staged else []) + \
+               [SourceSpec.peer(m, repo, host) for m in self.mirrors] + \
                [SourceSpec.registry(host, repo, insecure=self.insecure)]
 
-    def _bootstrap(self, host: str, repo: str, digest: str, size: int) -> Path:
-        """The bootstrap database for ``digest``, fetched and verified once, then reused."""
+    def _bootstrap(self, host: str, repo: str, digest: str, size: int, client=None, on_downloaded=None) -> Path:
+        """The bootstrap database for ``digest``, fetched and verified once, then reused.
+        ``client``: a RegistryClient to fetch it with (its connection is then kept for more work);
+        ``on_downloaded``: called when its bytes are in, before they are unpacked and made durable."""
         from remora import oci
         from remora.converter.image import fetch_bootstrap
-        from remora.imagestore import open_store
+        from remora.imagestore import RegistryStore, open_store
+        from remora.reference import parse_reference
 
-        final = self.bootstraps / f"{digest.replace(':', '-')}.db"
+        final = self._bootstrap_path(digest)
         with self._lock:
             lock = self._fetching.setdefault(digest, threading.Lock())
         with lock:  # concurrent Prepares of one image (CRI pulls layers in parallel): fetch once
             if final.exists():
                 return final
-            store = open_store(f"{host}/{repo}@{digest}", plain_http=True if self.insecure else None)
+            where = f"{host}/{repo}@{digest}"
+            store = RegistryStore(parse_reference(where), client) if client is not None else \
+                open_store(where, plain_http=True if self.insecure else None)
             tmpdir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.bootstraps))
             try:
                 if not size:
                     size = store.client.head_blob(repo, digest) or 0
                 desc = oci.Descriptor(ann.BOOTSTRAP_MEDIA_TYPE, digest, size)
-                path = fetch_bootstrap(store, desc, tmpdir)
+                path = fetch_bootstrap(store, desc, tmpdir, on_downloaded)
                 with open(path, "rb") as f:  # durable before it becomes visible under its final name
                     os.fsync(f.fileno())
                 os.replace(path, final)
             finally:
-                store.close()
+                if client is None:
+                    store.close()
                 shutil.rmtree(tmpdir, ignore_errors=True)
         return final

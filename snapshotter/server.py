@@ -367,8 +367,13 @@ class SnapshotterServer:
         self._unlock_root()
 
 
-async def serve(root: Path | str, address: Path | str, handler: RemoteLayerHandler | None = None) -> None:
-    """Run until SIGTERM/SIGINT, then drain in-flight RPCs and exit."""
+async def serve(root: Path | str, address: Path | str, handler: RemoteLayerHandler | None = None,
+                api_address: Path | str | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then drain in-flight RPCs and exit.
+
+    ``api_address``: also serve the pull service (:mod:`remora.snapshotter.api`) there, from when
+    gRPC serves (its pulls come back as Prepares) until just before gRPC stops (pulls in flight get
+    to finish first)."""
     # Signal handlers first: a SIGTERM that arrives as soon as the socket answers must still mean a
     # clean stop (exit 0), not death by signal.
     stop = asyncio.Event()
@@ -376,8 +381,21 @@ async def serve(root: Path | str, address: Path | str, handler: RemoteLayerHandl
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = await SnapshotterServer(root, address, handler).start()
+    api = None
+    if api_address:
+        from .api import PullService
+
+        try:
+            api = PullService(api_address, handler)
+            if not await api.start():
+                api = None
+        except BaseException:
+            await server.stop()
+            raise
     waiter = asyncio.ensure_future(server.wait())
     await asyncio.wait([waiter, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     log.info("snapshotter stopping")
+    if api:
+        await api.stop()
     await server.stop()
     waiter.cancel()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import requests
 
@@ -34,6 +34,8 @@ class SourceSpec:
 
     ``url`` is the base (``http://127.0.0.1:5000``); ``repo`` the repository; ``ns`` the registry host
     a peer/mirror should fetch from (sent as ``?ns=``), empty for the registry itself. ``kind``
+    ``staged`` is the snapshotter's early-prefetch directory (``url`` is its path, ``staged`` the
+    bytes staged per blob; :mod:`remora.snapshotter.staging`). ``kind``
     ``registry`` goes through :class:`remora.registry.client.RegistryClient` (credentials from the
     docker config / auth helpers when none are given here, token auth, retries); ``peer`` is a plain
     ranged GET with ``?ns=`` (a remora peer or a registry mirror).
@@ -49,6 +51,7 @@ class SourceSpec:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
     verify_tls: bool = True
+    staged: dict[str, int] = field(default_factory=dict)  # kind "staged": blob -> bytes staged
 
     @classmethod
     def registry(cls, host: str, repo: str, insecure: bool = False, **kw) -> "SourceSpec":
@@ -61,34 +64,48 @@ class SourceSpec:
         """A remora peer or mirror at ``base_url`` serving blobs of ``registry_host`` (``?ns=``)."""
         return cls(url=base_url.rstrip("/"), repo=repo, kind="peer", ns=registry_host, **kw)
 
+    @classmethod
+    def staging(cls, directory: str, staged: dict[str, int]) -> "SourceSpec":
+        """The snapshotter's early-prefetch directory (:mod:`remora.snapshotter.staging`)."""
+        return cls(url=str(directory), repo="", kind="staged", staged=dict(staged))
+
     def describe(self) -> str:
         return f"{self.url}/v2/{self.repo}" + (f"?ns={self.ns}" if self.ns else "")
 
 
-def open_source(spec: SourceSpec):
-    """The source object for a spec: ``.name`` and ``.read_range(blob, start, end_inclusive)``."""
+def open_source(spec: SourceSpec, client=None):
+    """The source object for a spec: ``.name`` and ``.read_range(blob, start, end_inclusive)``;
+    ``client``: a RegistryClient a ``registry`` source should use instead of its own."""
     if spec.kind == "registry":
-        return RegistryClientSource(spec)
+        return RegistryClientSource(spec, client)
     if spec.kind == "peer":
         return HttpBlobSource(spec)
-    raise InvalidInput(f"unknown blob source kind {spec.kind!r} (registry or peer)")
+    if spec.kind == "staged":
+        from remora.snapshotter.staging import StagedSource
+
+        return StagedSource(spec.url, spec.staged, stall_timeout=spec.read_timeout)
+    raise InvalidInput(f"unknown blob source kind {spec.kind!r} (registry, peer or staged)")
 
 
 class RegistryClientSource:
     """A registry through the shared :class:`RegistryClient` (auth discovery, token flow, retries)."""
 
-    def __init__(self, spec: SourceSpec):
+    def __init__(self, spec: SourceSpec, client=None):
         from remora.registry.client import RegistryClient
 
         self.spec = spec
         self.name = spec.describe()
         scheme, _, host = spec.url.partition("://")
         creds = (spec.username, spec.password) if spec.username else None
-        self.client = RegistryClient(host.rstrip("/"), plain_http=scheme == "http", credentials=creds,
-                                     timeout=spec.read_timeout, retries=spec.retries, backoff=0.1)
+        # ``client``: share one (its kept-alive connection) with other work for the same registry
+        self.client = client or RegistryClient(host.rstrip("/"), plain_http=scheme == "http", credentials=creds,
+                                               timeout=spec.read_timeout, retries=spec.retries, backoff=0.1)
 
     def read_range(self, blob: str, start: int, end: int, sink=None) -> bytes | int:
         return self.client.get_blob_range(self.spec.repo, blob, start, end, sink=sink)
+
+    def close(self) -> None:
+        self.client.close()
 
 
 class HttpBlobSource:
@@ -128,6 +145,9 @@ class HttpBlobSource:
             finally:
                 r.close()
         raise AuthError(f"{self.name}: credentials refused for {blob}")
+
+    def close(self) -> None:
+        self._session.close()
 
     def _body(self, r: requests.Response, blob: str, start: int, want: int, sink=None) -> bytes | int:
         where = f"{self.name}: {blob} bytes {start}-{start + want - 1}"

@@ -23,7 +23,7 @@ MIN_PIECE_SIZE = 256 * KiB
 MAX_PIECE_SIZE = 16 * MiB
 #: Aim for about this many pieces per blob: enough to spread a blob over several parents, few enough
 #: that per-piece overhead (one request, one file, one digest) stays negligible.
-TARGET_PIECES = 64
+TARGET_PIECES = 128
 #: The header of the seed's 503 meaning "this fresh piece went to another child: get it from the children"
 #: (upload.py sends it, download.py understands it).
 RELAYED_HEADER = "X-Remora-Relayed"

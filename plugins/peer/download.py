@@ -46,7 +46,6 @@ from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 256 * 1024
 #: How long wanted pieces may have no holder in the mesh (not even in flight) before this peer fetches
 #: them from the registry itself (capped by the piece timeout).
 ORPHAN_GRACE = 2.0
@@ -60,6 +59,11 @@ BUSY_BACKOFF = 0.2
 #: A seed that refused a fresh piece (it sent it to another child moments ago) is not asked for that piece
 #: again before this; meanwhile the piece comes from that child.
 RELAYED_BACKOFF = 0.5
+#: Endgame: once every missing piece is being fetched and at most this many are missing, a piece whose
+#: fetch has run this long is also asked from a second parent; the first copy to arrive wins, the other
+#: fetch is cancelled.
+ENDGAME_PIECES = 8
+ENDGAME_AFTER = 0.5
 #: Results are reported in batches of this many, or at least every FLUSH_EVERY seconds.
 FLUSH_BATCH = 16
 FLUSH_EVERY = 0.5
@@ -114,6 +118,8 @@ class Task:
         self._announce_dirty = False
         self._results: list[pb.PieceResult] = []
         self._in_flight: set[int] = set()
+        self._fetching: Counter = Counter()         # piece -> our fetches of it running (2 in the endgame)
+        self._reading: dict[tuple[int, str], tuple] = {}  # (piece, parent id) -> (body stream, since, sharing)
         self._progress_at = time.monotonic()
         self._seen: tuple = ()
         self._streamed_digest = ""                  # sha256 of the blob as streamed into the pieces
@@ -229,6 +235,7 @@ class Task:
                 await self._reset(f"back-to-source failed: {exc}")
         finally:
             self.entry.users -= 1
+            self.entry.flush_meta()
             self._notify(self.error)
 
     def _go_to_source(self, reason: str) -> None:
@@ -288,7 +295,11 @@ class Task:
     async def _cut_pieces(self, resp: aiohttp.ClientResponse, first: int, last: int, skip: int) -> None:
         entry = self.entry
         index = first
-        buf = bytearray()
+        # One piece-sized buffer, filled straight from the stream and reused for every piece (the piece
+        # is hashed and on disk before the next one is read): no joins, slices or fresh memory per piece.
+        piece = bytearray(entry.piece_size)
+        view = memoryview(piece)
+        filled = 0
         want = entry.piece_span(index)[1] - entry.piece_span(index)[0]
         t0 = time.monotonic()
         run = set(range(first, last + 1))
@@ -297,15 +308,21 @@ class Task:
         # Streaming the blob from its first byte, the whole-blob digest comes for free: no second pass.
         whole = hashlib.sha256() if first == 0 and last == entry.n_pieces - 1 else None
         try:
-            async for chunk in resp.content.iter_chunked(READ_CHUNK):
+            async for chunk in resp.content.iter_any():
+                chunk = memoryview(chunk)
                 if skip:
                     drop = min(skip, len(chunk))
                     chunk, skip = chunk[drop:], skip - drop
-                buf += chunk
-                while index <= last and len(buf) >= want:
-                    data, buf = bytes(buf[:want]), buf[want:]
-                    digest = await asyncio.to_thread(_hash_piece, data, whole)
-                    await self._store(index, data, digest, "registry", time.monotonic() - t0)
+                while chunk and index <= last:
+                    n = min(len(chunk), want - filled)
+                    view[filled:filled + n] = chunk[:n]
+                    filled += n
+                    chunk = chunk[n:]
+                    if filled < want:
+                        break
+                    await self._store(index, view[:want], "", "registry", t0, whole)
+                    filled = 0
+                    log.info("TRACE piece %d from registry in %.3fs", index, time.monotonic() - t0)
                     self.fetched_from_source.add(index)
                     self._in_flight.discard(index)
                     index += 1
@@ -337,7 +354,7 @@ class Task:
         from the least loaded of them, rarest first, so each child's uplink relays what it got first.
         Returns when nothing wanted is missing, or when the task went back to the registry.
         """
-        running: dict[asyncio.Task, tuple[int, str]] = {}
+        running: dict[asyncio.Task, tuple[int, str, float]] = {}   # -> (piece, parent id, started)
         retry_ms = 0
         starved = True  # free slots and nothing to start: a fresher view of the mesh may have something
         try:
@@ -357,7 +374,7 @@ class Task:
                 picked, starved = self._pick(missing, running.values())
                 for index, parent in picked:
                     task = asyncio.get_running_loop().create_task(self._fetch_piece(index, parent))
-                    running[task] = (index, parent.host.peer_id)
+                    running[task] = (index, parent.host.peer_id, time.monotonic())
                 if not running:
                     # Nobody holds what we miss (yet): the seed may still be working, so wait as told. The
                     # scheduler sends us to the registry after repeated empty answers; without it noticing,
@@ -370,7 +387,14 @@ class Task:
                 done, _ = await asyncio.wait(running, timeout=TICK, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     del running[task]
-                    task.result()  # a piece failure is handled inside; what escapes (disk full) fails the task
+                    if not task.cancelled():
+                        task.result()  # a piece failure is handled inside; what escapes (disk full) fails the task
+                # Endgame: the other copy of a piece that just landed is no longer needed.
+                for task, (index, parent_id, t0) in running.items():
+                    if index in self.entry.have and not task.done():
+                        self.m.metrics.piece_failures.labels("endgame_lost").inc()
+                        self._overtaken(index, parent_id, t0)
+                        task.cancel()
                 self._flush_results()
         finally:
             for task in running:
@@ -446,7 +470,8 @@ class Task:
         """
         if not self._parents:
             return [], True
-        slots = self.cfg.concurrency - sum(1 for _, pid in running
+        running = list(running)
+        slots = self.cfg.concurrency - sum(1 for _, pid, _ in running
                                            if not (pid in self._parents and self._parents[pid].source))
         now = time.monotonic()
         usable = [p for pid, p in self._parents.items()
@@ -490,11 +515,49 @@ class Task:
                 plan.append((i, parent))
                 load[parent.host.peer_id] += 1
                 slots -= 1
+        if slots > 0 and not plan and all(i in self._in_flight for i in missing if i not in have):
+            left = {i for i in missing if i not in have}
+            for i, parent in self._endgame(left, running, relays, sources, per_parent, now)[:slots]:
+                plan.append((i, parent))
+                load[parent.host.peer_id] += 1
+                slots -= 1
         for _, parent in plan:  # undo the provisional counts
             load[parent.host.peer_id] -= 1
         source_idle = any(p.source and not load[p.host.peer_id] for p in usable) and \
             not any(parent.source for _, parent in plan)
         return plan, slots > 0 or source_idle
+
+    def _endgame(self, missing: set[int], running: list, relays: dict, sources: dict, per_parent: int,
+                 now: float) -> list[tuple[int, pb.Parent]]:
+        """Second fetches for the last pieces (BitTorrent's endgame): a download ends with its slowest
+        piece, and near the end that is often one asked from a parent whose uplink is shared by many
+        children. When at most :data:`ENDGAME_PIECES` are missing and all are being fetched, each piece
+        fetched for longer than :data:`ENDGAME_AFTER` by one request only is also asked from another
+        parent holding it (the least loaded); whichever copy lands first wins and the other request is
+        cancelled (see :meth:`_fetch_from_parents`). Oldest fetches first."""
+        if len(missing) > ENDGAME_PIECES:
+            return []
+        load = self._load
+        started: dict[int, float] = {}
+        asked: dict[int, set[str]] = {}
+        for index, pid, t0 in running:
+            started[index] = min(started.get(index, t0), t0)
+            asked.setdefault(index, set()).add(pid)
+        plan = []
+        for index in sorted(missing, key=lambda i: started.get(i, now)):
+            if self._fetching[index] != 1 or len(asked.get(index, ())) != 1 or now - started[index] < ENDGAME_AFTER:
+                continue
+            options = [p for p in relays.get(index, []) if p.host.peer_id not in asked[index]
+                       and load[p.host.peer_id] < per_parent]
+            options += [p for p in sources.get(index, []) if p.host.peer_id not in asked[index]
+                        and load[p.host.peer_id] < 1 and self._refused.get((p.host.peer_id, index), 0.0) <= now]
+            if options:
+                parent = min(options, key=lambda p: load[p.host.peer_id])
+                plan.append((index, parent))
+                load[parent.host.peer_id] += 1  # provisional, undone by the caller with the rest of its plan
+        for _, parent in plan:
+            load[parent.host.peer_id] -= 1
+        return plan
 
     async def _fetch_piece(self, index: int, parent: pb.Parent) -> None:
         host = parent.host
@@ -505,12 +568,15 @@ class Task:
         self._load[host.peer_id] += 1
         t0 = time.monotonic()
         self._in_flight.add(index)
+        self._fetching[index] += 1
         try:
-            data, sharing = await self._get_piece(url, size, self._load[host.peer_id])
-            actual = await asyncio.to_thread(sha256_digest, data)
+            data, sharing = await self._get_piece(url, size, self._load[host.peer_id], (index, host.peer_id))
+            if index in self.entry.have:  # the endgame's other copy landed first
+                return
+            actual = await self._store(index, data, expected, "peer", t0)
             if actual != expected:
                 raise ParentFailure("corrupt", f"piece digest {actual[:19]}, expected {expected[:19]}")
-            await self._store(index, data, expected, "peer", time.monotonic() - t0)
+            log.info("TRACE piece %d from %s in %.3fs sharing %d", index, host.ip, time.monotonic() - t0, sharing)
             # The cost the scheduler learns is per unit of the parent's uplink: a piece that took 2 s
             # while the parent served 8 uploads says the parent moves a piece every 0.25 s. Raw times
             # swing with the load of a swarm and made the scheduler's slow-peer rule hide busy parents.
@@ -528,24 +594,47 @@ class Task:
                 self.m.metrics.piece_failures.labels("relayed").inc()
                 self._refused[(host.peer_id, index)] = time.monotonic() + RELAYED_BACKOFF
                 return
-            # One bad parent counts once however many of its pieces were in flight when it failed.
-            if not (exc.blocklist and host.peer_id in self.blocklist):
-                self.failures += 1
-            self.m.metrics.piece_failures.labels(exc.reason).inc()
-            self._results.append(pb.PieceResult(parent_id=host.peer_id, piece=index, success=False,
-                                                cost_us=int((time.monotonic() - t0) * 1e6), error=exc.reason))
-            if exc.blocklist and host.peer_id not in self.blocklist:
-                log.warning("%s: blocklisting parent %s (%s:%d) for piece %d: %s", self.digest[:19], host.peer_id,
-                            host.ip, host.upload_port, index, exc)
-                self.blocklist[host.peer_id] = exc.reason
-                self.m.metrics.blocklisted.labels(exc.reason).inc()
-            if self.failures >= self.cfg.max_parent_failures:
-                self._go_to_source("parent_failures")
+            self._parent_failed(host, index, exc, t0)
         finally:
-            self._in_flight.discard(index)
+            self._reading.pop((index, host.peer_id), None)
+            self._fetching[index] -= 1
+            if self._fetching[index] <= 0:
+                del self._fetching[index]
+                self._in_flight.discard(index)
             self._load[host.peer_id] -= 1
 
-    async def _get_piece(self, url: str, size: int, mine: int) -> tuple[bytes, int]:
+    def _parent_failed(self, host: pb.PeerHost, index: int, exc: ParentFailure, t0: float) -> None:
+        """Count a failed piece against its parent: reported, blocklisted if the failure says so, and back
+        to the registry after too many failed parents."""
+        # One bad parent counts once however many of its pieces were in flight when it failed.
+        if not (exc.blocklist and host.peer_id in self.blocklist):
+            self.failures += 1
+        self.m.metrics.piece_failures.labels(exc.reason).inc()
+        self._results.append(pb.PieceResult(parent_id=host.peer_id, piece=index, success=False,
+                                            cost_us=int((time.monotonic() - t0) * 1e6), error=exc.reason))
+        if exc.blocklist and host.peer_id not in self.blocklist:
+            log.warning("%s: blocklisting parent %s (%s:%d) for piece %d: %s", self.digest[:19], host.peer_id,
+                        host.ip, host.upload_port, index, exc)
+            self.blocklist[host.peer_id] = exc.reason
+            self.m.metrics.blocklisted.labels(exc.reason).inc()
+        if self.failures >= self.cfg.max_parent_failures:
+            self._go_to_source("parent_failures")
+
+    def _overtaken(self, index: int, parent_id: str, t0: float) -> None:
+        """The endgame's other copy of ``index`` landed while the fetch from ``parent_id`` still ran: that
+        fetch is about to be cancelled. A parent slower than ``min_piece_rate`` per upload it serves is
+        still a crawling one and blocklisted as if its deadline had passed (the endgame must not hide
+        it); a merely busy one is not blamed."""
+        reading = self._reading.get((index, parent_id))
+        if reading is None or parent_id not in self._parents:
+            return
+        stream, body_t0, sharing = reading
+        elapsed = time.monotonic() - body_t0
+        if elapsed > 0.25 and stream.total_bytes < self.cfg.min_piece_rate * elapsed / sharing:
+            self._parent_failed(self._parents[parent_id].host, index, ParentFailure(
+                "timeout", f"{stream.total_bytes} bytes in {elapsed:.1f}s (overtaken in the endgame)"), t0)
+
+    async def _get_piece(self, url: str, size: int, mine: int, key: tuple[int, str]) -> tuple[bytes, int]:
         """One piece from a parent, within a deadline that accounts for the parent's load, and the number
         of uploads the parent shared its uplink with.
 
@@ -575,6 +664,7 @@ class Task:
                         sharing = max(1, mine)
                     seconds = max(cfg.piece_timeout, size * sharing / max(cfg.min_piece_rate, 1))
                     budget.reschedule(asyncio.get_running_loop().time() + seconds)
+                    self._reading[key] = (resp.content, time.monotonic(), sharing)  # see _overtaken
                     data = await resp.read()  # one buffer, joined in C: no Python per chunk
         except TimeoutError:
             raise ParentFailure("timeout", "no complete piece within its deadline (crawling parent)") from None
@@ -586,8 +676,16 @@ class Task:
         return data, sharing
 
     # -- shared ---------------------------------------------------------------------------------------
-    async def _store(self, index: int, data: bytes, digest: str, source: str, seconds: float) -> None:
-        await asyncio.to_thread(self.entry.write_piece, index, data, digest)
+    async def _store(self, index: int, data, expected: str, source: str, t0: float, whole=None) -> str:
+        """Hash a piece and, if it matches ``expected`` (``""``: whatever it hashes to, the seed's case),
+        write it and record it; one trip to a worker thread for both. Returns the digest it hashed to
+        (the caller treats a mismatch as a corrupt piece: nothing was written)."""
+        digest = await asyncio.to_thread(_hash_and_write, self.entry, index, data, expected, whole)
+        if expected and digest != expected:
+            return digest
+        seconds = time.monotonic() - t0
+        if index in self.entry.have:  # the endgame's other copy landed while this one was written
+            return digest
         self.entry.commit_piece(index, digest)
         self._progress_at = time.monotonic()
         self.bytes_from[source] += len(data)
@@ -599,6 +697,7 @@ class Task:
         self._notify()
         if source == "peer" and index == self._whole_next and (self._whole_task is None or self._whole_task.done()):
             self._whole_task = self.m.spawn(self._hash_ahead())
+        return digest
 
     async def _hash_ahead(self) -> str:
         """Feed the pieces that are on disk, in order from where it stopped, to the whole-blob hash;
@@ -607,9 +706,11 @@ class Task:
         if self._whole is None:
             self._whole, self._whole_next = hashlib.sha256(), 0
         whole = self._whole
+        buf = None  # one piece-sized buffer for every read: 200 MB of fresh memory is not free
         while self._whole_next < entry.n_pieces and self._whole_next in entry.have:
+            buf = buf or bytearray(entry.piece_size)
             try:
-                await asyncio.to_thread(_feed_piece, entry, self._whole_next, whole)
+                await asyncio.to_thread(_feed_piece, entry, self._whole_next, whole, buf)
             except StorageError:  # evicted or damaged under us: the final check reads everything again
                 return ""
             if whole is not self._whole:  # the task was reset meanwhile
@@ -836,16 +937,20 @@ def _runs(indexes: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _hash_piece(data: bytes, whole) -> str:
-    """The piece digest, feeding the running whole-blob hash on the way (in a thread: hashlib lets go
-    of the GIL, so hashing overlaps the network on a second core)."""
+def _hash_and_write(entry: BlobEntry, index: int, data, expected: str, whole) -> str:
+    """In a worker thread (hashlib and file writes let go of the GIL, so they overlap the network on a
+    second core): the piece digest, feeding the running whole-blob hash on the way, and the piece on disk
+    if the digest is the ``expected`` one (or nothing is expected). Only verified bytes reach the disk."""
     if whole is not None:
         whole.update(data)
-    return sha256_digest(data)
+    digest = sha256_digest(data)
+    if not expected or digest == expected:
+        entry.write_piece(index, data, digest)
+    return digest
 
 
-def _feed_piece(entry: BlobEntry, index: int, whole) -> None:
-    whole.update(entry.read_piece(index))
+def _feed_piece(entry: BlobEntry, index: int, whole, buf: bytearray) -> None:
+    whole.update(entry.read_piece_into(index, buf))
 
 
 def _hash_pieces(entry: BlobEntry) -> str:

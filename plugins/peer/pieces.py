@@ -33,6 +33,12 @@ from .config import Watermark
 log = logging.getLogger(__name__)
 
 DIGEST_PREFIX = "sha256:"
+#: Piece digests learned while a blob downloads are written to meta.json at most this often (and always
+#: when the layout is fixed and when the blob is verified). The seed learns one per piece and children
+#: learn them from the scheduler several times a second: rewriting the whole list each time, in the event
+#: loop, was a measurable share of a peer's CPU. A crash loses at most this much: pieces whose digest is not
+#: on disk are dropped at the next start and fetched again.
+META_EVERY = 1.0
 
 
 def check_digest(digest: str) -> str:
@@ -93,6 +99,8 @@ class BlobEntry:
         self.verified = False
         self.have: set[int] = set()
         self.users = 0          # downloads/responses holding it: GC skips it while > 0
+        self._meta_saved_at = 0.0
+        self._meta_dirty = False
         self._load()
 
     # -- layout ---------------------------------------------------------------------------------------
@@ -144,7 +152,7 @@ class BlobEntry:
                 self.piece_digests[i] = d
                 changed = True
         if changed:
-            self.save_meta(fsync=False)
+            self._digests_changed()
 
     # -- pieces ---------------------------------------------------------------------------------------
     def piece_path(self, index: int) -> Path:
@@ -163,7 +171,7 @@ class BlobEntry:
         self.have.add(index)
         if self.piece_digests[index] != digest:
             self.piece_digests[index] = digest
-            self.save_meta(fsync=False)
+            self._digests_changed()
 
     def read_piece(self, index: int, start: int = 0, end: int | None = None) -> bytes:
         """Bytes ``[start, end)`` of a piece (blocking)."""
@@ -174,6 +182,22 @@ class BlobEntry:
                 return f.read(-1 if end is None else end - start)
         except OSError as exc:
             raise StorageError(f"{self.digest}: cannot read piece {index}: {exc.strerror or exc}") from exc
+
+    def read_piece_into(self, index: int, buf: bytearray) -> memoryview:
+        """The whole piece read into ``buf`` (at least a piece long), without allocating (blocking)."""
+        start, end = self.piece_span(index)
+        view = memoryview(buf)[:end - start]
+        try:
+            with open(self.piece_path(index), "rb", buffering=0) as f:
+                got = 0
+                while got < len(view):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise StorageError(f"{self.digest}: piece {index} is short on disk")
+                    got += n
+        except OSError as exc:
+            raise StorageError(f"{self.digest}: cannot read piece {index}: {exc.strerror or exc}") from exc
+        return view
 
     def drop_piece(self, index: int) -> None:
         self.have.discard(index)
@@ -210,11 +234,24 @@ class BlobEntry:
         return sum(self.piece_span(i)[1] - self.piece_span(i)[0] for i in self.have) if self.has_layout else 0
 
     # -- persistence ----------------------------------------------------------------------------------
+    def _digests_changed(self) -> None:
+        """New piece digests: on disk now if the last write is :data:`META_EVERY` old, else with a later
+        change, the verification, or :meth:`flush_meta`."""
+        self._meta_dirty = True
+        if time.monotonic() - self._meta_saved_at >= META_EVERY:
+            self.save_meta(fsync=False)
+
+    def flush_meta(self) -> None:
+        """Write digests still held back by :meth:`_digests_changed` (a download that stopped)."""
+        if self._meta_dirty and self.has_layout:
+            self.save_meta(fsync=False)
+
     def save_meta(self, fsync: bool = True) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = {"digest": self.digest, "content_length": self.content_length, "piece_size": self.piece_size,
                 "piece_digests": self.piece_digests, "verified": self.verified}
         _write_atomic(self.dir / "meta.json", json.dumps(meta).encode(), fsync=fsync)
+        self._meta_saved_at, self._meta_dirty = time.monotonic(), False
 
     def _load(self) -> None:
         try:

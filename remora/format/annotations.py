@@ -17,6 +17,9 @@ ROLE = PREFIX + "role"                # "blob" or "bootstrap"
 BOOTSTRAP = PREFIX + "bootstrap"      # digest of the bootstrap layer, on every layer
 BOOTSTRAP_SIZE = PREFIX + "bootstrap-size"
 REPOSITORY = PREFIX + "repository"    # "host/repository" the image was pushed to (may be stale after a copy)
+# On the data blob that holds the prefetch files (in prefetch order): how many bytes from its start a
+# reader should fetch as soon as it sees the layer, before it has the bootstrap (the blob's size).
+PREFETCH_BYTES = PREFIX + "prefetch-bytes"
 
 # The bootstrap layer is a zstd-compressed tar with one member; data blobs are plain tar layers.
 BOOTSTRAP_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+zstd"
@@ -36,11 +39,23 @@ class LayerInfo:
 
 
 def layer_annotations(role: str, bootstrap_digest: str, bootstrap_size: int,
-                      repository: str | None = None) -> dict[str, str]:
+                      repository: str | None = None, prefetch_bytes: int = 0) -> dict[str, str]:
     out = {VERSION: str(FORMAT_VERSION), ROLE: role, BOOTSTRAP: bootstrap_digest, BOOTSTRAP_SIZE: str(bootstrap_size)}
     if repository:
         out[REPOSITORY] = repository
+    if prefetch_bytes:
+        out[PREFETCH_BYTES] = str(prefetch_bytes)
     return out
+
+
+def prefetch_bytes(labels: dict[str, str]) -> int:
+    """The ``remora.prefetch-bytes`` of a layer's labels; 0 when absent or not a positive integer
+    (it is a hint: a bad value disables early fetching, never the mount)."""
+    try:
+        n = int(labels.get(PREFETCH_BYTES, "0"))
+    except ValueError:
+        return 0
+    return max(n, 0)
 
 
 def parse_labels(labels: dict[str, str]) -> LayerInfo | None:

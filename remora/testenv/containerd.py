@@ -45,16 +45,24 @@ def _socket_ready(path: Path) -> bool:
 
 
 class RemoraSnapshotter:
-    """``python -m remora.snapshotter.cli`` as a daemon with its own root and socket."""
+    """``python -m remora.snapshotter.cli`` as a daemon with its own root and sockets.
+
+    ``api_address`` is its pull service's socket (``remora pull --api``): by default ``api.sock``
+    next to a default ``address``, or ``<address stem>-api.sock`` beside a given one, never the
+    host's /run/remora/api.sock; ``""`` turns the service off.
+    """
 
     def __init__(self, root: Path | str, address: Path | str | None = None, log_level: str = "info",
-                 argv: Sequence[str] | None = None):
+                 argv: Sequence[str] | None = None, api_address: Path | str | None = None):
         self.root = Path(root)
         self._sockdir = None
         if address is None:
             self._sockdir = tempfile.mkdtemp(prefix="rsnap-", dir="/tmp")
             address = Path(self._sockdir) / "snapshotter.sock"
         self.address = Path(address)
+        if api_address is None:
+            api_address = self.address.parent / ("api.sock" if self._sockdir else f"{self.address.stem}-api.sock")
+        self.api_address: Path | None = Path(api_address) if api_address else None
         self.argv = list(argv or [sys.executable, "-m", "remora.snapshotter.cli"])
         self.log_level = log_level
         self.daemon: Daemon | None = None
@@ -65,11 +73,14 @@ class RemoraSnapshotter:
 
     def start(self, timeout: float = 30.0) -> "RemoraSnapshotter":
         self.root.parent.mkdir(parents=True, exist_ok=True)
+        api = str(self.api_address) if self.api_address else ""
         self.daemon = Daemon([*self.argv, "--root", str(self.root), "--address", str(self.address),
-                              "--log-level", self.log_level], self.log_path).start()
+                              "--api-address", api, "--log-level", self.log_level], self.log_path).start()
+        # The pull service opens last (after gRPC serves): ready means both answer.
+        sockets = [self.address, *([self.api_address] if self.api_address else [])]
         try:
-            wait_until(lambda: _socket_ready(self.address) or not self.daemon.alive(), timeout,
-                       what=f"snapshotter socket {self.address}")
+            wait_until(lambda: all(_socket_ready(s) for s in sockets) or not self.daemon.alive(), timeout,
+                       what=f"snapshotter sockets {', '.join(map(str, sockets))}")
         except TimeoutError:
             self.stop()
             raise

@@ -183,6 +183,10 @@ def test_prefetch_files_first_and_in_order(crafted, registry, tmp_path):
                 assert ext.blob == first_blob, "prefetch files must live in the first blob"
                 offsets.append((ext.frame.offset, ext.chunk.frame_offset))
         assert offsets == sorted(offsets), "prefetch files must be laid out in access order"
+        # The hot blob says so, with its size, so a snapshotter can fetch it before the bootstrap.
+        layers = image.manifest.layers
+        assert ann.prefetch_bytes(layers[0].annotations) == layers[0].size
+        assert all(ann.PREFETCH_BYTES not in l.annotations for l in layers[1:])
     finally:
         image.close()
 

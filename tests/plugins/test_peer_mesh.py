@@ -99,9 +99,11 @@ async def test_scheduler_down_means_straight_from_the_registry(peers, registry, 
 class BadParent:
     """A peer that registers with the scheduler, claims to hold the whole blob, and misbehaves."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, data: bytes = b""):
         self.mode = mode
+        self.data = data      # the blob, for modes that serve the right bytes
         self.requests = 0
+        self.hung_up = 0
 
     async def handler(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
@@ -115,6 +117,15 @@ class BadParent:
             await resp.write(os.urandom(size // 2))
             request.transport.abort()
             return resp
+        elif self.mode == "slow":  # healthy but slow: ~2.4 s a piece, 8 steps of 32 KiB
+            piece = self.data[index * MIN_PIECE_SIZE:index * MIN_PIECE_SIZE + size]
+            try:
+                for at in range(0, size, 32 * 1024):
+                    await resp.write(piece[at:at + 32 * 1024])
+                    await asyncio.sleep(0.3)
+            except ConnectionError:  # the child got the piece elsewhere and hung up: the endgame
+                self.hung_up += 1
+                return resp
         elif self.mode == "crawls":
             try:
                 for _ in range(size // 1024):
@@ -162,6 +173,28 @@ async def test_bad_parent_is_blocklisted_and_the_piece_fetched_elsewhere(schedul
     task = child.tasks.tasks[digest]
     assert task.blocklist == {bad.peer_id: reason}
     assert counter(child, "remora_peer_blocklist_total", reason=reason) == 1
+    assert counter(child, "remora_peer_download_bytes_total", source="peer") == BLOB_SIZE
+    assert counter(child, "remora_peer_download_bytes_total", source="registry") == 0
+
+
+async def test_endgame_asks_a_second_parent_for_the_last_pieces(scheduler, peers, registry, blob):
+    """The last pieces of a download, in flight at a slow (not crawling) parent, are asked from a second
+    parent too; the first copy wins, the slow request is cancelled, and the slow parent is not blamed."""
+    repo, digest, data = blob
+    seed = await peers("seed", [scheduler.address])
+    assert await fetch(seed, registry, repo, digest) == (200, data)
+    slow = BadParent("slow", data)
+    await slow.start(scheduler.address, digest)
+    try:
+        # ~100 KiB/s from the slow parent is above the child's crawl threshold: slow, not bad
+        child = await peers("child", [scheduler.address], min_piece_rate=32 * 1024)
+        assert await fetch(child, registry, repo, digest) == (200, data)
+    finally:
+        await slow.stop()
+    assert slow.requests >= 1, "the scheduler never offered the slow parent: the test proves nothing"
+    lost = counter(child, "remora_peer_piece_failures_total", reason="endgame_lost")
+    assert lost >= 1 and slow.hung_up >= 1, "no piece was taken over from the slow parent"
+    assert child.tasks.tasks[digest].blocklist == {}, "a slow parent that was overtaken is not a bad one"
     assert counter(child, "remora_peer_download_bytes_total", source="peer") == BLOB_SIZE
     assert counter(child, "remora_peer_download_bytes_total", source="registry") == 0
 

@@ -324,6 +324,28 @@ def test_pull_picks_remora_entry_of_fallback_index(stacks, reg, busybox):
     assert st.run(ref, "echo", "fallback-ok").stdout == "fallback-ok\n"
 
 
+@pytest.mark.parametrize("annotations_only", [False, True], ids=["cri-labels", "annotations-only"])
+def test_hot_blob_is_fetched_early_and_once(stacks, reg, busybox, tmp_path, annotations_only):
+    """A layer marked remora.prefetch-bytes is streamed from its own Prepare on (before the bootstrap
+    is mounted) and the fs process reads it from there: the registry serves it exactly once, whole,
+    whichever labels the client sends (annotations only: the digest comes from the base layer's chain ID)."""
+    hot_list = tmp_path / "hot.txt"
+    hot_list.write_text("/bin/busybox\n")
+    ref = busybox.source_ref.rsplit(":", 1)[0] + f":hot-{annotations_only:d}"
+    subprocess.run([sys.executable, "-m", "remora.cli", "convert", "--no-progress", "--json", "--prefetch-list",
+                    str(hot_list), busybox.source_ref, ref], check=True, capture_output=True, timeout=120)
+    image = RemoraImage(reg, busybox.source_ref, ref)
+    hot = image.layers[0]
+    assert ann.prefetch_bytes(hot["annotations"]) == hot["size"]
+    st = stacks()
+    mark = reg.mark()
+    st.pull(ref, *(["--annotations-only"] if annotations_only else []))
+    assert st.run(ref, "sh", "-c", "echo hot-$((6*7))").stdout == "hot-42\n"
+    served = reg.blob_gets(mark)
+    assert served.get(hot["digest"]) == hot["size"], served
+    assert f"early prefetch of {hot['digest'][:19]}: {hot['size']} bytes" in st.snap_log(200)
+
+
 # -- (3) CRI -----------------------------------------------------------------------------------------
 def test_cri_pull_is_remote(stacks, reg, busybox):
     from remora.testenv.cri import CRIImageClient
