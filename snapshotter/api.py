@@ -262,7 +262,7 @@ class PullService:
 def _warm_one(warm, labels: Mapping[str, str], digest: str) -> None:
     """A failed warm-up is only a lost head start: the Prepare does the real work and reports."""
     try:
-        warm(labels, digest)
+        warm(labels, digest, reason="the pull service")
     except Exception as exc:  # noqa: BLE001
         log.warning("warm-up of layer %s failed: %s", digest[:19], exc)
 

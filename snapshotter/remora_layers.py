@@ -93,7 +93,7 @@ class RemoraLayerHandler(RemoteLayerHandler):
         if info.role == "blob":
             # A base layer's chain ID is its diff_id, and a data blob's diff_id is its digest: that
             # names the hot blob (always the first layer) for clients that send no digest label.
-            self.warm(layer.labels, layer.target if not layer.parent else "")
+            self.warm(layer.labels, layer.target if not layer.parent else "", reason="its Prepare")
             return True
         host, repo = image_location(layer.labels)
         size = int(layer.labels.get(ann.BOOTSTRAP_SIZE, "0") or 0)
@@ -106,14 +106,15 @@ class RemoraLayerHandler(RemoteLayerHandler):
                  info.bootstrap[:19], layer.mountpoint, t1 - t0, time.monotonic() - t1)
         return True
 
-    def warm(self, labels: Mapping[str, str], digest: str = "") -> None:
+    def warm(self, labels: Mapping[str, str], digest: str = "", reason: str = "") -> None:
         """Start fetching, in the background, what this image's Prepares will need: its bootstrap, and
         a hot blob's bytes (``remora.prefetch-bytes``) into the staging area. Non-blocking, idempotent,
         never raises: it is a head start, and the Prepare that needs the bytes fetches or waits itself.
 
         Called by the data blob layers' Prepares (the bootstrap layer comes last) and by the pull
         service as soon as it has read the manifest. The layer's blob digest is taken from ``digest``
-        or the labels CRI/``remora pull`` (``cri.layer-digest``) and ``ctr-remote`` send."""
+        or the labels CRI/``remora pull`` (``cri.layer-digest``) and ``ctr-remote`` send. ``reason``
+        (who asks) goes into the log line."""
         try:
             info = ann.parse_labels(labels)
             if info is None:
@@ -144,6 +145,8 @@ class RemoraLayerHandler(RemoteLayerHandler):
             # decompression and fsync overlap the hot blob's first round trip)
             before = (lambda: downloaded.wait(60)) if need_bootstrap else None
             if self.staging.start(blob, hot, sources, first=before):
+                log.info("warm-up from %s: %s bytes of hot blob %s%s", reason or "a caller", hot, blob[:19],
+                         f" after bootstrap {info.bootstrap[:19]}" if need_bootstrap else "")
                 if need_bootstrap:
                     threading.Thread(target=self._bootstrap_quietly,
                                      args=(host, repo, info.bootstrap, size, client, downloaded.set),
@@ -152,6 +155,7 @@ class RemoraLayerHandler(RemoteLayerHandler):
             for source in sources:  # not staged (already, or no room): nobody else uses them
                 source.close()
         if need_bootstrap:
+            log.info("warm-up from %s: bootstrap %s", reason or "a caller", info.bootstrap[:19])
             threading.Thread(target=self._bootstrap_quietly, args=(host, repo, info.bootstrap, size),
                              name="warm-bootstrap", daemon=True).start()
 

@@ -22,8 +22,11 @@ GiB = 1024 * MiB
 MIN_PIECE_SIZE = 256 * KiB
 MAX_PIECE_SIZE = 16 * MiB
 #: Aim for about this many pieces per blob: enough to spread a blob over several parents, few enough
-#: that per-piece overhead (one request, one file, one digest) stays negligible.
-TARGET_PIECES = 128
+#: that per-piece overhead (one request, one file, one digest) stays negligible. A piece is relayed only
+#: once a child has all of it, so its size is the delay each hop of the swarm adds (1 MiB: 84 ms at
+#: 100 Mbit/s): in benchmarks/bench_p2p_mesh.py (200 MB, 8 nodes) pieces reached the children a median 1.5 s
+#: after the seed got them with 1 MiB pieces, 2.4 s with 2 MiB, 3.5 s with 4 MiB (64 per blob, before).
+TARGET_PIECES = 256
 #: The header of the seed's 503 meaning "this fresh piece went to another child: get it from the children"
 #: (upload.py sends it, download.py understands it).
 RELAYED_HEADER = "X-Remora-Relayed"

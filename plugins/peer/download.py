@@ -322,7 +322,8 @@ class Task:
                         break
                     await self._store(index, view[:want], "", "registry", t0, whole)
                     filled = 0
-                    log.info("TRACE piece %d from registry in %.3fs", index, time.monotonic() - t0)
+                    log.debug("%s: piece %d from the registry in %.3fs", self.digest[:19], index,
+                              time.monotonic() - t0)
                     self.fetched_from_source.add(index)
                     self._in_flight.discard(index)
                     index += 1
@@ -576,7 +577,8 @@ class Task:
             actual = await self._store(index, data, expected, "peer", t0)
             if actual != expected:
                 raise ParentFailure("corrupt", f"piece digest {actual[:19]}, expected {expected[:19]}")
-            log.info("TRACE piece %d from %s in %.3fs sharing %d", index, host.ip, time.monotonic() - t0, sharing)
+            log.debug("%s: piece %d from %s in %.3fs (its uploads: %d)", self.digest[:19], index, host.ip,
+                      time.monotonic() - t0, sharing)
             # The cost the scheduler learns is per unit of the parent's uplink: a piece that took 2 s
             # while the parent served 8 uploads says the parent moves a piece every 0.25 s. Raw times
             # swing with the load of a swarm and made the scheduler's slow-peer rule hide busy parents.

@@ -19,7 +19,7 @@ import pytest
 from remora.netlab import Lab, cleanup_stale
 from remora.netlab.delay import DelayProxy
 from remora.netlab.namespaces import (LAB_SUPERNET, STATE_DIR, blackhole_routes, netns_list, route_get)
-from remora.netlab.shaping import parse_rate, show
+from remora.netlab.shaping import GSO_BURST, parse_rate, show, tbf_burst
 
 PY = sys.executable
 PREFIX = f"rlt{os.getpid() % 10000}-"  # this run's labs only: parallel runs never clean each other
@@ -88,6 +88,33 @@ def test_rate_limit_roughly_right(tmp_path, kind):
         assert kind in stats and "Sent" in stats
         sent = int(stats.split("Sent", 1)[1].split()[0])
         assert sent >= 4_000_000  # the data really went through the shaper
+
+
+def tbf_burst_of(ns: str, dev: str) -> int:
+    qdiscs = json.loads(subprocess.run(["tc", "-n", ns, "-j", "qdisc", "show", "dev", dev],
+                                       capture_output=True, text=True, check=True).stdout)
+    return next(q for q in qdiscs if q["kind"] == "tbf")["options"]["burst"]
+
+
+def test_offload_lab_shapes_at_the_same_rate_and_lets_super_packets_through(tmp_path):
+    """``Lab(offload=True)``: the shapers' bucket holds a whole 64 KiB TCP super-packet, the bridge
+    namespace stops handing frames to iptables, the data still goes through the shaper; a plain lab keeps
+    the frame-sized bucket."""
+    with Lab(prefix=PREFIX, workdir=tmp_path, offload=True) as lab:
+        a, b = lab.add_node("a"), lab.add_node("b")
+        b.shape(down="20mbit")
+        assert tbf_burst_of(lab.bridge_ns, b.port) >= GSO_BURST > tbf_burst(parse_rate("20mbit"))
+        got = send_through(lab, a, b, 4_000_000)
+        assert got["bytes"] == 4_000_000
+        sent = int(show(lab.bridge_ns, b.port).split("Sent", 1)[1].split()[0])
+        assert sent >= 4_000_000  # the data really went through the shaper
+        nf = subprocess.run(["nsenter", f"--net=/run/netns/{lab.bridge_ns}", "--", "sh", "-c",
+                             "cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null || echo absent"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+        assert nf in ("0", "absent")
+    with Lab(prefix=PREFIX, workdir=tmp_path / "plain") as lab:
+        a = lab.add_node("a", up="20mbit")
+        assert tbf_burst_of(a.ns, "eth0") == tbf_burst(parse_rate("20mbit")) < GSO_BURST
 
 
 def test_delay_proxy_adds_latency_and_can_corrupt(tmp_path):

@@ -26,7 +26,8 @@ def _fill(store: PieceStore, data: bytes, piece_size: int = MIN_PIECE_SIZE):
 
 def test_piece_size_is_power_of_two_from_blob_size():
     assert piece_size_for(1) == MIN_PIECE_SIZE
-    assert piece_size_for(100 * MiB) == 2 * MiB
+    assert piece_size_for(100 * MiB) == 512 * 1024
+    assert piece_size_for(200 * 10**6) == MiB  # the P2P benchmark's blob: 191 pieces
     assert piece_size_for(64 * 1024 * MiB) == MAX_PIECE_SIZE
     for n in (1, 10**6, 10**8, 10**9, 10**11):
         size = piece_size_for(n)

@@ -103,6 +103,27 @@ def test_pull_through_service_then_run(stack, image):
     assert status == 200 and info["api"] == 1 and info["lazy"] is True and info["pid"] == st.snap.daemon.pid
 
 
+def test_service_starts_the_hot_blob_before_the_prepares(stack, image, tmp_path):
+    """Through the service, the bootstrap and the hot blob are on their way as soon as the manifest
+    is read: the warm-up is the service's, not the first Prepare's, and the registry serves the hot
+    blob once, whole."""
+    hot_list = tmp_path / "hot.txt"
+    hot_list.write_text("/bin/busybox\n")
+    src = image.removesuffix("-remora")
+    ref = src + "-hot"
+    subprocess.run([sys.executable, "-m", "remora.cli", "convert", "--no-progress", "--prefetch-list", str(hot_list),
+                    src, ref], check=True, capture_output=True, timeout=240)
+    st = stack
+    ns = _ns(st)
+    proc = _pull(st, ns, ref, *_api(st))
+    assert proc.returncode == 0, proc.stderr + st.snap_log()
+    log = st.snap_log(400)
+    warmups = re.findall(r"warm-up from (.+?): (\d+) bytes of hot blob", log)
+    assert warmups and warmups[-1][0] == "the pull service", log
+    assert "early prefetch of" in log
+    assert st.run(ref, "sh", "-c", "echo warm-$((6*7))", namespace=ns).stdout == "warm-42\n"
+
+
 # Runs a module as __main__ and, at exit, writes every module the process loaded (sys.modules is the
 # truth: -X importtime does not see modules loaded through importlib.import_module, as remora.cli does).
 _RECORD_MODULES = """
