@@ -48,7 +48,8 @@ from aiohttp import web
 
 from remora.errors import RemoraError, UsageError
 
-from .pull import API_PULL_PATH, API_VERSION_PATH, NDJSON, PullResult, pull
+from .pull import pull
+from .pull_client import API_PULL_PATH, API_VERSION_PATH, NDJSON, PullResult
 
 log = logging.getLogger(__name__)
 

@@ -103,7 +103,8 @@ def test_offload_lab_shapes_at_the_same_rate_and_lets_super_packets_through(tmp_
     with Lab(prefix=PREFIX, workdir=tmp_path, offload=True) as lab:
         a, b = lab.add_node("a"), lab.add_node("b")
         b.shape(down="20mbit")
-        assert tbf_burst_of(lab.bridge_ns, b.port) >= GSO_BURST > tbf_burst(parse_rate("20mbit"))
+        # tc stores the bucket as a time: a byte or two is lost on the way back
+        assert tbf_burst_of(lab.bridge_ns, b.port) >= 0.99 * GSO_BURST > tbf_burst(parse_rate("20mbit"))
         got = send_through(lab, a, b, 4_000_000)
         assert got["bytes"] == 4_000_000
         sent = int(show(lab.bridge_ns, b.port).split("Sent", 1)[1].split()[0])
@@ -114,7 +115,7 @@ def test_offload_lab_shapes_at_the_same_rate_and_lets_super_packets_through(tmp_
         assert nf in ("0", "absent")
     with Lab(prefix=PREFIX, workdir=tmp_path / "plain") as lab:
         a = lab.add_node("a", up="20mbit")
-        assert tbf_burst_of(a.ns, "eth0") == tbf_burst(parse_rate("20mbit")) < GSO_BURST
+        assert abs(tbf_burst_of(a.ns, "eth0") - tbf_burst(parse_rate("20mbit"))) <= 16 < GSO_BURST
 
 
 def test_delay_proxy_adds_latency_and_can_corrupt(tmp_path):
