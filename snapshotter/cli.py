@@ -88,6 +88,9 @@ def _serve_metrics(address: str, handler) -> None:
     registry = CollectorRegistry()
     if handler is not None:
         registry.register(handler.mounts.collector(ChunkCache(handler.mounts.cache_dir, handler.mounts.cache_limit)))
+        from .metrics import StagingCollector
+
+        registry.register(StagingCollector(handler.staging.counters))
     start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
 
 

@@ -12,7 +12,9 @@ Exported names (all prefixed ``remora_``): ``fetch_bytes_total``, ``fetch_reques
 ``fetch_source_errors_total``, ``fetch_failures_total``, ``fetch_singleflight_waits_total``,
 ``cache_hits_total``, ``cache_misses_total``, ``cache_corrupt_total``, ``prefetch_files``/
 ``prefetch_files_done``/``prefetch_bytes_total``/``prefetch_complete``, ``fuse_op_seconds``
-(histogram, label ``op``), ``mount_up``, ``cache_bytes``, ``cache_limit_bytes``, ``cache_chunks``.
+(histogram, label ``op``), ``mount_up``, ``cache_bytes``, ``cache_limit_bytes``, ``cache_chunks``;
+from the snapshotter's own early prefetch (:class:`StagingCollector`): ``early_prefetch_blobs_total``,
+``early_prefetch_bytes_total``, ``early_prefetch_failures_total``.
 """
 from __future__ import annotations
 
@@ -154,3 +156,24 @@ class MountCollector:
             yield GaugeMetricFamily(f"{p}_cache_bytes", "Bytes in the shared chunk cache.", value=info["bytes"])
             yield GaugeMetricFamily(f"{p}_cache_limit_bytes", "Chunk cache size limit.", value=info["limit"])
             yield GaugeMetricFamily(f"{p}_cache_chunks", "Chunks in the shared chunk cache.", value=info["chunks"])
+
+
+class StagingCollector:
+    """Counters of the snapshotter's early prefetch (:class:`remora.snapshotter.staging.StagingArea`):
+    ``counters()`` returns ``{"blobs", "bytes", "failures"}``."""
+
+    def __init__(self, counters: Callable[[], dict], prefix: str = "remora"):
+        self.counters, self.prefix = counters, prefix
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        c = self.counters()
+        p = self.prefix
+        yield CounterMetricFamily(f"{p}_early_prefetch_blobs", "Hot blobs whose early prefetch was started.",
+                                  value=c["blobs"])
+        yield CounterMetricFamily(f"{p}_early_prefetch_bytes", "Bytes of hot blobs streamed into the staging area.",
+                                  value=c["bytes"])
+        yield CounterMetricFamily(f"{p}_early_prefetch_failures",
+                                  "Early prefetches that no source completed (mounts then read elsewhere).",
+                                  value=c["failures"])

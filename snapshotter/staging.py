@@ -57,9 +57,15 @@ class StagingArea:
         self._lock = threading.Lock()
         self._staged: dict[str, tuple[int, float]] = {}   # blob -> (bytes staged, time started)
         self._threads: dict[str, threading.Thread] = {}
+        self._counters = {"blobs": 0, "bytes": 0, "failures": 0}
         self.dir.mkdir(parents=True, exist_ok=True)
         for stale in self.dir.iterdir():  # from before a restart: fs processes fetch on their own now
             stale.unlink(missing_ok=True)
+
+    def counters(self) -> dict[str, int]:
+        """Stagings started, bytes streamed in, stagings that failed (for the metrics endpoint)."""
+        with self._lock:
+            return dict(self._counters)
 
     def staged(self, blobs: Sequence[str]) -> dict[str, int]:
         """``{blob: bytes}`` of those ``blobs`` being staged or staged (for a mount spec)."""
@@ -85,6 +91,7 @@ class StagingArea:
                 log.info("early prefetch of %s skipped: staging area full (%d bytes)", blob[:19], used)
                 return False
             self._staged[blob] = (nbytes, time.monotonic())
+            self._counters["blobs"] += 1
             part = self.dir / (_name(blob) + ".part")
             try:
                 part.touch()
@@ -121,6 +128,8 @@ class StagingArea:
                     nonlocal got
                     f.write(piece)
                     got += len(piece)
+                    with self._lock:
+                        self._counters["bytes"] += len(piece)
 
                 for source in sources:
                     if got >= nbytes:
@@ -141,6 +150,7 @@ class StagingArea:
             part.unlink(missing_ok=True)  # readers holding it see nlink 0 and go to the next source
             with self._lock:
                 self._staged.pop(blob, None)
+                self._counters["failures"] += 1
         finally:
             for source in sources:  # they were made for this staging: release their connections
                 close = getattr(source, "close", None)

@@ -150,7 +150,11 @@ def test_staged_files_go_after_their_ttl(image, registry, tmp_path):
     area.wait(blob, 30)
 
 
-def test_staging_area_limit_and_failure(image, tmp_path):
+def test_staging_area_limit_and_failure(image, registry, tmp_path):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from remora.snapshotter.metrics import StagingCollector
+
     blob, data = biggest_blob(image)
     area = StagingArea(tmp_path / "staging", limit=1000)
     dead = registry_source(image, dead_port_url())
@@ -158,6 +162,15 @@ def test_staging_area_limit_and_failure(image, tmp_path):
     area.wait(blob, 30)
     assert area.staged([blob]) == {}, "a failed staging must not be offered to mounts"
     assert not list((tmp_path / "staging").iterdir())
+    assert area.start(blob, len(data), [registry_source(image, registry.url)])  # capped at the limit
+    area.wait(blob, 30)
+    assert (tmp_path / "staging" / _name(blob)).read_bytes() == data[:1000]
+    reg = CollectorRegistry()
+    reg.register(StagingCollector(area.counters))
+    text = generate_latest(reg).decode()
+    assert "remora_early_prefetch_blobs_total 2.0" in text
+    assert "remora_early_prefetch_bytes_total 1000.0" in text
+    assert "remora_early_prefetch_failures_total 1.0" in text
     area2 = StagingArea(tmp_path / "staging", limit=0)
     assert not area2.start(blob, len(data), [dead])
 
