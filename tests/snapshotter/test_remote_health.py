@@ -81,5 +81,6 @@ def test_stats_and_prometheus_metrics(lazy_layers):
     fetched = [l for l in text.splitlines() if l.startswith("remora_fetch_bytes_total{")]
     assert fetched and float(fetched[0].split()[-1]) > 0
     assert "remora_fuse_op_seconds_bucket" in text
+    assert "remora_early_prefetch_failures_total 0.0" in text  # the snapshotter's own counters too
     proc = subprocess.run(["remora", "stats", "--root", str(root)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "chunk cache" in proc.stdout
