@@ -59,6 +59,7 @@ class StagingArea:
         self._threads: dict[str, threading.Thread] = {}
         self._counters = {"blobs": 0, "bytes": 0, "failures": 0}
         self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)  # image bytes, maybe of a private image: root (the fs processes) only
         for stale in self.dir.iterdir():  # from before a restart: fs processes fetch on their own now
             stale.unlink(missing_ok=True)
 

@@ -132,6 +132,7 @@ def test_staging_area_resumes_on_the_next_source(image, proxy, tmp_path):
     area.wait(blob, 30)
     assert (tmp_path / "staging" / _name(blob)).read_bytes() == data
     assert area.staged([blob, "sha256:" + "00" * 32]) == {blob: len(data)}
+    assert (tmp_path / "staging").stat().st_mode & 0o777 == 0o700
     # the second source was asked only for what the first did not deliver
     assert proxy.bytes == len(data)
 
