@@ -72,6 +72,9 @@ def read_all(root: Path, files: list[str], drop: bool = False, digest: bool = Fa
         for rel in files:
             fd = os.open(root / rel, os.O_RDONLY)
             try:
+                # DONTNEED skips dirty pages: a tree unpacked a moment ago must be written back first,
+                # or its "dropped" passes read from memory (seen: 10 GB/s "from disk")
+                os.fdatasync(fd)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)

@@ -295,10 +295,13 @@ class Task:
     async def _cut_pieces(self, resp: aiohttp.ClientResponse, first: int, last: int, skip: int) -> None:
         entry = self.entry
         index = first
-        # One piece-sized buffer, filled straight from the stream and reused for every piece (the piece
-        # is hashed and on disk before the next one is read): no joins, slices or fresh memory per piece.
-        piece = bytearray(entry.piece_size)
-        view = memoryview(piece)
+        # Two piece-sized buffers, filled straight from the stream and reused (no joins, slices or fresh
+        # memory per piece): while one piece is hashed and written (fsync included) in a worker thread, the
+        # next one is read. A seed that stopped reading for every write would let the socket buffer fill
+        # and the registry's stream stall, a few milliseconds per piece, on the link every child waits on.
+        views = [memoryview(bytearray(entry.piece_size)) for _ in range(2)]
+        view = views[0]
+        storing: asyncio.Task | None = None   # the previous piece, landing
         filled = 0
         want = entry.piece_span(index)[1] - entry.piece_span(index)[0]
         t0 = time.monotonic()
@@ -320,28 +323,40 @@ class Task:
                     chunk = chunk[n:]
                     if filled < want:
                         break
-                    await self._store(index, view[:want], "", "registry", t0, whole)
+                    if storing is not None:
+                        await storing  # in order: the whole-blob hash is fed piece after piece
+                    storing = asyncio.ensure_future(self._land_from_source(index, view[:want], t0, whole))
+                    view = views[1] if view is views[0] else views[0]
                     filled = 0
-                    log.debug("%s: piece %d from the registry in %.3fs", self.digest[:19], index,
-                              time.monotonic() - t0)
-                    self.fetched_from_source.add(index)
-                    self._in_flight.discard(index)
                     index += 1
                     if index <= last:
                         want = entry.piece_span(index)[1] - entry.piece_span(index)[0]
                         t0 = time.monotonic()
                 if index > last:
                     break
+            if storing is not None:
+                await storing
+                storing = None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise RegistryError(f"{self.digest}: registry stream broke at piece {index}: {exc or type(exc).__name__}") \
                 from exc
         finally:
+            if storing is not None:  # the stream failed (or we are cancelled) while a piece was landing
+                if not storing.done():
+                    storing.cancel()
+                await asyncio.gather(storing, return_exceptions=True)
             self._in_flight -= run
         if index <= last:
             raise RegistryError(f"{self.digest}: registry sent a truncated blob (stopped in piece {index} of "
                                 f"{entry.n_pieces})")
         if whole is not None:
             self._streamed_digest = "sha256:" + whole.hexdigest()
+
+    async def _land_from_source(self, index: int, data, t0: float, whole) -> None:
+        await self._store(index, data, "", "registry", t0, whole)
+        log.debug("%s: piece %d from the registry in %.3fs", self.digest[:19], index, time.monotonic() - t0)
+        self.fetched_from_source.add(index)
+        self._in_flight.discard(index)
 
     # -- mesh -----------------------------------------------------------------------------------------
     async def _fetch_from_parents(self) -> None:
