@@ -231,6 +231,16 @@ class PullService:
     def _run_pull(self, ref: str, params: dict[str, Any], post) -> None:
         """In a pool thread: the pull, its progress and its final line sent to the event loop."""
         on_manifest = self._warm_hook()
+        preconnect = getattr(self.handler, "preconnect", None)
+        if preconnect is not None:
+            from remora.reference import ImageRef, parse_reference
+
+            try:
+                parsed = parse_reference(ref)
+            except RemoraError:
+                parsed = None  # pull() reports the bad reference
+            if isinstance(parsed, ImageRef):
+                preconnect(parsed.host)
         try:
             result: PullResult = pull(ref, **params, say=lambda m: post({"status": m}), on_manifest=on_manifest)
         except BaseException as exc:  # noqa: BLE001 - every outcome must reach the client as a line

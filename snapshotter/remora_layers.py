@@ -55,6 +55,7 @@ def image_location(labels: Mapping[str, str]) -> tuple[str, str]:
         return host, repo
     raise InvalidInput("remora layer without an image reference: none of the labels "
                        f"{', '.join(IMAGE_REF_LABELS + (ann.REPOSITORY,))} is set")
+PRECONNECT_TTL = 30.0  # a pre-opened registry connection older than this is not trusted to be alive
 LAYER_DIGEST_LABELS = (
     "containerd.io/snapshot/cri.layer-digest",
     "containerd.io/snapshot/remote/stargz.digest",
@@ -82,6 +83,7 @@ class RemoraLayerHandler(RemoteLayerHandler):
         self.staging = StagingArea(self.root / "staging", limit=early_prefetch_limit)
         self._hot_blobs: dict[str, set[str]] = {}  # bootstrap digest -> hot blobs of that image
         self._warmed: set[tuple[str, str]] = set()
+        self._preconnected: dict[str, tuple[object, float]] = {}  # host -> (RegistryClient, when)
         for stale in self.bootstraps.glob(".tmp-*"):  # left by a crash mid-fetch
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -131,12 +133,11 @@ class RemoraLayerHandler(RemoteLayerHandler):
             self._warmed.add((host, info.bootstrap))
         need_bootstrap = first and not self._bootstrap_path(info.bootstrap).exists()
         if hot and blob.startswith("sha256:"):
-            from remora.registry.client import RegistryClient
             from remora.snapshotter.sources import open_source
 
             # One connection: the bootstrap first (the mount waits for it; sharing the link with
             # the hot blob starved it), then the hot blob on the same kept-alive connection.
-            client = RegistryClient(host, plain_http=True if self.insecure else None, retries=1, backoff=0.1)
+            client = self._take_client(host)
             sources = [open_source(s, client) for s in self._sources(host, repo)]
             downloaded = threading.Event()
             with self._lock:
@@ -156,8 +157,51 @@ class RemoraLayerHandler(RemoteLayerHandler):
                 source.close()
         if need_bootstrap:
             log.info("warm-up from %s: bootstrap %s", reason or "a caller", info.bootstrap[:19])
-            threading.Thread(target=self._bootstrap_quietly, args=(host, repo, info.bootstrap, size),
-                             name="warm-bootstrap", daemon=True).start()
+            client = self._take_client(host)
+
+            def fetch() -> None:
+                try:
+                    self._bootstrap_quietly(host, repo, info.bootstrap, size, client)
+                finally:
+                    client.close()
+            threading.Thread(target=fetch, name="warm-bootstrap", daemon=True).start()
+
+    def _take_client(self, host: str):
+        """The registry client :meth:`preconnect` opened for ``host`` (fresh enough), else a new one."""
+        from remora.registry.client import RegistryClient
+
+        with self._lock:
+            client, when = self._preconnected.pop(host, (None, 0.0))
+        if client is not None and time.monotonic() - when <= PRECONNECT_TTL:
+            return client
+        if client is not None:
+            client.close()
+        return RegistryClient(host, plain_http=True if self.insecure else None, retries=1, backoff=0.1)
+
+    def preconnect(self, host: str) -> None:
+        """Open a connection to registry ``host`` now, in the background, for the warm-up that will
+        follow (the pull service calls this before it reads the manifest): the bootstrap request then
+        skips the connection's set-up round trip. Never raises."""
+        from remora.registry.client import RegistryClient
+
+        try:
+            client = RegistryClient(host, plain_http=True if self.insecure else None, retries=1, backoff=0.1)
+        except Exception as exc:  # noqa: BLE001 - a bad host fails the pull itself, with its message
+            log.debug("no preconnect to %s: %s", host, exc)
+            return
+
+        def connect() -> None:
+            try:  # any answer (200, 401) leaves an open kept-alive connection in the client's pool
+                client.session.get(f"{client.base_url}/v2/", timeout=5).close()
+            except Exception as exc:  # noqa: BLE001
+                log.debug("preconnect to %s: %s", host, exc)
+
+        with self._lock:
+            old, _ = self._preconnected.pop(host, (None, 0.0))
+            self._preconnected[host] = (client, time.monotonic())
+        if old is not None:  # never used (e.g. the image was already here)
+            old.close()
+        threading.Thread(target=connect, name="preconnect", daemon=True).start()
 
     def _bootstrap_quietly(self, host: str, repo: str, digest: str, size: int, client=None,
                            on_downloaded=None) -> None:

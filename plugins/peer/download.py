@@ -639,16 +639,20 @@ class Task:
 
     def _overtaken(self, index: int, parent_id: str, t0: float) -> None:
         """The endgame's other copy of ``index`` landed while the fetch from ``parent_id`` still ran: that
-        fetch is about to be cancelled. A parent slower than ``min_piece_rate`` per upload it serves is
-        still a crawling one and blocklisted as if its deadline had passed (the endgame must not hide
-        it); a merely busy one is not blamed."""
+        fetch is about to be cancelled. A parent slower than ``min_piece_rate`` even if its uplink were
+        shared by as many uploads as it admits (its upload slots) is a crawling one and blocklisted as if
+        its deadline had passed: the endgame must not hide it. A busy one is not blamed: the uploads it
+        reported when the piece started say little about how many joined since (a seed that has just
+        finished serves every child at once)."""
         reading = self._reading.get((index, parent_id))
-        if reading is None or parent_id not in self._parents:
+        parent = self._parents.get(parent_id)
+        if reading is None or parent is None:
             return
         stream, body_t0, sharing = reading
         elapsed = time.monotonic() - body_t0
-        if elapsed > 0.25 and stream.total_bytes < self.cfg.min_piece_rate * elapsed / sharing:
-            self._parent_failed(self._parents[parent_id].host, index, ParentFailure(
+        shared_by = max(sharing, parent.host.upload_slots, 1)
+        if elapsed > 0.25 and stream.total_bytes < self.cfg.min_piece_rate * elapsed / shared_by:
+            self._parent_failed(parent.host, index, ParentFailure(
                 "timeout", f"{stream.total_bytes} bytes in {elapsed:.1f}s (overtaken in the endgame)"), t0)
 
     async def _get_piece(self, url: str, size: int, mine: int, key: tuple[int, str]) -> tuple[bytes, int]:
