@@ -56,6 +56,7 @@ def image_location(labels: Mapping[str, str]) -> tuple[str, str]:
     raise InvalidInput("remora layer without an image reference: none of the labels "
                        f"{', '.join(IMAGE_REF_LABELS + (ann.REPOSITORY,))} is set")
 PRECONNECT_TTL = 30.0  # a pre-opened registry connection older than this is not trusted to be alive
+PRECONNECT_WAIT = 2.0  # longest wait for a preconnect still in progress (its timeout is 5 s)
 LAYER_DIGEST_LABELS = (
     "containerd.io/snapshot/cri.layer-digest",
     "containerd.io/snapshot/remote/stargz.digest",
@@ -83,7 +84,7 @@ class RemoraLayerHandler(RemoteLayerHandler):
         self.staging = StagingArea(self.root / "staging", limit=early_prefetch_limit)
         self._hot_blobs: dict[str, set[str]] = {}  # bootstrap digest -> hot blobs of that image
         self._warmed: set[tuple[str, str]] = set()
-        self._preconnected: dict[str, tuple[object, float]] = {}  # host -> (RegistryClient, when)
+        self._preconnected: dict[str, tuple[object, float, threading.Thread]] = {}  # host -> (client, when, connecting)
         for stale in self.bootstraps.glob(".tmp-*"):  # left by a crash mid-fetch
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -171,8 +172,10 @@ class RemoraLayerHandler(RemoteLayerHandler):
         from remora.registry.client import RegistryClient
 
         with self._lock:
-            client, when = self._preconnected.pop(host, (None, 0.0))
+            client, when, connecting = self._preconnected.pop(host, (None, 0.0, None))
         if client is not None and time.monotonic() - when <= PRECONNECT_TTL:
+            # still connecting: waiting costs less than the round trip a second connection would
+            connecting.join(PRECONNECT_WAIT)
             return client
         if client is not None:
             client.close()
@@ -196,12 +199,13 @@ class RemoraLayerHandler(RemoteLayerHandler):
             except Exception as exc:  # noqa: BLE001
                 log.debug("preconnect to %s: %s", host, exc)
 
+        thread = threading.Thread(target=connect, name="preconnect", daemon=True)
+        thread.start()  # before it is published: whoever takes the client may join it at once
         with self._lock:
-            old, _ = self._preconnected.pop(host, (None, 0.0))
-            self._preconnected[host] = (client, time.monotonic())
+            old = self._preconnected.pop(host, (None,))[0]
+            self._preconnected[host] = (client, time.monotonic(), thread)
         if old is not None:  # never used (e.g. the image was already here)
             old.close()
-        threading.Thread(target=connect, name="preconnect", daemon=True).start()
 
     def _bootstrap_quietly(self, host: str, repo: str, digest: str, size: int, client=None,
                            on_downloaded=None) -> None:

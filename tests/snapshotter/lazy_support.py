@@ -167,6 +167,7 @@ class CountingProxy:
         self.mode = mode
         self.delay = delay
         self.requests: list[str] = []
+        self.by_connection: list[tuple[int, str]] = []   # (client port, path) of every GET, in order
         self.bytes = 0
         self._lock = threading.Lock()
         self._session = requests.Session()  # keep-alive to the registry: the proxy adds little latency
@@ -183,6 +184,7 @@ class CountingProxy:
             def do_GET(self):
                 with proxy._lock:
                     proxy.requests.append(self.headers.get("Range", "") + " " + self.path)
+                    proxy.by_connection.append((self.client_address[1], self.path))
                 if proxy.delay:
                     time.sleep(proxy.delay)
                 if proxy.mode == "stall":

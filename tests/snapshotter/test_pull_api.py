@@ -29,6 +29,7 @@ import pytest
 from lazy_support import CountingProxy
 from remora.imagebuild import busybox_image
 from remora.procutil import wait_until
+from remora.registry.client import RegistryClient
 from test_remote_e2e import Stack
 
 pytestmark = pytest.mark.timeout(180)
@@ -103,7 +104,7 @@ def test_pull_through_service_then_run(stack, image):
     assert status == 200 and info["api"] == 1 and info["lazy"] is True and info["pid"] == st.snap.daemon.pid
 
 
-def test_service_starts_the_hot_blob_before_the_prepares(stack, image, tmp_path):
+def test_service_starts_the_hot_blob_before_the_prepares(stack, image, registry, tmp_path):
     """Through the service, the bootstrap and the hot blob are on their way as soon as the manifest
     is read: the warm-up is the service's, not the first Prepare's, and the registry serves the hot
     blob once, whole."""
@@ -115,13 +116,25 @@ def test_service_starts_the_hot_blob_before_the_prepares(stack, image, tmp_path)
                     src, ref], check=True, capture_output=True, timeout=240)
     st = stack
     ns = _ns(st)
-    proc = _pull(st, ns, ref, *_api(st))
-    assert proc.returncode == 0, proc.stderr + st.snap_log()
-    log = st.snap_log(400)
-    warmups = re.findall(r"warm-up from (.+?): (\d+) bytes of hot blob", log)
-    assert warmups and warmups[-1][0] == "the pull service", log
-    assert "early prefetch of" in log
-    assert st.run(ref, "sh", "-c", "echo warm-$((6*7))", namespace=ns).stdout == "warm-42\n"
+    with RegistryClient(registry.host) as c:
+        manifest = json.loads(c.get_manifest(ref.split("/", 1)[1].rsplit(":", 1)[0], "1-hot")[0])
+    hot, boot = manifest["layers"][0]["digest"], manifest["layers"][-1]["digest"]
+    with CountingProxy(registry.url) as proxy:
+        proxied = ref.replace(registry.host, proxy.host, 1)
+        proc = _pull(st, ns, proxied, *_api(st))
+        assert proc.returncode == 0, proc.stderr + st.snap_log()
+        log = st.snap_log(400)
+        warmups = re.findall(r"warm-up from (.+?): (\d+) bytes of hot blob", log)
+        assert warmups and warmups[-1][0] == "the pull service", log
+        assert "early prefetch of" in log
+        assert st.run(proxied, "sh", "-c", "echo warm-$((6*7))", namespace=ns).stdout == "warm-42\n"
+        conns = list(proxy.by_connection)
+    # One connection, opened while the manifest was read: the ping, then the bootstrap, then the hot
+    # blob (whose request waits for the bootstrap: it would starve the bootstrap's new connection).
+    port = next(p for p, path in conns if path == "/v2/")
+    on_it = [path.rsplit("/", 1)[-1] for p, path in conns if p == port]
+    assert on_it == ["", boot, hot], conns
+    assert sum(1 for _, path in conns if path.endswith(hot)) == 1, conns
 
 
 # Runs a module as __main__ and, at exit, writes every module the process loaded (sys.modules is the
