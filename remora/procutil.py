@@ -39,6 +39,19 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
+def unix_socket_answers(path: str | os.PathLike, timeout: float = 2.0) -> bool:
+    """Whether a process accepts connections on the unix socket ``path`` (a stale file does not)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect(os.fspath(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 class Daemon:
     """A background process with its own session and a log file."""
 

@@ -47,6 +47,7 @@ from typing import Any, Mapping
 from aiohttp import web
 
 from remora.errors import RemoraError, UsageError
+from remora.procutil import unix_socket_answers
 
 from .pull import pull
 from .pull_client import API_PULL_PATH, API_VERSION_PATH, NDJSON, PullResult
@@ -134,7 +135,7 @@ class PullService:
         if len(os.fsencode(self._tmp)) > 107:  # sun_path is 108 bytes with the NUL
             raise UsageError(f"--api-address: socket path too long for a unix socket ({len(str(self.address))} "
                              f"bytes; at most {107 - len(str(self._tmp)) + len(str(self.address))}): {self.address}")
-        if self.address.exists() and _answers(self.address):
+        if self.address.exists() and unix_socket_answers(self.address):
             log.error("pull service disabled: %s is in use by another process (another snapshotter?); "
                       "'remora pull' will use that one. Give this one its own --api-address", self.address)
             return False
@@ -283,18 +284,6 @@ def _preload() -> None:
 
     for name in _PULL_MODULES:
         importlib.import_module(name)
-
-
-def _answers(path: Path) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(2)
-        s.connect(os.fspath(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 def _bind_private(address: Path, tmp: Path) -> socket.socket:

@@ -19,7 +19,6 @@ import functools
 import logging
 import os
 import signal
-import socket
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +29,7 @@ from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from remora._proto.containerd.types import mount_pb2
 from remora.errors import InvalidInput, NotFound, UsageError
+from remora.procutil import unix_socket_answers
 
 from . import overlay
 from .remote import TARGET_REF_LABEL, LayerUnavailable, RemoteLayer, RemoteLayerHandler, is_remote_candidate
@@ -238,17 +238,6 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         return empty_pb2.Empty()
 
 
-def _socket_in_use(path: Path) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(os.fspath(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 class SnapshotterServer:
     """Store + service + gRPC server on a unix socket; restart-safe.
 
@@ -270,7 +259,7 @@ class SnapshotterServer:
             raise UsageError(f"socket path too long for a unix socket ({len(str(self.address))} > 107 bytes): "
                              f"{self.address}")
         # Before touching anything: recovery would detach the mounts of a live server on this root.
-        if (self.address.exists() or self.address.is_symlink()) and _socket_in_use(self.address):
+        if (self.address.exists() or self.address.is_symlink()) and unix_socket_answers(self.address):
             raise UsageError(f"{self.address} is in use: is another snapshotter running?")
         self._lock_root()
         try:

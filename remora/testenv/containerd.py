@@ -28,20 +28,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from remora.errors import UsageError
-from remora.procutil import Daemon, wait_until
-
-
-def _socket_ready(path: Path) -> bool:
-    import socket
-
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(os.fspath(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+from remora.procutil import Daemon, unix_socket_answers, wait_until
 
 
 class RemoraSnapshotter:
@@ -79,7 +66,7 @@ class RemoraSnapshotter:
         # The pull service opens last (after gRPC serves): ready means both answer.
         sockets = [self.address, *([self.api_address] if self.api_address else [])]
         try:
-            wait_until(lambda: all(_socket_ready(s) for s in sockets) or not self.daemon.alive(), timeout,
+            wait_until(lambda: all(unix_socket_answers(s) for s in sockets) or not self.daemon.alive(), timeout,
                        what=f"snapshotter sockets {', '.join(map(str, sockets))}")
         except TimeoutError:
             self.stop()

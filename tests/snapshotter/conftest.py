@@ -111,3 +111,12 @@ def containerd(tmp_path, snapshotter_proc):
     yield ctd
     ctd.close()
     _unmount_all_below(tmp_path)
+
+
+@pytest.fixture
+def proxy(registry):
+    """A counting (and, on demand, misbehaving) HTTP proxy in front of the session's registry."""
+    from lazy_support import CountingProxy
+
+    with CountingProxy(registry.url) as p:
+        yield p

@@ -19,12 +19,6 @@ def image(registry, tmp_path_factory):
     return build_image(tmp_path_factory.mktemp("lazy-image"), registry.host)
 
 
-@pytest.fixture
-def proxy(registry):
-    with CountingProxy(registry.url) as p:
-        yield p
-
-
 def make_fetcher(image, cache_dir, *urls, **kw):
     specs = []
     for url in urls:

@@ -37,12 +37,6 @@ def manager(tmp_path):
         assert mounted_fstype(mnt) is None
 
 
-@pytest.fixture
-def proxy(registry):
-    with CountingProxy(registry.url) as p:
-        yield p
-
-
 def source(url: str, repo: str, **kw) -> SourceSpec:
     return SourceSpec.registry(url.split("://", 1)[1], repo, retries=0, **kw)
 

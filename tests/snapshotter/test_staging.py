@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from lazy_support import CountingProxy, build_image, dead_port_url
+from lazy_support import build_image, dead_port_url
 from remora.cache import ChunkCache
 from remora.errors import NotFound, RegistryError
 from remora.format.bootstrap import Bootstrap
@@ -21,12 +21,6 @@ from remora.snapshotter.staging import StagedSource, StagingArea, _name
 @pytest.fixture(scope="module")
 def image(registry, tmp_path_factory):
     return build_image(tmp_path_factory.mktemp("staging-image"), registry.host)
-
-
-@pytest.fixture
-def proxy(registry):
-    with CountingProxy(registry.url) as p:
-        yield p
 
 
 def registry_source(image, url: str):
