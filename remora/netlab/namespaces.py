@@ -265,7 +265,9 @@ class Node:
             set_rate(self.lab.bridge_ns, self.port, down, kind=kind, gso=self.lab.offload)
 
     def tx_bytes(self) -> int:
-        """Bytes this node sent on its lab interface (wire level: includes TCP/IP and Ethernet headers)."""
+        """Bytes this node sent on its lab interface (wire level: includes TCP/IP and Ethernet headers; in an
+        ``offload`` lab a TCP super-packet's headers are counted once, the shaper's ``Sent`` counter in
+        :func:`remora.netlab.shaping.show` counts them per frame)."""
         return _link_stat(self.ns, NODE_IF, "tx_bytes")
 
     def rx_bytes(self) -> int:
