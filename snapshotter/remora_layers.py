@@ -55,6 +55,8 @@ def image_location(labels: Mapping[str, str]) -> tuple[str, str]:
         return host, repo
     raise InvalidInput("remora layer without an image reference: none of the labels "
                        f"{', '.join(IMAGE_REF_LABELS + (ann.REPOSITORY,))} is set")
+
+
 PRECONNECT_TTL = 30.0  # a pre-opened registry connection older than this is not trusted to be alive
 PRECONNECT_WAIT = 2.0  # longest wait for a preconnect still in progress (its timeout is 5 s)
 LAYER_DIGEST_LABELS = (
