@@ -108,7 +108,8 @@ class StagingArea:
 
     def wait(self, blob: str, timeout: float | None = None) -> None:
         """Wait for ``blob``'s staging thread (tests, shutdown)."""
-        t = self._threads.get(blob)
+        with self._lock:
+            t = self._threads.get(blob)
         if t is not None:
             t.join(timeout)
 
@@ -151,6 +152,7 @@ class StagingArea:
             part.unlink(missing_ok=True)  # readers holding it see nlink 0 and go to the next source
             with self._lock:
                 self._staged.pop(blob, None)
+                self._threads.pop(blob, None)
                 self._counters["failures"] += 1
         finally:
             for source in sources:  # they were made for this staging: release their connections
