@@ -185,6 +185,17 @@ def test_unreachable_registry_gives_eio_fast(manager, image, registry, tmp_path,
         assert manager.check("m1").ok, "a failed read does not take the mount down"
 
 
+def all_threads_stopped(pid: int) -> bool:
+    states = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except FileNotFoundError:  # a thread that just exited
+            continue
+    return bool(states) and all(state in "tT" for state in states)
+
+
 def test_dead_and_hung_fs_process_are_detected_and_restored(manager, image, proxy, tmp_path):
     mnt = mount(manager, image, tmp_path, proxy.url)
     assert manager.check("m1").ok
@@ -192,6 +203,9 @@ def test_dead_and_hung_fs_process_are_detected_and_restored(manager, image, prox
 
     os.kill(pid, signal.SIGSTOP)
     try:
+        # kill() returns before the stop reaches every thread; a worker that has not stopped yet can
+        # still answer the probe (seen in CI on a loaded machine)
+        wait_until(lambda: all_threads_stopped(pid), 5, what="fs process stopped")
         t0 = time.monotonic()
         health = manager.check("m1", timeout=1.0)
         assert health.state == "hung" and time.monotonic() - t0 < 2.5
