@@ -63,7 +63,7 @@ from remora.imagebuild import File, LayerSpec, debian_rootfs, tar_of_files, writ
 from remora.procutil import Daemon, wait_until
 
 HERE = Path(__file__).resolve()
-BUILD_VERSION = "cold-start/3"  # bump when the image recipe changes (invalidates the cache)
+BUILD_VERSION = "cold-start/4"  # bump when the image recipe changes (invalidates the cache)
 REPO = "bench/debian-python"
 OCI_TAG, REMORA_TAG = "1", "1-remora"
 MARKER = "remora-bench: hello"

@@ -312,7 +312,7 @@ def _convert(source: str, destination: str, opts: ConvertOptions, report: Conver
         # -- 3. hot files: their own blob, in access order ----------------------------------------
         progress.phase("prefetch blob")
         prefetch_inos, hot_blob = [], None
-        packer.open_blob()
+        packer.open_blob(ordered=True)
         for path in dict.fromkeys(hot_order):
             node = tree.lookup(path)
             if node is None or not node.is_reg:

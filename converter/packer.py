@@ -45,6 +45,7 @@ class _Lane:
         self.batch = bytearray()
         self.batch_frame: int | None = None
         self.pending: deque[tuple[Frame, Future]] = deque()
+        self.ordered = False                              # seal the batch before a big chunk's frame
         self.payload = 0                                  # compressed bytes handed to the writer
         self.writes: deque[tuple[Future, tuple[int, int]]] = deque()
         self.packer = packer
@@ -74,14 +75,19 @@ class Packer:
         self._blob_files: dict[int, Path] = {}
 
     # -- blobs --------------------------------------------------------------------------------
-    def open_blob(self) -> int:
-        """Start a new data blob; following :meth:`add` calls store new chunks there."""
+    def open_blob(self, ordered: bool = False) -> int:
+        """Start a new data blob; following :meth:`add` calls store new chunks there.
+
+        ``ordered`` keeps the blob in first-use order: an open batch frame is sealed before a chunk
+        that gets a frame of its own, so small files added before a big one are not placed after it.
+        For the hot blob, read front to back while a container starts (slightly more frames)."""
         self.close_blob()
         n = len(self._blob_files)
         bid = self.table.blob_id(f"pending:{n}", 0)
         path = self.workdir / f"blob-{n}.tar"
         self._blob_files[bid] = path
         self._lane = _Lane(self, bid, path)
+        self._lane.ordered = ordered
         return bid
 
     def close_blob(self) -> tuple[int, str, int, Path] | None:
@@ -126,6 +132,8 @@ class Packer:
         st.chunks_stored += 1
         st.bytes_stored += size
         if size >= self.batch_size:
+            if lane.ordered:
+                self._flush_batch(lane)
             frame = Frame(lane.bid, -1, 0, size)
             table.frames.append(frame)
             table.add_chunk(digest, size, len(table.frames) - 1, 0)

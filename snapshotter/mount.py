@@ -136,6 +136,19 @@ def detach(path: Path | str, lazy: bool = True) -> bool:
     return mounted_fstype(path) is None
 
 
+def _idle_priority() -> None:
+    """In a spare's child between fork and exec: SCHED_IDLE (a plain syscall, safe there)."""
+    os.sched_setscheduler(0, os.SCHED_IDLE, _SCHED_PARAM)
+
+
+def _normal_priority(pid: int) -> None:
+    """Back to the default policy: the spare now serves a mount."""
+    os.sched_setscheduler(pid, os.SCHED_OTHER, _SCHED_PARAM)
+
+
+_SCHED_PARAM = os.sched_param(0)
+
+
 class MountManager:
     """Start/stop/check lazy mounts; one instance per snapshotter.
 
@@ -223,8 +236,11 @@ class MountManager:
             return spec
 
     # -- warm spare ---------------------------------------------------------------------------
-    def _start_spare(self) -> None:
-        """Start a spare fs process (imports done, waiting for a spec on stdin) unless one exists."""
+    def _start_spare(self, idle: bool = False) -> None:
+        """Start a spare fs process (imports done, waiting for a spec on stdin) unless one exists.
+
+        With ``idle`` (a successor, started while a cold start is under way) it runs at SCHED_IDLE until
+        it is claimed: its imports (~0.5 CPU-second) take only cycles nobody else wants."""
         with self._spare_lock:
             if self._closed or (self._spare is not None and self._spare[0].poll() is None):
                 return
@@ -233,7 +249,7 @@ class MountManager:
                 with open(log_path, "ab") as logf:
                     proc = subprocess.Popen([self.python, "-m", "remora.snapshotter.fs", "--standby"],
                                             stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=_idle_priority if idle else None)
             except OSError as exc:
                 log.warning("cannot start a spare fs process (mounts start cold): %s", exc)
                 return
@@ -250,6 +266,7 @@ class MountManager:
             spare_log.unlink(missing_ok=True)
             return None
         try:
+            _normal_priority(proc.pid)  # before it reads the spec: the threads it starts inherit this
             os.replace(spare_log, log_path)  # it keeps writing to the same file, now under the mount's name
             proc.stdin.write(f"{spec_path}\n".encode())
             proc.stdin.close()
@@ -261,7 +278,7 @@ class MountManager:
 
     def _respawn_spare_soon(self) -> None:
         if self._standby_enabled and not self._closed:
-            threading.Thread(target=self._start_spare, name="fs-spare", daemon=True).start()
+            threading.Thread(target=self._start_spare, args=(True,), name="fs-spare", daemon=True).start()
 
     def close(self) -> None:
         """Stop the spare (mount processes stay: running containers keep their root fs)."""

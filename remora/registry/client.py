@@ -31,18 +31,14 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 import requests
 from requests.adapters import HTTPAdapter
 
+from remora import __version__
 from remora.errors import (AuthError, DigestMismatch, InvalidInput, NotFound, RegistryError, RemoraError,
                            StorageError, UnsupportedMediaType, UsageError)
 from remora.registry.auth import Authenticator, Credentials, is_loopback, load_credentials
 
 log = logging.getLogger("remora.registry")
 
-try:
-    from importlib.metadata import version as _pkg_version
-    _VERSION = _pkg_version("remora")
-except Exception:  # not installed as a distribution (running from a checkout)
-    _VERSION = "dev"
-DEFAULT_USER_AGENT = f"remora/{_VERSION}"
+DEFAULT_USER_AGENT = f"remora/{__version__}"  # not importlib.metadata: ~20 ms at every process start
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

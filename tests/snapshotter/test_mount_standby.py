@@ -65,12 +65,15 @@ def test_mount_is_served_by_the_spare_and_a_new_spare_follows(standby, image, re
     wait_until(lambda: b"remora.snapshotter.fs --standby" in _cmdline(spare), 10, what="the spare's command line")
     mnt = _mount(standby, image, tmp_path, registry)
     assert standby.pid("m1") == spare, "the warm spare took the mount"
+    policies = {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{spare}/task")}
+    assert policies == {os.SCHED_OTHER}, "a spare that took a mount runs (every thread) at normal priority"
     for path in (b"/etc/hot.conf", b"/bin/big", b"/etc/small003.txt"):
         with open(os.fsencode(mnt) + path, "rb") as f:
             assert f.read() == image.contents[path], path
     assert "mounting" in standby.log_tail("m1"), "the spare's log became the mount's log"
     successor = _spare_pid(standby)
     assert successor != spare
+    assert os.sched_getscheduler(successor) == os.SCHED_IDLE, "a successor imports on idle cycles only"
 
     mnt2 = _mount(standby, image, tmp_path, registry, name="m2")
     assert standby.pid("m2") == successor
