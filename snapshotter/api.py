@@ -192,6 +192,7 @@ class PullService:
                                   "lazy": self.handler is not None})
 
     async def _pull(self, request: web.Request) -> web.StreamResponse:
+        log.debug("TIMING request")
         try:
             params = parse_request(await request.json())
         except ValueError as exc:  # JSON syntax
@@ -231,6 +232,7 @@ class PullService:
 
     def _run_pull(self, ref: str, params: dict[str, Any], post) -> None:
         """In a pool thread: the pull, its progress and its final line sent to the event loop."""
+        log.debug("TIMING run_pull")
         on_manifest = self._warm_hook()
         preconnect = getattr(self.handler, "preconnect", None)
         if preconnect is not None:
@@ -280,10 +282,15 @@ def _warm_one(warm, labels: Mapping[str, str], digest: str) -> None:
 
 
 def _preload() -> None:
+    """What the first pull would otherwise pay for on its critical path: the imports, and gRPC's
+    synchronous client stack (its first channel in a process starts gRPC's own threads)."""
     import importlib
+
+    import grpc
 
     for name in _PULL_MODULES:
         importlib.import_module(name)
+    grpc.insecure_channel("unix:///nonexistent/remora-preload").close()  # never connects
 
 
 def _bind_private(address: Path, tmp: Path) -> socket.socket:
