@@ -25,6 +25,9 @@ fi
 
 echo "setup: installing remora (pip install -e '.[test]')"
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+# Bytecode now, as a regular (non-editable) install does: with PYTHONDONTWRITEBYTECODE set, every
+# snapshotter, fs process and CLI would otherwise compile remora's sources again at each start.
+python3 -m compileall -q remora converter snapshotter plugins >/dev/null
 
 # Optional components fetched from Debian's newer suites (containerd 2.x, dockerd) for interop tests.
 if [ -x scripts/fetch-newer-runtimes.sh ]; then
