@@ -299,7 +299,7 @@ class ChunkFetcher:
         to_cache = [(d, b) for chunks in results.values() for d, b in chunks.items()]
         try:
             if to_cache:
-                self.cache.put_many(to_cache)
+                self.cache.put_many(to_cache, verified=True)  # _verify_frame checked every chunk
         except RemoraError as exc:  # a full/broken cache disk must not fail the read
             log.warning("could not cache %d chunks: %s", len(to_cache), exc)
         finally:
@@ -426,6 +426,7 @@ class Prefetcher:
         self.first_batch = min(first_batch, batch_bytes)
         self.depth = max(1, depth)
         self._stop = threading.Event()
+        self.done = threading.Event()  # set when the prefetch has ended, whichever way
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
 
     def start(self) -> "Prefetcher":
@@ -493,6 +494,7 @@ class Prefetcher:
             log.exception("prefetch stopped")
         finally:
             pool.shutdown(wait=False)
+            self.done.set()
 
     def _flush(self, batch: list[Extent], files: int, size: int) -> None:
         try:

@@ -32,10 +32,6 @@ def serve(spec: MountSpec) -> int:
     t0 = time.monotonic()
     bootstrap = Bootstrap(spec.bootstrap)
     cache = ChunkCache(spec.cache_dir, spec.cache_limit)
-    # Pinning every chunk of the image is one transaction over thousands of rows: it runs beside the
-    # mount instead of before it (a chunk evicted in those milliseconds is simply fetched again).
-    pinner = threading.Thread(target=_pin, args=(cache, spec.id, bootstrap), name="pin", daemon=True)
-    pinner.start()
     stats = Stats()
     fetcher = ChunkFetcher(bootstrap, cache, [open_source(s) for s in spec.sources], max_gap=spec.max_gap,
                            max_range=spec.max_range, parallel=spec.parallel, stats=stats)
@@ -48,6 +44,13 @@ def serve(spec: MountSpec) -> int:
 
     writer = StatsWriter(spec.stats_file, collect, spec.stats_interval).start()
     prefetcher = Prefetcher(fetcher, prefetch_all=spec.prefetch_all).start() if spec.prefetch else None
+    # Pinning every chunk of the image is one transaction over thousands of rows (~40 ms of CPU): it
+    # waits until the prefetch is done (at most PIN_DELAY), off the cold start that needs the CPU. A
+    # chunk evicted meanwhile is simply fetched again.
+    unmounted = threading.Event()
+    pinner = threading.Thread(target=_pin, args=(cache, spec.id, bootstrap, prefetcher, unmounted), name="pin",
+                              daemon=True)
+    pinner.start()
     t = int(spec.kernel_timeout)
     log.info("mounting %s at %s (pid %d, ready in %.3fs)", spec.bootstrap, spec.mountpoint, os.getpid(),
              time.monotonic() - t0)
@@ -56,9 +59,10 @@ def serve(spec: MountSpec) -> int:
                      fsname=f"remora:{spec.id}", subtype="remora", use_ino=True, kernel_cache=True,
                      entry_timeout=t, attr_timeout=t, negative_timeout=t)
     finally:
-        pinner.join()
+        unmounted.set()  # a pinner still waiting for the prefetch gives up: the mount is gone
         if prefetcher:
             prefetcher.stop()
+        pinner.join()
         writer.stop()
         cache.flush()
         fetcher.close()
@@ -66,7 +70,17 @@ def serve(spec: MountSpec) -> int:
     return 0
 
 
-def _pin(cache: ChunkCache, owner: str, bootstrap: Bootstrap) -> None:
+PIN_DELAY = 10.0  # seconds a mount's pins may wait for its prefetch
+
+
+def _pin(cache: ChunkCache, owner: str, bootstrap: Bootstrap, prefetcher: Prefetcher | None,
+         unmounted: threading.Event) -> None:
+    deadline = time.monotonic() + PIN_DELAY
+    while prefetcher is not None and not prefetcher.done.is_set() and time.monotonic() < deadline:
+        if unmounted.wait(0.05):
+            return
+    if unmounted.is_set():
+        return
     try:  # streamed straight from the bootstrap's chunk table (docs/format.md), not loaded whole
         with bootstrap.pooled() as db:
             cache.pin(owner, (d for (d,) in db.execute("SELECT digest FROM chunks")))
