@@ -276,6 +276,24 @@ class Bootstrap:
     def prefetch_inodes(self) -> list[int]:
         return [i for (i,) in self._db.execute("SELECT ino FROM prefetch ORDER BY seq")]
 
+    def paths_of(self, inos: Iterable[int]) -> dict[int, bytes]:
+        """One absolute path of each inode in ``inos`` (for a hard link, any of its names); inodes
+        not in the tree are left out. One pass over the directory entries (dirents are keyed by
+        parent, not by inode), so call it for many inodes at once."""
+        want = set(inos)
+        parent: dict[int, tuple[int, bytes]] = {}
+        for p, name, ino in self._db.execute("SELECT parent, name, ino FROM dirents"):
+            parent.setdefault(ino, (p, name))
+        out = {}
+        for ino in want:
+            parts, cur = [], ino
+            while cur != ROOT_INO and cur in parent and len(parts) < 4096:
+                cur, name = parent[cur]
+                parts.append(name)
+            if cur == ROOT_INO:
+                out[ino] = b"/" + b"/".join(reversed(parts))
+        return out
+
     # -- chunk table --------------------------------------------------------------------------
     def chunk_table(self) -> ChunkTable:
         """Load the whole chunk table (for chunk dictionaries, checks and statistics)."""

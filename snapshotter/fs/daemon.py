@@ -18,6 +18,7 @@ from remora.cache import ChunkCache
 from remora.format.bootstrap import Bootstrap
 from remora.snapshotter.fetch import ChunkFetcher, Prefetcher, Stats
 from remora.snapshotter.fs.spec import MountSpec
+from remora.snapshotter.fs.warm import warm_lookups
 from remora.snapshotter.metrics import OpLatency, StatsWriter
 from remora.snapshotter.sources import open_source
 
@@ -51,6 +52,9 @@ def serve(spec: MountSpec) -> int:
     pinner = threading.Thread(target=_pin, args=(cache, spec.id, bootstrap, prefetcher, unmounted), name="pin",
                               daemon=True)
     pinner.start()
+    if spec.prefetch:  # the prefetch files' paths into the kernel's caches before the container asks
+        threading.Thread(target=warm_lookups, args=(bootstrap, spec.mountpoint, _mounted(spec.mountpoint), stats),
+                         name="warm-lookups", daemon=True).start()
     t = int(spec.kernel_timeout)
     log.info("mounting %s at %s (pid %d, ready in %.3fs)", spec.bootstrap, spec.mountpoint, os.getpid(),
              time.monotonic() - t0)
@@ -68,6 +72,11 @@ def serve(spec: MountSpec) -> int:
         fetcher.close()
     log.info("unmounted %s", spec.mountpoint)
     return 0
+
+
+def _mounted(mountpoint: str):
+    """Whether our FUSE mount is up at ``mountpoint`` (the manager detached anything stale before)."""
+    return lambda: os.path.ismount(mountpoint)
 
 
 PIN_DELAY = 10.0  # seconds a mount's pins may wait for its prefetch

@@ -176,6 +176,8 @@ def test_prefetch_files_first_and_in_order(crafted, registry, tmp_path):
         bs = image.bootstrap
         inos = bs.prefetch_inodes()
         assert inos == [bs.lookup_path(p).ino for p in order[:3]]
+        assert bs.paths_of(inos + [10**9]) == {ino: p.encode() for ino, p in zip(inos, order)}, \
+            "a path per inode, through the directory entries; an unknown inode has none"
         first_blob = image.manifest.layers[0].digest
         offsets = []
         for ino in inos:

@@ -273,3 +273,24 @@ def test_a_mount_that_cannot_start_reports_why_and_leaves_nothing(manager, image
     with pytest.raises(StorageError, match="not a remora bootstrap"):
         manager.mount("bad", bad, tmp_path / "mnt-bad", [source("http://127.0.0.1:1", image.repo)])
     assert manager.ids() == [] and mounted_fstype(tmp_path / "mnt-bad") is None
+
+
+def test_prefetch_paths_are_looked_up_before_the_container_asks(manager, registry, proxy, tmp_path):
+    """After the mount, the fs process looks every prefetch path up once itself: the kernel then
+    answers a container's lookups of those paths without a round trip (metadata only, no data)."""
+    hot = (b"/etc/hot.conf", b"/etc/small003.txt", b"/bin/big")
+    image = build_image(tmp_path / "img", registry.host, n_small=8, prefetch_paths=hot)
+    mnt = mount(manager, image, tmp_path, proxy.url, prefetch=True)
+    wait_until(lambda: (manager.stats("m1").get("fetch") or {}).get("prefetch_lookups") == len(hot), 10,
+               what="the lookup warm-up")
+
+    def lookups() -> int:
+        return sum(published(manager, "m1", "getattr", section="ops")["counts"])
+
+    before = lookups()
+    for path in hot:
+        st = os.lstat(host_path(mnt, path))
+        assert st.st_size == len(image.contents[path])
+    assert lookups() == before, "the kernel answered from the entries the warm-up left"
+    os.lstat(host_path(mnt, b"/etc/small005.txt"))  # not a prefetch file: a real lookup
+    assert lookups() > before
