@@ -322,6 +322,13 @@ class MountManager:
                 raise StorageError(f"mount {spec.id}: not mounted after {self.mount_timeout:.0f}s:\n"
                                    f"{self.log_tail(spec.id)}")
             time.sleep(0.002)  # a mountinfo read is ~0.1 ms; the pull (and the container) waits for this
+        # In mountinfo before FUSE's INIT handshake is done: a first request waits for it, and only
+        # after it may the readahead be set (INIT sets the negotiated one, which would undo ours).
+        health = self.check(spec.id, timeout=max(1.0, deadline - time.monotonic()))
+        if not health.ok:
+            self._kill(spec.id)
+            raise StorageError(f"mount {spec.id}: mounted but not answering ({health.detail}):\n"
+                               f"{self.log_tail(spec.id)}")
         if spec.read_ahead_kb:
             set_read_ahead(mnt, spec.read_ahead_kb)
         log.info("lazy mount %s at %s (pid %d)", spec.id, mnt, proc.pid)
