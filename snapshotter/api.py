@@ -198,7 +198,6 @@ class PullService:
                                   "lazy": self.handler is not None})
 
     async def _pull(self, request: web.Request) -> web.StreamResponse:
-        log.debug("TIMING request")
         try:
             params = parse_request(await request.json())
         except ValueError as exc:  # JSON syntax
@@ -238,7 +237,6 @@ class PullService:
 
     def _run_pull(self, ref: str, params: dict[str, Any], post) -> None:
         """In a pool thread: the pull, its progress and its final line sent to the event loop."""
-        log.debug("TIMING run_pull")
         on_manifest = self._warm_hook()
         preconnect = getattr(self.handler, "preconnect", None)
         if preconnect is not None:

@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,9 +137,11 @@ def detach(path: Path | str, lazy: bool = True) -> bool:
     return mounted_fstype(path) is None
 
 
-def _idle_priority() -> None:
-    """In a spare's child between fork and exec: SCHED_IDLE (a plain syscall, safe there)."""
-    os.sched_setscheduler(0, os.SCHED_IDLE, _SCHED_PARAM)
+def _at_idle_priority(argv: list[str]) -> list[str]:
+    """``argv`` run at SCHED_IDLE, through util-linux's ``chrt`` (no preexec_fn in a threaded process);
+    as is when there is no ``chrt``."""
+    chrt = shutil.which("chrt")
+    return [chrt, "--idle", "0", *argv] if chrt else argv
 
 
 def _normal_priority(pid: int) -> None:
@@ -247,9 +250,9 @@ class MountManager:
             log_path = self.state_dir / f"spare-{secrets.token_hex(6)}.log"
             try:
                 with open(log_path, "ab") as logf:
-                    proc = subprocess.Popen([self.python, "-m", "remora.snapshotter.fs", "--standby"],
-                                            stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT,
-                                            start_new_session=True, preexec_fn=_idle_priority if idle else None)
+                    argv = [self.python, "-m", "remora.snapshotter.fs", "--standby"]
+                    proc = subprocess.Popen(_at_idle_priority(argv) if idle else argv, stdin=subprocess.PIPE,
+                                            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
             except OSError as exc:
                 log.warning("cannot start a spare fs process (mounts start cold): %s", exc)
                 return
