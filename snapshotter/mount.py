@@ -146,10 +146,7 @@ def _at_idle_priority(argv: list[str]) -> list[str]:
 
 def _normal_priority(pid: int) -> None:
     """Back to the default policy: the spare now serves a mount."""
-    os.sched_setscheduler(pid, os.SCHED_OTHER, _SCHED_PARAM)
-
-
-_SCHED_PARAM = os.sched_param(0)
+    os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
 
 
 class MountManager:

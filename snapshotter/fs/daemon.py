@@ -53,8 +53,9 @@ def serve(spec: MountSpec) -> int:
                               daemon=True)
     pinner.start()
     if spec.prefetch:  # the prefetch files' paths into the kernel's caches before the container asks
-        threading.Thread(target=warm_lookups, args=(bootstrap, spec.mountpoint, _mounted(spec.mountpoint), stats),
-                         name="warm-lookups", daemon=True).start()
+        # (ismount: the manager detached anything stale at the mountpoint before starting us)
+        threading.Thread(target=warm_lookups, name="warm-lookups", daemon=True,
+                         args=(bootstrap, spec.mountpoint, lambda: os.path.ismount(spec.mountpoint), stats)).start()
     t = int(spec.kernel_timeout)
     log.info("mounting %s at %s (pid %d, ready in %.3fs)", spec.bootstrap, spec.mountpoint, os.getpid(),
              time.monotonic() - t0)
@@ -72,11 +73,6 @@ def serve(spec: MountSpec) -> int:
         fetcher.close()
     log.info("unmounted %s", spec.mountpoint)
     return 0
-
-
-def _mounted(mountpoint: str):
-    """Whether our FUSE mount is up at ``mountpoint`` (the manager detached anything stale before)."""
-    return lambda: os.path.ismount(mountpoint)
 
 
 PIN_DELAY = 10.0  # seconds a mount's pins may wait for its prefetch
