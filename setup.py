@@ -11,6 +11,7 @@ ROOTS = {
     "remora.converter": "converter",
     "remora.snapshotter": "snapshotter",
     "remora.plugins": "plugins",
+    "remora.placement": "placement",
 }
 
 packages, package_dir = [], {}
