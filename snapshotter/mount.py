@@ -1,9 +1,9 @@
 """Lazy mounts as separate processes: start, stop, health-check, and restore after a restart.
 
-Process model: every lazy mount is served by its own process (``python -m remora.snapshotter.fs
---spec FILE``) in its own session. FUSE serving never competes with the snapshotter's gRPC threads
-(the GIL is per process), a crash or hang of one mount's process affects that mount only, and the
-mounts outlive a snapshotter restart (containers keep running on them).
+Process model: every lazy mount is served by its own process (``python -P -m remora.snapshotter.fs
+--spec FILE``, started in ``/``: see :func:`fs_argv`) in its own session. FUSE serving never competes
+with the snapshotter's gRPC threads (the GIL is per process), a crash or hang of one mount's process
+affects that mount only, and the mounts outlive a snapshotter restart (containers keep running on them).
 
 State lives on disk under ``STATE/mounts/``: ``<id>.json`` (the :class:`MountSpec`: everything needed
 to re-mount), ``<id>.pid``, ``<id>.log`` and ``<id>.stats.json`` (counters the process publishes, see
@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 FSTYPE = "fuse.remora"
+SPARE_POLL = 0.5           # seconds between the spare keeper's looks at its spare
+SPARE_YOUNG = 10.0         # a spare that dies younger than this counts towards the crash-loop backoff
+SPARE_MAX_BACKOFF = 60.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,22 @@ def detach(path: Path | str, lazy: bool = True) -> bool:
     return mounted_fstype(path) is None
 
 
+#: Where fs processes run. Never the snapshotter's own working directory: it may hold a ``remora/``
+#: checkout (an operator starting the daemon from a source tree), and a mount must not keep a user's
+#: directory busy.
+CHILD_CWD = "/"
+
+
+def fs_argv(python: str, *args: str) -> list[str]:
+    """The command line of an fs process: ``python -P -m remora.snapshotter.fs ARGS``.
+
+    ``-P`` (Python 3.11+, which remora requires) keeps the working directory off ``sys.path``: with
+    plain ``-m`` a ``remora/`` folder in the cwd would shadow the installed package (an older
+    checkout there broke every lazy mount with ``cannot import name '__version__'``). Not ``-I``:
+    that would also drop PYTHONPATH and the user site, which a from-source install may rely on."""
+    return [python, "-P", "-m", "remora.snapshotter.fs", *args]
+
+
 def _at_idle_priority(argv: list[str]) -> list[str]:
     """``argv`` run at SCHED_IDLE, through util-linux's ``chrt`` (no preexec_fn in a threaded process);
     as is when there is no ``chrt``."""
@@ -157,25 +176,33 @@ class MountManager:
     """
 
     def __init__(self, state_dir: Path | str, cache_dir: Path | str, cache_limit: int = 10 << 30,
-                 python: str = sys.executable, mount_timeout: float = 20.0, standby: bool = False):
-        self.state_dir = Path(state_dir) / "mounts"
-        self.cache_dir = Path(cache_dir)
+                 python: str = sys.executable, mount_timeout: float = 20.0, standby: bool = False,
+                 read_only: bool = False):
+        """``read_only``: only look (``remora stats``): nothing is created, cleaned or started, so a
+        reader can never disturb the snapshotter that owns ``state_dir`` (its spare, its logs)."""
+        # absolute: fs processes run in CHILD_CWD and get these paths in their spec
+        self.state_dir = Path(os.path.abspath(state_dir)) / "mounts"
+        self.cache_dir = Path(os.path.abspath(cache_dir))
         self.cache_limit = cache_limit
         self.python = python
         self.mount_timeout = mount_timeout
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # guards the dicts below; held only briefly
         self._id_locks: dict[str, threading.RLock] = {}  # serialise mount/unmount/restore per id
         self._procs: dict[str, subprocess.Popen] = {}
         self._probes: dict[str, threading.Thread] = {}
-        self._standby_enabled = standby
-        self._spare: tuple[subprocess.Popen, Path] | None = None
+        self._standby_enabled = standby and not read_only
+        self._spare: tuple[subprocess.Popen, Path, float] | None = None  # process, log, monotonic start
         self._spare_lock = threading.Lock()
+        self._spare_wake = threading.Event()   # set: the keeper looks at once (a claim, close)
+        self._stopped = threading.Event()      # set by close()
         self._closed = False
-        for stale in self.state_dir.glob("spare-*.log"):  # spares of an earlier run (they exited on EOF)
-            stale.unlink(missing_ok=True)
-        if standby:
+        if read_only:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_spare_logs()
+        if self._standby_enabled:
             self._start_spare()
+            threading.Thread(target=self._keep_spare, name="fs-spare-keeper", daemon=True).start()
 
     def _id_lock(self, mount_id: str) -> threading.RLock:
         with self._lock:
@@ -236,32 +263,94 @@ class MountManager:
             return spec
 
     # -- warm spare ---------------------------------------------------------------------------
-    def _start_spare(self, idle: bool = False) -> None:
-        """Start a spare fs process (imports done, waiting for a spec on stdin) unless one exists.
+    # A spare's log is named after the manager that started it (``spare-<pid>-<start time>-<token>.log``):
+    # a spare never outlives its manager (EOF on stdin), so a spare log is stale exactly when the
+    # process named in it is gone. Another manager on the same state (or a reader) can tell without
+    # touching a live spare's log.
+    def _spare_log_prefix(self) -> str:
+        return f"spare-{os.getpid()}-{_start_time(os.getpid())}-"
+
+    def _remove_stale_spare_logs(self) -> None:
+        for path in self.state_dir.glob("spare-*.log"):
+            parts = path.name[len("spare-"):-len(".log")].split("-")
+            if len(parts) == 3 and parts[0].isdigit() and _start_time(int(parts[0])) == parts[1]:
+                continue  # its manager (maybe another one on this state) is alive: so may its spare be
+            path.unlink(missing_ok=True)
+
+    def _start_spare(self, idle: bool = False) -> bool:
+        """Start a spare fs process (imports done, waiting for a spec on stdin) unless one exists;
+        returns False if it could not be started.
 
         With ``idle`` (a successor, started while a cold start is under way) it runs at SCHED_IDLE until
         it is claimed: its imports (~0.5 CPU-second) take only cycles nobody else wants."""
         with self._spare_lock:
             if self._closed or (self._spare is not None and self._spare[0].poll() is None):
-                return
-            log_path = self.state_dir / f"spare-{secrets.token_hex(6)}.log"
+                return True
+            log_path = self.state_dir / f"{self._spare_log_prefix()}{secrets.token_hex(6)}.log"
             try:
                 with open(log_path, "ab") as logf:
-                    argv = [self.python, "-m", "remora.snapshotter.fs", "--standby"]
+                    argv = fs_argv(self.python, "--standby")
                     proc = subprocess.Popen(_at_idle_priority(argv) if idle else argv, stdin=subprocess.PIPE,
-                                            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+                                            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                                            cwd=CHILD_CWD)
             except OSError as exc:
                 log.warning("cannot start a spare fs process (mounts start cold): %s", exc)
+                log_path.unlink(missing_ok=True)
+                return False
+            self._spare = (proc, log_path, time.monotonic())
+            return True
+
+    def _keep_spare(self) -> None:
+        """Keeper thread (standby mode): whenever there is no live spare, start one.
+
+        Woken at once after a claim; otherwise it looks every SPARE_POLL seconds, so a spare that died
+        (killed, OOM, a bad install) is replaced. A spare that keeps dying young is restarted with an
+        exponential backoff (up to SPARE_MAX_BACKOFF) and its log tail logged, never in a tight loop."""
+        backoff = 0.0
+        while True:
+            self._spare_wake.wait(SPARE_POLL)
+            self._spare_wake.clear()
+            with self._spare_lock:
+                if self._closed:
+                    return
+                spare = self._spare
+                if spare is not None and spare[0].poll() is None:
+                    continue
+                self._spare = None
+            lived = None
+            if spare is not None:  # died unclaimed
+                proc, spare_log, started = spare
+                lived = time.monotonic() - started
+                try:
+                    tail = "\n".join(spare_log.read_text(errors="replace").splitlines()[-10:])
+                except OSError:
+                    tail = ""
+                spare_log.unlink(missing_ok=True)
+                log.warning("spare fs process %d exited (code %s) after %.1fs: starting another%s%s", proc.pid,
+                            proc.returncode, lived, f" in {backoff:.1f}s" if backoff else "",
+                            f"; its log:\n{tail}" if tail else "")
+            if backoff and self._stopped.wait(backoff):
                 return
-            self._spare = (proc, log_path)
+            started_ok = self._start_spare(idle=True)
+            crash_loop = not started_ok or (lived is not None and lived <= SPARE_YOUNG)
+            backoff = min(max(2 * backoff, SPARE_POLL), SPARE_MAX_BACKOFF) if crash_loop else 0.0
 
     def _claim_spare(self, spec_path: Path, log_path: Path) -> subprocess.Popen | None:
-        """Hand ``spec_path`` to the spare; returns its process, or None if there is no live spare."""
+        """Hand ``spec_path`` to the spare; returns its process, or None if there is no live spare.
+
+        Either way the keeper is woken to start the next spare, once the handover is done."""
         with self._spare_lock:
             spare, self._spare = self._spare, None
+        try:
+            return self._hand_over(spare, spec_path, log_path)
+        finally:
+            self._spare_wake.set()
+
+    @staticmethod
+    def _hand_over(spare, spec_path: Path, log_path: Path) -> subprocess.Popen | None:
         if spare is None:
             return None
-        proc, spare_log = spare
+        proc, spare_log, _ = spare
         if proc.poll() is not None:
             spare_log.unlink(missing_ok=True)
             return None
@@ -276,17 +365,15 @@ class MountManager:
             return None
         return proc
 
-    def _respawn_spare_soon(self) -> None:
-        if self._standby_enabled and not self._closed:
-            threading.Thread(target=self._start_spare, args=(True,), name="fs-spare", daemon=True).start()
-
     def close(self) -> None:
         """Stop the spare (mount processes stay: running containers keep their root fs)."""
         with self._spare_lock:
             self._closed = True
             spare, self._spare = self._spare, None
+        self._stopped.set()
+        self._spare_wake.set()
         if spare is not None:
-            proc, spare_log = spare
+            proc, spare_log, _ = spare
             try:
                 proc.stdin.close()  # EOF: the spare exits by itself
                 proc.wait(5)
@@ -303,14 +390,12 @@ class MountManager:
         spec_path = self._file(spec.id, ".json")
         # A re-mount (restore after a crash) starts cold: it is off the cold-start path, and the
         # earlier process's log (why it died) must stay at the head of the mount's log.
-        proc = None if log_path.exists() else self._claim_spare(spec_path, log_path)
-        if proc is not None:
-            self._respawn_spare_soon()
-        else:
+        proc = None if log_path.exists() or not self._standby_enabled else self._claim_spare(spec_path, log_path)
+        if proc is None:
             with open(log_path, "ab") as logf:
-                proc = subprocess.Popen([self.python, "-m", "remora.snapshotter.fs", "--spec", str(spec_path)],
+                proc = subprocess.Popen(fs_argv(self.python, "--spec", str(spec_path)),
                                         stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, cwd=CHILD_CWD)
         self._procs[spec.id] = proc
         self._file(spec.id, ".pid").write_text(f"{proc.pid} {_start_time(proc.pid)}")
         deadline = time.monotonic() + self.mount_timeout

@@ -132,6 +132,34 @@ def layer_labels(layer, chain_id: str, ref: str, manifest_digest: str, annotatio
     return labels
 
 
+class Heartbeat:
+    """``with Heartbeat(say, what):`` around a call that may take a while (a Prepare that fetches and
+    mounts the bootstrap, a slow registry): after ``every`` seconds, and every ``every`` seconds after
+    that, ``say`` gets "<what>: still waiting (Ns)". A pull never sits silent for more than a
+    second, and the pull service's client sees its connection is alive. Nothing is said for a call
+    that is done within ``every`` (the usual, warm case: no noise on the fast path)."""
+
+    def __init__(self, say: Callable[[str], None], what: str, every: float = 1.0):
+        import threading
+
+        self.say, self.what, self.every = say, what, every
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pull-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        while not self._done.wait(self.every):
+            self.say(f"{self.what}: still waiting ({time.monotonic() - t0:.0f}s)")
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def pull(reference: str, *, address: str, namespace: str = "default", snapshotter: str = "remora",
          plain_http: bool = False, annotations_only: bool = False, platform: str = "linux/amd64",
          timeout: float = 120.0, say: Callable[[str], None] = lambda msg: None,
@@ -164,7 +192,8 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
     # talking to the registry.
     with ContainerdClient(address, namespace, timeout=timeout) as ctd:
         name = str(ref)
-        with open_store(ref, plain_http=True if plain_http else None) as store:
+        with open_store(ref, plain_http=True if plain_http else None) as store, \
+                Heartbeat(say, f"{name}: resolving in the registry"):
             mdesc, mdata, manifest = resolve_remora_manifest(store, platform)
             if on_manifest is not None:
                 on_manifest([(layer.digest, {k: v for k, v in layer_labels(layer, "", name, mdesc.digest,
@@ -205,7 +234,9 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
                 key = f"extract-{time.time_ns()}-{secrets.token_hex(4)} {chain}"
                 t0 = time.monotonic()
                 try:
-                    ctd.prepare(snapshotter, key, chains[i - 1] if i else "", labels_per_layer[i])
+                    with Heartbeat(say, f"{what}: preparing" + (" (the snapshotter fetches and mounts the "
+                                                                 "bootstrap)" if role == "bootstrap" else "")):
+                        ctd.prepare(snapshotter, key, chains[i - 1] if i else "", labels_per_layer[i])
                 except AlreadyExists:
                     remote += 1
                     say(f"{what}: remote, mounted lazily in {time.monotonic() - t0:.2f}s")

@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -238,6 +239,21 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         return empty_pb2.Empty()
 
 
+RESTORE_REPORT_EVERY = 1.0  # seconds
+
+
+async def _report_restore(done: list[int], total: int) -> None:
+    """While the lazy mounts of the previous run are restored (re-mounting a dead one starts a
+    process; many of them take seconds), say how far it got every second: the snapshotter does not
+    listen yet, and its log must not look hung. Silent when the restore is quick. WARNING level: the
+    default, and a snapshotter that is slow to come up is worth a line."""
+    t0 = time.monotonic()
+    while True:
+        await asyncio.sleep(RESTORE_REPORT_EVERY)
+        log.warning("restoring the lazy mounts of the previous run before serving: %d/%d done (%.0fs)",
+                    done[0], total, time.monotonic() - t0)
+
+
 class SnapshotterServer:
     """Store + service + gRPC server on a unix socket; restart-safe.
 
@@ -330,11 +346,18 @@ class SnapshotterServer:
                       "(started with --no-lazy?): containers using them will fail until it is enabled",
                       len(remote))
             return
-        for sid, key, labels in remote:
-            try:
-                await self.handler.restore(sid, self.store.fs_path(sid), labels)
-            except Exception as exc:
-                log.error("remote snapshot %s (%s) could not be restored: %s", key, sid, exc)
+        done = [0]
+        ticker = asyncio.create_task(_report_restore(done, len(remote))) if remote else None
+        try:
+            for sid, key, labels in remote:
+                try:
+                    await self.handler.restore(sid, self.store.fs_path(sid), labels)
+                except Exception as exc:
+                    log.error("remote snapshot %s (%s) could not be restored: %s", key, sid, exc)
+                done[0] += 1
+        finally:
+            if ticker is not None:
+                ticker.cancel()
 
     async def wait(self) -> None:
         assert self._server is not None

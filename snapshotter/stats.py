@@ -3,6 +3,8 @@
 Reads the same files the Prometheus endpoint (``remora snapshotter --metrics-address``) exports: each
 mount's published counters under ``<root>/lazy/mounts/`` and the shared chunk cache's index. It never
 talks to an fs process, so a hung mount cannot hang it; liveness is probed with a short timeout.
+Strictly read-only: it creates, cleans and starts nothing (the snapshotter's warm spare and its log
+are the snapshotter's), and a directory that is not a snapshotter's root is an error (exit 5).
 """
 from __future__ import annotations
 
@@ -29,36 +31,73 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def check_root(root: Path) -> None:
+    """Refuse anything but a snapshotter's state directory, before reading a thing from it.
+
+    Checked up front (and nothing created: stats only looks) so that a mistyped ``--root`` is a clear
+    error, not an empty table."""
+    from remora.errors import NotFound
+
+    if not root.is_dir():
+        raise NotFound(f"no snapshotter state at {root}: no such directory (give the snapshotter's --root)")
+    if not (root / "metadata.db").is_file():
+        raise NotFound(f"{root} is not a snapshotter's state directory (no metadata.db in it); give the "
+                       "--root that 'remora snapshotter' runs with")
+
+
 def collect(root: Path) -> dict:
-    from remora.cache import ChunkCache
+    """Read-only: the mount records, their published counters, a liveness probe of each (in parallel,
+    so N hung mounts cost one probe timeout, not N) and the cache index."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from remora.errors import NotFound
     from remora.snapshotter.mount import MountManager
 
-    mounts = MountManager(root / "lazy", root / "cache")
+    mounts = MountManager(root / "lazy", root / "cache", read_only=True)
     out = {"mounts": [], "cache": None}
-    limit = None
-    for mount_id in mounts.ids():
-        spec = mounts.spec(mount_id)
-        limit = spec.cache_limit
-        health = mounts.check(mount_id, timeout=1.0)
+    specs = {}
+    for mount_id in mounts.ids() if mounts.state_dir.is_dir() else []:
+        try:
+            specs[mount_id] = mounts.spec(mount_id)
+        except NotFound:  # unmounted meanwhile
+            continue
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(specs)))) as pool:
+        health = dict(zip(specs, pool.map(lambda m: mounts.check(m, timeout=1.0), specs)))
+    for mount_id, spec in specs.items():
         data = mounts.stats(mount_id) or {}
-        out["mounts"].append({"id": mount_id, "state": health.state, "detail": health.detail,
+        out["mounts"].append({"id": mount_id, "state": health[mount_id].state, "detail": health[mount_id].detail,
                               "mountpoint": spec.mountpoint, "fetch": data.get("fetch", {}),
                               "cache": data.get("cache", {})})
-    if (root / "cache").exists():
-        cache = ChunkCache(root / "cache", limit) if limit else ChunkCache(root / "cache")
-        try:
-            out["cache"] = cache.info()
-        finally:
-            cache.close()
+    limit = next((s.cache_limit for s in specs.values()), None)
+    out["cache"] = cache_info(root / "cache", limit)
     return out
 
 
-def run(args) -> int:
-    from remora.errors import NotFound
+def cache_info(cache_dir: Path, limit: int | None) -> dict | None:
+    """The chunk cache's totals from its index, opened read-only (``ChunkCache()`` would create
+    directories and clean its tmp dir: not a reader's business). None if there is no cache yet."""
+    import sqlite3
 
+    index = cache_dir / "index.db"
+    if not index.is_file():
+        return None
+    db = sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=5)
+    try:
+        used = db.execute("SELECT bytes FROM usage").fetchone()
+        return {"bytes": used[0] if used else 0, "limit": limit or 0,
+                "chunks": db.execute("SELECT count(*) FROM chunks").fetchone()[0],
+                "pinned_chunks": db.execute("SELECT count(DISTINCT digest) FROM pins").fetchone()[0]}
+    except sqlite3.Error as exc:
+        from remora.errors import StorageError
+
+        raise StorageError(f"cannot read the chunk cache index {index}: {exc}") from None
+    finally:
+        db.close()
+
+
+def run(args) -> int:
     root = Path(args.root)
-    if not root.is_dir():
-        raise NotFound(f"no snapshotter state at {root} (give the snapshotter's --root)")
+    check_root(root)
     data = collect(root)
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
@@ -81,6 +120,7 @@ def run(args) -> int:
     console.print(t)
     if data["cache"]:
         ci = data["cache"]
+        limit = f", limit {ci['limit'] / 1e9:.1f} GB" if ci["limit"] else ""
         console.print(f"chunk cache: {ci['bytes'] / 1e6:.1f} MB in {ci['chunks']} chunks "
-                      f"({ci['pinned_chunks']} pinned), limit {ci['limit'] / 1e9:.1f} GB")
+                      f"({ci['pinned_chunks']} pinned){limit}")
     return 0

@@ -30,9 +30,11 @@ def lowest_dir(mount) -> str:
 
 
 @contextlib.contextmanager
-def remote_busybox(registry, tmp_path: Path, repo: str, snapshotter_args: list[str] = ()):
+def remote_busybox(registry, tmp_path: Path, repo: str, snapshotter_args: list[str] = (),
+                   command: list[str] | None = None):
     """Yield ``(stub, top chain id, snapshotter root)`` with every layer of a converted busybox image
-    committed remotely (Prepare answered ALREADY_EXISTS)."""
+    committed remotely (Prepare answered ALREADY_EXISTS). ``command``: how to start the snapshotter
+    (default ``python -m remora.snapshotter.cli``)."""
     src = f"{registry.host}/{repo}:1"
     write_image(src, None, [LayerSpec(busybox_rootfs(tmp_path / "bb"))])
     dst = f"{registry.host}/{repo}:1-remora"
@@ -42,7 +44,8 @@ def remote_busybox(registry, tmp_path: Path, repo: str, snapshotter_args: list[s
     manifest = oci.parse_manifest(data, desc.media_type)
     config = oci.ImageConfig.from_bytes(store.open_blob(manifest.config).read())
     root = tmp_path / "root"
-    snap = RemoraSnapshotter(root, argv=[sys.executable, "-m", "remora.snapshotter.cli", *snapshotter_args]).start()
+    command = command or [sys.executable, "-m", "remora.snapshotter.cli"]
+    snap = RemoraSnapshotter(root, argv=[*command, *snapshotter_args]).start()
     channel = grpc.insecure_channel(f"unix://{snap.address}")
     stub = snapshots_pb2_grpc.SnapshotsStub(channel)
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 import uuid
 
 import grpc
@@ -13,6 +12,7 @@ import pytest
 from remora._proto.cri.runtime.v1 import api_pb2 as cri, api_pb2_grpc as cri_grpc
 from remora.imagebuild import File, LayerSpec, OpaqueDir, Whiteout, busybox_layer, busybox_rootfs, tar_of_files, write_image
 from remora.snapshotter.remote import RemoteLayer, RemoteLayerHandler
+from remora.procutil import wait_until
 from remora.snapshotter.storage import mountpoints_under
 from remora.testenv.containerd import PrivateContainerd
 
@@ -61,9 +61,7 @@ def test_pull_run_whiteouts_and_gc(containerd, snapshotter_proc, layered_image):
 
     ctd.ctr("images", "rm", "--sync", layered_image)
     # containerd's GC removes the snapshots it no longer references and calls Cleanup
-    deadline = time.monotonic() + 15
-    while _snapshots(ctd) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: not _snapshots(ctd), 15, interval=0.2, what="containerd's GC to remove the snapshots")
     assert _snapshots(ctd) == []
     assert os.listdir(snapshotter_proc.root / "snapshots") == []
     assert mountpoints_under(snapshotter_proc.root) == []
@@ -75,13 +73,18 @@ def test_snapshotter_restart_keeps_snapshots(containerd, snapshotter_proc, layer
     before = sorted(map(tuple, _snapshots(ctd)))
     snapshotter_proc.kill()  # crash: no graceful shutdown, stale socket file left behind
     snapshotter_proc.start()
-    deadline = time.monotonic() + 20  # containerd reconnects with backoff
-    while True:
-        proc = ctd.ctr("run", "--rm", "--snapshotter", "remora", layered_image, f"c-{uuid.uuid4().hex[:6]}",
-                       "cat", "/data/b", check=False)
-        if proc.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    runs: list = []
+
+    def runs_again() -> bool:  # containerd reconnects with backoff
+        runs[:] = [ctd.ctr("run", "--rm", "--snapshotter", "remora", layered_image, f"c-{uuid.uuid4().hex[:6]}",
+                           "cat", "/data/b", check=False)]
+        return runs[0].returncode == 0
+
+    try:
+        wait_until(runs_again, 20, interval=0.5, what="a container on the restarted snapshotter")
+    except TimeoutError:
+        pass
+    proc = runs[0]
     assert proc.stdout == "B\n", proc.stderr
     assert sorted(map(tuple, _snapshots(ctd))) == before
 
@@ -150,9 +153,7 @@ def test_cri_pull_uses_remote_layer_handler(tmp_path, registry, start_server):
         with grpc.insecure_channel(f"unix://{ctd.address}") as ch:
             cri_grpc.ImageServiceStub(ch).RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=ref)),
                                                       timeout=30)
-        deadline = time.monotonic() + 15
-        while _snapshots(ctd) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: not _snapshots(ctd), 15, interval=0.2, what="containerd's GC to remove the snapshots")
         assert _snapshots(ctd) == []
         assert sorted(handler.unmounted) == sorted([base.snapshot_id, top.snapshot_id])
         assert mountpoints_under(tmp_path / "root") == []

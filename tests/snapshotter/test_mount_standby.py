@@ -138,3 +138,80 @@ def test_remount_after_a_crash_keeps_the_dead_process_log(standby, image, regist
     assert log_text.count("mounting ") == 2, log_text
     with open(os.fsencode(mnt) + b"/etc/hot.conf", "rb") as f:
         assert f.read() == image.contents[b"/etc/hot.conf"]
+
+
+# -- the spare is the snapshotter's: readers leave it alone, and a dead one is replaced ---------------
+def _spares_of(parent: int) -> list[int]:
+    """Live ``--standby`` fs processes whose parent is ``parent`` (a snapshotter)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"--standby" in _cmdline(int(entry)) and _alive(int(entry)):
+            out.append(int(entry))
+    return out
+
+
+def _one_spare(parent: int, other_than: int = 0) -> int:
+    found: list[int] = []
+
+    def ready() -> bool:
+        found[:] = [p for p in _spares_of(parent) if p != other_than]
+        return len(found) == 1
+
+    wait_until(ready, 20, what="one spare fs process of the snapshotter")
+    return found[0]
+
+
+def test_stats_leaves_the_spare_alone_and_a_dead_spare_is_replaced(snapshotter_proc):
+    snap = snapshotter_proc
+    spare = _one_spare(snap.daemon.pid)
+    logs = sorted((snap.root / "lazy" / "mounts").glob("spare-*.log"))
+    assert len(logs) == 1
+    for args in (["--json"], []):
+        proc = subprocess.run(["remora", "stats", "--root", str(snap.root), *args], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    assert _alive(spare) and logs[0].exists(), "remora stats touched the snapshotter's warm spare"
+    assert _spares_of(snap.daemon.pid) == [spare]
+
+    os.kill(spare, 9)  # the OOM killer, an operator, a crash: the snapshotter starts another
+    successor = _one_spare(snap.daemon.pid, other_than=spare)
+    assert successor != spare and not logs[0].exists(), "the dead spare's log is cleaned up"
+    wait_until(lambda: "spare fs process %d exited" % spare in snap.log_path.read_text(), 10,
+               what="the snapshotter to log the dead spare")
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-a-snapshotter-root"])
+def test_stats_on_a_wrong_root_is_an_error_and_creates_nothing(tmp_path, kind):
+    root = tmp_path / "nope"
+    if kind == "not-a-snapshotter-root":
+        root.mkdir()
+        (root / "data.txt").write_text("x")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    proc = subprocess.run(["remora", "stats", "--root", str(root)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 5, (proc.returncode, proc.stderr)
+    assert str(root) in proc.stderr and "--root" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "stats created files"
+
+
+def test_a_spare_that_keeps_dying_is_restarted_with_a_growing_backoff(tmp_path, caplog):
+    """A broken interpreter: every spare exits at once. The manager keeps trying, but not in a tight
+    loop: the wait between attempts doubles, and the spare's last words are logged."""
+    import logging
+
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'spare cannot start: broken install' >&2\nexit 9\n")
+    broken.chmod(0o755)
+    caplog.set_level(logging.WARNING, logger="remora.snapshotter.mount")
+    mm = MountManager(tmp_path / "state", tmp_path / "cache", standby=True, python=str(broken))
+    try:
+        wait_until(lambda: "starting another in 2.0s" in caplog.text, 20, what="the backoff to reach 2 s")
+        assert "broken install" in caplog.text and "code 9" in caplog.text
+        assert "starting another in 4.0s" not in caplog.text
+    finally:
+        mm.close()

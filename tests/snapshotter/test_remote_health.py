@@ -5,6 +5,7 @@ snapshot.ref and the layer annotations), so no containerd is needed to create th
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -14,7 +15,7 @@ import grpc
 import pytest
 
 from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from remora.procutil import free_port
+from remora.procutil import free_port, wait_until
 
 from remote_support import NAMESPACE, lowest_dir, remote_busybox
 
@@ -27,28 +28,61 @@ def lazy_layers(registry, tmp_path):
         yield stub, NAMESPACE, top, root, port
 
 
+def _mount_files(root: Path, suffix: str) -> list[Path]:
+    return [p for p in (root / "lazy" / "mounts").glob(f"*{suffix}") if not p.name.startswith("spare-")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _fs_pid(root: Path) -> int:
-    pids = list((root / "lazy" / "mounts").glob("*.pid"))
-    assert len(pids) == 1, pids
-    return int(pids[0].read_text().split()[0])  # "pid start-time"
+    """The pid recorded for the one lazy mount, checked: the process is alive, is an fs process, and
+    is the one serving that mount (its own stats file, written after this call, names its pid)."""
+    [pid_file] = _mount_files(root, ".pid")
+    stats_file = pid_file.with_name(pid_file.name[:-4] + ".stats.json")
+    pid = int(pid_file.read_text().split()[0])  # "pid start-time"
+    assert _alive(pid), f"recorded fs process {pid} is not running"
+    assert b"remora.snapshotter.fs" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    since = time.time()
+
+    def fresh() -> dict:
+        try:
+            data = json.loads(stats_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if data.get("time", 0) > since else {}
+
+    wait_until(lambda: fresh(), 10, what="the fs process to publish its stats")
+    stats = fresh() or json.loads(stats_file.read_text())
+    assert stats["pid"] == pid and stats["id"] == pid_file.name[:-4], (stats.get("pid"), pid)
+    return pid
+
+
+def _kill_fs(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not _alive(pid), 10, what=f"fs process {pid} to die")
 
 
 def test_dead_fs_is_restored_then_unavailable_when_it_cannot_be(lazy_layers):
     stub, md, top, root, _ = lazy_layers
     resp = stub.Prepare(pb.PrepareSnapshotRequest(key="ctr-1", parent=top), metadata=md, timeout=30)
     assert resp.mounts, "an active snapshot on a lazy layer gets mounts"
-    os.kill(_fs_pid(root), signal.SIGKILL)
-    time.sleep(0.5)
+    first = _fs_pid(root)
+    _kill_fs(first)
     # the dead fs process is noticed and the layer re-mounted from its record
     stub.Mounts(pb.MountsRequest(key="ctr-1"), metadata=md, timeout=60)
-    assert _fs_pid(root) > 0
+    second = _fs_pid(root)
+    assert second != first, "the layer is served by a new fs process"
     mountpoint = lowest_dir(resp.mounts[0])
     assert os.path.exists(os.path.join(mountpoint, "bin", "busybox"))
     # now make a restore impossible: the bootstrap it mounts from is gone
     for db in (root / "bootstraps").glob("*.db"):
         db.unlink()
-    os.kill(_fs_pid(root), signal.SIGKILL)
-    time.sleep(0.5)
+    _kill_fs(second)
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
         stub.Mounts(pb.MountsRequest(key="ctr-1"), metadata=md, timeout=60)
@@ -58,7 +92,6 @@ def test_dead_fs_is_restored_then_unavailable_when_it_cannot_be(lazy_layers):
 
 
 def test_stats_and_prometheus_metrics(lazy_layers):
-    import json
     import subprocess
 
     import requests
@@ -68,7 +101,16 @@ def test_stats_and_prometheus_metrics(lazy_layers):
     mountpoint = lowest_dir(resp.mounts[0])
     data = Path(mountpoint, "bin", "busybox").read_bytes()          # a lazy read: fetched from the registry
     assert len(data) > 100_000
-    time.sleep(1.5)                                                 # the fs process publishes every second
+    [pid_file] = _mount_files(root, ".pid")
+    stats_file = pid_file.with_name(pid_file.name[:-4] + ".stats.json")  # published every second
+
+    def published_fetch() -> bool:
+        try:
+            return json.loads(stats_file.read_text())["fetch"]["bytes_fetched"] > 0
+        except (OSError, ValueError, KeyError):
+            return False
+
+    wait_until(published_fetch, 10, what="the fs process to publish the fetch")
     proc = subprocess.run(["remora", "stats", "--root", str(root), "--json"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout)

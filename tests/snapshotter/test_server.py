@@ -236,6 +236,53 @@ def test_remote_handshake(start_server, tmp_path):
     assert mountpoints_under(tmp_path / "root") == []
 
 
+class GatedRestoreHandler(RecordingHandler):
+    """A RecordingHandler whose restore waits until the test opens the gate (a slow re-mount)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+
+    async def restore(self, snapshot_id, mountpoint, labels) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self.gate.wait, 60)
+        await super().restore(snapshot_id, mountpoint, labels)
+
+
+def test_a_slow_restore_at_start_reports_progress(start_server, caplog):
+    """A snapshotter that takes more than a second to restore its lazy mounts says so, every second,
+    before it serves (its log must not look hung); a quick start says nothing."""
+    import logging
+
+    from remora.procutil import wait_until
+
+    caplog.set_level(logging.WARNING, logger="remora.snapshotter.server")
+    handler = GatedRestoreHandler()
+    handler.gate.set()
+    S = start_server(handler)
+    commit_layer(S, "base")
+    req = pb.PrepareSnapshotRequest(key="default/1/extract-1", parent="base", labels=REMOTE_LABELS)
+    assert code_of(S.call, "Prepare", req) == grpc.StatusCode.ALREADY_EXISTS
+    S.stop()
+    S = start_server(handler)  # quick restore (gate open): no progress line
+    assert "restoring the lazy mounts" not in caplog.text
+    S.stop()
+    handler.gate.clear()
+    started: list = []
+    starter = threading.Thread(target=lambda: started.append(start_server(handler)), daemon=True)
+    starter.start()
+    try:
+        wait_until(lambda: "restoring the lazy mounts of the previous run before serving: 0/1 done" in caplog.text,
+                   15, what="a progress line while the restore is blocked")
+        assert not started, "the server does not serve before its restore is done"
+    finally:
+        handler.gate.set()
+        starter.join(60)
+    assert started and len(handler.restored) == 2  # once per restart
+    assert started[0].call("Stat", pb.StatSnapshotRequest(key="sha256:chain1")).info.kind == pb.COMMITTED
+
+
 def test_remote_failure_falls_back_to_local_layer(start_server):
     S = start_server(RecordingHandler(fail=True))
     resp = S.call("Prepare", pb.PrepareSnapshotRequest(key="k", labels=REMOTE_LABELS))

@@ -13,6 +13,7 @@ from lazy_support import build_image, dead_port_url
 from remora.cache import ChunkCache
 from remora.errors import NotFound, RegistryError
 from remora.format.bootstrap import Bootstrap
+from remora.procutil import wait_until
 from remora.snapshotter.fetch import ChunkFetcher
 from remora.snapshotter.sources import SourceSpec, open_source
 from remora.snapshotter.staging import StagedSource, StagingArea, _name
@@ -137,9 +138,7 @@ def test_staged_files_go_after_their_ttl(image, registry, tmp_path):
     assert area.start(blob, len(data), [registry_source(image, registry.url)])
     area.wait(blob, 30)
     assert area.staged([blob]) == {blob: len(data)}
-    deadline = time.monotonic() + 10
-    while area.staged([blob]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not area.staged([blob]), 10, what="the staged file's ttl to pass")
     assert area.staged([blob]) == {} and not list((tmp_path / "staging").iterdir())
     assert area.start(blob, len(data), [registry_source(image, registry.url)]), "it can be staged again"
     area.wait(blob, 30)
