@@ -88,11 +88,15 @@ class PeerDaemon:
             self.sched = SchedulerClient(cfg.schedulers, host, timeout=cfg.scheduler_timeout)
         self.tasks = TaskManager(cfg, self.store, self.upstream, self.sched, self.metrics)
         upload.fresh = self.tasks.fresh_from_source
+        upload.on_corrupt = self.tasks.drop_corrupt
         await self.tasks.start()
+        self.store.entries()   # open what the last run left, so the gauge below counts it
+        self.metrics.store_bytes.set_function(self.store.known_usage_bytes)
         mirror = Mirror(self.tasks, self.metrics, cfg.upstream, status_cb=self.status)
         self.mirror_port = await self._serve(mirror.app(), cfg.listen, "mirror")
         self.host = host
         if self.sched:
+            self._loops.append(asyncio.get_running_loop().create_task(self._register()))
             self._loops.append(asyncio.get_running_loop().create_task(self._announce_stored()))
             self._loops.append(asyncio.get_running_loop().create_task(self._keepalive_loop()))
             self._loops.append(asyncio.get_running_loop().create_task(self._probe_loop()))
@@ -131,6 +135,18 @@ class PeerDaemon:
             await self.upstream.close()
 
     # -- background loops -----------------------------------------------------------------------------
+    async def _register(self) -> None:
+        """Register with every scheduler at start-up, not at the first blob request: until then the
+        scheduler cannot hand this peer out as a parent, probe it, or tell it that its host id is shared.
+        Retried (every keepalive interval, at most 5 s) until every scheduler answered once."""
+        pending = set(self.sched.ring.addresses)
+        while pending:
+            answered = await self.sched.register(sorted(pending))
+            if answered:
+                log.info("registered with scheduler(s) %s", ", ".join(answered))
+            pending -= set(answered)
+            if pending:
+                await asyncio.sleep(min(self.sched.keepalive_interval, 5.0))
     async def _announce_stored(self) -> None:
         """Blobs kept from the last run make this peer a parent at once, as soon as a scheduler answers."""
         while not await self.tasks.reannounce_all():
@@ -211,7 +227,10 @@ class PeerDaemon:
                     key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"
                                     if s.labels else "")
                     samples[key] = s.value
+        registered = self.sched.registered_with() if self.sched else []
         return {"peer_id": cfg.peer_id, "host_id": cfg.host_id, "mirror": self.mirror_url,
+                "registered": registered, "registered_everywhere": bool(self.sched) and
+                len(registered) == len(self.sched.ring.addresses),
                 "upload": f"{self.host.ip}:{self.host.upload_port}", "schedulers": cfg.schedulers,
                 "upstream": cfg.upstream, "labels": cfg.labels, "data_dir": str(cfg.data_dir),
                 "uptime": time.time() - self.started_at, "store_bytes": self.store.usage_bytes(),

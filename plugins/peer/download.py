@@ -185,22 +185,25 @@ class Task:
     async def _ensure(self, pieces: range | None) -> BlobEntry:
         entry = await self.ensure_layout()
         need = set(range(entry.n_pieces)) if pieces is None else set(pieces)
-        driver = None
-        while not need <= entry.have:
-            if driver is not None and driver.done() and self.error is not None:
-                raise self.error  # the download this request waited for failed (a wake-up may be late)
-            self.wanted |= need
-            if self._driver is None or self._driver.done():
-                self.error = None
-                self._driver = asyncio.get_running_loop().create_task(self._drive())
-            driver = self._driver
-            error = await asyncio.shield(self._changed)
-            if error is not None and not need <= entry.have:
-                raise error
-        if pieces is None and not entry.verified:
-            await asyncio.shield(asyncio.ensure_future(self._verify_whole()))
-        entry.touch()
-        return entry
+        for _ in range(3):
+            driver = None
+            while not need <= entry.have:
+                if driver is not None and driver.done() and self.error is not None:
+                    raise self.error  # the download this request waited for failed (a wake-up may be late)
+                self.wanted |= need
+                if self._driver is None or self._driver.done():
+                    self.error = None
+                    self._driver = asyncio.get_running_loop().create_task(self._drive())
+                driver = self._driver
+                error = await asyncio.shield(self._changed)
+                if error is not None and not need <= entry.have:
+                    raise error
+            if pieces is None and not entry.verified and \
+                    not await asyncio.shield(asyncio.ensure_future(self._verify_whole())):
+                continue   # stored pieces were damaged on disk and dropped: fetch them again
+            entry.touch()
+            return entry
+        raise StorageError(f"{self.digest}: stored pieces keep failing verification (a failing disk?)")
 
     # -- driver ---------------------------------------------------------------------------------------
     def _notify(self, error: BaseException | None = None) -> None:
@@ -245,12 +248,16 @@ class Task:
             self.source_reason = reason
             self.m.metrics.back_to_source.labels(reason).inc()
 
+    def forget_hashes(self) -> None:
+        """Drop the running whole-blob hashes (a piece they covered was dropped)."""
+        self._streamed_digest = ""
+        self._whole, self._whole_next = None, 0
+
     async def _reset(self, why: str) -> None:
         """Forget the task's pieces: the next request starts from scratch (and the scheduler knows)."""
         log.warning("%s: resetting task: %s", self.digest, why)
         self.entry.reset()
-        self._streamed_digest = ""
-        self._whole, self._whole_next = None, 0
+        self.forget_hashes()
         self.wanted.clear()
         self.fetched_from_source.clear()
         self.back_to_source = False
@@ -439,6 +446,11 @@ class Task:
             if resp.back_to_source:
                 self._go_to_source(resp.reason or "scheduler")
                 return 0
+        if "same_host=" in resp.reason and not self.m.warned_same_host:
+            self.m.warned_same_host = True
+            log.warning("%s: the scheduler drops peers as parents because they share this peer's host id %r "
+                        "(%s): peers on one machine never serve each other; give each its own --host-id if "
+                        "they are meant to", self.digest[:19], self.cfg.host_id, resp.reason)
         self._view_at = time.monotonic()
         self._parents = {p.host.peer_id: p for p in resp.parents
                          if p.host.peer_id not in self.blocklist and p.host.peer_id != self.m.peer_id}
@@ -751,18 +763,29 @@ class Task:
         # Not the blob's digest (or a piece was replaced after it was hashed): judge on one clean pass.
         return await asyncio.to_thread(_hash_pieces, self.entry)
 
-    async def _verify_whole(self) -> None:
+    async def _verify_whole(self) -> bool:
+        """Check the complete blob against its digest. False: pieces damaged on disk since they were
+        stored were dropped (fetch them again); a wrong blob of sound pieces resets the task and raises."""
         async with self._verify_lock:
             entry = self.entry
             if entry.verified:
-                return
+                return True
             if not entry.complete:  # a concurrent verification failed and reset the task
                 raise self.error or InvalidInput(f"{self.digest}: pieces went missing before verification")
             actual = await self._whole_digest()
             if actual != self.digest:
+                bad = await asyncio.to_thread(entry.verify_pieces, range(entry.n_pieces))
+                if bad:
+                    log.error("%s: stored piece(s) %s no longer match their digests: dropped, fetching them "
+                              "again", self.digest, bad[:8])
+                    for index in bad:
+                        self.m.drop_corrupt(self.digest, index)
+                    return False
                 err = self.error = DigestMismatch(f"blob {self.digest}", self.digest, actual)
                 self.m.metrics.tasks.labels("digest_mismatch").inc()
-                await self._reset(str(err))
+                # Every piece matched the piece digest the scheduler handed out, yet the blob does not: the
+                # digests are wrong. "digest_mismatch" tells the scheduler to isolate their source.
+                await self._reset(f"digest_mismatch: {err}")
                 raise err
             entry.mark_verified()
             self.m.metrics.tasks.labels("success").inc()
@@ -771,6 +794,7 @@ class Task:
             self._announce_soon()
             await self._sched("ReportTaskResult", pb.ReportTaskResultRequest(
                 peer_id=self.m.peer_id, task_id=self.digest, success=True, back_to_source=self.back_to_source))
+            return True
 
     async def _register_task(self) -> pb.RegisterTaskResponse | None:
         entry = self.entry
@@ -868,6 +892,7 @@ class TaskManager:
         self.metrics = metrics
         self.peer_id = cfg.peer_id
         self.tasks: dict[str, Task] = {}
+        self.warned_same_host = False
         self.peer_session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task] = set()
 
@@ -907,6 +932,20 @@ class TaskManager:
         task = self.tasks.get(digest)
         return (task is not None and self.sched is not None and not task.entry.verified
                 and index in task.fetched_from_source)
+
+    def drop_corrupt(self, digest: str, index: int) -> None:
+        """A stored piece failed re-verification: forget it (the next request fetches it again) and tell
+        the scheduler we no longer hold the whole blob."""
+        entry = self.store.get(digest)
+        if entry is None:
+            return
+        entry.drop_piece(index)
+        self.metrics.corrupt_pieces.inc()
+        task = self.tasks.get(digest)
+        if task is not None:
+            task.forget_hashes()
+            task.fetched_from_source.discard(index)
+            task._announce_soon()
 
     def forget_if_empty(self, digest: str) -> None:
         """Drop a task that never got anything (a 404, a dead registry): no state kept per bad digest."""

@@ -33,6 +33,9 @@ class PeerMetrics:
                                        ["source"], registry=r,
                                        buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
         self.store_bytes = Gauge("remora_peer_store_bytes", "Bytes of pieces on disk", registry=r)
+        self.corrupt_pieces = Counter("remora_peer_store_corrupt_pieces_total",
+                                      "Stored pieces that failed re-verification (dropped, fetched again)",
+                                      registry=r)
         self.gc_evicted = Counter("remora_peer_gc_evicted_total", "Blobs evicted by the GC", ["reason"], registry=r)
         self.scheduler_errors = Counter("remora_peer_scheduler_errors_total", "Scheduler RPCs that failed",
                                         ["method"], registry=r)

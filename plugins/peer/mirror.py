@@ -6,7 +6,9 @@
 * ``GET/HEAD /v2/<name>/blobs/<digest>`` comes from the piece mesh (:mod:`.download`). A whole-blob GET
   (and an open-ended ``bytes=N-``, which is containerd resuming a whole blob) is answered only once the
   complete blob matched its digest; a bounded ``Range`` (the snapshotter's lazy reads) fetches only the
-  pieces covering it, each verified against its piece digest.
+  pieces covering it, each verified against its piece digest. Before any byte goes out, the pieces of the
+answer are hashed again against their recorded digests: a piece damaged on disk since it was verified is
+dropped and fetched again, never served (:meth:`Mirror._recheck`).
 
 The registry is the one containerd names with ``?ns=<host>``, else the ``X-Remora-Upstream`` header,
 else ``--upstream``. Failures are answered fast and never as a 200: 404 when the registry has no such
@@ -27,7 +29,7 @@ from remora.errors import AuthError, InvalidInput, NotFound, RegistryError, Remo
 
 from .download import Source, TaskManager
 from .metrics import PeerMetrics
-from .pieces import check_digest, send_file
+from .pieces import BlobEntry, check_digest, send_file
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,9 @@ MANIFEST_ACCEPT = ", ".join([
     "application/vnd.docker.distribution.manifest.v2+json", "*/*"])
 _REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
 _REF_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|sha256:[a-f0-9]{64})$")
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# ASCII digits only, at most 19 (a 63-bit offset): int() of thousands of digits raised ValueError (a 500
+# with a traceback) and \d also matched other scripts' digits.
+_RANGE_RE = re.compile(r"^bytes=([0-9]{0,19})-([0-9]{0,19})$", re.ASCII)
 
 
 def _error(status: int, code: str, message: str, head: bool = False) -> web.Response:
@@ -180,6 +184,7 @@ class Mirror:
                 # Whole blobs (and open-ended ranges: containerd resuming one) only once verified whole;
                 # bounded ranges from the pieces that cover them, each checked with its piece digest.
                 await task.ensure(None if open_ended else entry.pieces_for_range(start, end))
+            entry = await self._recheck(request, name, digest, entry, start, end, open_ended)
         except (RemoraError, asyncio.TimeoutError) as exc:
             return self._respond_error("blob", exc, head)
         status = 206 if span else 200
@@ -225,6 +230,27 @@ class Mirror:
             self.metrics.served_bytes.labels("range" if span else "blob").inc(sent)
             entry.touch()
         return resp
+
+
+    async def _recheck(self, request: web.Request, name: str, digest: str, entry: BlobEntry, start: int,
+                       end: int, open_ended: bool) -> BlobEntry:
+        """Hash the stored pieces of ``[start, end)`` against their digests before serving them; pieces
+        that fail are dropped and fetched again (once), so a damaged store never answers 200/206."""
+        span = entry.pieces_for_range(start, end)
+        for attempt in range(2):
+            bad = await asyncio.to_thread(entry.verify_pieces, span)
+            if not bad:
+                return entry
+            if attempt:
+                raise StorageError(f"{digest}: pieces {bad[:8]} still fail verification after a fresh fetch")
+            log.error("%s: stored piece(s) %s no longer match their digests: dropped, fetching them again",
+                      digest, bad[:8])
+            self.metrics.requests.labels("blob", "corrupt_store").inc()
+            for index in bad:
+                self.tasks.drop_corrupt(digest, index)
+            task = self.tasks.task(digest, Source(self._registry(request), name))
+            entry = await task.ensure(None if open_ended else span)
+        return entry
 
 
 async def healthz(request: web.Request) -> web.Response:

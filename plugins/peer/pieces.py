@@ -9,7 +9,9 @@ Layout under ``<data-dir>/tasks/<sha256 hex>/``::
 A piece file only ever appears by ``rename`` of a fully written and fsync'ed temporary file, so a crash
 can leave a stray ``.tmp`` (removed on the next open) but never a short piece that looks complete. A
 piece is only written after it was checked against its piece digest (children) or hashed as it came
-from the registry (the seed), so what is on disk can be served to other peers as is.
+from the registry (the seed). Disks still rot and people still edit files: every piece is hashed again
+against the digest kept in meta.json before it leaves this node (:meth:`BlobEntry.verify_piece`), and a
+piece that does not match is dropped and fetched again instead of being served.
 
 GC evicts whole blobs, least recently used first: those idle longer than the TTL, and then as many as
 needed to bring the disk from the high watermark down to the low one. Blobs in use (a download running,
@@ -39,6 +41,18 @@ DIGEST_PREFIX = "sha256:"
 #: loop, was a measurable share of a peer's CPU. A crash loses at most this much: pieces whose digest is not
 #: on disk are dropped at the next start and fetched again.
 META_EVERY = 1.0
+
+
+#: Bytes hashed per read when a stored piece is re-verified (memory stays bounded whatever the piece size).
+VERIFY_CHUNK = 1 << 20
+
+
+class CorruptPiece(StorageError):
+    """A stored piece no longer matches its piece digest (or is missing): it must not be served."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
 
 
 def check_digest(digest: str) -> str:
@@ -199,13 +213,45 @@ class BlobEntry:
             raise StorageError(f"{self.digest}: cannot read piece {index}: {exc.strerror or exc}") from exc
         return view
 
+    def verify_piece(self, index: int) -> None:
+        """Hash piece ``index`` on disk against its recorded digest (blocking: call from a thread); raises
+        :class:`CorruptPiece` when it differs, is short or long, is gone, or has no digest to check."""
+        expected = self.piece_digests[index] if index < len(self.piece_digests) else ""
+        start, end = self.piece_span(index)
+        h = hashlib.sha256()
+        try:
+            with open(self.piece_path(index), "rb", buffering=0) as f:
+                size = 0
+                while size <= end - start and (chunk := f.read(VERIFY_CHUNK)):
+                    h.update(chunk)
+                    size += len(chunk)
+        except OSError as exc:
+            raise CorruptPiece(f"{self.digest}: cannot read piece {index}: {exc.strerror or exc}", index) from exc
+        actual = DIGEST_PREFIX + h.hexdigest()
+        if not expected or size != end - start or actual != expected:
+            raise CorruptPiece(f"{self.digest}: stored piece {index} is corrupt ({size} bytes, {actual[:19]}; "
+                               f"expected {end - start} bytes, {expected[:19] or 'no digest'})", index)
+
+    def verify_pieces(self, indexes) -> list[int]:
+        """The pieces among ``indexes`` that fail :meth:`verify_piece` (blocking)."""
+        bad = []
+        for i in indexes:
+            try:
+                self.verify_piece(i)
+            except CorruptPiece:
+                bad.append(i)
+        return bad
+
     def drop_piece(self, index: int) -> None:
+        was_verified = self.verified
         self.have.discard(index)
         self.verified = False
         try:
             self.piece_path(index).unlink()
         except FileNotFoundError:
             pass
+        if was_verified and self.has_layout:
+            self.save_meta(fsync=False)   # a restart must not take the blob for verified any more
 
     def mark_verified(self) -> None:
         self.verified = True
@@ -329,6 +375,11 @@ class PieceStore:
 
     def usage_bytes(self) -> int:
         return sum(e.size_on_disk() for e in self.entries())
+
+    def known_usage_bytes(self) -> int:
+        """Bytes of the blobs opened so far (every blob once :meth:`entries` ran): cheap, no directory
+        listing, for the ``remora_peer_store_bytes`` gauge read at every scrape."""
+        return sum(e.size_on_disk() for e in list(self._entries.values()))
 
     def disk_percent_used(self) -> float:
         st = os.statvfs(self.root)

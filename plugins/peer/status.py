@@ -42,6 +42,17 @@ def render(status: dict, console=None) -> None:
         elif isinstance(value, list):
             value = ", ".join(value) or "- (registry only)"
         head.add_row(key, str(value or "-"))
+    schedulers = status.get("schedulers") or []
+    registered = status.get("registered") or []
+    if not schedulers:
+        head.add_row("registered", "- (no scheduler)")
+    elif not [a for a in schedulers if a not in registered]:
+        head.add_row("registered", "[green]yes[/] (" + ", ".join(registered) + ")")
+    else:
+        missing = [a for a in schedulers if a not in registered]
+        head.add_row("registered", f"[red]NO[/] with {', '.join(missing)}" +
+                     (f" (yes with {', '.join(registered)})" if registered else "") +
+                     ": this peer gets no parents and serves nobody from there")
     head.add_row("uptime", f"{status.get('uptime', 0):.0f} s")
     head.add_row("store", _size(status.get("store_bytes", 0)))
     c = status.get("counters", {})

@@ -1,7 +1,9 @@
 """The upload API: other peers fetch our pieces here (``GET /pieces/<blob digest>/<index>``).
 
 Only pieces already on disk are served, and they are on disk only once verified (or hashed from the
-registry by the seed), so nothing half-written ever leaves this node. No registry credential or header
+registry by the seed), so nothing half-written ever leaves this node; each piece is hashed again against
+its recorded digest right before it is sent, and one that no longer matches (a damaged disk, an edited
+file) is dropped (the download engine fetches it again) and answered 404, never sent. No registry credential or header
 is involved: a piece is content addressed by the blob digest and its index. Concurrent uploads are
 capped (``upload_slots``); a peer over the cap gets a fast 503 and asks another parent.
 
@@ -28,7 +30,7 @@ from remora.errors import InvalidInput
 from .config import RELAYED_HEADER, UPLOADS_HEADER
 from .metrics import PeerMetrics
 from .mirror import healthz
-from .pieces import PieceStore, check_digest, send_file
+from .pieces import CorruptPiece, PieceStore, check_digest, send_file
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ class UploadServer:
         #: (digest, index) -> whether this peer fetched that piece from the registry and is still
         #: downloading the blob (set by the daemon to TaskManager.fresh_from_source)
         self.fresh: Callable[[str, int], bool] = lambda digest, index: False
+        #: called (digest, index) for a stored piece that failed re-verification (set by the daemon to
+        #: TaskManager.drop_corrupt: forget it, tell the scheduler)
+        self.on_corrupt: Callable[[str, int], None] = lambda digest, index: entry_drop(self.store, digest, index)
         self._fresh_uploads: dict[tuple[str, int], list] = {}   # -> [uploads running, end of the last]
 
     def app(self) -> web.Application:
@@ -78,8 +83,17 @@ class UploadServer:
             self.metrics.upload_pieces.labels("fresh").inc()
         self.active += 1
         entry.users += 1
+        resp = web.Response(status=499)   # what aiohttp gets back if the child hangs up before the headers
         try:
             start, end = entry.piece_span(index)
+            try:
+                await asyncio.to_thread(entry.verify_piece, index)
+            except CorruptPiece as exc:
+                log.error("%s; not serving it (dropped, to be fetched again)", exc)
+                self.metrics.upload_pieces.labels("corrupt").inc()
+                if index in entry.have:
+                    self.on_corrupt(digest, index)
+                return web.Response(status=404, text="piece not here\n")
             try:
                 fobj = await asyncio.to_thread(open, entry.piece_path(index), "rb")
             except OSError as exc:  # evicted or damaged under us: this peer does not have it
@@ -102,9 +116,17 @@ class UploadServer:
             self.metrics.upload_pieces.labels("ok").inc()
             entry.touch()
             return resp
-        except (ConnectionError, asyncio.CancelledError):
+        except asyncio.CancelledError:
             self.metrics.upload_pieces.labels("aborted").inc()
             raise
+        except ConnectionError as exc:
+            # The child hung up: it got the piece elsewhere first (the endgame), or gave up on us. Normal;
+            # re-raised, aiohttp would log it as an ERROR with a traceback ("Error handling request").
+            self.metrics.upload_pieces.labels("aborted").inc()
+            log.debug("%s: piece %d: the child hung up (%s)", digest, index, exc)
+            if request.transport is not None:
+                request.transport.close()
+            return resp
         finally:
             self.active -= 1
             entry.users -= 1
@@ -122,3 +144,9 @@ class UploadServer:
             for k in [k for k, v in self._fresh_uploads.items() if not v[0] and not self.fresh(*k)]:
                 del self._fresh_uploads[k]
         return self._fresh_uploads.setdefault(key, [0, float("-inf")])
+
+
+def entry_drop(store: PieceStore, digest: str, index: int) -> None:
+    entry = store.get(digest)
+    if entry is not None:
+        entry.drop_piece(index)

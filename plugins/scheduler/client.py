@@ -154,20 +154,26 @@ class SchedulerClient:
 
     # -- peer-wide RPCs ----------------------------------------------------------------------------------
 
-    async def register(self) -> list[str]:
-        """Register with every scheduler of the ring now (optional: task calls register lazily).
+    async def register(self, addresses: Iterable[str] | None = None) -> list[str]:
+        """Register with every scheduler of the ring (or ``addresses``) now; the daemon does at start-up.
 
-        Useful at start-up so that RTT probing (:meth:`sync_probes`) and keepalives cover every scheduler
-        before the first download. Returns the schedulers that answered; the others are logged.
+        Task calls would register lazily, but only at the first download: until then the scheduler could
+        neither hand the peer out as a parent nor probe it. Returns the schedulers that answered; the
+        others are logged.
         """
         answered = []
-        for address in self.ring.addresses:
+        for address in (self.ring.addresses if addresses is None else addresses):
             try:
                 await self._register(address)
                 answered.append(address)
             except grpc.aio.AioRpcError as exc:
-                log.warning("registering with scheduler %s failed: %s", address, exc.code().name)
+                log.warning("registering with scheduler %s failed: %s: %s", address, exc.code().name,
+                            exc.details())
         return answered
+
+    def registered_with(self) -> list[str]:
+        """Schedulers this peer is registered with now (answered and not failed since)."""
+        return sorted(self._registered)
 
     async def keepalive(self) -> list[str]:
         """RegisterPeer again on every scheduler we ever used; returns those that had forgotten us.

@@ -4,6 +4,8 @@ The drop rules are hard constraints that hold whatever the scorer:
 
 * ``self`` / ``same_host`` — a peer never downloads from itself, nor from another daemon on its machine
   (that would only move bytes between two caches of one disk);
+* ``isolated`` — the candidate was caught lying (a corrupt piece, digests the blob contradicts) in this
+  task, or by peers on several hosts (:meth:`SchedulerState.isolate`);
 * ``blocklisted`` — the child excluded the parent, or the parent sent it a corrupt piece / failed
   repeatedly in this task (:meth:`SchedulerState.report_piece`);
 * ``no_data`` — the candidate holds (or fetches) no piece the child still lacks;
@@ -31,7 +33,7 @@ from typing import Protocol
 
 from .state import SchedulerState, Task, TaskPeer
 
-DROP_REASONS = ("self", "same_host", "blocklisted", "no_data", "slow")
+DROP_REASONS = ("self", "same_host", "isolated", "blocklisted", "no_data", "slow")
 
 
 @dataclass
@@ -164,8 +166,12 @@ class ParentSelector:
             return "no_data"
         if me is not None and me.host.host_id and me.host.host_id == other.host.host_id:
             return "same_host"
+        if self.state.is_isolated(task, cand.peer_id):
+            return "isolated"
         if cand.peer_id in child.blocklist:
             return "blocklisted"
+        if child.done:
+            return "no_data"
         if not cand.done and not ((cand.finished | cand.in_flight) - child.finished):
             return "no_data"
         if cand.done and task.total_pieces and len(child.finished) >= task.total_pieces:

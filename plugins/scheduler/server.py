@@ -20,7 +20,6 @@ import asyncio
 import functools
 import logging
 import random
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -30,16 +29,14 @@ from remora._proto import remora_scheduler_pb2 as pb
 from remora._proto import remora_scheduler_pb2_grpc as pb_grpc
 from remora.errors import UsageError
 
+from . import validate as v
 from .bandit import BanditScorer
 from .metrics import SchedulerMetrics
 from .selection import ParentSelector, Scorer, SelectionConfig, WeightedScorer
-from .state import Host, SchedulerState, Task, TaskPeer, UnknownPeer
+from .state import Exhausted, Host, SchedulerState, Task, TaskPeer, UnknownPeer
+from .validate import BadRequest
 
 log = logging.getLogger("remora.scheduler")
-
-# OCI digest grammar (algorithm ":" encoded): the task id is the blob digest.
-DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
-MAX_PIECES = 1 << 24
 
 
 @dataclass
@@ -75,57 +72,54 @@ def make_scorer(config: SchedulerConfig) -> Scorer:
     return WeightedScorer()
 
 
-class BadRequest(ValueError):
-    """Maps to INVALID_ARGUMENT."""
-
-
 class UnknownTask(KeyError):
     """Maps to NOT_FOUND (StatTask of a task the scheduler does not hold)."""
 
 
 def _rpc(method):
-    """Time the handler and map state errors to gRPC status codes (NOT_FOUND, INVALID_ARGUMENT)."""
+    """Time the handler and map state errors to gRPC status codes (FAILED_PRECONDITION, NOT_FOUND,
+    INVALID_ARGUMENT, RESOURCE_EXHAUSTED).
+
+    The status is set on the context and the handler returns, rather than ``context.abort`` from inside
+    the ``except``: an exception raised there keeps the handler's frame, and with it the request (a
+    refused 2 MB announcement and the lists made from it), alive in a reference cycle until the cyclic GC
+    runs. A stream of refused requests grew the scheduler by ~4 MB each that way.
+    """
     name = method.__name__
 
     @functools.wraps(method)
     async def wrapper(self: "SchedulerService", request, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
+        code = None
         try:
             return method(self, request)
         except UnknownPeer as exc:
             # FAILED_PRECONDITION, not NOT_FOUND: the client re-registers on exactly this code.
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"unknown peer {exc.args[0]!r}: call RegisterPeer first (expired or scheduler restarted)")
+            code, details = grpc.StatusCode.FAILED_PRECONDITION, (
+                f"unknown peer {exc.args[0]!r}: call RegisterPeer first (expired or scheduler restarted)")
         except UnknownTask as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown task {exc.args[0]!r}")
+            code, details = grpc.StatusCode.NOT_FOUND, f"unknown task {exc.args[0]!r}"
         except BadRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            code, details = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        except Exhausted as exc:
+            code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
         except Exception:
             log.exception("%s failed", name)   # a bug: grpc answers UNKNOWN, the client fails over
             raise
         finally:
             self.metrics.rpc_seconds.labels(name).observe(time.perf_counter() - start)
+        del request
+        context.set_code(code)
+        context.set_details(details)
+        return None
     return wrapper
 
 
 def _need(value: str, what: str) -> str:
-    if not value:
-        raise BadRequest(f"{what} is required")
-    return value
+    return v.ident(value, what)
 
 
-def _task_id(value: str) -> str:
-    _need(value, "task_id")
-    if len(value) > 256 or not DIGEST_RE.match(value):
-        raise BadRequest(f"task_id must be a blob digest like 'sha256:<hex>', got {value[:80]!r}")
-    return value
-
-
-def _pieces(values, what: str) -> list[int]:
-    for v in values:
-        if v >= MAX_PIECES:
-            raise BadRequest(f"{what}: piece index {v} out of range")
-    return list(values)
+_task_id = v.task_id
 
 
 class SchedulerService(pb_grpc.SchedulerServicer):
@@ -136,6 +130,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.selector = ParentSelector(self.state, self.scorer, self.config.selection,
                                        random.Random(self.config.random_seed))
         self.metrics = SchedulerMetrics(self.state, self.scorer.name)
+        self._warned_same_host: set[str] = set()   # peers told why every candidate was dropped
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -150,8 +145,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                          in_flight=sorted(tp.in_flight - tp.finished), score=score,
                          source=tp.back_to_source and not tp.done)
 
-    @staticmethod
-    def held(task: Task, child_id: str) -> list[int]:
+    def held(self, task: Task, child_id: str) -> list[int]:
         """Pieces some peer of the task other than the child, and not blocklisted by it, has finished or
         is fetching: what the child may wait for instead of going to the registry."""
         child = task.peers[child_id]
@@ -161,7 +155,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         # several times a second; a union over hundreds of peers each time would not scale).
         order = sorted(task.peers.values(), key=lambda tp: tp.peer_id != task.seed_peer)
         for tp in order:
-            if tp.peer_id == child_id or tp.peer_id in child.blocklist:
+            if tp.peer_id == child_id or tp.peer_id in child.blocklist or self.state.is_isolated(task, tp.peer_id):
                 continue
             if tp.done and total:
                 return list(range(total))
@@ -179,12 +173,17 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     def _forget_peer(self, peer_id: str, reason: str) -> None:
         self._reset(reason, self.state.remove_peer(peer_id))
         self.scorer.forget(peer_id)
+        self._warned_same_host.discard(peer_id)
 
     def schedule(self, task: Task, child_id: str, exclude=(), limit: int = 0) -> tuple[list[pb.Parent], bool, int, str]:
         """(parents, back_to_source, retry_after_ms, reason) for ``child_id``; see the module doc."""
         tp = task.peers[child_id]
         if tp.back_to_source:
             return [], True, 0, "seed" if task.seed_peer == child_id else "back_to_source"
+        if self.state.is_isolated(task, child_id):
+            # Caught lying: it may fetch from the registry itself, but is never elected (a seed's word on
+            # layout and digests is what every child checks its pieces against).
+            return [], True, 0, "isolated"
         for parent_id in exclude:
             if parent_id and parent_id != child_id and self.state.blocklist(task, child_id, parent_id):
                 self.metrics.blocklist_events.labels("excluded").inc()
@@ -208,7 +207,13 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             self.metrics.parents_returned.labels(self.scorer.name).inc(len(decision.parents))
             return [self._parent_pb(task, c.tp, c.score) for c in decision.parents], False, 0, ""
         tp.schedule_failures += 1
-        dropped = ",".join(f"{k}={v}" for k, v in sorted(decision.dropped.items())) or "none"
+        dropped = ",".join(f"{k}={n}" for k, n in sorted(decision.dropped.items())) or "none"
+        if decision.dropped.get("same_host") and child_id not in self._warned_same_host:
+            self._warned_same_host.add(child_id)
+            host_id = self.state.peers[child_id].host.host_id
+            log.warning("task %s: peer %s gets no parent from %d peer(s) sharing its host id %r (peers on one "
+                        "host never serve each other); several peers on one machine need distinct --host-id "
+                        "values", task.task_id, child_id, decision.dropped["same_host"], host_id)
         if tp.schedule_failures >= self.config.max_schedule_failures:
             tp.back_to_source = True
             task.set_parents(child_id, ())
@@ -227,7 +232,13 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                                          self.config.max_piece_failures)
         self.scorer.observe(parent_id, size, cost_s, success)
         self.metrics.piece_results.labels("success" if success else "failure").inc()
-        if reason:
+        task = self.state.tasks.get(task_id)
+        if reason == "corrupt" and task is not None and parent_id in task.isolated:
+            self.metrics.blocklist_events.labels("isolated").inc()
+            log.warning("task %s: peer %s sent %s a piece that does not match the seed's digest: isolated from "
+                        "the task%s", task_id, parent_id, child_id,
+                        " and quarantined (caught by several hosts)" if parent_id in self.state.quarantined else "")
+        elif reason:
             self.metrics.blocklist_events.labels(reason).inc()
             log.info("task %s: peer %s blocklisted parent %s (%s: %s)", task_id, child_id, parent_id, reason,
                      error or "failed")
@@ -237,12 +248,17 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     @_rpc
     def RegisterPeer(self, request: pb.RegisterPeerRequest) -> pb.RegisterPeerResponse:
         h = request.host
-        _need(h.peer_id, "host.peer_id")
+        v.host(h)
         host = Host(peer_id=h.peer_id, host_id=h.host_id or h.peer_id, ip=h.ip, upload_port=h.upload_port,
                     labels=dict(h.labels), upload_slots=h.upload_slots, upload_bandwidth=h.upload_bandwidth)
         known = self.state.register_peer(host)
         if not known:
             log.info("peer %s registered (host %s, %s:%d)", host.peer_id, host.host_id, host.ip, host.upload_port)
+            shared = self.state.same_host_peers(host.peer_id)
+            if shared:
+                log.warning("peer %s registered with host id %r, as did %s: peers of one host never serve each "
+                            "other (give each peer its own --host-id if they are meant to)", host.peer_id,
+                            host.host_id, ", ".join(shared[:5]) + (" ..." if len(shared) > 5 else ""))
         return pb.RegisterPeerResponse(probe_interval_ms=int(self.config.probe_interval * 1000),
                                        keepalive_interval_ms=int(self.config.keepalive_interval * 1000),
                                        peer_ttl_ms=int(self.config.peer_ttl * 1000), known=known)
@@ -255,8 +271,9 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     @_rpc
     def RegisterTask(self, request: pb.RegisterTaskRequest) -> pb.RegisterTaskResponse:
         task_id = _task_id(request.task_id)
-        tp = self.state.join_task(_need(request.peer_id, "peer_id"), task_id, request.content_length,
-                                  request.piece_size)
+        peer_id = _need(request.peer_id, "peer_id")
+        v.layout(request.content_length, request.piece_size)   # checked; only the seed's announcements count
+        tp = self.state.join_task(peer_id, task_id)
         task = self.state.tasks[task_id]
         parents, b2s, retry, reason = self.schedule(task, tp.peer_id)
         return pb.RegisterTaskResponse(back_to_source=b2s, parents=parents, content_length=task.content_length,
@@ -267,21 +284,29 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     @_rpc
     def AnnouncePieces(self, request: pb.AnnouncePiecesRequest) -> pb.Empty:
         task_id = _task_id(request.task_id)
-        finished = _pieces(request.finished, "finished")
-        in_flight = _pieces(request.in_flight, "in_flight")
-        if len(request.piece_digests) > MAX_PIECES:
-            raise BadRequest("too many piece digests")
-        self.state.announce(_need(request.peer_id, "peer_id"), task_id, finished, in_flight,
-                            request.content_length, request.piece_size, list(request.piece_digests),
-                            request.done)
+        peer_id = _need(request.peer_id, "peer_id")
+        length, piece_size = v.layout(request.content_length, request.piece_size)
+        task = self.state.tasks.get(task_id)
+        if task is not None and task.content_length and length and length != task.content_length:
+            tp = task.peers.get(peer_id)
+            if tp is None or not self.state.trusted(task, tp):
+                raise BadRequest(f"content_length {length} contradicts the blob size {task.content_length} "
+                                 "its seed learned from the registry")
+        total = v.n_pieces(length, piece_size) or (task.total_pieces if task is not None else 0)
+        finished = v.pieces(request.finished, "finished", total)
+        in_flight = v.pieces(request.in_flight, "in_flight", total)
+        digests = v.piece_digests(request.piece_digests, total)
+        self.state.announce(peer_id, task_id, finished, in_flight, length, piece_size, digests, request.done)
         return pb.Empty()
 
     @_rpc
     def GetParents(self, request: pb.GetParentsRequest) -> pb.GetParentsResponse:
         task_id = _task_id(request.task_id)
-        tp = self.state.join_task(_need(request.peer_id, "peer_id"), task_id)
+        peer_id = _need(request.peer_id, "peer_id")
+        exclude, limit = v.exclude(request.exclude), v.limit(request.limit)
+        tp = self.state.join_task(peer_id, task_id)
         task = self.state.tasks[task_id]
-        parents, b2s, retry, reason = self.schedule(task, tp.peer_id, request.exclude, request.limit)
+        parents, b2s, retry, reason = self.schedule(task, tp.peer_id, exclude, limit)
         # Children ask every ~100 ms while they download: the digest list (~70 bytes a piece) goes out
         # only when the scheduler knows a different number of digests than the caller says it does (more:
         # the seed hashed new pieces; fewer: the task was reset, and a new seed's digests will follow).
@@ -295,6 +320,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     def ReportPieceResults(self, request: pb.ReportPieceResultsRequest) -> pb.Empty:
         task_id = _task_id(request.task_id)
         child_id = _need(request.peer_id, "peer_id")
+        task = self.state.tasks.get(task_id)
+        v.piece_results(request.results, task.total_pieces if task is not None else 0)
         self.state.touch(child_id)
         for r in request.results:
             if r.parent_id and r.parent_id != child_id:   # a piece from the registry says nothing about parents
@@ -306,9 +333,17 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     def ReportTaskResult(self, request: pb.ReportTaskResultRequest) -> pb.Empty:
         task_id = _task_id(request.task_id)
         peer_id = _need(request.peer_id, "peer_id")
-        if self.state.report_task(peer_id, task_id, request.success):
-            self._reset("seed_failed", [task_id])
-            log.warning("task %s: seed %s failed (%s)", task_id, peer_id, request.error or "no error given")
+        error = v.error_text(request.error)
+        task = self.state.tasks.get(task_id)
+        source = task.digest_source if task is not None else None
+        if self.state.report_task(peer_id, task_id, request.success, error):
+            if task is not None and source and source in task.isolated:
+                self._reset("digests_wrong", [task_id])
+                log.warning("task %s: peer %s verified its blob against piece digests from %s and the blob "
+                            "digest did not match: %s isolated from the task", task_id, peer_id, source, source)
+            else:
+                self._reset("seed_failed", [task_id])
+                log.warning("task %s: seed %s failed (%s)", task_id, peer_id, error or "no error given")
         return pb.Empty()
 
     @_rpc
@@ -332,6 +367,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     @_rpc
     def SyncProbes(self, request: pb.SyncProbesRequest) -> pb.SyncProbesResponse:
         peer_id = _need(request.peer_id, "peer_id")
+        v.probe_results(request.results)
         self.state.touch(peer_id)
         for r in request.results:
             self.state.record_probe(peer_id, r.peer_id, r.rtt_us / 1e6, r.success)
@@ -346,6 +382,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             log.info("peer %s expired (silent for %.0f s)", peer_id, self.config.peer_ttl)
             self.metrics.peers_expired.inc()
             self.scorer.forget(peer_id)
+            self._warned_same_host.discard(peer_id)
         self._reset("seed_expired", expired.reset_tasks)
 
 

@@ -13,6 +13,16 @@ Vocabulary (as in docs/p2p.md):
   holds the whole blob, the next peer that asks is elected seed;
 * the *parents* of a peer are the peers it was told to download from or reported a piece from; two
   peers may be each other's parents (see :mod:`.selection`). The edges count a parent's upload load.
+
+Trust: any peer can call the scheduler, so a peer's word counts only as far as it can be checked. The
+blob's layout and piece digests are taken only from a peer the scheduler sent to the registry (it hashes
+what the registry sends); "I am done" from anyone else is bookkeeping, never a source of digests. A peer
+caught lying (a corrupt piece, or digests that a child's complete blob contradicts) is isolated from the
+task, and from every task once peers on several hosts caught it (:meth:`SchedulerState.isolate`).
+
+Bounds: peers, tasks, tasks per peer, peers per task, piece marks and piece digests are all capped
+(``MAX_*`` below); a request that would exceed one raises :class:`Exhausted` before it changes anything.
+A complete peer's pieces are a flag, never a set, whatever the blob size.
 """
 from __future__ import annotations
 
@@ -23,6 +33,21 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 DEFAULT_UPLOAD_SLOTS = 8
+# Bounds on what the scheduler keeps, whoever asks (an RPC over a bound gets RESOURCE_EXHAUSTED; the
+# peer then fetches from the registry). Worst case with every bound reached: ~32 MiB of piece marks (a
+# set entry and its int: ~64 bytes) and ~32 MiB of piece digests (~128 bytes each).
+MAX_PEERS = 20_000
+MAX_TASKS = 50_000
+MAX_TASKS_PER_PEER = 1024
+MAX_PEERS_PER_TASK = 5_000
+MAX_MARKS = 1 << 19             # finished + in-flight piece indexes over all (peer, task) pairs
+MAX_MARKS_PER_PEER = 1 << 16
+MAX_DIGESTS = 1 << 18           # piece digests over all tasks
+MAX_DIGESTS_PER_PEER = 1 << 16  # ... published by one seed
+#: Distinct hosts that must report a peer as lying before it is isolated from every task (one report
+#: isolates it from the task it was caught in).
+QUARANTINE_REPORTERS = 2
+MAX_ISOLATED = 4096             # ids kept per task, and quarantined over the cluster
 COST_WINDOW = 256          # served-piece costs kept per peer and task (slow-peer rule)
 BANDWIDTH_EWMA = 0.3       # weight of a new sample in a peer's measured upload bandwidth
 RTT_EWMA = 0.3
@@ -30,6 +55,11 @@ RTT_EWMA = 0.3
 
 class UnknownPeer(KeyError):
     """A task RPC from a peer id the scheduler does not know (never registered, expired, restarted)."""
+
+
+class Exhausted(Exception):
+    """A bound on the scheduler's state would be exceeded (RESOURCE_EXHAUSTED): the request is refused
+    before any of its piece marks or digests are kept."""
 
 
 @dataclass
@@ -54,6 +84,8 @@ class Peer:
     bandwidth: float | None = None    # measured upload bytes/s (EWMA over pieces it served)
     served_ok: int = 0
     served_failed: int = 0
+    marks: int = 0                    # piece indexes held in its TaskPeer sets (bounded)
+    digests: int = 0                  # piece digests it published as a seed (bounded)
 
     @property
     def peer_id(self) -> str:
@@ -89,7 +121,11 @@ class TaskPeer:
     served_costs: deque = field(default_factory=lambda: deque(maxlen=COST_WINDOW))
 
     def has_data(self) -> bool:
-        return bool(self.finished or self.in_flight)
+        return bool(self.done or self.finished or self.in_flight)
+
+    @property
+    def marks(self) -> int:
+        return len(self.finished) + len(self.in_flight)
 
 
 @dataclass
@@ -99,6 +135,8 @@ class Task:
     content_length: int = 0
     piece_size: int = 0
     piece_digests: list[str] = field(default_factory=list)
+    digest_source: str | None = None    # the seed that published layout and digests (hashed from the registry)
+    isolated: set[str] = field(default_factory=set)   # caught lying in this task: never a parent or seed again
     seed_peer: str | None = None
     failed_seeds: int = 0
     failed_seed_peers: set[str] = field(default_factory=set)   # not re-elected while others can seed
@@ -115,15 +153,24 @@ class Task:
 
     @property
     def state(self) -> str:
-        if any(tp.done for tp in self.peers.values()):
+        if any(tp.done for pid, tp in self.peers.items() if pid not in self.isolated):
             return "succeeded"
         if self.seed_peer is not None:
             return "running"
         return "failed" if self.failed_seeds else "pending"
 
     def needs_seed(self) -> bool:
-        """No peer is fetching from the registry and nobody holds the whole blob."""
-        return self.seed_peer is None and not any(tp.done for tp in self.peers.values())
+        """No peer is fetching from the registry and no peer holds the whole blob with digests that a
+        seed hashed from the registry (a peer saying it is done proves nothing on its own: its pieces can
+        only be checked against those digests)."""
+        return self.seed_peer is None and not (self.piece_digests and any(
+            tp.done for pid, tp in self.peers.items() if pid not in self.isolated))
+
+    def forget_layout(self) -> None:
+        """Drop what the digest source said about the blob (it failed or was caught lying)."""
+        self.piece_digests = []
+        self.digest_source = None
+        self.content_length = self.piece_size = 0
 
     def set_parents(self, child_id: str, parent_ids: Iterable[str]) -> None:
         child = self.peers[child_id]
@@ -183,6 +230,10 @@ class SchedulerState:
         self.peers: dict[str, Peer] = {}
         self.tasks: dict[str, Task] = {}
         self.rtt: dict[tuple[str, str], RttSample] = {}    # (from host_id, to host_id)
+        self.marks = 0            # piece indexes in every TaskPeer's finished/in_flight sets
+        self.digests = 0          # piece digests kept over all tasks
+        self.quarantined: set[str] = set()              # isolated from every task
+        self.lying_reports: dict[str, set[str]] = {}    # suspect peer id -> host ids that caught it
 
     # -- peers -------------------------------------------------------------------------------------------
 
@@ -191,11 +242,20 @@ class SchedulerState:
         now = self.clock()
         peer = self.peers.get(host.peer_id)
         if peer is None:
+            if len(self.peers) >= MAX_PEERS:
+                raise Exhausted(f"the scheduler holds {MAX_PEERS} peers already")
             self.peers[host.peer_id] = Peer(host=host, registered_at=now, last_seen=now)
             return False
         peer.host = host
         peer.last_seen = now
         return True
+
+    def same_host_peers(self, peer_id: str) -> list[str]:
+        """Other live peers registered with the same host id (they never serve each other)."""
+        me = self.peers.get(peer_id)
+        if me is None:
+            return []
+        return sorted(p for p, other in self.peers.items() if p != peer_id and other.host.host_id == me.host.host_id)
 
     def touch(self, peer_id: str) -> Peer:
         peer = self.peers.get(peer_id)
@@ -206,13 +266,15 @@ class SchedulerState:
 
     def remove_peer(self, peer_id: str) -> list[str]:
         """Forget a peer and its part in every task; returns the tasks whose seed it was (now reset)."""
-        peer = self.peers.pop(peer_id, None)
+        peer = self.peers.get(peer_id)
         if peer is None:
             return []
         reset = []
         for task_id in list(peer.tasks):
             if self.leave_task(peer_id, task_id, peer=peer):
                 reset.append(task_id)
+        del self.peers[peer_id]
+        self.lying_reports.pop(peer_id, None)
         host_id = peer.host.host_id
         if not any(p.host.host_id == host_id for p in self.peers.values()):
             for key in [k for k in self.rtt if host_id in k]:
@@ -235,39 +297,109 @@ class SchedulerState:
                     load += 1
         return load
 
+    # -- bounded bookkeeping -----------------------------------------------------------------------------
+
+    def _check_marks(self, tp: TaskPeer, delta: int) -> None:
+        if delta > 0:
+            if self.marks + delta > MAX_MARKS:
+                raise Exhausted(f"the scheduler tracks {MAX_MARKS} piece marks already")
+            peer = self.peers.get(tp.peer_id)
+            if peer is not None and peer.marks + delta > MAX_MARKS_PER_PEER:
+                raise Exhausted(f"peer {tp.peer_id} announced more than {MAX_MARKS_PER_PEER} pieces in "
+                                "unfinished tasks")
+
+    def _set_marks(self, tp: TaskPeer, finished: set[int] | None, in_flight: set[int] | None) -> None:
+        """Replace a TaskPeer's piece sets, within the per-peer and global bounds on piece marks."""
+        peer = self.peers.get(tp.peer_id)
+        new_f = tp.finished if finished is None else finished
+        new_i = tp.in_flight if in_flight is None else in_flight
+        delta = len(new_f) + len(new_i) - tp.marks
+        self._check_marks(tp, delta)
+        tp.finished, tp.in_flight = new_f, new_i
+        self.marks += delta
+        if peer is not None:
+            peer.marks += delta
+
+    def _check_digests(self, task: Task, new: int, source: str | None) -> None:
+        old_peer = self.peers.get(task.digest_source) if task.digest_source else None
+        new_peer = self.peers.get(source) if source else None
+        old = len(task.piece_digests)
+        if new > old or new_peer is not old_peer:
+            if self.digests - old + new > MAX_DIGESTS:
+                raise Exhausted(f"the scheduler keeps {MAX_DIGESTS} piece digests already")
+            if new_peer is not None and new_peer.digests + new - (old if new_peer is old_peer else 0) \
+                    > MAX_DIGESTS_PER_PEER:
+                raise Exhausted(f"peer {source} published more than {MAX_DIGESTS_PER_PEER} piece digests")
+
+    def _set_digests(self, task: Task, digests: list[str], source: str | None) -> None:
+        """Replace a task's digest list (and its source), within the bounds on kept digests."""
+        self._check_digests(task, len(digests), source)
+        old_peer = self.peers.get(task.digest_source) if task.digest_source else None
+        new_peer = self.peers.get(source) if source else None
+        old, new = len(task.piece_digests), len(digests)
+        if old_peer is not None:
+            old_peer.digests -= old
+        if new_peer is not None:
+            new_peer.digests += new
+        self.digests += new - old
+        task.piece_digests = digests
+        task.digest_source = source if digests else None
+
+    def _forget_layout(self, task: Task) -> None:
+        self._set_digests(task, [], None)
+        task.forget_layout()
+
     # -- tasks -------------------------------------------------------------------------------------------
 
     def join_task(self, peer_id: str, task_id: str, content_length: int = 0, piece_size: int = 0) -> TaskPeer:
+        """Add the peer to the task (created if new). A layout given here is taken as is when the task has
+        none: for in-process callers (benchmarks); the RPCs never pass one (see :meth:`learn_metadata`)."""
         peer = self.touch(peer_id)
         task = self.tasks.get(task_id)
         if task is None:
+            if len(self.tasks) >= MAX_TASKS:
+                raise Exhausted(f"the scheduler holds {MAX_TASKS} tasks already")
+            if len(peer.tasks) >= MAX_TASKS_PER_PEER:
+                raise Exhausted(f"peer {peer_id} is in {MAX_TASKS_PER_PEER} tasks already")
             task = self.tasks[task_id] = Task(task_id=task_id, created_at=self.clock())
-        self.learn_metadata(task, content_length, piece_size)
         tp = task.peers.get(peer_id)
         if tp is None:
+            if len(peer.tasks) >= MAX_TASKS_PER_PEER:
+                raise Exhausted(f"peer {peer_id} is in {MAX_TASKS_PER_PEER} tasks already")
+            if len(task.peers) >= MAX_PEERS_PER_TASK:
+                raise Exhausted(f"task {task_id} has {MAX_PEERS_PER_TASK} peers already")
             tp = task.peers[peer_id] = TaskPeer(peer_id=peer_id, joined_at=self.clock())
             peer.tasks.add(task_id)
+        if content_length and piece_size and not task.content_length:
+            task.content_length, task.piece_size = content_length, piece_size
         return tp
 
-    @staticmethod
-    def learn_metadata(task: Task, content_length: int, piece_size: int, digests: list[str] | None = None) -> None:
-        """First value wins: later peers learn the metadata from the scheduler, they don't override it.
+    def learn_metadata(self, task: Task, peer_id: str, content_length: int, piece_size: int,
+                       digests: list[str] | None = None) -> None:
+        """Layout and piece digests from the task's digest source, the seed that hashes the registry's
+        bytes (the caller checked that ``peer_id`` is trusted to say so; the fields are validated).
 
-        Piece digests arrive incrementally (``""`` = not hashed yet) while the seed downloads, so children
-        can fetch a piece from the seed as soon as its digest is known: unknown entries are filled from
-        later lists, known ones are never changed.
+        The first trusted layout stays until the task is reset. Piece digests arrive incrementally
+        (``""`` = not hashed yet) while the seed downloads, so children can fetch a piece from the seed as
+        soon as its digest is known: unknown entries are filled from later lists, known ones never change.
         """
-        if content_length and not task.content_length:
-            task.content_length = content_length
-        if piece_size and not task.piece_size:
-            task.piece_size = piece_size
-        if not digests:
+        if task.digest_source not in (None, peer_id) and task.digest_source in task.peers:
+            return   # another seed's layout and digests stand (a reseed after a failure starts over)
+        if digests and not task.piece_digests:
+            self._check_digests(task, len(digests), peer_id)   # refused whole, before anything changes
+        if content_length and (task.content_length, task.piece_size) != (content_length, piece_size):
+            if task.content_length:
+                self._set_digests(task, [], None)   # a different layout: nothing of the old one applies
+            task.content_length, task.piece_size = content_length, piece_size
+            total = task.total_pieces   # marks announced before the layout was known may be out of range
+            for tp in task.peers.values():
+                if any(i >= total for i in tp.finished) or any(i >= total for i in tp.in_flight):
+                    self._set_marks(tp, {i for i in tp.finished if i < total}, {i for i in tp.in_flight if i < total})
+        if not digests or len(digests) != task.total_pieces:
             return
         if not task.piece_digests:
-            task.piece_digests = list(digests)
+            self._set_digests(task, list(digests), peer_id)
             return
-        if len(digests) != len(task.piece_digests):
-            return  # a different layout: ignore rather than mix
         for i, d in enumerate(digests):
             if d and not task.piece_digests[i]:
                 task.piece_digests[i] = d
@@ -280,33 +412,46 @@ class SchedulerState:
         # A seed downloads from the registry: it has no parents.
         task.set_parents(peer_id, ())
 
+    def trusted(self, task: Task, tp: TaskPeer) -> bool:
+        """Whether this peer's word on layout and piece digests counts: it was sent to the registry for
+        this task (it hashes what the registry sends) and was never caught lying."""
+        return tp.back_to_source and tp.peer_id not in task.isolated and tp.peer_id not in self.quarantined
+
     def announce(self, peer_id: str, task_id: str, finished: Iterable[int], in_flight: Iterable[int],
                  content_length: int = 0, piece_size: int = 0, digests: list[str] | None = None,
                  done: bool = False) -> TaskPeer:
         tp = self.join_task(peer_id, task_id)
         task = self.tasks[task_id]
-        # Digests only from a peer that hashed them from the registry or whose whole blob matched its
-        # digest: a partial child's list could come from a bad parent.
-        trusted = tp.back_to_source or tp.done or done
-        self.learn_metadata(task, content_length, piece_size, digests if trusted else None)
-        tp.finished.update(finished)
-        # An announcement carries the peer's whole in-flight set: a piece it gave up on (its parent sent it
-        # elsewhere) must not keep looking like it is on its way.
-        tp.in_flight = set(in_flight) - tp.finished
+        new_finished = tp.finished | set(finished) if finished else tp.finished
+        new_in_flight = set(in_flight) - new_finished
+        if not done:
+            self._check_marks(tp, len(new_finished) + len(new_in_flight) - tp.marks)
+        # Layout and digests only from a peer that hashed them from the registry: a peer that merely says
+        # it is done (or a child whose pieces came from parents) could say anything.
+        if self.trusted(task, tp):
+            self.learn_metadata(task, peer_id, content_length, piece_size, digests)
         if done:
             self.mark_done(task, tp)
+            return tp
+        tp.done = False   # an announcement is the peer's whole state: it lost pieces (a damaged disk)
+        # An announcement carries the peer's whole in-flight set: a piece it gave up on (its parent sent it
+        # elsewhere) must not keep looking like it is on its way.
+        self._set_marks(tp, new_finished, new_in_flight)
         return tp
 
     def mark_done(self, task: Task, tp: TaskPeer) -> None:
+        """A complete peer: ``done`` stands for every piece (never materialized, whatever the blob size)."""
         tp.done = True
-        tp.in_flight.clear()
-        if task.total_pieces:
-            tp.finished = set(range(task.total_pieces))
+        self._set_marks(tp, set(), set())
         # A complete peer downloads nothing more: dropping its edges frees its parents' upload slots.
         task.set_parents(tp.peer_id, ())
 
-    def report_task(self, peer_id: str, task_id: str, success: bool) -> bool:
-        """End of a peer's download. Returns True when the failure of the seed reset the task."""
+    def report_task(self, peer_id: str, task_id: str, success: bool, error: str = "") -> bool:
+        """End of a peer's download. Returns True when the failure of the seed reset the task.
+
+        A child whose complete blob did not match the blob digest although every piece matched its
+        piece digest proves the digests wrong: their source is isolated from the task and the task is
+        reset (the next peer to ask becomes the seed)."""
         task = self.tasks.get(task_id)
         self.touch(peer_id)
         if task is None or peer_id not in task.peers:
@@ -317,8 +462,40 @@ class SchedulerState:
             if task.seed_peer == peer_id:
                 task.seed_peer = None   # not needed any more: a done peer serves everything
             return False
+        source = task.digest_source
+        if error.startswith("digest_mismatch") and source and source != peer_id and not tp.back_to_source:
+            self.isolate(task, source, peer_id)
+            self.leave_task(peer_id, task_id)
+            return True
         # A failed peer leaves with its pieces (they may be what broke); a failed seed resets the task.
         return self.leave_task(peer_id, task_id)
+
+    def isolate(self, task: Task, suspect: str, reporter: str) -> None:
+        """``suspect`` was caught lying in ``task`` (corrupt piece, digests the blob contradicts): never
+        a parent, seed or digest source of the task again; once peers on QUARANTINE_REPORTERS hosts
+        caught it, of no task at all."""
+        if len(task.isolated) < MAX_ISOLATED:
+            task.isolated.add(suspect)
+        reporter_peer = self.peers.get(reporter)
+        if suspect in self.peers:
+            hosts = self.lying_reports.setdefault(suspect, set())
+            hosts.add(reporter_peer.host.host_id if reporter_peer else reporter)
+            if len(hosts) >= QUARANTINE_REPORTERS and len(self.quarantined) < MAX_ISOLATED:
+                self.quarantined.add(suspect)
+        stp = task.peers.get(suspect)
+        if stp is not None:
+            stp.done = False
+            self._set_marks(stp, set(), set())
+        if task.digest_source == suspect or task.seed_peer == suspect:
+            self._forget_layout(task)
+            if task.seed_peer == suspect:
+                task.seed_peer = None
+        for child in task.children_of.pop(suspect, set()):
+            if child in task.peers:
+                task.peers[child].parents.discard(suspect)
+
+    def is_isolated(self, task: Task, peer_id: str) -> bool:
+        return peer_id in task.isolated or peer_id in self.quarantined
 
     def leave_task(self, peer_id: str, task_id: str, peer: Peer | None = None) -> bool:
         """Remove a peer from a task. Returns True when that reset the task (the seed left unfinished)."""
@@ -329,16 +506,25 @@ class SchedulerState:
         if task is None:
             return False
         was_seed = task.seed_peer == peer_id
-        tp = task.remove_peer(peer_id)
+        tp = task.peers.get(peer_id)
+        if tp is not None:
+            self._set_marks(tp, set(), set())
         reset = False
+        if task.digest_source == peer_id and not (tp is not None and tp.done):
+            self._forget_layout(task)
+        elif task.digest_source == peer_id:
+            # Its digests stay (a done seed's word is as good as it was), but no longer on its account.
+            self._set_digests(task, task.piece_digests, None)
+        task.remove_peer(peer_id)
         if was_seed and tp is not None and not tp.done and not any(t.done for t in task.peers.values()):
             # The seed's registry fetch failed or vanished: what it said about the blob is suspect (the
             # piece digests may come from a corrupt stream). Forget it; the next peer to ask re-seeds.
             task.failed_seeds += 1
             task.failed_seed_peers.add(peer_id)
-            task.piece_digests = []
+            self._forget_layout(task)
             reset = True
         if not task.peers:
+            self._forget_layout(task)
             del self.tasks[task_id]
         return reset
 
@@ -346,8 +532,9 @@ class SchedulerState:
                      cost_s: float, size: int, error: str = "", max_failures: int = 3) -> str | None:
         """Account one piece a child fetched from a parent. Returns a blocklist reason, if it earned one.
 
-        A corrupt piece blocklists the parent for this child at once (its bytes cannot be trusted); other
-        errors (timeout, connection) only after ``max_failures`` in a row, since a busy parent recovers.
+        A corrupt piece (bytes that do not match the seed's piece digest) isolates the parent from the task
+        at once, for every child: its bytes cannot be trusted. Other errors (timeout, connection) blocklist
+        it for this child only, after ``max_failures`` in a row, since a busy parent recovers.
         """
         task = self.tasks.get(task_id)
         child = task.peers.get(child_id) if task else None
@@ -357,8 +544,8 @@ class SchedulerState:
         parent_tp = task.peers.get(parent_id)
         if success:
             child.failures.pop(parent_id, None)
-            child.finished.add(piece)
-            child.in_flight.discard(piece)
+            if not child.done and piece not in child.finished:
+                self._set_marks(child, child.finished | {piece}, child.in_flight - {piece})
             if parent_tp is not None:
                 parent_tp.served_costs.append((self.clock(), cost_s))
                 task.add_parent(child_id, parent_id)
@@ -368,7 +555,12 @@ class SchedulerState:
             return None
         if parent_peer is not None:
             parent_peer.served_failed += 1
-        if parent_id in child.blocklist:
+        if error == "corrupt" and parent_tp is not None and parent_id != task.digest_source \
+                and not self.is_isolated(task, parent_id):
+            self.blocklist(task, child_id, parent_id)
+            self.isolate(task, parent_id, child_id)
+            return "corrupt"
+        if parent_id in child.blocklist or parent_tp is None:
             return None
         count = child.failures.get(parent_id, 0) + 1
         child.failures[parent_id] = count
@@ -380,8 +572,8 @@ class SchedulerState:
     def blocklist(self, task: Task, child_id: str, parent_id: str) -> bool:
         """Never hand ``parent_id`` to ``child_id`` again in this task. Returns False if it already was."""
         child = task.peers[child_id]
-        if parent_id in child.blocklist:
-            return False
+        if parent_id in child.blocklist or parent_id not in task.peers:
+            return False   # only peers of the task: a child's exclude list must not grow our state
         child.blocklist.add(parent_id)
         if parent_id in child.parents:
             task.set_parents(child_id, child.parents - {parent_id})

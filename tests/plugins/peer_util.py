@@ -80,8 +80,9 @@ def peer_config(tmp: Path, name: str, schedulers: list[str] | None = None, **kw)
     # startup GC would otherwise evict the blobs a test just stored.
     kw.setdefault("gc_high", Watermark(bytes=64 << 30))
     kw.setdefault("gc_low", Watermark(bytes=48 << 30))
+    kw.setdefault("host_id", f"host-{name}")
     return PeerConfig(data_dir=tmp / name, listen=("127.0.0.1", 0), upload_listen=("127.0.0.1", 0),
-                      schedulers=list(schedulers or []), host_id=f"host-{name}", peer_id=f"peer-{name}", **kw)
+                      schedulers=list(schedulers or []), peer_id=f"peer-{name}", **kw)
 
 
 async def start_peer(tmp: Path, name: str, schedulers: list[str] | None = None, **kw) -> PeerDaemon:

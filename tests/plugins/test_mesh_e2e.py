@@ -87,6 +87,16 @@ def assert_all_right(results: list[dict], digest: str, mesh: Mesh) -> None:
             f"node result {i}: {r}\n{mesh.log_tails()}"
 
 
+def wait_for_registry_traffic(mesh: Mesh, node, before: list[dict], timeout: float = 60) -> None:
+    """Until ``node`` received blob bytes from the registry in this scenario (it is the seed, streaming)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metric(mesh.metrics(node), BYTES, source="registry") > before[node.index]["registry"]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"node{node.index} got nothing from the registry within {timeout}s\n{mesh.log_tails()}")
+
+
 def wait_for_peer_traffic(mesh: Mesh, nodes, before: list[dict], timeout: float = 60) -> None:
     """Until some node in ``nodes`` received piece bytes from a peer in this scenario (mid-transfer)."""
     deadline = time.monotonic() + timeout
@@ -130,7 +140,7 @@ def test_peer_killed_mid_transfer(lab_mesh):
     before = peer_bytes(mesh)
     try:
         first = mesh.start_fetch(victim.node, mesh.blob_url(victim, REPO, digest))  # the victim seeds
-        time.sleep(0.5)
+        wait_for_registry_traffic(mesh, victim, before)
         procs = [mesh.start_fetch(p.node, mesh.blob_url(p, REPO, digest)) for p in others]
         wait_for_peer_traffic(mesh, others, before)
         still_running = [p for p in procs if p.poll() is None]
@@ -182,10 +192,16 @@ def test_slow_peer_does_not_hold_the_mesh_back(lab_mesh):
         elapsed = time.monotonic() - t0
         assert_all_right(results, digest, mesh)
         rows = delta(peer_bytes(mesh), before)
-        # 2 Mbit/s moves 30 MiB in ~126 s: whatever the slow peer served, the others did not wait for it all
-        max_from_slow = 2e6 / 8 * elapsed * 1.2
         print(f"others done in {elapsed:.1f}s; slow peer uploaded {rows[0]['uploaded'] / 2**20:.1f} MiB")
-        assert rows[0]["uploaded"] <= max_from_slow
+        # The only holder of the blob is the slow node: through its 2 Mbit/s uplink one copy takes ~126 s
+        # (the children relay among themselves, so that is the floor when they wait for it). They must not:
+        # the mesh notices the crawling parent and gets the bytes elsewhere in a fraction of that time.
+        one_copy_from_slow = BLOB_SIZE / (2e6 / 8)
+        assert elapsed < one_copy_from_slow / 3, \
+            f"the others took {elapsed:.0f}s: they waited for the slow peer ({one_copy_from_slow:.0f}s a copy)"
+        # ... and that is because they reacted to it (blocklisted it or went to the registry), not luck
+        assert sum(r["blocklisted"] + r["back_to_source"] for r in rows[1:]) >= 1
+        assert all(r["registry"] + r["peer"] >= BLOB_SIZE for r in rows[1:])
     finally:
         slow.node.shape(up=RATE)
 
@@ -230,10 +246,10 @@ def test_scheduler_stopped_mid_transfer(lab_mesh):
     digest, cold = blobs["sched"], blobs["sched-cold"]
     before = peer_bytes(mesh)
     try:
-        procs = []
-        for p in mesh.peers:
+        procs = [mesh.start_fetch(mesh.peers[0].node, mesh.blob_url(mesh.peers[0], REPO, digest))]
+        wait_for_registry_traffic(mesh, mesh.peers[0], before)   # the first node is the seed, streaming
+        for p in mesh.peers[1:]:
             procs.append(mesh.start_fetch(p.node, mesh.blob_url(p, REPO, digest)))
-            time.sleep(0.3)
         wait_for_peer_traffic(mesh, mesh.peers[1:], before)
         mesh.stop_scheduler()
         assert not mesh.scheduler.alive()

@@ -233,11 +233,16 @@ async def test_a_restarted_scheduler_learns_again_what_peers_hold(peers, registr
             await asyncio.sleep(0.05)
         else:
             pytest.fail("the restarted scheduler never learned that the seed holds the blob")
-        assert task.content_length == BLOB_SIZE and task.piece_size == MIN_PIECE_SIZE
-        # ... with the digests it verified, so a new peer gets the blob from it, not from the registry.
+        # A peer that says it is done proves nothing to a scheduler that did not elect it (a fake peer
+        # says the same): its layout and digests are not taken, and the next peer re-seeds the task.
+        assert task.content_length == 0 and task.piece_digests == []
         child = await peers("child", [address])
         assert await fetch(child, registry, repo, digest) == (200, data)
-        assert counter(child, "remora_peer_download_bytes_total", source="peer") == BLOB_SIZE
+        assert counter(child, "remora_peer_download_bytes_total", source="registry") == BLOB_SIZE
+        # ... and from then on the restarted scheduler serves the task from the mesh again.
+        late = await peers("late", [address])
+        assert await fetch(late, registry, repo, digest) == (200, data)
+        assert counter(late, "remora_peer_download_bytes_total", source="peer") == BLOB_SIZE
     finally:
         await second.stop(0)
 
@@ -293,7 +298,14 @@ async def test_children_wait_for_a_slow_seed_instead_of_hitting_the_registry(sch
     seed = await peers("seed", [scheduler.address], piece_timeout=0.5)
     children = [await peers(f"child{i}", [scheduler.address], piece_timeout=0.5) for i in range(2)]
     seed_get = asyncio.ensure_future(fetch(seed, Via, repo, digest))
-    await asyncio.sleep(0.3)  # the seed is streaming (the whole blob takes ~2.5 s through the proxy)
+    # the children come while the seed streams (the whole blob takes ~2.5 s through the proxy)
+    for _ in range(200):
+        task = seed.tasks.tasks.get(digest)
+        if task is not None and task.entry.have:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the seed never started streaming")
     results = await asyncio.gather(seed_get, *(fetch(c, Via, repo, digest) for c in children))
     assert all(r == (200, data) for r in results)
     assert counter(seed, "remora_peer_download_bytes_total", source="registry") == BLOB_SIZE

@@ -118,7 +118,6 @@ async def test_client_comes_back_to_a_restarted_owner(two):
         assert client.last_address[task] == b.address
         restarted = await SchedulerServer(SchedulerConfig(), a.address).start()
         try:
-            await asyncio.sleep(0.3)
             for _ in range(30):   # the channel reconnects within its (shortened) backoff
                 await client.announce_pieces(pb.AnnouncePiecesRequest(peer_id="peer-1", task_id=task, in_flight=[0]))
                 if client.last_address[task] == a.address:

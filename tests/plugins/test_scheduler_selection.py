@@ -184,16 +184,21 @@ def test_parent_selection_benchmark_runs(capsys, monkeypatch):
     assert {"random", "weighted", "bandit"} <= set(rows)
 
 
-def test_piece_digests_are_learned_only_from_trusted_peers(state):
+def test_piece_digests_are_learned_only_from_the_peer_that_hashed_the_registry(state):
     bad = ["sha256:" + "f" * 64] * 10
     good = ["sha256:" + "0" * 64] * 10
     peer(state, "child")
     state.announce("child", TASK, [0], (), digests=bad)            # a partial child: not trusted
     assert state.tasks[TASK].piece_digests == []
-    peer(state, "complete")
-    state.announce("complete", TASK, range(10), (), digests=good, done=True)   # whole blob verified
-    assert state.tasks[TASK].piece_digests == good
-    state.announce("child", TASK, [1], (), digests=bad)            # the first trusted list stays
+    peer(state, "liar")
+    state.announce("liar", TASK, range(10), (), digests=bad, done=True)   # saying "done" proves nothing
+    assert state.tasks[TASK].piece_digests == []
+    assert state.tasks[TASK].needs_seed(), "a done peer without the seed's digests must not stop seeding"
+    peer(state, "seed")
+    state.elect_seed(state.tasks[TASK], "seed")                    # sent to the registry: hashes its bytes
+    state.announce("seed", TASK, range(10), (), digests=good)
+    assert state.tasks[TASK].piece_digests == good and state.tasks[TASK].digest_source == "seed"
+    state.announce("liar", TASK, [1], (), digests=bad, done=True)  # the seed's list stays
     assert state.tasks[TASK].piece_digests == good
 
 
