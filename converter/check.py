@@ -1,8 +1,9 @@
 """``remora check IMAGE``: verify every digest and the tree of a remora image.
 
-Checks, in order: manifest, config and bootstrap digests (on fetch); the bootstrap's SQLite
-integrity; every data blob's digest and tar framing; every frame lies inside its blob's payload and
-decompresses to its size; every chunk's sha256; the tree (every entry points at an inode, every
+Checks, in order: manifest, config and bootstrap digests (on fetch); the bootstrap's validation
+(remora.format.validate, when the image is opened: a bootstrap that fails it is exit 3 before any
+other check) and its SQLite integrity; every data blob's digest and tar framing; every frame lies
+inside its blob's payload and decompresses to its size; every chunk's sha256; the tree (every entry points at an inode, every
 regular file's extents cover exactly its size with valid chunks, link counts match, prefetch entries
 exist). Problems are collected, not raised one by one, so one run lists them all.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from remora.errors import RemoraError
 from remora.converter.image import LocalBlobs, RemoraImage
 from remora.format.blob import TAR_HEADER_SIZE, read_payload_header, verify_chunk
+from remora.format.sqlguard import database_error
 
 
 @dataclass
@@ -36,9 +38,14 @@ class CheckResult:
 def check(image: RemoraImage, blobs: LocalBlobs) -> CheckResult:
     res = CheckResult()
     bs = image.bootstrap
-    db = sqlite3.connect(f"file:{bs.path}?mode=ro", uri=True)
+    # The bootstrap passed remora.format.validate when the image was opened (schema, tree, ranges);
+    # this connection is the reader's guarded one (read-only, trusted_schema=OFF, work budget).
+    db = bs.connection()
     try:
-        verdict = db.execute("PRAGMA integrity_check").fetchone()[0]
+        try:
+            verdict = db.execute("PRAGMA integrity_check(20)").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise database_error(exc, f"bootstrap {bs.path.name}") from None
         if verdict != "ok":
             res.problems.append(f"bootstrap integrity: {verdict}")
         table = bs.chunk_table()

@@ -16,8 +16,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from remora.errors import UsageError
+from remora.errors import InvalidInput, UsageError
 from remora.format.bootstrap import Bootstrap, write_chunk_table
+from remora.format.validate import validate_bootstrap
 from remora.format.chunktable import ChunkTable
 
 META_REPOS = "blob_repositories"
@@ -61,15 +62,26 @@ def dict_from_image(ref: str, workdir: Path, plain_http: bool | None = None) -> 
 def load_chunk_dict(spec: str, workdir: Path, plain_http: bool | None = None) -> ChunkDict:
     path = Path(spec)
     if path.is_file():
+        validate_bootstrap(path, require_tree=False)  # a chunk dictionary or an image's bootstrap
         bs = Bootstrap(path)
         try:
-            repos = json.loads(bs.meta.get(META_REPOS, "{}"))
-            return ChunkDict(bs.chunk_table(), repos)
+            return ChunkDict(bs.chunk_table(), _repositories(bs.meta.get(META_REPOS, "{}"), path))
         finally:
             bs.close()
     if "/" not in spec and ":" not in spec:
         raise UsageError(f"--chunk-dict {spec!r}: no such file, and not an image reference")
     return dict_from_image(spec, workdir, plain_http)
+
+
+def _repositories(text: str, path: Path) -> dict[str, str]:
+    """The ``blob_repositories`` meta value: a flat JSON object of strings, anything else is InvalidInput."""
+    try:
+        repos = json.loads(text)
+    except (ValueError, RecursionError):
+        raise InvalidInput(f"{path}: {META_REPOS} is not valid JSON") from None
+    if not isinstance(repos, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in repos.items()):
+        raise InvalidInput(f"{path}: {META_REPOS} must map blob digests to repository names")
+    return repos
 
 
 def build_dict(images: list[str], out: Path, plain_http: bool | None = None) -> dict:

@@ -1,27 +1,24 @@
 """Open a converted remora image from any store: its manifest, config, bootstrap and data blobs.
 
 Used by ``remora check``, ``remora unpack`` and ``remora dict build`` (the snapshotter has its own
-lazy path). Everything fetched is digest-verified; the bootstrap is extracted from its tar+zstd layer
-into a work directory and opened read-only.
+lazy path but fetches the bootstrap with :func:`fetch_bootstrap` too). Everything fetched is
+digest-verified; the bootstrap is extracted from its tar+zstd layer into a work directory (streamed,
+bounded), validated (:func:`remora.format.validate.validate_bootstrap`) and only then opened.
 """
 from __future__ import annotations
 
 import hashlib
-import io
-import shutil
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import zstandard
 
 from remora import oci
 from remora.errors import DigestMismatch, InvalidInput, NotFound
 from remora.format import annotations as ann
 from remora.format.blob import decompress_frame, verify_chunk
 from remora.format.bootstrap import Bootstrap, Extent
-
-MAX_BOOTSTRAP_SIZE = 4 * 1024**3
+from remora.format.bootstrap_layer import MAX_BOOTSTRAP_CSIZE as MAX_BOOTSTRAP_SIZE  # noqa: F401 - kept for importers
+from remora.format.bootstrap_layer import fetch_bootstrap_layer
+from remora.format.validate import validate_bootstrap
 
 
 @dataclass
@@ -55,7 +52,7 @@ class RemoraImage:
         boots = [l for l in manifest.layers if l.annotations.get(ann.ROLE) == "bootstrap"]
         if len(boots) != 1:
             raise InvalidInput(f"a remora manifest needs exactly one bootstrap layer, found {len(boots)}")
-        config = oci.ImageConfig.from_bytes(_read(store.open_blob(manifest.config)))
+        config = oci.ImageConfig.from_bytes(store.read_blob(manifest.config))  # size-limited before reading
         db = fetch_bootstrap(store, boots[0], workdir)
         blobs = {l.digest: l for l in manifest.layers if l.annotations.get(ann.ROLE) == "blob"}
         bootstrap = Bootstrap(db)
@@ -69,34 +66,21 @@ class RemoraImage:
 
 
 def fetch_bootstrap(store, desc: oci.Descriptor, workdir: Path, on_downloaded=None) -> Path:
-    """Download (verified), decompress and untar the bootstrap layer; returns the database path.
-    ``on_downloaded`` is called once the bytes are in (the connection is free for other requests)."""
-    if desc.size > MAX_BOOTSTRAP_SIZE:
-        raise InvalidInput(f"bootstrap layer of {desc.size} bytes is larger than the {MAX_BOOTSTRAP_SIZE} limit")
-    raw = _read(store.open_blob(desc))
-    if on_downloaded is not None:
-        on_downloaded()
+    """Download (verified), decompress and untar the bootstrap layer, then validate the database;
+    returns its path. Streamed and bounded (remora.format.bootstrap_layer): the layer is spooled to
+    disk and never held whole in memory, its decompressed size is bounded by what its zstd frame
+    declares and a hard cap. Validation (remora.format.validate) refuses anything remora's writer
+    would not have produced, before anyone reads the database. ``on_downloaded`` is called once the
+    bytes are in (the connection is free for other requests)."""
+    name = f"bootstrap-{desc.digest[7:19]}.db"
+    path = fetch_bootstrap_layer(lambda: store.open_blob(desc), desc.size, Path(workdir), name, on_downloaded,
+                                 where=f"bootstrap layer {desc.digest}")
     try:
-        tar_bytes = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
-    except zstandard.ZstdError as exc:
-        raise InvalidInput(f"bootstrap layer {desc.digest}: corrupt zstd: {exc}") from None
-    try:
-        with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
-            member = tar.getmember(ann.BOOTSTRAP_MEMBER)
-            f = tar.extractfile(member)
-            out = Path(workdir) / f"bootstrap-{desc.digest[7:19]}.db"
-            with open(out, "wb") as w:
-                shutil.copyfileobj(f, w)
-    except (tarfile.TarError, KeyError) as exc:
-        raise InvalidInput(f"bootstrap layer {desc.digest}: bad tar: {exc}") from None
-    return out
-
-
-def _read(stream) -> bytes:
-    try:
-        return stream.read()
-    finally:
-        stream.close()
+        validate_bootstrap(path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
 
 
 class LocalBlobs:

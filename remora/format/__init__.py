@@ -7,6 +7,10 @@ No network code lives here. See ``docs/format.md`` for the specification (the co
 * :mod:`remora.format.blob` — data blobs: a tar-wrapped run of zstd frames holding chunks.
 * :mod:`remora.format.bootstrap` — the bootstrap: a SQLite database with the tree, chunk table and
   prefetch order, queryable by path or inode without reading it whole.
+* :mod:`remora.format.bootstrap_layer` — the bootstrap layer (tar+zstd): encode, and a streamed,
+  bounded decode for hostile input.
+* :mod:`remora.format.validate` — the one validator every reader runs before using a bootstrap.
+* :mod:`remora.format.sqlguard` — read-only, budgeted SQLite connections to untrusted files.
 * :mod:`remora.format.annotations` — how a remora image is described in an OCI manifest.
 """
 

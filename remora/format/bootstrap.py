@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 from remora.errors import InvalidInput, NotFound
 from remora.format import FORMAT_VERSION
 from remora.format.chunktable import Chunk, ChunkTable, Frame
+from remora.format.sqlguard import DB_ERRORS, check_schema, connect, database_error, step_budget
 from remora.format.tree import Tree, split_path
 
 ROOT_INO = 1
@@ -144,21 +145,32 @@ class Bootstrap:
             raise NotFound(f"bootstrap {self.path} not found")
         self._pool: list[sqlite3.Connection] = []
         self._pool_lock = threading.Lock()
+        self._steps = step_budget(self.path)
         self._db = self._connect()
         try:
+            # Cheap (sqlite_master only) and before any user table is read: a view or trigger never
+            # runs here. The full check is remora.format.validate, run when a bootstrap is fetched.
+            check_schema(self._db, SCHEMA, str(self.path))
             self.meta = dict(self._db.execute("SELECT key, value FROM meta"))
-        except sqlite3.DatabaseError as exc:
-            raise InvalidInput(f"{self.path}: not a remora bootstrap: {exc}") from None
-        version = int(self.meta.get("format_version", "0"))
-        if version != FORMAT_VERSION:
-            raise InvalidInput(f"{self.path}: bootstrap format version {version}, this remora reads {FORMAT_VERSION}")
-        self.blobs: list[str] = [d for (d,) in self._db.execute("SELECT digest FROM blobs ORDER BY id")]
-        self._blob_sizes = [s for (s,) in self._db.execute("SELECT size FROM blobs ORDER BY id")]
+            if self.meta.get("format_version") != str(FORMAT_VERSION):
+                raise InvalidInput(f"{self.path}: bootstrap format version {self.meta.get('format_version')!r}, "
+                                   f"this remora reads {FORMAT_VERSION}")
+            self.blobs: list[str] = [d for (d,) in self._db.execute("SELECT digest FROM blobs ORDER BY id")]
+            self._blob_sizes = [s for (s,) in self._db.execute("SELECT size FROM blobs ORDER BY id")]
+        except DB_ERRORS as exc:
+            self._db.close()
+            raise database_error(exc, str(self.path)) from None
+        except BaseException:
+            self._db.close()
+            raise
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
-        db.execute("PRAGMA query_only=ON")
-        return db
+        """Read-only, immutable, ``trusted_schema=OFF``, every statement under a work budget
+        proportional to the file's size (remora.format.sqlguard)."""
+        try:
+            return connect(self.path, steps=self._steps, per_statement=True, check_same_thread=False)
+        except DB_ERRORS as exc:
+            raise database_error(exc, str(self.path)) from None
 
     def connection(self) -> sqlite3.Connection:
         """A new connection for another thread (sqlite3 connections are not shared across threads)."""
