@@ -4,6 +4,11 @@
     python protos/generate.py            # regenerate in place
     python protos/generate.py --check    # exit 1 if the committed stubs are stale (used by the tests)
 
+The generator is pinned exactly (GRPC_TOOLS_VERSION, the same pin as pyproject's ``test`` extra and
+the lock files): the stubs name the grpcio-tools version that wrote them and refuse a grpcio older
+than it, so another generator version writes other files. Either mode stops with a clear message when
+the installed grpcio-tools is not the pinned one (``bash scripts/setup.sh`` installs it in ``.venv``).
+
 Proto files keep their import paths relative to ``protos/`` (``containerd/types/mount.proto``); the
 generated absolute imports (``from containerd.types import mount_pb2``) are rewritten to live under
 ``remora._proto`` so the stubs work inside the package.
@@ -21,6 +26,20 @@ from pathlib import Path
 PROTOS = Path(__file__).resolve().parent
 OUT = PROTOS.parent / "remora" / "_proto"
 PACKAGE = "remora._proto"
+GRPC_TOOLS_VERSION = "1.85.4"   # keep equal to pyproject.toml's grpcio-tools pin and the lock files
+
+
+def check_generator() -> None:
+    """Refuse to run with any grpcio-tools but the pinned one (its output differs from version to version)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("grpcio-tools")
+    except PackageNotFoundError:
+        found = "none"
+    if found != GRPC_TOOLS_VERSION:
+        raise SystemExit(f"protos/generate.py needs grpcio-tools=={GRPC_TOOLS_VERSION} (found {found} for "
+                         f"{sys.executable}): run `bash scripts/setup.sh` and use .venv/bin/python")
 
 
 def proto_files() -> list[Path]:
@@ -28,6 +47,7 @@ def proto_files() -> list[Path]:
 
 
 def generate(out: Path) -> None:
+    check_generator()
     from grpc_tools import protoc
     import grpc_tools
 
@@ -79,7 +99,7 @@ def main() -> int:
             if not (a.exists() and b.exists() and filecmp.cmp(a, b, shallow=False)):
                 stale.append(str(rel))
         if stale:
-            print("stale generated stubs (run python protos/generate.py):", *stale, sep="\n  ")
+            print("stale generated stubs (run .venv/bin/python protos/generate.py):", *stale, sep="\n  ")
             return 1
     return 0
 

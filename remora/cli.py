@@ -21,6 +21,9 @@ COMMAND_MODULES = (
     "remora.snapshotter.cli",
     "remora.snapshotter.pull",
     "remora.plugins.cli",
+    "remora.placement.cli",
+    "remora.pki.cli",
+    "remora.plugins.manager.cli",
     "remora.demo",
 )
 
@@ -32,6 +35,10 @@ COMMANDS = {
     "snapshotter": "remora.snapshotter.cli", "stats": "remora.snapshotter.cli",
     "pull": "remora.snapshotter.pull",
     "peer": "remora.plugins.cli", "scheduler": "remora.plugins.cli",
+    "place": "remora.placement.cli",
+    "certs": "remora.pki.cli",
+    "manager": "remora.plugins.manager.cli", "job": "remora.plugins.manager.cli",
+    "cluster": "remora.plugins.manager.cli",
     "demo": "remora.demo",
 }
 

@@ -6,11 +6,19 @@ Component fixtures live in ``tests/<component>/conftest.py``. Everything here ru
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from remora.registry.local import LocalRegistry
+
+# Tests spawn `remora` and `python3` by name: they must be the interpreter running the tests (the
+# .venv that scripts/setup.sh installs from the lock file), never whatever else is first on PATH. So
+# its bin directory (sys.executable's, not resolved: a venv's python is a symlink out of it) goes first.
+_BIN = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join([_BIN, *[d for d in os.environ.get("PATH", "").split(os.pathsep) if d != _BIN]])
 
 AUTH_USER = "remora"
 AUTH_PASSWORD = "s3cret-pass"

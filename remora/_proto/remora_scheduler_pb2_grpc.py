@@ -5,7 +5,7 @@ import warnings
 
 from remora._proto import remora_scheduler_pb2 as remora__scheduler__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

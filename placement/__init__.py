@@ -1,0 +1,1 @@
+"""remora.placement: where the functions and state of a stateful serverless application run on edge nodes."""

@@ -1,0 +1,474 @@
+"""The fast heuristic (docs/placement.md §6): candidate pruning, greedy construction, local search.
+
+1. *Candidates*: on a large network only nodes near the users matter. Take the K nearest nodes (by
+   least-delay path) to the heaviest user nodes, the cheapest processors, and more nearby nodes until the
+   candidates hold at least twice the CPU and memory the application needs; routing is then computed
+   only from those K nodes (K Dijkstra runs instead of N), see :func:`candidates`.
+2. *Greedy*: functions in topological order, each on the candidate with the least marginal objective
+   (processing, transfers to already placed predecessors and state, new image bytes, weighted delay)
+   among those with room left; a state goes with its heaviest accessor (by bytes per request) when that
+   function is placed. Several starts (cost-led, delay-led, everything co-located) are tried.
+3. *Local search*: move one function, or one state, or a function together with the states only it
+   uses, to another candidate while the objective (delay-bound violations penalised) drops; the exact
+   objective confirms the best few moves ranked by a cheap incremental estimate.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from .arrays import Compiled
+from .mip import Infeasible
+from .model import Placement, Problem
+
+FULL_BELOW = 60  # networks up to this many nodes use every node as a candidate
+
+
+def candidates(problem: Problem, k: int = 40, near: int = 12, top_users: int = 8) -> list[str]:
+    """Candidate nodes for a large network (all nodes when it is small); see the module doc."""
+    net = problem.network
+    N = len(net.nodes)
+    if N <= max(k, FULL_BELOW):
+        return [n.name for n in net.nodes]
+    pt = problem.paths
+    users = sorted(((r, u) for u, r in problem.users.items() if r > 0), reverse=True)[:top_users]
+    if not users:
+        users = [(1.0, net.nodes[0].name)]
+    dist = np.full(N, np.inf)
+    chosen: list[int] = []
+    seen: set[int] = set()
+
+    def take(i: int) -> None:
+        if i not in seen and len(chosen) < k:
+            seen.add(i)
+            chosen.append(int(i))
+
+    rows = []
+    for _, u in users:
+        D = pt.row(net.index[u])[0]
+        rows.append(D)
+        dist = np.minimum(dist, D)
+    for D in rows:
+        for i in np.argsort(D, kind="stable")[:near]:
+            if math.isfinite(D[i]):
+                take(int(i))
+    cost = np.array([n.cpu_cost / n.speed for n in net.nodes])
+    reachable = np.isfinite(dist)
+    for i in np.argsort(np.where(reachable, cost, np.inf), kind="stable")[:max(3, k // 8)]:
+        if reachable[i]:
+            take(int(i))
+    need_cpu = sum(problem.cpu_demand(f, net.nodes[0]) * net.nodes[0].speed for f in problem.app.functions)
+    need_mem = sum(f.memory for f in problem.app.functions)
+    order = np.argsort(dist, kind="stable")
+    for i in order:
+        cpu = sum(net.nodes[j].cpu * net.nodes[j].speed for j in chosen)
+        mem = sum(net.nodes[j].memory for j in chosen)
+        if cpu >= 2 * need_cpu and mem >= 2 * need_mem:
+            break
+        if math.isfinite(dist[i]):
+            if len(chosen) >= k:
+                k += 1  # capacity matters more than the size target
+            take(int(i))
+    return [net.nodes[i].name for i in chosen]
+
+
+class _Search:
+    def __init__(self, comp: Compiled, penalty: float):
+        self.c = comp
+        self.penalty = penalty
+        F, S, K = len(comp.fnames), len(comp.snames), comp.K
+        self.F, self.S, self.K = F, S, K
+        self.succ: list[list[int]] = [[] for _ in range(F)]
+        for ei, (g, f, _) in enumerate(comp.edges):
+            self.succ[g].append(ei)
+        self.s_acc: list[list[int]] = [[] for _ in range(S)]
+        for qi, (f, s, _) in enumerate(comp.acc):
+            self.s_acc[s].append(qi)
+        # Swap partners on large applications: DAG neighbours and functions sharing a state.
+        nb: list[set] = [set() for _ in range(F)]
+        for g, f, _ in comp.edges:
+            nb[g].add(f)
+            nb[f].add(g)
+        for qs in self.s_acc:
+            users = [comp.acc[q][0] for q in qs]
+            for a in users:
+                nb[a].update(u for u in users if u != a)
+        self.nbrs = [sorted(x for x in n if x > i) for i, n in enumerate(nb)]
+
+    def obj(self, pf, ps) -> float:
+        return self.c.objective(pf, ps, self.penalty)[0]
+
+    def loads(self, pf, ps):
+        c = self.c
+        cpu, mem, sto = np.zeros(self.K), np.zeros(self.K), np.zeros(self.K)
+        np.add.at(cpu, pf, c.cpu_dem[np.arange(self.F), pf])
+        np.add.at(mem, pf, c.mem)
+        np.add.at(sto, ps, c.size)
+        return cpu, mem, sto
+
+    def f_scores(self, f: int, pf, ps, counts, weight: float) -> np.ndarray:
+        """Estimated objective of f on each candidate (up to a constant), other placements fixed."""
+        sc, dl = self.f_parts(f, pf, ps, counts)
+        return sc + weight * dl
+
+    def f_parts(self, f: int, pf, ps, counts) -> tuple[np.ndarray, np.ndarray]:
+        """(exact cost of f's terms on each candidate, summed delay of f's terms): cost[k] - cost[k0]
+        is the exact cost change of moving f from k0 to k; the delay part is only an estimate."""
+        c = self.c
+        sc = c.lin_f[f].copy()
+        dl = c.proc_delay[f].copy()
+        for ei in c.preds[f]:
+            g = c.edges[ei][0]
+            if pf[g] >= 0:
+                sc += c.e_cost[ei] * c.C[pf[g], :]
+                dl += c.e_time[ei][pf[g], :]
+        for ei in self.succ[f]:
+            h = c.edges[ei][1]
+            if pf[h] >= 0:
+                sc += c.e_cost[ei] * c.C[:, pf[h]]
+                dl += c.e_time[ei][:, pf[h]]
+        for qi in c.f_acc[f]:
+            s = c.acc[qi][1]
+            if ps[s] >= 0:
+                sc += c.a_cost[qi] * c.C[:, ps[s]]
+                dl += c.a_time[qi][:, ps[s]]
+        if len(c.users):
+            if f in c.entries:
+                dl += c.wu @ c.t_req
+            if f in c.exits:
+                dl += c.wu @ c.t_resp
+        for g in c.f_groups[f]:
+            own = np.zeros(self.K)
+            if pf[f] >= 0:
+                own[pf[f]] = 1
+            sc += c.g_cost[g] * ((counts[g] - own) <= 0)
+        return np.where(np.isfinite(sc), sc, np.inf), np.where(np.isfinite(dl), dl, 1e18)
+
+    def s_scores(self, s: int, pf, weight: float) -> np.ndarray:
+        sc, dl = self.s_parts(s, pf)
+        return sc + weight * dl
+
+    def s_parts(self, s: int, pf) -> tuple[np.ndarray, np.ndarray]:
+        c = self.c
+        sc = c.lin_s[s].copy()
+        dl = np.zeros(self.K)
+        for qi in self.s_acc[s]:
+            f = c.acc[qi][0]
+            if pf[f] >= 0:
+                sc += c.a_cost[qi] * c.C[pf[f], :]
+                dl += c.a_time[qi][pf[f], :]
+        return np.where(np.isfinite(sc), sc, np.inf), np.where(np.isfinite(dl), dl, 1e18)
+
+    # -------------------------------------------------------------------------------------------
+    def greedy(self, weight: float):
+        c = self.c
+        pf = np.full(self.F, -1)
+        ps = np.full(self.S, -1)
+        counts = np.zeros((len(c.groups), self.K))
+        cpu, mem, sto = np.zeros(self.K), np.zeros(self.K), np.zeros(self.K)
+        heaviest: dict[int, list[int]] = {}
+        for s in range(self.S):
+            qs = self.s_acc[s]
+            if qs:
+                f = max(qs, key=lambda q: c.acc[q][2])
+                heaviest.setdefault(c.acc[f][0], []).append(s)
+        for f in c.topo:
+            sc = self.f_scores(f, pf, ps, counts, weight)
+            ok = (cpu + c.cpu_dem[f] <= c.cap_cpu * (1 + 1e-9)) & (mem + c.mem[f] <= c.cap_mem * (1 + 1e-9))
+            sc = np.where(ok, sc, np.inf)
+            k = int(np.argmin(sc))
+            if not math.isfinite(sc[k]):
+                return None
+            pf[f] = k
+            cpu[k] += c.cpu_dem[f, k]
+            mem[k] += c.mem[f]
+            for g in c.f_groups[f]:
+                counts[g, k] += 1
+            for s in heaviest.get(f, []):
+                sc = self.s_scores(s, pf, weight)
+                sc = np.where(sto + c.size[s] <= c.cap_sto * (1 + 1e-9), sc, np.inf)
+                kk = int(np.argmin(sc))
+                if not math.isfinite(sc[kk]):
+                    return None
+                ps[s] = kk
+                sto[kk] += c.size[s]
+        for s in range(self.S):
+            if ps[s] < 0:
+                sc = self.s_scores(s, pf, weight)
+                sc = np.where(sto + c.size[s] <= c.cap_sto * (1 + 1e-9), sc, np.inf)
+                kk = int(np.argmin(sc))
+                if not math.isfinite(sc[kk]):
+                    return None
+                ps[s] = kk
+                sto[kk] += c.size[s]
+        return pf, ps
+
+    def colocated(self):
+        """Everything on one candidate (the best that fits), the lowest-delay start when it exists."""
+        c = self.c
+        best = None
+        fits = [k for k in range(self.K) if c.cpu_dem[:, k].sum() <= c.cap_cpu[k] and c.mem.sum() <= c.cap_mem[k]
+                and c.size.sum() <= c.cap_sto[k]]
+        for k in fits[:64]:
+            pf, ps = np.full(self.F, k), np.full(self.S, k)
+            o = self.obj(pf, ps)
+            if best is None or o < best[0]:
+                best = (o, pf, ps)
+        return None if best is None else (best[1], best[2])
+
+    def local_search(self, pf, ps, deadline: float, weight: float, top: int = 3):
+        """Improve (pf, ps) by single moves until none helps or ``deadline``; returns (pf, ps, objective).
+
+        Cost changes are exact and incremental (:meth:`f_parts`); the delay term, when the objective has
+        one, is recomputed for the ``top`` moves ranked by cost + weight * estimated delay.
+        """
+        c = self.c
+        cost = c.cost(pf, ps)
+        dterm = c.delay_term(pf, ps, self.penalty)[0]
+        cur = cost + dterm
+        cpu, mem, sto = self.loads(pf, ps)
+        counts = np.zeros((len(c.groups), self.K))
+        for g, members in enumerate(c.groups):
+            for f in members:
+                counts[g, pf[f]] += 1
+        exact_needed = c.needs_delay and len(c.users) > 0
+        eps = lambda x: 1e-9 * (1 + abs(x))  # noqa: E731
+
+        def try_moves(cv, dv, k0, ok, setter):
+            rank = np.where(ok, cv + weight * dv, np.inf)
+            order = [int(k) for k in np.argsort(rank, kind="stable")[:top + 1] if k != k0 and math.isfinite(rank[k])]
+            best = (cur, None, None)
+            for k in order[:top]:
+                ncost = cost + cv[k] - cv[k0]
+                if exact_needed:
+                    setter(k)
+                    nd = c.delay_term(pf, ps, self.penalty)[0]
+                    setter(k0)
+                else:
+                    nd = 0.0
+                if ncost + nd < best[0] - eps(best[0]):
+                    best = (ncost + nd, k, (ncost, nd))
+                if not exact_needed:
+                    break
+            return best
+
+        improved = True
+        while improved and time.perf_counter() < deadline:
+            improved = False
+            sweep_start = cur
+            for f in c.topo:
+                k0 = int(pf[f])
+                cv, dv = self.f_parts(f, pf, ps, counts)
+                ok = (cpu + c.cpu_dem[f] <= c.cap_cpu * (1 + 1e-9)) & (mem + c.mem[f] <= c.cap_mem * (1 + 1e-9))
+                ok[k0] = True
+                best = try_moves(cv, dv, k0, ok, lambda k: pf.__setitem__(f, k))
+                if best[1] is not None:
+                    k = best[1]
+                    cpu[k0] -= c.cpu_dem[f, k0]; mem[k0] -= c.mem[f]
+                    cpu[k] += c.cpu_dem[f, k]; mem[k] += c.mem[f]
+                    for g in c.f_groups[f]:
+                        counts[g, k0] -= 1
+                        counts[g, k] += 1
+                    pf[f], cur, improved = k, best[0], True
+                    cost, dterm = best[2]
+            for s in range(self.S):
+                k0 = int(ps[s])
+                cv, dv = self.s_parts(s, pf)
+                ok = sto + c.size[s] <= c.cap_sto * (1 + 1e-9)
+                ok[k0] = True
+                best = try_moves(cv, dv, k0, ok, lambda k: ps.__setitem__(s, k))
+                if best[1] is not None:
+                    sto[k0] -= c.size[s]; sto[best[1]] += c.size[s]
+                    ps[s], cur, improved = best[1], best[0], True
+                    cost, dterm = best[2]
+            # A function with the states only it uses, moved together (escapes the co-location trap).
+            for f in c.topo:
+                own = [c.acc[q][1] for q in c.f_acc[f] if all(c.acc[q2][0] == f for q2 in self.s_acc[c.acc[q][1]])]
+                if not own or time.perf_counter() > deadline:
+                    continue
+                k0 = int(pf[f])
+                cv, dv = self.f_parts(f, pf, ps, counts)
+                rank = cv + weight * dv + sum(c.lin_s[s] for s in own)
+                order = [int(k) for k in np.argsort(rank, kind="stable")[:top + 1] if k != k0]
+                best = (cur, None, None)
+                saved = {s: int(ps[s]) for s in own}
+                for k in order[:top]:
+                    if cpu[k] + c.cpu_dem[f, k] > c.cap_cpu[k] or mem[k] + c.mem[f] > c.cap_mem[k]:
+                        continue
+                    add = sum(c.size[s] for s in own if saved[s] != k)
+                    if sto[k] + add > c.cap_sto[k]:
+                        continue
+                    pf[f] = k
+                    for s in own:
+                        ps[s] = k
+                    nc = c.cost(pf, ps)
+                    nd = c.delay_term(pf, ps, self.penalty)[0]
+                    if nc + nd < best[0] - eps(best[0]):
+                        best = (nc + nd, k, (nc, nd))
+                pf[f] = k0
+                for s in own:
+                    ps[s] = saved[s]
+                if best[1] is not None:
+                    k = best[1]
+                    cpu[k0] -= c.cpu_dem[f, k0]; mem[k0] -= c.mem[f]
+                    cpu[k] += c.cpu_dem[f, k]; mem[k] += c.mem[f]
+                    for g in c.f_groups[f]:
+                        counts[g, k0] -= 1
+                        counts[g, k] += 1
+                    for s in own:
+                        sto[ps[s]] -= c.size[s]; sto[k] += c.size[s]
+                        ps[s] = k
+                    pf[f], cur, improved = k, best[0], True
+                    cost, dterm = best[2]
+            # Swap two functions' nodes: what a full node needs when neither function fits alone.
+            dem = c.cpu_dem
+            for f1 in range(self.F):
+                if time.perf_counter() > deadline:
+                    break
+                for f2 in (range(f1 + 1, self.F) if self.F <= 40 else self.nbrs[f1]):
+                    k1, k2 = int(pf[f1]), int(pf[f2])
+                    if k1 == k2:
+                        continue
+                    c1 = cpu[k1] - dem[f1, k1] + dem[f2, k1]
+                    c2 = cpu[k2] - dem[f2, k2] + dem[f1, k2]
+                    m1 = mem[k1] - c.mem[f1] + c.mem[f2]
+                    m2 = mem[k2] - c.mem[f2] + c.mem[f1]
+                    if (c1 > c.cap_cpu[k1] * (1 + 1e-9) or c2 > c.cap_cpu[k2] * (1 + 1e-9)
+                            or m1 > c.cap_mem[k1] * (1 + 1e-9) or m2 > c.cap_mem[k2] * (1 + 1e-9)):
+                        continue
+                    pf[f1], pf[f2] = k2, k1
+                    nc = c.cost(pf, ps)
+                    nd = c.delay_term(pf, ps, self.penalty)[0] if exact_needed else 0.0
+                    if nc + nd < cur - eps(cur):
+                        cpu[k1], cpu[k2], mem[k1], mem[k2] = c1, c2, m1, m2
+                        for g in c.f_groups[f1]:
+                            counts[g, k1] -= 1
+                            counts[g, k2] += 1
+                        for g in c.f_groups[f2]:
+                            counts[g, k2] -= 1
+                            counts[g, k1] += 1
+                        cost, dterm, cur, improved = nc, nd, nc + nd, True
+                    else:
+                        pf[f1], pf[f2] = k1, k2
+            # Exchange the whole contents of two nodes (a used one and any candidate): a cluster of
+            # functions and states that belongs elsewhere moves at once, no single move would start it.
+            used = sorted(set(pf.tolist()) | set(ps.tolist()))
+            for k1 in used:
+                for k2 in range(self.K):
+                    if k2 == k1 or time.perf_counter() > deadline:
+                        continue
+                    a = pf == k1
+                    b = pf == k2
+                    sa, sb = ps == k1, ps == k2
+                    cpu1 = c.cpu_dem[b, k1].sum()
+                    cpu2 = c.cpu_dem[a, k2].sum()
+                    if (cpu1 > c.cap_cpu[k1] * (1 + 1e-9) or cpu2 > c.cap_cpu[k2] * (1 + 1e-9)
+                            or c.mem[b].sum() > c.cap_mem[k1] * (1 + 1e-9) or c.mem[a].sum() > c.cap_mem[k2] * (1 + 1e-9)
+                            or c.size[sb].sum() > c.cap_sto[k1] * (1 + 1e-9) or c.size[sa].sum() > c.cap_sto[k2] * (1 + 1e-9)):
+                        continue
+                    pf[a], pf[b], ps[sa], ps[sb] = k2, k1, k2, k1
+                    nc = c.cost(pf, ps)
+                    nd = c.delay_term(pf, ps, self.penalty)[0] if exact_needed else 0.0
+                    if nc + nd < cur - eps(cur):
+                        cost, dterm, cur, improved = nc, nd, nc + nd, True
+                        cpu, mem, sto = self.loads(pf, ps)
+                        counts[:] = 0
+                        for g, members in enumerate(c.groups):
+                            for f in members:
+                                counts[g, pf[f]] += 1
+                        break
+                    pf[a], pf[b], ps[sa], ps[sb] = k1, k2, k1, k2
+            if sweep_start - cur < 1e-5 * abs(sweep_start):
+                break  # converged for practical purposes: another sweep buys < 0.001 %
+        return pf, ps, cur
+
+    def perturb(self, pf, ps, rng: np.random.Generator, moves: int = 3):
+        """A random kick for iterated local search: a few functions (with their private states) moved
+        to random candidates that have room."""
+        c = self.c
+        pf, ps = pf.copy(), ps.copy()
+        cpu, mem, sto = self.loads(pf, ps)
+        for f in rng.choice(self.F, size=min(moves, self.F), replace=False):
+            k0 = pf[f]
+            room = np.nonzero((cpu + c.cpu_dem[f] <= c.cap_cpu) & (mem + c.mem[f] <= c.cap_mem))[0]
+            room = room[room != k0]
+            if not len(room):
+                continue
+            k = int(rng.choice(room))
+            cpu[k0] -= c.cpu_dem[f, k0]; mem[k0] -= c.mem[f]
+            cpu[k] += c.cpu_dem[f, k]; mem[k] += c.mem[f]
+            pf[f] = k
+            for q in c.f_acc[f]:
+                s = c.acc[q][1]
+                if rng.random() < 0.5 and sto[k] + c.size[s] <= c.cap_sto[k]:
+                    sto[ps[s]] -= c.size[s]; sto[k] += c.size[s]
+                    ps[s] = k
+        return pf, ps
+
+
+def solve(problem: Problem, time_budget: float = 8.0, candidate_nodes: list[str] | None = None,
+          seed: int = 0) -> Placement:
+    """A good capacity-feasible placement quickly (see the module doc); ``seed`` drives the kicks."""
+    start = time.perf_counter()
+    cand = candidate_nodes or candidates(problem)
+    result = _solve_on(problem, cand, start, time_budget, seed)
+    if result is None and len(cand) < len(problem.network.nodes):
+        result = _solve_on(problem, [n.name for n in problem.network.nodes], start, time_budget, seed)
+    if result is None:
+        raise Infeasible("heuristic: no placement fits the nodes' CPU, memory and storage capacities")
+    comp, pf, ps, feasible = result
+    return comp.placement(pf, ps, "heuristic", seconds=time.perf_counter() - start, candidates=comp.K,
+                          delay_feasible=feasible)
+
+
+def _solve_on(problem: Problem, cand: list[str], start: float, budget: float, seed: int = 0):
+    comp = Compiled(problem, cand)
+    base = _scale(comp)
+    penalty = 1e3 * (1.0 + base) / max(comp.delay_bound or 1.0, 1e-6)
+    search = _Search(comp, penalty)
+    w0 = comp.delay_weight
+    wd = w0 + (base / comp.delay_bound if comp.delay_bound else 0.0)
+    starts = []
+    weights = {w0}
+    if comp.delay_bound is not None:  # delay-led starts, to meet the bound when cost pulls away from it
+        weights |= {wd, w0 + 10 * base / max(comp.delay_bound, 1e-6)}
+    for w in sorted(weights):
+        g = search.greedy(w)
+        if g is not None:
+            starts.append((g, w))
+    co = search.colocated()
+    if co is not None:
+        starts.append((co, w0))
+    if not starts:
+        return None
+    deadline = start + budget
+    best = None
+    for (pf, ps), w in starts:
+        pf, ps, o = search.local_search(pf.copy(), ps.copy(), deadline, w0 if w == w0 else w)
+        if w != w0:  # polish a delay-led start under the true objective
+            pf, ps, o = search.local_search(pf, ps, deadline, w0)
+        if comp.capacity_ok(pf, ps) and (best is None or o < best[0]):
+            best = (o, pf.copy(), ps.copy())
+    if best is None:
+        return None
+    # Iterated local search: kick the best plan, search again, keep improvements; small instances get
+    # most of this time (a fixed share of the budget that grows with the application).
+    rng = np.random.default_rng(seed)
+    ils_deadline = min(deadline, start + min(0.5 * budget, 0.2 + 0.04 * len(comp.fnames)))
+    kicks = 0
+    while time.perf_counter() < ils_deadline:
+        kicks += 1
+        pf, ps = search.perturb(best[1], best[2], rng, moves=int(rng.integers(2, 5)))
+        pf, ps, o = search.local_search(pf, ps, ils_deadline, w0)
+        if comp.capacity_ok(pf, ps) and o < best[0] - 1e-9 * (1 + abs(best[0])):
+            best = (o, pf.copy(), ps.copy())
+    ok = comp.objective(best[1], best[2])[1]
+    return comp, best[1], best[2], ok
+
+
+def _scale(comp: Compiled) -> float:
+    """A typical cost magnitude, to size the delay-bound penalty and the delay-led greedy weight."""
+    return float(np.abs(comp.lin_f).mean() * max(1, len(comp.fnames)) + comp.e_cost.sum() * max(np.nanmax(np.where(np.isfinite(comp.C), comp.C, 0)), 1e-9)
+                 + comp.g_cost.sum() / max(comp.K, 1)) + 1e-9
