@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from .arrays import Compiled
-from .heuristic import _Search, _scale, candidates
+from .heuristic import _scale, _Search, candidates
 from .mip import Infeasible, build, check_size, solve_formulation
 from .model import Placement, Problem
 

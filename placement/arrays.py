@@ -135,7 +135,7 @@ class Compiled:
         for ai, (f, s, _) in enumerate(self.acc):
             c += self.a_cost[ai] * self.C[pf[f], ps[s]]
         for g, members in enumerate(self.groups):
-            for k in set(int(pf[f]) for f in members):
+            for k in {int(pf[f]) for f in members}:
                 c += self.g_cost[g, k]
         return c
 
@@ -172,7 +172,7 @@ class Compiled:
                         cand = [L[g][0] + t]
                     else:
                         cand = [x + t for x in L[g]]
-                    vec = cand if vec is None else [a if a > b else b for a, b in zip(vec, cand)]
+                    vec = cand if vec is None else [max(b, a) for a, b in zip(vec, cand)]
             else:
                 vec = [ninf] * ne
                 vec[epos[f]] = 0.0

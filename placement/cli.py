@@ -87,7 +87,7 @@ def register(sub) -> None:
     plan.add_argument("--manifests", metavar="DIR", help="write Kubernetes manifests (node affinity per function)")
     plan.add_argument("--namespace", default="default", help="namespace for --manifests (default: default)")
     plan.add_argument("--time-limit", type=float, default=None, metavar="S", help="solver time limit (mip)")
-    plan.add_argument("--seed", type=int, default=None, help="random seed (random, approx)")
+    plan.add_argument("--seed", type=int, default=None, help="random seed (heuristic, approx, random)")
     plan.set_defaults(func=_plan)
 
     cmp_ = ps.add_parser("compare", help="run several algorithms on one input and compare them")
@@ -128,7 +128,7 @@ def _options(args, algorithm: str) -> dict:
     opts = {}
     if algorithm == "mip" and args.time_limit is not None:
         opts["time_limit"] = args.time_limit
-    if algorithm in ("random", "approx") and args.seed is not None:
+    if algorithm in ("random", "approx", "heuristic") and args.seed is not None:
         opts["seed"] = args.seed
     return opts
 
@@ -164,9 +164,7 @@ def _compare(args) -> int:
     from remora.errors import RemoraError
 
     from .model import evaluate
-    from .solve import solve
-
-    from .solve import ALGORITHMS
+    from .solve import ALGORITHMS, solve
 
     names = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     for name in names:

@@ -154,7 +154,7 @@ def waxman_topology(n: int, seed=0, *, alpha: float = 0.25, mean_degree: float =
     beta = min(1.0, mean_degree * n / 2 / max(float(w[iu].sum()), 1e-12))
     keep = rng.random(len(iu[0])) < beta * w[iu]
     g = nx.Graph()
-    regional = set(rng.choice(n, size=max(1, int(round(n * regional_frac))), replace=False).tolist()) if n > 1 else set()
+    regional = set(rng.choice(n, size=max(1, round(n * regional_frac)), replace=False).tolist()) if n > 1 else set()
     for i in range(n):
         g.add_node(f"e{i}", pos=(float(pos[i, 0]), float(pos[i, 1])),
                    **_node_attrs(rng, "regional" if i in regional else "edge"))

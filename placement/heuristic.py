@@ -234,7 +234,7 @@ class _Search:
             for f in members:
                 counts[g, pf[f]] += 1
         exact_needed = c.needs_delay and len(c.users) > 0
-        eps = lambda x: 1e-9 * (1 + abs(x))  # noqa: E731
+        eps = lambda x: 1e-9 * (1 + abs(x))
 
         def try_moves(cv, dv, k0, ok, setter):
             rank = np.where(ok, cv + weight * dv, np.inf)
@@ -263,7 +263,7 @@ class _Search:
                 cv, dv = self.f_parts(f, pf, ps, counts)
                 ok = (cpu + c.cpu_dem[f] <= c.cap_cpu * (1 + 1e-9)) & (mem + c.mem[f] <= c.cap_mem * (1 + 1e-9))
                 ok[k0] = True
-                best = try_moves(cv, dv, k0, ok, lambda k: pf.__setitem__(f, k))
+                best = try_moves(cv, dv, k0, ok, lambda k, f=f: pf.__setitem__(f, k))
                 if best[1] is not None:
                     k = best[1]
                     cpu[k0] -= c.cpu_dem[f, k0]; mem[k0] -= c.mem[f]
@@ -278,7 +278,7 @@ class _Search:
                 cv, dv = self.s_parts(s, pf)
                 ok = sto + c.size[s] <= c.cap_sto * (1 + 1e-9)
                 ok[k0] = True
-                best = try_moves(cv, dv, k0, ok, lambda k: ps.__setitem__(s, k))
+                best = try_moves(cv, dv, k0, ok, lambda k, s=s: ps.__setitem__(s, k))
                 if best[1] is not None:
                     sto[k0] -= c.size[s]; sto[best[1]] += c.size[s]
                     ps[s], cur, improved = best[1], best[0], True

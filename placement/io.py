@@ -18,12 +18,24 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from remora.errors import InvalidInput, NotFound
 
-from .model import (Access, Application, Edge, Function, Image, Link, Network, Node, Problem, State)
+from .model import (
+    Access,
+    Application,
+    Edge,
+    Function,
+    Image,
+    Link,
+    Network,
+    Node,
+    Problem,
+    State,
+)
 
 SPEC_VERSION = 1
 ZONE_KEY = "topology.kubernetes.io/zone"
@@ -349,10 +361,10 @@ def check_acyclic(app: Application, where: str) -> None:
     for e in app.edges:
         succ[e.src].append(e.dst)
     color: dict[str, int] = {}
-    for start in succ:
+    for start, first in succ.items():
         if color.get(start):
             continue
-        stack = [(start, iter(succ[start]))]
+        stack = [(start, iter(first))]
         path = [start]
         color[start] = 1
         while stack:

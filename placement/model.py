@@ -27,7 +27,8 @@ Public API (kept stable; other modules and helpers import it):
   per-state reports, ``delays`` {user node: seconds}, ``mean_delay``, ``max_delay``, ``objective``,
   ``violations``); :func:`request_delay` (one request entering at one node, optionally under another
   PathTable, e.g. with sampled delays); :func:`cost_breakdown`; :func:`violations` (capacity, delay
-  bound, unreachable pairs, unknown names) and :func:`deployment_bytes`.
+  bound, unreachable pairs, unknown names); :func:`deployment_bytes`; :func:`objective` (what every
+  algorithm minimises: cost + delay_weight * mean delay, inf when infeasible).
 
 Delay of a request entering at user node u (all transfers on least-delay paths, t(a, b, x) = 0 when
 a == b else D[a,b] + x / B[a,b]):
@@ -47,8 +48,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -104,7 +105,7 @@ class Network:
             object.__setattr__(self, "_index", idx)
             return idx
 
-    def with_delays(self, delays: Mapping[tuple[str, str], float]) -> "Network":
+    def with_delays(self, delays: Mapping[tuple[str, str], float]) -> Network:
         """A copy whose link (a, b) (either order) has delay ``delays[(a, b)]``; other links unchanged."""
         links = []
         for link in self.links:

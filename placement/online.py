@@ -10,7 +10,10 @@ Learners (all share :class:`Learner`'s interface, so the harness treats them ali
 * :class:`LinkUCB` — combinatorial UCB (CUCB, Chen et al. 2013) on *per-link* delay estimates: every link
   keeps a (discounted) mean of the delays observed on it; the planner sees each link optimistically at
   its lower confidence bound ``mean - c * mean * sqrt(2 ln t / n)`` (a never-seen link at 0), and the
-  learner plays the placement that is fastest for this request's user under those optimistic delays.
+  learner plays the placement with the least rate-weighted delay under those optimistic delays. The
+  radius scales with the link's own mean because link delays are positive with a spread proportional to
+  their level (queueing); this is the UCB1 radius for a known coefficient of variation ``c``, not a
+  sub-Gaussian bound with a known variance (which would need a delay scale nobody declares).
   Optimism explores exactly the links that could still make a placement best; a placement shares links
   with others, so one play refines the estimates of many. ``gamma < 1`` discounts old observations
   (discounted UCB, Garivier & Moulines 2011) so the estimates follow drift, with ``t`` in the bound
@@ -51,7 +54,7 @@ from .simulate import DelayEvaluator
 
 class Learner:
     """One online policy. ``arms`` is a :class:`DelayEvaluator`-like object: ``K``, ``L``, ``used[k, u]``
-    (links a request of user u crosses under arm k) and ``delays(X, u)`` -> (R, K) seconds."""
+    (links a request of user u crosses under arm k) and ``delays_all_users(x)`` -> (U, K) seconds."""
 
     name = "learner"
 
@@ -245,7 +248,7 @@ class OnlineInstance:
 
     @classmethod
     def build(cls, problem: Problem, candidates: list[Placement], delays: DelayProcess, rounds: int, seed=0,
-              batch: int = 2048) -> "OnlineInstance":
+              batch: int = 2048) -> OnlineInstance:
         if rounds <= 0:
             raise InvalidInput("rounds must be positive")
         arms = DelayEvaluator(problem, candidates)
@@ -272,7 +275,7 @@ class OnlineInstance:
         self.losses = np.concatenate([self.losses, col[:, None]], axis=1)
         return k
 
-    def copy(self) -> "OnlineInstance":
+    def copy(self) -> OnlineInstance:
         """An instance sharing the truth (X, users) whose arm set can grow independently."""
         arms = DelayEvaluator(self.problem, list(self.arms.placements), self.arms.users, router=self.arms.router)
         return OnlineInstance(self.problem, arms, self.delays, self.users, self.X, self.losses.copy())

@@ -153,7 +153,7 @@ def picture(problem: Problem, plan: Placement, ev: Evaluation, path: str | Path)
         labels[n] = f"{n}\n" + "\n".join(shown)
     for n, (x, y) in ((n, pos[n]) for n in labels):
         ax.annotate(labels[n], (x, y), xytext=(8, 8), textcoords="offset points", fontsize=8,
-                    bbox=dict(boxstyle="round,pad=0.25", fc="white", ec="#2a9d8f", alpha=0.9))
+                    bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "#2a9d8f", "alpha": 0.9})
     if not big:
         nx.draw_networkx_labels(g, pos, labels={n: n for n in others}, ax=ax, font_size=7, font_color="#666666")
     c = ev.cost
@@ -213,7 +213,7 @@ def manifests(problem: Problem, plan: Placement, directory: str | Path, namespac
             {"matchExpressions": [{"key": HOSTNAME_LABEL, "operator": "In", "values": [node]}]}]}}}
         labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": part_of}
         if f.image:
-            cpu_m = max(1, int(math.ceil(problem.cpu_demand(f, problem.network.node(node)))))
+            cpu_m = max(1, math.ceil(problem.cpu_demand(f, problem.network.node(node))))
             container = {"name": name, "image": f.image,
                          "resources": {"requests": {"cpu": f"{cpu_m}m", "memory": str(int(f.memory))}}}
             doc = {"apiVersion": "apps/v1", "kind": "Deployment",

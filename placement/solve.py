@@ -7,7 +7,7 @@ algorithm's name and ``meta['seconds']`` (planning time, measured here when the 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from remora.errors import UsageError
 
