@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 CONVERT_EPILOG = """\
@@ -80,6 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("directory", metavar="DIR")
     u.add_argument("--plain-http", action="store_true", default=None)
     u.add_argument("--platform", default="linux/amd64")
+    u.add_argument("--force", action="store_true",
+                   help="unpack into a non-empty DIR, replacing what is in the way (symlinks there are never followed)")
+    u.add_argument("--no-progress", action="store_true", help="never show progress bars")
     u.set_defaults(func=run_unpack)
 
     t = sub.add_parser("trace", help="run a workload in an image and record the files it reads, in order",
@@ -136,11 +138,32 @@ def _open_image(args, tmp: Path):
     return image, LocalBlobs(image, tmp / "blobs")
 
 
+class _FrameProgress:
+    """LocalBlobs as check uses it, advancing a progress bar by each frame's compressed size."""
+
+    def __init__(self, blobs, progress):
+        self._blobs, self._progress = blobs, progress
+
+    def frame(self, blob: str, offset: int, csize: int, usize: int) -> bytes:
+        data = self._blobs.frame(blob, offset, csize, usize)
+        self._progress.advance(csize)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._blobs, name)
+
+
 def run_check(args) -> int:
     from remora.converter.check import check
 
-    with tempfile.TemporaryDirectory(prefix="remora-check-") as tmp:
+    from remora.converter.progress import Progress
+    from remora.converter.workdir import work_dir
+
+    with Progress(None if not args.json else False) as progress, work_dir("check") as tmp:
+        progress.phase("image metadata")
         image, blobs = _open_image(args, Path(tmp))
+        progress.phase("verify blobs", sum(d.size for d in image.blob_descs.values()) or None)
+        blobs = _FrameProgress(blobs, progress)
         try:
             res = check(image, blobs)
         finally:
@@ -159,12 +182,17 @@ def run_check(args) -> int:
 
 
 def run_unpack(args) -> int:
-    from remora.converter.unpack import unpack
+    from remora.converter.progress import Progress
+    from remora.converter.unpack import check_target, unpack
+    from remora.converter.workdir import work_dir
 
-    with tempfile.TemporaryDirectory(prefix="remora-unpack-") as tmp:
+    check_target(Path(args.directory), args.force)     # refuse before downloading anything
+    with Progress(False if args.no_progress else None) as progress, \
+            work_dir("unpack") as tmp:
+        progress.phase("image metadata")
         image, blobs = _open_image(args, Path(tmp))
         try:
-            stats = unpack(image, Path(args.directory), blobs)
+            stats = unpack(image, Path(args.directory), blobs, force=args.force, progress=progress)
         finally:
             image.close()
     for w in stats.warnings:
@@ -191,7 +219,10 @@ def run_trace(args) -> int:
             for key, value in vars(parsed).items():
                 if value is not None:
                     setattr(args, key, value)
-    result = trace_image(args.image, rest, timeout=args.timeout, plain_http=args.plain_http)
+    from remora.converter.progress import Progress
+
+    with Progress() as progress:
+        result = trace_image(args.image, rest, timeout=args.timeout, plain_http=args.plain_http, progress=progress)
     text = "".join(f"{p}\n" for p in result.files)
     if args.output:
         Path(args.output).write_text(text)

@@ -17,10 +17,9 @@ import hashlib
 import io
 import logging
 import os
-import shutil
 import tarfile
-import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -40,6 +39,7 @@ from remora.converter.merge import LayerMerger
 from remora.converter.packer import Packer
 from remora.converter.progress import Progress
 from remora.converter.report import ConvertReport
+from remora.converter.workdir import work_dir
 from remora.imagestore import open_store
 
 log = logging.getLogger("remora.convert")
@@ -219,20 +219,20 @@ def convert(source: str, destination: str, opts: ConvertOptions | None = None) -
     opts = opts or ConvertOptions()
     started = time.monotonic()
     report = ConvertReport(source=source, destination=destination, chunking=str(opts.chunking))
-    own_tmp = opts.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="remora-convert-", dir=os.environ.get("REMORA_TMPDIR"))) if own_tmp \
-        else Path(opts.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        with Progress(opts.progress) as progress:
-            _convert(source, destination, opts, report, workdir, progress)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise StorageError(f"disk full in {workdir} while converting (nothing was pushed): {exc}") from None
-        raise
-    finally:
-        if own_tmp and not opts.keep_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with ExitStack() as stack:
+        if opts.workdir is None:
+            # locked while we run, swept by the next run if we are killed (converter/workdir.py)
+            workdir = stack.enter_context(work_dir("convert", keep=opts.keep_workdir))
+        else:
+            workdir = Path(opts.workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            with Progress(opts.progress) as progress:
+                _convert(source, destination, opts, report, workdir, progress)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StorageError(f"disk full in {workdir} while converting (nothing was pushed): {exc}") from None
+            raise
     report.seconds = time.monotonic() - started
     return report
 
@@ -253,7 +253,11 @@ def _convert(source: str, destination: str, opts: ConvertOptions, report: Conver
         mdesc, mbytes, manifest = top_desc, top_bytes, top
     if ann.is_remora_manifest(manifest.to_dict()):
         raise InvalidInput(f"{source} is already a remora image")
-    config = oci.ImageConfig.from_bytes(_read_all(src.open_blob(manifest.config)))
+    if manifest.config.size > oci.MAX_MANIFEST_SIZE:
+        raise InvalidInput(f"{source}: image config of {manifest.config.size} bytes is over the "
+                           f"{oci.MAX_MANIFEST_SIZE}-byte limit")
+    config = oci.ImageConfig.from_bytes(oci.read_limited(src.open_blob(manifest.config), oci.MAX_MANIFEST_SIZE,
+                                                         f"{source}: image config"))
     diff_ids = config.diff_ids
     if len(diff_ids) != len(manifest.layers):
         raise InvalidInput(f"{source}: manifest has {len(manifest.layers)} layers but config has {len(diff_ids)} diff_ids")
@@ -310,7 +314,7 @@ def _convert(source: str, destination: str, opts: ConvertOptions, report: Conver
         tree = merger.finish()
 
         # -- 3. hot files: their own blob, in access order ----------------------------------------
-        progress.phase("prefetch blob")
+        progress.phase("prefetch blob", sum(size for _, size in spool.chunks.values()))
         prefetch_inos, hot_blob = [], None
         packer.open_blob(ordered=True)
         for path in dict.fromkeys(hot_order):
@@ -320,6 +324,7 @@ def _convert(source: str, destination: str, opts: ConvertOptions, report: Conver
             for ref in node.chunks:
                 if ref.digest not in table.by_digest:
                     packer.add(spool.read(ref.digest), ref.digest)
+                    progress.advance(ref.size)
             prefetch_inos.append(node)
         # Spooled content still referenced through another path (a hard link made before the hot path
         # was replaced) goes into the hot blob too; every chunk of the tree must be in the table.
@@ -329,6 +334,7 @@ def _convert(source: str, destination: str, opts: ConvertOptions, report: Conver
                     if ref.digest not in spool.chunks:
                         raise InvalidInput(f"internal error: chunk {ref.digest.hex()} of the tree was never packed")
                     packer.add(spool.read(ref.digest), ref.digest)
+                    progress.advance(ref.size)
         sealed = packer.close_blob()
         if sealed:
             hot_blob = sealed[0]
@@ -347,7 +353,7 @@ def _convert(source: str, destination: str, opts: ConvertOptions, report: Conver
     report.layers = len(manifest.layers)
 
     # -- 4. bootstrap -------------------------------------------------------------------------
-    progress.phase("bootstrap")
+    progress.phase("bootstrap", len(table.chunks) * 48 or None)   # a first guess, corrected below
     files = {bid: packer.blob_path(bid) for bid in range(len(table.blobs))}
     remap = table.drop_unused_blobs()
     blob_files = {remap[old]: path for old, path in files.items() if old in remap and path is not None}
@@ -359,6 +365,7 @@ def _convert(source: str, destination: str, opts: ConvertOptions, report: Conver
     write_bootstrap(db_path, tree, table, [n.ino for n in prefetch_inos], meta)
     boot_path, boot_digest, boot_size, boot_diff_id = _bootstrap_layer(db_path, workdir)
     report.bootstrap_bytes = boot_size
+    progress.complete(boot_size)
 
     # -- 5. manifest and config ---------------------------------------------------------------
     host, repo = store_location(dst)
@@ -436,13 +443,6 @@ def store_location(store) -> tuple[str, str]:
     return "oci", str(store.ref.path)
 
 
-def _read_all(stream) -> bytes:
-    try:
-        return stream.read()
-    finally:
-        stream.close()
-
-
 def _push(dst, desc: oci.Descriptor, path: Path, progress: Progress) -> int:
     if dst.blob_exists(desc):
         return 0
@@ -484,23 +484,11 @@ def _copy_image(src, dst, source: str, mdesc, mbytes: bytes, manifest, report: C
 
 
 def _bootstrap_layer(db_path: Path, workdir: Path) -> tuple[Path, str, int, str]:
-    """Wrap the bootstrap in a deterministic tar, zstd it: ``(path, digest, size, diff_id)``."""
-    tar_path = workdir / "bootstrap.tar"
-    info = tarfile.TarInfo(ann.BOOTSTRAP_MEMBER)
-    info.size = db_path.stat().st_size
-    info.mode = 0o444
-    info.mtime = 0
-    info.uname = info.gname = ""
-    with open(tar_path, "wb") as raw:
-        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            with open(db_path, "rb") as f:
-                tar.addfile(info, f)
-    diff_id = _sha256_file(tar_path)
-    out = workdir / "bootstrap.tar.zst"
-    cctx = zstandard.ZstdCompressor(level=BOOTSTRAP_ZSTD_LEVEL, write_content_size=True)
-    with open(tar_path, "rb") as fin, open(out, "wb") as fout:
-        cctx.copy_stream(fin, fout, size=tar_path.stat().st_size)
-    return out, _sha256_file(out), out.stat().st_size, diff_id
+    """Wrap the bootstrap in a deterministic tar, zstd it: ``(path, digest, size, diff_id)``
+    (the encoding lives with its decoder in remora.format.bootstrap_layer)."""
+    from remora.format.bootstrap_layer import encode_bootstrap_layer
+
+    return encode_bootstrap_layer(db_path, workdir)
 
 
 def _sha256(data: bytes) -> str:

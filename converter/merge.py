@@ -75,6 +75,8 @@ _XATTR = "SCHILY.xattr."
 _MAX_SYMLINK_HOPS = 40          # Linux's MAXSYMLINKS
 _NAME_MAX = 255                 # longest name component Linux file systems accept
 _PATH_MAX = 4096                # symlink(2) refuses targets this long or longer
+#: largest logical size of a sparse member (its holes are read as zeros, so they cost time)
+MAX_SPARSE_SIZE = 16 << 30
 _REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE)
 
 
@@ -210,8 +212,9 @@ class LayerMerger:
     def __init__(self, tree: Tree | None = None):
         self.tree = tree or Tree()
         self.layers = 0
-        self._own: set[tuple[bytes, ...]] = set()
-        self._holds_own: set[tuple[bytes, ...]] = set()
+        self._paths = _PathIds()
+        self._own: set[int] = set()          # path ids (see _PathIds) the current layer wrote
+        self._holds_own: set[int] = set()    # path ids of directories holding such paths
         self._plnk: dict[bytes, Inode] = {}
         self._fresh: set[int] = set()   # id() of directories this layer created (not merged)
         self._where = ""
@@ -224,6 +227,7 @@ class LayerMerger:
         self.layers += 1
         self._where = f"layer {self.layers}" + (f" ({label})" if label else "")
         self._own, self._holds_own, self._plnk, self._fresh = set(), set(), {}, set()
+        self._paths = _PathIds()
         stats = LayerStats()
         counting = _Counting(stream)
         try:
@@ -298,24 +302,24 @@ class LayerMerger:
                 self.current_path = b"/" + b"/".join(parts)
                 self._plnk[parts[1]] = self._regular(tf, ti, sink, stats)
             return                                  # AUFS metadata
-        dir_node, dir_path = self._resolve_dir(parts[:-1], ti.name, create=True)
+        dir_node, dir_path, dir_id = self._resolve_dir(parts[:-1], ti.name, create=True)
         base = parts[-1]
         if base.startswith(_WH):
             stats.whiteouts += 1
             if base == _OPAQUE:
                 for child in list(dir_node.children):
-                    self._hide_lower(dir_node, child, dir_path + (child,))
+                    self._hide_lower(dir_node, child, dir_id)
             else:
                 target = base[len(_WH):]
                 if target in (b"", b".", b".."):
                     raise self._err(ti.name, "invalid whiteout name")
-                self._hide_lower(dir_node, target, dir_path + (target,))
+                self._hide_lower(dir_node, target, dir_id)
             return
         existing = dir_node.children.get(base)
-        self.current_path = b"/" + b"/".join(dir_path + (base,))
+        self.current_path = b"/" + b"/".join(dir_path + [base])
         node = self._make_node(tf, ti, sink, stats, existing)
         dir_node.children[base] = node
-        self._mark_own(dir_path + (base,))
+        self._mark_own(self._paths.intern(dir_id, base))
 
     def _make_node(self, tf, ti: tarfile.TarInfo, sink: Sink, stats: LayerStats, existing: Inode | None) -> Inode:
         t = ti.type
@@ -359,6 +363,8 @@ class LayerMerger:
             xattrs = _xattrs(ti)
         except InvalidInput as e:
             raise InvalidInput(f"{self._where}: {e}") from None
+        if not (0 <= ti.uid < 1 << 32 and 0 <= ti.gid < 1 << 32):
+            raise self._err(ti.name, f"uid/gid {ti.uid}/{ti.gid} out of range")
         return dict(uid=ti.uid, gid=ti.gid, mtime_ns=_mtime_ns(ti), xattrs=xattrs)
 
     def _regular(self, tf: tarfile.TarFile, ti: tarfile.TarInfo, sink: Sink, stats: LayerStats) -> Inode:
@@ -368,6 +374,8 @@ class LayerMerger:
         def truncated() -> InvalidInput:
             return InvalidInput(f"{where}: truncated tar at member {name!r}: its {size} bytes of data are cut short")
 
+        if size < 0:
+            raise self._err(name, f"negative size {size}")
         if ti.sparse is None:
             # a plain member's bytes follow its header: read them straight from the stream
             # (tarfile's per-member file objects only add calls and copies)
@@ -377,6 +385,11 @@ class LayerMerger:
                 tf.fileobj.seek(ti.offset_data)
                 chunks = list(sink(_MemberReader(tf.fileobj, size, truncated), size))
         else:
+            # the holes of a sparse member cost no input bytes but every byte of them goes
+            # through the sink: a 1 KB layer declaring an exabyte file would convert forever
+            if size > MAX_SPARSE_SIZE:
+                raise self._err(name, f"sparse file of {size} bytes (holes included) is over the "
+                                      f"{MAX_SPARSE_SIZE >> 30} GiB limit for sparse files")
             try:
                 src = tf.extractfile(ti)
             except (tarfile.ReadError, EOFError) as e:  # GNU sparse 1.0 maps live in the data area
@@ -411,11 +424,12 @@ class LayerMerger:
     # -- paths ----------------------------------------------------------------------------------
     def _resolve_dir(self, parts: list[bytes], member: str, create: bool):
         """Walk ``parts`` from the root following symlinks (absolute targets from the root) and
-        return ``(dir_inode, resolved_path)``. Missing directories are created (``create``) or make
-        the result None. A ``..`` above the root, a symlink loop or a non-directory in the way is
-        InvalidInput."""
+        return ``(dir_inode, resolved_path, path_id)`` (``path_id`` only with ``create``; see
+        :class:`_PathIds`). Missing directories are created (``create``) or make the result None.
+        A ``..`` above the root, a symlink loop or a non-directory in the way is InvalidInput."""
         nodes = [self.tree.root]
         path: list[bytes] = []
+        ids = [_PathIds.ROOT]
         todo = list(reversed(parts))        # a stack: symlink targets are pushed in front
         hops = 0
         while todo:
@@ -425,6 +439,7 @@ class LayerMerger:
                     raise self._err(member, "its parent directories resolve outside the root through a symlink")
                 path.pop()
                 nodes.pop()
+                ids.pop()
                 continue
             cur = nodes[-1]
             child = cur.children.get(c)
@@ -434,44 +449,75 @@ class LayerMerger:
                 child = Inode.directory(0o755)
                 self._fresh.add(id(child))
                 cur.children[c] = child
-                self._mark_own(tuple(path) + (c,))
+                self._mark_own(self._paths.intern(ids[-1], c))
             elif child.is_symlink:
                 hops += 1
                 if hops > _MAX_SYMLINK_HOPS:
                     raise self._err(member, "too many levels of symbolic links in its parent directories")
                 target = child.target or b""
                 if target.startswith(b"/"):
-                    path, nodes = [], [self.tree.root]
+                    path, nodes, ids = [], [self.tree.root], [_PathIds.ROOT]
                 todo.extend(reversed([p for p in target.split(b"/") if p and p != b"."]))
                 continue
             elif not child.is_dir:
                 raise self._err(member, f"parent {b'/'.join(path + [c]).decode(_ENC, _ERR)!r} is not a directory")
             path.append(c)
             nodes.append(child)
-        return nodes[-1], tuple(path)
+            if create:
+                ids.append(self._paths.intern(ids[-1], c))
+        return nodes[-1], path, ids[-1]
 
-    def _mark_own(self, path: tuple[bytes, ...]) -> None:
-        self._own.add(path)
-        # prefixes are added together, so the first one already present has all shorter ones too
-        for i in range(len(path) - 1, -1, -1):
-            if path[:i] in self._holds_own:
-                break
-            self._holds_own.add(path[:i])
+    def _mark_own(self, pid: int) -> None:
+        self._own.add(pid)
+        # ancestors are added together, so the first one already present has all above it too
+        parent = self._paths.parent
+        p = parent[pid]
+        while p >= 0 and p not in self._holds_own:
+            self._holds_own.add(p)
+            p = parent[p]
 
-    def _hide_lower(self, parent: Inode, name: bytes, path: tuple[bytes, ...]) -> None:
+    def _hide_lower(self, parent: Inode, name: bytes, parent_id: int) -> None:
         """Remove ``parent/name`` and everything below it that lower layers put there; keep what
-        the current layer wrote (and the directories leading to it)."""
-        todo = [(parent, name, path)]
+        the current layer wrote (and the directories leading to it). ``parent_id`` is the path id
+        of ``parent``."""
+        todo = [(parent, name, parent_id)]
         while todo:
-            parent, name, path = todo.pop()
+            parent, name, pid = todo.pop()
             node = parent.children.get(name)
             if node is None:
                 continue
-            if path not in self._own and path not in self._holds_own:
+            cid = self._paths.get(pid, name)
+            if cid is None or (cid not in self._own and cid not in self._holds_own):
                 del parent.children[name]
             elif node.children and id(node) not in self._fresh:
                 # a directory this layer created holds nothing from below: no need to look inside
-                todo.extend((node, c, path + (c,)) for c in node.children)
+                todo.extend((node, c, cid) for c in node.children)
+
+
+class _PathIds:
+    """The resolved paths one layer touches, each as a small integer: ``(parent id, name) -> id``.
+
+    The merge must remember which paths the current layer wrote and which directories hold them.
+    Sets of path tuples cost the square of the depth (one member with 20,000 components made
+    20,000 tuples of up to 20,000 names: 3 GB); ids cost one dict entry per distinct component.
+    """
+
+    ROOT = 0
+
+    def __init__(self):
+        self._ids: dict[tuple[int, bytes], int] = {}
+        self.parent: list[int] = [-1]       # id -> parent id (the root has none)
+
+    def intern(self, parent: int, name: bytes) -> int:
+        key = (parent, name)
+        pid = self._ids.get(key)
+        if pid is None:
+            pid = self._ids[key] = len(self.parent)
+            self.parent.append(parent)
+        return pid
+
+    def get(self, parent: int, name: bytes) -> int | None:
+        return self._ids.get((parent, name))
 
 
 def _mtime_ns(ti: tarfile.TarInfo) -> int:

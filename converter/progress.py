@@ -27,14 +27,28 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         if self._rich is not None:
+            if exc[0] is None:
+                self._finish_row()
             self._rich.__exit__(*exc)
 
     def phase(self, description: str, total: int | None = None) -> None:
+        """Start the next row; the previous one is shown finished (its total, or what it counted
+        when it had none, so no row stays at ``0/?``)."""
         log.info("%s%s", description, f" ({total} bytes)" if total else "")
         if self._rich is not None:
-            if self._task is not None:
-                self._rich.update(self._task, completed=self._rich.tasks[self._task].total or 0)
+            self._finish_row()
             self._task = self._rich.add_task(description, total=total)
+
+    def complete(self, total: int) -> None:
+        """The current row is done and ``total`` is what it really amounted to."""
+        if self._rich is not None and self._task is not None:
+            self._rich.update(self._task, total=total, completed=total)
+
+    def _finish_row(self) -> None:
+        if self._task is not None:
+            task = self._rich.tasks[self._task]
+            total = task.total if task.total is not None else task.completed
+            self._rich.update(self._task, total=total, completed=total)
 
     def advance(self, n: int) -> None:
         if self._rich is not None and self._task is not None:

@@ -81,13 +81,15 @@ class ConvertReport:
             ("prefetch files", str(self.prefetch_files)),
             ("time", f"{self.seconds:.2f} s"),
             ("throughput", f"{self.throughput_mb_s:.1f} MB/s"),
-            ("manifest", self.manifest_digest),
         ]
-        if self.tagged_digest and self.tagged_digest != self.manifest_digest:
-            rows.append(("index (with OCI fallback)", self.tagged_digest))
         for k, v in rows:
             t.add_row(k, v)
         Console(file=file).print(t)
+        # digests are 71 characters: in the table an 80-column terminal cut them short, and a
+        # digest is only useful whole (copied into a pull or a check), so they go on lines of their own
+        print(f"manifest: {self.manifest_digest}", file=file)
+        if self.tagged_digest and self.tagged_digest != self.manifest_digest:
+            print(f"index (with OCI fallback): {self.tagged_digest}", file=file)
 
 
 def human(n: int) -> str:

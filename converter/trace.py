@@ -213,25 +213,34 @@ def run_traced(root: Path, command: list[str], timeout: float, env: dict[str, st
 
 
 def trace_image(image: str, command: list[str], *, timeout: float = 120.0, plain_http: bool | None = None,
-                env: dict[str, str] | None = None) -> TraceResult:
+                env: dict[str, str] | None = None, progress=None) -> TraceResult:
+    """Materialise ``image`` (converting it first if it is a plain OCI image) and trace ``command``
+    in it. ``progress`` (a converter.progress.Progress) shows each step as it runs."""
     from remora.converter.convert import ConvertOptions, convert
     from remora.converter.image import LocalBlobs, RemoraImage
     from remora.converter.unpack import unpack
+    from remora.converter.workdir import work_dir
     from remora.errors import InvalidInput
     from remora.imagestore import open_store
 
-    with tempfile.TemporaryDirectory(prefix="remora-trace-") as tmp:
-        tmp_path = Path(tmp)
+    def phase(text: str, total: int | None = None) -> None:
+        if progress is not None:
+            progress.phase(text, total)
+
+    with work_dir("trace") as tmp_path:
         ref = image
+        phase("image metadata")
         try:
             remora_image = RemoraImage.open(open_store(ref, plain_http=plain_http), tmp_path / "meta")
         except InvalidInput:
             ref = f"oci:{tmp_path / 'converted'}:trace"
+            phase("convert (not a remora image)")
             convert(image, ref, ConvertOptions(progress=False, plain_http=plain_http))
             remora_image = RemoraImage.open(open_store(ref), tmp_path / "meta")
         try:
             root = tmp_path / "rootfs"
-            unpack(remora_image, root, LocalBlobs(remora_image, tmp_path / "blobs"))
+            unpack(remora_image, root, LocalBlobs(remora_image, tmp_path / "blobs"), progress=progress)
         finally:
             remora_image.close()
+        phase("run the workload under strace")
         return run_traced(root, command, timeout, env)

@@ -19,7 +19,7 @@ from typing import BinaryIO, Iterator
 
 from remora.digest import CHUNK, VerifyingReader, new_hasher, sha256_digest, split_digest, validate_digest
 from remora.errors import DigestMismatch, InvalidInput, NotFound, StorageError, UsageError
-from remora.oci import (ANNOTATION_REF_NAME, INDEX_MEDIA_TYPES, MAX_MANIFEST_SIZE, MEDIA_TYPE_OCI_INDEX,
+from remora.oci import (read_limited, ANNOTATION_REF_NAME, INDEX_MEDIA_TYPES, MAX_MANIFEST_SIZE, MEDIA_TYPE_OCI_INDEX,
                         OCI_LAYOUT_VERSION, Descriptor, Index, canonical_json, parse_index,
                         parse_manifest_or_index)
 
@@ -142,8 +142,11 @@ class OCILayout:
             raise NotFound(f"blob {digest} not found in OCI layout {self.path}") from None
         if max_size is not None and actual > max_size:
             raise InvalidInput(f"blob {digest} in {self.path} is {actual} bytes, over the {max_size}-byte limit")
-        with self.open_blob(digest, size) as r:
-            return r.read()
+        if max_size is None:
+            with self.open_blob(digest, size) as r:
+                return r.read()
+        # the limit applies while reading too: the file may grow after the stat
+        return read_limited(self.open_blob(digest, size), max_size, f"blob {digest} in {self.path}")
 
     def write_blob(self, src: BinaryIO, digest: str | None = None, size: int | None = None) -> tuple[str, int]:
         """Store a blob from a stream; return ``(digest, size)``.
@@ -215,9 +218,10 @@ class OCILayout:
 
     def read_index(self) -> Index:
         try:
-            data = (self.path / "index.json").read_bytes()
+            f = open(self.path / "index.json", "rb")
         except FileNotFoundError:
             raise NotFound(f"{self.path} has no index.json") from None
+        data = read_limited(f, MAX_MANIFEST_SIZE, f"{self.path}/index.json")
         # index.json may omit mediaType (allowed by the spec before 1.1); the shape says it is an index.
         return parse_index(data)
 

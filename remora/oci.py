@@ -13,6 +13,7 @@ digest of a manifest is always the digest of the exact bytes received or written
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -273,13 +274,64 @@ class Index:
         return canonical_json(self.to_dict())
 
 
-def _load_json(data: bytes, what: str) -> dict:
-    if len(data) > MAX_MANIFEST_SIZE:
-        raise InvalidInput(f"{what} is {len(data)} bytes, larger than the {MAX_MANIFEST_SIZE}-byte limit")
+#: deepest JSON nesting accepted in a manifest, index or config (real ones nest fewer than 10 levels);
+#: deeper input is InvalidInput instead of a RecursionError in the parser or in a later re-encode
+MAX_JSON_DEPTH = 100
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def read_limited(stream, limit: int, what: str) -> bytes:
+    """Read a small object (manifest, index, config) from ``stream`` with the size limit applied
+    while reading: at most ``limit + 1`` bytes are ever read, so a 600 MiB "config" costs no more
+    memory than a 4 MiB one. The stream is closed."""
     try:
-        obj = json.loads(data)
+        parts, got = [], 0
+        while got <= limit:
+            block = stream.read(min(1 << 20, limit + 1 - got))
+            if not block:
+                break
+            parts.append(block)
+            got += len(block)
+    finally:
+        stream.close()
+    if got > limit:
+        raise InvalidInput(f"{what} is over the {limit}-byte limit")
+    return b"".join(parts)
+
+
+def _json_depth_ok(data: bytes) -> bool:
+    """True when ``data`` nests at most MAX_JSON_DEPTH deep. Cheap for normal input: only a body
+    with more brackets than the limit is scanned token by token (strings skipped)."""
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
+        return True
+    depth = 0
+    for m in _JSON_TOKENS.finditer(data):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return False
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return True
+
+
+def load_json(data: bytes, what: str, limit: int = MAX_MANIFEST_SIZE) -> Any:
+    """``json.loads`` for untrusted bytes: size and nesting bounded, every failure InvalidInput."""
+    if len(data) > limit:
+        raise InvalidInput(f"{what} is {len(data)} bytes, larger than the {limit}-byte limit")
+    if not _json_depth_ok(data):
+        raise InvalidInput(f"{what} nests JSON deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidInput(f"{what} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidInput(f"{what} nests JSON too deeply") from None
+
+
+def _load_json(data: bytes, what: str) -> dict:
+    obj = load_json(data, what)
     if not isinstance(obj, dict):
         raise InvalidInput(f"{what} must be a JSON object")
     return obj
@@ -377,6 +429,12 @@ class ImageConfig:
             if not isinstance(d, str):
                 raise InvalidInput("image config: rootfs.diff_ids must be strings")
             validate_digest(d)
+        for key, typ in (("config", dict), ("history", list), ("os", str), ("architecture", str), ("variant", str)):
+            if obj.get(key) is not None and not isinstance(obj[key], typ):
+                raise InvalidInput(f"image config: {key!r} must be a{'n' if typ is list else ''} "
+                                   f"{ {dict: 'object', list: 'array', str: 'string'}[typ]}")
+        if not all(isinstance(h, dict) for h in obj.get("history") or ()):
+            raise InvalidInput("image config: 'history' entries must be objects")
         return cls(obj)
 
     @property

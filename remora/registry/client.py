@@ -411,7 +411,7 @@ class RegistryClient:
             # Some registries answer application/json or nothing; the manifest says what it is.
             try:
                 declared = json.loads(data).get("mediaType")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 declared = None
             if isinstance(declared, str) and declared:
                 media_type = declared

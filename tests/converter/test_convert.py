@@ -374,9 +374,13 @@ def test_disk_full_is_storage_error(crafted, registry, tmp_path):
             convert(crafted["ref"], dst, ConvertOptions(progress=False, workdir=small / "work"))
         assert not _tag_exists(dst)
     finally:
-        if subprocess.run(["umount", str(small)], capture_output=True).returncode != 0:
-            time.sleep(0.5)  # a worker may still be closing a file there: detach lazily
-            subprocess.run(["umount", "-l", str(small)], check=True)
+        # a worker may still be closing a file there: retry until it is done, else detach lazily
+        deadline = time.monotonic() + 5
+        while subprocess.run(["umount", str(small)], capture_output=True).returncode != 0:
+            if time.monotonic() > deadline:
+                subprocess.run(["umount", "-l", str(small)], check=True)
+                break
+            os.sched_yield()
 
 
 def _replace_layer(layout: Path, img, blob: bytes | None, media_type: str, diff_id: str | None) -> None:

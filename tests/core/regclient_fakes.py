@@ -13,7 +13,6 @@ import re
 import uuid
 from urllib.parse import parse_qs, urlsplit
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 _PATH = re.compile(r"^/v2/(?P<repo>.+)/(?P<kind>blobs|manifests)/(?P<ref>[^/?]+)$")
@@ -31,11 +30,15 @@ class FakeRegistry:
         self.ignore_range = False     # answer a Range request with 200 and the whole body
         self.wrong_range = False      # answer 206 with a Content-Range for other bytes
         self.redirect = False         # send blob GETs elsewhere (as registries backed by S3 do)
+        self.redirect_to = ""         # ... to this base URL (another host:port) instead of our own /storage/
+        self.require_basic = ""       # "Basic <b64>" every /v2/ request must carry (401 challenge otherwise)
+        self.auth_seen: list[tuple[str, str | None]] = []   # (path, Authorization header) of each GET/HEAD
         self.fail_puts = 0            # answer this many upload PUTs with 500
         self.lie_digest = False       # report another Docker-Content-Digest after an upload
         self.sessions: list[str] = [] # upload sessions opened
         self.cancelled: list[str] = []
         self.hits = 0
+        self._closing = threading.Event()
         self.storage_hits = 0         # requests that followed the redirect
         fake = self
 
@@ -76,6 +79,7 @@ class FakeRegistry:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -89,8 +93,12 @@ class FakeRegistry:
 
     def _handle(self, h, body: bool) -> None:
         self.hits += 1
+        self.auth_seen.append((h.path, h.headers.get("Authorization")))
+        if self.require_basic and h.path.startswith("/v2/") and h.headers.get("Authorization") != self.require_basic:
+            self._send(h, 401, {"WWW-Authenticate": 'Basic realm="fake"', "Content-Length": "0"}, b"", body)
+            return
         if self.delay:
-            time.sleep(self.delay)
+            self._closing.wait(self.delay)      # a stalled server; let go at once when the test ends
         if self.fail_next > 0:
             self.fail_next -= 1
             err = b'{"errors":[{"code":"UNKNOWN","message":"injected failure"}]}'
@@ -102,7 +110,7 @@ class FakeRegistry:
             self.storage_hits += 1
         m = _PATH.match("/v2/any/blobs/" + h.path.removeprefix("/storage/") if storage else h.path)
         if m and m["kind"] == "blobs" and self.redirect and not storage and body:
-            self._send(h, 307, {"Location": f"/storage/{m['ref']}", "Content-Length": "0"}, b"", body)
+            self._send(h, 307, {"Location": f"{self.redirect_to}/storage/{m['ref']}", "Content-Length": "0"}, b"", body)
             return
         if not m:
             self._send(h, 404, {"Content-Length": "0"}, b"", body)

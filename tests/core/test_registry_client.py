@@ -347,6 +347,36 @@ def test_blob_redirects_are_followed_for_streams_and_ranges():
         assert fake.storage_hits == 2
 
 
+@pytest.mark.parametrize("storage_host", ["127.0.0.1", "localhost"])
+def test_cross_host_redirect_drops_authorization(storage_host):
+    """A blob GET redirected to another host:port (a CDN, S3) must not carry the registry's
+    credentials there; a redirect within the registry keeps them (it needs them)."""
+    import base64
+
+    basic = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+    with FakeRegistry() as registry, FakeRegistry() as storage:
+        data = os.urandom(50_000)
+        digest = registry.add_blob(data)
+        storage.add_blob(data)
+        registry.require_basic = basic
+        registry.redirect = True
+        registry.redirect_to = f"http://{storage_host}:{storage.host.rsplit(':', 1)[1]}"
+        c = RegistryClient(registry.host, credentials=("alice", "s3cret"))
+        assert _read_verified(c.open_blob("x/y", digest), digest) == len(data)
+        assert c.get_blob_range("x/y", digest, 100, 199) == data[100:200]
+        # the registry got the credentials (after its challenge), the storage host never did
+        assert any(a == basic for p, a in registry.auth_seen if p.startswith("/v2/x/y/blobs/"))
+        assert storage.storage_hits == 2
+        assert [a for _, a in storage.auth_seen] == [None, None], storage.auth_seen
+
+        # same host: the redirect keeps working and keeps the credentials
+        registry.redirect_to = ""
+        registry.auth_seen.clear()
+        assert _read_verified(c.open_blob("x/y", digest), digest) == len(data)
+        assert registry.storage_hits == 1
+        assert [a for p, a in registry.auth_seen if p.startswith("/storage/")] == [basic]
+
+
 def test_docker_hub_name_maps_to_its_api_host():
     assert RegistryClient("docker.io").base_url == "https://registry-1.docker.io"
     assert RegistryClient("docker.io").host == "docker.io"
