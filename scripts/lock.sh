@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 
 TOOL_REQS=scripts/lock-tool.txt
 TOOL_VENV=${REMORA_LOCK_TOOL_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/remora-lock-tool}
-EXTRAS=(test place dev)   # `bench` (pyfuse3) builds from an sdist: install it by hand when needed
+EXTRAS=(test place manager learn dev)   # `bench` (pyfuse3) builds from an sdist: install it by hand when needed
 
 stamp=$(sha256sum "$TOOL_REQS" | cut -d' ' -f1)
 if [ "$(cat "$TOOL_VENV/.stamp" 2>/dev/null)" != "$stamp" ]; then

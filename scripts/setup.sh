@@ -22,6 +22,7 @@ APT_PACKAGES=(
   debootstrap busybox-static stargz-snapshotter iproute2 zstd pigz apache2-utils
   ca-certificates e2fsprogs attr tar strace util-linux
   golang-go golang-github-containerd-containerd-dev
+  postgresql chromium chromium-driver            # the manager: PostgreSQL tests and the console in a real browser
 )
 
 missing=()

@@ -1,0 +1,200 @@
+"""Client of the manager for schedulers and peers: register, keep alive, find schedulers, fetch config.
+
+Small on purpose (requests only, no manager imports) so ``remora peer`` and ``remora scheduler`` can
+use it without pulling in the server. The last good answers are kept in memory and, given a
+``state_file``, on disk (written atomically), so a node keeps working from its last known scheduler
+list and config while the manager is down or restarting; each answer says whether it is ``stale``.
+
+Typical use (a peer)::
+
+    mc = ManagerClient("http://manager:8080", join_token, state_file="/var/lib/remora/manager-state.json")
+    agent = Agent(mc, dict(type="peer", hostname=..., ip=..., port=..., api_port=...),
+                  on_schedulers=lambda answer: ..., on_config=lambda version, cfg: ...)
+    agent.start()        # registers, then keeps alive / refreshes every keepalive interval
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from collections.abc import Callable
+
+import requests
+
+log = logging.getLogger("remora.manager.client")
+
+
+class ManagerUnavailable(Exception):
+    """The manager could not be reached or failed; callers fall back to their last known state."""
+
+
+class ManagerClient:
+    def __init__(self, url: str, join_token: str, *, timeout: float = 5.0, state_file: str | Path | None = None):
+        self.url = url.rstrip("/")
+        self.http = requests.Session()
+        self.http.trust_env = False
+        self.http.headers["Authorization"] = f"Bearer {join_token}"
+        self.timeout = timeout
+        self.state_file = Path(state_file) if state_file else None
+        self.member_id: int | None = None
+        self.cluster_id: int | None = None
+        self.interval: float = 10.0
+        self.registration: dict | None = None
+        self.state = {"schedulers": None, "config": None}
+        if self.state_file and self.state_file.exists():
+            try:
+                loaded = json.loads(self.state_file.read_text())
+                self.state.update({k: loaded.get(k) for k in self.state})
+            except (OSError, ValueError) as exc:
+                log.warning("ignoring unreadable manager state %s: %s", self.state_file, exc)
+
+    # -------------------------------------------------------------- transport
+    def _call(self, method: str, path: str, **kw) -> requests.Response:
+        try:
+            r = self.http.request(method, self.url + path, timeout=self.timeout, **kw)
+        except requests.RequestException as exc:
+            raise ManagerUnavailable(f"manager {self.url} unreachable: {exc}") from exc
+        if r.status_code >= 500:
+            raise ManagerUnavailable(f"manager {self.url}: HTTP {r.status_code}")
+        return r
+
+    @staticmethod
+    def _ok(r: requests.Response) -> dict:
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail")
+            except ValueError:
+                detail = r.text[:200]
+            raise PermissionError(detail) if r.status_code in (401, 403) else ValueError(f"HTTP {r.status_code}: {detail}")
+        return r.json()
+
+    def _save(self) -> None:
+        if not self.state_file:
+            return
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=".manager-state.")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.state, fh)
+        os.replace(tmp, self.state_file)
+
+    # -------------------------------------------------------------- API
+    def register(self, **info) -> dict:
+        """Register (type, hostname, ip, port, api_port, idc, location, version, cluster)."""
+        self.registration = info
+        out = self._ok(self._call("POST", "/api/v1/agent/register", json=info))
+        self.member_id, self.cluster_id, self.interval = out["id"], out["cluster_id"], float(out["keepalive_interval"])
+        return out
+
+    def keepalive(self, load: float = 0.0, config_version: int = 0, fallbacks: dict | None = None) -> dict:
+        """Keep alive; registers again when the manager forgot us (404, e.g. deleted by an operator)."""
+        if self.member_id is None:
+            if self.registration is None:
+                raise RuntimeError("register first")
+            self.register(**self.registration)
+        body = {"load": load, "config_version": config_version, "fallbacks": fallbacks or {}}
+        r = self._call("POST", f"/api/v1/agent/{self.member_id}/keepalive", json=body)
+        if r.status_code == 404 and self.registration is not None:
+            self.register(**self.registration)
+            r = self._call("POST", f"/api/v1/agent/{self.member_id}/keepalive", json=body)
+        return self._ok(r)
+
+    def certificate(self, role: str, host_id: str, out_dir: str | Path, dns: list[str] | None = None,
+                    ips: list[str] | None = None, days: int = 30) -> dict:
+        """Get a member certificate from the manager (the cluster CA) and write ca.pem, cert.pem and
+        key.pem (0600) atomically into ``out_dir`` (what remora.pki.tls loads and reloads)."""
+        from remora.pki import CA_CERT, CERT, KEY
+        from remora.pki.ca import atomic_write
+
+        out = self._ok(self._call("POST", "/api/v1/agent/certificate", json={
+            "role": role, "host_id": host_id, "dns": dns or [], "ips": ips or [], "days": days}))
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / KEY, out["key_pem"].encode(), 0o600)
+        atomic_write(out_dir / CERT, out["cert_pem"].encode(), 0o644)
+        atomic_write(out_dir / CA_CERT, out["ca_pem"].encode(), 0o644)
+        return {"not_after": out["not_after"], "dir": str(out_dir)}
+
+    def schedulers(self, ip: str = "", hostname: str = "", idc: str = "", location: str = "") -> dict:
+        """The schedulers to use; the last known answer (``stale: True``) if the manager is down."""
+        params = {"ip": ip, "hostname": hostname, "idc": idc, "location": location}
+        if self.member_id is not None:
+            params["member_id"] = self.member_id
+        try:
+            out = self._ok(self._call("GET", "/api/v1/agent/schedulers", params=params))
+        except ManagerUnavailable as exc:
+            if self.state["schedulers"] is None:
+                raise
+            log.warning("%s: using the last known scheduler list", exc)
+            return {**self.state["schedulers"], "stale": True}
+        self.state["schedulers"] = out
+        self._save()
+        return {**out, "stale": False}
+
+    def config(self) -> dict:
+        """The effective dynamic config: {version, config, changed, stale}."""
+        known = self.state["config"]
+        params = {"version": known["version"] if known else -1}
+        if self.cluster_id is not None:
+            params["cluster_id"] = self.cluster_id
+        try:
+            out = self._ok(self._call("GET", "/api/v1/agent/config", params=params))
+        except ManagerUnavailable as exc:
+            if known is None:
+                raise
+            log.warning("%s: keeping dynamic config version %s", exc, known["version"])
+            return {**known, "changed": False, "stale": True}
+        if out["unchanged"]:
+            return {**known, "changed": False, "stale": False}
+        self.state["config"] = {"version": out["version"], "scope": out["scope"], "config": out["config"]}
+        self._save()
+        return {**self.state["config"], "changed": True, "stale": False}
+
+
+class Agent:
+    """Background loop: register, then every interval keep alive and refresh schedulers + config."""
+
+    def __init__(self, client: ManagerClient, registration: dict, *,
+                 on_schedulers: Callable[[dict], None] | None = None,
+                 on_config: Callable[[int, dict], None] | None = None,
+                 load: Callable[[], float] = lambda: 0.0,
+                 fallbacks: Callable[[], dict] = dict):
+        self.c, self.registration = client, registration
+        self.on_schedulers, self.on_config, self.load, self.fallbacks = on_schedulers, on_config, load, fallbacks
+        self.applied_version = 0
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="manager-agent", daemon=True)
+
+    def start(self) -> Agent:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=10)
+
+    def tick(self) -> None:
+        """One round; with the manager down, the last known schedulers and config still apply."""
+        try:
+            if self.c.member_id is None:
+                self.c.register(**self.registration)
+            self.c.keepalive(self.load(), self.applied_version, self.fallbacks())
+        except ManagerUnavailable as exc:
+            log.warning("manager keepalive: %s", exc)
+        if self.registration.get("type") == "peer" and self.on_schedulers is not None:
+            self.on_schedulers(self.c.schedulers(self.registration.get("ip", ""), self.registration.get("hostname", ""),
+                                                 self.registration.get("idc", ""), self.registration.get("location", "")))
+        cfg = self.c.config()
+        if cfg["version"] != self.applied_version and self.on_config is not None:
+            self.on_config(cfg["version"], cfg["config"])
+        self.applied_version = cfg["version"]
+
+    def _run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.tick()
+            except (ManagerUnavailable, ValueError, PermissionError) as exc:
+                log.warning("manager: %s", exc)
+            self.stop_event.wait(self.c.interval)
