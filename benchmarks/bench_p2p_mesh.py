@@ -30,13 +30,20 @@ links are full. ``--no-offload`` measures the old way; the one-node baseline alw
 as the mesh.
 
 Targets (issue 4): with the mesh, all N nodes done within 1.3x the time one node alone needs; registry
-egress <= 1.05x the blob size. The scheduler helper's simulation benchmark compares scorers on a model;
+egress <= 1.05x the blob size.
+
+The mesh is mutual TLS (issue 10: pieces and scheduler calls between cluster members only), as the
+peers run in production; ``--plain-mesh`` runs it with ``--insecure-plain-mesh`` instead. ``--compare-tls
+N`` measures only what the TLS target needs: N rounds, each a plain lab then a TLS lab (one node alone,
+then all nodes), and reports the mesh/alone ratio of each with their spread (issue 10: TLS within 5% of
+plain). Alternating the modes spreads the machine's other load over both. The scheduler helper's simulation benchmark compares scorers on a model;
 this one runs the real processes.
 
     python benchmarks/bench_p2p_mesh.py                      # N=8, 100 Mbit/s, 200 MB (~10 min)
     python benchmarks/bench_p2p_mesh.py --nodes 4 --blob-mb 50 --skip-direct   # quick look
     python benchmarks/bench_p2p_mesh.py --skip-direct --skip-image --skip-scorers  # the targets only (~2 min)
     python benchmarks/bench_p2p_mesh.py --json results.json
+    python benchmarks/bench_p2p_mesh.py --compare-tls 2      # TLS vs plain mesh ratio (~6 min)
 
 Needs root (namespaces, tc); cleans up after itself, also on Ctrl-C.
 """
@@ -156,9 +163,11 @@ def main_bench(args) -> dict:
     res: dict = {"nodes": args.nodes, "rate": args.rate, "offload": not args.no_offload, "blob_bytes": size, "image_bytes": image.size,
                  "peer_args": args.peer_arg, "scheduler_args": args.scheduler_arg}
 
+    res["tls"] = not args.plain_mesh
     with Lab(prefix=PREFIX, workdir=Path(args.workdir) / "main", offload=not args.no_offload) as lab:
         mesh = Mesh(lab, MeshOptions(peers=args.nodes, node_rate=args.rate, registry_rate=args.rate,
-                                     containerd=not args.skip_image, peer_args=args.peer_arg, scheduler_args=args.scheduler_arg))
+                                     containerd=not args.skip_image, peer_args=args.peer_arg, scheduler_args=args.scheduler_arg,
+                                     tls=not args.plain_mesh))
         fill(mesh, [(blobs[n], digests[n]) for n in blobs], [image])
         mesh.start()
         log(f"lab {lab.name} up: {lab.subnet}, {args.nodes} nodes")
@@ -232,7 +241,7 @@ def main_bench(args) -> dict:
             with Lab(prefix=PREFIX, workdir=Path(args.workdir) / scorer, offload=not args.no_offload) as lab:
                 mesh = Mesh(lab, MeshOptions(peers=args.nodes, registry_rate=args.rate, peer_rates=rates,
                                              scorer=scorer, containerd=False, peer_args=args.peer_arg,
-                                             scheduler_args=args.scheduler_arg))
+                                             scheduler_args=args.scheduler_arg, tls=not args.plain_mesh))
                 fill(mesh, [(path, digest)])
                 mesh.start()
                 tx0 = wire_tx(mesh)
@@ -243,6 +252,62 @@ def main_bench(args) -> dict:
                 res[f"{scorer}_egress_app"], _ = egress(mesh, [digest], tx0)
                 log(f"{scorer} on heterogeneous links: {t:.1f}s")
     return res
+
+
+def compare_tls(args) -> dict:
+    """Rounds of (plain lab, TLS lab), each: one node alone, then all nodes, through their peers."""
+    cache = Path(args.cache) / "netlab"
+    size = args.blob_mb * 1_000_000
+    paths = {name: cache / f"bench-{args.blob_mb}mb-{name}.bin" for name in ("alone", "mesh")}
+    digests = {name: content.random_blob(path, size, seed=1000 + i) for i, (name, path) in enumerate(paths.items())}
+    runs = []
+    for n in range(args.compare_tls):
+        for tls in (False, True):
+            workdir = Path(args.workdir) / f"cmp{n}-{'tls' if tls else 'plain'}"
+            shutil.rmtree(workdir, ignore_errors=True)
+            with Lab(prefix=PREFIX, workdir=workdir, offload=not args.no_offload) as lab:
+                mesh = Mesh(lab, MeshOptions(peers=args.nodes, node_rate=args.rate, registry_rate=args.rate,
+                                             containerd=False, peer_args=args.peer_arg,
+                                             scheduler_args=args.scheduler_arg, tls=tls))
+                fill(mesh, [(paths[k], digests[k]) for k in paths])
+                mesh.start()
+                load0, ticks0 = os.getloadavg()[0], machine_ticks()
+                alone, r = mesh.fetch_all(REPO, digests["alone"], nodes=mesh.peers[:1])
+                check(r, digests["alone"], size, "alone")
+                cpu0 = cpu_seconds(mesh)
+                tx0 = wire_tx(mesh)
+                t, r = mesh.fetch_all(REPO, digests["mesh"])
+                check(r, digests["mesh"], size, "mesh")
+                app, _ = egress(mesh, [digests["mesh"]], tx0)
+                ticks1 = machine_ticks()
+                run = {"round": n, "tls": tls, "alone_s": alone, "mesh_s": t, "ratio": t / alone,
+                       "egress": app / size, "cpu_s": cpu_seconds(mesh) - cpu0,
+                       "busy": (ticks1[0] - ticks0[0]) / max(1, ticks1[1] - ticks0[1]),
+                       "load": (load0, os.getloadavg()[0])}
+                runs.append(run)
+                log(f"round {n} {'TLS  ' if tls else 'plain'}: alone {alone:.1f}s, mesh {t:.1f}s, ratio "
+                    f"{run['ratio']:.3f}, egress {run['egress']:.3f}x, peers' CPU {run['cpu_s']:.1f}s, "
+                    f"machine busy {run['busy'] * 100:.0f}%, load {load0:.1f}->{run['load'][1]:.1f}")
+    return {"nodes": args.nodes, "rate": args.rate, "blob_bytes": size, "runs": runs}
+
+
+def report_tls(res: dict) -> str:
+    lines = [f"TLS vs plain mesh: {res['nodes']} nodes, {res['rate']}, blob {res['blob_bytes'] / 1e6:.0f} MB"]
+    lines.append("round  mode   alone s  mesh s  mesh/alone  egress  peers CPU s  busy  load")
+    for r in res["runs"]:
+        lines.append(f"{r['round']:5d}  {'tls  ' if r['tls'] else 'plain'}  {r['alone_s']:7.1f}  {r['mesh_s']:6.1f}  "
+                     f"{r['ratio']:10.3f}  {r['egress']:6.3f}  {r['cpu_s']:11.1f}  {r['busy'] * 100:3.0f}%  "
+                     f"{r['load'][0]:.1f}->{r['load'][1]:.1f}")
+    by = {mode: [r["ratio"] for r in res["runs"] if r["tls"] == mode] for mode in (False, True)}
+    mean = {mode: sum(v) / len(v) for mode, v in by.items() if v}
+    if len(mean) == 2:
+        spread = {mode: (max(v) - min(v)) / mean[mode] for mode, v in by.items()}
+        change = mean[True] / mean[False] - 1
+        lines.append(f"mean mesh/alone ratio: plain {mean[False]:.3f} (spread {spread[False] * 100:.1f}%), "
+                     f"TLS {mean[True]:.3f} (spread {spread[True] * 100:.1f}%)")
+        lines.append(f"TARGET TLS within 5% of plain: {change * 100:+.1f}% -> {'MET' if abs(change) <= 0.05 else 'NOT MET'}"
+                     " (compare with the spread of repeated runs of one mode: the machine is shared)")
+    return "\n".join(lines)
 
 
 def heterogeneous_rates(n: int) -> dict[int, tuple[str, str]]:
@@ -273,6 +338,7 @@ def report(res: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.append("")
+    lines.append(f"mesh security: {'mutual TLS' if res.get('tls', True) else 'PLAIN (--insecure-plain-mesh)'}")
     lines.append(f"blob {size / 1e6:.0f} MB, links {res['rate']} (registry uplink and every node link), tbf; "
                  f"extra peer flags {res['peer_args'] or 'none'}, scheduler flags {res['scheduler_args'] or 'none'}")
     lines.append(f"mesh: from peers {res['mesh_from_peers'] / size:.2f}x blob, from registry "
@@ -325,9 +391,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-offload", action="store_true",
                    help="shape links frame by frame (tbf cuts TCP super-packets into MTU frames, bridged frames "
                         "go through br_netfilter): more kernel CPU per byte, same rates")
+    p.add_argument("--plain-mesh", action="store_true",
+                   help="run the mesh without TLS (--insecure-plain-mesh); default: mutual TLS, as in production")
+    p.add_argument("--compare-tls", type=int, default=0, metavar="ROUNDS",
+                   help="only compare the plain and the TLS mesh: ROUNDS x (plain lab, TLS lab), alone + mesh each")
     p.add_argument("--json", help="also write the raw figures here")
     args = p.parse_args(argv)
     cleanup_stale(PREFIX)  # a previous run killed with -9
+    if args.compare_tls:
+        res = compare_tls(args)
+        print(report_tls(res))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2))
+        return 0
     # Peers keep their pieces across runs: a leftover data dir would serve the "fresh" blobs from disk.
     for sub in ("main", "weighted", "bandit"):
         shutil.rmtree(Path(args.workdir) / sub, ignore_errors=True)

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "remora.placement.cli",
     "remora.pki.cli",
     "remora.plugins.manager.cli",
+    "remora.plugins.trainer.cli",
     "remora.demo",
 )
 
@@ -33,12 +34,13 @@ COMMANDS = {
     "convert": "remora.converter.cli", "dict": "remora.converter.cli", "check": "remora.converter.cli",
     "unpack": "remora.converter.cli", "trace": "remora.converter.cli",
     "snapshotter": "remora.snapshotter.cli", "stats": "remora.snapshotter.cli",
+    "credential-provider": "remora.snapshotter.cli",
     "pull": "remora.snapshotter.pull",
     "peer": "remora.plugins.cli", "scheduler": "remora.plugins.cli",
     "place": "remora.placement.cli",
     "certs": "remora.pki.cli",
     "manager": "remora.plugins.manager.cli", "job": "remora.plugins.manager.cli",
-    "cluster": "remora.plugins.manager.cli",
+    "cluster": "remora.plugins.manager.cli", "trainer": "remora.plugins.trainer.cli",
     "demo": "remora.demo",
 }
 
@@ -49,7 +51,7 @@ examples:
   remora convert oci:./app-layout:1 oci:./out:1 --prefetch-list hot.txt
   remora snapshotter --root /var/lib/remora --address /run/remora/snapshotter.sock
   remora pull registry.local/app:1-remora
-  remora peer --listen 127.0.0.1:65001
+  remora peer --tls-dir /etc/remora/tls --listen 127.0.0.1:65001
 
 Run 'remora COMMAND --help' for the options of one command.
 """

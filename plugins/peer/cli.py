@@ -17,11 +17,13 @@ scheduler down) the peer simply fetches from the registry itself.
 
 examples:
   # a node of a cluster: mirror for containerd on loopback, pieces served to peers on the node address
-  remora peer --scheduler 10.0.0.5:8002 --scheduler 10.0.0.6:8002 --data-dir /var/lib/remora/peer \\
-      --upload-listen 0.0.0.0:65002 --advertise 10.0.1.17 --label zone=eu-1a --label rack=r12
+  # over mutual TLS (certificate from `remora certs issue --role peer --host-id node-17 --ip 10.0.1.17`)
+  remora peer --tls-dir /etc/remora/tls --scheduler 10.0.0.5:8002 --scheduler 10.0.0.6:8002 \\
+      --advertise 10.0.1.17 --registry docker.io --registry ghcr.io --label zone=eu-1a --label rack=r12
 
-  # alone, no scheduler: a caching pull-through mirror of one registry
-  remora peer --upstream registry.local:5000 --plain-http registry.local:5000 --data-dir /tmp/peer
+  # alone, no scheduler: a caching pull-through mirror of one registry (no mesh to protect)
+  remora peer --insecure-plain-mesh --upstream registry.local:5000 --plain-http registry.local:5000 \\
+      --data-dir /tmp/peer
 
   # keep at most 20 GiB of pieces; blobs unused for 3 days go first
   remora peer --scheduler sched:8002 --gc-high 20GiB --gc-low 16GiB --gc-ttl 3d
@@ -31,6 +33,19 @@ examples:
 
 endpoints on --listen: /v2/ (mirror), /metrics (Prometheus), /_remora/status (JSON), /healthz
 endpoints on --upload-listen: /pieces/<digest>/<index> (other peers), /healthz
+
+the mesh: with --tls-dir the upload port serves pieces only over mutual TLS to peers of the cluster CA,
+and the scheduler and parents are dialled with the same certificate (rotated files are picked up
+without a restart). The mirror (--listen) stays plain HTTP on loopback: containerd and the snapshotter
+reach it there and do not present client certificates. --insecure-plain-mesh runs the mesh without
+TLS (any host that reaches the upload port gets any piece it names): it says so in the log and in
+`remora peer status` (mesh: PLAIN). One of the two is required.
+
+listeners: the mirror on 127.0.0.1, the upload port on the --advertise address (else the address of
+the route toward the scheduler, else 127.0.0.1). Nothing listens on 0.0.0.0 unless you write it.
+
+registries: the mirror fetches only from --upstream and the --registry hosts; a request for another
+(containerd's ?ns=, or the X-Remora-Upstream header) is refused with 403 before any connection is made.
 """
 
 HOSTS_EPILOG = """\
@@ -61,15 +76,27 @@ def register_peer(subparsers) -> None:
     net = p.add_argument_group("addresses")
     net.add_argument("--listen", default="127.0.0.1:65001", metavar="HOST:PORT",
                      help="mirror API for containerd, /metrics, status (default %(default)s)")
-    net.add_argument("--upload-listen", default="0.0.0.0:65002", metavar="HOST:PORT",
-                     help="piece server for other peers (default %(default)s; port 0 = any free port)")
+    net.add_argument("--upload-listen", default=":65002", metavar="HOST:PORT",
+                     help="piece server for other peers (default %(default)s: the --advertise address, else the "
+                          "route toward the scheduler, else 127.0.0.1; port 0 = any free port)")
     net.add_argument("--advertise", default="", metavar="IP[:PORT]",
                      help="address other peers dial for pieces (default: the upload address, or the "
                           "route toward the scheduler)")
     net.add_argument("--scheduler", action="append", default=[], metavar="HOST:PORT",
                      help="scheduler gRPC address; repeat (or comma-separate) for a cluster. None: "
                           "registry only")
+    mesh = p.add_argument_group("mesh security (one is required)")
+    sec = mesh.add_mutually_exclusive_group()
+    sec.add_argument("--tls-dir", type=Path, default=None, metavar="DIR",
+                     help="mutual TLS with peers and schedulers: DIR/ca.pem (cluster CA), DIR/cert.pem + "
+                          "DIR/key.pem (role peer; its host id is the default --host-id); re-read on change")
+    sec.add_argument("--insecure-plain-mesh", action="store_true",
+                     help="no TLS between peers and with the scheduler: anyone who reaches the upload port "
+                          "gets any piece (labs, a single node)")
     reg = p.add_argument_group("registry")
+    reg.add_argument("--registry", action="append", default=[], metavar="REGISTRY", dest="registries",
+                     help="a registry the mirror may fetch from when containerd names it (?ns=); repeat. "
+                          "--upstream is always allowed; any other is refused (403)")
     reg.add_argument("--upstream", default="", metavar="REGISTRY",
                      help="registry used when a request names none (containerd names it with ?ns=)")
     reg.add_argument("--plain-http", action="append", default=[], metavar="REGISTRY",
@@ -140,11 +167,19 @@ def build_config(args):
 
     schedulers = [a.strip() for item in args.scheduler for a in item.split(",") if a.strip()]
     advertise_ip, advertise_port = parse_hostport(args.advertise, default_port=0) if args.advertise else ("", 0)
+    host_id = args.host_id
+    if not host_id and args.tls_dir:
+        from remora.pki.tls import TLSFiles, load_material
+
+        # The scheduler lets a peer speak only for the host its certificate names: use that name.
+        host_id = load_material(TLSFiles.in_dir(args.tls_dir)).identity.host_id or ""
     return PeerConfig(
+        tls_dir=args.tls_dir, insecure_plain_mesh=args.insecure_plain_mesh,
+        registries=[r.strip() for item in args.registries for r in item.split(",") if r.strip()],
         data_dir=args.data_dir, listen=parse_hostport(args.listen), upload_listen=parse_hostport(args.upload_listen),
         advertise_ip=advertise_ip, advertise_port=advertise_port, schedulers=schedulers, upstream=args.upstream,
         plain_http=args.plain_http, registry_config=args.registry_config, labels=parse_labels(args.label),
-        host_id=args.host_id or default_host_id(), peer_id=args.peer_id, upload_slots=args.upload_slots,
+        host_id=host_id or default_host_id(), peer_id=args.peer_id, upload_slots=args.upload_slots,
         upload_bandwidth=parse_size(args.upload_bandwidth), concurrency=args.concurrency,
         piece_timeout=parse_duration(args.piece_timeout), min_piece_rate=parse_size(args.min_piece_rate),
         max_parent_failures=args.max_parent_failures, scheduler_timeout=parse_duration(args.scheduler_timeout),

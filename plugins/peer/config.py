@@ -93,7 +93,10 @@ def parse_duration(text: str) -> float:
 
 
 def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """``"0.0.0.0:65001"`` / ``"[::1]:65001"`` / ``":65001"`` -> ``(host, port)``."""
+    """``"10.0.0.7:65001"`` / ``"[::1]:65001"`` / ``":65001"`` -> ``(host, port)``.
+
+    An empty host stays empty: the daemon picks loopback (mirror) or the node's address (upload), never
+    every address; ``0.0.0.0`` must be written out by whoever wants it."""
     text = text.strip()
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
@@ -108,7 +111,7 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
         port = str(default_port)
     if not port.isdigit() or not 0 <= int(port) < 65536:
         raise UsageError(f"bad port in address {text!r}")
-    return host or "0.0.0.0", int(port)
+    return host, int(port)
 
 
 def parse_labels(items: list[str]) -> dict[str, str]:
@@ -137,11 +140,14 @@ def default_host_id() -> str:
 class PeerConfig:
     data_dir: Path
     listen: tuple[str, int] = ("127.0.0.1", 65001)          # mirror API for containerd (+ /metrics, status)
-    upload_listen: tuple[str, int] = ("0.0.0.0", 65002)     # piece server for other peers
+    upload_listen: tuple[str, int] = ("", 65002)            # piece server for other peers; "" = advertised
+                                                            # address, else the route to the scheduler, else
+                                                            # loopback (never 0.0.0.0 unless asked)
     advertise_ip: str = ""                                  # address other peers dial; "" = guess
     advertise_port: int = 0                                 # 0 = the upload port actually bound
     schedulers: list[str] = dataclasses.field(default_factory=list)   # "host:port" gRPC addresses
     upstream: str = ""                                      # default registry when no ?ns= and no header
+    registries: list[str] = dataclasses.field(default_factory=list)   # ?ns= allow-list (+ upstream)
     plain_http: list[str] = dataclasses.field(default_factory=list)   # registries spoken to over http
     registry_config: Path | None = None                     # docker config.json with this node's credentials
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -159,6 +165,9 @@ class PeerConfig:
     gc_high: Watermark = dataclasses.field(default_factory=lambda: Watermark(percent=85.0))
     gc_low: Watermark = dataclasses.field(default_factory=lambda: Watermark(percent=75.0))
     gc_interval: float = 60.0
+    tls_dir: Path | None = None                             # ca.pem + cert.pem + key.pem: mutual TLS mesh
+    insecure_plain_mesh: bool = False                       # explicit plain mode (no TLS between peers)
+    preheat_token_file: Path | None = None                  # bearer token of the preheat task API (preheat.py)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -170,3 +179,11 @@ class PeerConfig:
         lo = self.gc_low.percent if self.gc_low.percent is not None else self.gc_low.bytes
         if lo > hi:
             raise UsageError(f"--gc-low ({self.gc_low}) must not exceed --gc-high ({self.gc_high})")
+        if self.tls_dir is None and not self.insecure_plain_mesh:
+            raise UsageError("the peer needs mutual TLS with the other peers and the scheduler (--tls-dir DIR with "
+                             "ca.pem, cert.pem, key.pem from 'remora certs issue --role peer') or, knowingly, "
+                             "--insecure-plain-mesh")
+        if self.tls_dir is not None and self.insecure_plain_mesh:
+            raise UsageError("--tls-dir and --insecure-plain-mesh exclude each other")
+        if self.tls_dir is not None:
+            self.tls_dir = Path(self.tls_dir)

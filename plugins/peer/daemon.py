@@ -1,7 +1,14 @@
 """The peer daemon: wires store, registry session, scheduler link, task engine and the two HTTP APIs.
 
-Two listeners: the mirror API (for containerd and the snapshotter, usually on 127.0.0.1, plus
+Two listeners: the mirror API (for containerd and the snapshotter, on 127.0.0.1 by default, plus
 ``/metrics`` and ``/_remora/status``) and the upload API (for other peers, on the node's address).
+
+The mesh is mutual TLS when ``cfg.tls_dir`` is set (:mod:`remora.pki.tls`): the upload API requires a
+client certificate of the cluster CA with role ``peer`` (others fail the handshake or get 403), piece
+downloads from parents and the scheduler link present this node's certificate, and rotated files are
+picked up without a restart. The mirror stays plain HTTP: containerd and the snapshotter reach it on
+loopback and present no client certificate. The plain mode (``insecure_plain_mesh``) is logged at
+WARNING and shown in the status (``mesh: PLAIN (insecure)``).
 Background loops keep the scheduler registration alive (re-announcing everything if a scheduler forgot
 us), measure RTTs to the peers the scheduler asks about, and run the piece-store GC.
 
@@ -26,9 +33,10 @@ from .config import PeerConfig
 from .download import TaskManager
 from .metrics import PeerMetrics
 from .mirror import Mirror
+from .preheat import Preheater, load_token
 from .pieces import PieceStore
 from .upload import UploadServer
-from .upstream import Upstream
+from .upstream import Upstream, registry_guard
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +73,15 @@ class PeerDaemon:
         self.mirror_port = 0
         self.upload_port = 0
         self.started_at = 0.0
+        self.tls = None   # remora.pki.tls.Reloader when the mesh is mutual TLS
+
+    @property
+    def mesh(self) -> str:
+        """How the mesh is protected, as the log and the status say it."""
+        if self.tls is None:
+            return "PLAIN (insecure)"
+        ident = self.tls.identity
+        return f"mTLS (cluster {ident.cluster}, peer {ident.host_id}, expires {ident.not_after:%Y-%m-%d})"
 
     @property
     def mirror_url(self) -> str:
@@ -72,28 +89,66 @@ class PeerDaemon:
         host = "127.0.0.1" if host in ("0.0.0.0", "") else host
         return f"http://{host}:{self.mirror_port}"
 
+    def upload_bind(self) -> str:
+        """Where the upload API listens when ``--upload-listen`` names no host: the advertised address,
+        else the address of the route toward the scheduler, else loopback; never every address."""
+        host = self.cfg.upload_listen[0]
+        if host:
+            return host
+        if self.cfg.advertise_ip:
+            return self.cfg.advertise_ip
+        return guess_advertise_ip("", self.cfg.schedulers)
+
     async def start(self) -> "PeerDaemon":
         cfg = self.cfg
         self.started_at = time.time()
+        if cfg.tls_dir is not None:
+            from remora.pki.tls import Reloader, TLSFiles
+
+            self.tls = Reloader(TLSFiles.in_dir(cfg.tls_dir))
+        else:
+            log.warning("mesh: PLAIN (insecure): the upload port serves any piece to anyone who reaches it and "
+                        "the scheduler link is unauthenticated (--insecure-plain-mesh)")
         self.store = PieceStore(cfg.data_dir)
-        self.upstream = Upstream(cfg.plain_http, cfg.registry_config, cfg.upstream_timeout)
+        self.upstream = Upstream(cfg.plain_http, cfg.registry_config, cfg.upstream_timeout,
+                                 allowed=[*cfg.registries, *([cfg.upstream] if cfg.upstream else [])])
         await self.upstream.start()
         upload = UploadServer(self.store, self.metrics, cfg.upload_slots)
-        self.upload_port = await self._serve(upload.app(), cfg.upload_listen, "upload")
-        advertise_ip = cfg.advertise_ip or guess_advertise_ip(cfg.upload_listen[0], cfg.schedulers)
+        upload_app = upload.app()
+        ssl_context = None
+        if self.tls is not None:
+            from remora.pki.tls import aiohttp_member_middleware
+
+            # Only peers download pieces: a scheduler, manager or client certificate gets 403.
+            upload_app.middlewares.append(aiohttp_member_middleware(self.tls.identity.cluster, ("peer",)))
+            ssl_context = self.tls.server_context()
+        bind = self.upload_bind()
+        self.upload_port = await self._serve(upload_app, (bind, cfg.upload_listen[1]), "upload", ssl_context)
+        advertise_ip = cfg.advertise_ip or guess_advertise_ip(bind, cfg.schedulers)
         host = pb.PeerHost(peer_id=cfg.peer_id, host_id=cfg.host_id, ip=advertise_ip,
                            upload_port=cfg.advertise_port or self.upload_port, labels=cfg.labels,
                            upload_slots=cfg.upload_slots, upload_bandwidth=cfg.upload_bandwidth)
         if cfg.schedulers:
-            self.sched = SchedulerClient(cfg.schedulers, host, timeout=cfg.scheduler_timeout)
+            self.sched = SchedulerClient(cfg.schedulers, host, timeout=cfg.scheduler_timeout, tls=self.tls)
         self.tasks = TaskManager(cfg, self.store, self.upstream, self.sched, self.metrics)
+        if self.tls is not None:
+            # Parents are dialled at the address the scheduler names: the CA and the EKU are checked, the
+            # address is not (a peer's certificate need not list every address it is reached at); the
+            # bytes are checked against the seed's piece digests anyway.
+            self.tasks.peer_ssl = self.tls.client_context(check_hostname=False)
         upload.fresh = self.tasks.fresh_from_source
         upload.on_corrupt = self.tasks.drop_corrupt
+        upload.authorize = self.tasks.authorize_piece   # pieces only to peers proving access (access.py)
         await self.tasks.start()
         self.store.entries()   # open what the last run left, so the gauge below counts it
         self.metrics.store_bytes.set_function(self.store.known_usage_bytes)
         mirror = Mirror(self.tasks, self.metrics, cfg.upstream, status_cb=self.status)
-        self.mirror_port = await self._serve(mirror.app(), cfg.listen, "mirror")
+        mirror_app = mirror.app()
+        mirror_app.middlewares.insert(0, registry_guard(self.upstream, self.metrics))
+        # The preheat task API (bearer token; disabled without --preheat-token-file): see preheat.py.
+        self.preheater = Preheater(self.tasks, cfg.upstream, load_token(cfg.preheat_token_file))
+        self.preheater.add_routes(mirror_app)
+        self.mirror_port = await self._serve(mirror_app, (cfg.listen[0] or "127.0.0.1", cfg.listen[1]), "mirror")
         self.host = host
         if self.sched:
             self._loops.append(asyncio.get_running_loop().create_task(self._register()))
@@ -101,14 +156,16 @@ class PeerDaemon:
             self._loops.append(asyncio.get_running_loop().create_task(self._keepalive_loop()))
             self._loops.append(asyncio.get_running_loop().create_task(self._probe_loop()))
         self._loops.append(asyncio.get_running_loop().create_task(self._gc_loop()))
-        log.info("peer %s: mirror on %s, upload on %s:%d", cfg.peer_id, self.mirror_url, advertise_ip,
-                 host.upload_port)
+        if self.tls is not None:
+            self._loops.append(asyncio.get_running_loop().create_task(self.tls.watch(5.0)))
+        log.info("peer %s: mirror on %s, upload on %s:%d (listening on %s), mesh %s", cfg.peer_id, self.mirror_url,
+                 advertise_ip, host.upload_port, bind, self.mesh)
         return self
 
-    async def _serve(self, app: web.Application, address: tuple[str, int], what: str) -> int:
+    async def _serve(self, app: web.Application, address: tuple[str, int], what: str, ssl_context=None) -> int:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, address[0], address[1], reuse_address=True)
+        site = web.TCPSite(runner, address[0], address[1], reuse_address=True, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -228,7 +285,8 @@ class PeerDaemon:
                                     if s.labels else "")
                     samples[key] = s.value
         registered = self.sched.registered_with() if self.sched else []
-        return {"peer_id": cfg.peer_id, "host_id": cfg.host_id, "mirror": self.mirror_url,
+        return {"peer_id": cfg.peer_id, "host_id": cfg.host_id, "mirror": self.mirror_url, "mesh": self.mesh,
+                "mesh_tls": self.tls is not None, "registries": sorted(self.upstream.allowed),
                 "registered": registered, "registered_everywhere": bool(self.sched) and
                 len(registered) == len(self.sched.ring.addresses),
                 "upload": f"{self.host.ip}:{self.host.upload_port}", "schedulers": cfg.schedulers,
@@ -253,7 +311,7 @@ def run(cfg: PeerConfig) -> int:
     async def main() -> None:
         daemon = await PeerDaemon(cfg).start()
         print(f"remora peer {cfg.peer_id}: mirror {daemon.mirror_url}, upload "
-              f"{daemon.host.ip}:{daemon.host.upload_port}", flush=True)
+              f"{daemon.host.ip}:{daemon.host.upload_port}, mesh: {daemon.mesh}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -39,6 +39,7 @@ from remora._proto import remora_scheduler_pb2 as pb
 from remora.errors import DigestMismatch, InvalidInput, NotFound, RegistryError, RemoraError, StorageError
 from remora.plugins.scheduler.client import SchedulerClient, SchedulerRequestError, SchedulerUnavailable
 
+from .access import SOURCE_HEADER, AccessChecker, AccessDenied, Grant, parse_source
 from .config import RELAYED_HEADER, UPLOADS_HEADER, PeerConfig, piece_size_for
 from .metrics import PeerMetrics
 from .pieces import BlobEntry, PieceStore, sha256_digest
@@ -100,6 +101,9 @@ class Task:
         self.digest = digest
         self.entry: BlobEntry = manager.store.open(digest)
         self.sources: list[Source] = []
+        #: the authorization of the latest client the mirror let read this blob: shown to every parent
+        #: (see access.py); None until a client asked
+        self.grant: Grant | None = None
         self.wanted: set[int] = set()
         self.blocklist: dict[str, str] = {}          # parent peer id -> reason
         self.back_to_source = False                  # decided: the registry, not the mesh
@@ -592,7 +596,8 @@ class Task:
         start, end = self.entry.piece_span(index)
         size = end - start
         expected = self.entry.piece_digests[index]
-        url = f"http://{_url_host(host.ip)}:{host.upload_port}/pieces/{self.digest}/{index}"
+        scheme = "https" if self.m.peer_ssl is not None else "http"   # mutual TLS in the mesh (daemon.py)
+        url = f"{scheme}://{_url_host(host.ip)}:{host.upload_port}/pieces/{self.digest}/{index}"
         self._load[host.peer_id] += 1
         t0 = time.monotonic()
         self._in_flight.add(index)
@@ -679,7 +684,10 @@ class Task:
         cfg = self.cfg
         try:
             async with asyncio.timeout(cfg.piece_timeout) as budget:
-                async with self.m.peer_session.get(url) as resp:
+                proof = self.grant.headers() if self.grant else {}
+                async with self.m.peer_session.get(url, headers=proof) as resp:
+                    if resp.status == 403:
+                        raise ParentFailure("denied", "the parent does not accept this blob's authorization")
                     if resp.status == 503:
                         if resp.headers.get(RELAYED_HEADER):
                             raise ParentFailure("relayed", "the seed sent this piece to another child",
@@ -788,6 +796,7 @@ class Task:
                 await self._reset(f"digest_mismatch: {err}")
                 raise err
             entry.mark_verified()
+            self.grant = None   # nothing more to fetch: the client's credential is not kept
             self.m.metrics.tasks.labels("success").inc()
             log.info("%s: verified (%d bytes; %d from peers, %d from the registry)", self.digest[:19],
                      entry.content_length, self.bytes_from["peer"], self.bytes_from["registry"])
@@ -892,14 +901,21 @@ class TaskManager:
         self.metrics = metrics
         self.peer_id = cfg.peer_id
         self.tasks: dict[str, Task] = {}
+        #: the registry's answer to "may this client read that?" (mirror requests, pieces asked by peers)
+        self.access = AccessChecker(upstream.endpoint, timeout=min(cfg.upstream_timeout, 10.0),
+                                    state_file=cfg.data_dir / "access-anonymous.json", allows=upstream.allows)
         self.warned_same_host = False
         self.peer_session: aiohttp.ClientSession | None = None
+        #: the client context for parents (our member certificate) when the mesh is mutual TLS; set by
+        #: the daemon before start(). None: plain HTTP (--insecure-plain-mesh).
+        self.peer_ssl = None
         self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self.peer_session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=self.cfg.piece_timeout),
-            connector=aiohttp.TCPConnector(limit=64, limit_per_host=8), auto_decompress=False)
+            connector=aiohttp.TCPConnector(limit=64, limit_per_host=8, ssl=self.peer_ssl or True),
+            auto_decompress=False)
 
     async def close(self) -> None:
         for t in list(self.tasks.values()):
@@ -911,6 +927,7 @@ class TaskManager:
                              return_exceptions=True)
         if self.peer_session:
             await self.peer_session.close()
+        await self.access.close()
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -918,13 +935,28 @@ class TaskManager:
         task.add_done_callback(self._background.discard)
         return task
 
-    def task(self, digest: str, source: Source | None = None) -> Task:
+    def task(self, digest: str, source: Source | None = None, grant: Grant | None = None) -> Task:
         task = self.tasks.get(digest)
         if task is None:
             task = self.tasks[digest] = Task(self, digest)
         if source is not None and source not in task.sources:
             task.sources.append(source)
+        if grant is not None:
+            task.grant = grant
         return task
+
+    async def authorize_piece(self, digest: str, headers) -> Grant:
+        """May the peer asking for a piece of ``digest`` have it? Only if the registry lets the client it
+        fetches for read the blob: the child names the repository (``X-Remora-Source``) and shows that
+        client's authorization (``Authorization``: none for a public repository), which is checked here
+        against the registry with this peer's cache. The registry must be one this peer fetches from
+        (``--upstream``/``--registry``): a peer never takes a requester's word on which registry to ask
+        (a registry of the requester's would say yes to anything). Raises AccessDenied, NotFound or
+        RegistryError."""
+        registry, repository = parse_source(headers.get(SOURCE_HEADER, ""))
+        if not self.upstream.allows(registry):
+            raise AccessDenied(f"registry {registry!r} is not one this peer fetches from", status=403)
+        return await self.access.check(registry, repository, "blob", digest, headers.get("Authorization"))
 
     def fresh_from_source(self, digest: str, index: int) -> bool:
         """Whether piece ``index`` of ``digest`` came from the registry to this peer, which is still

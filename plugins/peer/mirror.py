@@ -13,6 +13,13 @@ dropped and fetched again, never served (:meth:`Mirror._recheck`).
 The registry is the one containerd names with ``?ns=<host>``, else the ``X-Remora-Upstream`` header,
 else ``--upstream``. Failures are answered fast and never as a 200: 404 when the registry has no such
 thing, 502/504 otherwise, so containerd moves on to the next host in hosts.toml (the registry itself).
+
+Authorization (:mod:`.access`): the node's credentials fetch, they never authorize. Every manifest and
+blob request, whether or not the bytes are already here, is first checked against the registry with the
+*client's* ``Authorization`` (none: anonymous). Refused, the mirror answers the registry's own status
+and ``WWW-Authenticate`` challenge: containerd (and the snapshotter's lazy reads) then get a token from
+the real registry's realm, or send Basic credentials, and retry with them, which the mirror checks the
+same way. The grant is handed to the blob's task, which shows it to the parents it fetches pieces from.
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ from aiohttp import web
 
 from remora.errors import AuthError, InvalidInput, NotFound, RegistryError, RemoraError, StorageError
 
+from .access import MANIFEST_ACCEPT, AccessDenied
+from .access import REPO_RE as _REPO_RE
 from .download import Source, TaskManager
 from .metrics import PeerMetrics
 from .pieces import BlobEntry, check_digest, send_file
@@ -35,11 +44,6 @@ log = logging.getLogger(__name__)
 
 UPSTREAM_HEADER = "X-Remora-Upstream"
 MAX_MANIFEST = 4 * 1024 * 1024
-MANIFEST_ACCEPT = ", ".join([
-    "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json", "*/*"])
-_REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
 _REF_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|sha256:[a-f0-9]{64})$")
 # ASCII digits only, at most 19 (a 63-bit offset): int() of thousands of digits raised ValueError (a 500
 # with a traceback) and \d also matched other scripts' digits.
@@ -94,6 +98,16 @@ class Mirror:
         return registry
 
     def _respond_error(self, kind: str, exc: Exception, head: bool) -> web.Response:
+        if isinstance(exc, AccessDenied):
+            # The registry's answer to this client, challenge included: containerd and the snapshotter do
+            # the auth dance with the registry's realm and come back with credentials.
+            status = exc.status if exc.status in (401, 403) else 401
+            self.metrics.requests.labels(kind, str(status)).inc()
+            log.info("%s: %d %s", kind, status, exc)
+            resp = _error(status, "UNAUTHORIZED" if status == 401 else "DENIED", str(exc), head)
+            if exc.challenge:
+                resp.headers["WWW-Authenticate"] = exc.challenge
+            return resp
         if isinstance(exc, NotFound):
             status, code = 404, "BLOB_UNKNOWN" if kind == "blob" else "MANIFEST_UNKNOWN"
         elif isinstance(exc, asyncio.TimeoutError):
@@ -118,6 +132,7 @@ class Mirror:
             if not _REPO_RE.match(name) or not _REF_RE.match(ref):
                 raise NotFound(f"bad repository or reference {name}:{ref}")
             registry = self._registry(request)
+            await self.tasks.access.check(registry, name, "manifest", ref, request.headers.get("Authorization"))
             accept = request.headers.get("Accept") or MANIFEST_ACCEPT
             resp = await self.upstream.request("GET", registry, f"/v2/{name}/manifests/{ref}",
                                                {"Accept": accept}, scope=f"repository:{name}:pull")
@@ -154,6 +169,10 @@ class Mirror:
                 check_digest(digest)
             except InvalidInput as exc:
                 raise NotFound(str(exc)) from None
+            registry = self._registry(request)
+            # Whatever is stored here: served only to a client the registry lets read it under ``name``.
+            grant = await self.tasks.access.check(registry, name, "blob", digest,
+                                                  request.headers.get("Authorization"))
             entry = self.tasks.store.get(digest)
             task = None
             if entry is not None and entry.has_layout and (entry.verified or head):
@@ -161,9 +180,9 @@ class Mirror:
             elif head:
                 # A HEAD must not open a task: the scheduler would make us the seed of a download that
                 # nobody starts. The registry (with our credentials) says whether the blob exists.
-                size = await self.tasks.head_blob(digest, [Source(self._registry(request), name)])
+                size = await self.tasks.head_blob(digest, [Source(registry, name)])
             else:
-                task = self.tasks.task(digest, Source(self._registry(request), name))
+                task = self.tasks.task(digest, Source(registry, name), grant)
                 try:
                     entry = await task.ensure_layout()
                 except (RemoraError, asyncio.TimeoutError):
@@ -184,7 +203,7 @@ class Mirror:
                 # Whole blobs (and open-ended ranges: containerd resuming one) only once verified whole;
                 # bounded ranges from the pieces that cover them, each checked with its piece digest.
                 await task.ensure(None if open_ended else entry.pieces_for_range(start, end))
-            entry = await self._recheck(request, name, digest, entry, start, end, open_ended)
+            entry = await self._recheck(grant, digest, entry, start, end, open_ended)
         except (RemoraError, asyncio.TimeoutError) as exc:
             return self._respond_error("blob", exc, head)
         status = 206 if span else 200
@@ -232,8 +251,8 @@ class Mirror:
         return resp
 
 
-    async def _recheck(self, request: web.Request, name: str, digest: str, entry: BlobEntry, start: int,
-                       end: int, open_ended: bool) -> BlobEntry:
+    async def _recheck(self, grant, digest: str, entry: BlobEntry, start: int, end: int,
+                       open_ended: bool) -> BlobEntry:
         """Hash the stored pieces of ``[start, end)`` against their digests before serving them; pieces
         that fail are dropped and fetched again (once), so a damaged store never answers 200/206."""
         span = entry.pieces_for_range(start, end)
@@ -248,7 +267,7 @@ class Mirror:
             self.metrics.requests.labels("blob", "corrupt_store").inc()
             for index in bad:
                 self.tasks.drop_corrupt(digest, index)
-            task = self.tasks.task(digest, Source(self._registry(request), name))
+            task = self.tasks.task(digest, Source(grant.registry, grant.repository), grant)
             entry = await task.ensure(None if open_ended else span)
         return entry
 

@@ -35,7 +35,11 @@ def render(status: dict, console=None) -> None:
     head = Table(title=f"remora peer {status['peer_id']}", show_header=False, box=None)
     head.add_column(style="bold")
     head.add_column()
-    for key in ("host_id", "mirror", "upload", "schedulers", "upstream", "labels", "data_dir"):
+    mesh = status.get("mesh")
+    if mesh:
+        head.add_row("mesh", f"[green]{mesh}[/]" if status.get("mesh_tls") else f"[bold red]{mesh}[/]: any host that "
+                     "reaches the upload port gets any piece (--insecure-plain-mesh)")
+    for key in ("host_id", "mirror", "upload", "schedulers", "upstream", "registries", "labels", "data_dir"):
         value = status.get(key)
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"

@@ -3,9 +3,15 @@
 Only pieces already on disk are served, and they are on disk only once verified (or hashed from the
 registry by the seed), so nothing half-written ever leaves this node; each piece is hashed again against
 its recorded digest right before it is sent, and one that no longer matches (a damaged disk, an edited
-file) is dropped (the download engine fetches it again) and answered 404, never sent. No registry credential or header
-is involved: a piece is content addressed by the blob digest and its index. Concurrent uploads are
-capped (``upload_slots``); a peer over the cap gets a fast 503 and asks another parent.
+file) is dropped (the download engine fetches it again) and answered 404, never sent. Concurrent uploads
+are capped (``upload_slots``); a peer over the cap gets a fast 503 and asks another parent.
+
+**A piece goes only to a peer that proves its client may read the blob.** Knowing a digest is not
+enough: the child names the repository its client asked for (``X-Remora-Source: <registry>/<repo>``)
+and forwards that client's authorization (``Authorization``, absent for a public repository); the
+daemon's ``authorize`` (:meth:`.download.TaskManager.authorize_piece`) asks the registry, with a short
+cache, whether that authorization reads the blob in that repository. No proof: 403 (before anything
+about the piece is revealed beyond whether the blob is held at all). Unset, ``authorize`` refuses everything.
 
 **Each fresh piece leaves the seed once.** While this peer streams a blob from the registry, its uplink is
 the bottleneck of the whole mesh: every child wants each new piece the moment it lands, and sending it
@@ -21,12 +27,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from remora.errors import InvalidInput
+from remora.errors import InvalidInput, NotFound, RemoraError
 
+from .access import AccessDenied
 from .config import RELAYED_HEADER, UPLOADS_HEADER
 from .metrics import PeerMetrics
 from .mirror import healthz
@@ -52,6 +59,9 @@ class UploadServer:
         #: TaskManager.drop_corrupt: forget it, tell the scheduler)
         self.on_corrupt: Callable[[str, int], None] = lambda digest, index: entry_drop(self.store, digest, index)
         self._fresh_uploads: dict[tuple[str, int], list] = {}   # -> [uploads running, end of the last]
+        #: async (digest, request headers) -> grant; raises when the requester cannot prove access (set by
+        #: the daemon to TaskManager.authorize_piece). The default refuses: fail closed.
+        self.authorize: Callable[[str, object], Awaitable[object]] = _refuse
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -67,7 +77,19 @@ class UploadServer:
         except InvalidInput as exc:
             return web.Response(status=400, text=f"{exc}\n")
         entry = self.store.get(digest)
-        if entry is None or index not in entry.have:
+        if entry is None:
+            self.metrics.upload_pieces.labels("missing").inc()
+            return web.Response(status=404, text="piece not here\n")
+        try:
+            await self.authorize(digest, request.headers)
+        except NotFound:   # the registry has no such blob in the repository named: no proof of anything
+            self.metrics.upload_pieces.labels("denied").inc()
+            return web.Response(status=403, text="blob not in the repository named\n")
+        except RemoraError as exc:   # refused, or the registry could not be asked: fail closed
+            self.metrics.upload_pieces.labels("denied").inc()
+            log.info("%s: piece %d refused to %s: %s", digest[:19], index, request.remote, exc)
+            return web.Response(status=403, text="no proof of access to this blob\n")
+        if index not in entry.have:
             self.metrics.upload_pieces.labels("missing").inc()
             return web.Response(status=404, text="piece not here\n")
         fresh = self._fresh_state(digest, index)
@@ -150,3 +172,7 @@ def entry_drop(store: PieceStore, digest: str, index: int) -> None:
     entry = store.get(digest)
     if entry is not None:
         entry.drop_piece(index)
+
+
+async def _refuse(digest: str, headers) -> None:
+    raise AccessDenied("this upload server has no authorization check configured", status=403)

@@ -8,6 +8,16 @@ Handles the two auth schemes of the distribution spec (Basic, and Bearer tokens 
 ``WWW-Authenticate``), follows redirects to blob storage by hand so ``Authorization`` never leaks to
 another host, and maps failures onto :mod:`remora.errors` (404 -> NotFound, 401/403 -> AuthError, the
 rest -> RegistryError) so the mirror can answer containerd with a clean status.
+
+**Which registries.** The peer fetches only from the registries it is configured for (``--upstream``
+and each ``--registry``): the name in a request (containerd's ``?ns=``, the ``X-Remora-Upstream``
+header) is checked by :func:`registry_guard` before a handler runs, and again by :meth:`Upstream.request`
+before any connection is made, so the mirror is never a proxy to an arbitrary host:port (a port scanner
+of the node's networks, with the node's credentials on top).
+
+**What errors say.** The messages of the errors raised here end up in HTTP answers to clients, so they
+name the request path and the registry's status, never the URL dialled, a connection error's text or an
+exception: those are logged here (a refused or unreachable address is what a port scan wants to learn).
 """
 from __future__ import annotations
 
@@ -21,13 +31,93 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import aiohttp
 
 from remora import __version__
-from remora.errors import AuthError, NotFound, RegistryError
+from remora.errors import AuthError, NotFound, RegistryError, RemoraError
 from remora.registry.auth import Credentials, is_loopback, load_credentials
 
 log = logging.getLogger(__name__)
 
 #: Docker Hub's name in image references vs the host that serves its API.
 HUB_ALIASES = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
+
+
+class RegistryNotAllowed(RemoraError):
+    """A request named a registry this peer is not configured for: 403, nothing was dialled."""
+
+    exit_code = 4
+
+
+def canonical_registry(name: str) -> str:
+    """The name a registry is compared by: lower case, Docker Hub's aliases folded into ``docker.io``."""
+    name = name.strip().lower()
+    if name in HUB_ALIASES or name in HUB_ALIASES.values():
+        return "docker.io"
+    return name
+
+
+#: What :func:`scrub` takes out of error messages: ``host:port`` (names, IPv4, ``[IPv6]``), URLs, and the
+#: names of exceptions (``ClientConnectorError``, ``ConnectionRefusedError``), ``[Errno N]`` texts.
+_LEAKS = re.compile(r"[a-z][a-z0-9+.-]*://\S+"
+                    r"|\[[0-9A-Fa-f:.]+\](?::\d{1,5})?"
+                    r"|\b[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*:\d{1,5}\b"
+                    r"|\b\d{1,3}(?:\.\d{1,3}){3}\b"
+                    r"|\[Errno[^\]]*\][^;]*"
+                    r"|\b[A-Z][A-Za-z]*(?:Error|Exception|Timeout)\b")
+
+
+def scrub(message: str) -> str:
+    """An error message fit for a client: no address, URL or exception text (those go to the log)."""
+    return _LEAKS.sub("<upstream>", message)
+
+
+def registry_guard(upstream: "Upstream", metrics=None):
+    """An aiohttp middleware for the mirror.
+
+    - A request that names a registry (``?ns=`` or the ``X-Remora-Upstream`` header) outside the
+      allow-list gets 403 before any handler runs (and so before any cached blob is looked at or any
+      connection made).
+    - A 5xx error answer has its messages passed through :func:`scrub`, whoever wrote them: a client
+      must not learn from the mirror which addresses answer, refuse or time out.
+    """
+    import json
+
+    from aiohttp import web
+
+    from .mirror import UPSTREAM_HEADER
+
+    def scrubbed(resp):
+        if not isinstance(resp, web.Response) or resp.status < 500 or not resp.body or len(resp.body) > 65536:
+            return resp
+        try:
+            doc = json.loads(resp.body)
+            errors = doc["errors"]
+            changed = False
+            for e in errors:
+                clean = scrub(str(e.get("message", "")))
+                if clean != e.get("message"):
+                    log.info("error answer scrubbed (was: %s)", str(e.get("message"))[:500])
+                    e["message"], changed = clean, True
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return resp
+        if changed:
+            resp.body = json.dumps(doc).encode()
+        return resp
+
+    @web.middleware
+    async def guard(request, handler):
+        if request.path.startswith("/v2/"):
+            for named in (request.query.get("ns"), request.headers.get(UPSTREAM_HEADER)):
+                if named and not upstream.allows(named):
+                    log.warning("refused a request for registry %r (not configured: --registry to allow it)",
+                                named[:200])
+                    if metrics is not None:
+                        metrics.requests.labels("registry", "403").inc()
+                    body = ('{"errors": [{"code": "DENIED", "message": "registry not allowed by this mirror"}]}')
+                    return web.Response(status=403, text=body, content_type="application/json",
+                                        headers={"Docker-Distribution-API-Version": "registry/2.0"})
+            return scrubbed(await handler(request))
+        return await handler(request)
+
+    return guard
 
 
 def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -40,8 +130,10 @@ class Upstream:
     """One aiohttp session to any number of registries, with per-host auth state."""
 
     def __init__(self, plain_http: list[str] | None = None, docker_config: Path | None = None,
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, allowed: list[str] | None = None):
         self.plain_http = set(plain_http or [])
+        #: registries this peer may fetch from (canonical names); see :meth:`allows`
+        self.allowed: set[str] = {canonical_registry(r) for r in allowed or [] if r}
         self.docker_config = docker_config
         self._credentials: dict[str, Credentials | None] = {}
         self.timeout = timeout
@@ -59,6 +151,13 @@ class Upstream:
             await self._session.close()
 
     # -- addressing -----------------------------------------------------------------------------------
+    def allow(self, registry: str) -> None:
+        """Add a registry to the allow-list (what ``--registry`` does at start)."""
+        self.allowed.add(canonical_registry(registry))
+
+    def allows(self, registry: str) -> bool:
+        return canonical_registry(registry) in self.allowed
+
     def endpoint(self, registry: str) -> str:
         host = HUB_ALIASES.get(registry, registry)
         plain = registry in self.plain_http or host in self.plain_http or is_loopback(host)
@@ -78,6 +177,9 @@ class Upstream:
         Returns a 2xx response (the caller reads and releases it); anything else raises.
         """
         assert self._session is not None, "Upstream.start() was not awaited"
+        if not self.allows(registry):
+            log.warning("refused to fetch %s from registry %r: not configured (--registry)", path[:200], registry[:200])
+            raise RegistryNotAllowed("registry not allowed by this mirror")
         url = self.endpoint(registry) + path
         headers = dict(headers or {})
         for attempt in range(2):
@@ -98,7 +200,8 @@ class Upstream:
             pass
         resp.release()
         detail = body.decode(errors="replace").strip()[:300]
-        what = f"{method} {url}"
+        log.info("%s %s: %d %s %s", method, url, resp.status, resp.reason, detail[:200])
+        what = f"{method} {path}"   # not the URL: the answer goes to the client
         if resp.status == 404:
             raise NotFound(f"{what}: not found ({detail or resp.reason})")
         if resp.status in (401, 403):
@@ -114,13 +217,15 @@ class Upstream:
             try:
                 resp = await self._session.request(method, url, headers=h, allow_redirects=False)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                raise RegistryError(f"{method} {url}: cannot reach the registry: {exc or type(exc).__name__}") from exc
+                log.warning("%s %s: cannot reach the registry: %s", method, url, exc or type(exc).__name__)
+                raise RegistryError(f"{method} {urlsplit(url).path}: registry unreachable") from None
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 url = urljoin(url, resp.headers["Location"])
                 resp.release()
                 continue
             return resp
-        raise RegistryError(f"{method} {url}: too many redirects")
+        log.warning("%s %s: too many redirects", method, url)
+        raise RegistryError(f"{method} {urlsplit(url).path}: too many redirects")
 
     def _auth_header(self, registry: str, scope: str) -> str | None:
         token = self._tokens.get((registry, scope))
@@ -153,7 +258,8 @@ class Upstream:
                     raise RegistryError(f"{registry}: token service answered {resp.status}")
                 doc = await resp.json(content_type=None)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            raise RegistryError(f"{registry}: token service failed: {exc}") from exc
+            log.warning("%s: token service %s failed: %s", registry, params["realm"], exc or type(exc).__name__)
+            raise RegistryError(f"{registry}: token service failed") from None
         token = doc.get("token") or doc.get("access_token")
         if not token:
             raise AuthError(f"{registry}: token service returned no token")

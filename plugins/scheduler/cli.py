@@ -12,29 +12,56 @@ scored (free upload slots, measured bandwidth, probe RTT, locality labels, piece
 Run several schedulers for availability: peers spread blobs over them by consistent hashing of the blob
 digest (give every peer the same --scheduler list) and fail over to the next one when one is down.
 Scheduler state is soft: a restarted scheduler is refilled by the peers' keepalives and announcements.
+
+Only cluster members may use it: with --tls-dir the gRPC port speaks mutual TLS and accepts peers,
+schedulers and the manager holding a certificate of the cluster CA (`remora certs`, docs/pki.md); a peer
+may only register and act for the host id its certificate names. Without TLS the scheduler starts only
+with --insecure-plain-mesh, and says so (log WARNING, metric remora_scheduler_mesh_tls 0).
 """
 
 EPILOG = """\
 examples:
-  remora scheduler                                  listen on 0.0.0.0:8002, metrics on :8003
-  remora scheduler --listen 127.0.0.1:9000 --metrics-listen ''      no metrics endpoint
+  remora scheduler --tls-dir /etc/remora/tls --listen 10.0.0.5:8002    peers dial 10.0.0.5 (in its cert)
+  remora scheduler --tls-dir DIR                    gRPC on 127.0.0.1:8002, metrics on 127.0.0.1:8003
+  remora scheduler --insecure-plain-mesh --listen 127.0.0.1:9000 --metrics-listen ''   plain, no metrics
   remora scheduler --scorer bandit                  learn parent speed from piece times (UCB)
   remora scheduler --peer-ttl 30 --parent-limit 6   forget silent peers sooner, hand out more parents
 
 metrics: GET http://HOST:8003/metrics (Prometheus), GET /healthz
+
+Listeners default to loopback: give the node's address explicitly (--listen 10.0.0.5:8002); the
+scheduler's certificate must name that address (remora certs issue --role scheduler --ip 10.0.0.5).
 """
 
 
 def register_scheduler(subparsers) -> None:
     p = subparsers.add_parser("scheduler", help="run the P2P scheduler (gRPC)", description=DESCRIPTION,
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--listen", default="0.0.0.0:8002", metavar="HOST:PORT",
-                   help="gRPC address (default: %(default)s)")
-    p.add_argument("--metrics-listen", default="0.0.0.0:8003", metavar="HOST:PORT",
-                   help="Prometheus /metrics address, '' to disable (default: %(default)s)")
-    p.add_argument("--scorer", choices=("weighted", "bandit"), default="weighted",
-                   help="parent scorer: fixed weighted sum, or UCB bandit on observed piece times "
-                        "(default: %(default)s)")
+    p.add_argument("--listen", default="127.0.0.1:8002", metavar="HOST:PORT",
+                   help="gRPC address; use the node's address for a cluster (default: %(default)s)")
+    p.add_argument("--metrics-listen", default="127.0.0.1:8003", metavar="HOST:PORT",
+                   help="Prometheus /metrics address (plain HTTP), '' to disable (default: %(default)s)")
+    sec = p.add_mutually_exclusive_group()
+    sec.add_argument("--tls-dir", default=None, metavar="DIR",
+                     help="mutual TLS: DIR/ca.pem (cluster CA), DIR/cert.pem + DIR/key.pem (role scheduler); "
+                          "re-read when they change (rotation without restart)")
+    sec.add_argument("--insecure-plain-mesh", action="store_true",
+                     help="serve gRPC without TLS: any host that reaches the port can register, announce and "
+                          "ask who holds which blob (labs only)")
+    p.add_argument("--scorer", choices=("weighted", "bandit", "learned", "random"), default="weighted",
+                   help="parent scorer: fixed weighted sum, UCB bandit on observed piece times, a cost model "
+                        "trained by 'remora trainer' (--model-dir), or random (default: %(default)s)")
+    p.add_argument("--model-dir", default=None, metavar="DIR",
+                   help="learned scorer: directory 'remora trainer' publishes models to (newest is loaded "
+                        "without restart)")
+    p.add_argument("--model-max-age", type=float, default=7 * 24 * 3600.0, metavar="SECONDS",
+                   help="learned scorer: an older model is not used, weighted instead (default: %(default)s)")
+    p.add_argument("--model-max-error", type=float, default=0.5, metavar="REL",
+                   help="learned scorer: a model whose validation median relative error is larger is not "
+                        "used (default: %(default)s)")
+    p.add_argument("--history-dir", default=None, metavar="DIR",
+                   help="write download history (features of chosen parents, piece costs) for the trainer; "
+                        "rotating, at most ~1 M rows (~300 MB)")
     p.add_argument("--peer-ttl", type=float, default=60.0, metavar="SECONDS",
                    help="forget a peer that sent nothing for this long (default: %(default)s)")
     p.add_argument("--parent-limit", type=int, default=4, metavar="N",
@@ -79,7 +106,8 @@ def config_from_args(args):
         peer_ttl=args.peer_ttl, probe_interval=args.probe_interval, retry_after_ms=args.retry_after_ms,
         max_schedule_failures=args.max_schedule_failures, max_piece_failures=args.max_piece_failures,
         scorer=args.scorer, bandit_c=args.bandit_c, bandit_gamma=args.bandit_gamma,
-        bandit_prior_weight=args.bandit_prior_weight,
+        bandit_prior_weight=args.bandit_prior_weight, model_dir=args.model_dir,
+        model_max_age=args.model_max_age, model_max_error=args.model_max_error, history_dir=args.history_dir,
         selection=SelectionConfig(candidate_limit=args.candidate_limit, parent_limit=args.parent_limit))
 
 
@@ -90,10 +118,16 @@ def run(args) -> int:
     from .server import SchedulerServer
 
     config = config_from_args(args)
+    tls = None
+    if args.tls_dir:
+        from remora.pki.tls import Reloader, TLSFiles
+
+        tls = Reloader(TLSFiles.in_dir(args.tls_dir))
 
     async def main() -> None:
-        server = await SchedulerServer(config, args.listen, args.metrics_listen or None).start()
-        print(f"remora scheduler: listening on {server.address}"
+        server = await SchedulerServer(config, args.listen, args.metrics_listen or None, tls=tls,
+                                       insecure_plain=args.insecure_plain_mesh).start()
+        print(f"remora scheduler: listening on {server.address} (mesh: {server.mesh})"
               + (f", metrics on http://{server.metrics_address}/metrics" if server.metrics_address else ""),
               flush=True)
         stop = asyncio.Event()

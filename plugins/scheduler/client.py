@@ -12,6 +12,11 @@ scheduler. The client registers the peer with a scheduler before its first call 
 the scheduler answers FAILED_PRECONDITION ("unknown peer": it restarted or expired the peer). A
 scheduler that takes over a task learns it from the peer's next RegisterTask/AnnouncePieces/GetParents
 (an unknown task is joined implicitly, and elects a seed if nobody has the blob).
+
+With ``tls`` (a :class:`remora.pki.tls.Reloader`) every channel is mutual TLS: the peer presents its
+member certificate and accepts only a scheduler of the cluster CA whose certificate names the address
+dialled (IP or DNS SAN). When the certificate files rotate, channels are re-made with the new
+credentials (grpc channels keep theirs for life); calls in flight finish on the old ones.
 """
 from __future__ import annotations
 
@@ -56,7 +61,7 @@ class SchedulerRequestError(RemoraError):
 
 class SchedulerClient:
     def __init__(self, addresses: Iterable[str] | SchedulerRing, host: pb.PeerHost, timeout: float = 3.0,
-                 down_for: float = 5.0, clock: Callable[[], float] = time.monotonic):
+                 down_for: float = 5.0, clock: Callable[[], float] = time.monotonic, tls=None):
         self.ring = addresses if isinstance(addresses, SchedulerRing) else SchedulerRing(addresses)
         self.host = host
         self.timeout = timeout
@@ -69,13 +74,30 @@ class SchedulerClient:
         self._forgot: set[str] = set()        # ... that later answered known=False: re-announce there
         self._down_until: dict[str, float] = {}
         self.last_address: dict[str, str] = {}   # task id -> scheduler that answered last
+        self.tls = tls
+        self._generation = tls.generation if tls is not None else 0
+        self._retired: list[grpc.aio.Channel] = []   # channels of old credentials, closed at close()
 
     # -- plumbing ----------------------------------------------------------------------------------------
 
     def _stub(self, address: str) -> pb_grpc.SchedulerStub:
+        if self.tls is not None:
+            self.tls.check()   # cheap (stats, at most once a second)
+            if self.tls.generation != self._generation:
+                # New certificate or CA bundle: new channels. The old ones are closed later, not now: a
+                # call may still be running on them.
+                log.info("TLS files changed: new channels to the schedulers")
+                self._generation = self.tls.generation
+                self._retired.extend(self._channels.values())
+                self._channels.clear()
+                self._stubs.clear()
         stub = self._stubs.get(address)
         if stub is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            if self.tls is not None:
+                channel = grpc.aio.secure_channel(address, self.tls.grpc_channel_credentials(), options=CHANNEL_OPTIONS)
+            else:
+                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
             stub = self._stubs[address] = pb_grpc.SchedulerStub(channel)
         return stub
 
@@ -224,8 +246,10 @@ class SchedulerClient:
         self._registered.clear()
 
     async def close(self) -> None:
-        await asyncio.gather(*(ch.close() for ch in self._channels.values()), return_exceptions=True)
+        await asyncio.gather(*(ch.close() for ch in [*self._channels.values(), *self._retired]),
+                             return_exceptions=True)
         self._channels.clear()
+        self._retired.clear()
         self._stubs.clear()
 
     async def __aenter__(self) -> "SchedulerClient":

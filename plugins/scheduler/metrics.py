@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter as Tally
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from .state import SchedulerState
@@ -31,6 +31,32 @@ class _StateCollector:
         yield peers
         yield tasks
         yield task_peers
+        yield from _bandwidth_families(self.state)
+
+
+#: Hosts whose upload capacity estimate is exported (the most recently updated): a bounded label set.
+CAPACITY_HOSTS_EXPORTED = 64
+
+
+def _bandwidth_families(state: SchedulerState):
+    """The bandwidth estimator (plugins/scheduler/bandwidth.py), read at scrape time."""
+    from prometheus_client.core import CounterMetricFamily
+
+    bw = state.bandwidth
+    samples = CounterMetricFamily("remora_scheduler_bandwidth_samples", "Piece reports turned into goodput samples")
+    samples.add_metric([], bw.samples)
+    evicted = CounterMetricFamily("remora_scheduler_bandwidth_evicted", "Estimates dropped by the LRU caps")
+    evicted.add_metric([], bw.evicted)
+    pairs = GaugeMetricFamily("remora_scheduler_bandwidth_pairs", "Host pairs with a goodput estimate")
+    pairs.add_metric([], len(bw.pairs))
+    hosts = GaugeMetricFamily("remora_scheduler_bandwidth_hosts", "Hosts with an upload capacity estimate")
+    hosts.add_metric([], len(bw.hosts))
+    cap = GaugeMetricFamily("remora_scheduler_host_upload_capacity_bytes",
+                            f"Estimated upload capacity (bytes/s, corrected for concurrency) of the "
+                            f"{CAPACITY_HOSTS_EXPORTED} most recently measured hosts", labels=["host"])
+    for host, est in bw.top_hosts(CAPACITY_HOSTS_EXPORTED):
+        cap.add_metric([host], est.goodput)
+    yield from (samples, evicted, pairs, hosts, cap)
 
 
 class SchedulerMetrics:
@@ -60,6 +86,32 @@ class SchedulerMetrics:
         self.rpc_seconds = Histogram(
             "remora_scheduler_rpc_duration_seconds", "RPC handling time", ["method"], registry=r,
             buckets=(0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0))
+        self.refused = Counter(
+            "remora_scheduler_refused", "Calls refused: not a cluster member, or a peer speaking for another host",
+            ["method"], registry=r)
+        self.mesh_tls = Gauge(
+            "remora_scheduler_mesh_tls", "1: gRPC over mutual TLS (members only); 0: PLAIN (insecure)", registry=r)
+
+        # The learned scorer (plugins/scheduler/learned.py).
+        self.scorer_active = Gauge(
+            "remora_scheduler_scorer", "1 for the scorer that ranked the last decision (learned, or weighted "
+            "when the learned scorer falls back)", ["kind"], registry=r)
+        self.scorer_fallbacks = Counter(
+            "remora_scheduler_scorer_fallbacks", "Decisions the learned scorer left to the weighted scorer",
+            ["reason"], registry=r)
+        self.predicted_cost = Histogram(
+            "remora_scheduler_predicted_cost_seconds_per_mib", "Predicted piece cost of the parents handed out",
+            registry=r, buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0))
+        self.model_version = Gauge(
+            "remora_scheduler_model_version", "Version of the loaded cost model (0: none)", registry=r)
+        self.history_rows = Counter(
+            "remora_scheduler_history_rows", "Download records written to the history", registry=r)
+
+    def scorer_kind(self, kind: str, reason: str = "") -> None:
+        for k in ("learned", "weighted"):
+            self.scorer_active.labels(k).set(1 if k == kind else 0)
+        if reason:
+            self.scorer_fallbacks.labels(reason).inc()
 
     def decision(self, outcome: str) -> None:
         self.parent_decisions.labels(self.scorer, outcome).inc()

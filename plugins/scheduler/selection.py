@@ -20,7 +20,9 @@ parent is still fetching only tells the child to wait for it, and the parent's o
 the child. (An acyclic parent graph, as a peer-level DAG, made 8 children of one seed queue behind each
 other: a child that was handed out as a parent could not get pieces from its own children.)
 
-Scoring is pluggable (:class:`Scorer`): :class:`WeightedScorer` here, the UCB bandit in :mod:`.bandit`.
+Scoring is pluggable (:class:`Scorer`): :class:`WeightedScorer` here, the UCB bandit in :mod:`.bandit`,
+the learned cost model in :mod:`.learned`. After a decision the selector tells ``on_choice`` listeners
+(the download history) which parents were chosen with which features.
 """
 from __future__ import annotations
 
@@ -62,15 +64,39 @@ def is_slow(costs: list[float], config: SelectionConfig | None = None) -> bool:
     return last > mean + config.slow_sigmas * math.sqrt(var)
 
 
+#: The raw features of a candidate, in this order, for the learned scorer and the download history
+#: (docs/p2p.md, "Learned parent selection"). Bandwidths in bytes/s, times in seconds; None = unknown.
+FEATURE_NAMES = (
+    "pair_goodput",      # corrected goodput of parent host -> child host (bandwidth.py), EWMA
+    "host_capacity",     # corrected upload goodput of the parent host over all its children, EWMA
+    "expected_goodput",  # pair (else host) goodput / (parent's transfers now + 1)
+    "measured_bw",       # the peer's own EWMA of size/cost over pieces it served (uncorrected)
+    "declared_bw",       # what the peer declared at registration
+    "rtt_s",             # probe RTT child host -> parent host (inf-free: unreachable = 10 s)
+    "parent_load",       # transfers the parent serves now (unfinished children, all tasks)
+    "parent_slots",      # its upload slots
+    "child_parents",     # parents the child fetches from now
+    "pieces",            # share of the blob the parent holds (in flight counts half)
+    "locality",          # share of the child's labels the parent matches
+    "parent_done",       # 1: it holds the whole blob
+    "parent_source",     # 1: it is the seed, still fetching from the registry
+    "pair_samples",      # pieces behind the pair estimate (0 = none)
+    "estimate_age_s",    # age of the pair (else host) estimate
+)
+UNREACHABLE_RTT_S = 10.0
+
+
 @dataclass
 class Features:
-    """What the scheduler knows about one candidate, each in [0, 1] (None: unknown)."""
+    """What the scheduler knows about one candidate, each in [0, 1] (None: unknown), and ``raw``: the
+    same and more, unnormalized, in :data:`FEATURE_NAMES` order (None: unknown)."""
 
     pieces: float
     free_upload: float
     bandwidth: float | None
     rtt: float | None
     locality: float
+    raw: tuple | None = None
 
 
 @dataclass
@@ -78,6 +104,7 @@ class Candidate:
     tp: TaskPeer
     features: Features
     score: float = 0.0
+    predicted_cost: float | None = None   # seconds per MiB, set by the learned scorer
 
     @property
     def peer_id(self) -> str:
@@ -139,6 +166,25 @@ class WeightedScorer:
         """Nothing kept per peer."""
 
 
+class RandomScorer:
+    """Baseline (``--scorer random``): the same filters, then parents in random order."""
+
+    name = "random"
+
+    def __init__(self, rng: random.Random | None = None):
+        self.rng = rng or random.Random()
+
+    def score(self, child_id: str, candidates: list[Candidate]) -> None:
+        for c in candidates:
+            c.score = self.rng.random()
+
+    def observe(self, parent_id: str, size: int, cost_s: float, success: bool) -> None:
+        """Random learns nothing."""
+
+    def forget(self, peer_id: str) -> None:
+        """Nothing kept per peer."""
+
+
 @dataclass
 class Decision:
     parents: list[Candidate]
@@ -155,6 +201,8 @@ class ParentSelector:
         self.scorer = scorer
         self.config = config or SelectionConfig()
         self.rng = rng or random.Random()
+        #: Called as ``fn(task, child_id, chosen_candidates)`` after every decision that returned parents.
+        self.on_choice: list = []
 
     # -- filtering -----------------------------------------------------------------------------------------
 
@@ -203,15 +251,17 @@ class ParentSelector:
             raw_bw.append(peer.bandwidth if peer.bandwidth else (peer.host.upload_bandwidth or None))
             sample = state.rtt_between(child.peer_id, c.peer_id)
             raw_rtt.append(None if sample is None else (sample.rtt_s if sample.reachable else float("inf")))
+        loads = [state.upload_load(c.peer_id) for c in cands]
+        raw_features = self.raw_features(task, child, cands, raw_pieces, raw_rtt, loads, my_labels)
         max_pieces = total or max(raw_pieces, default=0) or 1
         known_bw = [b for b in raw_bw if b]
         max_bw = max(known_bw, default=1.0)
         known_rtt = [r for r in raw_rtt if r is not None and r != float("inf")]
         min_rtt = max(min(known_rtt, default=1e-3), 1e-4)
-        for c, held, bw, rtt in zip(cands, raw_pieces, raw_bw, raw_rtt):
+        for c, held, bw, rtt, raw, load in zip(cands, raw_pieces, raw_bw, raw_rtt, raw_features, loads):
             peer = state.peers[c.peer_id]
             slots = peer.upload_slots
-            free = max(0, slots - state.upload_load(c.peer_id)) / slots
+            free = max(0, slots - load) / slots
             labels = peer.host.labels
             locality = (sum(1 for k, v in my_labels.items() if labels.get(k) == v) / len(my_labels)
                         if my_labels else 0.0)
@@ -222,7 +272,47 @@ class ParentSelector:
             else:
                 rtt_f = min(1.0, min_rtt / max(rtt, 1e-4))
             out.append(Features(pieces=min(1.0, held / max_pieces), free_upload=free,
-                                bandwidth=None if not bw else bw / max_bw, rtt=rtt_f, locality=locality))
+                                bandwidth=None if not bw else bw / max_bw, rtt=rtt_f, locality=locality,
+                                raw=raw))
+        return out
+
+    def raw_features(self, task: Task, child: TaskPeer, cands: list[TaskPeer], held: list[float],
+                     rtts: list[float | None], loads: list[int], my_labels: dict) -> list[tuple]:
+        """:data:`FEATURE_NAMES` for each candidate: what the learned scorer and the history see."""
+        state = self.state
+        bw = state.bandwidth
+        now = state.clock()
+        me = state.peers.get(child.peer_id)
+        child_host = me.host.host_id if me else ""
+        total = task.total_pieces
+        max_pieces = total or max(held, default=0) or 1
+        out = []
+        for c, h, rtt, load in zip(cands, held, rtts, loads):
+            peer = state.peers[c.peer_id]
+            host = peer.host.host_id
+            pair = bw.pair(host, child_host)
+            cap = bw.capacity(host)
+            est = pair or cap
+            labels = peer.host.labels
+            locality = (sum(1 for k, v in my_labels.items() if labels.get(k) == v) / len(my_labels)
+                        if my_labels else 0.0)
+            out.append((
+                pair.goodput if pair else None,
+                cap.goodput if cap else None,
+                est.goodput / (load + 1) if est else None,
+                peer.bandwidth,
+                float(peer.host.upload_bandwidth) if peer.host.upload_bandwidth else None,
+                None if rtt is None else min(rtt, UNREACHABLE_RTT_S),
+                float(load),
+                float(peer.upload_slots),
+                float(len(child.parents)),
+                min(1.0, h / max_pieces),
+                locality,
+                1.0 if c.done else 0.0,
+                1.0 if c.back_to_source and not c.done else 0.0,
+                float(pair.samples) if pair else 0.0,
+                now - est.updated_at if est else None,
+            ))
         return out
 
     # -- the decision ----------------------------------------------------------------------------------------
@@ -250,4 +340,6 @@ class ParentSelector:
         self.scorer.score(child_id, candidates)
         candidates.sort(key=lambda c: c.score, reverse=True)
         decision.parents = candidates[:limit]
+        for listener in self.on_choice:
+            listener(task, child_id, decision.parents)
         return decision

@@ -48,25 +48,44 @@ class SchedulerConfig:
     retry_after_ms: int = 200            # "no parent yet, ask again" delay
     max_schedule_failures: int = 25      # parentless answers in a row before back-to-source (~5 s)
     max_piece_failures: int = 3          # failed pieces in a row before a parent is blocklisted
-    scorer: str = "weighted"             # "weighted" or "bandit"
+    scorer: str = "weighted"             # "weighted", "bandit", "learned" or "random"
     bandit_c: float = 0.05
     bandit_gamma: float = 0.99
     bandit_prior_weight: float = 8.0
     random_seed: int | None = None
+    model_dir: str | None = None         # learned scorer: where `remora trainer` publishes models
+    model_max_age: float = 7 * 24 * 3600.0   # older models are not used (weighted fallback)
+    model_max_error: float = 0.5         # nor models with a larger validation median relative error
+    history_dir: str | None = None       # download history for the trainer (plugins/scheduler/history.py)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
 
     def __post_init__(self):
         if self.peer_ttl <= 0:
             raise UsageError(f"peer TTL must be > 0, got {self.peer_ttl}")
-        if self.scorer not in ("weighted", "bandit"):
-            raise UsageError(f"unknown scorer {self.scorer!r} (use 'weighted' or 'bandit')")
+        if self.scorer not in SCORERS:
+            raise UsageError(f"unknown scorer {self.scorer!r} (use one of {', '.join(SCORERS)})")
+        if self.scorer == "learned" and not self.model_dir:
+            raise UsageError("the learned scorer needs a model directory (--model-dir)")
+        if self.model_max_age <= 0 or self.model_max_error <= 0:
+            raise UsageError("--model-max-age and --model-max-error must be > 0")
         if self.max_schedule_failures < 1 or self.max_piece_failures < 1:
             raise UsageError("max schedule/piece failures must be >= 1")
         if not self.keepalive_interval:
             self.keepalive_interval = self.peer_ttl / 3
 
 
+SCORERS = ("weighted", "bandit", "learned", "random")
+
+
 def make_scorer(config: SchedulerConfig) -> Scorer:
+    if config.scorer == "learned":
+        from .learned import LearnedScorer, ModelWatcher
+
+        return LearnedScorer(ModelWatcher(config.model_dir, config.model_max_age, config.model_max_error))
+    if config.scorer == "random":
+        from .selection import RandomScorer
+
+        return RandomScorer(random.Random(config.random_seed))
     if config.scorer == "bandit":
         return BanditScorer(c=config.bandit_c, gamma=config.bandit_gamma, prior_weight=config.bandit_prior_weight)
     return WeightedScorer()
@@ -74,6 +93,15 @@ def make_scorer(config: SchedulerConfig) -> Scorer:
 
 class UnknownTask(KeyError):
     """Maps to NOT_FOUND (StatTask of a task the scheduler does not hold)."""
+
+
+class _Refused(Exception):
+    """A caller that is not a cluster member (or speaks for another host): PERMISSION_DENIED."""
+
+
+#: Certificate roles that may use the scheduler: peers, other schedulers, the manager. Role ``client``
+#: (an operator's tool, a CI job) passes the TLS handshake of the CA but gets PERMISSION_DENIED here.
+MEMBER_ROLES = ("peer", "scheduler", "manager")
 
 
 def _rpc(method):
@@ -92,7 +120,14 @@ def _rpc(method):
         start = time.perf_counter()
         code = None
         try:
+            if self.members_only:
+                refused = self.refuse(name, request, context)
+                if refused:
+                    code, details = grpc.StatusCode.PERMISSION_DENIED, refused
+                    raise _Refused
             return method(self, request)
+        except _Refused:
+            pass
         except UnknownPeer as exc:
             # FAILED_PRECONDITION, not NOT_FOUND: the client re-registers on exactly this code.
             code, details = grpc.StatusCode.FAILED_PRECONDITION, (
@@ -130,7 +165,42 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.selector = ParentSelector(self.state, self.scorer, self.config.selection,
                                        random.Random(self.config.random_seed))
         self.metrics = SchedulerMetrics(self.state, self.scorer.name)
+        from .history import attach_learning   # learned scorer metrics, download history (docs/p2p.md)
+
+        attach_learning(self)
         self._warned_same_host: set[str] = set()   # peers told why every candidate was dropped
+        #: Set by :class:`SchedulerServer` over mutual TLS: every RPC checks the caller's certificate.
+        self.members_only = False
+        self.cluster: str | None = None   # our own certificate's cluster: members of another are refused
+
+    def refuse(self, method: str, request, context) -> str:
+        """Why the caller may not make this call ("" when it may).
+
+        The TLS handshake already proved the caller holds a certificate of our CA; here its role must be
+        a member role of our cluster, and a PEER may only speak for its own host: it registers with the
+        host id of its certificate, and may only act for peer ids registered by that host. Otherwise a
+        member could announce pieces, report failures or leave tasks in another peer's name.
+        """
+        from remora.pki.tls import grpc_identity
+
+        ident = grpc_identity(context)
+        if ident is None or not ident.is_member(self.cluster, MEMBER_ROLES):
+            self.metrics.refused.labels(method).inc()
+            who = "no certificate" if ident is None else f"role {ident.role!r} of cluster {ident.cluster!r}"
+            log.warning("%s refused: caller is not a cluster member (%s)", method, who)
+            return "cluster members only (peer, scheduler or manager certificate of this cluster)"
+        if ident.role != "peer":
+            return ""
+        if isinstance(request, pb.RegisterPeerRequest):
+            claimed = request.host.host_id or request.host.peer_id
+        else:
+            peer = self.state.peers.get(getattr(request, "peer_id", ""))
+            claimed = peer.host.host_id if peer is not None else ident.host_id
+        if claimed != ident.host_id:
+            self.metrics.refused.labels(method).inc()
+            log.warning("%s refused: certificate of host %r speaks for host %r", method, ident.host_id, claimed)
+            return f"this certificate is for host {ident.host_id!r}, not {claimed!r}"
+        return ""
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -387,24 +457,38 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 
 
 def _split(listen: str) -> tuple[str, int]:
+    """``HOST:PORT``; an empty host is loopback (never every address: that is asked for explicitly)."""
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
         raise UsageError(f"listen address must be HOST:PORT, got {listen!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 class SchedulerServer:
     """A running scheduler: the gRPC server, the /metrics HTTP server and the expiry sweeper.
 
-        server = await SchedulerServer(SchedulerConfig(), "127.0.0.1:0").start()
+        server = await SchedulerServer(SchedulerConfig(), "127.0.0.1:0", tls=Reloader(files)).start()
         server.address        # "127.0.0.1:41234" (the real port when 0 was asked)
         await server.stop()
+
+    The gRPC port speaks mutual TLS when ``tls`` (a :class:`remora.pki.tls.Reloader`) is given: only
+    cluster members get through the handshake and :meth:`SchedulerService.refuse` checks each call; the
+    certificate rotates without a restart. Plain gRPC needs ``insecure_plain=True`` (said in the log,
+    at WARNING, and in the ``remora_scheduler_mesh_tls`` gauge): there is no silent insecure default.
     """
 
     def __init__(self, config: SchedulerConfig | None = None, listen: str = "127.0.0.1:0",
-                 metrics_listen: str | None = None, clock=time.monotonic):
+                 metrics_listen: str | None = None, clock=time.monotonic, *, tls=None, insecure_plain: bool = False):
+        if tls is None and not insecure_plain:
+            raise UsageError("the scheduler needs mutual TLS (--tls-dir DIR with ca.pem, cert.pem, key.pem from "
+                             "'remora certs issue --role scheduler') or, knowingly, --insecure-plain-mesh")
+        if tls is not None and insecure_plain:
+            raise UsageError("--tls-dir and --insecure-plain-mesh exclude each other")
         self.service = SchedulerService(config, clock=clock)
         self.config = self.service.config
+        self.tls = tls
+        self.service.members_only = tls is not None
+        self.service.cluster = tls.identity.cluster if tls is not None else None
         self.listen = listen
         self.metrics_listen = metrics_listen
         self.address = ""
@@ -418,11 +502,15 @@ class SchedulerServer:
         return self.service.state
 
     async def start(self) -> "SchedulerServer":
-        host, _ = _split(self.listen)
+        host, want = _split(self.listen)
+        bind = f"[{host}]:{want}" if ":" in host else f"{host}:{want}"   # ":8002" is loopback, not every address
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_SchedulerServicer_to_server(self.service, self._server)
         try:
-            port = self._server.add_insecure_port(self.listen)
+            if self.tls is not None:
+                port = self._server.add_secure_port(bind, self.tls.grpc_server_credentials())
+            else:
+                port = self._server.add_insecure_port(bind)
         except RuntimeError as exc:
             raise UsageError(f"cannot listen on {self.listen}: {exc}") from exc
         if port == 0:
@@ -439,9 +527,21 @@ class SchedulerServer:
             bound = self._metrics_runner.addresses[0]
             self.metrics_address = f"{mhost}:{bound[1]}"
         self._sweeper = asyncio.create_task(self._sweep())
-        log.info("scheduler listening on %s (metrics %s, scorer %s, peer TTL %.0fs)", self.address,
-                 self.metrics_address or "off", self.config.scorer, self.config.peer_ttl)
+        self.service.metrics.mesh_tls.set(1 if self.tls is not None else 0)
+        if self.tls is None:
+            log.warning("mesh: PLAIN (insecure): gRPC without TLS on %s; any host that reaches it can register, "
+                        "announce and learn which peer holds which blob (--insecure-plain-mesh)", self.address)
+        log.info("scheduler listening on %s (mesh %s, metrics %s, scorer %s, peer TTL %.0fs)", self.address,
+                 self.mesh, self.metrics_address or "off", self.config.scorer, self.config.peer_ttl)
         return self
+
+    @property
+    def mesh(self) -> str:
+        """How the gRPC port is protected, as logs and status say it."""
+        if self.tls is None:
+            return "PLAIN (insecure)"
+        ident = self.tls.identity
+        return f"mTLS (cluster {ident.cluster}, {ident.role} {ident.host_id})"
 
     async def _sweep(self) -> None:
         interval = max(0.05, min(self.config.peer_ttl / 4, 5.0))

@@ -32,6 +32,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from .bandwidth import BandwidthEstimator
+
 DEFAULT_UPLOAD_SLOTS = 8
 # Bounds on what the scheduler keeps, whoever asks (an RPC over a bound gets RESOURCE_EXHAUSTED; the
 # peer then fetches from the registry). Worst case with every bound reached: ~32 MiB of piece marks (a
@@ -234,6 +236,11 @@ class SchedulerState:
         self.digests = 0          # piece digests kept over all tasks
         self.quarantined: set[str] = set()              # isolated from every task
         self.lying_reports: dict[str, set[str]] = {}    # suspect peer id -> host ids that caught it
+        #: Goodput per host pair and per host, inferred from piece reports (peers send normalized costs).
+        self.bandwidth = BandwidthEstimator(clock=clock)
+        #: Called as ``fn(task, child_id, parent_id, size, cost_s, success)`` for every piece report of a
+        #: known child (the history recorder of the learned scorer listens here).
+        self.piece_listeners: list[Callable] = []
 
     # -- peers -------------------------------------------------------------------------------------------
 
@@ -542,7 +549,12 @@ class SchedulerState:
             return None
         parent_peer = self.peers.get(parent_id)
         parent_tp = task.peers.get(parent_id)
+        for listener in self.piece_listeners:
+            listener(task, child_id, parent_id, size, cost_s, success)
         if success:
+            if parent_peer is not None and child_id in self.peers:
+                self.bandwidth.observe(parent_peer.host.host_id, self.peers[child_id].host.host_id, size, cost_s,
+                                       uploads=self.upload_load(parent_id), downloads=len(child.parents))
             child.failures.pop(parent_id, None)
             if not child.done and piece not in child.finished:
                 self._set_marks(child, child.finished | {piece}, child.in_flight - {piece})

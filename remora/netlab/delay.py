@@ -13,7 +13,10 @@ Run it inside a lab namespace, in front of a service::
 
 Clients then use :6000 and see +40 ms RTT. ``--rate`` shapes each direction with a token bucket, for
 links where a qdisc is not at hand; ``--corrupt`` makes the service behind it look like a peer that
-returns wrong bytes (fault injection for the mesh tests).
+returns wrong bytes (fault injection for the mesh tests). With ``--tls-dir`` (a member's ca.pem,
+cert.pem, key.pem) the proxy terminates mutual TLS on both sides with that certificate, so that a
+corrupting proxy in a TLS mesh is a lying cluster MEMBER (what TLS cannot prevent and piece digests
+must catch), not a broken TLS stream.
 """
 from __future__ import annotations
 
@@ -110,7 +113,7 @@ class DelayProxy:
 
     def __init__(self, listen: tuple[str, int], upstream: tuple[str, int], up_delay: float = 0.0,
                  down_delay: float = 0.0, rate_bytes: float | None = None, max_buffer: int = 4 << 20,
-                 corrupt: bool = False):
+                 corrupt: bool = False, tls_dir: str | None = None):
         if up_delay < 0 or down_delay < 0:
             raise ValueError("delays must be >= 0")
         self.listen, self.upstream = listen, upstream
@@ -119,9 +122,16 @@ class DelayProxy:
         self.corrupt = corrupt
         self.server: asyncio.AbstractServer | None = None
         self.connections = 0
+        self.server_ssl = self.client_ssl = None
+        if tls_dir:
+            from remora.pki import tls
+
+            material = tls.load_material(tls.TLSFiles.in_dir(tls_dir))
+            self.server_ssl = tls.server_context(material)
+            self.client_ssl = tls.client_context(material, check_hostname=False)
 
     async def start(self) -> "DelayProxy":
-        self.server = await asyncio.start_server(self._handle, self.listen[0], self.listen[1])
+        self.server = await asyncio.start_server(self._handle, self.listen[0], self.listen[1], ssl=self.server_ssl)
         return self
 
     @property
@@ -132,7 +142,7 @@ class DelayProxy:
     async def _handle(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
-            u_reader, u_writer = await asyncio.open_connection(*self.upstream)
+            u_reader, u_writer = await asyncio.open_connection(*self.upstream, ssl=self.client_ssl)
         except OSError as exc:
             log.warning("upstream %s:%d unreachable: %s", *self.upstream, exc)
             c_writer.close()
@@ -175,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corrupt", action="store_true",
                    help="fault injection: flip the last byte of every large upstream->client read "
                         "(a peer that serves corrupt piece data)")
+    p.add_argument("--tls-dir", default=None, metavar="DIR",
+                   help="terminate mutual TLS on both sides with DIR/ca.pem, cert.pem, key.pem (a mesh member)")
     return p
 
 
@@ -187,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def serve() -> None:
-        proxy = await DelayProxy(args.listen, args.upstream, up, down, rate, corrupt=args.corrupt).start()
+        proxy = await DelayProxy(args.listen, args.upstream, up, down, rate, corrupt=args.corrupt,
+                                 tls_dir=args.tls_dir).start()
         print(f"listening {args.listen[0]}:{proxy.port} -> {args.upstream[0]}:{args.upstream[1]} "
               f"delay up {up * 1000:.1f} ms down {down * 1000:.1f} ms", flush=True)
         stop = asyncio.Event()

@@ -13,6 +13,11 @@ tests/plugins/test_mesh_e2e.py and benchmarks/bench_p2p_mesh.py are both built o
 Faults are made from outside the peer, so they exercise the real code paths: a killed peer is
 SIGKILLed; a "corrupt" peer advertises a port where :mod:`remora.netlab.delay` flips bytes of every
 piece it serves; a slow peer has a tbf on its uplink; the scheduler is stopped like any daemon.
+
+The mesh is mutual TLS by default, as in production (issue 10): a cluster CA is made in the lab's work
+directory, the scheduler gets a certificate for its address, each peer one for its host id and node
+address (``--tls-dir``); the corrupting proxy holds its node's certificate (a lying member).
+``MeshOptions(tls=False)`` runs the plain mesh (``--insecure-plain-mesh``) for comparisons.
 """
 from __future__ import annotations
 
@@ -67,6 +72,7 @@ class MeshOptions:
     corrupt: Sequence[int] = ()              # peers whose served pieces get corrupted
     peer_args: Sequence[str] = ()            # extra flags for every peer
     scheduler_args: Sequence[str] = ()
+    tls: bool = True                          # mutual TLS between peers and with the scheduler
 
 
 class Mesh:
@@ -87,6 +93,28 @@ class Mesh:
                                        corrupt=i in opts.corrupt))
         if opts.registry_rate:
             self.registry_node.shape(up=opts.registry_rate)
+        self.tls_dirs: dict[str, Path] = {}      # "scheduler" / "peer<i>" -> member directory
+        if opts.tls:
+            self._issue_certificates()
+
+    def _issue_certificates(self) -> None:
+        """A cluster CA for the lab and a member certificate for the scheduler and every peer."""
+        from remora.pki.ca import init_ca, write_member
+
+        pki = self.work / "pki"
+        ca = init_ca(pki / "ca", cluster=self.lab.name, force=True)
+        members = [("scheduler", "scheduler", "sched", self.sched_node.ip)]
+        members += [(f"peer{p.index}", "peer", self.host_id(p), p.node.ip) for p in self.peers]
+        for key, role, host_id, ip in members:
+            self.tls_dirs[key] = write_member(pki / key, ca.issue(role, host_id, ips=[ip]), ca.bundle_pem)["ca"].parent
+
+    def host_id(self, p: PeerNode) -> str:
+        # every node of the lab is one machine: give each its own host id, or the scheduler would
+        # (rightly) never let them serve each other; with TLS it is also the name in its certificate
+        return f"{self.lab.name}-node{p.index}"
+
+    def _security_args(self, key: str) -> list[str]:
+        return ["--tls-dir", str(self.tls_dirs[key])] if self.opts.tls else ["--insecure-plain-mesh"]
 
     # ----------------------------------------------------------------------------------- start/stop
     def start(self) -> "Mesh":
@@ -109,7 +137,7 @@ class Mesh:
     def scheduler_argv(self) -> list[str]:
         return [*REMORA, "-v", "scheduler", "--listen", f"{self.sched_node.ip}:{SCHEDULER_PORT}",
                 "--metrics-listen", f"{self.sched_node.ip}:{SCHEDULER_METRICS_PORT}",
-                "--scorer", self.opts.scorer, *self.opts.scheduler_args]
+                "--scorer", self.opts.scorer, *self._security_args("scheduler"), *self.opts.scheduler_args]
 
     def start_scheduler(self) -> Daemon:
         self.scheduler = self.lab.spawn(self.sched_node, self.scheduler_argv(), log_name="scheduler.log")
@@ -129,9 +157,7 @@ class Mesh:
                 "--advertise", f"{p.node.ip}:{advertise}",
                 "--scheduler", f"{self.sched_node.ip}:{SCHEDULER_PORT}",
                 "--upstream", self.registry.host, "--plain-http", self.registry.host,
-                # every node of the lab is one machine: give each its own host id, or the scheduler
-                # would (rightly) never let them serve each other
-                "--host-id", f"{self.lab.name}-node{p.index}",
+                "--host-id", self.host_id(p), *self._security_args(f"peer{p.index}"),
                 # byte watermarks: the lab shares one disk, whose % use says nothing about a node
                 "--gc-high", "64G", "--gc-low", "48G",
                 *self.opts.peer_args]
@@ -139,8 +165,9 @@ class Mesh:
     def start_peer(self, p: PeerNode, wait: bool = True) -> None:
         p.daemon = self.lab.spawn(p.node, self.peer_argv(p), log_name=f"peer{p.index}.log")
         if p.corrupt and p.proxy is None:
+            tls_args = ["--tls-dir", str(self.tls_dirs[f"peer{p.index}"])] if self.opts.tls else []
             p.proxy = self.lab.spawn(p.node, [PY, "-m", "remora.netlab.delay", "--listen", f"{p.node.ip}:{CORRUPT_PORT}",
-                                              "--upstream", f"{p.node.ip}:{UPLOAD_PORT}", "--corrupt"],
+                                              "--upstream", f"{p.node.ip}:{UPLOAD_PORT}", "--corrupt", *tls_args],
                                      log_name=f"corrupt-proxy{p.index}.log")
         if wait:
             self.wait_peer(p)

@@ -73,6 +73,11 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
+#: registries every test peer may fetch from; the ``registry`` fixture's host is added by
+#: tests/plugins/conftest.py, tests that run a registry of their own pass ``registries=[...]``.
+REGISTRIES: list[str] = []
+
+
 def peer_config(tmp: Path, name: str, schedulers: list[str] | None = None, **kw) -> PeerConfig:
     kw.setdefault("piece_timeout", 2.0)
     kw.setdefault("gc_interval", 3600.0)
@@ -81,8 +86,15 @@ def peer_config(tmp: Path, name: str, schedulers: list[str] | None = None, **kw)
     kw.setdefault("gc_high", Watermark(bytes=64 << 30))
     kw.setdefault("gc_low", Watermark(bytes=48 << 30))
     kw.setdefault("host_id", f"host-{name}")
-    return PeerConfig(data_dir=tmp / name, listen=("127.0.0.1", 0), upload_listen=("127.0.0.1", 0),
-                      schedulers=list(schedulers or []), peer_id=f"peer-{name}", **kw)
+    # The mesh tests of this file set run plain (in-process, 127.0.0.1); tests/plugins/test_mesh_tls.py
+    # and the lab mesh (remora.netlab.mesh) run with certificates of a test CA.
+    if kw.get("tls_dir") is None:
+        kw.setdefault("insecure_plain_mesh", True)
+    # The registries the mirror may fetch from (?ns=): the test registry by default.
+    kw.setdefault("registries", list(REGISTRIES))
+    kw.setdefault("listen", ("127.0.0.1", 0))
+    kw.setdefault("upload_listen", ("127.0.0.1", 0))
+    return PeerConfig(data_dir=tmp / name, schedulers=list(schedulers or []), peer_id=f"peer-{name}", **kw)
 
 
 async def start_peer(tmp: Path, name: str, schedulers: list[str] | None = None, **kw) -> PeerDaemon:

@@ -26,7 +26,7 @@ N_PIECES = 13
 
 @pytest.fixture
 async def scheduler():
-    server = await SchedulerServer(SchedulerConfig(random_seed=7), "127.0.0.1:0").start()
+    server = await SchedulerServer(SchedulerConfig(random_seed=7), "127.0.0.1:0", insecure_plain=True).start()
     yield server
     await server.stop(0)
 

@@ -27,8 +27,9 @@ def docker_config(path, registry_host: str | None) -> str:
     return path
 
 
-async def get(peer, host, repo, digest):
-    async with aiohttp.ClientSession() as s:
+async def get(peer, host, repo, digest, auth=AUTH):
+    # the client's own credentials: the mirror checks them against the registry (test_mirror_authz.py)
+    async with aiohttp.ClientSession(auth=aiohttp.BasicAuth(*auth) if auth else None) as s:
         async with s.get(f"{peer.mirror_url}/v2/{repo}/blobs/{digest}?ns={host}") as r:
             return r.status, await r.read()
 
@@ -37,7 +38,7 @@ async def test_only_the_node_with_credentials_talks_to_the_registry(tmp_path, au
     repo = unique("auth/app")
     data = os.urandom(1_500_000)
     digest = push_blob(auth_registry.url, repo, data, auth=AUTH)
-    sched = await SchedulerServer(SchedulerConfig(), "127.0.0.1:0").start()
+    sched = await SchedulerServer(SchedulerConfig(), "127.0.0.1:0", insecure_plain=True).start()
     started = []
     try:
         lonely = await start_peer(tmp_path, "lonely", registry_config=docker_config(tmp_path / "none.json", None))
@@ -93,14 +94,14 @@ async def test_bearer_token_auth_with_the_nodes_credentials(tmp_path, token_regi
     cfg = tmp_path / "alice.json"
     cfg.write_text(json.dumps({"auths": {reg.host: {"auth": base64.b64encode(b"alice:alice-pw").decode()}}}))
     server.requests.clear()
-    p = await start_peer(tmp_path, "bearer", registry_config=cfg)
+    p = await start_peer(tmp_path, "bearer", registry_config=cfg, registries=[reg.host])
     try:
-        assert await get(p, reg.host, "team/peer", digest) == (200, data)
+        assert await get(p, reg.host, "team/peer", digest, ("alice", "alice-pw")) == (200, data)
         assert {"user": "alice", "scopes": ["repository:team/peer:pull"], "service": "remora-test-registry",
                 "method": "GET"} in server.requests
         # The token is cached per repository: another request there asks the token server nothing.
         n = len(server.requests)
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(auth=aiohttp.BasicAuth("alice", "alice-pw")) as s:
             async with s.head(f"{p.mirror_url}/v2/team/peer/blobs/{'sha256:' + '1' * 64}?ns={reg.host}") as r:
                 assert r.status == 404
         assert len(server.requests) == n

@@ -59,12 +59,17 @@ def test_daemon_flags_are_validated():
     assert out.returncode == 2 and "bad duration" in out.stderr
     out = remora("peer", "--advertise", "10.0.0.1:http")
     assert out.returncode == 2 and "bad port" in out.stderr
+    # the mesh is mutual TLS, or plain only when asked for by name (issue 10)
+    out = remora("peer", "--data-dir", "/nonexistent/remora-peer")
+    assert out.returncode == 2 and "--tls-dir" in out.stderr and "--insecure-plain-mesh" in out.stderr
+    out = remora("scheduler")
+    assert out.returncode == 2 and "--tls-dir" in out.stderr and "--insecure-plain-mesh" in out.stderr
 
 
 async def test_peer_process_status_and_a_killed_parent(tmp_path, registry):
-    sched = await SchedulerServer(SchedulerConfig(), "127.0.0.1:0").start()
+    sched = await SchedulerServer(SchedulerConfig(), "127.0.0.1:0", insecure_plain=True).start()
     listen, upload = free_port(), free_port()
-    proc = Daemon([*REMORA, "-v", "peer", "--listen", f"127.0.0.1:{listen}", "--upload-listen",
+    proc = Daemon([*REMORA, "-v", "peer", "--insecure-plain-mesh", "--listen", f"127.0.0.1:{listen}", "--upload-listen",
                    f"127.0.0.1:{upload}", "--scheduler", sched.address, "--data-dir", str(tmp_path / "proc"),
                    "--upstream", registry.host, "--label", "zone=z1", "--peer-id", "proc-peer",
                    "--gc-high", "64G", "--gc-low", "48G"],

@@ -22,7 +22,7 @@ BLOB_SIZE = 12 * MIN_PIECE_SIZE + 999
 
 @pytest.fixture
 async def scheduler():
-    server = await SchedulerServer(SchedulerConfig(random_seed=7), "127.0.0.1:0").start()
+    server = await SchedulerServer(SchedulerConfig(random_seed=7), "127.0.0.1:0", insecure_plain=True).start()
     yield server
     await server.stop(0)
 
@@ -217,14 +217,14 @@ async def test_no_good_parent_left_means_back_to_the_registry(scheduler, peers, 
 async def test_a_restarted_scheduler_learns_again_what_peers_hold(peers, registry, blob):
     repo, digest, data = blob
     config = SchedulerConfig(keepalive_interval=0.2, random_seed=7)
-    first = await SchedulerServer(config, "127.0.0.1:0").start()
+    first = await SchedulerServer(config, "127.0.0.1:0", insecure_plain=True).start()
     address = first.address
     try:
         seed = await peers("seed", [address])
         assert await fetch(seed, registry, repo, digest) == (200, data)
     finally:
         await first.stop(0)
-    second = await SchedulerServer(config, address).start()  # same address, empty state
+    second = await SchedulerServer(config, address, insecure_plain=True).start()  # same address, empty state
     try:
         for _ in range(100):  # the seed's keepalive finds out it was forgotten and re-announces
             task = second.state.tasks.get(digest)
@@ -297,6 +297,8 @@ async def test_children_wait_for_a_slow_seed_instead_of_hitting_the_registry(sch
 
     seed = await peers("seed", [scheduler.address], piece_timeout=0.5)
     children = [await peers(f"child{i}", [scheduler.address], piece_timeout=0.5) for i in range(2)]
+    for p in (seed, *children):
+        p.upstream.allow(slow_registry)   # the mirror fetches only from configured registries
     seed_get = asyncio.ensure_future(fetch(seed, Via, repo, digest))
     # the children come while the seed streams (the whole blob takes ~2.5 s through the proxy)
     for _ in range(200):
@@ -340,6 +342,7 @@ async def test_a_fresh_piece_is_uploaded_once_while_the_seed_streams(tmp_path):
         entry.commit_piece(i, sha256_digest(piece))
     metrics = PeerMetrics()
     upload = UploadServer(store, metrics, slots=4)
+    upload.authorize = lambda digest, headers: asyncio.sleep(0)   # about uploads, not authorization
     streaming = {"on": True}
     upload.fresh = lambda d, i: streaming["on"] and d == digest
     runner = web.AppRunner(upload.app())

@@ -77,7 +77,7 @@ async def test_not_found_is_a_fast_clean_404(peer, http, registry, image):
 async def test_unreachable_upstream_is_a_5xx_never_a_200(tmp_path, http, image):
     from remora.procutil import free_port
     dead = f"127.0.0.1:{free_port()}"
-    p = await start_peer(tmp_path, "nowhere")
+    p = await start_peer(tmp_path, "nowhere", registries=[dead])
     try:
         async with http.get(f"{p.mirror_url}/v2/{image['repo']}/blobs/{image['layers'][0]}?ns={dead}") as r:
             assert r.status == 502
@@ -225,6 +225,7 @@ async def truncating_registry():
 
 async def test_truncated_registry_stream_is_a_502_and_resets_the_task(peer, http, image, truncating_registry):
     digest = image["layers"][0]
+    peer.upstream.allow(truncating_registry)
     async with http.get(f"{peer.mirror_url}/v2/{image['repo']}/blobs/{digest}?ns={truncating_registry}") as r:
         assert r.status == 502
         assert "registry" in (await r.json())["errors"][0]["message"]
@@ -234,6 +235,7 @@ async def test_truncated_registry_stream_is_a_502_and_resets_the_task(peer, http
 
 async def test_lying_registry_is_never_served_as_200(peer, http, image, lying_registry):
     digest = image["layers"][0]
+    peer.upstream.allow(lying_registry)
     url = f"{peer.mirror_url}/v2/{image['repo']}/blobs/{digest}?ns={lying_registry}"
     async with http.get(url) as r:
         assert r.status == 502
@@ -264,9 +266,10 @@ async def test_restart_serves_stored_blobs_without_the_registry(tmp_path, fresh_
             assert r.status == 200 and await r.read() == blob
         # Its upload API serves the stored pieces to other peers, and nothing else.
         upload = f"http://127.0.0.1:{p.upload_port}/pieces"
-        async with http.get(f"{upload}/{digest}/1") as r:
+        proof = {"X-Remora-Source": f"{fresh_registry.host}/{repo}"}   # a public repository: no credentials
+        async with http.get(f"{upload}/{digest}/1", headers=proof) as r:
             assert r.status == 200 and await r.read() == blob[MIN_PIECE_SIZE:2 * MIN_PIECE_SIZE]
-        async with http.get(f"{upload}/{digest}/99") as r:
+        async with http.get(f"{upload}/{digest}/99", headers=proof) as r:
             assert r.status == 404
         async with http.get(f"{upload}/sha256:{'0' * 64}/0") as r:
             assert r.status == 404

@@ -66,7 +66,7 @@ def host(peer_id="peer-1") -> pb.PeerHost:
 
 @pytest.fixture
 async def two():
-    servers = [await SchedulerServer(SchedulerConfig(), "127.0.0.1:0").start() for _ in range(2)]
+    servers = [await SchedulerServer(SchedulerConfig(), "127.0.0.1:0", insecure_plain=True).start() for _ in range(2)]
     try:
         yield servers
     finally:
@@ -116,7 +116,7 @@ async def test_client_comes_back_to_a_restarted_owner(two):
         await a.stop(0)
         await client.register_task(pb.RegisterTaskRequest(peer_id="peer-1", task_id=task))
         assert client.last_address[task] == b.address
-        restarted = await SchedulerServer(SchedulerConfig(), a.address).start()
+        restarted = await SchedulerServer(SchedulerConfig(), a.address, insecure_plain=True).start()
         try:
             for _ in range(30):   # the channel reconnects within its (shortened) backoff
                 await client.announce_pieces(pb.AnnouncePiecesRequest(peer_id="peer-1", task_id=task, in_flight=[0]))

@@ -24,7 +24,7 @@ GOOD_DIGEST = "sha256:" + "0" * 64
 
 @pytest.fixture
 async def stub():
-    server = await SchedulerServer(SchedulerConfig(random_seed=1), "127.0.0.1:0").start()
+    server = await SchedulerServer(SchedulerConfig(random_seed=1), "127.0.0.1:0", insecure_plain=True).start()
     channel = grpc.aio.insecure_channel(server.address)
     s = pb_grpc.SchedulerStub(channel)
     await s.RegisterPeer(pb.RegisterPeerRequest(host=pb.PeerHost(peer_id="p", host_id="h", ip="127.0.0.1",
@@ -127,7 +127,7 @@ def test_absurd_announcements_leave_the_scheduler_process_small_and_the_task_usa
     plus seeds publishing ~30,000 digests per task. Every one is refused or kept within bounds; the
     process stays small, and the attacked digest still works for an honest peer afterwards."""
     port = free_port()
-    d = Daemon([sys.executable, "-m", "remora.cli", "scheduler", "--listen", f"127.0.0.1:{port}",
+    d = Daemon([sys.executable, "-m", "remora.cli", "scheduler", "--insecure-plain-mesh", "--listen", f"127.0.0.1:{port}",
                 "--metrics-listen", f"127.0.0.1:{free_port()}"], tmp_path / "scheduler.log",
                preexec_argv=["prlimit", f"--as={3 << 29}", "--"]).start()
     figures = {}

@@ -24,7 +24,9 @@ def test_lazy_reads_go_through_the_local_peer(registry, tmp_path):
     port = free_port()
     peer = Daemon([sys.executable, "-m", "remora.cli", "peer", "--listen", f"127.0.0.1:{port}",
                    "--upload-listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "peer"),
-                   "--gc-high", "64G", "--gc-low", "48G"],
+                   "--gc-high", "64G", "--gc-low", "48G",
+                   # no scheduler, no mesh: a node-local pull-through mirror of the test registry only
+                   "--insecure-plain-mesh", "--registry", registry.host],
                   tmp_path / "peer.log").start()
     try:
         wait_until(lambda: port_open("127.0.0.1", port) or not peer.alive(), 30, what="remora peer")

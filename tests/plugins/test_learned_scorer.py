@@ -1,0 +1,223 @@
+"""The learned scorer end to end: history -> trainer -> published model -> hot-loaded -> other choices;
+stale, bad and inaccurate models fall back to the weighted scorer, visibly."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+from remora.plugins.scheduler.learned import (
+    CostModel,
+    LearnedScorer,
+    ModelWatcher,
+    load_model,
+    model_files,
+    publish_model,
+)
+from remora.plugins.scheduler.selection import FEATURE_NAMES, WeightedScorer
+from remora.plugins.scheduler.server import SchedulerConfig, SchedulerService
+from remora.plugins.scheduler.state import Host
+from remora.plugins.trainer.train import (
+    TrainConfig,
+    export_trees,
+    train,
+    train_and_publish,
+)
+
+from remora.errors import InvalidInput
+
+TASK = "sha256:" + "7a" * 32
+PIECE = 4 << 20
+# Hidden truth: the fast hosts are far away (high RTT), the slow ones near. The weighted score's RTT term
+# prefers the near ones; the pieces say otherwise.
+FAST = {f"fast{i}": (50e6, 0.040) for i in range(3)}
+SLOW = {f"slow{i}": (25e6, 0.002) for i in range(3)}
+WORLD = {**FAST, **SLOW}
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def metric(svc, sample: str) -> float:
+    for line in svc.metrics.render().decode().splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def make_service(tmp_path, clock, scorer="learned"):
+    config = SchedulerConfig(peer_ttl=1e9, scorer=scorer, model_dir=str(tmp_path / "models"),
+                             history_dir=str(tmp_path / "history"), random_seed=3)
+    svc = SchedulerService(config, clock=clock)
+    for pid in WORLD:
+        svc.state.register_peer(Host(peer_id=pid, host_id=pid, ip="127.0.0.1", upload_port=1))
+        svc.state.join_task(pid, TASK, 64 * PIECE, PIECE)
+        svc.state.announce(pid, TASK, range(64), (), done=True)
+    task = svc.state.tasks[TASK]
+    svc.state.learn_metadata(task, "fast0", task.content_length, PIECE, ["sha256:" + "0" * 64] * 64)
+    return svc
+
+
+def child_round(svc, clock, name, rng, pieces_per_parent=2):
+    """A child arrives, probes everyone, asks for parents, fetches pieces from them at the hidden rates."""
+    svc.state.register_peer(Host(peer_id=name, host_id=name, ip="127.0.0.1", upload_port=1))
+    for pid, (_, rtt) in WORLD.items():
+        svc.state.record_probe(name, pid, rtt, True)
+    svc.state.join_task(name, TASK)
+    parents, b2s, _, _ = svc.schedule(svc.state.tasks[TASK], name)
+    assert not b2s and parents
+    chosen = [p.host.peer_id for p in parents]
+    piece = 0
+    for pid in chosen:
+        rate, rtt = WORLD[pid]
+        for _ in range(pieces_per_parent):
+            clock.now += 0.05
+            svc.piece_result(TASK, name, pid, piece, True, (rtt + PIECE / rate) * rng.lognormvariate(0, 0.1), PIECE)
+            piece += 1
+    svc.state.leave_task(name, TASK)
+    return chosen
+
+
+def test_history_trains_a_model_that_is_hot_loaded_and_changes_the_choice(tmp_path):
+    clock, rng = Clock(), random.Random(5)
+    svc = make_service(tmp_path, clock)
+    assert isinstance(svc.scorer, LearnedScorer)
+    # No model yet: the weighted scorer decides, and says so.
+    first = [child_round(svc, clock, f"kid{i}", rng) for i in range(60)]
+    assert svc.scorer.kind == "weighted" and svc.scorer.reason == "no_model"
+    assert metric(svc, 'remora_scheduler_scorer{kind="weighted"}') == 1
+    assert metric(svc, 'remora_scheduler_scorer_fallbacks_total{reason="no_model"}') >= 60
+    # The weighted scorer ranks the near, slow hosts first (RTT term), every time.
+    assert all(c[0].startswith("slow") for c in first)
+    svc.history.sink.flush()
+    rows = [json.loads(ln) for p in sorted((tmp_path / "history").iterdir()) for ln in p.read_text().splitlines()]
+    assert len(rows) == svc.history.rows == 60 * 4 * 2
+    assert all(len(r["f"]) == len(FEATURE_NAMES) and r["scorer"] == "weighted" and r["cost_s"] > 0 for r in rows)
+
+    path, meta = train_and_publish(str(tmp_path / "history"), str(tmp_path / "models"),
+                                   TrainConfig(min_rows=100, threads=1))
+    assert path.endswith("model-000001.json") and meta["version"] == 1
+    assert meta["validation"]["median_rel_error"] < meta["validation"]["naive"]["median_rel_error"]
+    # Picked up without a restart, at the next poll.
+    clock.now += 2
+    later = [child_round(svc, clock, f"late{i}", rng) for i in range(10)]
+    assert svc.scorer.kind == "learned" and svc.scorer.watcher.model.version == 1
+    assert all(c[0].startswith("fast") for c in later)
+    assert metric(svc, 'remora_scheduler_scorer{kind="learned"}') == 1
+    assert metric(svc, "remora_scheduler_model_version") == 1
+    assert metric(svc, "remora_scheduler_predicted_cost_seconds_per_mib_count") == sum(map(len, later))
+    # The published file carries its metadata (what the scheduler checks before using it).
+    doc = json.loads((tmp_path / "models" / "model-000001.json").read_text())
+    assert doc["features"] == list(FEATURE_NAMES) and doc["training_rows"] == int(len(rows) * 0.8)
+    assert doc["created"] > 0 and "HistGradientBoostingRegressor" in doc["trainer"]["estimator"]
+
+
+def _doc(created: float, error: float) -> dict:
+    tree = {"feature": [5, 0, 0], "threshold": [0.01, 0, 0], "missing_left": [1, 0, 0], "left": [1, 0, 0],
+            "right": [2, 0, 0], "value": [0, math.log(0.01), math.log(0.1)], "leaf": [0, 1, 1]}
+    return {"format": "remora-cost-model/1", "version": 0, "created": created, "features": list(FEATURE_NAMES),
+            "target": "log_seconds_per_mib", "training_rows": 1000, "baseline": 0.0, "trees": [tree],
+            "validation": {"median_rel_error": error}}
+
+
+def test_a_stale_or_inaccurate_model_falls_back_and_a_bad_file_is_refused(tmp_path):
+    clock, wall = Clock(), Clock()
+    wall.now = 1_000_000.0
+    watcher = ModelWatcher(tmp_path, max_age_s=3600, max_error=0.5, poll_s=1.0, clock=clock, wall=wall)
+    assert watcher.current() == (None, "no_model")
+    publish_model(tmp_path, _doc(created=wall.now - 7200, error=0.1))
+    clock.now += 1.5
+    assert watcher.current() == (None, "stale")
+    publish_model(tmp_path, _doc(created=wall.now, error=0.9))
+    clock.now += 1.5
+    assert watcher.current() == (None, "error_too_high")
+    publish_model(tmp_path, _doc(created=wall.now, error=0.2))
+    clock.now += 0.5                                      # not polled yet: within poll_s
+    assert watcher.current()[1] == "error_too_high"
+    clock.now += 1.0
+    model, why = watcher.current()
+    assert why == "" and model.version == 3
+    # The 1-tree model: rtt <= 10 ms -> 0.01 s/MiB, else (or unknown) 0.1 s/MiB.
+    X = np.full((3, len(FEATURE_NAMES)), np.nan)
+    X[0, 5], X[1, 5] = 0.002, 0.05
+    assert np.allclose(model.predict_cost(X), [0.01, 0.1, 0.01])   # unknown goes left (missing_left)
+    # A newer file that is not a valid model is refused; the last good one stays in use.
+    (tmp_path / "model-000004.json").write_text("{not json")
+    clock.now += 1.5
+    assert watcher.current()[0].version == 3 and watcher.load_errors == 1
+    bad = _doc(created=wall.now, error=0.1)
+    bad["trees"][0]["left"][0] = 7                        # a child outside the tree
+    (tmp_path / "model-000005.json").write_text(json.dumps(dict(bad, version=5)))
+    with pytest.raises(InvalidInput, match="children"):
+        load_model(tmp_path / "model-000005.json")
+    other = _doc(created=wall.now, error=0.1)
+    other["features"] = ["rtt_s"]
+    with pytest.raises(InvalidInput, match="feature list"):
+        CostModel.from_doc(other)
+    with pytest.raises(InvalidInput):
+        publish_model(tmp_path, other)                    # never published
+    clock.now += 1.5
+    assert watcher.current()[0].version == 3 and watcher.load_errors == 2
+    # Fallback scores are exactly the weighted scores.
+    scorer = LearnedScorer(ModelWatcher(tmp_path / "empty", clock=clock))
+    from remora.plugins.scheduler.selection import Candidate, Features
+    from remora.plugins.scheduler.state import TaskPeer
+    cands = [Candidate(TaskPeer(f"p{i}", 0), Features(0.5, 0.2 * i, 0.3, None, 0.0, raw=(None,) * 15))
+             for i in range(3)]
+    scorer.score("c", cands)
+    w = WeightedScorer()
+    assert [c.score for c in cands] == [w.value(c.features) for c in cands] and scorer.kind == "weighted"
+
+
+def test_publishing_is_versioned_and_keeps_the_newest(tmp_path):
+    for i in range(7):
+        publish_model(tmp_path, _doc(created=1.0 + i, error=0.1), keep=3)
+    assert [v for v, _ in model_files(tmp_path)] == [5, 6, 7]
+    assert load_model(tmp_path / "model-000007.json").created == 7.0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model-")]      # no temp file left
+
+
+def test_exported_trees_predict_exactly_like_scikit_learn(tmp_path):
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    rng = np.random.default_rng(4)
+    X = rng.lognormal(0, 1, size=(3000, len(FEATURE_NAMES)))
+    X[rng.random(X.shape) < 0.3] = np.nan                 # unknown features everywhere
+    y = np.log1p(np.nan_to_num(X[:, 0], nan=2.0)) - 0.5 * np.nan_to_num(X[:, 5], nan=0.1) + rng.normal(0, .1, 3000)
+    reg = HistGradientBoostingRegressor(max_iter=40, max_depth=6, random_state=0).fit(X[:2000], y[:2000])
+    baseline, trees = export_trees(reg)
+    doc = dict(_doc(1.0, 0.1), baseline=baseline, trees=trees)
+    model = CostModel.from_doc(json.loads(json.dumps(doc)))          # through JSON, as from a file
+    assert np.allclose(model.predict_log(X[2000:]), reg.predict(X[2000:]), rtol=0, atol=1e-9)
+    assert model.depth <= 6
+
+
+def test_trainer_refuses_too_little_history(tmp_path):
+    (tmp_path / "h").mkdir()
+    with pytest.raises(InvalidInput, match="usable history rows"):
+        train(str(tmp_path / "h"), TrainConfig(min_rows=10))
+
+
+def test_scheduler_command_line_selects_the_learned_scorer(tmp_path):
+    from remora.plugins.scheduler.cli import config_from_args, register_scheduler
+
+    from remora.errors import UsageError
+
+    ap = __import__("argparse").ArgumentParser()
+    register_scheduler(ap.add_subparsers())
+    args = ap.parse_args(["scheduler", "--insecure-plain-mesh", "--scorer", "learned", "--model-dir", str(tmp_path),
+                          "--model-max-age", "60", "--model-max-error", "0.3", "--history-dir", str(tmp_path / "h")])
+    config = config_from_args(args)
+    svc = SchedulerService(config)
+    assert isinstance(svc.scorer, LearnedScorer) and svc.scorer.watcher.max_error == 0.3
+    assert svc.scorer.watcher.max_age_s == 60 and svc.history is not None
+    with pytest.raises(UsageError, match="model directory"):
+        SchedulerConfig(scorer="learned")
+    assert SchedulerService(SchedulerConfig(scorer="random")).scorer.name == "random"
