@@ -158,12 +158,11 @@ class Packer:
             return
         frame = self.table.frames[lane.batch_frame]
         frame.usize = len(lane.batch)
-        data = bytes(lane.batch)
-        lane.batch.clear()
+        data, lane.batch = lane.batch, bytearray()     # hand the buffer over: no copy
         lane.batch_frame = None
         self._submit(lane, frame, data)
 
-    def _submit(self, lane: _Lane, frame: Frame, data: bytes) -> None:
+    def _submit(self, lane: _Lane, frame: Frame, data: bytes | bytearray) -> None:
         lane.pending.append((frame, self._pool.submit(compress_frame, data, self.level)))
         self._drain(lane, self.max_pending)
 

@@ -34,6 +34,11 @@ class ChunkingSpec:
         """The largest chunk this spec can produce (CDC chunks may exceed the average)."""
         return self.size if self.algorithm == "fixed" else self.size * 4
 
+    @property
+    def whole_file_max(self) -> int:
+        """Files of at most this many bytes are one chunk (the converter reads them in one call)."""
+        return self.size if self.algorithm == "fixed" else self.size // 4
+
     @classmethod
     def parse(cls, text: str) -> "ChunkingSpec":
         """``"fixed"``, ``"cdc"``, ``"fixed:1M"``, ``"cdc:512K"``."""
@@ -54,7 +59,8 @@ class ChunkingSpec:
             yield from _cdc(stream, size, self.size)
 
 
-def _read_exact(stream: BinaryIO, n: int) -> bytes:
+def read_exact(stream: BinaryIO, n: int) -> bytes:
+    """Exactly ``n`` bytes of ``stream``; InvalidInput if it ends first."""
     data = stream.read(n)
     if len(data) != n:
         # some readers return short reads before EOF; keep reading
@@ -74,7 +80,7 @@ def _fixed(stream: BinaryIO, size: int, chunk: int) -> Iterator[bytes]:
     left = size
     while left > 0:
         n = min(chunk, left)
-        yield _read_exact(stream, n)
+        yield read_exact(stream, n)
         left -= n
 
 
@@ -88,7 +94,7 @@ class _Limited:
         if self.left <= 0:
             return b""
         n = self.left if n < 0 else min(n, self.left)
-        data = _read_exact(self.stream, n)
+        data = read_exact(self.stream, n)
         self.left -= len(data)
         return data
 
@@ -96,7 +102,7 @@ class _Limited:
 def _cdc(stream: BinaryIO, size: int, avg: int) -> Iterator[bytes]:
     if size <= avg // 4:  # below FastCDC's minimum a file is one chunk anyway
         if size:
-            yield _read_exact(stream, size)
+            yield read_exact(stream, size)
         return
     from pyfastcdc.cy import FastCDC
 
