@@ -51,7 +51,10 @@ examples:
   remora convert oci:./app-layout:1 oci:./out:1 --prefetch-list hot.txt
   remora snapshotter --root /var/lib/remora --address /run/remora/snapshotter.sock
   remora pull registry.local/app:1-remora
+  remora certs init --dir /etc/remora/ca        a cluster CA for the mesh's mutual TLS
   remora peer --tls-dir /etc/remora/tls --listen 127.0.0.1:65001
+  remora manager                                control plane on an embedded SQLite, 127.0.0.1:8080
+  remora place plan examples/placement/app.yaml --algorithm heuristic
 
 Run 'remora COMMAND --help' for the options of one command.
 """
