@@ -1,10 +1,11 @@
-"""A content-addressed chunk cache on local disk, shared by every image and every mount process.
+"""A content-addressed chunk cache on local disk, shared by every mount process, split in partitions.
 
 Layout::
 
-    ROOT/sha256/ab/<64 hex>     one file per chunk: its uncompressed bytes, named by their sha256
+    ROOT/sha256/ab/<64 hex>     partition "" (shared): one file per chunk, named by the sha256 of its bytes
+    ROOT/parts/<P>/sha256/ab/<64 hex>   partition P (e.g. ``ns-default``): the same, for one tenant only
     ROOT/tmp/                   half-written chunks (renamed into place, so readers never see them)
-    ROOT/index.db               SQLite (WAL): size and last access of every chunk, and the pins
+    ROOT/index.db               SQLite (WAL): partition, size and last access of every chunk, and the pins
 
 Why this shape:
 
@@ -20,12 +21,21 @@ Why this shape:
   away data a running container may need when the registry is unreachable; the pins of a mount are
   dropped with ``unpin(owner)`` when it goes away. Pinned bytes may exceed the limit (logged): the
   limit bounds what the cache keeps *beyond* what live mounts need.
+* **Partitions** (``ChunkCache(root, limit, partition="ns-a")``) isolate tenants. A chunk is looked up
+  only in the instance's own partition, so knowing a digest is not enough to read another tenant's
+  chunk: the bytes must come from a source that tenant may read (docs/snapshotter.md, "Cache
+  isolation"). The price is that identical chunks are stored (and fetched) once per partition. The
+  size limit is global; eviction is max-min fair: the target is split by water-filling (a partition
+  using less than an equal share keeps everything), each partition over its share loses its own
+  least-recently-used unpinned chunks first, so one tenant's churn cannot flush another's cache.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -42,15 +52,43 @@ LOW_WATERMARK = 0.9          # evict down to this fraction of the limit, so evic
 TOUCH_FLUSH_SECONDS = 2.0
 TOUCH_FLUSH_COUNT = 512
 
+SHARED = ""                  # the partition of ``--cache-isolation none``: ROOT/sha256, as before partitions
+_PARTITION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+# Version 2 (partitions) uses new table names: the tables of version 1 (chunks, pins, usage) are copied
+# once into partition "" and left in place, so an fs process of the previous version that outlives an
+# upgrade (mounts survive snapshotter restarts) keeps writing to tables it knows instead of failing.
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS chunks (digest TEXT PRIMARY KEY, size INTEGER NOT NULL, atime REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS chunks_atime ON chunks (atime);
-CREATE TABLE IF NOT EXISTS pins (owner TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY (owner, digest))
-    WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS pins_digest ON pins (digest);
-CREATE TABLE IF NOT EXISTS usage (id INTEGER PRIMARY KEY CHECK (id = 0), bytes INTEGER NOT NULL);
-INSERT OR IGNORE INTO usage VALUES (0, 0);
+CREATE TABLE IF NOT EXISTS pchunks (part TEXT NOT NULL, digest TEXT NOT NULL, size INTEGER NOT NULL,
+    atime REAL NOT NULL, PRIMARY KEY (part, digest)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pchunks_atime ON pchunks (atime);
+CREATE INDEX IF NOT EXISTS pchunks_part_atime ON pchunks (part, atime);
+CREATE TABLE IF NOT EXISTS ppins (owner TEXT NOT NULL, part TEXT NOT NULL, digest TEXT NOT NULL,
+    PRIMARY KEY (owner, part, digest)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ppins_digest ON ppins (part, digest);
+CREATE TABLE IF NOT EXISTS pusage (part TEXT PRIMARY KEY, bytes INTEGER NOT NULL);
 """
+_SCHEMA_VERSION = 2
+
+
+def check_partition(name: str) -> str:
+    """A partition name is a single path component: letters, digits, ``_.-`` (max 128), or "" (shared)."""
+    if name != SHARED and not _PARTITION_RE.match(name):
+        raise InvalidInput(f"bad cache partition name {name!r}: use letters, digits, '.', '_', '-' (max 128)")
+    return name
+
+
+def fair_quotas(usage: dict[str, int], target: int) -> dict[str, int]:
+    """Max-min fair split of ``target`` bytes over partitions using ``usage`` bytes (water-filling):
+    a partition using less than the level keeps all it has, the others are cut to the common level."""
+    quotas: dict[str, int] = {}
+    remaining, left = max(target, 0), len(usage)
+    for part, used in sorted(usage.items(), key=lambda kv: kv[1]):
+        level = remaining // left
+        quotas[part] = min(used, level)
+        remaining -= quotas[part]
+        left -= 1
+    return quotas
 
 
 def _hex(digest: bytes | str) -> str:
@@ -65,24 +103,34 @@ def _hex(digest: bytes | str) -> str:
     return hexpart
 
 
+def partition_dir(root: Path, part: str) -> Path:
+    """Where partition ``part``'s chunk files live (``root`` itself for the shared partition)."""
+    return root if part == SHARED else root / "parts" / check_partition(part)
+
+
 class ChunkCache:
-    """``ChunkCache(root, limit_bytes)``: ``get(digest)`` -> bytes or None, ``put(digest, data)``.
+    """``ChunkCache(root, limit_bytes, partition="")``: ``get(digest)`` -> bytes or None, ``put(digest, data)``.
 
     Thread-safe and multi-process safe. ``digest`` arguments are raw 32-byte sha256 digests (as in the
-    bootstrap's chunk table) or ``sha256:<hex>`` strings. Counters (``hits``, ``misses``, ``corrupt``,
-    ``evicted_chunks``, ``evicted_bytes``, ``stored_bytes``) are per process, for metrics.
+    bootstrap's chunk table) or ``sha256:<hex>`` strings. Every read, write and pin of an instance is
+    confined to its ``partition``; ``limit_bytes`` bounds all partitions together. Counters (``hits``,
+    ``misses``, ``corrupt``, ``evicted_chunks``, ``evicted_bytes``, ``stored_bytes``) are per process,
+    for metrics.
     """
 
-    def __init__(self, root: Path | str, limit_bytes: int = DEFAULT_LIMIT):
+    def __init__(self, root: Path | str, limit_bytes: int = DEFAULT_LIMIT, partition: str = SHARED):
         self.root = Path(root)
+        self.partition = check_partition(partition)
+        self.dir = partition_dir(self.root, self.partition)
         self.limit = int(limit_bytes)
         if self.limit <= 0:
             raise InvalidInput(f"cache size limit must be positive, got {limit_bytes}")
         try:
             (self.root / "sha256").mkdir(parents=True, exist_ok=True)
+            (self.dir / "sha256").mkdir(parents=True, exist_ok=True)
             (self.root / "tmp").mkdir(exist_ok=True)
         except OSError as exc:
-            raise StorageError(f"cannot create chunk cache at {self.root}: {exc}") from None
+            raise StorageError(f"cannot create chunk cache at {self.dir}: {exc}") from None
         self._local = threading.local()
         self._lock = threading.Lock()
         self._touched: dict[str, float] = {}
@@ -91,9 +139,7 @@ class ChunkCache:
         self.evicted_chunks = self.evicted_bytes = self.stored_bytes = 0
         self._clean_tmp()
         new_index = not (self.root / "index.db").exists()
-        self._db().executescript(_SCHEMA)
-        if new_index:
-            self._rebuild_index()
+        self._open_index(new_index)
 
     # -- plumbing -----------------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -119,7 +165,36 @@ class ChunkCache:
 
     def path(self, digest: bytes | str) -> Path:
         h = _hex(digest)
-        return self.root / "sha256" / h[:2] / h
+        return self.dir / "sha256" / h[:2] / h
+
+    def _open_index(self, new_index: bool) -> None:
+        """Create the tables; on the first open of a version-1 index, copy its rows into partition ""."""
+        db = self._db()
+        if db.execute("PRAGMA user_version").fetchone()[0] >= _SCHEMA_VERSION:
+            return
+        with self._tx() as db:
+            if db.execute("PRAGMA user_version").fetchone()[0] >= _SCHEMA_VERSION:
+                return  # another process did it meanwhile
+            for stmt in _SCHEMA.strip().split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            old = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "chunks" in old:
+                db.execute("INSERT OR IGNORE INTO pchunks SELECT '', digest, size, atime FROM chunks")
+            if "pins" in old:
+                db.execute("INSERT OR IGNORE INTO ppins SELECT owner, '', digest FROM pins")
+            db.execute("INSERT OR REPLACE INTO pusage SELECT part, sum(size) FROM pchunks GROUP BY part")
+            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        if new_index:
+            self._rebuild_index()
+
+    def _partitions_on_disk(self):
+        yield SHARED, self.root
+        parts = self.root / "parts"
+        if parts.is_dir():
+            for d in parts.iterdir():
+                if _PARTITION_RE.match(d.name) and d.is_dir():
+                    yield d.name, d
 
     def _clean_tmp(self) -> None:
         """Drop half-written chunks of processes that died mid-write (``<hex>.<pid>.<thread>``)."""
@@ -134,17 +209,21 @@ class ChunkCache:
     def _rebuild_index(self) -> None:
         """A missing index (first start, or deleted by hand) is rebuilt from the files on disk."""
         rows = []
-        for sub in (self.root / "sha256").iterdir():
-            for f in sub.iterdir():
-                try:
-                    st = f.stat()
-                except FileNotFoundError:
-                    continue
-                rows.append((f.name, st.st_size, st.st_mtime))
+        for part, base in self._partitions_on_disk():
+            if not (base / "sha256").is_dir():
+                continue
+            for sub in (base / "sha256").iterdir():
+                for f in sub.iterdir():
+                    try:
+                        st = f.stat()
+                    except FileNotFoundError:
+                        continue
+                    rows.append((part, f.name, st.st_size, st.st_mtime))
         if rows:
             with self._tx() as db:
-                db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?)", rows)
-                db.execute("UPDATE usage SET bytes = (SELECT coalesce(sum(size), 0) FROM chunks)")
+                db.executemany("INSERT OR IGNORE INTO pchunks VALUES (?, ?, ?, ?)", rows)
+                db.execute("DELETE FROM pusage")
+                db.execute("INSERT INTO pusage SELECT part, sum(size) FROM pchunks GROUP BY part")
             log.info("chunk cache %s: rebuilt index of %d chunks", self.root, len(rows))
 
     # -- reads --------------------------------------------------------------------------------
@@ -155,7 +234,7 @@ class ChunkCache:
     def get(self, digest: bytes | str) -> bytes | None:
         """The chunk's bytes, verified against ``digest``; ``None`` if absent or corrupt (then removed)."""
         h = _hex(digest)
-        p = self.root / "sha256" / h[:2] / h
+        p = self.dir / "sha256" / h[:2] / h
         try:
             data = p.read_bytes()
         except FileNotFoundError:
@@ -192,8 +271,8 @@ class ChunkCache:
             self._last_flush = time.monotonic()
         if touched:
             with self._tx() as db:
-                db.executemany("UPDATE chunks SET atime=? WHERE digest=? AND atime<?",
-                               ((t, h, t) for h, t in touched.items()))
+                db.executemany("UPDATE pchunks SET atime=? WHERE part=? AND digest=? AND atime<?",
+                               ((t, self.partition, h, t) for h, t in touched.items()))
 
     # -- writes -------------------------------------------------------------------------------
     def put(self, digest: bytes | str, data: bytes) -> None:
@@ -212,7 +291,7 @@ class ChunkCache:
             h = _hex(digest)
             if not verified and hashlib.sha256(data).hexdigest() != h:
                 raise InvalidInput(f"chunk cache: refusing to store bytes that do not match sha256:{h}")
-            final = self.root / "sha256" / h[:2] / h
+            final = self.dir / "sha256" / h[:2] / h
             if final.exists():
                 rows.append((h, len(data), now))
                 continue
@@ -229,35 +308,66 @@ class ChunkCache:
             rows.append((h, len(data), now))
         if not rows:
             return
+        part = self.partition
         with self._tx() as db:
             added = 0
             for h, size, t in rows:
-                if db.execute("UPDATE chunks SET atime=? WHERE digest=?", (t, h)).rowcount == 0:
-                    db.execute("INSERT INTO chunks VALUES (?, ?, ?)", (h, size, t))
+                if db.execute("UPDATE pchunks SET atime=? WHERE part=? AND digest=?", (t, part, h)).rowcount == 0:
+                    db.execute("INSERT INTO pchunks VALUES (?, ?, ?, ?)", (part, h, size, t))
                     added += size
-            db.execute("UPDATE usage SET bytes = bytes + ?", (added,))
+            if added:
+                db.execute("INSERT INTO pusage VALUES (?, ?) ON CONFLICT (part) DO UPDATE SET bytes = bytes + ?",
+                           (part, added, added))
         if self.usage() > self.limit:
             self.evict(int(self.limit * LOW_WATERMARK))
 
     # -- size limit ---------------------------------------------------------------------------
     def usage(self) -> int:
-        return self._db().execute("SELECT bytes FROM usage").fetchone()[0]
+        """Bytes in all partitions together (what the limit bounds)."""
+        return self._db().execute("SELECT coalesce(sum(bytes), 0) FROM pusage").fetchone()[0]
+
+    def partition_usage(self, part: str | None = None) -> int:
+        row = self._db().execute("SELECT bytes FROM pusage WHERE part=?",
+                                 (self.partition if part is None else part,)).fetchone()
+        return row[0] if row else 0
+
+    _UNPINNED = ("NOT EXISTS (SELECT 1 FROM ppins p WHERE p.part = c.part AND p.digest = c.digest)")
 
     def evict(self, target: int) -> int:
-        """Remove least-recently-used unpinned chunks until usage <= ``target``; returns bytes freed."""
+        """Remove unpinned chunks until usage <= ``target``, fairly (see the module docstring): each
+        partition over its water-filling share loses its own least-recently-used chunks first; if
+        pins keep some from reaching their share, the rest goes in global LRU order. Returns bytes freed."""
         self.flush()
         freed = 0
+        victims: list[tuple[str, str]] = []
         with self._tx() as db:  # the write lock is held while victims are chosen and removed
-            excess = db.execute("SELECT bytes FROM usage").fetchone()[0] - target
+            usage = {p: b for p, b in db.execute("SELECT part, bytes FROM pusage WHERE bytes > 0")}
+            excess = sum(usage.values()) - target
             if excess <= 0:
                 return 0
-            victims = []
-            for h, size in db.execute("SELECT digest, size FROM chunks c WHERE NOT EXISTS "
-                                      "(SELECT 1 FROM pins p WHERE p.digest = c.digest) ORDER BY atime"):
-                victims.append(h)
-                freed += size
-                if freed >= excess:
-                    break
+            chosen: set[tuple[str, str]] = set()
+            for part, quota in fair_quotas(usage, target).items():
+                over = usage[part] - quota
+                got = 0
+                if over <= 0:
+                    continue
+                for h, size in db.execute(f"SELECT digest, size FROM pchunks c WHERE part=? AND {self._UNPINNED} "
+                                          "ORDER BY atime", (part,)):
+                    victims.append((part, h))
+                    chosen.add((part, h))
+                    got += size
+                    if got >= over:
+                        break
+                freed += got
+            if freed < excess:  # some partitions are pinned below their share: take from the others
+                for part, h, size in db.execute(f"SELECT part, digest, size FROM pchunks c WHERE {self._UNPINNED} "
+                                                "ORDER BY atime"):
+                    if (part, h) in chosen:
+                        continue
+                    victims.append((part, h))
+                    freed += size
+                    if freed >= excess:
+                        break
             self._remove(victims, db)
         self._count(evicted_chunks=len(victims), evicted_bytes=freed)
         if freed < excess:
@@ -265,38 +375,54 @@ class ChunkCache:
                         self.root, excess - freed)
         return freed
 
-    def _remove(self, hexes: list[str], db: sqlite3.Connection | None = None) -> None:
-        """Delete files and their index rows (inside the caller's transaction if ``db`` is given)."""
+    def _remove(self, victims: list[str] | list[tuple[str, str]], db: sqlite3.Connection | None = None) -> None:
+        """Delete files and their index rows (inside the caller's transaction if ``db`` is given).
+        ``victims``: hex digests of this partition, or ``(partition, hex)`` pairs."""
         if db is None:
             with self._tx() as db:
-                return self._remove(hexes, db)
-        for h in hexes:
+                return self._remove(victims, db)
+        for v in victims:
+            part, h = v if isinstance(v, tuple) else (self.partition, v)
             try:
-                (self.root / "sha256" / h[:2] / h).unlink()
+                (partition_dir(self.root, part) / "sha256" / h[:2] / h).unlink()
             except FileNotFoundError:
                 pass
-            row = db.execute("DELETE FROM chunks WHERE digest=? RETURNING size", (h,)).fetchone()
+            row = db.execute("DELETE FROM pchunks WHERE part=? AND digest=? RETURNING size", (part, h)).fetchone()
             if row:
-                db.execute("UPDATE usage SET bytes = bytes - ?", (row[0],))
+                db.execute("UPDATE pusage SET bytes = bytes - ? WHERE part=?", (row[0], part))
+
+    def drop_partition(self, part: str) -> int:
+        """Delete every chunk of partition ``part`` (a throw-away partition whose mount is gone);
+        returns the bytes freed. Refused while a mount pins chunks in it."""
+        if check_partition(part) == SHARED:
+            raise InvalidInput("the shared cache partition cannot be dropped")
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM ppins WHERE part=? LIMIT 1", (part,)).fetchone():
+                raise InvalidInput(f"cache partition {part!r} is pinned by a live mount")
+            row = db.execute("DELETE FROM pusage WHERE part=? RETURNING bytes", (part,)).fetchone()
+            db.execute("DELETE FROM pchunks WHERE part=?", (part,))
+            shutil.rmtree(partition_dir(self.root, part), ignore_errors=True)
+        return row[0] if row else 0
 
     # -- pins ---------------------------------------------------------------------------------
     def pin(self, owner: str, digests: Iterable[bytes | str]) -> None:
-        """Protect ``digests`` from eviction on behalf of ``owner`` (e.g. a mount id)."""
+        """Protect ``digests`` (in this partition) from eviction on behalf of ``owner`` (e.g. a mount id)."""
         with self._tx() as db:
-            db.executemany("INSERT OR IGNORE INTO pins VALUES (?, ?)", ((owner, _hex(d)) for d in digests))
+            db.executemany("INSERT OR IGNORE INTO ppins VALUES (?, ?, ?)",
+                           ((owner, self.partition, _hex(d)) for d in digests))
 
     def unpin(self, owner: str) -> None:
+        """Drop every pin of ``owner``, in whichever partition."""
         with self._tx() as db:
-            db.execute("DELETE FROM pins WHERE owner=?", (owner,))
+            db.execute("DELETE FROM ppins WHERE owner=?", (owner,))
 
     def owners(self) -> list[str]:
-        return [o for (o,) in self._db().execute("SELECT DISTINCT owner FROM pins ORDER BY owner")]
+        return [o for (o,) in self._db().execute("SELECT DISTINCT owner FROM ppins ORDER BY owner")]
 
-    def info(self) -> dict[str, int]:
-        db = self._db()
-        return {"bytes": self.usage(), "limit": self.limit,
-                "chunks": db.execute("SELECT count(*) FROM chunks").fetchone()[0],
-                "pinned_chunks": db.execute("SELECT count(DISTINCT digest) FROM pins").fetchone()[0]}
+    def info(self) -> dict:
+        """Totals over all partitions (``bytes``, ``limit``, ``chunks``, ``pinned_chunks``) and the same
+        per partition under ``partitions`` (see :func:`partition_info`)."""
+        return index_info(self._db(), self.limit)
 
     def close(self) -> None:
         self.flush()
@@ -304,3 +430,18 @@ class ChunkCache:
         if db is not None:
             db.close()
             self._local.db = None
+
+
+def index_info(db: sqlite3.Connection, limit: int) -> dict:
+    """Totals and per-partition figures from an open index (also used read-only by ``remora stats``)."""
+    parts: dict[str, dict[str, int]] = {}
+    for part, nbytes in db.execute("SELECT part, bytes FROM pusage"):
+        parts[part] = {"bytes": nbytes, "chunks": 0, "pinned_chunks": 0}
+    for part, n in db.execute("SELECT part, count(*) FROM pchunks GROUP BY part"):
+        parts.setdefault(part, {"bytes": 0, "chunks": 0, "pinned_chunks": 0})["chunks"] = n
+    for part, n in db.execute("SELECT part, count(DISTINCT digest) FROM ppins GROUP BY part"):
+        parts.setdefault(part, {"bytes": 0, "chunks": 0, "pinned_chunks": 0})["pinned_chunks"] = n
+    parts = {p: v for p, v in parts.items() if v["bytes"] or v["chunks"] or v["pinned_chunks"]}
+    return {"bytes": sum(v["bytes"] for v in parts.values()), "limit": limit,
+            "chunks": sum(v["chunks"] for v in parts.values()),
+            "pinned_chunks": sum(v["pinned_chunks"] for v in parts.values()), "partitions": parts}

@@ -58,6 +58,10 @@ def register(subparsers) -> None:
                         "(e.g. http://127.0.0.1:65001, a local 'remora peer'); repeatable")
     p.add_argument("--cache-size", default="10G", metavar="SIZE",
                    help="chunk cache size limit, shared by all lazily mounted images (default 10G)")
+    p.add_argument("--cache-isolation", choices=["none", "namespace", "credential"], default="namespace",
+                   help="who may read a chunk another image put in the cache: 'namespace' (default) gives each "
+                        "containerd namespace its own cache partition, 'credential' each registry identity, "
+                        "'none' shares one cache by digest (fewest bytes; any image naming a digest reads it)")
     p.add_argument("--early-prefetch-limit", default="256M", metavar="SIZE",
                    help="bytes of hot blobs (the layer marked remora.prefetch-bytes) streamed into "
                         "ROOT/staging from that layer's Prepare on, before the bootstrap is mounted; "
@@ -69,10 +73,25 @@ def register(subparsers) -> None:
                         "http://HOST:PORT/metrics (default: off)")
     p.add_argument("--no-lazy", action="store_true",
                    help="never mount remora images lazily (behave exactly like the overlayfs snapshotter)")
+    p.add_argument("--cri-proxy", metavar="SOCKET", default="",
+                   help="serve a CRI pass-through on this unix socket (mode 0600) for kubelet's "
+                        "--image-service-endpoint: each PullImage's credentials (imagePullSecrets) are kept "
+                        "in memory for that repository's lazy mounts, then the call goes to --cri-upstream "
+                        "(default: off; docs/credentials.md)")
+    p.add_argument("--cri-upstream", metavar="SOCKET", default="/run/containerd/containerd.sock",
+                   help="containerd's CRI socket the --cri-proxy forwards to (default: %(default)s)")
+    p.add_argument("--credentials-config", metavar="FILE", default="",
+                   help="JSON/YAML naming Kubernetes dockerconfigjson secrets to read registry credentials "
+                        "from: {\"secrets\": [\"NS/NAME\"], \"kubeconfig\": PATH (default: in-cluster)}")
+    p.add_argument("--credentials-ttl", metavar="SECONDS", type=float, default=3600.0,
+                   help="how long credentials captured by --cri-proxy are kept (default: %(default)s)")
     p.set_defaults(func=run)
     from .stats import register as register_stats
 
     register_stats(subparsers)
+    from .credentials.credprovider import register as register_credential_provider
+
+    register_credential_provider(subparsers)
 
 
 def _serve_metrics(address: str, handler) -> None:
@@ -113,15 +132,31 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(args.log_level.upper())
     sys.setswitchinterval(SWITCH_INTERVAL)
     handler = None
+    from .credentials.resolver import CredentialResolver, keychains_from_config
+    from .credentials.store import CredentialStore
+
+    store = CredentialStore(ttl=args.credentials_ttl)
+    resolver = CredentialResolver(store, keychains_from_config(args.credentials_config))
     if not args.no_lazy:
         from .remora_layers import RemoraLayerHandler
 
         handler = RemoraLayerHandler(args.root, mirrors=args.mirror, insecure=args.plain_http,
                                      cache_limit=parse_size(args.cache_size),
-                                     early_prefetch_limit=parse_size(args.early_prefetch_limit))
+                                     cache_isolation=args.cache_isolation,
+                                     early_prefetch_limit=parse_size(args.early_prefetch_limit),
+                                     credentials=resolver)
     if args.metrics_address:
         _serve_metrics(args.metrics_address, handler)
-    asyncio.run(serve(args.root, args.address, handler, api_address=args.api_address or None))
+    proxy = None
+    if args.cri_proxy:  # before the snapshots socket: kubelet's first pull may come at once
+        from .credentials.criproxy import CRIProxy
+
+        proxy = CRIProxy(args.cri_proxy, args.cri_upstream, store).start()
+    try:
+        asyncio.run(serve(args.root, args.address, handler, api_address=args.api_address or None))
+    finally:
+        if proxy is not None:
+            proxy.stop()
     return 0
 
 

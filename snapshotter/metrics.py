@@ -12,7 +12,9 @@ Exported names (all prefixed ``remora_``): ``fetch_bytes_total``, ``fetch_reques
 ``fetch_source_errors_total``, ``fetch_failures_total``, ``fetch_singleflight_waits_total``,
 ``cache_hits_total``, ``cache_misses_total``, ``cache_corrupt_total``, ``prefetch_files``/
 ``prefetch_files_done``/``prefetch_bytes_total``/``prefetch_complete``, ``fuse_op_seconds``
-(histogram, label ``op``), ``mount_up``, ``cache_bytes``, ``cache_limit_bytes``, ``cache_chunks``;
+(histogram, label ``op``), ``mount_up``, ``cache_bytes``, ``cache_limit_bytes``, ``cache_chunks``,
+``cache_partition_bytes``/``cache_partition_chunks`` (label ``partition``: one per tenant with
+``--cache-isolation``);
 from the snapshotter's own early prefetch (:class:`StagingCollector`): ``early_prefetch_blobs_total``,
 ``early_prefetch_bytes_total``, ``early_prefetch_failures_total``.
 """
@@ -156,6 +158,15 @@ class MountCollector:
             yield GaugeMetricFamily(f"{p}_cache_bytes", "Bytes in the shared chunk cache.", value=info["bytes"])
             yield GaugeMetricFamily(f"{p}_cache_limit_bytes", "Chunk cache size limit.", value=info["limit"])
             yield GaugeMetricFamily(f"{p}_cache_chunks", "Chunks in the shared chunk cache.", value=info["chunks"])
+            by_part = GaugeMetricFamily(f"{p}_cache_partition_bytes", "Bytes in one partition of the chunk cache "
+                                        "(--cache-isolation; partition \"\" is the shared one).", labels=["partition"])
+            chunks = GaugeMetricFamily(f"{p}_cache_partition_chunks", "Chunks in one partition of the chunk cache.",
+                                       labels=["partition"])
+            for part, v in sorted(info.get("partitions", {}).items()):
+                by_part.add_metric([part], v["bytes"])
+                chunks.add_metric([part], v["chunks"])
+            yield by_part
+            yield chunks
 
 
 class StagingCollector:

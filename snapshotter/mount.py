@@ -29,6 +29,7 @@ so a hung mount cannot pile up blocked threads.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -55,6 +56,11 @@ FSTYPE = "fuse.remora"
 SPARE_POLL = 0.5           # seconds between the spare keeper's looks at its spare
 SPARE_YOUNG = 10.0         # a spare that dies younger than this counts towards the crash-loop backoff
 SPARE_MAX_BACKOFF = 60.0
+
+#: ``--cache-isolation`` modes: who may read a chunk another mount put in the cache (docs/snapshotter.md)
+CACHE_ISOLATION = ("none", "namespace", "credential")
+DEFAULT_CACHE_ISOLATION = "namespace"  # the snapshotter's (``remora snapshotter --cache-isolation``)
+THROWAWAY_PREFIX = "snap-"  # a partition of one mount whose tenant is unknown: dropped with the mount
 
 
 @dataclass(frozen=True)
@@ -172,14 +178,19 @@ class MountManager:
     """Start/stop/check lazy mounts; one instance per snapshotter.
 
     ``state_dir`` holds the mount records; ``cache_dir``/``cache_limit`` configure the chunk cache
-    shared by all mounts. All methods are thread-safe.
+    of all mounts, ``cache_isolation`` how it is partitioned between tenants (:meth:`partition_for`;
+    "none" here, for a caller that picks partitions itself; the snapshotter passes its option).
+    All methods are thread-safe.
     """
 
     def __init__(self, state_dir: Path | str, cache_dir: Path | str, cache_limit: int = 10 << 30,
                  python: str = sys.executable, mount_timeout: float = 20.0, standby: bool = False,
-                 read_only: bool = False):
+                 read_only: bool = False, cache_isolation: str = "none"):
         """``read_only``: only look (``remora stats``): nothing is created, cleaned or started, so a
         reader can never disturb the snapshotter that owns ``state_dir`` (its spare, its logs)."""
+        if cache_isolation not in CACHE_ISOLATION:
+            raise InvalidInput(f"cache isolation {cache_isolation!r}: expected one of {', '.join(CACHE_ISOLATION)}")
+        self.cache_isolation = cache_isolation
         # absolute: fs processes run in CHILD_CWD and get these paths in their spec
         self.state_dir = Path(os.path.abspath(state_dir)) / "mounts"
         self.cache_dir = Path(os.path.abspath(cache_dir))
@@ -228,6 +239,37 @@ class MountManager:
             return int(self._file(mount_id, ".pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
+
+    # -- cache partitions ---------------------------------------------------------------------
+    def partition_for(self, mount_id: str, namespace: str | None = None, credential: object = None,
+                      host: str = "") -> str:
+        """The chunk cache partition of a new mount, by the manager's ``cache_isolation``:
+
+        * ``none``: "" (one cache for everybody: a chunk fetched for one image serves every image
+          naming its digest, whoever pulled it);
+        * ``namespace``: ``ns-<containerd namespace>``;
+        * ``credential``: ``cred-<hash of registry host and the identity used for the pull>`` (user
+          name or identity token; anonymous pulls of a host share one partition).
+
+        When the tenant is unknown (containerd sent no namespace; a mount re-created from labels
+        only) the mount gets a throw-away partition of its own, dropped when it is unmounted: never
+        another tenant's chunks."""
+        if self.cache_isolation == "none":
+            return ""
+        if self.cache_isolation == "credential":
+            user = getattr(credential, "username", "") or ""
+            token = getattr(credential, "identity_token", "") or ""
+            ident = "\0".join((host, user, hashlib.sha256(token.encode()).hexdigest() if token else ""))
+            if host:
+                return "cred-" + hashlib.sha256(ident.encode()).hexdigest()[:32]
+        elif namespace:
+            from remora.cache import check_partition
+
+            try:
+                return check_partition(f"ns-{namespace}")
+            except InvalidInput:  # containerd's names always fit; anything else gets its own partition
+                pass
+        return f"{THROWAWAY_PREFIX}{mount_id}"[:128]
 
     # -- start --------------------------------------------------------------------------------
     def mount(self, mount_id: str, bootstrap: Path | str, mountpoint: Path | str, sources: Sequence[SourceSpec],
@@ -441,7 +483,11 @@ class MountManager:
             self._forget(mount_id)
 
     def _forget(self, mount_id: str) -> None:
-        self._unpin(mount_id)
+        try:
+            part = self.spec(mount_id).cache_partition
+        except RemoraError:
+            part = ""
+        self._unpin(mount_id, part if part.startswith(THROWAWAY_PREFIX) else None)
         for suffix in (".json", ".pid", ".stats.json", ".log"):
             self._file(mount_id, suffix).unlink(missing_ok=True)
 
@@ -452,12 +498,18 @@ class MountManager:
             except RemoraError as exc:
                 log.error("%s", exc)
 
-    def _unpin(self, mount_id: str) -> None:
+    def _unpin(self, mount_id: str, drop_partition: str | None = None) -> None:
+        """Drop the mount's pins; ``drop_partition``: its throw-away cache partition goes too."""
         from remora.cache import ChunkCache
 
         cache = ChunkCache(self.cache_dir, self.cache_limit)
         try:
             cache.unpin(mount_id)
+            if drop_partition:
+                try:
+                    cache.drop_partition(drop_partition)
+                except InvalidInput as exc:
+                    log.warning("cache partition of mount %s kept: %s", mount_id, exc)
         finally:
             cache.close()
 
@@ -575,6 +627,11 @@ class MountManager:
                 return "adopted"
             log.warning("mount %s is %s (%s): re-mounting", mount_id, health.state, health.detail)
             spec = self.spec(mount_id)
+            if not spec.cache_partition and self.cache_isolation != "none":
+                # a record from before cache partitions: its tenant is unknown, so it gets a partition
+                # of its own rather than the shared one
+                spec.cache_partition = self.partition_for(mount_id)
+                spec.save(self._file(mount_id, ".json"))
             self._kill(mount_id, grace=2.0)
             if not detach(spec.mountpoint):
                 raise StorageError(f"cannot detach stale mount {spec.mountpoint}")

@@ -57,6 +57,7 @@ def image_location(labels: Mapping[str, str]) -> tuple[str, str]:
                        f"{', '.join(IMAGE_REF_LABELS + (ann.REPOSITORY,))} is set")
 
 
+ACCESS_CHECK_TTL = 60.0  # a passed registry access check (see _check_access) is trusted this long
 PRECONNECT_TTL = 30.0  # a pre-opened registry connection older than this is not trusted to be alive
 PRECONNECT_WAIT = 2.0  # longest wait for a preconnect still in progress (its timeout is 5 s)
 LAYER_DIGEST_LABELS = (
@@ -69,7 +70,8 @@ class RemoraLayerHandler(RemoteLayerHandler):
     """Mount remora images lazily. ``mirrors`` are peer/mirror base URLs tried before the registry."""
 
     def __init__(self, root: Path | str, mounts=None, mirrors: Sequence[str] = (), insecure: bool = False,
-                 cache_limit: int = 10 << 30, standby: bool = True, early_prefetch_limit: int = 256 << 20):
+                 cache_limit: int = 10 << 30, standby: bool = True, early_prefetch_limit: int = 256 << 20,
+                 credentials=None, cache_isolation: str = "namespace"):
         from remora.snapshotter.mount import MountManager
         from remora.snapshotter.staging import StagingArea
 
@@ -77,11 +79,17 @@ class RemoraLayerHandler(RemoteLayerHandler):
         self.bootstraps = self.root / "bootstraps"
         self.bootstraps.mkdir(parents=True, exist_ok=True)
         # standby: a warm spare fs process takes the next mount (no interpreter start on the cold path)
-        self.mounts = mounts or MountManager(self.root / "lazy", self.root / "cache", cache_limit, standby=standby)
+        self.mounts = mounts or MountManager(self.root / "lazy", self.root / "cache", cache_limit, standby=standby,
+                                             cache_isolation=cache_isolation)
         self.mirrors = list(mirrors)
         self.insecure = insecure
+        # a remora.snapshotter.credentials CredentialResolver: captured CRI pull auth, secrets by
+        # reference; None (or nothing found): the registry client's own lookup (the node's docker config)
+        self.credentials = credentials
+        self._access_checked: dict[tuple[str, str, str], float] = {}  # (host, repo, bootstrap) -> when it passed
         self._lock = threading.Lock()
         self._fetching: dict[str, threading.Lock] = {}
+        self._validated_bootstraps: set[str] = set()  # digests whose file passed validate_bootstrap in this run
         # early prefetch: hot blobs streamed from their layer's Prepare on (see staging.py)
         self.staging = StagingArea(self.root / "staging", limit=early_prefetch_limit)
         self._hot_blobs: dict[str, set[str]] = {}  # bootstrap digest -> hot blobs of that image
@@ -99,14 +107,24 @@ class RemoraLayerHandler(RemoteLayerHandler):
             # A base layer's chain ID is its diff_id, and a data blob's diff_id is its digest: that
             # names the hot blob (always the first layer) for clients that send no digest label.
             self.warm(layer.labels, layer.target if not layer.parent else "", reason="its Prepare")
+            if not layer.parent:
+                # the image's first Prepare: refuse here, before anything is committed, when the
+                # registry refuses us (a bootstrap refused later would leave committed layers behind
+                # that containerd's GC may remove under the retry's feet); it overlaps the warm-up
+                try:
+                    host, repo = image_location(layer.labels)
+                except InvalidInput:
+                    return True
+                await asyncio.to_thread(self._check_access, host, repo, info.bootstrap)
             return True
         host, repo = image_location(layer.labels)
         size = int(layer.labels.get(ann.BOOTSTRAP_SIZE, "0") or 0)
         t0 = time.monotonic()
-        boot = await asyncio.to_thread(self._bootstrap, host, repo, info.bootstrap, size)
+        boot = await asyncio.to_thread(self._bootstrap_with_credentials, host, repo, info.bootstrap, size)
         t1 = time.monotonic()
+        part = self._cache_partition(layer.snapshot_id, layer.namespace, host, repo)
         await asyncio.to_thread(self.mounts.mount, layer.snapshot_id, boot, layer.mountpoint,
-                                self._sources(host, repo, info.bootstrap))
+                                self._sources(host, repo, info.bootstrap), cache_partition=part)
         log.info("lazily mounted %s/%s (bootstrap %s) at %s: bootstrap %.3fs, mount %.3fs", host, repo,
                  info.bootstrap[:19], layer.mountpoint, t1 - t0, time.monotonic() - t1)
         return True
@@ -140,7 +158,7 @@ class RemoraLayerHandler(RemoteLayerHandler):
 
             # One connection: the bootstrap first (the mount waits for it; sharing the link with
             # the hot blob starved it), then the hot blob on the same kept-alive connection.
-            client = self._take_client(host)
+            client = self._take_client(host, repo)
             sources = [open_source(s, client) for s in self._sources(host, repo)]
             downloaded = threading.Event()
             with self._lock:
@@ -148,7 +166,7 @@ class RemoraLayerHandler(RemoteLayerHandler):
             # the hot blob's request goes out as soon as the bootstrap's bytes are in (its
             # decompression and fsync overlap the hot blob's first round trip)
             before = (lambda: downloaded.wait(60)) if need_bootstrap else None
-            if self.staging.start(blob, hot, sources, first=before):
+            if self.staging.start(blob, hot, sources, first=before, scope=f"{host}/{repo}"):
                 log.info("warm-up from %s: %s bytes of hot blob %s%s", reason or "a caller", hot, blob[:19],
                          f" after bootstrap {info.bootstrap[:19]}" if need_bootstrap else "")
                 if need_bootstrap:
@@ -160,7 +178,7 @@ class RemoraLayerHandler(RemoteLayerHandler):
                 source.close()
         if need_bootstrap:
             log.info("warm-up from %s: bootstrap %s", reason or "a caller", info.bootstrap[:19])
-            client = self._take_client(host)
+            client = self._take_client(host, repo)
 
             def fetch() -> None:
                 try:
@@ -169,10 +187,16 @@ class RemoraLayerHandler(RemoteLayerHandler):
                     client.close()
             threading.Thread(target=fetch, name="warm-bootstrap", daemon=True).start()
 
-    def _take_client(self, host: str):
-        """The registry client :meth:`preconnect` opened for ``host`` (fresh enough), else a new one."""
+    def _take_client(self, host: str, repo: str = ""):
+        """The registry client :meth:`preconnect` opened for ``host`` (fresh enough), else a new one;
+        a new one with the repository's credentials when the resolver has some (the preconnected
+        client would answer the registry's challenge with the node's)."""
         from remora.registry.client import RegistryClient
 
+        creds = self._credentials_for(host, repo) if repo else None
+        if creds is not None:
+            return RegistryClient(host, plain_http=True if self.insecure else None, credentials=creds,
+                                  retries=1, backoff=0.1)
         with self._lock:
             client, when, connecting = self._preconnected.pop(host, (None, 0.0, None))
         if client is not None and time.monotonic() - when <= PRECONNECT_TTL:
@@ -219,6 +243,69 @@ class RemoraLayerHandler(RemoteLayerHandler):
             if on_downloaded is not None:
                 on_downloaded()  # whatever happened, whoever waits for it goes on
 
+    def _credentials_for(self, host: str, repo: str):
+        """This repository's credentials from the resolver, or None (the client's own lookup)."""
+        if self.credentials is None:
+            return None
+        return self.credentials.resolve(host, repo)
+
+    def _bootstrap_with_credentials(self, host: str, repo: str, digest: str, size: int) -> Path:
+        """:meth:`_bootstrap` with the repository's credentials; a registry that refuses us fails the
+        Prepare (:class:`RemoteLayerRefused`) instead of letting containerd apply the bootstrap layer
+        as a plain tar, which would give a root fs without the application."""
+        from remora.errors import AuthError
+        from remora.registry.client import RegistryClient
+        from remora.snapshotter.credentials.resolver import missing_credentials_message
+        from remora.snapshotter.remote import RemoteLayerRefused
+
+        if self._bootstrap_path(digest).exists():
+            # fetched before (maybe for another tenant): this pull must still be allowed to read the
+            # repository, or its lazy reads would fail later, inside a running container
+            self._check_access(host, repo, digest)
+        client = RegistryClient(host, plain_http=True if self.insecure else None,
+                                credentials=self._credentials_for(host, repo), retries=1, backoff=0.1)
+        try:
+            return self._bootstrap(host, repo, digest, size, client)
+        except AuthError as exc:
+            raise RemoteLayerRefused(missing_credentials_message(host, repo, str(exc))) from None
+        finally:
+            client.close()
+
+    def _check_access(self, host: str, repo: str, digest: str) -> None:
+        """Raise :class:`RemoteLayerRefused` unless the registry lets us read ``repo`` (a HEAD of its
+        bootstrap with the repository's credentials); passed checks are remembered for
+        ACCESS_CHECK_TTL. A registry that cannot be reached passes: reads may come from cache/peers."""
+        from remora.errors import AuthError
+        from remora.registry.client import RegistryClient
+        from remora.snapshotter.credentials.criproxy import SOURCE as CAPTURED
+        from remora.snapshotter.credentials.resolver import missing_credentials_message
+        from remora.snapshotter.remote import RemoteLayerRefused
+
+        key = (host, repo, digest)
+        with self._lock:
+            if time.monotonic() - self._access_checked.get(key, -ACCESS_CHECK_TTL) < ACCESS_CHECK_TTL:
+                return
+        creds = self._credentials_for(host, repo)
+        if creds is not None and creds.source == CAPTURED:
+            return  # a CRI pull's own credentials, which containerd has just used for this image's manifest
+        try:
+            with RegistryClient(host, plain_http=True if self.insecure else None, credentials=creds,
+                                retries=1, backoff=0.1) as client:
+                held = client.head_blob(repo, digest)
+        except AuthError as exc:
+            raise RemoteLayerRefused(missing_credentials_message(host, repo, str(exc))) from None
+        except Exception as exc:  # noqa: BLE001 - see above
+            log.info("access check of %s/%s: %s", host, repo, exc)
+            return
+        if held is None:  # the repository does not hold it: an image naming another's bootstrap by digest
+            raise RemoteLayerRefused(f"{host}/{repo} does not hold bootstrap {digest}: refusing to mount the "
+                                     "copy this node fetched for another image")
+        with self._lock:
+            self._access_checked[key] = time.monotonic()
+            if len(self._access_checked) > 4096:  # bounded: drop the oldest half
+                for old in sorted(self._access_checked, key=self._access_checked.get)[:2048]:
+                    del self._access_checked[old]
+
     def _bootstrap_path(self, digest: str) -> Path:
         return self.bootstraps / f"{digest.replace(':', '-')}.db"
 
@@ -239,8 +326,9 @@ class RemoraLayerHandler(RemoteLayerHandler):
     async def mount_committed(self, snapshot_id: str, mountpoint: Path, labels: Mapping[str, str], info) -> None:
         host, repo = image_location(labels)
         size = int(labels.get(ann.BOOTSTRAP_SIZE, "0") or 0)
-        boot = await asyncio.to_thread(self._bootstrap, host, repo, info.bootstrap, size)
-        await asyncio.to_thread(self.mounts.mount, snapshot_id, boot, mountpoint, self._sources(host, repo))
+        boot = await asyncio.to_thread(self._bootstrap_with_credentials, host, repo, info.bootstrap, size)
+        await asyncio.to_thread(self.mounts.mount, snapshot_id, boot, mountpoint, self._sources(host, repo),
+                                cache_partition=self._cache_partition(snapshot_id, None, host, repo))
 
     async def ensure_healthy(self, snapshot_id: str, mountpoint: Path) -> None:
         """A dead or hung lazy mount is restored once from its record; if that fails: UNAVAILABLE."""
@@ -267,6 +355,40 @@ class RemoraLayerHandler(RemoteLayerHandler):
         await asyncio.to_thread(self.mounts.close)
 
     # -- helpers --------------------------------------------------------------------------------
+    async def may_share(self, snapshot_id: str, namespace: str | None, labels: Mapping[str, str]) -> None:
+        """Called before an existing remote snapshot answers another Prepare (maybe another namespace's):
+        with cache isolation, a lazy mount of another partition is shared only with a tenant whose
+        registry would give it the whole image (isolation.py); raises RemoteLayerRefused otherwise."""
+        from remora.registry.client import RegistryClient
+        from remora.snapshotter.isolation import prove_access
+        from remora.snapshotter.remote import RemoteLayerRefused
+
+        info = ann.parse_labels(labels)
+        if info is None or info.role != "bootstrap" or getattr(self.mounts, "cache_isolation", "none") == "none" \
+                or snapshot_id not in self.mounts.ids():
+            return
+        host, repo = image_location(labels)
+        theirs = self.mounts.spec(snapshot_id)
+        if theirs.cache_partition == self._cache_partition(snapshot_id, namespace, host, repo) \
+                and not theirs.cache_partition.startswith("snap-"):
+            return
+
+        def prove() -> None:
+            with RegistryClient(host, plain_http=True if self.insecure else None,
+                                credentials=self._credentials_for(host, repo), retries=1, backoff=0.1) as client:
+                prove_access(client, repo, info.bootstrap, theirs.bootstrap)
+        try:
+            await asyncio.to_thread(prove)
+        except PermissionError as exc:
+            raise RemoteLayerRefused(f"layer {info.bootstrap[:19]} is mounted for another tenant (cache partition "
+                                     f"{theirs.cache_partition!r}) and this one may not read the image: {exc}") from None
+
+    def _cache_partition(self, snapshot_id: str, namespace: str | None, host: str, repo: str) -> str:
+        """The mount's chunk cache partition (--cache-isolation; MountManager.partition_for)."""
+        isolation = getattr(self.mounts, "cache_isolation", "none")
+        creds = self._credentials_for(host, repo) if isolation == "credential" else None
+        return self.mounts.partition_for(snapshot_id, namespace, creds, host) if isolation != "none" else ""
+
     def _sources(self, host: str, repo: str, bootstrap: str = ""):
         """Blob sources of a mount, in order: this image's staged hot blobs (if ``bootstrap`` names an
         image being warmed), mirrors/peers, the registry."""
@@ -274,10 +396,15 @@ class RemoraLayerHandler(RemoteLayerHandler):
 
         with self._lock:
             hot = sorted(self._hot_blobs.get(bootstrap, ()))
-        staged = self.staging.staged(hot) if hot else {}
-        return ([SourceSpec.staging(str(self.staging.dir), staged)] if staged else []) + \
-               [SourceSpec.peer(m, repo, host) for m in self.mirrors] + \
-               [SourceSpec.registry(host, repo, insecure=self.insecure)]
+        staged = self.staging.staged(hot, scope=f"{host}/{repo}") if hot else {}  # only what this repo gave us
+        creds = self._credentials_for(host, repo)
+        # the repository's own credentials go to the registry and to a peer on this node (which checks
+        # them against the registry before it serves a private blob), never to a remote host's peer
+        secret = {} if creds is None else {"username": creds.username or "", "password": creds.password or "",
+                                           "identity_token": creds.identity_token or ""}
+        return ([SourceSpec.staging(str(self.staging.dir_for(f"{host}/{repo}")), staged)] if staged else []) + \
+               [SourceSpec.peer(m, repo, host, **(secret if _is_local_url(m) else {})) for m in self.mirrors] + \
+               [SourceSpec.registry(host, repo, insecure=self.insecure, **secret)]
 
     def _bootstrap(self, host: str, repo: str, digest: str, size: int, client=None, on_downloaded=None) -> Path:
         """The bootstrap database for ``digest``, fetched and verified once, then reused.
@@ -293,6 +420,17 @@ class RemoraLayerHandler(RemoteLayerHandler):
             lock = self._fetching.setdefault(digest, threading.Lock())
         with lock:  # concurrent Prepares of one image (CRI pulls layers in parallel): fetch once
             if final.exists():
+                if digest not in self._validated_bootstraps:
+                    # one left by an earlier run (maybe an older remora that did not validate)
+                    from remora.errors import InvalidInput
+                    from remora.format.validate import validate_bootstrap
+
+                    try:
+                        validate_bootstrap(final)
+                    except InvalidInput:
+                        final.unlink(missing_ok=True)
+                        raise
+                    self._validated_bootstraps.add(digest)
                 return final
             where = f"{host}/{repo}@{digest}"
             store = RegistryStore(parse_reference(where), client) if client is not None else \
@@ -302,12 +440,23 @@ class RemoraLayerHandler(RemoteLayerHandler):
                 if not size:
                     size = store.client.head_blob(repo, digest) or 0
                 desc = oci.Descriptor(ann.BOOTSTRAP_MEDIA_TYPE, digest, size)
+                # streamed to disk and bounded, then validated: never whole in this process's memory
                 path = fetch_bootstrap(store, desc, tmpdir, on_downloaded)
                 with open(path, "rb") as f:  # durable before it becomes visible under its final name
                     os.fsync(f.fileno())
                 os.replace(path, final)
+                self._validated_bootstraps.add(digest)
             finally:
                 if client is None:
                     store.close()
                 shutil.rmtree(tmpdir, ignore_errors=True)
         return final
+
+
+def _is_local_url(url: str) -> bool:
+    """A mirror on this node (loopback): the only kind that may see a pod's registry credentials."""
+    from urllib.parse import urlsplit
+
+    from remora.registry.auth import is_loopback
+
+    return is_loopback(urlsplit(url).netloc)

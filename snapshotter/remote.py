@@ -1,6 +1,6 @@
 """The seam between the snapshotter core and lazily mounted remote layers.
 
-The core (:mod:`remora.snapshotter.server`) owns everything containerd sees: keys, names, parents,
+The core (:mod:`remora.snapshotter.snapshotter`) owns everything containerd sees: keys, names, parents,
 labels, kinds, the commit-under-the-target-name handshake and crash safety. A remote-layer handler
 only mounts and unmounts filesystems. The handshake, as containerd 1.6/1.7/2.x and stargz expect it:
 
@@ -91,3 +91,13 @@ class RemoteLayerHandler:
 
 class LayerUnavailable(Exception):
     """A remote layer's filesystem is dead or hung and could not be restored (gRPC UNAVAILABLE)."""
+
+
+class RemoteLayerRefused(Exception):
+    """A remote layer that must not fall back to a local one: its Prepare fails with this message.
+
+    A remora bootstrap layer applied as a plain tar gives a root fs holding ``remora/bootstrap.db``,
+    not the application, so when it cannot be mounted for a reason a retry will not fix by itself
+    (no credentials the registry accepts) the pull fails with a clear error (gRPC FAILED_PRECONDITION)
+    and the snapshot is removed: nothing half-mounted is left behind.
+    """

@@ -1,15 +1,20 @@
 """containerd's snapshots gRPC API served on a unix socket (a containerd "proxy plugin").
 
-containerd talks to us through ``[proxy_plugins.remora] type = "snapshot"``. Its metadata layer
-already namespaces keys (``<namespace>/<seq>/<key>``) and its garbage collector lists and removes
-snapshots WITHOUT a namespace, so the store is deliberately namespace-agnostic like containerd's
-built-in snapshotters; the ``containerd-namespace`` header is read for logs and handed to the
-remote-layer handler.
+containerd talks to us through ``[proxy_plugins.remora] type = "snapshot"``. This module is only the
+transport, like containerd's ``contrib/snapshotservice``: each RPC turns its protobuf request into one
+call of :class:`~remora.snapshotter.snapshotter.Snapshotter` (which holds the logic, the remote
+handshake included) and its answer back into protobuf; errors go through one table (:data:`_CODES`).
 
-Errors carry the gRPC codes containerd's ``errdefs.FromGRPC`` turns back into its error kinds:
+containerd's metadata layer already namespaces keys (``<namespace>/<seq>/<key>``) and its garbage
+collector lists and removes snapshots WITHOUT a namespace, so the store is deliberately
+namespace-agnostic like containerd's built-in snapshotters; the ``containerd-namespace`` header is
+read here for the remote-layer handler only.
+
+The codes are the ones containerd's ``errdefs.FromGRPC`` turns back into its error kinds:
 NOT_FOUND, ALREADY_EXISTS (also the "remote snapshot is ready" answer to Prepare), FAILED_PRECONDITION
-(removing a parent, committing a view), INVALID_ARGUMENT (bad filter, bad field, non-committed
-parent), UNIMPLEMENTED (commit with rebase) and UNAVAILABLE (server shutting down).
+(removing a parent, committing a view, a refused remote layer), INVALID_ARGUMENT (bad filter, bad
+field, non-committed parent), UNIMPLEMENTED (commit with rebase), UNAVAILABLE (a dead lazy layer, the
+server shutting down) and INTERNAL (storage failures, bugs).
 """
 from __future__ import annotations
 
@@ -20,8 +25,9 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -29,24 +35,23 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from remora._proto.containerd.types import mount_pb2
-from remora.errors import InvalidInput, NotFound, UsageError
+from remora.errors import InvalidInput, NotFound, StorageError, UsageError
 from remora.procutil import unix_socket_answers
 
 from . import overlay
-from .remote import TARGET_REF_LABEL, LayerUnavailable, RemoteLayer, RemoteLayerHandler, is_remote_candidate
-from .storage import (AlreadyExists, FailedPrecondition, Info, Kind, SnapshotStore, StorageError, Usage,
-                      remove_tree)
+from .remote import LayerUnavailable, RemoteLayerHandler
+from .snapshotter import Snapshotter, Unimplemented
+from .storage import AlreadyExists, FailedPrecondition, Info, SnapshotStore
+
+__all__ = ["SnapshotsService", "SnapshotterServer", "Unimplemented", "serve"]
 
 log = logging.getLogger(__name__)
 
 NAMESPACE_HEADER = "containerd-namespace"
 LIST_BATCH = 100  # containerd's own snapshots service streams List in batches of 100
 
-
-class Unimplemented(Exception):
-    """A request for a feature this snapshotter does not have (gRPC UNIMPLEMENTED)."""
-
-
+# The one error -> status table (first match wins). INTERNAL ones are logged as errors: the client
+# cannot fix them. Anything not in the table is a bug: INTERNAL, logged with its traceback.
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
@@ -54,30 +59,35 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
     (LayerUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (StorageError, grpc.StatusCode.INTERNAL),
 ]
 
+R = TypeVar("R")
+Handler = Callable[["SnapshotsService", Any, grpc.aio.ServicerContext], Awaitable[R]]
 
-def _rpc(fn: Callable) -> Callable:
-    """Map store errors to gRPC codes; anything unexpected is INTERNAL and logged with a traceback."""
+
+def _rpc(fn: Handler[R]) -> Handler[R]:
+    """Refuse while draining; map domain errors through :data:`_CODES`; anything else is INTERNAL."""
 
     @functools.wraps(fn)
-    async def wrapper(self: "SnapshotsService", request, context: grpc.aio.ServicerContext):
+    async def wrapper(self: SnapshotsService, request: Any, context: grpc.aio.ServicerContext) -> R:
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "snapshotter is shutting down")
         try:
             return await fn(self, request, context)
         except tuple(c for c, _ in _CODES) as exc:
             code = next(code for cls, code in _CODES if isinstance(exc, cls))
-            log.debug("%s: %s: %s", fn.__name__, code.name, exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("%s: %s", fn.__name__, exc)
+            else:
+                log.debug("%s: %s: %s", fn.__name__, code.name, exc)
             await context.abort(code, str(exc))
-        except StorageError as exc:
-            log.error("%s: %s", fn.__name__, exc)
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:  # a bug: keep serving, tell the client what happened
             log.exception("%s failed", fn.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        raise AssertionError("unreachable: context.abort raises")
 
     return wrapper
 
@@ -85,7 +95,7 @@ def _rpc(fn: Callable) -> Callable:
 def _namespace(context: grpc.aio.ServicerContext) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == NAMESPACE_HEADER:
-            return value
+            return str(value)
     return None
 
 
@@ -105,160 +115,88 @@ def mounts_to_pb(mounts: list[overlay.Mount]) -> list[mount_pb2.Mount]:
 
 
 class SnapshotsService(pb_grpc.SnapshotsServicer):
-    """The RPC handlers. Writes (which fsync) and directory walks run in worker threads; point reads
-    (Stat, Mounts: one indexed SELECT on a WAL reader, ~0.1 ms) run on the event loop, which saves
-    the thread hand-off that would otherwise dominate their latency."""
+    """The RPC handlers: protobuf -> one :class:`Snapshotter` call -> protobuf. ``draining`` makes
+    every RPC answer UNAVAILABLE (set by :meth:`SnapshotterServer.stop`)."""
 
-    def __init__(self, store: SnapshotStore, handler: RemoteLayerHandler):
-        self.store = store
-        self.handler = handler
+    def __init__(self, snapshotter: Snapshotter):
+        self.snapshotter = snapshotter
         self.draining = False
 
-    async def _call(self, fn: Callable, *args: Any, **kw: Any) -> Any:
-        return await asyncio.to_thread(fn, *args, **kw)
-
-    def _mounts(self, snap) -> list[mount_pb2.Mount]:
-        return mounts_to_pb(overlay.mounts_for(snap, self.store.fs_path, self.store.work_path))
-
-    async def _checked_mounts(self, snap) -> list[mount_pb2.Mount]:
-        """Mounts of ``snap``, after checking that every lazily mounted layer below it is alive."""
-        chain = set(snap.parent_ids)
-        if chain:
-            for sid, _, _ in await self._call(self.store.remote_snapshots):
-                if sid in chain:
-                    await self.handler.ensure_healthy(sid, self.store.fs_path(sid))
-        return self._mounts(snap)
+    @_rpc
+    async def Prepare(self, request: pb.PrepareSnapshotRequest, context: Any) -> pb.PrepareSnapshotResponse:
+        mounts = await self.snapshotter.prepare(request.key, request.parent, dict(request.labels),
+                                                namespace=_namespace(context))
+        return pb.PrepareSnapshotResponse(mounts=mounts_to_pb(mounts))
 
     @_rpc
-    async def Prepare(self, request: pb.PrepareSnapshotRequest, context) -> pb.PrepareSnapshotResponse:
-        labels = dict(request.labels)
-        remote = is_remote_candidate(labels)
-        target = labels.get(TARGET_REF_LABEL, "")
-        if remote and await self._exists(target):
-            raise AlreadyExists(f"target snapshot {target!r} already exists")
-        snap = await self._call(self.store.create, Kind.ACTIVE, request.key, request.parent, labels)
-        if remote and await self._prepare_remote(request, context, snap.id, target, labels):
-            raise AlreadyExists(f"target snapshot {target!r} already exists")
-        return pb.PrepareSnapshotResponse(mounts=await self._checked_mounts(snap))
-
-    async def _exists(self, name: str) -> bool:
-        try:
-            self.store.stat(name)
-            return True
-        except NotFound:
-            return False
-
-    async def _prepare_remote(self, request, context, sid: str, target: str, labels: dict[str, str]) -> bool:
-        """Offer the layer to the handler; True when it is mounted and committed as ``target``."""
-        layer = RemoteLayer(snapshot_id=sid, mountpoint=self.store.fs_path(sid), key=request.key, target=target,
-                            parent=request.parent, namespace=_namespace(context), labels=labels)
-        try:
-            if not await self.handler.mount(layer):
-                return False
-        except Exception as exc:
-            log.warning("remote layer %s: mount failed, falling back to a local layer: %s", target, exc)
-            return False
-        try:
-            await self._call(self.store.commit, target, request.key, labels, usage=Usage(), remote=True)
-            log.info("remote layer %s mounted lazily (snapshot %s)", target, sid)
-            return True
-        except AlreadyExists:
-            # Someone committed the same chain ID meanwhile: theirs wins, ours goes away.
-            await self._release(sid)
-            removed = await self._call(self.store.remove, request.key)
-            await self._call(remove_tree, removed.path)
-            return True
-        except Exception as exc:
-            log.warning("remote layer %s: commit failed, falling back to a local layer: %s", target, exc)
-            await self._release(sid)
-            return False
-
-    async def _release(self, sid: str) -> None:
-        try:
-            await self.handler.unmount(sid, self.store.fs_path(sid))
-        except Exception as exc:
-            log.warning("remote layer of snapshot %s: unmount failed: %s", sid, exc)
+    async def View(self, request: pb.ViewSnapshotRequest, context: Any) -> pb.ViewSnapshotResponse:
+        mounts = await self.snapshotter.view(request.key, request.parent, dict(request.labels))
+        return pb.ViewSnapshotResponse(mounts=mounts_to_pb(mounts))
 
     @_rpc
-    async def View(self, request: pb.ViewSnapshotRequest, context) -> pb.ViewSnapshotResponse:
-        snap = await self._call(self.store.create, Kind.VIEW, request.key, request.parent, dict(request.labels))
-        return pb.ViewSnapshotResponse(mounts=await self._checked_mounts(snap))
+    async def Mounts(self, request: pb.MountsRequest, context: Any) -> pb.MountsResponse:
+        return pb.MountsResponse(mounts=mounts_to_pb(await self.snapshotter.mounts(request.key)))
 
     @_rpc
-    async def Mounts(self, request: pb.MountsRequest, context) -> pb.MountsResponse:
-        snap = self.store.snapshot(request.key)
-        return pb.MountsResponse(mounts=await self._checked_mounts(snap))
-
-    @_rpc
-    async def Commit(self, request: pb.CommitSnapshotRequest, context) -> empty_pb2.Empty:
-        if request.parent:
-            info = self.store.stat(request.key)
-            if request.parent != info.parent:
-                raise Unimplemented(f"commit of {request.key} onto a different parent ({request.parent}) "
-                                    "is not supported (no rebase)")
-        await self._call(self.store.commit, request.name, request.key, dict(request.labels))
+    async def Commit(self, request: pb.CommitSnapshotRequest, context: Any) -> empty_pb2.Empty:
+        await self.snapshotter.commit(request.name, request.key, dict(request.labels), parent=request.parent)
         return empty_pb2.Empty()
 
     @_rpc
-    async def Remove(self, request: pb.RemoveSnapshotRequest, context) -> empty_pb2.Empty:
-        removed = await self._call(self.store.remove, request.key)
-        if removed.remote:
-            await self._release(removed.id)
-        try:
-            await self._call(remove_tree, removed.path)
-        except (OSError, StorageError) as exc:  # the row is gone: Cleanup retries the directory
-            log.warning("remove %s: directory %s left for cleanup: %s", request.key, removed.path, exc)
+    async def Remove(self, request: pb.RemoveSnapshotRequest, context: Any) -> empty_pb2.Empty:
+        await self.snapshotter.remove(request.key)
         return empty_pb2.Empty()
 
     @_rpc
-    async def Stat(self, request: pb.StatSnapshotRequest, context) -> pb.StatSnapshotResponse:
-        return pb.StatSnapshotResponse(info=info_to_pb(self.store.stat(request.key)))
+    async def Stat(self, request: pb.StatSnapshotRequest, context: Any) -> pb.StatSnapshotResponse:
+        return pb.StatSnapshotResponse(info=info_to_pb(await self.snapshotter.stat(request.key)))
 
     @_rpc
-    async def Update(self, request: pb.UpdateSnapshotRequest, context) -> pb.UpdateSnapshotResponse:
-        info = await self._call(self.store.update, request.info.name, dict(request.info.labels),
-                                list(request.update_mask.paths))
+    async def Update(self, request: pb.UpdateSnapshotRequest, context: Any) -> pb.UpdateSnapshotResponse:
+        info = await self.snapshotter.update(request.info.name, dict(request.info.labels),
+                                             list(request.update_mask.paths))
         return pb.UpdateSnapshotResponse(info=info_to_pb(info))
 
     @_rpc
-    async def List(self, request: pb.ListSnapshotsRequest, context):
-        infos = await self._call(lambda: list(self.store.walk(list(request.filters))))
+    async def List(self, request: pb.ListSnapshotsRequest, context: Any) -> None:
+        infos = await self.snapshotter.walk(list(request.filters))
         for i in range(0, len(infos), LIST_BATCH):
             await context.write(pb.ListSnapshotsResponse(info=[info_to_pb(x) for x in infos[i:i + LIST_BATCH]]))
 
     @_rpc
-    async def Usage(self, request: pb.UsageRequest, context) -> pb.UsageResponse:
-        usage = await self._call(self.store.usage, request.key)
+    async def Usage(self, request: pb.UsageRequest, context: Any) -> pb.UsageResponse:
+        usage = await self.snapshotter.usage(request.key)
         return pb.UsageResponse(size=usage.size, inodes=usage.inodes)
 
     @_rpc
-    async def Cleanup(self, request: pb.CleanupRequest, context) -> empty_pb2.Empty:
-        removed = await self._call(self.store.cleanup)
-        if removed:
-            log.info("cleanup removed %d orphaned snapshot directories", len(removed))
+    async def Cleanup(self, request: pb.CleanupRequest, context: Any) -> empty_pb2.Empty:
+        await self.snapshotter.cleanup()
         return empty_pb2.Empty()
 
 
 RESTORE_REPORT_EVERY = 1.0  # seconds
 
 
-async def _report_restore(done: list[int], total: int) -> None:
+async def _report_restore(state: list[int]) -> None:
     """While the lazy mounts of the previous run are restored (re-mounting a dead one starts a
     process; many of them take seconds), say how far it got every second: the snapshotter does not
-    listen yet, and its log must not look hung. Silent when the restore is quick. WARNING level: the
-    default, and a snapshotter that is slow to come up is worth a line."""
+    listen yet, and its log must not look hung. Silent when the restore is quick or has nothing to
+    do. WARNING level: the default, and a snapshotter that is slow to come up is worth a line.
+    ``state`` is ``[done, total]``, kept current by :meth:`Snapshotter.restore`'s progress callback."""
     t0 = time.monotonic()
     while True:
         await asyncio.sleep(RESTORE_REPORT_EVERY)
-        log.warning("restoring the lazy mounts of the previous run before serving: %d/%d done (%.0fs)",
-                    done[0], total, time.monotonic() - t0)
+        if state[1]:
+            log.warning("restoring the lazy mounts of the previous run before serving: %d/%d done (%.0fs)",
+                        state[0], state[1], time.monotonic() - t0)
 
 
 class SnapshotterServer:
-    """Store + service + gRPC server on a unix socket; restart-safe.
+    """Root lock + store + :class:`Snapshotter` + gRPC server on a unix socket; restart-safe.
 
-    ``start()`` unmounts what a crashed predecessor left mounted under the root, removes orphaned
-    directories, restores remote-layer mounts through the handler, then listens.
+    ``start()`` locks the root, opens the store, lets the snapshotter recover (detach what a crashed
+    predecessor left mounted, remove orphaned directories) and restore the remote-layer mounts through
+    the handler, then listens. ``store`` and ``snapshotter`` are set while it runs.
     """
 
     def __init__(self, root: Path | str, address: Path | str, handler: RemoteLayerHandler | None = None):
@@ -266,11 +204,12 @@ class SnapshotterServer:
         self.address = Path(address)
         self.handler = handler or RemoteLayerHandler()
         self.store: SnapshotStore | None = None
+        self.snapshotter: Snapshotter | None = None
         self.service: SnapshotsService | None = None
         self._server: grpc.aio.Server | None = None
         self._lock_fd: int | None = None
 
-    async def start(self) -> "SnapshotterServer":
+    async def start(self) -> SnapshotterServer:
         if len(os.fsencode(self.address)) > 107:  # sun_path is 108 bytes including the NUL
             raise UsageError(f"socket path too long for a unix socket ({len(str(self.address))} > 107 bytes): "
                              f"{self.address}")
@@ -280,12 +219,13 @@ class SnapshotterServer:
         self._lock_root()
         try:
             self.store = await asyncio.to_thread(SnapshotStore, self.root)
-            await asyncio.to_thread(self._recover)
-            await self._restore_remote()
+            snapshotter = Snapshotter(self.store, self.handler)
+            await snapshotter.recover()
+            await self._restore(snapshotter)
             if self.address.exists() or self.address.is_symlink():
                 self.address.unlink()  # stale: its server died without cleaning up
             self.address.parent.mkdir(parents=True, exist_ok=True)
-            self.service = SnapshotsService(self.store, self.handler)
+            self.service = SnapshotsService(snapshotter)
             self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
             pb_grpc.add_SnapshotsServicer_to_server(self.service, self._server)
             if self._server.add_insecure_port(f"unix://{self.address}") == 0:
@@ -297,6 +237,7 @@ class SnapshotterServer:
                 self.store = None
             self._unlock_root()
             raise
+        self.snapshotter = snapshotter
         os.chmod(self.address, 0o660)
         log.info("snapshotter serving on %s (root %s)", self.address, self.root)
         return self
@@ -320,44 +261,19 @@ class SnapshotterServer:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _recover(self) -> None:
-        from .storage import detach_mount, mountpoints_under
+    @staticmethod
+    async def _restore(snapshotter: Snapshotter) -> None:
+        """The snapshotter's restore, with a progress line every second while it takes long."""
+        state = [0, 0]
 
-        # Lazy mounts of remote snapshots outlive the snapshotter on purpose (running containers use
-        # them as lower layers): the handler adopts or re-mounts them in _restore_remote. Only
-        # detach what nothing owns.
-        remote = {os.path.realpath(self.store.fs_path(sid)) for sid, _, _ in self.store.remote_snapshots()}
-        for mp in mountpoints_under(self.store.snapshots_dir):
-            if mp in remote:
-                continue
-            log.warning("detaching stale mount %s left by a previous run", mp)
-            try:
-                detach_mount(mp)
-            except StorageError as exc:
-                log.error("%s", exc)
-        removed = self.store.cleanup()
-        if removed:
-            log.info("removed %d orphaned snapshot directories", len(removed))
+        def progress(done: int, total: int) -> None:
+            state[:] = [done, total]
 
-    async def _restore_remote(self) -> None:
-        remote = await asyncio.to_thread(self.store.remote_snapshots)
-        if remote and type(self.handler) is RemoteLayerHandler:
-            log.error("%d lazily mounted snapshots cannot be restored without a remote-layer handler "
-                      "(started with --no-lazy?): containers using them will fail until it is enabled",
-                      len(remote))
-            return
-        done = [0]
-        ticker = asyncio.create_task(_report_restore(done, len(remote))) if remote else None
+        ticker = asyncio.create_task(_report_restore(state))
         try:
-            for sid, key, labels in remote:
-                try:
-                    await self.handler.restore(sid, self.store.fs_path(sid), labels)
-                except Exception as exc:
-                    log.error("remote snapshot %s (%s) could not be restored: %s", key, sid, exc)
-                done[0] += 1
+            await snapshotter.restore(progress)
         finally:
-            if ticker is not None:
-                ticker.cancel()
+            ticker.cancel()
 
     async def wait(self) -> None:
         assert self._server is not None
@@ -368,10 +284,12 @@ class SnapshotterServer:
             self.service.draining = True
         if self._server:
             await self._server.stop(grace)
-        await self.handler.close()
-        if self.store:
-            self.store.close()
+        if self.snapshotter:
+            await self.snapshotter.close()  # the handler's background work, then the store
+            self.snapshotter = None
             self.store = None
+        else:
+            await self.handler.close()
         try:
             self.address.unlink()
         except FileNotFoundError:

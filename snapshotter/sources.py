@@ -47,7 +47,8 @@ class SourceSpec:
     ns: str = ""
     retries: int = 1
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)  # never in a log line or a traceback
+    identity_token: str = field(default="", repr=False)  # an OAuth2 refresh token (CRI identity_token)
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
     verify_tls: bool = True
@@ -96,7 +97,7 @@ class RegistryClientSource:
         self.spec = spec
         self.name = spec.describe()
         scheme, _, host = spec.url.partition("://")
-        creds = (spec.username, spec.password) if spec.username else None
+        creds = _credentials(spec)
         # ``client``: share one (its kept-alive connection) with other work for the same registry
         self.client = client or RegistryClient(host.rstrip("/"), plain_http=scheme == "http", credentials=creds,
                                                timeout=spec.read_timeout, retries=spec.retries, backoff=0.1)
@@ -106,6 +107,17 @@ class RegistryClientSource:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _credentials(spec: SourceSpec):
+    """The spec's own credentials (None: the client finds the node's, docker config and helpers)."""
+    from remora.registry.auth import Credentials
+
+    if spec.identity_token:
+        return Credentials(username=spec.username or None, identity_token=spec.identity_token, source="mount spec")
+    if spec.username:
+        return Credentials(username=spec.username, password=spec.password, source="mount spec")
+    return None
 
 
 class HttpBlobSource:

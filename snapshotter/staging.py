@@ -20,11 +20,19 @@ The contract between the two processes is a file, and nothing else:
 
 Files are removed ``ttl`` seconds after they were written (by then the fs process has the frames
 in its chunk cache), and all of them at start; the total is capped by ``limit`` bytes.
+
+Scopes: a staged blob is offered only to mounts of the *scope* it was staged for (the snapshotter
+uses the image's ``registry host/repository``), and each scope has a directory of its own
+(``<dir>/<hash of scope>/``). Without that, an image naming another image's hot blob by digest would
+be handed bytes that its own registry never gave it; with it, a hot blob is fetched through the
+repository (and so the credentials) of the image that asks. Scope "" is ``<dir>`` itself.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -47,6 +55,11 @@ def _name(blob: str) -> str:
     return f"{algo}-{hexdigest}"
 
 
+def scope_dir(directory: Path | str, scope: str) -> Path:
+    """The directory of ``scope``'s staged blobs (``directory`` itself for scope "")."""
+    return Path(directory) / hashlib.sha256(scope.encode()).hexdigest()[:32] if scope else Path(directory)
+
+
 class StagingArea:
     """The snapshotter's side: stream hot blobs into ``directory``, one background thread each."""
 
@@ -55,25 +68,32 @@ class StagingArea:
         self.limit = limit
         self.ttl = ttl
         self._lock = threading.Lock()
-        self._staged: dict[str, tuple[int, float]] = {}   # blob -> (bytes staged, time started)
-        self._threads: dict[str, threading.Thread] = {}
+        self._staged: dict[tuple[str, str], tuple[int, float]] = {}   # (scope, blob) -> (bytes, time started)
+        self._threads: dict[tuple[str, str], threading.Thread] = {}
         self._counters = {"blobs": 0, "bytes": 0, "failures": 0}
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)  # image bytes, maybe of a private image: root (the fs processes) only
         for stale in self.dir.iterdir():  # from before a restart: fs processes fetch on their own now
-            stale.unlink(missing_ok=True)
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+    def dir_for(self, scope: str = "") -> Path:
+        """Where ``scope``'s blobs are staged (what a mount's staging source reads)."""
+        return scope_dir(self.dir, scope)
 
     def counters(self) -> dict[str, int]:
         """Stagings started, bytes streamed in, stagings that failed (for the metrics endpoint)."""
         with self._lock:
             return dict(self._counters)
 
-    def staged(self, blobs: Sequence[str]) -> dict[str, int]:
-        """``{blob: bytes}`` of those ``blobs`` being staged or staged (for a mount spec)."""
+    def staged(self, blobs: Sequence[str], scope: str = "") -> dict[str, int]:
+        """``{blob: bytes}`` of those ``blobs`` being staged or staged for ``scope`` (for a mount spec)."""
         with self._lock:
-            return {b: self._staged[b][0] for b in blobs if b in self._staged}
+            return {b: self._staged[(scope, b)][0] for b in blobs if (scope, b) in self._staged}
 
-    def start(self, blob: str, nbytes: int, sources: Sequence, first=None) -> bool:
+    def start(self, blob: str, nbytes: int, sources: Sequence, first=None, scope: str = "") -> bool:
         """Begin streaming the first ``nbytes`` of ``blob`` (capped by the area's limit) from the first
         source that delivers; False if it is already staged or there is no room. ``sources`` are
         objects with ``name`` and ``read_range(blob, start, end_inclusive, sink=...)``, closed (if
@@ -82,39 +102,42 @@ class StagingArea:
         ``first``: a callable the staging thread runs before it asks for a byte (the image's
         bootstrap download: the mount waits for it, so it should not share the link with the hot
         blob; on the same kept-alive connection, the hot blob then starts at full speed). Readers may
-        open the file meanwhile: it exists from now on, and they wait for its bytes."""
+        open the file meanwhile: it exists from now on, and they wait for its bytes. ``scope``: whose
+        staging this is (see the module docstring); ``sources`` must be that scope's."""
+        key = (scope, blob)
         with self._lock:
-            if blob in self._staged or nbytes <= 0 or self.limit <= 0:
+            if key in self._staged or nbytes <= 0 or self.limit <= 0:
                 return False
-            used = sum(n for n, _ in self._staged.values())
+            used = sum(n for n, _ in self._staged.values())  # all scopes: the limit is the node's
             nbytes = min(nbytes, self.limit - used)
             if nbytes <= 0:
                 log.info("early prefetch of %s skipped: staging area full (%d bytes)", blob[:19], used)
                 return False
-            self._staged[blob] = (nbytes, time.monotonic())
+            self._staged[key] = (nbytes, time.monotonic())
             self._counters["blobs"] += 1
-            part = self.dir / (_name(blob) + ".part")
+            part = self.dir_for(scope) / (_name(blob) + ".part")
             try:
+                part.parent.mkdir(mode=0o700, exist_ok=True)
                 part.touch()
             except OSError as exc:
                 log.warning("early prefetch of %s: %s", blob[:19], exc)
-                del self._staged[blob]
+                del self._staged[key]
                 return False
-            t = threading.Thread(target=self._stage, args=(blob, nbytes, list(sources), first),
+            t = threading.Thread(target=self._stage, args=(blob, nbytes, list(sources), first, scope),
                                  name=f"stage-{blob[7:19]}", daemon=True)
-            self._threads[blob] = t
+            self._threads[key] = t
         t.start()
         return True
 
-    def wait(self, blob: str, timeout: float | None = None) -> None:
+    def wait(self, blob: str, timeout: float | None = None, scope: str = "") -> None:
         """Wait for ``blob``'s staging thread (tests, shutdown)."""
         with self._lock:
-            t = self._threads.get(blob)
+            t = self._threads.get((scope, blob))
         if t is not None:
             t.join(timeout)
 
-    def _stage(self, blob: str, nbytes: int, sources: list, first=None) -> None:
-        final = self.dir / _name(blob)
+    def _stage(self, blob: str, nbytes: int, sources: list, first=None, scope: str = "") -> None:
+        final = self.dir_for(scope) / _name(blob)
         part = final.with_name(final.name + ".part")
         got = 0
         errors = []
@@ -144,15 +167,15 @@ class StagingArea:
                 raise RegistryError(f"early prefetch of {blob}: {got} of {nbytes} bytes; " + "; ".join(errors))
             os.replace(part, final)
             log.info("early prefetch of %s: %d bytes in %.3fs", blob[:19], got, time.monotonic() - t0)
-            timer = threading.Timer(self.ttl, self._drop, args=(blob,))
+            timer = threading.Timer(self.ttl, self._drop, args=(blob, scope))
             timer.daemon = True
             timer.start()
         except (OSError, RemoraError) as exc:
             log.warning("%s", exc)
             part.unlink(missing_ok=True)  # readers holding it see nlink 0 and go to the next source
             with self._lock:
-                self._staged.pop(blob, None)
-                self._threads.pop(blob, None)
+                self._staged.pop((scope, blob), None)
+                self._threads.pop((scope, blob), None)
                 self._counters["failures"] += 1
         finally:
             for source in sources:  # they were made for this staging: release their connections
@@ -160,13 +183,18 @@ class StagingArea:
                 if close is not None:
                     close()
 
-    def _drop(self, blob: str) -> None:
+    def _drop(self, blob: str, scope: str = "") -> None:
         """Forget a staged blob ``ttl`` seconds after it was written: its mounts have the frames in
         their chunk cache by then; a reader still holding the file open keeps reading it."""
-        with self._lock:
-            self._staged.pop(blob, None)
-            self._threads.pop(blob, None)
-        (self.dir / _name(blob)).unlink(missing_ok=True)
+        with self._lock:  # held: a start() of the same scope must not see its directory vanish
+            self._staged.pop((scope, blob), None)
+            self._threads.pop((scope, blob), None)
+            (self.dir_for(scope) / _name(blob)).unlink(missing_ok=True)
+            if scope:
+                try:
+                    self.dir_for(scope).rmdir()  # empty now (else another blob of the scope is still there)
+                except OSError:
+                    pass
 
 
 class StagedSource:

@@ -81,12 +81,18 @@ def cache_info(cache_dir: Path, limit: int | None) -> dict | None:
     index = cache_dir / "index.db"
     if not index.is_file():
         return None
+    from remora.cache import index_info
+
     db = sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=5)
     try:
-        used = db.execute("SELECT bytes FROM usage").fetchone()
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "pusage" in tables:  # partitioned index (totals and one entry per partition)
+            return index_info(db, limit or 0)
+        used = db.execute("SELECT bytes FROM usage").fetchone()  # an index from before partitions
         return {"bytes": used[0] if used else 0, "limit": limit or 0,
                 "chunks": db.execute("SELECT count(*) FROM chunks").fetchone()[0],
-                "pinned_chunks": db.execute("SELECT count(DISTINCT digest) FROM pins").fetchone()[0]}
+                "pinned_chunks": db.execute("SELECT count(DISTINCT digest) FROM pins").fetchone()[0],
+                "partitions": {}}
     except sqlite3.Error as exc:
         from remora.errors import StorageError
 
@@ -123,4 +129,7 @@ def run(args) -> int:
         limit = f", limit {ci['limit'] / 1e9:.1f} GB" if ci["limit"] else ""
         console.print(f"chunk cache: {ci['bytes'] / 1e6:.1f} MB in {ci['chunks']} chunks "
                       f"({ci['pinned_chunks']} pinned){limit}")
+        for part, v in sorted(ci.get("partitions", {}).items()):
+            console.print(f"  partition {part or '(shared)'}: {v['bytes'] / 1e6:.1f} MB in {v['chunks']} chunks "
+                          f"({v['pinned_chunks']} pinned)")
     return 0

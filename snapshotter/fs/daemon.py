@@ -4,7 +4,8 @@ One process per mount, started in its own session by :class:`remora.snapshotter.
 so FUSE traffic never competes with the snapshotter's gRPC threads and a crash takes down one mount,
 not the snapshotter. libfuse installs the SIGTERM/SIGINT/SIGHUP handlers: any of them ends the loop
 and unmounts cleanly. Before serving, the process pins every chunk of its image in the shared cache
-(owner = mount id), so the cache's eviction never takes data this mount may need offline.
+(owner = mount id), so the cache's eviction never takes data this mount may need offline. It opens
+only its spec's cache partition (its tenant's: docs/snapshotter.md, "Cache isolation").
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def serve(spec: MountSpec) -> int:
 
     t0 = time.monotonic()
     bootstrap = Bootstrap(spec.bootstrap)
-    cache = ChunkCache(spec.cache_dir, spec.cache_limit)
+    cache = ChunkCache(spec.cache_dir, spec.cache_limit, partition=spec.cache_partition)  # its tenant's only
     stats = Stats()
     fetcher = ChunkFetcher(bootstrap, cache, [open_source(s) for s in spec.sources], max_gap=spec.max_gap,
                            max_range=spec.max_range, parallel=spec.parallel, stats=stats)
@@ -41,7 +42,8 @@ def serve(spec: MountSpec) -> int:
 
     def collect() -> dict:
         return {"id": spec.id, "pid": os.getpid(), "fetch": stats.snapshot(), "ops": latency.snapshot(),
-                "cache": {"cache_hits": cache.hits, "cache_misses": cache.misses, "cache_corrupt": cache.corrupt}}
+                "cache": {"cache_hits": cache.hits, "cache_misses": cache.misses, "cache_corrupt": cache.corrupt,
+                          "partition": spec.cache_partition}}
 
     writer = StatsWriter(spec.stats_file, collect, spec.stats_interval).start()
     prefetcher = Prefetcher(fetcher, prefetch_all=spec.prefetch_all).start() if spec.prefetch else None

@@ -26,6 +26,8 @@ class MountSpec:
     sources: list[SourceSpec]
     stats_file: str
     cache_limit: int = 10 << 30
+    # the chunk cache partition this mount reads and writes (remora.cache; "" = shared): its tenant's
+    cache_partition: str = ""
     prefetch: bool = True
     prefetch_all: bool = False
     max_gap: int = 256 << 10

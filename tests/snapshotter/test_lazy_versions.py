@@ -90,7 +90,7 @@ def test_v2_fetches_only_its_bootstrap_and_changed_chunks(registry, snapshotter_
                  for v in (1, 2)}
     boots = {v: manifests[v]["layers"][-1]["digest"] for v in (1, 2)}
     dbs = {v: snapshotter_proc.root / "bootstraps" / f"{boots[v].replace(':', '-')}.db" for v in (1, 2)}
-    cache = ChunkCache(snapshotter_proc.root / "cache")
+    cache = ChunkCache(snapshotter_proc.root / "cache", partition=f"ns-{containerd.namespace}")  # --cache-isolation
 
     with CountingProxy(registry.url) as px:
         outputs, fetched = {}, {}
