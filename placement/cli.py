@@ -4,9 +4,9 @@ Registering the parsers imports nothing heavy: numpy, scipy (HiGHS), networkx, m
 come with the ``place`` extra and are imported when a sub-command runs, which reports a missing extra
 as one clear line instead of breaking every other ``remora`` command.
 
-Hook for preheating (not implemented here): after ``plan`` has a placement, the JSON's ``deploy`` list
-holds every (node, image, missing bytes) pair; a ``--preheat`` option would hand each pair to that
-node's peer (``remora peer preheat IMAGE``) before printing the plan. See docs/placement.md §9.
+Preheating: ``plan --preheat`` hands every (node, image) pair of the plan's ``deploy`` list to that
+node's peer (placement/preheat.py, the peer's task API) and shows per-node progress. See
+docs/placement.md §9.
 """
 from __future__ import annotations
 
@@ -36,12 +36,15 @@ examples:
   remora place plan examples/placement/appgroup.yaml examples/placement/networktopology.yaml \\
       examples/placement/nodes.yaml --users edge-1=20,edge-3=5
       plan an AppGroup on a NetworkTopology, with request rates per user-facing node
+  remora place plan app.yaml --preheat --preheat-token-file /etc/remora/preheat-token
+      plan, then have each node's peer (network.nodes[].peer, or --peer NODE=URL) fetch the
+      images the plan puts there, with a progress bar per node
   remora place compare examples/placement/app.yaml
       every algorithm side by side (cost, delay, planning time)
   remora place validate app.yaml       check an input and summarise it
   remora place algorithms              list the algorithms
 
-exit codes: 0 ok, 2 usage, 3 invalid input, 5 file not found, 8 no feasible placement.
+exit codes: 0 ok, 1 a preheat failed, 2 usage, 3 invalid input, 5 file not found, 8 no feasible placement.
 """
 
 
@@ -88,6 +91,18 @@ def register(sub) -> None:
     plan.add_argument("--namespace", default="default", help="namespace for --manifests (default: default)")
     plan.add_argument("--time-limit", type=float, default=None, metavar="S", help="solver time limit (mip)")
     plan.add_argument("--seed", type=int, default=None, help="random seed (heuristic, approx, random)")
+    pre = plan.add_argument_group("preheat (the nodes' peers fetch the images the plan puts on them)")
+    pre.add_argument("--preheat", action="store_true",
+                     help="after planning, have every node's peer fetch its images (exit 1 if any pair fails)")
+    pre.add_argument("--peer", action="append", default=[], metavar="NODE=URL",
+                     help="a node's peer (its mirror listener, e.g. http://10.0.1.17:65001); overrides the "
+                          "spec's network.nodes[].peer; repeatable or comma-separated")
+    pre.add_argument("--preheat-token-file", metavar="FILE",
+                     help="the peers' preheat token (default $REMORA_PREHEAT_TOKEN)")
+    pre.add_argument("--preheat-hot-only", action="store_true",
+                     help="remora images: only the bootstrap and the hot blob (default: every blob)")
+    pre.add_argument("--preheat-timeout", type=float, default=3600.0, metavar="S",
+                     help="give up (and cancel) after this long (default 3600)")
     plan.set_defaults(func=_plan)
 
     cmp_ = ps.add_parser("compare", help="run several algorithms on one input and compare them")
@@ -144,8 +159,12 @@ def _plan(args) -> int:
     if args.picture:
         picture(problem, plan, ev, args.picture)
     written = manifests(problem, plan, args.manifests, args.namespace) if args.manifests else []
+    preheated = _preheat(args, problem, plan) if args.preheat else None
     if args.json:
-        json.dump(to_json(problem, plan, ev), sys.stdout, indent=2, sort_keys=True)
+        out = to_json(problem, plan, ev)
+        if preheated is not None:
+            out["preheat"] = preheated
+        json.dump(out, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
     else:
         render_table(problem, plan, ev)
@@ -153,7 +172,24 @@ def _plan(args) -> int:
             print(f"picture: {args.picture}")
         if written:
             print(f"manifests: {len(written)} files in {args.manifests}")
-    return 0 if ev.feasible else 8
+        if preheated is not None:
+            from .preheat import summary
+            print(summary(preheated))
+    if not ev.feasible:
+        return 8
+    return 1 if preheated is not None and any(r["state"] != "succeeded" for r in preheated) else 0
+
+
+def _preheat(args, problem, plan) -> list[dict]:
+    from remora.plugins.peer.preheat import read_token
+
+    from .output import deploy_list
+    from .preheat import parse_peer_overrides, peers_from_inputs, preheat
+
+    peers = {**peers_from_inputs(args.inputs), **parse_peer_overrides(args.peer)}
+    token = read_token(args.preheat_token_file)
+    return preheat(deploy_list(problem, plan), peers, token, want_all=not args.preheat_hot_only,
+                   timeout=args.preheat_timeout)
 
 
 def _compare(args) -> int:

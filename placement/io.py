@@ -390,6 +390,9 @@ def _network(o: _Obj, app: Application) -> Network:
         no = _Obj(f"{w}.nodes[{i}]", item)
         name = _name(f"{no.where}.name", no.req("name"))
         no.where = f"{w}.nodes[{name}]"
+        if no.opt("peer") is not None:  # the node's peer, for --preheat (read again by placement/preheat.py)
+            from .preheat import check_peer_url
+            check_peer_url(f"{no.where}.peer", no.opt("peer"))
         cached = set()
         for c in _list(f"{no.where}.cached", no.opt("cached")):
             if c in app.images:

@@ -64,6 +64,9 @@ def register(subparsers) -> None:
                         "to joined schedulers and peers")
     m.add_argument("--workers", type=int, default=1, metavar="N",
                    help="worker processes (each a full replica; use the number of cores) (default: %(default)s)")
+    m.add_argument("--peer-token-file", default=None, metavar="FILE",
+                   help="bearer token sent to the peers' preheat task API (the file each peer reads with "
+                        "--preheat-token-file); without it, peers answer preheat jobs with 401")
     m.add_argument("--job-poll", type=float, default=1.0, metavar="SECONDS", help="peer task status poll interval")
     m.add_argument("--job-backoff", type=float, default=2.0, metavar="SECONDS", help="first retry delay (doubles)")
     m.add_argument("--job-backoff-max", type=float, default=60.0, metavar="SECONDS", help="longest retry delay")
@@ -149,11 +152,15 @@ def run_manager(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be in (0, 3600] seconds")
     if not 1 <= args.workers <= 64:
         raise UsageError("--workers must be 1..64")
+    if args.peer_token_file:
+        from remora.plugins.manager.jobs import read_peer_token
+        read_peer_token(args.peer_token_file)  # a bad file is a usage error now, not 401s per job later
     host, port = args.listen
     settings = Settings(db_url=args.db, keepalive_interval=args.keepalive_interval, root_token_file=args.root_token_file,
                         ca_dir=args.ca_dir,
                         engine=EngineSettings(tick=min(0.2, args.job_poll), poll=args.job_poll,
-                                              backoff_base=args.job_backoff, backoff_max=args.job_backoff_max))
+                                              backoff_base=args.job_backoff, backoff_max=args.job_backoff_max,
+                                              peer_token_file=args.peer_token_file))
     print(f"remora manager: listening on http://{host}:{port} (console /console/, API /openapi.json)",
           file=sys.stderr, flush=True)
     serve(settings, host, port, args.workers)

@@ -245,6 +245,19 @@ def check_result(job: Job, status: dict) -> tuple[bool, str, int, int]:
     return True, "", total, verified
 
 
+def read_peer_token(path: str) -> str:
+    """The peers' preheat token from ``path`` (one line); a clear UsageError when it is missing or empty."""
+    from remora.errors import UsageError
+
+    try:
+        token = open(path, encoding="utf-8").read().strip()
+    except OSError as exc:
+        raise UsageError(f"--peer-token-file {path}: {exc.strerror}") from None
+    if not token:
+        raise UsageError(f"--peer-token-file {path} is empty")
+    return token
+
+
 @dataclass
 class EngineSettings:
     tick: float = 0.2           # how often due nodes are looked for
@@ -254,6 +267,7 @@ class EngineSettings:
     lease: float = 30.0         # a claimed node is another replica's again after this
     http_timeout: float = 10.0
     workers: int = 16
+    peer_token_file: str | None = None  # bearer token the peers' task API wants (their --preheat-token-file)
 
 
 class Engine:
@@ -265,6 +279,8 @@ class Engine:
         self.stop_event = threading.Event()
         self.http = requests.Session()
         self.http.trust_env = False  # peers are direct addresses: never through an environment proxy
+        if settings.peer_token_file:
+            self.http.headers["Authorization"] = f"Bearer {read_peer_token(settings.peer_token_file)}"
         self.pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="job")
         self.thread = threading.Thread(target=self._run, name="job-engine", daemon=True)
 

@@ -68,6 +68,14 @@ examples:
 """
 
 
+PREHEAT_EPILOG = """\
+examples:
+  remora peer preheat registry.local:5000/app:1-remora --wait          # bootstrap + hot blob
+  remora peer preheat registry.local:5000/app:1-remora --all --wait    # every blob
+  remora peer preheat 10.0.0.9:5000/web:2 --address 10.0.1.17:65001 --preheat-token-file /etc/remora/preheat-token
+"""
+
+
 def register_peer(subparsers) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser("peer", help="P2P peer daemon: registry mirror for containerd, pieces from peers",
@@ -134,6 +142,9 @@ def register_peer(subparsers) -> None:
                     help="start evicting above this store size or filesystem usage (default %(default)s)")
     gc.add_argument("--gc-low", default="75%", metavar="SIZE|PCT", help="evict down to this (default %(default)s)")
     gc.add_argument("--gc-interval", default="60s", metavar="DURATION", help="how often GC runs (default %(default)s)")
+    node.add_argument("--preheat-token-file", type=Path, default=None, metavar="FILE",
+                      help="bearer token that authorizes the preheat task API (/api/v1/tasks on --listen; "
+                           "the manager and `remora peer preheat` present it); without it the API is off")
     p.set_defaults(func=run_daemon)
 
     sub = p.add_subparsers(dest="peer_command", metavar="SUBCOMMAND")
@@ -160,6 +171,23 @@ def register_peer(subparsers) -> None:
     s.add_argument("--json", action="store_true", help="raw JSON")
     s.set_defaults(func=run_status)
 
+    ph = sub.add_parser("preheat", help="have a running peer fetch an image into its store ahead of time",
+                        description="Ask a running peer to fetch an image's blobs into its store (through the "
+                                    "mesh, every blob verified). For a remora image the bootstrap and the hot "
+                                    "blob come first; --all fetches the rest too. The peer must run with "
+                                    "--preheat-token-file; give the same token here.",
+                        epilog=PREHEAT_EPILOG, formatter_class=fmt)
+    ph.add_argument("image", help="image reference, e.g. registry.local:5000/app:1-remora")
+    ph.add_argument("--all", action="store_true", dest="all_blobs",
+                    help="remora image: every blob, not only the bootstrap and the hot blob")
+    ph.add_argument("--address", default="127.0.0.1:65001", help="the peer's --listen address (default %(default)s)")
+    ph.add_argument("--preheat-token-file", type=Path, default=None, metavar="FILE",
+                    help="the peer's preheat token (default $REMORA_PREHEAT_TOKEN)")
+    ph.add_argument("--wait", action="store_true", help="show progress until the task ends (exit 1 if it fails)")
+    ph.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS", help="with --wait (default %(default)s)")
+    ph.add_argument("--json", action="store_true", help="print the task status as JSON")
+    ph.set_defaults(func=run_preheat)
+
 
 def build_config(args):
     from .config import (PeerConfig, Watermark, default_host_id, parse_duration, parse_hostport, parse_labels,
@@ -185,7 +213,7 @@ def build_config(args):
         max_parent_failures=args.max_parent_failures, scheduler_timeout=parse_duration(args.scheduler_timeout),
         upstream_timeout=parse_duration(args.upstream_timeout), gc_ttl=parse_duration(args.gc_ttl),
         gc_high=Watermark.parse(args.gc_high), gc_low=Watermark.parse(args.gc_low),
-        gc_interval=parse_duration(args.gc_interval))
+        gc_interval=parse_duration(args.gc_interval), preheat_token_file=args.preheat_token_file)
 
 
 def run_daemon(args) -> int:
@@ -224,3 +252,44 @@ def run_status(args) -> int:
     else:
         render(status)
     return 0
+
+
+def run_preheat(args) -> int:
+    import json
+    import time
+
+    from remora.errors import RegistryError
+
+    from .preheat import PreheatClient, new_task_id, progress_of, read_token
+
+    client = PreheatClient(args.address, read_token(args.preheat_token_file))
+    task_id = new_task_id()
+    status = client.create(task_id, args.image, args.all_blobs)
+    if not args.wait:
+        print(json.dumps(status, indent=2) if args.json else f"preheat task {task_id} on {client.url}: {status['state']}")
+        return 0
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    deadline = time.monotonic() + args.timeout
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  disable=args.json) as progress:
+        bar = progress.add_task(f"preheat {args.image}", total=None)
+        try:
+            while status["state"] in ("queued", "running"):
+                if time.monotonic() > deadline:
+                    client.cancel(task_id)
+                    raise RegistryError(f"preheat of {args.image} did not finish in {args.timeout:g}s (cancelled)")
+                time.sleep(0.2)
+                status = client.get(task_id)
+                done, total = progress_of(status)
+                progress.update(bar, completed=done, total=total or None)
+        except KeyboardInterrupt:
+            client.cancel(task_id)
+            raise
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        done, total = progress_of(status)
+        print(f"{status['state']}: {len(status.get('blobs') or [])} blobs, {done} of {total} bytes verified"
+              + (f": {status['error']}" if status.get("error") else ""))
+    return 0 if status["state"] == "succeeded" else 1

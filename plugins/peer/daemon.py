@@ -33,8 +33,8 @@ from .config import PeerConfig
 from .download import TaskManager
 from .metrics import PeerMetrics
 from .mirror import Mirror
-from .preheat import Preheater, load_token
 from .pieces import PieceStore
+from .preheat import Preheater, load_token
 from .upload import UploadServer
 from .upstream import Upstream, registry_guard
 

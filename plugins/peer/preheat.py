@@ -28,6 +28,7 @@ from (``--upstream``/``--registry``), exactly like the mirror.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -185,7 +186,23 @@ class Preheater:
             task.state, task.error, task.finished = "cancelled", "cancelled by request", time.time()
             if task.runner is not None:
                 task.runner.cancel()
+                await asyncio.wait([task.runner], timeout=5)
+            stopped = self._stop_idle_downloads(task)
+            if stopped:
+                await asyncio.wait(stopped, timeout=5)
         return web.Response(status=204)
+
+    def _stop_idle_downloads(self, task: PreheatTask) -> list[asyncio.Task]:
+        """Stop the downloads this task started that nobody else waits for (a pull through the mirror
+        keeps its download: it holds the entry, as the driver itself does). Pieces already stored stay for the next request."""
+        stopped = []
+        for blob in task.blobs:
+            dl = self.tasks.tasks.get(blob.digest)
+            if dl is not None and not dl.entry.verified and dl.entry.users <= 1 and dl._driver is not None \
+                    and not dl._driver.done():
+                dl._driver.cancel()
+                stopped.append(dl._driver)
+        return stopped
 
     # -- parsing --------------------------------------------------------------------------------------
     def _parse(self, body) -> PreheatTask:
@@ -251,7 +268,7 @@ class Preheater:
         except asyncio.CancelledError:
             task.state = "cancelled"
             task.error = task.error or "cancelled"
-        except (RemoraError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, RemoraError, OSError) as exc:
             task.state, task.error = "failed", str(exc) or type(exc).__name__
             log.info("preheat %s failed: %s", task.id, task.error)
         except Exception as exc:   # never leave a task "running" forever
@@ -296,7 +313,7 @@ class Preheater:
         config = manifest.get("config")
         if not isinstance(layers, list) or not isinstance(config, dict):
             raise InvalidInput(f"{registry}/{repo}:{reference}: not an image manifest")
-        out, first, rest = [], [], []
+        first, rest = [], []
         cfg = _blob(config, "config")
         is_remora = any(isinstance(l, dict) and ann.ROLE in (l.get("annotations") or {}) for l in layers)
         for layer in layers:
@@ -309,8 +326,7 @@ class Preheater:
                 rest.append(_blob(layer, "layer"))
         if not is_remora:
             return [cfg, *rest]
-        out = first + ([cfg, *rest] if want_all else [])
-        return out
+        return first + ([cfg, *rest] if want_all else [])
 
     async def _manifest(self, registry: str, repo: str, reference: str) -> dict:
         resp = await self.tasks.upstream.request("GET", registry, f"/v2/{repo}/manifests/{reference}",
@@ -322,7 +338,6 @@ class Preheater:
             resp.release()
         if len(body) > MAX_MANIFEST:
             raise InvalidInput(f"manifest {repo}:{reference} is larger than {MAX_MANIFEST} bytes")
-        import hashlib
         actual = "sha256:" + hashlib.sha256(body).hexdigest()
         expected = reference if reference.startswith("sha256:") else claimed
         if expected and expected != actual:
@@ -374,6 +389,7 @@ def load_token(path) -> str | None:
     if path is None:
         return None
     from pathlib import Path
+
     from remora.errors import UsageError
     try:
         token = Path(path).read_text().strip()
@@ -382,3 +398,76 @@ def load_token(path) -> str | None:
     if len(token) < 16:
         raise UsageError(f"--preheat-token-file {path}: the token must be at least 16 characters")
     return token
+
+
+# -- client (``remora peer preheat``, ``remora place --preheat``) -------------------------------------
+
+class PreheatClient:
+    """A small synchronous client of one peer's task API (requests, no environment proxy)."""
+
+    def __init__(self, address: str, token: str, timeout: float = 10.0):
+        import requests
+
+        self.url = (address if address.startswith(("http://", "https://")) else f"http://{address}").rstrip("/")
+        self.http = requests.Session()
+        self.http.trust_env = False
+        self.http.headers["Authorization"] = f"Bearer {token}"
+        self.timeout = timeout
+
+    def _call(self, method: str, path: str, **kw):
+        import requests
+
+        from remora.errors import AuthError, NotFound, RegistryError
+        try:
+            r = self.http.request(method, self.url + path, timeout=self.timeout, **kw)
+        except requests.RequestException as exc:
+            raise RegistryError(f"cannot reach the peer at {self.url}: {exc.__class__.__name__} (is `remora peer` "
+                                "running there? --address is its mirror listener)") from None
+        try:
+            body = r.json() if r.content else {}
+        except ValueError:
+            body = {"error": r.text[:200]}
+        if r.status_code in (401, 403):
+            raise AuthError(f"peer {self.url} refused the preheat request: {body.get('error', r.status_code)}")
+        if r.status_code == 404:
+            raise NotFound(f"peer {self.url}: {body.get('error', 'not found')}")
+        if r.status_code == 400:
+            raise InvalidInput(f"peer {self.url}: {body.get('error')}")
+        if r.status_code >= 300 and r.status_code != 409:
+            raise RegistryError(f"peer {self.url}: HTTP {r.status_code} {body.get('error', '')}")
+        return body
+
+    def create(self, task_id: str, image: str, want_all: bool) -> dict:
+        return self._call("POST", "/api/v1/tasks", json={"id": task_id, "type": "preheat", "image": image,
+                                                          "all": want_all})
+
+    def get(self, task_id: str) -> dict:
+        return self._call("GET", f"/api/v1/tasks/{task_id}")
+
+    def cancel(self, task_id: str) -> None:
+        self._call("DELETE", f"/api/v1/tasks/{task_id}")
+
+
+def new_task_id(prefix: str = "cli") -> str:
+    import uuid
+
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+def read_token(path, env: str = "REMORA_PREHEAT_TOKEN") -> str:
+    """The token for a client: ``path`` when given, else ``$REMORA_PREHEAT_TOKEN``."""
+    import os
+
+    from remora.errors import UsageError
+    if path is not None:
+        return load_token(path)
+    token = os.environ.get(env, "").strip()
+    if not token:
+        raise UsageError(f"the peer's preheat token is needed: --preheat-token-file FILE or ${env}")
+    return token
+
+
+def progress_of(status: dict) -> tuple[int, int]:
+    """(verified bytes, total bytes) of a task status."""
+    blobs = status.get("blobs") or []
+    return (sum(int(b.get("verified_bytes", 0)) for b in blobs), sum(int(b.get("size", 0)) for b in blobs))

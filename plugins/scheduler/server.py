@@ -77,11 +77,14 @@ class SchedulerConfig:
 SCORERS = ("weighted", "bandit", "learned", "random")
 
 
-def make_scorer(config: SchedulerConfig) -> Scorer:
+def make_scorer(config: SchedulerConfig, clock=time.monotonic) -> Scorer:
+    """The scorer ``config`` names; ``clock`` paces the learned scorer's model polls (the service's clock,
+    so that a test's injected clock decides when a new model file is looked at)."""
     if config.scorer == "learned":
         from .learned import LearnedScorer, ModelWatcher
 
-        return LearnedScorer(ModelWatcher(config.model_dir, config.model_max_age, config.model_max_error))
+        return LearnedScorer(ModelWatcher(config.model_dir, config.model_max_age, config.model_max_error,
+                                          clock=clock))
     if config.scorer == "random":
         from .selection import RandomScorer
 
@@ -161,7 +164,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     def __init__(self, config: SchedulerConfig | None = None, clock=time.monotonic, scorer: Scorer | None = None):
         self.config = config or SchedulerConfig()
         self.state = SchedulerState(peer_ttl=self.config.peer_ttl, clock=clock)
-        self.scorer = scorer or make_scorer(self.config)
+        self.scorer = scorer or make_scorer(self.config, clock)
         self.selector = ParentSelector(self.state, self.scorer, self.config.selection,
                                        random.Random(self.config.random_seed))
         self.metrics = SchedulerMetrics(self.state, self.scorer.name)

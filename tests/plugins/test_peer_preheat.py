@@ -1,0 +1,330 @@
+"""The peer's preheat task API (plugins/peer/preheat.py) against a real registry behind a counting proxy.
+
+A remora image is pushed as the converter lays it out (bootstrap layer + data blobs, the hot blob
+marked with ``remora.prefetch-bytes``); the proxy counts every blob GET the registry serves, so the
+tests see what was fetched, in which order, and that a preheated node reads nothing more.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections import Counter
+
+import aiohttp
+import pytest
+import requests
+from aiohttp import web
+from peer_util import push_blob, sha, start_peer, unique
+from remora.plugins.peer.config import MIN_PIECE_SIZE
+
+from remora.format import annotations as ann
+
+TOKEN = "preheat-test-token-0123456789"
+
+
+class Proxy:
+    """The registry as the peer sees it: counts blob GETs in order; can delay or corrupt one blob."""
+
+    def __init__(self, target: str):
+        self.target = target
+        self.gets: list[str] = []
+        self.delay: dict[str, float] = {}
+        self.flip: set[str] = set()
+
+    async def start(self) -> Proxy:
+        self.session = aiohttp.ClientSession(auto_decompress=False)
+        self.released = asyncio.Event()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.host = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def stop(self) -> None:
+        self.released.set()
+        await self.runner.cleanup()
+        await self.session.close()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        digest = request.path.rsplit("/", 1)[1] if "/blobs/sha256:" in request.path else ""
+        if request.method == "GET" and digest:
+            self.gets.append(digest)
+            if digest in self.delay:
+                try:   # released at stop(): a stalled answer must not hold the test's teardown
+                    await asyncio.wait_for(self.released.wait(), self.delay[digest])
+                except TimeoutError:
+                    pass
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with self.session.request(request.method, f"http://{self.target}{request.path_qs}", headers=headers,
+                                        allow_redirects=False) as r:
+            data = await r.read()
+            out = {k: v for k, v in r.headers.items()
+                   if k.lower() not in ("transfer-encoding", "connection", "content-length")}
+            status, length = r.status, r.headers.get("Content-Length")
+        if digest in self.flip and data:
+            data = bytearray(data)
+            data[len(data) // 2] ^= 1
+            data = bytes(data)
+        resp = web.StreamResponse(status=status, headers=out)
+        resp.content_length = (int(length) if length else None) if request.method == "HEAD" else len(data)
+        await resp.prepare(request)
+        if request.method != "HEAD":
+            await resp.write(data)
+        await resp.write_eof()
+        return resp
+
+
+def push_remora_image(registry_url: str, repo: str, tag: str) -> dict:
+    """A remora-format manifest: bootstrap layer first, a hot data blob (prefetch-bytes) and a cold one."""
+    bootstrap = os.urandom(MIN_PIECE_SIZE + 999)
+    hot = os.urandom(2 * MIN_PIECE_SIZE + 17)
+    cold = os.urandom(5 * MIN_PIECE_SIZE + 3)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    d = {name: push_blob(registry_url, repo, data) for name, data in
+         (("bootstrap", bootstrap), ("hot", hot), ("cold", cold), ("config", config))}
+    sizes = {"bootstrap": len(bootstrap), "hot": len(hot), "cold": len(cold), "config": len(config)}
+    common = dict(bootstrap_digest=d["bootstrap"], bootstrap_size=len(bootstrap), repository=repo)
+    layers = [
+        {"mediaType": ann.BLOB_MEDIA_TYPE, "digest": d["cold"], "size": len(cold),
+         "annotations": ann.layer_annotations("blob", **common)},
+        {"mediaType": ann.BLOB_MEDIA_TYPE, "digest": d["hot"], "size": len(hot),
+         "annotations": ann.layer_annotations("blob", prefetch_bytes=len(hot), **common)},
+        {"mediaType": ann.BOOTSTRAP_MEDIA_TYPE, "digest": d["bootstrap"], "size": len(bootstrap),
+         "annotations": ann.layer_annotations("bootstrap", **common)},
+    ]
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": d["config"], "size": len(config)},
+                           "layers": layers}).encode()
+    r = requests.put(f"{registry_url}/v2/{repo}/manifests/{tag}", data=manifest, timeout=10,
+                     headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+    r.raise_for_status()
+    return {"digests": d, "sizes": sizes, "data": {"bootstrap": bootstrap, "hot": hot, "cold": cold, "config": config}}
+
+
+@pytest.fixture
+async def rig(tmp_path, fresh_registry):
+    proxy = await Proxy(fresh_registry.host).start()
+    token_file = tmp_path / "preheat-token"
+    token_file.write_text(TOKEN + "\n")
+    peer = await start_peer(tmp_path, "pre", registries=[proxy.host], preheat_token_file=token_file)
+    repo = unique("preheat/app")
+    image = push_remora_image(fresh_registry.url, repo, "v1")
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        yield {"peer": peer, "proxy": proxy, "http": http, "ref": f"{proxy.host}/{repo}:v1", "repo": repo, **image}
+    await peer.stop()
+    await proxy.stop()
+
+
+async def wait_state(http, peer, task_id: str, states=("succeeded", "failed", "cancelled"), timeout=30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        async with http.get(f"{peer.mirror_url}/api/v1/tasks/{task_id}") as r:
+            assert r.status == 200, await r.text()
+            body = await r.json()
+        if body["state"] in states:
+            return body
+        assert time.monotonic() < deadline, f"task {task_id} still {body}"
+        await asyncio.sleep(0.02)
+
+
+async def post(http, peer, body: dict) -> tuple[int, dict]:
+    async with http.post(f"{peer.mirror_url}/api/v1/tasks", json=body) as r:
+        return r.status, await r.json()
+
+
+async def test_remora_image_bootstrap_and_hot_first_then_all(rig):
+    peer, proxy, http, d = rig["peer"], rig["proxy"], rig["http"], rig["digests"]
+    status, _ = await post(http, peer, {"id": "hot-only", "type": "preheat", "image": rig["ref"], "all": False})
+    assert status == 201
+    done = await wait_state(http, peer, "hot-only")
+    assert done["state"] == "succeeded", done
+    assert [b["digest"] for b in done["blobs"]] == [d["bootstrap"], d["hot"]]
+    assert all(b["verified"] and b["verified_bytes"] == b["size"] for b in done["blobs"])
+    assert proxy.gets == [d["bootstrap"], d["hot"]]           # nothing else was fetched
+    assert peer.store.get(d["cold"]) is None or not peer.store.get(d["cold"]).verified
+
+    status, _ = await post(http, peer, {"id": "everything", "image": rig["ref"], "all": True})
+    assert status == 201
+    done = await wait_state(http, peer, "everything")
+    assert done["state"] == "succeeded", done
+    roles = [b["role"] for b in done["blobs"]]
+    assert roles[:2] == ["bootstrap", "hot"] and sorted(roles[2:]) == ["config", "layer"]
+    assert Counter(proxy.gets) == Counter({d[k]: 1 for k in ("bootstrap", "hot", "cold", "config")})
+    for name, digest in d.items():
+        entry = peer.store.get(digest)
+        assert entry is not None and entry.verified, name
+
+    # A client reading the image through this peer's mirror: the registry serves no further blob.
+    before = list(proxy.gets)
+    async with aiohttp.ClientSession() as client:
+        for name, digest in d.items():
+            async with client.get(f"{peer.mirror_url}/v2/{rig['repo']}/blobs/{digest}?ns={proxy.host}") as r:
+                assert r.status == 200
+                assert sha(await r.read()) == digest
+    assert proxy.gets == before
+
+    # an id that exists is 409, the task list shows both
+    status, _ = await post(http, peer, {"id": "everything", "image": rig["ref"]})
+    assert status == 409
+
+
+async def test_oci_image_blob_list_and_progress(rig):
+    peer, http, d = rig["peer"], rig["http"], rig["digests"]
+    blobs = [{"digest": d["cold"], "size": rig["sizes"]["cold"]}]
+    status, _ = await post(http, peer, {"id": "list", "repository": f"{rig['proxy'].host}/{rig['repo']}", "blobs": blobs})
+    assert status == 201
+    done = await wait_state(http, peer, "list")
+    assert done["state"] == "succeeded"
+    assert done["blobs"] == [{"digest": d["cold"], "size": rig["sizes"]["cold"], "role": "blob",
+                              "done_bytes": rig["sizes"]["cold"], "verified_bytes": rig["sizes"]["cold"],
+                              "verified": True}]
+    # a wrong size is never success
+    status, _ = await post(http, peer, {"id": "badsize", "repository": f"{rig['proxy'].host}/{rig['repo']}",
+                                        "blobs": [{"digest": d["hot"], "size": 12}]})
+    done = await wait_state(http, peer, "badsize")
+    assert done["state"] == "failed" and "size" in done["error"]
+
+
+async def test_cancel(rig):
+    peer, proxy, http, d = rig["peer"], rig["proxy"], rig["http"], rig["digests"]
+    proxy.delay[d["bootstrap"]] = 30.0
+    status, _ = await post(http, peer, {"id": "slow", "image": rig["ref"]})
+    assert status == 201
+    await wait_state(http, peer, "slow", states=("running",))
+    deadline = time.monotonic() + 10
+    while d["bootstrap"] not in proxy.gets:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    async with http.delete(f"{peer.mirror_url}/api/v1/tasks/slow") as r:
+        assert r.status == 204
+    done = await wait_state(http, peer, "slow", timeout=5)
+    assert done["state"] == "cancelled"
+    assert not any(b["verified"] for b in done["blobs"])
+    # the download it started is stopped too (nobody else waits for it), and nothing after it began
+    dl = peer.tasks.tasks.get(d["bootstrap"])
+    assert dl is None or dl._driver is None or dl._driver.done()
+    assert proxy.gets == [d["bootstrap"]]
+    async with http.delete(f"{peer.mirror_url}/api/v1/tasks/nope") as r:
+        assert r.status == 404
+
+
+async def test_token_required(rig):
+    peer = rig["peer"]
+    async with aiohttp.ClientSession() as anon:
+        async with anon.post(f"{peer.mirror_url}/api/v1/tasks", json={"id": "x", "image": rig["ref"]}) as r:
+            assert r.status == 401
+            assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        async with anon.get(f"{peer.mirror_url}/api/v1/tasks/x", headers={"Authorization": "Bearer wrong-token"}) as r:
+            assert r.status == 401
+    assert rig["proxy"].gets == []
+    # a registry outside the allow-list is refused even with the token
+    status, body = await post(rig["http"], peer, {"id": "evil", "image": "evil.example:5000/x/y:1"})
+    assert status == 400 and "not one this peer fetches from" in body["error"]
+
+
+async def test_disabled_without_token_file(tmp_path, registry):
+    peer = await start_peer(tmp_path, "notoken")
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            async with http.post(f"{peer.mirror_url}/api/v1/tasks", json={"id": "x", "image": "a/b:c"}) as r:
+                assert r.status == 403
+    finally:
+        await peer.stop()
+
+
+async def test_blob_failing_verification_fails_the_task(rig):
+    peer, proxy, http, d = rig["peer"], rig["proxy"], rig["http"], rig["digests"]
+    proxy.flip.add(d["hot"])
+    status, _ = await post(http, peer, {"id": "corrupt", "image": rig["ref"], "all": True})
+    assert status == 201
+    done = await wait_state(http, peer, "corrupt", timeout=60)
+    assert done["state"] == "failed", done
+    hot = [b for b in done["blobs"] if b["digest"] == d["hot"]][0]
+    assert not hot["verified"] and hot["verified_bytes"] == 0
+    entry = peer.store.get(d["hot"])
+    assert entry is None or not entry.verified
+
+
+async def test_manager_job_engine_against_a_real_peer(rig, tmp_path):
+    """The manager's job engine (plugins/manager/jobs.py) drives a preheat job on this real peer."""
+    from fastapi.testclient import TestClient
+    from remora.plugins.manager.api import Settings, create_app
+    from remora.plugins.manager.db import Clock, open_db
+    from remora.plugins.manager.jobs import Engine, EngineSettings
+
+    peer, d = rig["peer"], rig["digests"]
+    db_url = f"sqlite:///{tmp_path}/manager.db"
+    app = create_app(Settings(db_url=db_url, root_token_file=tmp_path / "root-token", run_jobs=False))
+    _, sessions = open_db(db_url)
+    token_file = tmp_path / "peer-token"
+    token_file.write_text(TOKEN + "\n")
+    # The manager presents the peers' preheat token from --peer-token-file.
+    engine = Engine(sessions, Clock(), EngineSettings(tick=0.05, poll=0.05, backoff_base=0.1, backoff_max=0.2,
+                                                      peer_token_file=str(token_file)))
+
+    client = TestClient(app)
+    await asyncio.to_thread(client.__enter__)
+
+    def setup_and_create() -> int:
+        c = client
+        if True:
+            root = {"Authorization": "Bearer " + (tmp_path / "root-token").read_text().strip()}
+            cl = c.post("/api/v1/clusters", json={"name": "c1", "is_default": True}, headers=root).json()
+            join = c.post("/api/v1/join-tokens", json={"name": "n", "cluster_id": cl["id"]}, headers=root).json()["token"]
+            r = c.post("/api/v1/agent/register", headers={"Authorization": f"Bearer {join}"},
+                       json={"type": "peer", "hostname": "real-peer", "ip": "127.0.0.1", "port": peer.upload_port,
+                             "api_port": peer.mirror_port})
+            assert r.status_code == 200, r.text
+            r = c.post("/api/v1/jobs", headers=root, json={"type": "preheat", "image": rig["ref"],
+                                                            "scope": {"kind": "nodes", "nodes": ["real-peer"]}})
+            assert r.status_code < 300, r.text
+            return r.json()["id"]
+
+    root = {"Authorization": "Bearer " + (tmp_path / "root-token").read_text().strip()}
+    job_id = await asyncio.to_thread(setup_and_create)
+    engine.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            job = await asyncio.to_thread(lambda: client.get(f"/api/v1/jobs/{job_id}", headers=root).json())
+            if job["state"] not in ("pending", "running"):
+                break
+            assert time.monotonic() < deadline, job
+            await asyncio.sleep(0.1)
+    finally:
+        await asyncio.to_thread(engine.stop)
+        await asyncio.to_thread(client.__exit__, None, None, None)
+    assert job["state"] == "succeeded", job
+    node = job["nodes"][0]
+    assert node["state"] == "succeeded" and node["bytes_verified"] == sum(rig["sizes"].values())
+    for digest in d.values():
+        assert peer.store.get(digest).verified
+
+
+
+async def test_cli_preheat_wait(rig, tmp_path):
+    """`remora peer preheat IMAGE --all --wait --json` against the running peer: exit 0, every blob verified."""
+    import sys
+
+    token_file = tmp_path / "cli-token"
+    token_file.write_text(TOKEN)
+    argv = [sys.executable, "-m", "remora.cli", "peer", "preheat", rig["ref"], "--all", "--wait", "--json",
+            "--address", rig["peer"].mirror_url, "--preheat-token-file", str(token_file)]
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    status = json.loads(out)
+    assert status["state"] == "succeeded"
+    assert {b["digest"] for b in status["blobs"]} == set(rig["digests"].values())
+    assert all(b["verified"] for b in status["blobs"])
+    # a wrong token: refused, exit 4 (AuthError), nothing fetched beyond the first run
+    token_file.write_text("x" * 32)
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode != 0 and b"refused" in err, (proc.returncode, err)
