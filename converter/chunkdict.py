@@ -84,15 +84,24 @@ def _repositories(text: str, path: Path) -> dict[str, str]:
     return repos
 
 
-def build_dict(images: list[str], out: Path, plain_http: bool | None = None) -> dict:
-    """Merge the chunk tables of converted images into one dictionary file; returns statistics."""
+def build_dict(images: list[str], out: Path, plain_http: bool | None = None, progress=None) -> dict:
+    """Merge the chunk tables of converted images into one dictionary file; returns statistics.
+
+    ``progress`` (a :class:`remora.converter.progress.Progress`) gets one row per image: its bootstrap
+    fetched and validated, then its chunks merged (counted in the bytes they stand for)."""
     merged, repos = ChunkTable(), {}
     with tempfile.TemporaryDirectory(prefix="remora-dict-") as tmp:
         for i, ref in enumerate(images):
+            if progress is not None:
+                progress.phase(f"image {i + 1}/{len(images)}: bootstrap")
             d = load_chunk_dict(ref, Path(tmp) / str(i), plain_http)
+            if progress is not None:
+                progress.phase(f"image {i + 1}/{len(images)}: chunks", sum(c.size for c in d.table.chunks))
             for cid in range(len(d.table.chunks)):
                 if d.table.chunks[cid].digest not in merged.by_digest:
                     merged.import_chunk(d.table, cid)
+                if progress is not None:
+                    progress.advance(d.table.chunks[cid].size)
             for digest, where in d.repos.items():
                 repos.setdefault(digest, where)
     write_chunk_table(Path(out), merged, meta={META_REPOS: json.dumps(repos, sort_keys=True)})

@@ -120,7 +120,10 @@ def run_convert(args) -> int:
 def run_dict_build(args) -> int:
     from remora.converter.chunkdict import build_dict
 
-    stats = build_dict(args.images, Path(args.output), args.plain_http)
+    from remora.converter.progress import Progress
+
+    with Progress(None if not args.json else False) as progress:
+        stats = build_dict(args.images, Path(args.output), args.plain_http, progress)
     if args.json:
         print(json.dumps(stats, indent=2))
     else:

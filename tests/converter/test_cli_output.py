@@ -85,6 +85,11 @@ def test_unpack_and_check_show_progress(image, tmp_path):
     # not on a terminal: no progress rows at all
     proc = subprocess.run(["remora", "check", f"oci:{tmp_path}/out:1"], capture_output=True, text=True)
     assert proc.returncode == 0 and "verify blobs" not in proc.stderr + proc.stdout
+    # dict build: a row per image for its bootstrap, then its chunks counted to the end
+    code, out = run_pty(["remora", "dict", "build", str(tmp_path / "app.dict"), f"oci:{tmp_path}/out:1"])
+    assert code == 0, out
+    assert "image 1/1: bootstrap" in out
+    assert "3.0/3.0 MB" in _last_row(out, "image 1/1: chunks")
 
 
 def _stalling_registry(manifest: bytes, config: bytes, config_digest: str, layer_digest: str, release: threading.Event):
