@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from .arrays import Compiled
-from .heuristic import _scale, _Search, candidates
+from .heuristic import _scale, _Search, candidates, iterated_local_search
 from .mip import Infeasible, build, check_size, solve_formulation
 from .model import Placement, Problem
 
@@ -153,9 +153,11 @@ def _repair(search: _Search, pf: np.ndarray, ps: np.ndarray) -> tuple[np.ndarray
 
 
 def solve(problem: Problem, samples: int = 32, seed: int = 0, candidate_nodes: list[str] | None = None,
-          time_budget: float = 30.0, polish: bool = True) -> Placement:
-    """LP + rounding + repair; ``polish`` then runs the heuristic's local search from the best rounding
-    (it never raises the objective, so the §7.3 bound still holds; ``polish=False`` is the pure rounding)."""
+          time_budget: float = 30.0, polish: bool = True, polish_top: int = 4, kicks: int | None = None) -> Placement:
+    """LP + rounding + repair; ``polish`` then runs the heuristic's local search from the ``polish_top``
+    best distinct repaired roundings and an iterated local search (``kicks``, default as the heuristic's)
+    from the best of them. Polishing never raises the objective, so the §7.3 bound still holds;
+    ``polish=False`` is the pure rounding."""
     start = time.perf_counter()
     comp = Compiled(problem, candidate_nodes or candidates(problem))
     xs, ys, lp, full = lp_relaxation(comp)
@@ -169,8 +171,12 @@ def solve(problem: Problem, samples: int = 32, seed: int = 0, candidate_nodes: l
         trials.append((r[:len(xs)], r[len(xs):]))
     best = None
     n_repaired = 0
+    repaired_trials = []
     for pf, ps in trials:
         fixed = _repair(search, pf.copy(), ps.copy())
+        if fixed is None:  # the cheap repair got stuck: the heuristic's move-and-swap repair
+            fixed = search.repair(pf, ps, comp.delay_weight)
+            fixed = None if fixed is None else (fixed[0], fixed[1], True)
         if fixed is None:
             continue
         pf, ps, rep = fixed
@@ -180,16 +186,40 @@ def solve(problem: Problem, samples: int = 32, seed: int = 0, candidate_nodes: l
             ok = comp.objective(pf, ps)[1]
             rep = True
         n_repaired += rep
+        repaired_trials.append((ok, o, pf.copy(), ps.copy(), rep))
         if best is None or (ok, -o) > (best[0], -best[1]):
             best = (ok, o, pf.copy(), ps.copy(), rep)
     if best is None:
         raise Infeasible("approx: no rounding could be repaired into a capacity-feasible placement")
     ok, o, pf, ps, rep = best
     rounded = o
+    polished = 0
     if polish:
-        pf, ps, o = search.local_search(pf.copy(), ps.copy(), start + time_budget, comp.delay_weight)
+        # Polish the best few distinct repaired roundings with the heuristic's local search (moves, swaps,
+        # group moves), keep the best, then a short iterated local search from it. Every step only
+        # accepts improvements, so the result is never worse than the best rounding (§7.3 still holds).
+        deadline = start + time_budget
+        seen, pool = set(), []
+        for t in sorted(repaired_trials, key=lambda t: (not t[0], t[1])):
+            key = (t[2].tobytes(), t[3].tobytes())
+            if key not in seen:
+                seen.add(key)
+                pool.append(t)
+            if len(pool) >= polish_top:
+                break
+        results = []
+        for _, _, qf, qs, _ in pool:
+            qf, qs, qo = search.local_search(qf.copy(), qs.copy(), deadline, comp.delay_weight)
+            if comp.capacity_ok(qf, qs):
+                results.append((qo, qf, qs))
+            polished += 1
+        if results:
+            bo, bf, bs = iterated_local_search(search, min(results, key=lambda r: r[0]), seed, deadline,
+                                               kicks=kicks)
+            if bo <= o or not ok:
+                pf, ps, o = bf, bs, bo
         ok = comp.objective(pf, ps)[1]
     return comp.placement(pf, ps, "approx", rounded_objective=float(rounded), polished=polish, lower_bound=lp if full and comp.K == len(problem.network.nodes) else None, lp_value=lp,
                           lp_all_users=full, repaired=bool(rep), repaired_roundings=n_repaired,
-                          roundings=len(trials), candidates=comp.K, delay_feasible=bool(ok),
+                          roundings=len(trials), polished_roundings=polished, candidates=comp.K, delay_feasible=bool(ok),
                           seconds=time.perf_counter() - start)

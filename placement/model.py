@@ -226,26 +226,32 @@ class PathTable:
         self.network = network
         self.index = network.index
         n = len(network.nodes)
-        best: dict[tuple[int, int], Link] = {}
-        for link in network.links:
+        best: dict[tuple[int, int], int] = {}
+        for k, link in enumerate(network.links):
             i, j = self.index[link.a], self.index[link.b]
             if i == j:
                 continue
             key = (min(i, j), max(i, j))
-            if key not in best or link.delay < best[key].delay:
-                best[key] = link
+            if key not in best or link.delay < network.links[best[key]].delay:
+                best[key] = k
         rows, cols, w = [], [], []
         self._bw: dict[tuple[int, int], float] = {}
         self._cost: dict[tuple[int, int], float] = {}
-        for (i, j), link in best.items():
+        #: (i, j) node indices -> index in ``network.links`` of the link a route uses between them
+        #: (the least-delay one when several join the same pair).
+        self.link_of: dict[tuple[int, int], int] = {}
+        for (i, j), k in best.items():
+            link = network.links[k]
             for a, b in ((i, j), (j, i)):
                 rows.append(a)
                 cols.append(b)
                 w.append(link.delay + 1e-12)  # an explicit zero would mean "no edge" to csgraph
                 self._bw[(a, b)] = link.bandwidth
                 self._cost[(a, b)] = link.cost_per_gb
-        self._graph = csr_matrix((w, (rows, cols)), shape=(n, n))
+                self.link_of[(a, b)] = k
+        self.graph = self._graph = csr_matrix((w, (rows, cols)), shape=(n, n))
         self._rows: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._pred: dict[int, np.ndarray] = {}
         self.n = n
 
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -266,7 +272,32 @@ class PathTable:
                 B[v] = min(B[p], self._bw[(p, v)])
                 C[v] = C[p] + self._cost[(p, v)]
             r = self._rows[i] = (D, B, C)
+            self._pred[i] = pred
         return r
+
+    def predecessors(self, i: int) -> np.ndarray:
+        """Dijkstra's predecessor array from node index ``i`` (-9999 where none): the routes behind
+        ``row(i)``, so a caller needing the links of a route (the simulator) does not rerun Dijkstra."""
+        if i not in self._pred:
+            self.row(i)
+        return self._pred[i]
+
+    def route(self, a: str, b: str) -> list[int]:
+        """Indices (into ``network.links``) of the links on the least-delay route a -> b; [] when a == b.
+        Raises ValueError when b is unreachable from a."""
+        if a == b:
+            return []
+        i, j = self.index[a], self.index[b]
+        pred = self.predecessors(i)
+        out, v = [], j
+        while v != i:
+            p = int(pred[v])
+            if p < 0:
+                raise ValueError(f"no path from {a} to {b}")
+            out.append(self.link_of[(p, v)])
+            v = p
+        out.reverse()
+        return out
 
     def d(self, a: str, b: str) -> float:
         return 0.0 if a == b else float(self.row(self.index[a])[0][self.index[b]])

@@ -35,55 +35,26 @@ from .model import Placement, Problem, evaluate
 
 
 class Router:
-    """Least-delay routes at declared delays, as link-index lists (same tie-breaks as model.PathTable)."""
+    """Least-delay routes at declared delays, as link-index lists: the routes of the problem's own
+    :class:`~remora.placement.model.PathTable` (its Dijkstra predecessors, computed once and shared
+    with the model's evaluation), so the simulator and the model cannot route differently."""
 
     def __init__(self, problem: Problem):
-        from scipy.sparse.csgraph import dijkstra  # noqa: F401  (imported here to fail early)
-
         net = problem.network
+        self.paths = problem.paths
         self.index = net.index
         self.n = len(net.nodes)
-        best: dict[tuple[int, int], int] = {}
-        for k, link in enumerate(net.links):
-            i, j = self.index[link.a], self.index[link.b]
-            if i == j:
-                continue
-            key = (min(i, j), max(i, j))
-            if key not in best or link.delay < net.links[best[key]].delay:
-                best[key] = k
-        rows, cols, w = [], [], []
-        self.link_of: dict[tuple[int, int], int] = {}
-        for (i, j), k in best.items():
-            for a, b in ((i, j), (j, i)):
-                rows.append(a)
-                cols.append(b)
-                w.append(net.links[k].delay + 1e-12)
-                self.link_of[(a, b)] = k
-        self.graph = csr_matrix((w, (rows, cols)), shape=(self.n, self.n))
+        self.link_of = self.paths.link_of
+        self.graph = self.paths.graph
         self.bw = np.array([link.bandwidth for link in net.links], dtype=float)
         self.declared = np.array([link.delay for link in net.links], dtype=float)
-        self._pred: dict[int, np.ndarray] = {}
 
     def route(self, a: str, b: str) -> list[int]:
         """Link indices from a to b (empty when a == b); raises InvalidInput when unreachable."""
-        if a == b:
-            return []
-        i, j = self.index[a], self.index[b]
-        pred = self._pred.get(i)
-        if pred is None:
-            from scipy.sparse.csgraph import dijkstra
-
-            _, pred = dijkstra(self.graph, indices=i, return_predecessors=True)
-            self._pred[i] = pred
-        out, v = [], j
-        while v != i:
-            p = pred[v]
-            if p < 0:
-                raise InvalidInput(f"no path from {a} to {b}")
-            out.append(self.link_of[(int(p), int(v))])
-            v = int(p)
-        out.reverse()
-        return out
+        try:
+            return self.paths.route(a, b)
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
 
     def transfer_term(self, a: str, b: str, nbytes: float, trips: int = 1) -> tuple[float, list[int]]:
         """(constant seconds, links crossed) of moving ``nbytes`` a -> b (``trips`` 2 for an access)."""
