@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 import peer_util
+from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
 
 
 def _allowing(reg):
@@ -32,3 +33,26 @@ def auth_registry(auth_registry):
 @pytest.fixture
 def fresh_registry(fresh_registry):
     yield from _allowing(fresh_registry)
+
+
+@pytest.fixture
+async def scheduler():
+    """A plain-mode scheduler on 127.0.0.1 (mutual TLS has its own tests: test_mesh_tls.py)."""
+    server = await SchedulerServer(SchedulerConfig(random_seed=7), "127.0.0.1:0", insecure_plain=True).start()
+    yield server
+    await server.stop(0)
+
+
+@pytest.fixture
+async def peers(tmp_path):
+    """``await peers(name, schedulers, **kw)`` starts a peer (peer_util.start_peer); all stop at the end."""
+    started = []
+
+    async def make(name, schedulers, **kw):
+        p = await peer_util.start_peer(tmp_path, name, schedulers, **kw)
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        await p.stop()

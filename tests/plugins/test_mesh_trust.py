@@ -16,33 +16,11 @@ from aiohttp import web
 from remora._proto import remora_scheduler_pb2 as pb
 from remora._proto import remora_scheduler_pb2_grpc as pb_grpc
 from remora.plugins.peer.config import MIN_PIECE_SIZE
-from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
 
-from peer_util import push_blob, sha, start_peer, unique
+from peer_util import push_blob, sha, unique
 
 BLOB_SIZE = 12 * MIN_PIECE_SIZE + 999
 N_PIECES = 13
-
-
-@pytest.fixture
-async def scheduler():
-    server = await SchedulerServer(SchedulerConfig(random_seed=7), "127.0.0.1:0", insecure_plain=True).start()
-    yield server
-    await server.stop(0)
-
-
-@pytest.fixture
-async def peers(tmp_path):
-    started = []
-
-    async def make(name, schedulers, **kw):
-        p = await start_peer(tmp_path, name, schedulers, **kw)
-        started.append(p)
-        return p
-
-    yield make
-    for p in started:
-        await p.stop()
 
 
 @pytest.fixture

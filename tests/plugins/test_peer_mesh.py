@@ -15,30 +15,9 @@ from remora.plugins.peer.config import MIN_PIECE_SIZE
 from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
 from remora.procutil import free_port
 
-from peer_util import push_blob, start_peer, unique
+from peer_util import push_blob, unique
 
 BLOB_SIZE = 12 * MIN_PIECE_SIZE + 999
-
-
-@pytest.fixture
-async def scheduler():
-    server = await SchedulerServer(SchedulerConfig(random_seed=7), "127.0.0.1:0", insecure_plain=True).start()
-    yield server
-    await server.stop(0)
-
-
-@pytest.fixture
-async def peers(tmp_path):
-    started = []
-
-    async def make(name, schedulers, **kw):
-        p = await start_peer(tmp_path, name, schedulers, **kw)
-        started.append(p)
-        return p
-
-    yield make
-    for p in started:
-        await p.stop()
 
 
 @pytest.fixture
