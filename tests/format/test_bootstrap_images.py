@@ -8,10 +8,10 @@ instead of taking the machine), and its peak RSS is read with ``wait4``.
 """
 from __future__ import annotations
 
+import json
 import os
-import resource
 import subprocess
-import threading
+import sys
 import time
 from pathlib import Path
 
@@ -155,30 +155,26 @@ def test_dict_build_refuses_a_hostile_dictionary_file(converted, tmp_path):
 
 # -- bootstrap bombs --------------------------------------------------------------------------------
 
+# The command runs under a small Python spawner, never forked straight from pytest: a child's ru_maxrss
+# keeps the high-water mark of the image it was forked from (Linux carries it across exec), and pytest
+# late in a full run is ~400 MB resident, so a direct child would "peak" at that before it even starts.
+_SPAWNER = """
+import json, resource, subprocess, sys
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
+p = subprocess.run(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+sys.stderr.buffer.write(p.stderr)
+print(json.dumps([p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))
+"""
+
+
 def _measured(args: list[str], timeout: float = 120) -> tuple[int, int, float, str]:
     """Run ``args`` under an address-space limit; ``(exit code, peak RSS bytes, seconds, stderr)``."""
-    err = open(os.devnull, "w")  # noqa: SIM115 - closed below
-    errfile = Path(os.environ.get("TMPDIR", "/tmp")) / f"bomb-{os.getpid()}-{time.monotonic_ns()}.err"
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
-
     t0 = time.monotonic()
-    with open(errfile, "w") as ef:
-        proc = subprocess.Popen(args, stdout=err, stderr=ef, stdin=subprocess.DEVNULL, preexec_fn=limit)
-    result: dict = {}
-    waiter = threading.Thread(target=lambda: result.update(zip(("pid", "status", "ru"), os.wait4(proc.pid, 0))))
-    waiter.start()
-    waiter.join(timeout)
-    if waiter.is_alive():
-        proc.kill()
-        waiter.join()
+    proc = subprocess.run([sys.executable, "-c", _SPAWNER, str(AS_LIMIT), *args], capture_output=True,
+                          text=True, timeout=timeout)
     took = time.monotonic() - t0
-    err.close()
-    text = errfile.read_text()
-    errfile.unlink()
-    proc.returncode = os.waitstatus_to_exitcode(result["status"])
-    return proc.returncode, result["ru"].ru_maxrss * 1024, took, text
+    code, maxrss_kib = json.loads(proc.stdout.strip().splitlines()[-1])
+    return code, maxrss_kib * 1024, took, proc.stderr
 
 
 @pytest.fixture(scope="module")
