@@ -21,7 +21,7 @@ APT_PACKAGES=(
   python3-venv python3-pip
   debootstrap busybox-static stargz-snapshotter iproute2 zstd pigz apache2-utils
   ca-certificates e2fsprogs attr tar strace util-linux
-  golang-go golang-github-containerd-containerd-dev
+  golang-go golang-github-containerd-containerd-dev golang-github-containerd-stargz-snapshotter-dev  # + the stargz daemon of bench_cold_start
   postgresql chromium chromium-driver            # the manager: PostgreSQL tests and the console in a real browser
 )
 
