@@ -255,6 +255,22 @@ def test_cached_bootstrap_does_not_mount_without_access(stack, reg, images):
     wait_until(lambda: stack.ctd.ctr("snapshots", "--snapshotter", "remora", "ls", check=False,
                                      namespace=CRI_NS).returncode == 0, 30, interval=0.2, what="containerd reconnect")
     refused = f"cannot mount {re.escape(reg.host)}/{re.escape(image.repo)} lazily"
-    with CRIImageClient(stack.ctd.address, timeout=120) as cri, pytest.raises(RemoraError, match=refused):
-        cri.pull(image.ref, username=USER, password=PASSWORD)
+
+    def pull_once() -> str:
+        with CRIImageClient(stack.ctd.address, timeout=120) as cri:
+            try:
+                cri.pull(image.ref, username=USER, password=PASSWORD)
+            except RemoraError as exc:
+                return str(exc)
+        return "pulled"
+
+    # A transport error of containerd's re-established channel ("connection closed", seen once in a
+    # full CI run right after the restart) is not the answer under test: try again, a bounded number
+    # of times; the snapshotter's refusal must come, and nothing may be mounted meanwhile.
+    for _ in range(3):
+        answer = pull_once()
+        if "connection closed" not in answer and "connection error" not in answer:
+            break
+        assert stack.fuse_mounts() == []
+    assert re.search(refused, answer), answer
     assert stack.fuse_mounts() == []
