@@ -244,25 +244,25 @@ class SecretsKeychain:
         return None
 
 
-def _load_config(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UsageError(f"kubeconfig {path}: {exc.strerror}") from None
-    try:
-        import yaml  # kubeconfigs are YAML; a JSON kubeconfig is read without it
+def read_mapping(path: Path, what: str) -> dict:
+    """A YAML (or JSON: YAML's subset) file that must hold a mapping; UsageError naming ``what``."""
+    import yaml  # a runtime dependency (pyproject)
 
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: {exc.strerror}") from None
+    try:
         cfg = yaml.safe_load(text)
-    except ImportError:
-        try:
-            cfg = json.loads(text)
-        except ValueError:
-            raise UsageError(f"kubeconfig {path}: YAML needs PyYAML (or write the kubeconfig as JSON)") from None
-    except Exception as exc:  # noqa: BLE001 - yaml.YAMLError and friends
-        raise UsageError(f"kubeconfig {path}: not valid YAML: {str(exc)[:200]}") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{what} {path}: not valid YAML or JSON: {str(exc)[:200]}") from None
     if not isinstance(cfg, dict):
-        raise UsageError(f"kubeconfig {path}: not a mapping")
+        raise UsageError(f"{what} {path}: expected a mapping")
     return cfg
+
+
+def _load_config(path: Path) -> dict:
+    return read_mapping(path, "kubeconfig")
 
 
 def _named(cfg: dict, section: str, name: str | None, path) -> dict:

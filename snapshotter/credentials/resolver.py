@@ -12,7 +12,6 @@ never fall back to a local layer, whose root fs would hold the bootstrap file, n
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,22 +58,10 @@ def missing_credentials_message(host: str, repository: str, cause: str = "") -> 
 def load_config(path: str | Path) -> dict:
     """The credentials config: ``{"kubeconfig": PATH (else in-cluster), "secrets": ["ns/name", ...],
     "refresh": seconds}``, JSON or YAML."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UsageError(f"credentials config {path}: {exc.strerror}") from None
-    try:
-        cfg = json.loads(text)
-    except ValueError:
-        try:
-            import yaml
+    from .kubesecrets import read_mapping
 
-            cfg = yaml.safe_load(text)
-        except Exception:  # noqa: BLE001 - ImportError or a YAML error
-            raise UsageError(f"credentials config {path}: neither JSON nor readable YAML") from None
-    if not isinstance(cfg, dict):
-        raise UsageError(f"credentials config {path}: expected a mapping")
+    path = Path(path)
+    cfg = read_mapping(path, "credentials config")
     unknown = set(cfg) - {"kubeconfig", "secrets", "refresh", "context"}
     if unknown:
         raise UsageError(f"credentials config {path}: unknown keys {sorted(unknown)}")
