@@ -26,7 +26,7 @@ Per scenario and mode:
   during that, ``MB`` = the same once tenant B's prefetch has finished too.
 
 Bytes come from the registry's own access log (body bytes of blob GETs). The registry is reached
-through a loopback :class:`remora.netlab.delay.DelayProxy` (``--delay-ms`` each way and ``--rate``),
+through a loopback :class:`remora_testing.netlab.delay.DelayProxy` (``--delay-ms`` each way and ``--rate``),
 so fetching costs what a link costs; everything stays on 127.0.0.1. The image is Debian bookworm
 minbase + python3 (~175 MB uncompressed; debootstrapped once and cached), converted with defaults.
 
@@ -52,14 +52,14 @@ import time
 import uuid
 from pathlib import Path
 
-from remora.imagebuild import LayerSpec, debian_rootfs, write_image
-from remora.netlab.delay import DelayProxy
+from remora_testing.imagebuild import LayerSpec, debian_rootfs, write_image
+from remora_testing.netlab.delay import DelayProxy
 from remora.procutil import wait_until
-from remora.registry.local import LocalRegistry
+from remora_testing.registry import LocalRegistry
 from remora.snapshotter.mount import MountManager
 from remora.snapshotter.pull import pull
 from remora.snapshotter.storage import detach_mount, mountpoints_under
-from remora.testenv.containerd import PrivateContainerd, RemoraSnapshotter
+from remora_testing.containerd import PrivateContainerd, RemoraSnapshotter
 
 MODES = ("none", "namespace")
 SCENARIOS = ("same", "sibling")

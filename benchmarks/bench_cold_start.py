@@ -37,12 +37,12 @@ total / bound. Bytes are counted from the registry's own access log (body bytes 
 GETs): ``MB@out`` is what had been served when the marker arrived, ``MB`` everything until the node
 was torn down (lazy snapshotters keep fetching in the background).
 
-The link. The registry runs in a network namespace (:class:`remora.netlab.Lab`, its /24 blackholed in
+The link. The registry runs in a network namespace (:class:`remora_testing.netlab.Lab`, its /24 blackholed in
 the root namespace first) behind ``tbf`` at ``--rate`` both ways. containerd, ctr and the snapshotters
 stay in the root namespace and reach it only through a loopback forwarder (this script re-run as
 ``forward``: it binds 127.0.0.1 in the root namespace, then ``setns`` into a client namespace of the
 lab, so every connection to the registry is made from inside the lab). The forwarder is
-:class:`remora.netlab.delay.DelayProxy`: ``--delay-ms`` one way in each direction, plus one round trip
+:class:`remora_testing.netlab.delay.DelayProxy`: ``--delay-ms`` one way in each direction, plus one round trip
 before relaying a new connection (the TCP handshake). It runs at the SAME priority as everything else:
 it used to run at ``nice -10`` to mimic netem's softirq context, but a user-space forwarder at raised
 priority takes CPU from the node in proportion to the bytes it relays, so it slowed the side that
@@ -88,7 +88,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cold_start_images as images
 
-from remora.imagebuild import File, LayerSpec, debian_rootfs, tar_of_files, write_image
+from remora_testing.imagebuild import File, LayerSpec, debian_rootfs, tar_of_files, write_image
 from remora.procutil import Daemon, wait_until
 
 HERE = Path(__file__).resolve()
@@ -135,7 +135,7 @@ def prepare_image(cache: Path, name: str, app_files: dict[str, File], workload: 
     Runs against a loopback registry over the cached storage directory (nothing crosses a lab link);
     ``ready.json`` is written last, so a half-built cache is rebuilt, never trusted.
     """
-    from remora.registry.local import LocalRegistry
+    from remora_testing.registry import LocalRegistry
 
     base = debian_rootfs(cache)
     app_digest = hashlib.sha256(b"".join(k.encode() + v.data for k, v in sorted(app_files.items()))).hexdigest()
@@ -186,7 +186,7 @@ def cold_start_app() -> dict[str, File]:
 
 def forward_main(argv: list[str]) -> int:
     """``bench_cold_start.py forward``: 127.0.0.1 in the root namespace -> UPSTREAM inside NETNS, delayed."""
-    from remora.netlab.delay import DelayProxy
+    from remora_testing.netlab.delay import DelayProxy
 
     ap = argparse.ArgumentParser(prog="bench_cold_start.py forward")
     ap.add_argument("--netns", required=True, help="lab namespace the upstream connections are made from")
@@ -195,7 +195,7 @@ def forward_main(argv: list[str]) -> int:
     ap.add_argument("--port-file", required=True, help="where the chosen loopback port is written")
     args = ap.parse_args(argv)
     host, _, port = args.upstream.rpartition(":")
-    from remora.netlab import LAB_SUPERNET
+    from remora_testing.netlab import LAB_SUPERNET
 
     if ipaddress.ip_address(host) not in LAB_SUPERNET:  # the forwarder only ever leads into a lab
         raise SystemExit(f"upstream {host} is not a lab address ({LAB_SUPERNET})")
@@ -268,7 +268,7 @@ class Node:
         self.marks: dict[str, float] = {}  # wall-clock times (time.time()) of the harness's own events
 
     def __enter__(self) -> Node:
-        from remora.testenv.containerd import PrivateContainerd, RemoraSnapshotter
+        from remora_testing.containerd import PrivateContainerd, RemoraSnapshotter
 
         self.marks["daemons_start"] = time.time()
         t0 = time.monotonic()
@@ -757,9 +757,9 @@ def open_lab(host_image: images.PreparedImage, registry_roots: list[Path], workd
     merged directory of hard links (``docker/registry/v2``: blobs and repositories)."""
     import contextlib
 
-    from remora.netlab import Lab
-    from remora.netlab.services import NsRegistry
-    from remora.netlab.shaping import parse_rate
+    from remora_testing.netlab import Lab
+    from remora_testing.netlab.services import NsRegistry
+    from remora_testing.netlab.shaping import parse_rate
 
     merged = workdir / "registry"
     for root in registry_roots:

@@ -3,10 +3,10 @@
 
 Images (built from cached tars, pushed as OCI tar+gzip to a private registry on loopback):
 
-* ``debian``: Debian bookworm minbase + python3, one layer (``remora.imagebuild.debian_rootfs``),
+* ``debian``: Debian bookworm minbase + python3, one layer (``remora_testing.imagebuild.debian_rootfs``),
   8.2k members, the image the other benchmarks use;
 * ``python``: that base + a pip layer of large binaries (numpy, pandas, ... shared objects) + a small
-  app layer (``remora.imagebuild.python_app_layers``, version 1);
+  app layer (``remora_testing.imagebuild.python_app_layers``, version 1);
 * ``smallfiles``: one layer of ~40k small text files (200 B - 16 KiB, a source tree), generated
   deterministically from a seed and cached: the per-file cost of the converter, not its bytes.
 
@@ -48,9 +48,9 @@ from rich.table import Table
 from remora import oci
 from remora.converter.convert import ConvertOptions, convert
 from remora.format.chunker import ChunkingSpec
-from remora.imagebuild import LayerSpec, debian_rootfs, python_app_layers, write_image
+from remora_testing.imagebuild import LayerSpec, debian_rootfs, python_app_layers, write_image
 from remora.imagestore import open_store
-from remora.registry.local import LocalRegistry
+from remora_testing.registry import LocalRegistry
 
 IMAGES = ("debian", "python", "smallfiles")
 
@@ -171,7 +171,7 @@ def run_remora(s: Subject, reg: LocalRegistry, chunking: str, level: int, runs: 
 
 
 def run_estargz(s: Subject, reg: LocalRegistry, runs: Runs, workdir: Path) -> None:
-    from remora.testenv.containerd import PrivateContainerd
+    from remora_testing.containerd import PrivateContainerd
 
     with PrivateContainerd(workdir / f"ctd-{s.name}", ctr="ctr-remote") as ctd:
         ctd.ctr("images", "pull", "--plain-http", s.ref, timeout=900)

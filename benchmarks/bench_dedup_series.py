@@ -27,9 +27,9 @@ from rich.table import Table
 from remora import oci
 from remora.converter.convert import ConvertOptions, convert
 from remora.format.chunker import ChunkingSpec
-from remora.imagebuild import LayerSpec, debian_rootfs, python_app_layers, write_image
+from remora_testing.imagebuild import LayerSpec, debian_rootfs, python_app_layers, write_image
 from remora.imagestore import open_store
-from remora.registry.local import LocalRegistry
+from remora_testing.registry import LocalRegistry
 
 
 def unique_blob_bytes(refs: list[str]) -> int:

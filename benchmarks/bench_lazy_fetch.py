@@ -40,7 +40,7 @@ from lazy_support import CountingProxy, build_image  # noqa: E402
 from remora.cache import ChunkCache  # noqa: E402
 from remora.format.bootstrap import Bootstrap  # noqa: E402
 from remora.registry.client import RegistryClient  # noqa: E402
-from remora.registry.local import LocalRegistry  # noqa: E402
+from remora_testing.registry import LocalRegistry  # noqa: E402
 from remora.snapshotter.fetch import ChunkFetcher  # noqa: E402
 from remora.snapshotter.sources import SourceSpec, open_source  # noqa: E402
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_cold_start import APP_MAIN, _check, _remove, prepare_image  # noqa: E402
 
-from remora.imagebuild import File  # noqa: E402
+from remora_testing.imagebuild import File  # noqa: E402
 
 STDLIB = "usr/lib/python3.11"
 BIG = "data/big.bin"
@@ -111,9 +111,9 @@ def main() -> int:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (containerd, FUSE)")
-    from remora.registry.local import LocalRegistry
+    from remora_testing.registry import LocalRegistry
     from remora.snapshotter.mount import MountManager
-    from remora.testenv.containerd import PrivateContainerd, RemoraSnapshotter
+    from remora_testing.containerd import PrivateContainerd, RemoraSnapshotter
 
     image = prepare_image(args.cache, f"lazy-read-{args.big_mib}m", lazy_read_app(args.big_mib), None)
     work = Path(tempfile.mkdtemp(prefix="bench-lazyread-"))

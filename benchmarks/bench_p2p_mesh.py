@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""P2P mesh vs straight-from-the-registry, with real processes in network namespaces (remora.netlab).
+"""P2P mesh vs straight-from-the-registry, with real processes in network namespaces (remora_testing.netlab).
 
 N nodes (default 8), each a namespace with its own ``remora peer`` and containerd; a registry in its own
 namespace; a scheduler in its own. Every link (registry uplink, node up and down) is a tbf at 100 Mbit/s.
@@ -22,7 +22,7 @@ Registry egress is measured twice: application bytes (the registry's access log:
 GETs) and wire bytes (what the registry uplink's tbf sent: every frame with its TCP/IP/Ethernet headers,
 ~3% more, also when a TCP super-packet crossed the shaper whole).
 
-The lab is built with ``offload=True`` (see remora.netlab.shaping.tbf_burst): shapers pass TCP
+The lab is built with ``offload=True`` (see remora_testing.netlab.shaping.tbf_burst): shapers pass TCP
 super-packets whole and the bridge skips br_netfilter, as a NIC with TSO/GRO behind a switch would. Same
 rates; without it tbf cuts every 64 KiB segment into 45 frames in software and, on 2 cores, the kernel's
 per-frame work (21 core-seconds of softirq in a 30 s mesh run, against 5) starves the peers before the
@@ -59,10 +59,10 @@ import threading
 import time
 from pathlib import Path
 
-from remora.netlab import Lab, cleanup_stale, content
-from remora.netlab.mesh import Mesh, MeshOptions, metric
-from remora.netlab.services import NsContainerd
-from remora.netlab.shaping import show
+from remora_testing.netlab import Lab, cleanup_stale, content
+from remora_testing.netlab.mesh import Mesh, MeshOptions, metric
+from remora_testing.netlab.services import NsContainerd
+from remora_testing.netlab.shaping import show
 
 REPO = "bench/blob"
 PREFIX = "rbm-"

@@ -29,7 +29,7 @@ import grpc
 from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from remora.procutil import Daemon, wait_until
-from remora.testenv.containerd import PrivateContainerd, RemoraSnapshotter
+from remora_testing.containerd import PrivateContainerd, RemoraSnapshotter
 
 NS = "remora-bench"
 # Without a lease or this label containerd's GC would collect snapshots between our calls.

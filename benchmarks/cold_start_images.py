@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from remora.imagebuild import File, LayerSpec, debian_rootfs, tar_of_files, write_image
+from remora_testing.imagebuild import File, LayerSpec, debian_rootfs, tar_of_files, write_image
 
 BUILD_VERSION = "cold-start/5"  # bump when a recipe changes (invalidates the cache)
 MARKER = "remora-bench:"
@@ -111,7 +111,7 @@ def _cache_dir(cache: Path, recipe: Recipe, base: Path, files: dict[str, File]) 
 def prepare(cache: Path, recipe: Recipe, *, estargz: bool = True, rebuild: bool = False,
             log=print) -> PreparedImage:
     """Build, trace, convert and (if ``estargz``) optimize one recipe's image; cached."""
-    from remora.registry.local import LocalRegistry
+    from remora_testing.registry import LocalRegistry
 
     base = debian_rootfs(cache, include=recipe.include)
     files = recipe.files()
@@ -153,7 +153,7 @@ def prepare(cache: Path, recipe: Recipe, *, estargz: bool = True, rebuild: bool 
 
 def _optimize_estargz(d: Path, host: str, recipe: Recipe) -> int:
     """``ctr-remote images optimize --oci`` with the traced workload, pushed as ``ESGZ_TAG``."""
-    from remora.testenv.containerd import PrivateContainerd
+    from remora_testing.containerd import PrivateContainerd
 
     src, dst = f"{host}/{recipe.repo}:{OCI_TAG}", f"{host}/{recipe.repo}:{ESGZ_TAG}"
     work = Path(tempfile.mkdtemp(prefix="esgz-", dir=d))

@@ -1,7 +1,8 @@
 """Open a converted remora image from any store: its manifest, config, bootstrap and data blobs.
 
 Used by ``remora check``, ``remora unpack`` and ``remora dict build`` (the snapshotter has its own
-lazy path but fetches the bootstrap with :func:`fetch_bootstrap` too). Everything fetched is
+lazy path but fetches the bootstrap with the same
+:func:`remora.format.bootstrap_layer.fetch_bootstrap`). Everything fetched is
 digest-verified; the bootstrap is extracted from its tar+zstd layer into a work directory (streamed,
 bounded), validated (:func:`remora.format.validate.validate_bootstrap`) and only then opened.
 """
@@ -17,8 +18,7 @@ from remora.format import annotations as ann
 from remora.format.blob import decompress_frame, verify_chunk
 from remora.format.bootstrap import Bootstrap, Extent
 from remora.format.bootstrap_layer import MAX_BOOTSTRAP_CSIZE as MAX_BOOTSTRAP_SIZE  # noqa: F401 - kept for importers
-from remora.format.bootstrap_layer import fetch_bootstrap_layer
-from remora.format.validate import validate_bootstrap
+from remora.format.bootstrap_layer import fetch_bootstrap
 
 
 @dataclass
@@ -63,24 +63,6 @@ class RemoraImage:
 
     def close(self) -> None:
         self.bootstrap.close()
-
-
-def fetch_bootstrap(store, desc: oci.Descriptor, workdir: Path, on_downloaded=None) -> Path:
-    """Download (verified), decompress and untar the bootstrap layer, then validate the database;
-    returns its path. Streamed and bounded (remora.format.bootstrap_layer): the layer is spooled to
-    disk and never held whole in memory, its decompressed size is bounded by what its zstd frame
-    declares and a hard cap. Validation (remora.format.validate) refuses anything remora's writer
-    would not have produced, before anyone reads the database. ``on_downloaded`` is called once the
-    bytes are in (the connection is free for other requests)."""
-    name = f"bootstrap-{desc.digest[7:19]}.db"
-    path = fetch_bootstrap_layer(lambda: store.open_blob(desc), desc.size, Path(workdir), name, on_downloaded,
-                                 where=f"bootstrap layer {desc.digest}")
-    try:
-        validate_bootstrap(path)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return path
 
 
 class LocalBlobs:

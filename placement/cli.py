@@ -181,7 +181,7 @@ def _plan(args) -> int:
 
 
 def _preheat(args, problem, plan) -> list[dict]:
-    from remora.plugins.peer.preheat import read_token
+    from remora.taskapi import read_token
 
     from .output import deploy_list
     from .preheat import parse_peer_overrides, peers_from_inputs, preheat

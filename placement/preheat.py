@@ -70,7 +70,7 @@ def preheat(deploy: list[dict], peers: dict[str, str], token: str, want_all: boo
             timeout: float = 3600.0, poll: float = 0.2, console=None, client_factory=None) -> list[dict]:
     """Preheat every (node, image) of ``deploy`` on its node's peer; one result per pair:
     ``{"node", "image", "peer", "task", "state", "error", "verified_bytes", "total_bytes"}``."""
-    from remora.plugins.peer.preheat import PreheatClient, new_task_id, progress_of
+    from remora.taskapi import PreheatClient, new_task_id, progress_of
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 

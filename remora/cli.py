@@ -14,22 +14,11 @@ import os
 import sys
 
 from remora import __version__
-from remora.errors import RemoraError
+from remora.errors import RemoraError, UsageError
 
-COMMAND_MODULES = (
-    "remora.converter.cli",
-    "remora.snapshotter.cli",
-    "remora.snapshotter.pull",
-    "remora.plugins.cli",
-    "remora.placement.cli",
-    "remora.pki.cli",
-    "remora.plugins.manager.cli",
-    "remora.plugins.trainer.cli",
-    "remora.demo",
-)
-
-# Which module registers each command: a command line naming one loads only that module (the CLI's
-# start-up is on the cold-start path of 'remora pull'); --help and unknown commands load them all.
+# The one table of commands: which module registers each (its ``register(subparsers)``). A command line
+# naming one loads only that module (the CLI's start-up is on the cold-start path of 'remora pull');
+# --help and unknown commands load them all. A new component adds its lines here and nowhere else.
 COMMANDS = {
     "convert": "remora.converter.cli", "dict": "remora.converter.cli", "check": "remora.converter.cli",
     "unpack": "remora.converter.cli", "trace": "remora.converter.cli",
@@ -41,8 +30,11 @@ COMMANDS = {
     "certs": "remora.pki.cli",
     "manager": "remora.plugins.manager.cli", "job": "remora.plugins.manager.cli",
     "cluster": "remora.plugins.manager.cli", "trainer": "remora.plugins.trainer.cli",
-    "demo": "remora.demo",
+    # The lab tooling is a distribution of its own (testing/, not in the runtime wheel): without it
+    # `remora demo` says how to get it instead of vanishing from the list.
+    "demo": "remora_testing.demo",
 }
+COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))  # in table order, each once
 
 EPILOG = """\
 examples:
@@ -73,12 +65,33 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     command = next((a for a in argv or () if not a.startswith("-")), None)
     for name in ([COMMANDS[command]] if command in COMMANDS else COMMAND_MODULES):
-        # One broken component must not take every other command down with it: report and go on.
+        # One broken or absent component must not take every other command down with it: its commands
+        # stay listed and say why they cannot run.
         try:
             importlib.import_module(name).register(sub)
         except Exception as exc:  # noqa: BLE001
-            logging.getLogger("remora.cli").warning("commands of %s unavailable: %s", name, exc)
+            _register_unavailable(sub, name, exc)
     return parser
+
+
+def _register_unavailable(sub, module: str, exc: BaseException) -> None:
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == "remora_testing":
+        why = ("it is part of remora's lab tooling, which this installation lacks "
+               "(pip install --no-deps -e testing/ from a remora checkout, or bash scripts/setup.sh)")
+    else:
+        why = f"{module} failed to load: {exc.__class__.__name__}: {exc}"
+        logging.getLogger(__name__).warning("commands of %s unavailable: %s", module, exc)
+    for command in (c for c, m in COMMANDS.items() if m == module):
+        parser = sub.add_parser(command, help=f"(unavailable: {why.split(':')[0].split(' (')[0]})",
+                                description=f"remora {command} is unavailable: {why}")
+        parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        parser.set_defaults(func=_unavailable(command, why))
+
+
+def _unavailable(command: str, why: str):
+    def run(args) -> int:
+        raise UsageError(f"remora {command} is unavailable: {why}")
+    return run
 
 
 def setup_logging(verbosity: int) -> None:

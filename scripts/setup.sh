@@ -44,7 +44,7 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 # venv holds exactly the lock (no leftovers of an older one).
 env_id="$(python3 -c 'import sys; print(sys.executable, sys.version)' | sha256sum | cut -d' ' -f1)"
 env_id="$env_id $(grep -v '^ *#' "$LOCK" | sha256sum | cut -d' ' -f1)"   # pins and hashes, not comments
-proj_id="$(cat pyproject.toml setup.py | sha256sum | cut -d' ' -f1)"
+proj_id="$(cat pyproject.toml setup.py testing/pyproject.toml | sha256sum | cut -d' ' -f1)"
 pip=("$VENV/bin/python" -m pip -q --disable-pip-version-check --no-input)
 
 if [ "$(cat "$VENV/.remora-env" 2>/dev/null)" != "$env_id" ] || [ ! -x "$VENV/bin/python" ]; then
@@ -59,6 +59,9 @@ if [ "$(cat "$VENV/.remora-project" 2>/dev/null)" != "$proj_id" ]; then
   echo "setup: installing remora into $VENV (editable, dependencies from the lock only)"
   # --no-build-isolation: build with the locked setuptools/wheel already in the venv, download nothing.
   "${pip[@]}" install --no-deps --no-build-isolation -e .
+  # The test and lab tooling (remora_testing: `remora demo`, the fixtures' registries and runtimes,
+  # the network lab) is a distribution of its own, so that the runtime wheel carries none of it.
+  "${pip[@]}" install --no-deps --no-build-isolation -e testing
   echo "$proj_id" > "$VENV/.remora-project"
 fi
 # `remora` on a root shell's PATH; pointing at the venv's script, whose #! is the venv's python.
@@ -68,7 +71,7 @@ ln -sfn "$VENV/bin/remora" /usr/local/bin/remora
 # snapshotter, fs process and CLI would otherwise compile remora's sources again at each start.
 # (The component folders of setup.py's ROOTS that this checkout has.)
 components=()
-for d in remora converter snapshotter plugins placement; do [ -d "$d" ] && components+=("$d"); done
+for d in remora converter snapshotter plugins placement testing/remora_testing; do [ -d "$d" ] && components+=("$d"); done
 "$VENV/bin/python" -m compileall -q "${components[@]}" >/dev/null
 
 # Optional components fetched from Debian's newer suites (containerd 2.x, dockerd) for interop tests.

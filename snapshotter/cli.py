@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     store = CredentialStore(ttl=args.credentials_ttl)
     resolver = CredentialResolver(store, keychains_from_config(args.credentials_config))
     if not args.no_lazy:
-        from .remora_layers import RemoraLayerHandler
+        from .lazy_layers import RemoraLayerHandler
 
         handler = RemoraLayerHandler(args.root, mirrors=args.mirror, insecure=args.plain_http,
                                      cache_limit=parse_size(args.cache_size),

@@ -301,7 +301,7 @@ async def serve(root: Path | str, address: Path | str, handler: RemoteLayerHandl
                 api_address: Path | str | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain in-flight RPCs and exit.
 
-    ``api_address``: also serve the pull service (:mod:`remora.snapshotter.api`) there, from when
+    ``api_address``: also serve the pull service (:mod:`remora.snapshotter.pull_service`) there, from when
     gRPC serves (its pulls come back as Prepares) until just before gRPC stops (pulls in flight get
     to finish first)."""
     # Signal handlers first: a SIGTERM that arrives as soon as the socket answers must still mean a
@@ -313,7 +313,7 @@ async def serve(root: Path | str, address: Path | str, handler: RemoteLayerHandl
     server = await SnapshotterServer(root, address, handler).start()
     api = None
     if api_address:
-        from .api import PullService
+        from .pull_service import PullService
 
         try:
             api = PullService(api_address, handler)

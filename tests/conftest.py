@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from remora.registry.local import LocalRegistry
+from remora_testing.registry import LocalRegistry
 
 # Tests spawn `remora` and `python3` by name: they must be the interpreter running the tests (the
 # .venv that scripts/setup.sh installs from the lock file), never whatever else is first on PATH. So

@@ -260,7 +260,7 @@ def run_preheat(args) -> int:
 
     from remora.errors import RegistryError
 
-    from .preheat import PreheatClient, new_task_id, progress_of, read_token
+    from remora.taskapi import PreheatClient, new_task_id, progress_of, read_token
 
     client = PreheatClient(args.address, read_token(args.preheat_token_file))
     task_id = new_task_id()

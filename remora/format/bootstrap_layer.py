@@ -244,5 +244,29 @@ def _sha256_file(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-__all__ = ["encode_bootstrap_layer", "decode_bootstrap_layer", "fetch_bootstrap_layer", "spool_layer",
+__all__ = ["encode_bootstrap_layer", "decode_bootstrap_layer", "fetch_bootstrap_layer", "fetch_bootstrap",
+           "spool_layer",
            "MAX_BOOTSTRAP_CSIZE", "MAX_BOOTSTRAP_USIZE", "MAX_WINDOW_SIZE", "ZSTD_LEVEL"]
+
+
+def fetch_bootstrap(store, desc, workdir: Path, on_downloaded=None) -> Path:
+    """Download (verified), decompress and untar the bootstrap layer, then validate the database;
+    returns its path.
+
+    ``store`` is anything with ``open_blob(desc)`` (a registry client, an OCI layout, the snapshotter's
+    mirror-aware source) and ``desc`` an :class:`remora.oci.Descriptor`: this module does no I/O of its
+    own beyond the work directory. Streamed and bounded: the layer is spooled to disk and never held
+    whole in memory, its decompressed size is bounded by what its zstd frame declares and a hard cap. Validation (remora.format.validate) refuses anything remora's writer
+    would not have produced, before anyone reads the database. ``on_downloaded`` is called once the
+    bytes are in (the connection is free for other requests)."""
+    from remora.format.validate import validate_bootstrap  # validate reads this module
+
+    name = f"bootstrap-{desc.digest[7:19]}.db"
+    path = fetch_bootstrap_layer(lambda: store.open_blob(desc), desc.size, Path(workdir), name, on_downloaded,
+                                 where=f"bootstrap layer {desc.digest}")
+    try:
+        validate_bootstrap(path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path

@@ -2,7 +2,7 @@
 embedded test/demo registry (:mod:`.local`).
 
 ``from remora.registry import RegistryClient`` is the entry point for every component. The names are
-resolved lazily so that importing :mod:`remora.registry.local` (or a CLI ``register``) does not pay
+resolved lazily so that importing :mod:`remora_testing.registry` (or a CLI ``register``) does not pay
 for requests and oras-py (~0.3 s).
 """
 from __future__ import annotations

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from remora.imagebuild import LayerSpec, write_image
-from remora.tarbuild import LayerBuilder
+from remora_testing.imagebuild import LayerSpec, write_image
+from remora_testing.tarbuild import LayerBuilder
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
 

@@ -1,6 +1,6 @@
 """remora convert / check / unpack end to end against a real registry and OCI layouts.
 
-The reference for "the flattened rootfs" is GNU tar (remora.testenv.rootfs), not remora's own
+The reference for "the flattened rootfs" is GNU tar (remora_testing.rootfs), not remora's own
 merge, so a bug in the merge shows up as a difference.
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ from remora.converter.unpack import unpack
 from remora.errors import DigestMismatch, InvalidInput, NotFound, StorageError
 from remora.format import annotations as ann
 from remora.format.chunker import ChunkingSpec
-from remora.imagebuild import LayerSpec, write_image
+from remora_testing.imagebuild import LayerSpec, write_image
 from remora.imagestore import open_store
-from remora.tarbuild import LayerBuilder
-from remora.testenv.rootfs import compare_trees, flatten_with_gnu_tar
+from remora_testing.tarbuild import LayerBuilder
+from remora_testing.rootfs import compare_trees, flatten_with_gnu_tar
 
 CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
 LONG_DIR = "d" * 120 + "/" + "e" * 120
@@ -413,7 +413,7 @@ def _replace_layer(layout: Path, img, blob: bytes | None, media_type: str, diff_
 def test_real_debian_python_image_roundtrip(registry, cache_dir, tmp_path):
     """A real image (debootstrap minbase + python3, ~175 MB) converts, checks and unpacks to exactly
     what GNU tar extracts from the same layer."""
-    from remora.imagebuild import debian_rootfs
+    from remora_testing.imagebuild import debian_rootfs
 
     tar = debian_rootfs(cache_dir)
     src = f"{registry.host}/real/debian-python:12"

@@ -18,9 +18,9 @@ import zstandard
 from remora.converter.convert import ConvertOptions, convert
 from remora.format.blob import _compressor, compress_frame, decompress_frame
 from remora.format.chunker import ChunkingSpec
-from remora.imagebuild import LayerSpec, write_image
+from remora_testing.imagebuild import LayerSpec, write_image
 from remora.imagestore import LayoutStore, open_store
-from remora.tarbuild import LayerBuilder
+from remora_testing.tarbuild import LayerBuilder
 
 
 def _payloads(n: int) -> list[bytes]:

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from remora import oci
-from remora.imagebuild import LayerSpec, write_image
+from remora_testing.imagebuild import LayerSpec, write_image
 from remora.imagestore import open_store
 from remora.layout import OCILayout
-from remora.tarbuild import LayerBuilder
+from remora_testing.tarbuild import LayerBuilder
 
 _RUSAGE_WRAPPER = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
                    "sys.stderr.write(p.stderr); "

@@ -1,6 +1,6 @@
 """Layer merge (remora.converter.merge) against OCI layer.md + containerd apply semantics.
 
-Every layer is crafted with remora.tarbuild (or written by GNU tar / Python's tarfile for the
+Every layer is crafted with remora_testing.tarbuild (or written by GNU tar / Python's tarfile for the
 real-content tests) and merged with the real merger; content is checked through a HashingSink that
 keeps chunk bytes, so a wrong byte anywhere fails.
 """
@@ -20,7 +20,7 @@ import pytest
 from remora.converter.merge import HashingSink, LayerMerger, LayerStats, hashing_sink
 from remora.errors import InvalidInput
 from remora.format.tree import Tree
-from remora.tarbuild import LayerBuilder
+from remora_testing.tarbuild import LayerBuilder
 
 CAP = b"\x01\x00\x00\x02\x00\x04\x00\x00" + bytes(8) + b"\xff\xfe\x00\x80"  # NULs and non-UTF-8
 

@@ -9,8 +9,8 @@ import pytest
 
 from remora.converter.convert import ConvertOptions, convert
 from remora.converter.trace import exec_interpreter, resolve_in_root, trace_image
-from remora.imagebuild import LayerSpec, busybox_rootfs, debian_rootfs, write_image
-from remora.tarbuild import LayerBuilder
+from remora_testing.imagebuild import LayerSpec, busybox_rootfs, debian_rootfs, write_image
+from remora_testing.tarbuild import LayerBuilder
 
 
 def test_resolve_in_root_follows_links_inside_the_root(tmp_path):

@@ -21,9 +21,9 @@ from remora.converter.image import LocalBlobs, RemoraImage
 from remora.converter.unpack import unpack
 from remora.errors import InvalidInput, RemoraError, UsageError
 from remora.format.bootstrap import Bootstrap
-from remora.imagebuild import LayerSpec, write_image
+from remora_testing.imagebuild import LayerSpec, write_image
 from remora.imagestore import open_store
-from remora.tarbuild import LayerBuilder
+from remora_testing.tarbuild import LayerBuilder
 
 from tests.converter.crafted_bootstrap import Crafter, extract_bootstrap, repack
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from remora.registry.local import LocalRegistry
+from remora_testing.registry import LocalRegistry
 
 ISSUER = "remora-test-issuer"
 SERVICE = "remora-test-registry"

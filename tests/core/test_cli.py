@@ -31,7 +31,7 @@ def test_pull_command_line_loads_no_other_component():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     loaded = json.loads(proc.stderr.strip().splitlines()[-1])
     assert "usage: remora pull" in proc.stdout
-    assert not [m for m in loaded if m.startswith(("remora.converter", "remora.plugins", "remora.demo"))], loaded
+    assert not [m for m in loaded if m.startswith(("remora.converter", "remora.plugins", "remora_testing.demo"))], loaded
     # and a bad command still gets argparse's list of commands
     bad = subprocess.run([sys.executable, "-m", "remora.cli", "pul"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "pull" in bad.stderr and "convert" in bad.stderr

@@ -10,7 +10,7 @@ import zstandard
 from remora.compression import compress_stream, detect_compression, open_layer_stream
 from remora.digest import sha256_digest
 from remora.errors import InvalidInput, UsageError
-from remora.imagebuild import tar_of_files
+from remora_testing.imagebuild import tar_of_files
 from remora.oci import MEDIA_TYPE_OCI_LAYER_GZIP, MEDIA_TYPE_OCI_LAYER_ZSTD
 
 # compressible but not trivially so, a few MiB: exercises multi-chunk paths

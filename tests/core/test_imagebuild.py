@@ -9,7 +9,7 @@ import pytest
 
 from remora.digest import sha256_digest
 from remora.errors import UsageError
-from remora.imagebuild import (Dir, File, Hardlink, OpaqueDir, Whiteout, busybox_image, busybox_layer, debian_rootfs,
+from remora_testing.imagebuild import (Dir, File, Hardlink, OpaqueDir, Whiteout, busybox_image, busybox_layer, debian_rootfs,
                                dir_to_tar, python_app_layers, tar_of_files, write_image, write_index)
 from remora.imagestore import open_store
 from remora.layout import OCILayout

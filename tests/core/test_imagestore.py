@@ -8,7 +8,7 @@ import pytest
 
 from remora.digest import sha256_digest
 from remora.errors import AuthError, DigestMismatch, InvalidInput, NotFound
-from remora.imagebuild import LayerSpec, busybox_image, tar_of_files, write_image, write_index
+from remora_testing.imagebuild import LayerSpec, busybox_image, tar_of_files, write_image, write_index
 from remora.imagestore import LayoutStore, RegistryStore, copy_blob, open_store
 from remora.oci import MEDIA_TYPE_OCI_LAYER_GZIP, Descriptor, parse_index, parse_manifest, select_platform
 

@@ -21,9 +21,9 @@ from bootstrap_craft import bomb_layer, copy_layout, edit, extract_db, ino_of, l
 from remora.converter.convert import ConvertOptions, convert
 from remora.converter.image import RemoraImage
 from remora.errors import InvalidInput
-from remora.imagebuild import LayerSpec, write_image
+from remora_testing.imagebuild import LayerSpec, write_image
 from remora.imagestore import open_store
-from remora.tarbuild import LayerBuilder
+from remora_testing.tarbuild import LayerBuilder
 
 RSS_LIMIT = 256 << 20
 AS_LIMIT = 2 << 30          # a regression hits MemoryError here, not the machine's RAM

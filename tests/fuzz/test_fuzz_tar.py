@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 from remora.converter.merge import LayerMerger, hashing_sink
 from remora.converter.tarstream import FastTarInfo, ForwardReader
 from remora.errors import RemoraError
-from remora.tarbuild import LayerBuilder
+from remora_testing.tarbuild import LayerBuilder
 
 
 def _seed(fmt: int) -> bytes:

@@ -87,7 +87,7 @@ def peer_config(tmp: Path, name: str, schedulers: list[str] | None = None, **kw)
     kw.setdefault("gc_low", Watermark(bytes=48 << 30))
     kw.setdefault("host_id", f"host-{name}")
     # The mesh tests of this file set run plain (in-process, 127.0.0.1); tests/plugins/test_mesh_tls.py
-    # and the lab mesh (remora.netlab.mesh) run with certificates of a test CA.
+    # and the lab mesh (remora_testing.netlab.mesh) run with certificates of a test CA.
     if kw.get("tls_dir") is None:
         kw.setdefault("insecure_plain_mesh", True)
     # The registries the mirror may fetch from (?ns=): the test registry by default.

@@ -1,4 +1,4 @@
-"""The P2P mesh end to end, with real processes in network namespaces (remora.netlab).
+"""The P2P mesh end to end, with real processes in network namespaces (remora_testing.netlab).
 
 One lab for the module (starting 4 peers, a scheduler, a registry and 4 containerds is most of the cost):
 a registry in its namespace (uplink 400 Mbit/s), a scheduler in its own, and 4 nodes each with a
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from remora.netlab import Lab
-from remora.netlab import content
-from remora.netlab.mesh import Mesh, MeshOptions, metric
+from remora_testing.netlab import Lab
+from remora_testing.netlab import content
+from remora_testing.netlab.mesh import Mesh, MeshOptions, metric
 from remora.plugins.peer.config import piece_size_for
 
 pytestmark = pytest.mark.slow

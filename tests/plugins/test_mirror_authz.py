@@ -35,7 +35,7 @@ from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
 from test_peer_containerd import SID_CONTAINERD, containerd, ctr  # noqa: F401 (a fixture)
 
 from remora.registry.client import RegistryClient
-from remora.registry.local import LocalRegistry
+from remora_testing.registry import LocalRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "core"))
 from regclient_tokenserver import TokenAuthRegistry, TokenServer

@@ -16,10 +16,10 @@ import time
 
 import pytest
 
-from remora.netlab import Lab, cleanup_stale
-from remora.netlab.delay import DelayProxy
-from remora.netlab.namespaces import (LAB_SUPERNET, STATE_DIR, blackhole_routes, netns_list, route_get)
-from remora.netlab.shaping import GSO_BURST, parse_rate, show, tbf_burst
+from remora_testing.netlab import Lab, cleanup_stale
+from remora_testing.netlab.delay import DelayProxy
+from remora_testing.netlab.namespaces import (LAB_SUPERNET, STATE_DIR, blackhole_routes, netns_list, route_get)
+from remora_testing.netlab.shaping import GSO_BURST, parse_rate, show, tbf_burst
 
 PY = sys.executable
 PREFIX = f"rlt{os.getpid() % 10000}-"  # this run's labs only: parallel runs never clean each other
@@ -32,13 +32,13 @@ def leftovers(prefix: str = PREFIX) -> tuple[list[str], list[str]]:
 
 
 def probe(node, *args: str, check: bool = True) -> dict:
-    out = node.run([PY, "-m", "remora.netlab.probe", *args], check=check).stdout
+    out = node.run([PY, "-m", "remora_testing.netlab.probe", *args], check=check).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def send_through(lab, src, dst, nbytes: int) -> dict:
     """Send nbytes from src to dst over the lab and return the sink's measurement."""
-    sink = lab.spawn(dst, [PY, "-m", "remora.netlab.probe", "sink", "--listen", f"{dst.ip}:5001"],
+    sink = lab.spawn(dst, [PY, "-m", "remora_testing.netlab.probe", "sink", "--listen", f"{dst.ip}:5001"],
                      log_name=f"sink-{time.monotonic_ns()}.log")
     assert probe(src, "wait-port", f"{dst.ip}:5001")["open"]
     probe(src, "send", "--to", f"{dst.ip}:5001", "--bytes", str(nbytes))
@@ -165,7 +165,7 @@ def test_teardown_on_exception_and_sigterm(tmp_path):
 
     script = textwrap.dedent(f"""
         import sys, time
-        from remora.netlab import Lab
+        from remora_testing.netlab import Lab
         with Lab(prefix={PREFIX!r}, workdir={str(tmp_path / 'term')!r}) as lab:
             a = lab.add_node("a")
             lab.spawn(a, ["sleep", "300"])
@@ -190,7 +190,7 @@ def test_cleanup_removes_killed_run_but_not_live_lab(tmp_path):
     prefix = PREFIX[:-1] + "k-"
     script = textwrap.dedent(f"""
         import time
-        from remora.netlab import Lab
+        from remora_testing.netlab import Lab
         lab = Lab(prefix={prefix!r}, workdir={str(tmp_path / 'killed')!r}).__enter__()
         a = lab.add_node("a")
         lab.spawn(a, ["sleep", "300"])
@@ -221,5 +221,5 @@ def test_cleanup_removes_killed_run_but_not_live_lab(tmp_path):
     assert leftovers(prefix) == ([], [])
     assert subnet not in blackhole_routes() and str(live.subnet) not in blackhole_routes()
     # the command-line form finds nothing more to do
-    out = subprocess.run([PY, "-m", "remora.netlab", "cleanup", "--prefix", prefix], capture_output=True, text=True)
+    out = subprocess.run([PY, "-m", "remora_testing.netlab", "cleanup", "--prefix", prefix], capture_output=True, text=True)
     assert out.returncode == 0 and "nothing to clean" in out.stdout

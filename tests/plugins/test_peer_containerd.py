@@ -11,7 +11,7 @@ import pytest
 
 from remora.plugins.peer import hoststoml
 from remora.procutil import Daemon, free_port, wait_until
-from remora.testenv.containerd2 import containerd2_bin_dir  # fetched by scripts/fetch-newer-runtimes.sh
+from remora_testing.containerd_v2 import containerd2_bin_dir  # fetched by scripts/fetch-newer-runtimes.sh
 
 from peer_util import make_layer, push_image, start_peer, unique
 

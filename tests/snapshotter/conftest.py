@@ -15,7 +15,7 @@ from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from remora.snapshotter.remote import RemoteLayerHandler
 from remora.snapshotter.server import SnapshotterServer
 from remora.snapshotter.storage import mountpoints_under
-from remora.testenv.containerd import PrivateContainerd, RemoraSnapshotter
+from remora_testing.containerd import PrivateContainerd, RemoraSnapshotter
 
 
 class ServerThread:

@@ -20,7 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "format"))
 from bootstrap_craft import bomb_layer, edit, layer_from_db, replace_bootstrap, sample_bootstrap  # noqa: E402
 
-from remora.imagebuild import busybox_image  # noqa: E402
+from remora_testing.imagebuild import busybox_image  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -42,7 +42,7 @@ from remora.procutil import wait_until
 from remora.registry.client import RegistryClient
 from remora.snapshotter.mount import MountManager
 from remora.snapshotter.remote import TARGET_REF_LABEL
-from remora.testenv.containerd import RemoraSnapshotter
+from remora_testing.containerd import RemoraSnapshotter
 
 pytestmark = pytest.mark.timeout(300)
 

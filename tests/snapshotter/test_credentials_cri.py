@@ -2,7 +2,7 @@
 
 Everything is real: Debian's docker-registry with htpasswd auth, ``remora convert``, the
 ``remora snapshotter`` process (with ``--cri-proxy``), containerd 1.6 with its CRI plugin, and
-kubelet's calls made with :class:`~remora.testenv.cri.CRIImageClient` (PullImage with the
+kubelet's calls made with :class:`~remora_testing.cri.CRIImageClient` (PullImage with the
 ``auth`` kubelet fills from a pod's imagePullSecrets).
 
 The snapshotter gets an empty docker config, so the only credentials it can have are the ones the
@@ -25,12 +25,12 @@ from remora.snapshotter.storage import detach_mount, mountpoints_under
 
 from remora.errors import RemoraError
 from remora.format import annotations as ann
-from remora.imagebuild import LayerSpec, write_image
+from remora_testing.imagebuild import LayerSpec, write_image
 from remora.procutil import wait_until
 from remora.registry.client import RegistryClient
-from remora.registry.local import LocalRegistry
-from remora.testenv.containerd import PrivateContainerd, RemoraSnapshotter
-from remora.testenv.cri import CRIImageClient
+from remora_testing.registry import LocalRegistry
+from remora_testing.containerd import PrivateContainerd, RemoraSnapshotter
+from remora_testing.cri import CRIImageClient
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -2,7 +2,7 @@
 overlayfs snapshotter and against a proxy snapshotter (``remora snapshotter`` behind a SnapshotRecorder,
 which also pins down which labels each client sends on Prepare: the table in docs/interop.md).
 
-These tests prove the pieces the interop suite stands on (remora.testenv.containerd2 / docker / cri
+These tests prove the pieces the interop suite stands on (remora_testing.containerd_v2 / docker / cri
 and scripts/fetch-newer-runtimes.sh), not remora's lazy loading: a failure here means the runtime
 setup is broken, not the snapshotter. Every daemon gets its own root, sockets and containerd
 namespace, and the last test checks that stopping them leaves nothing behind.
@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from remora.errors import NotFound
-from remora.imagebuild import LayerSpec, busybox_layer, write_image
+from remora_testing.imagebuild import LayerSpec, busybox_layer, write_image
 from remora.snapshotter.storage import mountpoints_under
-from remora.testenv.containerd import PrivateContainerd, RemoraSnapshotter
-from remora.testenv.containerd2 import RUNC_STATE, PrivateContainerd2
-from remora.testenv.cri import CRIImageClient
-from remora.testenv.docker import PrivateDocker
-from remora.testenv.snaprecorder import SnapshotRecorder
+from remora_testing.containerd import PrivateContainerd, RemoraSnapshotter
+from remora_testing.containerd_v2 import RUNC_STATE, PrivateContainerd2
+from remora_testing.cri import CRIImageClient
+from remora_testing.docker import PrivateDocker
+from remora_testing.snaprecorder import SnapshotRecorder
 
 PROBE = "containerd.io/snapshot/interop-probe"  # a layer annotation containerd should pass through
 CRI_LABELS = {f"containerd.io/snapshot/cri.{k}" for k in ("image-ref", "layer-digest", "manifest-digest",
@@ -52,7 +52,7 @@ def snapshotter(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def containerd2(tmp_path_factory, snapshotter):
+def containerd_v2(tmp_path_factory, snapshotter):
     """containerd 2.1 with overlayfs built in and remora as proxy plugin, shared by the module's tests."""
     with PrivateContainerd2(tmp_path_factory.mktemp("interop") / "ctd2", snapshotter.address) as ctd:
         yield ctd
@@ -70,41 +70,41 @@ def _snapshot_keys(ctd, snapshotter_name: str, namespace: str) -> list[str]:
     return [line.split()[0] for line in out.splitlines()[1:] if line.strip()]
 
 
-def test_containerd2_version_and_config(containerd2):
-    out = containerd2.ctr("version").stdout
+def test_containerd2_version_and_config(containerd_v2):
+    out = containerd_v2.ctr("version").stdout
     assert "Version:  2." in out.split("Server:")[1], out  # sid: 2.1.x when written
-    config = containerd2.config_path.read_text()
+    config = containerd_v2.config_path.read_text()
     assert config.startswith("version = 3\n")
     assert 'enable_remote_snapshot_annotations = "true"' in config
     assert 'snapshotter = "remora"' in config
-    plugins = containerd2.ctr("plugins", "ls").stdout
+    plugins = containerd_v2.ctr("plugins", "ls").stdout
     assert any("remora" in line and line.split()[-1] == "ok" for line in plugins.splitlines()), plugins
 
 
-def test_containerd2_ctr_pull_and_run_overlayfs(containerd2, busybox_ref):
-    containerd2.ctr("images", "pull", "--plain-http", busybox_ref)
-    assert busybox_ref in containerd2.ctr("images", "ls", "-q").stdout
-    out = containerd2.ctr("run", "--rm", busybox_ref, f"c-{uuid.uuid4().hex[:6]}", "echo", "overlayfs-ok").stdout
+def test_containerd2_ctr_pull_and_run_overlayfs(containerd_v2, busybox_ref):
+    containerd_v2.ctr("images", "pull", "--plain-http", busybox_ref)
+    assert busybox_ref in containerd_v2.ctr("images", "ls", "-q").stdout
+    out = containerd_v2.ctr("run", "--rm", busybox_ref, f"c-{uuid.uuid4().hex[:6]}", "echo", "overlayfs-ok").stdout
     assert out.strip() == "overlayfs-ok"
-    assert _snapshot_keys(containerd2, "overlayfs", containerd2.namespace)
+    assert _snapshot_keys(containerd_v2, "overlayfs", containerd_v2.namespace)
 
 
-def test_containerd2_transfer_pull_through_proxy_snapshotter(containerd2, snapshotter, busybox_ref):
-    ns = f"{containerd2.namespace}-proxy"
-    containerd2.ctr("images", "pull", "--plain-http", "--snapshotter", "remora", busybox_ref, namespace=ns)
-    assert _snapshot_keys(containerd2, "remora", ns), "the layer was not committed in the proxy snapshotter"
+def test_containerd2_transfer_pull_through_proxy_snapshotter(containerd_v2, snapshotter, busybox_ref):
+    ns = f"{containerd_v2.namespace}-proxy"
+    containerd_v2.ctr("images", "pull", "--plain-http", "--snapshotter", "remora", busybox_ref, namespace=ns)
+    assert _snapshot_keys(containerd_v2, "remora", ns), "the layer was not committed in the proxy snapshotter"
     # Transfer service + enable_remote_snapshot_annotations export: the full remote-snapshot label set.
     labels = _labels(snapshotter, ns)
     assert CRI_LABELS | {REF_LABEL, PROBE} == set(labels)
     assert labels["containerd.io/snapshot/cri.image-ref"] == busybox_ref
-    out = containerd2.ctr("run", "--rm", "--snapshotter", "remora", busybox_ref, "c-proxy", "cat", "/etc/passwd",
+    out = containerd_v2.ctr("run", "--rm", "--snapshotter", "remora", busybox_ref, "c-proxy", "cat", "/etc/passwd",
                           namespace=ns).stdout
     assert out.startswith("root:x:0:0:")
 
 
-def test_containerd2_local_pull_passes_no_labels(containerd2, snapshotter, busybox_ref):
-    ns = f"{containerd2.namespace}-local"
-    containerd2.ctr("images", "pull", "--local", "--plain-http", "--snapshotter", "remora", busybox_ref,
+def test_containerd2_local_pull_passes_no_labels(containerd_v2, snapshotter, busybox_ref):
+    ns = f"{containerd_v2.namespace}-local"
+    containerd_v2.ctr("images", "pull", "--local", "--plain-http", "--snapshotter", "remora", busybox_ref,
                     namespace=ns)
     assert _labels(snapshotter, ns) == {}
 
@@ -117,8 +117,8 @@ def test_containerd2_without_export_passes_ref_and_layer_annotations(tmp_path, s
 
 
 @pytest.mark.parametrize("driver", ["overlayfs", "remora"])
-def test_docker_pull_and_run(tmp_path, containerd2, snapshotter, registry, busybox_ref, driver):
-    with PrivateDocker(tmp_path / "docker", containerd2.address, snapshotter=driver,
+def test_docker_pull_and_run(tmp_path, containerd_v2, snapshotter, registry, busybox_ref, driver):
+    with PrivateDocker(tmp_path / "docker", containerd_v2.address, snapshotter=driver,
                        insecure_registries=[registry.host]) as dk:
         docker = dk.client()
         info = docker.system.info()
@@ -130,8 +130,8 @@ def test_docker_pull_and_run(tmp_path, containerd2, snapshotter, registry, busyb
         assert docker.run(busybox_ref, ["echo", f"docker-{driver}-ok"], remove=True).strip() == f"docker-{driver}-ok"
         assert docker.container.list(all=True) == []  # --rm removed it
         # dockerd keeps its images in containerd, in its own namespace, on the chosen snapshotter.
-        assert busybox_ref in containerd2.ctr("images", "ls", "-q", namespace=dk.namespace).stdout
-        assert _snapshot_keys(containerd2, driver, dk.namespace)
+        assert busybox_ref in containerd_v2.ctr("images", "ls", "-q", namespace=dk.namespace).stdout
+        assert _snapshot_keys(containerd_v2, driver, dk.namespace)
         snapshotter.take(dk.namespace)  # the container's own Prepares
 
 

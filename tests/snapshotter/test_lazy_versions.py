@@ -22,7 +22,7 @@ import requests
 from lazy_support import CountingProxy
 from remora.cache import ChunkCache
 from remora.converter.convert import ConvertOptions, convert
-from remora.imagebuild import File, LayerSpec, busybox_layer, tar_of_files, write_image
+from remora_testing.imagebuild import File, LayerSpec, busybox_layer, tar_of_files, write_image
 from remora.procutil import wait_until
 from remora.snapshotter.pull import pull
 

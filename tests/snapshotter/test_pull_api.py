@@ -1,4 +1,4 @@
-"""The snapshotter's pull service (snapshotter/api.py) and the thin ``remora pull`` in front of it.
+"""The snapshotter's pull service (snapshotter/pull_service.py) and the thin ``remora pull`` in front of it.
 
 Real parts throughout: the ``remora snapshotter`` process serving gRPC and the pull API, a private
 containerd 1.6 using it as a proxy plugin, a real registry, ``ctr run``. One stack serves the whole
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from lazy_support import CountingProxy
-from remora.imagebuild import busybox_image
+from remora_testing.imagebuild import busybox_image
 from remora.procutil import wait_until
 from remora.registry.client import RegistryClient
 from test_remote_e2e import Stack

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from remora.converter.convert import ConvertOptions, convert
-from remora.imagebuild import LayerSpec, busybox_rootfs, write_image
+from remora_testing.imagebuild import LayerSpec, busybox_rootfs, write_image
 from remora.procutil import wait_until
 from remora.snapshotter.pull import Heartbeat
 

@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 
 from remora.format import annotations as ann
-from remora.imagebuild import LayerSpec, busybox_image, debian_rootfs, write_image
+from remora_testing.imagebuild import LayerSpec, busybox_image, debian_rootfs, write_image
 from remora.procutil import wait_until
 from remora.registry.client import RegistryClient
-from remora.registry.local import LocalRegistry
+from remora_testing.registry import LocalRegistry
 from remora.snapshotter.storage import detach_mount, mountpoints_under
-from remora.testenv.containerd import PrivateContainerd, RemoraSnapshotter
+from remora_testing.containerd import PrivateContainerd, RemoraSnapshotter
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -350,7 +350,7 @@ def test_hot_blob_is_fetched_early_and_once(stacks, reg, busybox, tmp_path, anno
 
 # -- (3) CRI -----------------------------------------------------------------------------------------
 def test_cri_pull_is_remote(stacks, reg, busybox):
-    from remora.testenv.cri import CRIImageClient
+    from remora_testing.cri import CRIImageClient
 
     st = stacks("cri", cri=True, registry_mirrors={reg.host: reg.url})
     mark = reg.mark()
@@ -517,7 +517,7 @@ def test_snapshotter_restart_keeps_containers(stacks, reg, python_image, how):
 # -- (7) containerd 2.1 Transfer pull -----------------------------------------------------------------
 def _containerd2():
     from remora.errors import NotFound
-    from remora.testenv.containerd2 import PrivateContainerd2, containerd2_bin_dir
+    from remora_testing.containerd_v2 import PrivateContainerd2, containerd2_bin_dir
 
     try:
         containerd2_bin_dir()
@@ -538,7 +538,7 @@ def test_containerd2_transfer_pull_is_lazy(stacks, reg, python_image):
 
 # -- (8) Docker on containerd 2.1 ---------------------------------------------------------------------
 def test_docker_pull_and_run_is_lazy(stacks, reg, python_image, tmp_path):
-    from remora.testenv.docker import PrivateDocker
+    from remora_testing.docker import PrivateDocker
 
     st = stacks("dk", containerd_cls=_containerd2())
     mark = reg.mark()

@@ -17,7 +17,7 @@ from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from remora.snapshotter.overlay import Mount, mount_all
 from remora.snapshotter.remote import RemoteLayer, RemoteLayerHandler
 from remora.snapshotter.storage import SnapshotStore, mountpoints_under
-from remora.testenv.containerd import RemoraSnapshotter
+from remora_testing.containerd import RemoraSnapshotter
 
 REF = "containerd.io/snapshot.ref"
 

@@ -11,7 +11,7 @@ Clients (``probe fetch``, ``ctr pull``) run inside the node namespaces and talk 
 tests/plugins/test_mesh_e2e.py and benchmarks/bench_p2p_mesh.py are both built on :class:`Mesh`.
 
 Faults are made from outside the peer, so they exercise the real code paths: a killed peer is
-SIGKILLed; a "corrupt" peer advertises a port where :mod:`remora.netlab.delay` flips bytes of every
+SIGKILLed; a "corrupt" peer advertises a port where :mod:`remora_testing.netlab.delay` flips bytes of every
 piece it serves; a slow peer has a tbf on its uplink; the scheduler is stopped like any daemon.
 
 The mesh is mutual TLS by default, as in production (issue 10): a cluster CA is made in the lab's work
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from remora.netlab.namespaces import Lab, NetlabError, Node, nsenter_argv
-from remora.netlab.services import NsContainerd, NsRegistry, wait_port_in, write_mirror_hosts
+from remora_testing.netlab.namespaces import Lab, NetlabError, Node, nsenter_argv
+from remora_testing.netlab.services import NsContainerd, NsRegistry, wait_port_in, write_mirror_hosts
 from remora.procutil import Daemon
 
 PY = sys.executable
@@ -166,7 +166,7 @@ class Mesh:
         p.daemon = self.lab.spawn(p.node, self.peer_argv(p), log_name=f"peer{p.index}.log")
         if p.corrupt and p.proxy is None:
             tls_args = ["--tls-dir", str(self.tls_dirs[f"peer{p.index}"])] if self.opts.tls else []
-            p.proxy = self.lab.spawn(p.node, [PY, "-m", "remora.netlab.delay", "--listen", f"{p.node.ip}:{CORRUPT_PORT}",
+            p.proxy = self.lab.spawn(p.node, [PY, "-m", "remora_testing.netlab.delay", "--listen", f"{p.node.ip}:{CORRUPT_PORT}",
                                               "--upstream", f"{p.node.ip}:{UPLOAD_PORT}", "--corrupt", *tls_args],
                                      log_name=f"corrupt-proxy{p.index}.log")
         if wait:
@@ -203,7 +203,7 @@ class Mesh:
         return f"{p.mirror}/v2/{repo}/blobs/{digest}?ns={self.registry.host}"
 
     def start_fetch(self, node: Node, url: str, timeout: float = 600) -> subprocess.Popen:
-        argv = nsenter_argv(node.ns) + [PY, "-m", "remora.netlab.probe", "fetch", url, "--timeout", str(timeout)]
+        argv = nsenter_argv(node.ns) + [PY, "-m", "remora_testing.netlab.probe", "fetch", url, "--timeout", str(timeout)]
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     @staticmethod

@@ -1,6 +1,6 @@
 """Small clients that run INSIDE a lab namespace (the safety rule: no client in the root namespace).
 
-``python -m remora.netlab.probe fetch URL`` streams a URL, hashes it and prints one JSON line
+``python -m remora_testing.netlab.probe fetch URL`` streams a URL, hashes it and prints one JSON line
 (bytes, seconds, sha256, status); ``sink``/``send`` measure raw TCP throughput across a shaped link;
 ``wait-port`` polls until a TCP port accepts (readiness of a daemon inside a namespace).
 """
@@ -95,7 +95,7 @@ def wait_port(host: str, port: int, timeout: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m remora.netlab.probe",
+    p = argparse.ArgumentParser(prog="python -m remora_testing.netlab.probe",
                                 description="Clients run inside a lab namespace; each prints one JSON line.")
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="GET a URL, hash the body")

@@ -32,7 +32,7 @@ from typing import Iterable
 
 from remora.errors import NotFound, UsageError
 from remora.procutil import Daemon, wait_until
-from remora.testenv.containerd2 import RUNTIMES_DIR, remove_namespace_leftovers
+from remora_testing.containerd_v2 import RUNTIMES_DIR, remove_namespace_leftovers
 
 DOCKER_DIR = RUNTIMES_DIR / "docker"
 RUN_DOCKER = Path("/run/docker")

@@ -50,7 +50,7 @@ from remora.errors import RemoraError, UsageError
 from remora.procutil import unix_socket_answers
 
 from .pull import pull
-from .pull_client import API_PULL_PATH, API_VERSION_PATH, NDJSON, PullResult
+from .pull_service_client import API_PULL_PATH, API_VERSION_PATH, NDJSON, PullResult
 
 log = logging.getLogger(__name__)
 

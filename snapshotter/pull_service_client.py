@@ -1,4 +1,4 @@
-"""The thin client of the snapshotter's pull service (:mod:`remora.snapshotter.api`), and the
+"""The thin client of the snapshotter's pull service (:mod:`remora.snapshotter.pull_service`), and the
 protocol's names both sides share.
 
 Standard library only, and not even http.client (its email/ssl imports cost ~30 ms, a tenth of what

@@ -411,7 +411,7 @@ class RemoraLayerHandler(RemoteLayerHandler):
         ``client``: a RegistryClient to fetch it with (its connection is then kept for more work);
         ``on_downloaded``: called when its bytes are in, before they are unpacked and made durable."""
         from remora import oci
-        from remora.converter.image import fetch_bootstrap
+        from remora.format.bootstrap_layer import fetch_bootstrap
         from remora.imagestore import RegistryStore, open_store
         from remora.reference import parse_reference
 

@@ -49,10 +49,10 @@ def run(args) -> int:
     from remora.converter.check import check
     from remora.converter.convert import ConvertOptions, convert
     from remora.converter.image import LocalBlobs, RemoraImage
-    from remora.imagebuild import LayerSpec, busybox_rootfs, debian_rootfs, write_image
+    from remora_testing.imagebuild import LayerSpec, busybox_rootfs, debian_rootfs, write_image
     from remora.imagestore import open_store
-    from remora.registry.local import LocalRegistry
-    from remora.tarbuild import LayerBuilder
+    from remora_testing.registry import LocalRegistry
+    from remora_testing.tarbuild import LayerBuilder
 
     console = Console(stderr=True)
     work = Path(tempfile.mkdtemp(prefix="remora-demo-"))

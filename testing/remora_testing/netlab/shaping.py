@@ -2,7 +2,7 @@
 
 A qdisc shapes what leaves an interface, so one direction of a link is shaped on the interface that
 sends it: a node's uplink on its ``eth0`` (inside the node namespace), its downlink on its bridge port
-(inside the bridge namespace). :meth:`remora.netlab.namespaces.Node.shape` picks the right one.
+(inside the bridge namespace). :meth:`remora_testing.netlab.namespaces.Node.shape` picks the right one.
 
 Rates are given like tc takes them ("100mbit", "20mbit", "512kbit") or as an int in bits/s.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from remora.errors import UsageError
-from remora.netlab.namespaces import _run
+from remora_testing.netlab.namespaces import _run
 
 #: The largest packet tbf may be handed whole when the sender's TCP segmentation offload is kept: a 64 KiB
 #: GSO super-packet as the qdisc counts it (its length plus the headers of every segment it stands for,

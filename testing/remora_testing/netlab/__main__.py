@@ -1,20 +1,20 @@
-"""``python -m remora.netlab cleanup [--prefix P] [--force]``: remove labs left by killed runs."""
+"""``python -m remora_testing.netlab cleanup [--prefix P] [--force]``: remove labs left by killed runs."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from remora.errors import RemoraError
-from remora.netlab.namespaces import DEFAULT_PREFIX, cleanup_stale
+from remora_testing.netlab.namespaces import DEFAULT_PREFIX, cleanup_stale
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m remora.netlab",
+        prog="python -m remora_testing.netlab",
         description="Maintenance of remora's network lab (namespaces, veths, blackhole routes).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  python -m remora.netlab cleanup            labs whose owner process is gone\n"
-               "  python -m remora.netlab cleanup --force    every lab with the prefix, even live ones",
+        epilog="examples:\n  python -m remora_testing.netlab cleanup            labs whose owner process is gone\n"
+               "  python -m remora_testing.netlab cleanup --force    every lab with the prefix, even live ones",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("cleanup", help="remove stale lab namespaces, blackhole routes and state files")

@@ -257,8 +257,8 @@ class Node:
         """Rate-limit this node's uplink (egress of its eth0) and/or downlink (egress of its bridge port).
 
         In a lab made with ``offload=True`` the shapers pass TCP super-packets whole (see
-        :func:`remora.netlab.shaping.tbf_burst`)."""
-        from remora.netlab.shaping import set_rate
+        :func:`remora_testing.netlab.shaping.tbf_burst`)."""
+        from remora_testing.netlab.shaping import set_rate
         if up is not None:
             set_rate(self.ns, NODE_IF, up, kind=kind, gso=self.lab.offload)
         if down is not None:
@@ -267,7 +267,7 @@ class Node:
     def tx_bytes(self) -> int:
         """Bytes this node sent on its lab interface (wire level: includes TCP/IP and Ethernet headers; in an
         ``offload`` lab a TCP super-packet's headers are counted once, the shaper's ``Sent`` counter in
-        :func:`remora.netlab.shaping.show` counts them per frame)."""
+        :func:`remora_testing.netlab.shaping.show` counts them per frame)."""
         return _link_stat(self.ns, NODE_IF, "tx_bytes")
 
     def rx_bytes(self) -> int:

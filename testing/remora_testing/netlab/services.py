@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 from remora.errors import RemoraError
-from remora.netlab.namespaces import Node, NetlabError
+from remora_testing.netlab.namespaces import Node, NetlabError
 from remora.procutil import Daemon, wait_until
-from remora.registry.local import LocalRegistry, find_registry_binary
+from remora_testing.registry import LocalRegistry, find_registry_binary
 
 PY = sys.executable
 
@@ -21,7 +21,7 @@ _ACCESS_RE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>/v2/\S+) HTTP/[0-9.]+" (?
 
 
 def wait_port_in(node: Node, host: str, port: int, timeout: float = 15.0, daemon: Daemon | None = None) -> None:
-    out = node.run([PY, "-m", "remora.netlab.probe", "wait-port", f"{host}:{port}", "--timeout", str(timeout)],
+    out = node.run([PY, "-m", "remora_testing.netlab.probe", "wait-port", f"{host}:{port}", "--timeout", str(timeout)],
                    check=False, timeout=timeout + 10)
     if out.returncode != 0:
         tail = daemon.log_tail() if daemon else ""

@@ -8,7 +8,7 @@ what a real long link gives (bounded by the buffer, like a TCP window), and a re
 
 Run it inside a lab namespace, in front of a service::
 
-    nsenter --net=/run/netns/NS python -m remora.netlab.delay \\
+    nsenter --net=/run/netns/NS python -m remora_testing.netlab.delay \\
         --listen 10.213.7.5:6000 --upstream 10.213.7.5:5000 --delay-ms 20 --rate 50mbit
 
 Clients then use :6000 and see +40 ms RTT. ``--rate`` shapes each direction with a token bucket, for
@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 
-log = logging.getLogger("remora.netlab.delay")
+log = logging.getLogger("remora_testing.netlab.delay")
 
 CHUNK = 64 * 1024
 #: ``--corrupt`` flips the last byte of every downstream read of at least this size: HTTP headers are
@@ -170,10 +170,10 @@ def _hostport(text: str) -> tuple[str, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m remora.netlab.delay",
+        prog="python -m remora_testing.netlab.delay",
         description="TCP proxy adding one-way latency per direction (user-space stand-in for netem delay).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  python -m remora.netlab.delay --listen 10.213.7.5:6000 --upstream 10.213.7.5:5000 "
+        epilog="example:\n  python -m remora_testing.netlab.delay --listen 10.213.7.5:6000 --upstream 10.213.7.5:5000 "
                "--delay-ms 20\n  (clients of :6000 see 40 ms more round-trip time)",
     )
     p.add_argument("--listen", type=_hostport, required=True, help="HOST:PORT to accept on (PORT 0 = any)")
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from remora.netlab.shaping import parse_rate
+    from remora_testing.netlab.shaping import parse_rate
     rate = parse_rate(args.rate) / 8 if args.rate else None
     up = (args.delay_ms if args.up_delay_ms is None else args.up_delay_ms) / 1000
     down = (args.delay_ms if args.down_delay_ms is None else args.down_delay_ms) / 1000

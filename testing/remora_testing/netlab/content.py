@@ -1,7 +1,7 @@
 """Test content for the lab registry: big random blobs and small real (runnable) images.
 
 Content is pushed to a registry on 127.0.0.1 in the ROOT namespace whose storage directory the lab's
-registry then serves from inside its namespace (see :mod:`remora.netlab.services`): pushing never
+registry then serves from inside its namespace (see :mod:`remora_testing.netlab.services`): pushing never
 needs a client in the root namespace to talk to a lab address.
 
 Images are real: layer 1 is a busybox-static root filesystem (``/bin/sh``, ``sha256sum``, ...) so

@@ -5,7 +5,7 @@ Why a second class: containerd 2.x reads config ``version = 3`` (new plugin IDs 
 for the platform/snapshotter pairs listed in ``unpack_config``) and passes the ``cri.*`` snapshot labels
 to a proxy snapshotter only when the plugin exports ``enable_remote_snapshot_annotations = "true"``.
 Everything else -- ``ctr()``, stop by PID, removing the namespace's cgroups -- is
-:class:`remora.testenv.containerd.PrivateContainerd`'s, which this class subclasses.
+:class:`remora_testing.containerd.PrivateContainerd`'s, which this class subclasses.
 
 Isolation from the host and from other tests: root, state, ``opt``, the sockets, NRI (disabled: it
 would share ``/var/run/nri/nri.sock``), the CRI registry ``config_path`` and the containerd namespace are
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Mapping
 
 from remora.errors import NotFound
-from remora.testenv.containerd import PrivateContainerd
+from remora_testing.containerd import PrivateContainerd
 
 RUNTIMES_DIR = Path(os.environ.get("REMORA_RUNTIMES_DIR", "/opt/remora-runtimes"))
 CONTAINERD2_DIR = RUNTIMES_DIR / "containerd2"
