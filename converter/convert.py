@@ -19,19 +19,18 @@ import io
 import logging
 import os
 import sys
-import tarfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-import zstandard
-
 from remora import oci
+from remora.digest import sha256_digest
 from remora.errors import DigestMismatch, InvalidInput, NotFound, StorageError
 from remora.format import FORMAT_VERSION, annotations as ann
 from remora.format.bootstrap import write_bootstrap
+from remora.format.bootstrap_layer import encode_bootstrap_layer
 from remora.format.chunker import ChunkingSpec, read_exact
 from remora.format.chunktable import ChunkTable
 from remora.format.tree import ChunkRef, split_path
@@ -44,10 +43,7 @@ from remora.converter.report import ConvertReport
 from remora.converter.workdir import work_dir
 from remora.imagestore import open_store
 
-log = logging.getLogger("remora.convert")
-
-BOOTSTRAP_ZSTD_LEVEL = 10
-
+log = logging.getLogger(__name__)
 
 @dataclass
 class ConvertOptions:
@@ -249,10 +245,30 @@ def convert(source: str, destination: str, opts: ConvertOptions | None = None) -
 
 def _convert(source: str, destination: str, opts: ConvertOptions, report: ConvertReport, workdir: Path,
              progress: Progress) -> None:
+    """The pipeline of the module docstring, one phase per function."""
     src = open_store(source, plain_http=opts.plain_http)
     dst = open_store(destination, plain_http=opts.plain_http)
+    image = _read_source(src, source, opts)
+    chunk_dict = load_chunk_dict(opts.chunk_dict, workdir, opts.plain_http) if opts.chunk_dict else None
+    packing = _Packing(workdir, opts, chunk_dict, report)
+    tree, layer_blobs, hot_blob, prefetch_inos = packing.run(src, image, progress)
+    blobs, boot = _write_bootstrap(dst, image, packing, tree, layer_blobs, hot_blob, prefetch_inos, opts, report,
+                                   progress, workdir)
+    out = _remora_manifest(dst, image, packing.table, blobs, boot, bool(prefetch_inos), report)
+    _push_image(src, dst, source, image, out, boot, chunk_dict, opts, report, progress, workdir)
 
-    # -- 1. the source image ------------------------------------------------------------------
+
+@dataclass
+class _SourceImage:
+    mdesc: oci.Descriptor        # the platform manifest converted (not the index)
+    mbytes: bytes
+    manifest: oci.Manifest
+    config: oci.ImageConfig
+
+
+def _read_source(src, source: str, opts: ConvertOptions) -> _SourceImage:
+    """Phase 1: the source manifest (for ``opts.platform`` when it is an index) and its config, with
+    every check that can fail before any layer is read."""
     top_desc, top_bytes = src.resolve()
     top = oci.parse_manifest_or_index(top_bytes, top_desc.media_type)
     if isinstance(top, oci.Index):
@@ -268,38 +284,45 @@ def _convert(source: str, destination: str, opts: ConvertOptions, report: Conver
                            f"{oci.MAX_MANIFEST_SIZE}-byte limit")
     config = oci.ImageConfig.from_bytes(oci.read_limited(src.open_blob(manifest.config), oci.MAX_MANIFEST_SIZE,
                                                          f"{source}: image config"))
-    diff_ids = config.diff_ids
-    if len(diff_ids) != len(manifest.layers):
-        raise InvalidInput(f"{source}: manifest has {len(manifest.layers)} layers but config has {len(diff_ids)} diff_ids")
+    if len(config.diff_ids) != len(manifest.layers):
+        raise InvalidInput(f"{source}: manifest has {len(manifest.layers)} layers but config has "
+                           f"{len(config.diff_ids)} diff_ids")
     for layer in manifest.layers:
         oci.layer_compression(layer.media_type)  # UnsupportedMediaType before any work
+    return _SourceImage(mdesc, mbytes, manifest, config)
 
-    chunk_dict: ChunkDict | None = load_chunk_dict(opts.chunk_dict, workdir, opts.plain_http) if opts.chunk_dict else None
-    table = ChunkTable()
-    packer = Packer(workdir, table, level=opts.level, batch_size=opts.batch_size, workers=opts.workers,
-                    chunk_dict=chunk_dict.table if chunk_dict else None)
-    hot_order = [_norm(p) for p in opts.prefetch_list]
-    hot = set(hot_order)
-    spool = _HotSpool(workdir)
-    merger = LayerMerger()
-    layer_blobs: list[int] = []
 
-    whole_file_max = opts.chunking.whole_file_max
-    chunks_of, add = opts.chunking.chunks, packer.add
+class _Packing:
+    """Phases 2 and 3: merge the layers (OCI semantics) and pack their content into data blobs, one
+    per layer, then the hot files' chunks into a blob of their own in access order."""
 
-    def sink(fileobj: BinaryIO, size: int) -> list[ChunkRef]:
-        is_hot = hot and merger.current_path in hot
-        if not is_hot and 0 < size <= whole_file_max:
+    def __init__(self, workdir: Path, opts: ConvertOptions, chunk_dict: ChunkDict | None, report: ConvertReport):
+        self.table = ChunkTable()
+        self.packer = Packer(workdir, self.table, level=opts.level, batch_size=opts.batch_size,
+                             workers=opts.workers, chunk_dict=chunk_dict.table if chunk_dict else None)
+        self.hot_order = [_norm(p) for p in opts.prefetch_list]
+        self.hot = set(self.hot_order)
+        self.spool = _HotSpool(workdir)
+        self.merger = LayerMerger()
+        self.report = report
+        self.whole_file_max = opts.chunking.whole_file_max
+        self.chunks_of = opts.chunking.chunks
+
+    def sink(self, fileobj: BinaryIO, size: int) -> list[ChunkRef]:
+        """The merger's callback for one regular file's content: its chunk references."""
+        report, add = self.report, self.packer.add
+        is_hot = self.hot and self.merger.current_path in self.hot
+        if not is_hot and 0 < size <= self.whole_file_max:
             # most files are one chunk: no generator, one read (per-file cost matters on images
             # of many small files)
             report.files += 1
             report.file_bytes += size
             return [add(read_exact(fileobj, size))]
         refs = []
-        for data in chunks_of(fileobj, size):
+        for data in self.chunks_of(fileobj, size):
             if is_hot:
                 digest = hashlib.sha256(data).digest()
-                spool.add(digest, data)
+                self.spool.add(digest, data)
                 refs.append(ChunkRef(digest, len(data)))
             else:
                 refs.append(add(data))
@@ -307,36 +330,60 @@ def _convert(source: str, destination: str, opts: ConvertOptions, report: Conver
         report.file_bytes += size
         return refs
 
-    # -- 2. merge and pack every layer ---------------------------------------------------------
-    try:
-        for i, (layer, diff_id) in enumerate(zip(manifest.layers, diff_ids)):
-            progress.phase(f"layer {i + 1}/{len(manifest.layers)} {layer.digest[7:19]}", layer.size)
-            report.input_compressed_bytes += layer.size
-            compressed = _Counting(src.open_blob(layer), on_bytes=progress.advance)
-            tar_stream = _Counting(open_layer_stream(compressed, layer.media_type), hash_it=True)
-            reader = _ThreadedReader(tar_stream)
-            packer.open_blob()
-            try:
-                merger.apply_layer(reader, sink, label=layer.digest[:19])
-                while reader.read(1 << 20):
-                    pass
-            finally:
-                reader.close()
-                compressed.close()
-            actual = "sha256:" + tar_stream.hasher.hexdigest()
-            if actual != diff_id:
-                raise DigestMismatch(f"layer {i} ({layer.digest}) uncompressed content", diff_id, actual)
-            report.input_bytes += tar_stream.count
-            sealed = packer.close_blob()
-            if sealed:
-                layer_blobs.append(sealed[0])
-        tree = merger.finish()
+    def run(self, src, image: _SourceImage, progress: Progress):
+        """``(tree, layer blob ids, hot blob id or None, prefetch inodes)``; on any error the packer's
+        files are removed."""
+        try:
+            layer_blobs = [b for i, layer in enumerate(image.manifest.layers)
+                           if (b := self._layer(src, i, layer, image, progress)) is not None]
+            tree = self.merger.finish()
+            hot_blob, prefetch_inos = self._hot_blob(tree, progress)
+            self.packer.close()
+        except BaseException:
+            self.packer.abort()
+            raise
+        finally:
+            self.spool.close()
+        tree.number()
+        report, st = self.report, self.packer.stats
+        report.prefetch_files = len(prefetch_inos)
+        report.chunks_seen, report.chunks_stored = st.chunks_seen, st.chunks_stored
+        report.chunks_deduped, report.bytes_deduped = st.chunks_deduped, st.bytes_deduped
+        report.chunks_reused, report.bytes_reused = st.chunks_reused, st.bytes_reused
+        report.layers = len(image.manifest.layers)
+        return tree, layer_blobs, hot_blob, prefetch_inos
 
-        # -- 3. hot files: their own blob, in access order ----------------------------------------
+    def _layer(self, src, i: int, layer: oci.Descriptor, image: _SourceImage, progress: Progress) -> int | None:
+        """Merge and pack layer ``i``, verifying its diff_id; its data blob id (None if it added no new
+        chunk)."""
+        manifest, diff_id = image.manifest, image.config.diff_ids[i]
+        progress.phase(f"layer {i + 1}/{len(manifest.layers)} {layer.digest[7:19]}", layer.size)
+        self.report.input_compressed_bytes += layer.size
+        compressed = _Counting(src.open_blob(layer), on_bytes=progress.advance)
+        tar_stream = _Counting(open_layer_stream(compressed, layer.media_type), hash_it=True)
+        reader = _ThreadedReader(tar_stream)
+        self.packer.open_blob()
+        try:
+            self.merger.apply_layer(reader, self.sink, label=layer.digest[:19])
+            while reader.read(1 << 20):
+                pass
+        finally:
+            reader.close()
+            compressed.close()
+        actual = "sha256:" + tar_stream.hasher.hexdigest()
+        if actual != diff_id:
+            raise DigestMismatch(f"layer {i} ({layer.digest}) uncompressed content", diff_id, actual)
+        self.report.input_bytes += tar_stream.count
+        sealed = self.packer.close_blob()
+        return sealed[0] if sealed else None
+
+    def _hot_blob(self, tree, progress: Progress):
+        """The prefetch files' chunks, in access order, in one blob: ``(blob id or None, inodes)``."""
+        table, packer, spool = self.table, self.packer, self.spool
         progress.phase("prefetch blob", sum(size for _, size in spool.chunks.values()))
-        prefetch_inos, hot_blob = [], None
+        prefetch_inos = []
         packer.open_blob(ordered=True)
-        for path in dict.fromkeys(hot_order):
+        for path in dict.fromkeys(self.hot_order):
             node = tree.lookup(path)
             if node is None or not node.is_reg:
                 continue
@@ -355,108 +402,130 @@ def _convert(source: str, destination: str, opts: ConvertOptions, report: Conver
                     packer.add(spool.read(ref.digest), ref.digest)
                     progress.advance(ref.size)
         sealed = packer.close_blob()
-        if sealed:
-            hot_blob = sealed[0]
-        packer.close()
-    except BaseException:
-        packer.abort()
-        raise
-    finally:
-        spool.close()
-    tree.number()
-    report.prefetch_files = len(prefetch_inos)
-    st = packer.stats
-    report.chunks_seen, report.chunks_stored = st.chunks_seen, st.chunks_stored
-    report.chunks_deduped, report.bytes_deduped = st.chunks_deduped, st.bytes_deduped
-    report.chunks_reused, report.bytes_reused = st.chunks_reused, st.bytes_reused
-    report.layers = len(manifest.layers)
+        return (sealed[0] if sealed else None), prefetch_inos
 
-    # -- 4. bootstrap -------------------------------------------------------------------------
+
+@dataclass
+class _Bootstrap:
+    path: Path
+    digest: str
+    size: int
+    diff_id: str
+
+
+def _write_bootstrap(dst, image: _SourceImage, packing: _Packing, tree, layer_blobs: list[int],
+                     hot_blob: int | None, prefetch_inos, opts: ConvertOptions, report: ConvertReport,
+                     progress: Progress, workdir: Path):
+    """Phase 4: the bootstrap and its layer, while the data blobs go up on a thread (every layer is
+    merged and verified by now, so the registry's hashing and the upload overlap SQLite work instead
+    of following it). Returns ``([(blob id, path or None, bytes pushed)] in manifest order, the
+    bootstrap layer)``; the hot blob, when there is one, comes first."""
+    table, packer = packing.table, packing.packer
     progress.phase("bootstrap", len(table.chunks) * 48 or None)   # a first guess, corrected below
     files = {bid: packer.blob_path(bid) for bid in range(len(table.blobs))}
     remap = table.drop_unused_blobs()
     blob_files = {remap[old]: path for old, path in files.items() if old in remap and path is not None}
     order = [remap[b] for b in ([hot_blob] if hot_blob is not None else []) + layer_blobs]
     order += [b for b in range(len(table.blobs)) if b not in order]
-    meta = {"source_manifest": mdesc.digest, "chunking": str(opts.chunking), "zstd_level": str(opts.level),
+    meta = {"source_manifest": image.mdesc.digest, "chunking": str(opts.chunking), "zstd_level": str(opts.level),
             "batch_size": str(opts.batch_size), "created_by": "remora convert"}
     db_path = workdir / "bootstrap.db"
-    # Every layer is merged and verified by now: the data blobs go up while the bootstrap is built
-    # (the registry's hashing and the upload overlap SQLite work instead of following it).
     pusher = _BlobPusher(dst, [(oci.Descriptor(ann.BLOB_MEDIA_TYPE, *table.blobs[b]), blob_files[b])
                                for b in order if b in blob_files])
     try:
         write_bootstrap(db_path, tree, table, [n.ino for n in prefetch_inos], meta)
-        boot_path, boot_digest, boot_size, boot_diff_id = _bootstrap_layer(db_path, workdir)
+        boot = _Bootstrap(*encode_bootstrap_layer(db_path, workdir))
     except BaseException:
         pusher.join(raise_error=False)     # never leave the thread running past the work dir
         raise
     pushed = pusher.join()                 # re-raises an upload error
-    report.bootstrap_bytes = boot_size
-    progress.complete(boot_size)
+    report.bootstrap_bytes = boot.size
+    progress.complete(boot.size)
+    hot_bid = remap.get(hot_blob) if hot_blob is not None else None
+    blobs = [(bid, blob_files.get(bid), pushed.get(table.blobs[bid][0], 0), bid == hot_bid) for bid in order]
+    return blobs, boot
 
-    # -- 5. manifest and config ---------------------------------------------------------------
+
+@dataclass
+class _Output:
+    layers: list[tuple[oci.Descriptor, Path | None, int]]     # data blobs: descriptor, local file, pushed
+    boot_desc: oci.Descriptor
+    config_desc: oci.Descriptor
+    config_bytes: bytes
+    manifest_desc: oci.Descriptor
+    manifest_bytes: bytes
+
+
+def _remora_manifest(dst, image: _SourceImage, table: ChunkTable, blobs, boot: _Bootstrap, has_prefetch: bool,
+                     report: ConvertReport) -> _Output:
+    """Phase 5: the remora manifest and config (docs/format.md §2): the data blobs, then the bootstrap
+    layer, each annotated with where the bootstrap is and where the blobs live."""
     host, repo = store_location(dst)
     where = f"{host}/{repo}" if host != "oci" else None   # lets the snapshotter find blobs with no client help
-    layer_descs: list[tuple[oci.Descriptor, Path | None]] = []
-    hot_bid = remap.get(hot_blob) if hot_blob is not None else None
-    for bid in order:
+    layers: list[tuple[oci.Descriptor, Path | None, int]] = []
+    for bid, path, pushed, is_hot in blobs:
         digest, size = table.blobs[bid]
         # The hot blob is nothing but the prefetch files' chunks in access order: a snapshotter may
         # fetch it whole the moment it sees this layer, before it has the bootstrap.
         desc = oci.Descriptor(ann.BLOB_MEDIA_TYPE, digest, size,
-                              ann.layer_annotations("blob", boot_digest, boot_size, where,
-                                                    prefetch_bytes=size if bid == hot_bid and prefetch_inos else 0))
-        layer_descs.append((desc, blob_files.get(bid)))
-    boot_desc = oci.Descriptor(ann.BOOTSTRAP_MEDIA_TYPE, boot_digest, boot_size,
-                               ann.layer_annotations("bootstrap", boot_digest, boot_size, where))
+                              ann.layer_annotations("blob", boot.digest, boot.size, where,
+                                                    prefetch_bytes=size if is_hot and has_prefetch else 0))
+        layers.append((desc, path, pushed))
+    boot_desc = oci.Descriptor(ann.BOOTSTRAP_MEDIA_TYPE, boot.digest, boot.size,
+                               ann.layer_annotations("bootstrap", boot.digest, boot.size, where))
+    config = image.config
     new_config = oci.ImageConfig(dict(config.raw))
-    new_config.diff_ids = [d.digest for d, _ in layer_descs] + [boot_diff_id]
+    new_config.diff_ids = [d.digest for d, _, _ in layers] + [boot.diff_id]
     created = config.raw.get("created")
     new_config.raw["history"] = [
         {**({"created": created} if created else {}), "created_by": f"remora convert (format v{FORMAT_VERSION})",
          "comment": "remora data blob" if d is not boot_desc else "remora bootstrap"}
-        for d in [x for x, _ in layer_descs] + [boot_desc]]
+        for d in [x for x, _, _ in layers] + [boot_desc]]
     config_bytes = new_config.to_bytes()
-    config_desc = oci.Descriptor(oci.MEDIA_TYPE_OCI_CONFIG, _sha256(config_bytes), len(config_bytes))
-    new_manifest = oci.Manifest(config=config_desc, layers=[d for d, _ in layer_descs] + [boot_desc],
-                                annotations={ann.MANIFEST_SOURCE: mdesc.digest, ann.MANIFEST_MARKER: str(FORMAT_VERSION)})
+    config_desc = oci.Descriptor(oci.MEDIA_TYPE_OCI_CONFIG, sha256_digest(config_bytes), len(config_bytes))
+    new_manifest = oci.Manifest(config=config_desc, layers=[d for d, _, _ in layers] + [boot_desc],
+                                annotations={ann.MANIFEST_SOURCE: image.mdesc.digest,
+                                             ann.MANIFEST_MARKER: str(FORMAT_VERSION)})
     manifest_bytes = new_manifest.to_bytes()
-    manifest_desc = oci.Descriptor(oci.MEDIA_TYPE_OCI_MANIFEST, _sha256(manifest_bytes),
-                                   len(manifest_bytes))
+    manifest_desc = oci.Descriptor(oci.MEDIA_TYPE_OCI_MANIFEST, sha256_digest(manifest_bytes), len(manifest_bytes))
     report.manifest_digest = manifest_desc.digest
-    report.blobs = len(layer_descs)
-    report.output_bytes = sum(d.size for d, _ in layer_descs) + boot_size
-    report.new_blob_bytes = sum(d.size for d, p in layer_descs if p is not None) + boot_size
+    report.blobs = len(layers)
+    report.output_bytes = sum(d.size for d, _, _ in layers) + boot.size
+    report.new_blob_bytes = sum(d.size for d, p, _ in layers if p is not None) + boot.size
+    return _Output(layers, boot_desc, config_desc, config_bytes, manifest_desc, manifest_bytes)
 
-    # -- 6. push: blobs first, manifest last --------------------------------------------------
+
+def _push_image(src, dst, source: str, image: _SourceImage, out: _Output, boot: _Bootstrap,
+                chunk_dict: ChunkDict | None, opts: ConvertOptions, report: ConvertReport, progress: Progress,
+                workdir: Path) -> None:
+    """Phase 6: blobs first (the data blobs are up already), manifest last, so that a tag never names a
+    partial image; with ``--with-oci-fallback`` an index over the original and the remora manifest."""
     progress.phase("push", report.new_blob_bytes)
-    for desc, path in layer_descs:
+    for desc, path, pushed in out.layers:
         if path is not None:
-            report.uploaded_bytes += pushed[desc.digest]
+            report.uploaded_bytes += pushed
             progress.advance(desc.size)
         else:
             report.mounted_blobs += _ensure_foreign_blob(dst, desc, chunk_dict)
-    report.uploaded_bytes += _push(dst, boot_desc, boot_path, progress)
+    report.uploaded_bytes += _push(dst, out.boot_desc, boot.path, progress)
     cfg_path = workdir / "config.json"
-    cfg_path.write_bytes(config_bytes)
-    report.uploaded_bytes += _push(dst, config_desc, cfg_path, progress)
-    if opts.with_oci_fallback:
-        _copy_image(src, dst, source, mdesc, mbytes, manifest, report)
-        platform = oci.Platform.parse(opts.platform) if mdesc.platform is None else mdesc.platform
-        orig = oci.Descriptor(mdesc.media_type, mdesc.digest, mdesc.size, dict(mdesc.annotations), platform)
-        remora_desc = oci.Descriptor(manifest_desc.media_type, manifest_desc.digest, manifest_desc.size,
-                                     {ann.MANIFEST_MARKER: str(FORMAT_VERSION)}, platform)
-        dst.push_manifest(manifest_desc, manifest_bytes, tag=None)
-        index = oci.Index(manifests=[orig, remora_desc])
-        index_bytes = index.to_bytes()
-        index_desc = oci.Descriptor(oci.MEDIA_TYPE_OCI_INDEX, _sha256(index_bytes),
-                                    len(index_bytes))
-        dst.push_manifest(index_desc, index_bytes, tag=_dst_tag(dst))
-        report.tagged_digest = index_desc.digest
-    else:
-        dst.push_manifest(manifest_desc, manifest_bytes, tag=_dst_tag(dst))
-        report.tagged_digest = manifest_desc.digest
+    cfg_path.write_bytes(out.config_bytes)
+    report.uploaded_bytes += _push(dst, out.config_desc, cfg_path, progress)
+    if not opts.with_oci_fallback:
+        dst.push_manifest(out.manifest_desc, out.manifest_bytes, tag=_dst_tag(dst))
+        report.tagged_digest = out.manifest_desc.digest
+        return
+    mdesc = image.mdesc
+    _copy_image(src, dst, source, mdesc, image.mbytes, image.manifest, report)
+    platform = oci.Platform.parse(opts.platform) if mdesc.platform is None else mdesc.platform
+    orig = oci.Descriptor(mdesc.media_type, mdesc.digest, mdesc.size, dict(mdesc.annotations), platform)
+    remora_desc = oci.Descriptor(out.manifest_desc.media_type, out.manifest_desc.digest, out.manifest_desc.size,
+                                 {ann.MANIFEST_MARKER: str(FORMAT_VERSION)}, platform)
+    dst.push_manifest(out.manifest_desc, out.manifest_bytes, tag=None)
+    index_bytes = oci.Index(manifests=[orig, remora_desc]).to_bytes()
+    index_desc = oci.Descriptor(oci.MEDIA_TYPE_OCI_INDEX, sha256_digest(index_bytes), len(index_bytes))
+    dst.push_manifest(index_desc, index_bytes, tag=_dst_tag(dst))
+    report.tagged_digest = index_desc.digest
 
 
 class _BlobPusher:
@@ -542,23 +611,3 @@ def _copy_image(src, dst, source: str, mdesc, mbytes: bytes, manifest, report: C
         elif how == "copied":
             report.uploaded_bytes += desc.size
     dst.push_manifest(oci.Descriptor(mdesc.media_type, mdesc.digest, len(mbytes)), mbytes, tag=None)
-
-
-def _bootstrap_layer(db_path: Path, workdir: Path) -> tuple[Path, str, int, str]:
-    """Wrap the bootstrap in a deterministic tar, zstd it: ``(path, digest, size, diff_id)``
-    (the encoding lives with its decoder in remora.format.bootstrap_layer)."""
-    from remora.format.bootstrap_layer import encode_bootstrap_layer
-
-    return encode_bootstrap_layer(db_path, workdir)
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
