@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from remora import oci
 from remora.errors import InvalidInput, RemoraError
 from remora.format import annotations as ann
 
@@ -54,11 +55,8 @@ TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 REPO_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-MANIFEST_ACCEPT = ", ".join([
-    "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json"])
-INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
+MANIFEST_ACCEPT = ", ".join(oci.MANIFEST_ACCEPT)
+INDEX_TYPES = tuple(oci.INDEX_MEDIA_TYPES)
 
 
 def parse_reference(ref: str, default_registry: str = "") -> tuple[str, str, str]:

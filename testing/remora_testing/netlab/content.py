@@ -23,21 +23,18 @@ from typing import Sequence
 
 import requests
 
+from remora.digest import hash_file
 from remora.errors import InvalidInput, RegistryError
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+from remora.oci import MEDIA_TYPE_OCI_CONFIG as OCI_CONFIG
+from remora.oci import MEDIA_TYPE_OCI_LAYER_GZIP as OCI_LAYER_GZIP
+from remora.oci import MEDIA_TYPE_OCI_MANIFEST as OCI_MANIFEST
 BUSYBOX = "/bin/busybox"
 BUSYBOX_APPLETS = ("sh", "ls", "cat", "sha256sum", "sleep", "echo", "true", "wc", "find")
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
+    return hash_file(path)[0]
 
 
 def random_blob(path: Path, size: int, seed: int = 0) -> str:
