@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from remora.mounts import detach, mount_at, mounted_fstype  # noqa: F401 - detach and mounted_fstype are this module's API too
 from remora.errors import InvalidInput, NotFound, RemoraError, StorageError
 from remora.snapshotter.fs.spec import MountSpec
 from remora.snapshotter.metrics import MountCollector, read_stats
@@ -75,42 +76,17 @@ class Health:
         return self.state == "ok"
 
 
-def _mountinfo(path: Path | str) -> tuple[str, str] | None:
-    """``(fs type, "major:minor")`` of the topmost mount exactly at ``path`` (never touches the mount)."""
-    target = os.path.abspath(path)  # no realpath: it would stat (and maybe block on) the mount itself
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    found = None
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        if len(fields) < 5:
-            continue
-        mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-        if mp == target:
-            found = (right.split()[0], fields[2])  # the last (topmost) mount wins
-    return found
-
-
-def mounted_fstype(path: Path | str) -> str | None:
-    """The fs type mounted exactly at ``path`` per /proc/self/mountinfo, or None."""
-    info = _mountinfo(path)
-    return info[0] if info else None
-
-
 def set_read_ahead(path: Path | str, kib: int) -> bool:
     """Set the kernel readahead of the mount at ``path`` (its backing-dev-info in sysfs).
 
     FUSE mounts get 128 KiB, so a sequential read reaches the fs process in 128 KiB requests; with
     1 MiB the same read costs 8x fewer round trips through the (Python) daemon.
     """
-    info = _mountinfo(path)
+    info = mount_at(path)
     if not info:
         return False
     try:
-        Path(f"/sys/class/bdi/{info[1]}/read_ahead_kb").write_text(str(kib))
+        Path(f"/sys/class/bdi/{info.device}/read_ahead_kb").write_text(str(kib))
         return True
     except OSError as exc:
         log.debug("cannot set read_ahead_kb of %s: %s", path, exc)
@@ -132,18 +108,6 @@ def _kill_group(pid: int) -> None:
     except (ProcessLookupError, PermissionError):
         pass
 
-
-def detach(path: Path | str, lazy: bool = True) -> bool:
-    """Unmount ``path`` (a live, busy or dead FUSE mount); returns whether nothing is mounted there."""
-    path = str(path)
-    for argv in (["fusermount3", "-u", path], ["umount", path]) + ((["umount", "-l", path],) if lazy else ()):
-        if mounted_fstype(path) is None:
-            return True
-        try:
-            subprocess.run(argv, capture_output=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-    return mounted_fstype(path) is None
 
 
 #: Where fs processes run. Never the snapshotter's own working directory: it may hold a ``remora/``
@@ -203,6 +167,7 @@ class MountManager:
         self._probes: dict[str, threading.Thread] = {}
         self._standby_enabled = standby and not read_only
         self._spare: tuple[subprocess.Popen, Path, float] | None = None  # process, log, monotonic start
+        self._spare_ready_fd: int | None = None  # read end of the current spare's "imports done" pipe
         self._spare_lock = threading.Lock()
         self._spare_wake = threading.Event()   # set: the keeper looks at once (a claim, close)
         self._stopped = threading.Event()      # set by close()
@@ -329,18 +294,53 @@ class MountManager:
             if self._closed or (self._spare is not None and self._spare[0].poll() is None):
                 return True
             log_path = self.state_dir / f"{self._spare_log_prefix()}{secrets.token_hex(6)}.log"
+            self._close_ready_fd()
+            ready_r, ready_w = os.pipe()  # the spare writes one byte there once its imports are done
             try:
                 with open(log_path, "ab") as logf:
-                    argv = fs_argv(self.python, "--standby")
+                    argv = fs_argv(self.python, "--standby", "--ready-fd", str(ready_w))
                     proc = subprocess.Popen(_at_idle_priority(argv) if idle else argv, stdin=subprocess.PIPE,
                                             stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                                            cwd=CHILD_CWD)
+                                            cwd=CHILD_CWD, pass_fds=(ready_w,))
             except OSError as exc:
                 log.warning("cannot start a spare fs process (mounts start cold): %s", exc)
                 log_path.unlink(missing_ok=True)
+                os.close(ready_r)
                 return False
+            finally:
+                os.close(ready_w)
             self._spare = (proc, log_path, time.monotonic())
+            self._spare_ready_fd = ready_r
             return True
+
+    def _close_ready_fd(self) -> None:
+        fd, self._spare_ready_fd = self._spare_ready_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def wait_spare(self, timeout: float = 10.0) -> bool:
+        """Wait until the current spare has done its imports (True), it died, or ``timeout`` passed.
+
+        Why: the snapshotter says it is ready (opens the pull service) only once a pull finds
+        everything warm. Measured: a spare still importing when the first pull arrives (a node asked
+        for a container the moment its daemons answer) takes ~0.25-0.5 CPU-second from that pull on
+        a 2-core machine, and its mount then waits for the imports."""
+        import select
+
+        with self._spare_lock:
+            spare, fd = self._spare, self._spare_ready_fd
+        if spare is None or fd is None:
+            return spare is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                readable, _, _ = select.select([fd], [], [], max(0.0, min(0.2, deadline - time.monotonic())))
+            except (OSError, ValueError):  # closed meanwhile: claimed or replaced
+                return True
+            if readable:  # its byte, or EOF (it died: the keeper replaces it)
+                return spare[0].poll() is None
+            if spare[0].poll() is not None or time.monotonic() >= deadline:
+                return False
 
     def _keep_spare(self) -> None:
         """Keeper thread (standby mode): whenever there is no live spare, start one.
@@ -383,6 +383,7 @@ class MountManager:
         Either way the keeper is woken to start the next spare, once the handover is done."""
         with self._spare_lock:
             spare, self._spare = self._spare, None
+            self._close_ready_fd()
         try:
             return self._hand_over(spare, spec_path, log_path)
         finally:
@@ -412,6 +413,7 @@ class MountManager:
         with self._spare_lock:
             self._closed = True
             spare, self._spare = self._spare, None
+            self._close_ready_fd()
         self._stopped.set()
         self._spare_wake.set()
         if spare is not None:
@@ -432,7 +434,9 @@ class MountManager:
         spec_path = self._file(spec.id, ".json")
         # A re-mount (restore after a crash) starts cold: it is off the cold-start path, and the
         # earlier process's log (why it died) must stay at the head of the mount's log.
+        t0 = time.monotonic()
         proc = None if log_path.exists() or not self._standby_enabled else self._claim_spare(spec_path, log_path)
+        how = "the warm spare" if proc is not None else "a new process"
         if proc is None:
             with open(log_path, "ab") as logf:
                 proc = subprocess.Popen(fs_argv(self.python, "--spec", str(spec_path)),
@@ -449,6 +453,7 @@ class MountManager:
                 raise StorageError(f"mount {spec.id}: not mounted after {self.mount_timeout:.0f}s:\n"
                                    f"{self.log_tail(spec.id)}")
             time.sleep(0.002)  # a mountinfo read is ~0.1 ms; the pull (and the container) waits for this
+        t_mounted = time.monotonic()
         # In mountinfo before FUSE's INIT handshake is done: a first request waits for it, and only
         # after it may the readahead be set (INIT sets the negotiated one, which would undo ours).
         health = self.check(spec.id, timeout=max(1.0, deadline - time.monotonic()))
@@ -458,7 +463,8 @@ class MountManager:
                                f"{self.log_tail(spec.id)}")
         if spec.read_ahead_kb:
             set_read_ahead(mnt, spec.read_ahead_kb)
-        log.info("lazy mount %s at %s (pid %d)", spec.id, mnt, proc.pid)
+        log.info("lazy mount %s at %s (pid %d, %s): in mountinfo after %.3fs, answering after %.3fs", spec.id, mnt,
+                 proc.pid, how, t_mounted - t0, time.monotonic() - t0)
 
     def log_tail(self, mount_id: str, lines: int = 30) -> str:
         try:

@@ -27,23 +27,23 @@ without the lock (WAL readers never wait for the writer), cheap enough to run on
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import enum
 import json
 import logging
 import os
-import re
 import shutil
 import sqlite3
 import tempfile
 import threading
 import time
 import uuid
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
+from remora.mounts import detach_mount, mountpoints_under  # noqa: F401 - also this module's API
 from remora.errors import InvalidInput, NotFound, RemoraError, StorageError
 
 from . import filters as filterlang
@@ -177,30 +177,6 @@ def disk_usage(path: Path) -> Usage:
     return Usage(size=size, inodes=len(seen))
 
 
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes space, tab, newline, backslash as \ooo
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-MNT_DETACH = 2
-
-
-def mountpoints_under(path: Path) -> list[str]:
-    """Mount points at or below ``path`` (deepest first), from /proc/self/mountinfo."""
-    prefix = os.path.realpath(path)
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), line.split()[4])
-            if mp == prefix or mp.startswith(prefix + "/"):
-                found.append(mp)
-    return sorted(found, key=len, reverse=True)
-
-
-def detach_mount(mountpoint: str) -> None:
-    """umount2(MNT_DETACH): works for dead FUSE mounts ("transport endpoint is not connected") too."""
-    if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        raise StorageError(f"cannot unmount {mountpoint}: {os.strerror(err)}")
-
-
 def remove_tree(path: Path) -> None:
     """Delete a snapshot directory, unmounting anything mounted below it first.
 
@@ -268,16 +244,17 @@ class SnapshotStore:
         return self.snapshots_dir / sid / "work"
 
     # -- transactions --------------------------------------------------------------------------
-    def _tx(self):
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
         store = self
 
         class _Tx:
-            def __enter__(self):
+            def __enter__(self) -> sqlite3.Connection:
                 store._lock.acquire()
                 store._db.execute("BEGIN IMMEDIATE")
                 return store._db
 
-            def __exit__(self, exc_type, exc, tb):
+            def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                         tb: TracebackType | None) -> Literal[False]:
                 try:
                     store._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
                 finally:
@@ -286,11 +263,11 @@ class SnapshotStore:
 
         return _Tx()
 
-    def _row(self, db, key: str):
+    def _row(self, db: sqlite3.Connection, key: str) -> Any:
         return db.execute("SELECT id, kind, parent_id, created, updated, labels, size, inodes, remote "
                           "FROM snapshots WHERE key = ?", (key,)).fetchone()
 
-    def _parent_ids(self, db, sid: int | None) -> list[str]:
+    def _parent_ids(self, db: sqlite3.Connection, sid: int | None) -> list[str]:
         if sid is None:
             return []
         rows = db.execute("WITH RECURSIVE chain(id, parent_id, depth) AS ("
@@ -300,7 +277,7 @@ class SnapshotStore:
                           " SELECT id FROM chain ORDER BY depth", (sid,)).fetchall()
         return [str(r[0]) for r in rows]
 
-    def _info(self, db, key: str, row) -> Info:
+    def _info(self, db: sqlite3.Connection, key: str, row: Any) -> Info:
         parent = ""
         if row[2] is not None:
             parent = db.execute("SELECT key FROM snapshots WHERE id = ?", (row[2],)).fetchone()[0]

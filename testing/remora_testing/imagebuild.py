@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterable, Mapping
 
+from remora.mounts import unmount_below
 from remora.compression import compress_stream
 from remora.errors import InvalidInput, StorageError, UsageError
 from remora.oci import (MEDIA_TYPE_DOCKER_CONFIG, MEDIA_TYPE_DOCKER_LAYER, MEDIA_TYPE_DOCKER_LAYER_GZIP,
@@ -442,13 +443,7 @@ def debian_rootfs(cache_dir: str | Path, include: Iterable[str] = ("python3",), 
 def _umount_below(path: Path) -> None:
     """Unmount anything debootstrap left mounted under ``path`` (it mounts proc/sys while
     installing and may not unmount them when it fails), deepest first, before deleting."""
-    prefix = str(path.resolve()) + "/"
-    try:
-        mounts = [line.split()[1].replace("\\040", " ") for line in Path("/proc/self/mounts").read_text().splitlines()]
-    except OSError:
-        return
-    for mnt in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mnt], capture_output=True)
+    unmount_below(path)
 
 
 #: Pinned pure-python wheels for the deps layer (resolved from PyPI once, then cached).
