@@ -68,6 +68,8 @@ FAST_TIER = (
     "tests/core/test_oci.py", "tests/core/test_reference.py", "tests/core/test_digest.py",
     "tests/core/test_compression.py", "tests/converter/test_tarstream.py", "tests/converter/test_packer.py",
     "tests/plugins/test_scheduler_bandit.py", "tests/plugins/test_bandwidth.py",
+    "tests/plugins/test_piece_picker.py",
+    "tests/core/test_registry_authcore.py",
 )
 
 

@@ -5,8 +5,10 @@ Only the peer that talks to the registry ever holds credentials: they are this n
 config's credential helpers and ``auths``), and they are never put on the wire to other peers (pieces
 carry no headers of the registry).
 Handles the two auth schemes of the distribution spec (Basic, and Bearer tokens from the realm named in
-``WWW-Authenticate``), follows redirects to blob storage by hand so ``Authorization`` never leaks to
-another host, and maps failures onto :mod:`remora.errors` (404 -> NotFound, 401/403 -> AuthError, the
+``WWW-Authenticate``) as the aiohttp shell of :mod:`remora.registry.authcore` (the I/O-free core the
+sync :class:`RegistryClient` drives too: challenge parsing, scopes, token requests, the plain-HTTP realm
+rule, token responses and the token cache), follows redirects to blob storage by hand so
+``Authorization`` never leaks to another host, and maps failures onto :mod:`remora.errors` (404 -> NotFound, 401/403 -> AuthError, the
 rest -> RegistryError) so the mirror can answer containerd with a clean status.
 
 **Which registries.** The peer fetches only from the registries it is configured for (``--upstream``
@@ -24,14 +26,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
 from pathlib import Path
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
 from remora import __version__
 from remora.errors import AuthError, NotFound, RegistryError, RemoraError
+from remora.registry import authcore
 from remora.registry.auth import Credentials, is_loopback, load_credentials
 
 log = logging.getLogger(__name__)
@@ -120,12 +122,6 @@ def registry_guard(upstream: "Upstream", metrics=None):
     return guard
 
 
-def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    scheme, _, rest = header.strip().partition(" ")
-    params = dict((k.lower(), v) for k, v in re.findall(r'(\w+)="([^"]*)"', rest))
-    return scheme.lower(), params
-
-
 class Upstream:
     """One aiohttp session to any number of registries, with per-host auth state."""
 
@@ -137,7 +133,10 @@ class Upstream:
         self.docker_config = docker_config
         self._credentials: dict[str, Credentials | None] = {}
         self.timeout = timeout
-        self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
+        #: per registry, once it has challenged: its Basic header, or its last Bearer challenge
+        self._basic: dict[str, str] = {}
+        self._bearer: dict[str, authcore.Challenge] = {}
+        self._tokens = authcore.TokenCache()
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -186,7 +185,7 @@ class Upstream:
             auth = self._auth_header(registry, scope)
             resp = await self._follow(method, url, headers, auth)
             if resp.status == 401 and attempt == 0 and "WWW-Authenticate" in resp.headers:
-                challenge = resp.headers["WWW-Authenticate"]
+                challenge = resp.headers.getall("WWW-Authenticate")
                 resp.release()
                 await self._authenticate(registry, scope, challenge)
                 continue
@@ -228,40 +227,56 @@ class Upstream:
         raise RegistryError(f"{method} {urlsplit(url).path}: too many redirects")
 
     def _auth_header(self, registry: str, scope: str) -> str | None:
-        token = self._tokens.get((registry, scope))
-        if token and token[1] > time.monotonic():
-            return token[0]
-        basic = self._tokens.get((registry, "basic"))
-        return basic[0] if basic else None
+        challenge = self._bearer.get(registry)
+        if challenge is not None:
+            token = self._tokens.get(challenge, scope, self._tokens.identity(self._credentials.get(registry)))
+            if token is not None:
+                return token.header()
+        return self._basic.get(registry)
 
-    async def _authenticate(self, registry: str, scope: str, challenge: str) -> None:
-        scheme, params = _parse_challenge(challenge)
+    async def _authenticate(self, registry: str, scope: str, header: list[str]) -> None:
+        try:
+            challenge = authcore.select_challenge(authcore.parse_challenges(header))
+        except RegistryError as exc:
+            log.warning("%s: %s", registry, exc)
+            raise RegistryError(f"{registry}: {scrub(str(exc))}") from None
         creds = await self._creds(registry)
-        basic = f"Basic {creds.basic()}" if creds and creds.basic() else None
-        if scheme == "basic":
+        if challenge is None:
+            raise AuthError(f"{registry}: unsupported auth challenge (Basic or Bearer only)")
+        if challenge.scheme == "basic":
+            basic = creds.basic() if creds else None
             if not basic:
                 raise AuthError(f"{registry} requires credentials and this node has none for it "
                                 "(docker login on this node, or --registry-config)")
-            self._tokens[(registry, "basic")] = (basic, float("inf"))
+            self._basic[registry] = f"Basic {basic}"
             return
-        if scheme != "bearer" or "realm" not in params:
-            raise AuthError(f"{registry}: unsupported auth challenge {challenge!r}")
-        query = {"service": params.get("service", "")}
-        if scope or params.get("scope"):
-            query["scope"] = scope or params["scope"]
-        url = params["realm"] + ("&" if "?" in params["realm"] else "?") + urlencode(query)
+        self._bearer[registry] = challenge
+        want = authcore.merge_scopes(scope, challenge.scope)
         try:
-            async with self._session.get(url, headers={"Authorization": basic} if basic else {}) as resp:
+            req = authcore.token_request(challenge, want, creds, registry=registry,
+                                         allow_plain_http=registry in self.plain_http)
+        except (AuthError, RegistryError) as exc:  # the realm may not have credentials / is no URL
+            log.warning("%s: %s", registry, exc)
+            raise type(exc)(scrub(str(exc))) from None
+        try:
+            async with self._session.request(req.method, req.url, headers=req.headers, data=req.body()) as resp:
                 if resp.status in (401, 403):
                     raise AuthError(f"{registry}: token service refused this node's credentials ({resp.status})")
                 if resp.status != 200:
                     raise RegistryError(f"{registry}: token service answered {resp.status}")
-                doc = await resp.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            log.warning("%s: token service %s failed: %s", registry, params["realm"], exc or type(exc).__name__)
+                body = bytearray()
+                while len(body) <= authcore.MAX_TOKEN_RESPONSE:   # bounded: one byte more is enough to refuse
+                    chunk = await resp.content.read(authcore.MAX_TOKEN_RESPONSE + 1 - len(body))
+                    if not chunk:
+                        break
+                    body += chunk
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.warning("%s: token service %s failed: %s", registry, challenge.realm, exc or type(exc).__name__)
             raise RegistryError(f"{registry}: token service failed") from None
-        token = doc.get("token") or doc.get("access_token")
-        if not token:
-            raise AuthError(f"{registry}: token service returned no token")
-        ttl = float(doc.get("expires_in") or 60)
-        self._tokens[(registry, scope)] = (f"Bearer {token}", time.monotonic() + max(10.0, ttl - 10))
+        try:
+            token = authcore.parse_token_response(bytes(body), now=self._tokens.clock())
+        except RegistryError as exc:
+            raise RegistryError(f"{registry}: {exc}") from None
+        who = self._tokens.identity(creds)
+        self._tokens.put(challenge, want, who, token)
+        self._tokens.put(challenge, scope, who, token)   # what _auth_header looks up

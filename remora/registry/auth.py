@@ -1,4 +1,4 @@
-"""Registry credentials: where they come from, and how a registry's auth challenge is answered.
+"""Registry credentials: where they come from, and how :class:`RegistryClient` answers auth challenges.
 
 Two jobs, kept apart from the HTTP client so they can be tested alone:
 
@@ -7,32 +7,30 @@ Two jobs, kept apart from the HTTP client so they can be tested alone:
   ``REMORA_PASSWORD``, then the Docker client's ``config.json`` (``$DOCKER_CONFIG`` or
   ``~/.docker/config.json``) with its ``credHelpers``, ``credsStore`` and inline ``auths``. Anyone who
   ran ``docker login`` therefore needs no extra setup.
-* :class:`Authenticator` answers ``WWW-Authenticate`` challenges: ``Basic`` (send the credentials) and
-  ``Bearer`` (fetch a token from the realm for the challenged scope, cache it per scope, refresh it
-  when it is rejected). The challenge parser and the basic-auth encoding come from oras-py; the token
-  fetch is ours because oras-py keeps one token for every scope, has no timeout, and reports a
-  refused token request only as a log line.
+* :class:`Authenticator` is the requests (sync) shell around :mod:`remora.registry.authcore`, which
+  decides everything else without I/O: challenge parsing, scopes, the token request, whether a realm
+  may get credentials, token responses and the token cache. The peer's aiohttp client
+  (``plugins/peer/upstream.py``) drives the same core, so both clients follow the same rules.
 
 Secrets never reach a log line or an exception message: :class:`Credentials` masks them in ``repr``.
 """
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import logging
 import os
 import shutil
 import subprocess
 import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
 
 from remora.errors import AuthError, RegistryError
+from remora.registry import authcore
+from remora.registry.authcore import Credentials, is_loopback  # noqa: F401 - re-exported: their historic home
 
 log = logging.getLogger("remora.registry")
 
@@ -42,32 +40,6 @@ DOCKER_HUB_HOSTS = {"docker.io", "index.docker.io", "registry-1.docker.io", "reg
 #: What docker-credential helpers return as the username when the secret is an identity token.
 IDENTITY_TOKEN_USER = "<token>"
 HELPER_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """A username with a password, or an OAuth2 identity (refresh) token, and where it came from.
-
-    ``source`` names the origin ("--username", "REMORA_USERNAME", "/root/.docker/config.json", ...)
-    so an :class:`AuthError` can tell the user which credentials the registry refused.
-    """
-
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    identity_token: str | None = field(default=None, repr=False)
-    source: str = "arguments"
-
-    def basic(self) -> str | None:
-        """The base64 ``user:password`` of a Basic ``Authorization`` header, or None."""
-        if self.username is None or self.password is None:
-            return None
-        from oras.auth.utils import get_basic_auth  # oras-py costs ~0.2 s to import: only when auth is used
-
-        return get_basic_auth(self.username, self.password)
-
-    def __repr__(self) -> str:  # never show a secret, even in a debugger or a traceback
-        secret = "identity-token" if self.identity_token else ("password" if self.password else "none")
-        return f"Credentials(username={self.username!r}, secret=<{secret}>, source={self.source!r})"
 
 
 def docker_config_path(docker_config: str | os.PathLike | None = None) -> Path:
@@ -198,37 +170,27 @@ def load_credentials(host: str, docker_config: str | os.PathLike | None = None, 
     return _from_docker_config(host, docker_config_path(docker_config))
 
 
-def is_loopback(host: str) -> bool:
-    """True for localhost, 127.0.0.0/8 and ::1, with or without a port (``[::1]:5000``)."""
-    h = host.strip()
-    if h.startswith("["):
-        h = h[1:].split("]", 1)[0]
-    elif h.count(":") == 1:
-        h = h.split(":", 1)[0]
-    if h.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
-
-
-@dataclass
-class _Token:
-    value: str
-    expires_at: float
+def _read_bounded(resp: requests.Response, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of a streamed body (one more than allowed is enough to refuse it)."""
+    buf = bytearray()
+    for chunk in resp.iter_content(8192):
+        buf += chunk
+        if len(buf) > limit:
+            break
+    return bytes(buf)
 
 
 class Authenticator:
-    """Answers one registry's challenges; shared by every request of a :class:`RegistryClient`.
+    """Answers one registry's challenges; shared by every request (and thread) of a :class:`RegistryClient`.
 
     ``credentials`` is resolved lazily (``loader`` is called on the first challenge), so talking to an
-    anonymous registry never runs a credential helper. Bearer tokens are cached per scope string, so
+    anonymous registry never runs a credential helper. Bearer tokens live in an
+    :class:`~remora.registry.authcore.TokenCache` keyed by realm, service, scope and credential, so
     pulling from one repository and pushing to another never reuse a token that lacks the scope.
     """
 
     def __init__(self, host: str, session: requests.Session, *, loader, timeout: float, allow_plain_http: bool,
-                 docker_config: str | os.PathLike | None = None):
+                 docker_config: str | os.PathLike | None = None, cache: authcore.TokenCache | None = None):
         self.host = host
         self.docker_config = docker_config
         self.session = session
@@ -237,18 +199,24 @@ class Authenticator:
         self._loader = loader
         self._loaded = False
         self._creds: Credentials | None = None
+        self._who = "anonymous"
         self._lock = threading.Lock()
-        self._scheme: str | None = None          # "basic" or "bearer" once the registry has told us
-        self._bearer: dict[str, str] = {}        # realm, service of the last bearer challenge
-        self._tokens: dict[str, _Token] = {}     # scope string -> token
+        self._scheme: str | None = None                      # "basic" or "bearer" once the registry has told us
+        self._bearer: authcore.Challenge | None = None       # the last Bearer challenge (realm, service)
+        self._tokens = cache if cache is not None else authcore.TokenCache()
 
     @property
     def credentials(self) -> Credentials | None:
         with self._lock:
             if not self._loaded:
                 self._creds = self._loader()
+                self._who = self._tokens.identity(self._creds)
                 self._loaded = True
             return self._creds
+
+    def _identity(self) -> str:
+        self.credentials  # noqa: B018 - loads them (and their identity) once
+        return self._who
 
     def describe_credentials(self) -> str:
         """For error messages: which credentials were (not) found, never their values."""
@@ -265,90 +233,65 @@ class Authenticator:
         if self._scheme == "basic":
             basic = self.credentials.basic() if self.credentials else None
             return {"Authorization": f"Basic {basic}"} if basic else {}
-        if self._scheme == "bearer" and scope:
-            tok = self._tokens.get(scope)
-            if tok is None or tok.expires_at <= time.monotonic():
-                tok = self._fetch_token(scope)
-            return {"Authorization": f"Bearer {tok.value}"}
+        bearer = self._bearer
+        if self._scheme == "bearer" and bearer is not None and scope:
+            tok = self._tokens.get(bearer, scope, self._identity()) or self._fetch_token(bearer, scope)
+            return {"Authorization": tok.header()}
         return {}
 
     def answer(self, response: requests.Response, scope: str | None, sent: dict[str, str]) -> dict[str, str] | None:
         """Headers to retry a 401 with, or None when retrying cannot help (then it is an AuthError)."""
-        challenge = response.headers.get("WWW-Authenticate", "")
-        kind = challenge.split(" ", 1)[0].strip().lower()
-        if kind == "basic":
+        try:
+            challenge = authcore.select_challenge(
+                authcore.parse_challenges(response.headers.get("WWW-Authenticate", "")))
+        except RegistryError as exc:
+            raise RegistryError(f"registry {self.host}: {exc}") from None
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
             self._scheme = "basic"
             basic = self.credentials.basic() if self.credentials else None
             if not basic or sent.get("Authorization") == f"Basic {basic}":
                 return None
             return {"Authorization": f"Basic {basic}"}
-        if kind == "bearer":
-            from oras.auth.utils import parse_auth_header
+        self._bearer, self._scheme = challenge, "bearer"
+        want = authcore.merge_scopes(scope, challenge.scope)
+        who = self._identity()
+        cached = self._tokens.get(challenge, want, who)
+        if cached and sent.get("Authorization") == cached.header():
+            # The token we just sent for exactly this scope was refused: fetch once more (it may have
+            # expired early or been revoked); a second refusal is final.
+            self._tokens.discard(challenge, want, who, cached)
+        elif cached:
+            return {"Authorization": cached.header()}
+        tok = self._fetch_token(challenge, want)
+        if scope and authcore.merge_scopes(scope) != want:
+            self._tokens.put(challenge, scope, who, tok)
+        if sent.get("Authorization") == tok.header():
+            return None
+        return {"Authorization": tok.header()}
 
-            h = parse_auth_header(challenge)
-            if not h.realm:
-                raise RegistryError(f"registry {self.host} sent a Bearer challenge without a realm: {challenge[:200]}")
-            self._scheme = "bearer"
-            self._bearer = {"realm": h.realm, "service": h.service or ""}
-            want = h.scope or scope or ""
-            cached = self._tokens.get(want)
-            if cached and sent.get("Authorization") == f"Bearer {cached.value}":
-                # The token we just sent for exactly this scope was refused: fetch once more (it may have
-                # expired early or been revoked); a second refusal is final.
-                self._tokens.pop(want, None)
-            elif cached:
-                return {"Authorization": f"Bearer {cached.value}"}
-            tok = self._fetch_token(want)
-            if scope and scope != want:
-                self._tokens[scope] = tok
-            if sent.get("Authorization") == f"Bearer {tok.value}":
-                return None
-            return {"Authorization": f"Bearer {tok.value}"}
-        return None
-
-    def _fetch_token(self, scope: str) -> _Token:
-        realm, service = self._bearer["realm"], self._bearer.get("service")
-        parts = urlsplit(realm)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise RegistryError(f"registry {self.host} names an invalid token realm {realm!r}")
+    def _fetch_token(self, challenge: authcore.Challenge, scope: str) -> authcore.Token:
+        realm = challenge.realm
         creds = self.credentials
-        if parts.scheme == "http" and creds is not None and not (self.allow_plain_http or is_loopback(parts.netloc)):
-            raise AuthError(f"refusing to send credentials for {self.host} to the plain-HTTP token server {realm}; "
-                            f"use --plain-http only if you trust the network")
-        scopes = [s for s in scope.split(" ") if s]
+        req = authcore.token_request(challenge, scope, creds, registry=self.host,
+                                     allow_plain_http=self.allow_plain_http)
         try:
-            if creds is not None and creds.identity_token:
-                # OAuth2 refresh-token grant, what `docker login` identity tokens are for.
-                form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
-                        "client_id": "remora", "scope": " ".join(scopes)}
-                if service:
-                    form["service"] = service
-                resp = self.session.post(realm, data=form, timeout=self.timeout)
-            else:
-                params: list[tuple[str, str]] = [("service", service)] if service else []
-                params += [("scope", s) for s in scopes]
-                headers = {"Accept": "application/json"}
-                basic = creds.basic() if creds else None
-                if basic:
-                    headers["Authorization"] = f"Basic {basic}"
-                resp = self.session.get(realm, params=params, headers=headers, timeout=self.timeout)
+            with self.session.request(req.method, req.url, headers=req.headers, data=req.body(),
+                                      timeout=self.timeout, stream=True) as resp:
+                status = resp.status_code
+                body = _read_bounded(resp, authcore.MAX_TOKEN_RESPONSE) if status == 200 else b""
         except requests.RequestException as exc:
             raise RegistryError(f"token server {realm} for registry {self.host} unreachable: {exc}") from None
-        if resp.status_code in (401, 403):
+        if status in (401, 403):
             raise AuthError(f"token server {realm} refused a token for {self.host} "
-                            f"(scope {scope or 'none'}, HTTP {resp.status_code}): {self.describe_credentials()}")
-        if resp.status_code != 200:
-            raise RegistryError(f"token server {realm} for registry {self.host} answered HTTP {resp.status_code}")
+                            f"(scope {scope or 'none'}, HTTP {status}): {self.describe_credentials()}")
+        if status != 200:
+            raise RegistryError(f"token server {realm} for registry {self.host} answered HTTP {status}")
         try:
-            data = resp.json()
-            value = data.get("token") or data.get("access_token")
-            expires_in = float(data.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
-            raise RegistryError(f"token server {realm} returned a malformed token response") from None
-        if not value:
-            raise RegistryError(f"token server {realm} returned no token")
-        # Refresh a little early so a token does not expire between our check and the registry's.
-        tok = _Token(value, time.monotonic() + max(expires_in - 10, expires_in / 2))
-        self._tokens[scope] = tok
+            tok = authcore.parse_token_response(body, now=self._tokens.clock())
+        except RegistryError as exc:
+            raise RegistryError(f"{exc} (token server {realm}, registry {self.host})") from None
+        self._tokens.put(challenge, scope, self._identity(), tok)
         log.debug("got a bearer token for %s scope %r", self.host, scope)
         return tok

@@ -1,10 +1,10 @@
 """The OCI distribution client every remora component uses to talk to a registry.
 
 A requests session set up like oras-py's :class:`oras.provider.Registry` (cookie-free, so registries
-such as Harbor do not mistake us for a browser), oras-py's challenge parsing and basic-auth encoding
-(imported only when a registry asks for credentials: importing oras-py costs ~0.2 s, which a lazy
-pull from an anonymous registry should not pay), and the requests oras-py lacks written here: range reads, cross-repository mounts, uploads from any path
-with constant memory, per-scope bearer tokens, bounded retries, and errors mapped onto
+such as Harbor do not mistake us for a browser), auth by :class:`remora.registry.auth.Authenticator`
+(the sync shell of the I/O-free :mod:`remora.registry.authcore` the peer shares: challenges, scopes,
+per-scope bearer tokens), and the requests oras-py lacks written here: range reads, cross-repository
+mounts, uploads from any path with constant memory, bounded retries, and errors mapped onto
 :mod:`remora.errors` so a command never shows a traceback.
 
 Retries: idempotent requests (GET, HEAD, manifest PUT) are retried on 5xx, 429 and connection
@@ -35,6 +35,7 @@ from remora import __version__
 from remora.errors import (AuthError, DigestMismatch, InvalidInput, NotFound, RegistryError, RemoraError,
                            StorageError, UnsupportedMediaType, UsageError)
 from remora.registry.auth import Authenticator, Credentials, is_loopback, load_credentials
+from remora.registry.authcore import repository_scope
 
 log = logging.getLogger("remora.registry")
 
@@ -355,11 +356,11 @@ class RegistryClient:
 
     @staticmethod
     def _pull(repo: str) -> str:
-        return f"repository:{repo}:pull"
+        return repository_scope(repo, ("pull",))
 
     @staticmethod
     def _push(repo: str) -> str:
-        return f"repository:{repo}:pull,push"
+        return repository_scope(repo, ("pull", "push"))
 
     # ---------------------------------------------------------------- manifests
 
