@@ -75,11 +75,14 @@ class RemoraLayerHandler(RemoteLayerHandler):
         from remora.snapshotter.mount import MountManager
         from remora.snapshotter.staging import StagingArea
 
+        from remora.snapshotter.layout import StateLayout
+
         self.root = Path(root)
-        self.bootstraps = self.root / "bootstraps"
+        layout = StateLayout(self.root)
+        self.bootstraps = layout.bootstraps
         self.bootstraps.mkdir(parents=True, exist_ok=True)
         # standby: a warm spare fs process takes the next mount (no interpreter start on the cold path)
-        self.mounts = mounts or MountManager(self.root / "lazy", self.root / "cache", cache_limit, standby=standby,
+        self.mounts = mounts or MountManager(layout.lazy, layout.cache, cache_limit, standby=standby,
                                              cache_isolation=cache_isolation)
         self.mirrors = list(mirrors)
         self.insecure = insecure
@@ -91,12 +94,24 @@ class RemoraLayerHandler(RemoteLayerHandler):
         self._fetching: dict[str, threading.Lock] = {}
         self._validated_bootstraps: set[str] = set()  # digests whose file passed validate_bootstrap in this run
         # early prefetch: hot blobs streamed from their layer's Prepare on (see staging.py)
-        self.staging = StagingArea(self.root / "staging", limit=early_prefetch_limit)
+        self.staging = StagingArea(layout.staging, limit=early_prefetch_limit)
         self._hot_blobs: dict[str, set[str]] = {}  # bootstrap digest -> hot blobs of that image
         self._warmed: set[tuple[str, str]] = set()
         self._preconnected: dict[str, tuple[object, float, threading.Thread]] = {}  # host -> (client, when, connecting)
         for stale in self.bootstraps.glob(".tmp-*"):  # left by a crash mid-fetch
             shutil.rmtree(stale, ignore_errors=True)
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until a first pull would find everything warm: the spare fs process imported (the
+        pull service opens its socket only then; see MountManager.wait_spare). Never raises: past
+        ``timeout`` (a very loaded node) the first mount just pays for what is still missing."""
+        wait = getattr(self.mounts, "wait_spare", None)
+        if wait is None:
+            return
+        t0 = time.monotonic()
+        ok = wait(timeout)
+        log.info("spare fs process %s after %.3fs", "ready" if ok else "NOT ready (mounts start cold)",
+                 time.monotonic() - t0)
 
     # -- RemoteLayerHandler ----------------------------------------------------------------------
     async def mount(self, layer: RemoteLayer) -> bool:
@@ -440,12 +455,23 @@ class RemoraLayerHandler(RemoteLayerHandler):
                 if not size:
                     size = store.client.head_blob(repo, digest) or 0
                 desc = oci.Descriptor(ann.BOOTSTRAP_MEDIA_TYPE, digest, size)
+                t0 = time.monotonic()
+                downloaded = [t0]
+
+                def got_bytes() -> None:
+                    downloaded[0] = time.monotonic()
+                    if on_downloaded is not None:
+                        on_downloaded()
                 # streamed to disk and bounded, then validated: never whole in this process's memory
-                path = fetch_bootstrap(store, desc, tmpdir, on_downloaded)
+                path = fetch_bootstrap(store, desc, tmpdir, got_bytes)
+                t1 = time.monotonic()
                 with open(path, "rb") as f:  # durable before it becomes visible under its final name
                     os.fsync(f.fileno())
                 os.replace(path, final)
                 self._validated_bootstraps.add(digest)
+                log.info("bootstrap %s: %d bytes downloaded in %.3fs, unpacked and validated in %.3fs, "
+                         "fsync %.3fs", digest[:19], size, downloaded[0] - t0, t1 - downloaded[0],
+                         time.monotonic() - t1)
             finally:
                 if client is None:
                     store.close()

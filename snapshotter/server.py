@@ -41,6 +41,7 @@ from remora.procutil import unix_socket_answers
 from . import overlay
 from .remote import LayerUnavailable, RemoteLayerHandler
 from .snapshotter import Snapshotter, Unimplemented
+from .layout import StateLayout
 from .storage import AlreadyExists, FailedPrecondition, Info, SnapshotStore
 
 __all__ = ["SnapshotsService", "SnapshotterServer", "Unimplemented", "serve"]
@@ -246,7 +247,7 @@ class SnapshotterServer:
         """One server per root (an flock the kernel drops when the process dies, even by kill -9)."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(StateLayout(self.root).lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StorageError(f"cannot create snapshotter root {self.root}: {exc}") from exc
         try:

@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from remora.snapshotter.layout import StateLayout
+
 EPILOG = """\
 examples:
   remora stats                                  the default snapshotter root
@@ -40,7 +42,7 @@ def check_root(root: Path) -> None:
 
     if not root.is_dir():
         raise NotFound(f"no snapshotter state at {root}: no such directory (give the snapshotter's --root)")
-    if not (root / "metadata.db").is_file():
+    if not StateLayout(root).is_state_dir():
         raise NotFound(f"{root} is not a snapshotter's state directory (no metadata.db in it); give the "
                        "--root that 'remora snapshotter' runs with")
 
@@ -53,7 +55,8 @@ def collect(root: Path) -> dict:
     from remora.errors import NotFound
     from remora.snapshotter.mount import MountManager
 
-    mounts = MountManager(root / "lazy", root / "cache", read_only=True)
+    layout = StateLayout(root)
+    mounts = MountManager(layout.lazy, layout.cache, read_only=True)
     out = {"mounts": [], "cache": None}
     specs = {}
     for mount_id in mounts.ids() if mounts.state_dir.is_dir() else []:
@@ -69,7 +72,7 @@ def collect(root: Path) -> dict:
                               "mountpoint": spec.mountpoint, "fetch": data.get("fetch", {}),
                               "cache": data.get("cache", {})})
     limit = next((s.cache_limit for s in specs.values()), None)
-    out["cache"] = cache_info(root / "cache", limit)
+    out["cache"] = cache_info(layout.cache, limit)
     return out
 
 

@@ -1,6 +1,6 @@
 """The snapshot metadata store: SQLite (WAL) plus one directory per snapshot.
 
-Layout under the snapshotter root::
+Its part of the snapshotter root (the whole layout: :mod:`remora.snapshotter.layout`)::
 
     metadata.db            snapshots table (one row per snapshot, labels as JSON)
     snapshots/<id>/fs      the snapshot's filesystem (overlay upperdir / a lowerdir once committed)
@@ -44,6 +44,7 @@ from types import TracebackType
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
 from remora.mounts import detach_mount, mountpoints_under  # noqa: F401 - also this module's API
+from remora.snapshotter.layout import StateLayout
 from remora.errors import InvalidInput, NotFound, RemoraError, StorageError
 
 from . import filters as filterlang
@@ -202,7 +203,8 @@ class SnapshotStore:
 
     def __init__(self, root: Path | str):
         self.root = Path(root).resolve()
-        self.snapshots_dir = self.root / "snapshots"
+        self.layout = StateLayout(self.root)
+        self.snapshots_dir = self.layout.snapshots
         try:
             self.snapshots_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(self.root, 0o700)
@@ -211,7 +213,7 @@ class SnapshotStore:
         self._lock = threading.RLock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
-        self._db = sqlite3.connect(self.root / "metadata.db", isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(self.layout.metadata_db, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -221,7 +223,7 @@ class SnapshotStore:
         """This thread's read connection (autocommit: every statement sees the latest commit)."""
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.root / "metadata.db", isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(self.layout.metadata_db, isolation_level=None, check_same_thread=False)
             self._local.db = db
             with self._lock:
                 self._readers.append(db)
