@@ -2,6 +2,24 @@
 
 A command catches :class:`RemoraError` at the top (see :mod:`remora.cli`), prints its message and
 exits with ``exit_code``; scripts and CI can branch on the code without parsing text.
+
+=====  =====================================================================================
+code   meaning
+=====  =====================================================================================
+1      any other remora error (:class:`RemoraError`)
+2      usage: bad arguments or configuration (:class:`UsageError`)
+3      invalid input: corrupt, hostile or lying data, wrong digest (:class:`InvalidInput`)
+4      authentication or authorization refused (:class:`AuthError`)
+5      not found (:class:`NotFound`)
+6      the registry failed or could not be reached (:class:`RegistryError`)
+7      local storage failed: disk full, permissions, I/O (:class:`StorageError`)
+8      already exists (:class:`AlreadyExists`)
+9      a remora or containerd service is unavailable (:class:`ServiceUnavailable`)
+130    interrupted (Ctrl-C)
+=====  =====================================================================================
+
+Every error a component raises across a module boundary derives from one of these; exceptions
+private to one module (control flow inside it) may stay plain, with a leading underscore.
 """
 from __future__ import annotations
 
@@ -59,3 +77,15 @@ class StorageError(RemoraError):
     """Local storage failed: disk full, permission denied, I/O error."""
 
     exit_code = 7
+
+
+class AlreadyExists(RemoraError):
+    """A name that must be new is taken (a snapshot key, containerd's ALREADY_EXISTS, a task id)."""
+
+    exit_code = 8
+
+
+class ServiceUnavailable(RemoraError):
+    """A remora daemon (pull service, manager, scheduler) or containerd cannot be reached."""
+
+    exit_code = 9

@@ -32,16 +32,12 @@ from typing import Iterator, Mapping
 
 import grpc
 
-from remora.errors import InvalidInput, NotFound, RemoraError, StorageError, UsageError
+from remora.errors import AlreadyExists, InvalidInput, NotFound, RemoraError, StorageError, UsageError
 
 NAMESPACE_HEADER = "containerd-namespace"
 LEASE_HEADER = "containerd-lease"
 GC_EXPIRE_LABEL = "containerd.io/gc.expire"
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
-
-
-class AlreadyExists(RemoraError):
-    """containerd answered ALREADY_EXISTS (for Prepare with a snapshot.ref: the layer is remote)."""
 
 
 class Unavailable(UsageError):

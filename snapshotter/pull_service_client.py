@@ -14,6 +14,8 @@ import os
 import socket
 from typing import Callable, NamedTuple
 
+from remora.errors import ServiceUnavailable  # standard library only itself
+
 DEFAULT_API_ADDRESS = "/run/remora/api.sock"
 API_PULL_PATH = "/v1/pull"
 API_VERSION_PATH = "/v1/version"
@@ -34,7 +36,7 @@ class PullResult(NamedTuple):
     seconds: float
 
 
-class NoService(Exception):
+class NoService(ServiceUnavailable):
     """Nothing serves the pull API at that socket (the reason is the message): pull in-process."""
 
 

@@ -33,6 +33,8 @@ TARGET_REF_LABEL = "containerd.io/snapshot.ref"
 # Layer annotations with this prefix are passed through as snapshot labels by containerd.
 REMORA_LABEL_PREFIX = "containerd.io/snapshot/remora."
 
+from remora.errors import RemoraError, ServiceUnavailable
+
 
 def is_remote_candidate(labels: Mapping[str, str]) -> bool:
     """A Prepare worth offering to the handler: it names a target and carries remora annotations."""
@@ -89,11 +91,11 @@ class RemoteLayerHandler:
         """Stop background work; called once when the server shuts down."""
 
 
-class LayerUnavailable(Exception):
+class LayerUnavailable(ServiceUnavailable):
     """A remote layer's filesystem is dead or hung and could not be restored (gRPC UNAVAILABLE)."""
 
 
-class RemoteLayerRefused(Exception):
+class RemoteLayerRefused(RemoraError):
     """A remote layer that must not fall back to a local one: its Prepare fails with this message.
 
     A remora bootstrap layer applied as a plain tar gives a root fs holding ``remora/bootstrap.db``,

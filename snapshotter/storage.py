@@ -45,7 +45,7 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 
 from remora.mounts import detach_mount, mountpoints_under  # noqa: F401 - also this module's API
 from remora.snapshotter.layout import StateLayout
-from remora.errors import InvalidInput, NotFound, RemoraError, StorageError
+from remora.errors import AlreadyExists, InvalidInput, NotFound, RemoraError, StorageError
 
 from . import filters as filterlang
 
@@ -53,10 +53,6 @@ log = logging.getLogger(__name__)
 
 # containerd's labels.Validate: key + value of one label at most 4 KiB.
 MAX_LABEL_SIZE = 4096
-
-
-class AlreadyExists(RemoraError):
-    """A snapshot key or name is taken (gRPC ALREADY_EXISTS)."""
 
 
 class FailedPrecondition(RemoraError):
