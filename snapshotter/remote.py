@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from remora.errors import RemoraError, ServiceUnavailable
+
 # Set by containerd (unpacker, CRI, ctr-remote, moby) to the chain ID the layer becomes.
 TARGET_REF_LABEL = "containerd.io/snapshot.ref"
 # Layer annotations with this prefix are passed through as snapshot labels by containerd.
 REMORA_LABEL_PREFIX = "containerd.io/snapshot/remora."
-
-from remora.errors import RemoraError, ServiceUnavailable
 
 
 def is_remote_candidate(labels: Mapping[str, str]) -> bool:
