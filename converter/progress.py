@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 
-log = logging.getLogger("remora.convert")
+log = logging.getLogger(__name__)
 
 
 class Progress:
@@ -15,10 +15,10 @@ class Progress:
         self._rich = None
         self._task = None
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if self.enabled:
-            from rich.progress import (BarColumn, DownloadColumn, Progress as RichProgress, TextColumn,
-                                       TimeRemainingColumn, TransferSpeedColumn)
+            from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+            from rich.progress import Progress as RichProgress
 
             self._rich = RichProgress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                       TransferSpeedColumn(), TimeRemainingColumn(), transient=False)

@@ -41,12 +41,11 @@ from aiohttp import web
 from remora import oci
 from remora.errors import InvalidInput, RemoraError
 from remora.format import annotations as ann
-
-from remora.taskapi import load_token, new_task_id, progress_of, read_token, PreheatClient  # noqa: F401 - the task API's client side lives in the core
+from remora.taskapi import PreheatClient, load_token, new_task_id, progress_of, read_token  # noqa: F401 - the task API's client side lives in the core
 
 from .download import Source, TaskManager
 
-log = logging.getLogger("remora.peer.preheat")
+log = logging.getLogger(__name__)
 
 MAX_BODY = 4 << 20
 MAX_TASKS = 256                 # kept (finished ones are dropped oldest first)
@@ -194,7 +193,8 @@ class Preheater:
 
     def _stop_idle_downloads(self, task: PreheatTask) -> list[asyncio.Task]:
         """Stop the downloads this task started that nobody else waits for (a pull through the mirror
-        keeps its download: it holds the entry, as the driver itself does). Pieces already stored stay for the next request."""
+        keeps its download: it holds the entry, as the driver itself does). Pieces already stored stay for
+        the next request."""
         stopped = []
         for blob in task.blobs:
             dl = self.tasks.tasks.get(blob.digest)
@@ -315,7 +315,7 @@ class Preheater:
             raise InvalidInput(f"{registry}/{repo}:{reference}: not an image manifest")
         first, rest = [], []
         cfg = _blob(config, "config")
-        is_remora = any(isinstance(l, dict) and ann.ROLE in (l.get("annotations") or {}) for l in layers)
+        is_remora = any(isinstance(layer, dict) and ann.ROLE in (layer.get("annotations") or {}) for layer in layers)
         for layer in layers:
             a = layer.get("annotations") or {} if isinstance(layer, dict) else {}
             if is_remora and a.get(ann.ROLE) == "bootstrap":

@@ -33,7 +33,7 @@ from remora.errors import RemoraError
 
 from .ring import SchedulerRing
 
-log = logging.getLogger("remora.scheduler.client")
+log = logging.getLogger(__name__)
 
 FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
                   grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -192,6 +192,27 @@ class SchedulerClient:
                 log.warning("registering with scheduler %s failed: %s: %s", address, exc.code().name,
                             exc.details())
         return answered
+
+    def set_addresses(self, addresses: Iterable[str]) -> list[str]:
+        """Replace the ring (the manager's list changed); returns the schedulers that are new.
+
+        Schedulers that left are forgotten (no keepalives, probes or failover to them); their channels
+        are closed at :meth:`close` (a call may still run on them). Tasks move to their new owners on
+        the next call: scheduler state is soft, the peer re-announces what it holds.
+        """
+        ring = SchedulerRing(addresses)
+        old = set(self.ring.addresses)
+        self.ring = ring
+        for address in old - set(ring.addresses):
+            self._registered.pop(address, None)
+            self._used.discard(address)
+            self._forgot.discard(address)
+            self._down_until.pop(address, None)
+            self._stubs.pop(address, None)
+            channel = self._channels.pop(address, None)
+            if channel is not None:
+                self._retired.append(channel)
+        return [a for a in ring.addresses if a not in old]
 
     def registered_with(self) -> list[str]:
         """Schedulers this peer is registered with now (answered and not failed since)."""

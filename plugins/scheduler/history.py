@@ -43,7 +43,7 @@ from typing import Protocol
 
 from .selection import FEATURE_NAMES
 
-log = logging.getLogger("remora.scheduler.history")
+log = logging.getLogger(__name__)
 
 HISTORY_VERSION = 1
 FILE_RE = re.compile(r"^history-(\d{6,})\.ndjson$")

@@ -38,7 +38,7 @@ from remora.errors import InvalidInput
 
 from .selection import FEATURE_NAMES, Candidate, WeightedScorer
 
-log = logging.getLogger("remora.scheduler.learned")
+log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "remora-cost-model/1"
 TARGET = "log_seconds_per_mib"      # natural log of the piece cost per MiB

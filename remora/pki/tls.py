@@ -36,7 +36,7 @@ from remora.errors import InvalidInput
 from remora.pki import CA_CERT, CERT, KEY
 from remora.pki.ca import Identity, identity_from_der, identity_of, load_certificates, load_private_key, read_pem
 
-log = logging.getLogger("remora.pki")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +48,14 @@ class TLSFiles:
     key: Path
 
     @classmethod
-    def in_dir(cls, directory: Path | str) -> "TLSFiles":
+    def in_dir(cls, directory: Path | str) -> TLSFiles:
         """The layout ``remora certs issue --out DIR`` writes: DIR/ca.pem, DIR/cert.pem, DIR/key.pem."""
         d = Path(directory)
         return cls(ca=d / CA_CERT, cert=d / CERT, key=d / KEY)
 
-    def stamp(self) -> tuple:
+    def stamp(self) -> tuple[tuple[int, int, int, int] | None, ...]:
         """What changes when any of the files is replaced or rewritten (missing files count too)."""
-        out = []
+        out: list[tuple[int, int, int, int] | None] = []
         for p in (self.ca, self.cert, self.key):
             try:
                 st = os.stat(p)
@@ -95,9 +95,10 @@ def load_material(files: TLSFiles) -> Material:
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
         raise InvalidInput(f"private key {files.key} does not belong to certificate {files.cert}")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
-        raise InvalidInput(f"certificate {files.cert} is not valid now (valid {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}"
+        raise InvalidInput(f"certificate {files.cert} is not valid now "
+                           f"(valid {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}"
                            f" to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)")
     if not _issued_by_any(chain, cas):
         raise InvalidInput(f"certificate {files.cert} is not signed by a CA of {files.ca}: the other members "
@@ -362,7 +363,7 @@ class Reloader:
             serving = self._serving
             if serving is not None and ssl_object.context is not serving:
                 ssl_object.context = serving
-        except Exception:  # noqa: BLE001 - never break a handshake: the front context still works
+        except Exception:
             log.exception("TLS context switch failed, serving the in-place reloaded context")
         return None
 
@@ -386,7 +387,7 @@ class Reloader:
             # Called by grpc (any thread) before each new handshake: None means "keep the current one".
             try:
                 self.check()
-            except Exception:  # noqa: BLE001 - never break a handshake because of a stat
+            except Exception:
                 log.exception("TLS reload check failed")
             if self._grpc_seen[key] == self.generation:
                 return None
@@ -405,5 +406,5 @@ class Reloader:
             await asyncio.sleep(interval)
             try:
                 self.check(force=True)
-            except Exception:  # noqa: BLE001 - a failed reload must not end the watch
+            except Exception:
                 log.exception("TLS reload failed")

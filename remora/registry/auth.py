@@ -32,7 +32,7 @@ from remora.errors import AuthError, RegistryError
 from remora.registry import authcore
 from remora.registry.authcore import Credentials, is_loopback  # noqa: F401 - re-exported: their historic home
 
-log = logging.getLogger("remora.registry")
+log = logging.getLogger(__name__)
 
 #: Docker Hub's credentials live under this key in config.json, whatever name the user typed.
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"

@@ -37,7 +37,7 @@ from remora.errors import (AuthError, DigestMismatch, InvalidInput, NotFound, Re
 from remora.registry.auth import Authenticator, Credentials, is_loopback, load_credentials
 from remora.registry.authcore import repository_scope
 
-log = logging.getLogger("remora.registry")
+log = logging.getLogger(__name__)
 
 DEFAULT_USER_AGENT = f"remora/{__version__}"  # not importlib.metadata: ~20 ms at every process start
 

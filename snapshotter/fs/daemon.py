@@ -23,7 +23,7 @@ from remora.snapshotter.fs.warm import warm_lookups
 from remora.snapshotter.metrics import OpLatency, StatsWriter
 from remora.snapshotter.sources import open_source
 
-log = logging.getLogger("remora.snapshotter.fs")
+log = logging.getLogger(__name__)
 
 
 def serve(spec: MountSpec) -> int:
@@ -105,19 +105,28 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--standby", action="store_true",
                       help="import everything, then read the spec's path from stdin (a warm spare: the "
                            "snapshotter hands it the next mount); exit quietly on EOF")
+    parser.add_argument("--ready-fd", type=int, default=None,
+                        help="with --standby: write one byte to this inherited pipe, and close it, once "
+                             "the imports are done (the snapshotter waits for it before it says it is ready)")
     args = parser.parse_args(argv)
     if args.standby:
-        return standby()
+        return standby(args.ready_fd)
     return run_spec(args.spec)
 
 
-def standby() -> int:
+def standby(ready_fd: int | None = None) -> int:
     """Wait, fully imported, for the path of a spec on stdin; EOF (the snapshotter went away) ends it."""
     import mfusepy  # noqa: F401 - the point is to have paid for these imports before a mount is asked for
 
     import remora.registry.client  # noqa: F401 - what a registry source uses
     import remora.snapshotter.fs.lazyfs  # noqa: F401
 
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, b"1")
+            os.close(ready_fd)
+        except OSError:  # the snapshotter stopped waiting: nothing to tell
+            pass
     line = sys.stdin.readline().strip()
     if not line:
         return 0

@@ -28,7 +28,7 @@ import time
 
 from remora.format.bootstrap import ROOT_INO, Bootstrap
 
-log = logging.getLogger("remora.snapshotter.fs")
+log = logging.getLogger(__name__)
 
 MAX_DEPTH = 128  # components; deeper prefetch paths are skipped (this walk holds one fd per level)
 _DIR_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC

@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 
-log = logging.getLogger("remora_testing.netlab.delay")
+log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 #: ``--corrupt`` flips the last byte of every downstream read of at least this size: HTTP headers are
@@ -130,7 +130,7 @@ class DelayProxy:
             self.server_ssl = tls.server_context(material)
             self.client_ssl = tls.client_context(material, check_hostname=False)
 
-    async def start(self) -> "DelayProxy":
+    async def start(self) -> DelayProxy:
         self.server = await asyncio.start_server(self._handle, self.listen[0], self.listen[1], ssl=self.server_ssl)
         return self
 
