@@ -2,48 +2,51 @@
 
 One :class:`Task` per blob digest, shared by every request for that blob (containerd's full GET, the
 snapshotter's range reads, several pulls at once). A request says which pieces it needs and waits; a
-single driver coroutine per task fetches what is missing:
+single driver coroutine per task fetches what is missing. The task is the coordinator; each job is a
+part of its own, as in Dragonfly's client (piece manager, dispatcher, scheduler session):
 
-* **children** keep a pipeline of piece fetches running over HTTP from the upload endpoints of the
-  parents the scheduler names (refreshed every 100 ms when there is room for more): a piece only the
-  streaming seed has is asked from it by one child (the seed refuses second copies, see upload.py), every
-  other piece comes from the least loaded other child holding it, rarest first, so children relay to
-  each other what they got first. Every piece is checked against the piece digest published by the peer
-  that fetched it from the registry. A parent that fails (dies mid-piece,
-  returns corrupt bytes, crawls below ``min_piece_rate``) is blocklisted for the task and the piece is
-  fetched elsewhere; after ``max_parent_failures`` failed parents, when the scheduler says so after
-  repeated empty scheduling rounds, or when the mesh makes no progress for three piece timeouts, the
-  child goes back to the registry itself.
-* **the seed** (told so by the scheduler), or any peer whose scheduler is down, streams the missing
-  ranges from the registry with this node's credentials, cuts them into pieces, hashes each piece and
-  announces pieces and digests to the scheduler as they land, so children start before it is done.
+* ``picker.py`` (pure policy) picks which piece to ask from which parent: rarest first from the least
+  loaded relaying child, one fresh piece at a time from the streaming seed, endgame duplicates at the end;
+* ``fetcher.py`` fetches one piece from a parent, verifies it against its piece digest and judges the
+  parent (blocklisted when it dies mid-piece, lies or crawls below ``min_piece_rate``);
+* ``source.py`` streams missing pieces from the registry (the seed, a peer without scheduler, a child
+  the mesh failed, pieces nobody in the mesh holds), hashing each as it lands;
+* ``session.py`` talks to the scheduler (register, parents, reports, announcements) and sends the task
+  back to the registry when the scheduler is unreachable.
 
-Whole-blob reads are served only after the complete blob matched its digest; a mismatch resets the task
-(all pieces dropped, the failure reported) so the next request starts clean. Downloads are shielded from
-the requests that started them: a client that disconnects early does not cancel the work other
-requests (or the next retry of containerd) are waiting for.
+The task decides between mesh and registry: children keep a pipeline of piece fetches running from the
+parents the scheduler names (the view refreshed every :data:`TICK` when there is room for more); after
+``max_parent_failures`` failed parents, when the scheduler says so after repeated empty scheduling
+rounds, or when the mesh makes no progress for three piece timeouts, the child goes back to the registry
+itself. Whole-blob reads are served only after the complete blob matched its digest; a mismatch resets
+the task (all pieces dropped, the failure reported) so the next request starts clean. Downloads are
+shielded from the requests that started them: a client that disconnects early does not cancel the work
+other requests (or the next retry of containerd) are waiting for.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
-import random
 import time
-from collections import Counter
-from dataclasses import dataclass
 
 import aiohttp
 
 from remora._proto import remora_scheduler_pb2 as pb
 from remora.errors import DigestMismatch, InvalidInput, NotFound, RegistryError, RemoraError, StorageError
-from remora.plugins.scheduler.client import SchedulerClient, SchedulerRequestError, SchedulerUnavailable
+from remora.plugins.scheduler.client import SchedulerClient
 
 from .access import SOURCE_HEADER, AccessChecker, AccessDenied, Grant, parse_source
-from .config import RELAYED_HEADER, UPLOADS_HEADER, PeerConfig, piece_size_for
+from .config import PeerConfig, piece_size_for
+from .fetcher import ParentFailure, PieceFetcher
 from .metrics import PeerMetrics
+from .picker import ENDGAME_AFTER, ENDGAME_PIECES, Holder, PiecePicker
 from .pieces import BlobEntry, PieceStore, sha256_digest
+from .session import SchedulerSession
+from .source import Source, SourceStream
 from .upstream import Upstream
+
+__all__ = ["ENDGAME_AFTER", "ENDGAME_PIECES", "ParentFailure", "Source", "Task", "TaskManager"]
 
 log = logging.getLogger(__name__)
 
@@ -55,47 +58,14 @@ ORPHAN_GRACE = 2.0
 TICK = 0.1
 #: ... but only while it has free fetch slots and nothing to start; with every slot busy, at least this often.
 MAX_VIEW_AGE = 0.5
-#: A parent that answered 503 (no free upload slot) is left alone this long.
-BUSY_BACKOFF = 0.2
-#: A seed that refused a fresh piece (it sent it to another child moments ago) is not asked for that piece
-#: again before this; meanwhile the piece comes from that child.
-RELAYED_BACKOFF = 0.5
-#: Endgame: once every missing piece is being fetched and at most this many are missing, a piece whose
-#: fetch has run this long is also asked from a second parent; the first copy to arrive wins, the other
-#: fetch is cancelled.
-ENDGAME_PIECES = 8
-ENDGAME_AFTER = 0.5
-#: Results are reported in batches of this many, or at least every FLUSH_EVERY seconds.
-FLUSH_BATCH = 16
-FLUSH_EVERY = 0.5
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where the registry has the blob: the repository a client asked for it through."""
-
-    registry: str
-    repository: str
-
-    def blob_path(self, digest: str) -> str:
-        return f"/v2/{self.repository}/blobs/{digest}"
-
-    @property
-    def scope(self) -> str:
-        return f"repository:{self.repository}:pull"
-
-
-class ParentFailure(Exception):
-    """A piece could not be had from a parent; ``reason`` is what the scheduler is told."""
-
-    def __init__(self, reason: str, detail: str, blocklist: bool = True):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.blocklist = blocklist
 
 
 class Task:
-    def __init__(self, manager: "TaskManager", digest: str):
+    """One blob's download, shared by every request for it: decides mesh or registry, runs the driver
+    that wires the parts together (picker, fetcher, source stream, scheduler session), and serves
+    waiters only verified pieces (the whole blob only once it matched its digest)."""
+
+    def __init__(self, manager: TaskManager, digest: str):
         self.m = manager
         self.cfg: PeerConfig = manager.cfg
         self.digest = digest
@@ -105,12 +75,9 @@ class Task:
         #: (see access.py); None until a client asked
         self.grant: Grant | None = None
         self.wanted: set[int] = set()
-        self.blocklist: dict[str, str] = {}          # parent peer id -> reason
         self.back_to_source = False                  # decided: the registry, not the mesh
         self.source_reason = ""
         self.fetched_from_source: set[int] = set()   # pieces whose digests we publish
-        self.registered = False
-        self.failures = 0
         self.error: BaseException | None = None
         self.started = time.time()
         self.bytes_from = {"peer": 0, "registry": 0}
@@ -118,32 +85,43 @@ class Task:
         self._layout_lock = asyncio.Lock()
         self._verify_lock = asyncio.Lock()
         self._changed = asyncio.get_running_loop().create_future()
-        self._announce_task: asyncio.Task | None = None
-        self._announce_dirty = False
-        self._results: list[pb.PieceResult] = []
-        self._in_flight: set[int] = set()
-        self._fetching: Counter = Counter()         # piece -> our fetches of it running (2 in the endgame)
-        self._reading: dict[tuple[int, str], tuple] = {}  # (piece, parent id) -> (body stream, since, sharing)
+        self._in_flight: set[int] = set()           # pieces on their way to us (parents or the registry)
         self._progress_at = time.monotonic()
         self._seen: tuple = ()
         self._streamed_digest = ""                  # sha256 of the blob as streamed into the pieces
         # children: the whole-blob sha256 runs over the pieces as they land in order (a background task),
         # so verifying 200 MB at the end costs the few pieces that landed last, not a second pass
-        self._whole: "hashlib._Hash | None" = None
+        self._whole: hashlib._Hash | None = None
         self._whole_next = 0                        # pieces 0.._whole_next-1 are in self._whole
         self._whole_task: asyncio.Task | None = None
         self._orphans_since: float | None = None    # since when wanted pieces have no holder at all
         # the child's view of the mesh (see _fetch_from_parents)
         self._parents: dict[str, pb.Parent] = {}     # peer id -> parent, with the pieces it holds
+        self._holders: dict[str, Holder] = {}       # the same, as the picker sees them
         self._held: set[int] = set()                # pieces some peer of the task has or fetches
         self._view_at = 0.0
-        self._load: Counter = Counter()             # parent peer id -> our requests in flight to it
-        self._busy_until: dict[str, float] = {}     # parent peer id -> no request before (503 busy)
-        self._refused: dict[tuple[str, int], float] = {}  # (source parent, piece) -> not before (relayed)
-        self._flushed_at = 0.0
-        self._rng = random.Random()
+        # the parts (see the module docstring)
+        self.session = SchedulerSession(manager, digest, self.entry, go_to_source=self._go_to_source,
+                                        in_flight=self._in_flight, from_source=self.fetched_from_source)
+        self.picker = PiecePicker(self.cfg.concurrency)
+        self.fetcher = PieceFetcher(manager, digest, self.entry, picker=self.picker, session=self.session,
+                                    in_flight=self._in_flight, grant=lambda: self.grant,
+                                    store=lambda i, data, expected, t0: self._store(i, data, expected, "peer", t0),
+                                    go_to_source=self._go_to_source)
+        self.source = SourceStream(manager.upstream, digest, self.entry, self.sources, in_flight=self._in_flight,
+                                   from_source=self.fetched_from_source, announce=self.session.announce_soon,
+                                   store=lambda i, data, t0, whole: self._store(i, data, "", "registry", t0, whole))
 
     # -- public ---------------------------------------------------------------------------------------
+    @property
+    def blocklist(self) -> dict[str, str]:
+        """Parent peer id -> why it is not asked again for this blob."""
+        return self.fetcher.blocklist
+
+    @property
+    def registered(self) -> bool:
+        return self.session.registered
+
     @property
     def state(self) -> str:
         if self.entry.verified:
@@ -167,15 +145,15 @@ class Task:
             if self.entry.has_layout:
                 return self.entry
             length = piece_size = 0
-            if self.m.sched is not None:
-                resp = await self._register_task()
+            if self.session.available:
+                resp = await self.session.register()
                 if resp is not None:
                     length, piece_size = resp.content_length, resp.piece_size
             if not length:
                 length = await self.m.head_blob(self.digest, self.sources)
             self.entry.set_layout(length, piece_size or piece_size_for(length))
             if self.back_to_source:
-                self._announce_soon()
+                self.session.announce_soon()
             return self.entry
 
     async def ensure(self, pieces: range | None) -> BlobEntry:
@@ -209,6 +187,18 @@ class Task:
             return entry
         raise StorageError(f"{self.digest}: stored pieces keep failing verification (a failing disk?)")
 
+    async def announce(self) -> bool:
+        """Tell the scheduler what we hold now (see :meth:`SchedulerSession.announce`)."""
+        return await self.session.announce()
+
+    def status(self) -> dict:
+        e = self.entry
+        return {"digest": self.digest, "state": self.state, "size": e.content_length, "piece_size": e.piece_size,
+                "pieces": e.n_pieces, "have": len(e.have), "verified": e.verified,
+                "from_peers": self.bytes_from["peer"], "from_registry": self.bytes_from["registry"],
+                "back_to_source": self.source_reason if self.back_to_source else "",
+                "blocklist": dict(self.blocklist), "error": str(self.error) if self.error else ""}
+
     # -- driver ---------------------------------------------------------------------------------------
     def _notify(self, error: BaseException | None = None) -> None:
         """Wake every waiter; ``error`` is the driver's failure (waiters not yet served raise it)."""
@@ -223,7 +213,7 @@ class Task:
                 missing = sorted(self.wanted - self.entry.have)
                 if not missing:
                     break
-                if self.back_to_source or self.m.sched is None:
+                if self.back_to_source or not self.session.available:
                     if not self.back_to_source:
                         self._go_to_source("no_scheduler")
                     await self._fetch_from_source(missing)
@@ -265,122 +255,22 @@ class Task:
         self.wanted.clear()
         self.fetched_from_source.clear()
         self.back_to_source = False
-        self.registered = False
-        self.failures = 0
-        await self._sched("ReportTaskResult", pb.ReportTaskResultRequest(
-            peer_id=self.m.peer_id, task_id=self.digest, success=False, back_to_source=True, error=why[:500]))
+        self.session.reset()
+        self.fetcher.failures = 0
+        await self.session.report_result(success=False, back_to_source=True, error=why)
 
     # -- registry -------------------------------------------------------------------------------------
     async def _fetch_from_source(self, missing: list[int]) -> None:
-        if not self.sources:
-            raise NotFound(f"{self.digest}: not in the mesh and no repository known to fetch it from")
-        runs = _runs(missing)
-        for first, last in runs:
-            await self._stream_run(first, last)
-        self._announce_soon()
-
-    async def _stream_run(self, first: int, last: int) -> None:
-        """GET pieces ``first..last`` (inclusive) from the registry in one ranged request."""
-        entry = self.entry
-        start, end = entry.piece_span(first)[0], entry.piece_span(last)[1]
-        headers = {}
-        whole = start == 0 and end == entry.content_length
-        if not whole:
-            headers["Range"] = f"bytes={start}-{end - 1}"
-        last_error: Exception | None = None
-        for source in list(reversed(self.sources)):
-            try:
-                resp = await self.m.upstream.request("GET", source.registry, source.blob_path(self.digest),
-                                                     headers, scope=source.scope)
-            except NotFound as exc:
-                last_error = exc
-                continue
-            try:
-                skip = start if resp.status == 200 and not whole else 0  # registry ignored Range
-                await self._cut_pieces(resp, first, last, skip)
-                return
-            finally:
-                resp.release()
-        raise last_error or NotFound(f"{self.digest}: blob unknown to the registry")
-
-    async def _cut_pieces(self, resp: aiohttp.ClientResponse, first: int, last: int, skip: int) -> None:
-        entry = self.entry
-        index = first
-        # Two piece-sized buffers, filled straight from the stream and reused (no joins, slices or fresh
-        # memory per piece): while one piece is hashed and written (fsync included) in a worker thread, the
-        # next one is read. A seed that stopped reading for every write would let the socket buffer fill
-        # and the registry's stream stall, a few milliseconds per piece, on the link every child waits on.
-        views = [memoryview(bytearray(entry.piece_size)) for _ in range(2)]
-        view = views[0]
-        storing: asyncio.Task | None = None   # the previous piece, landing
-        filled = 0
-        want = entry.piece_span(index)[1] - entry.piece_span(index)[0]
-        t0 = time.monotonic()
-        run = set(range(first, last + 1))
-        self._in_flight |= run  # the whole run is on its way: children line up behind it at once
-        self._announce_soon()
-        # Streaming the blob from its first byte, the whole-blob digest comes for free: no second pass.
-        whole = hashlib.sha256() if first == 0 and last == entry.n_pieces - 1 else None
-        try:
-            async for chunk in resp.content.iter_any():
-                chunk = memoryview(chunk)
-                if skip:
-                    drop = min(skip, len(chunk))
-                    chunk, skip = chunk[drop:], skip - drop
-                while chunk and index <= last:
-                    n = min(len(chunk), want - filled)
-                    view[filled:filled + n] = chunk[:n]
-                    filled += n
-                    chunk = chunk[n:]
-                    if filled < want:
-                        break
-                    if storing is not None:
-                        await storing  # in order: the whole-blob hash is fed piece after piece
-                    storing = asyncio.ensure_future(self._land_from_source(index, view[:want], t0, whole))
-                    view = views[1] if view is views[0] else views[0]
-                    filled = 0
-                    index += 1
-                    if index <= last:
-                        want = entry.piece_span(index)[1] - entry.piece_span(index)[0]
-                        t0 = time.monotonic()
-                if index > last:
-                    break
-            if storing is not None:
-                await storing
-                storing = None
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise RegistryError(f"{self.digest}: registry stream broke at piece {index}: {exc or type(exc).__name__}") \
-                from exc
-        finally:
-            if storing is not None:  # the stream failed (or we are cancelled) while a piece was landing
-                if not storing.done():
-                    storing.cancel()
-                await asyncio.gather(storing, return_exceptions=True)
-            self._in_flight -= run
-        if index <= last:
-            raise RegistryError(f"{self.digest}: registry sent a truncated blob (stopped in piece {index} of "
-                                f"{entry.n_pieces})")
-        if whole is not None:
-            self._streamed_digest = "sha256:" + whole.hexdigest()
-
-    async def _land_from_source(self, index: int, data, t0: float, whole) -> None:
-        await self._store(index, data, "", "registry", t0, whole)
-        log.debug("%s: piece %d from the registry in %.3fs", self.digest[:19], index, time.monotonic() - t0)
-        self.fetched_from_source.add(index)
-        self._in_flight.discard(index)
+        whole = await self.source.fetch(missing)
+        if whole:
+            self._streamed_digest = whole
 
     # -- mesh -----------------------------------------------------------------------------------------
     async def _fetch_from_parents(self) -> None:
-        """The child's pipeline: keep up to ``concurrency`` piece fetches running, and pick the next piece
-        whenever one lands or a tick passes, from a view of the mesh refreshed every :data:`TICK`.
-
-        Picking (:meth:`_pick`) follows the capacity of the mesh rather than piece order: a piece that only
-        a *source* parent (the seed, still streaming from the registry) has is asked from it by one child at
-        a time (at most one such request per child; the seed refuses a second copy while the first is on
-        its way, see upload.py), and everyone else gets it from that child. Pieces other children hold come
-        from the least loaded of them, rarest first, so each child's uplink relays what it got first.
-        Returns when nothing wanted is missing, or when the task went back to the registry.
-        """
+        """The child's pipeline: keep up to ``concurrency`` piece fetches running, and start what the picker
+        (picker.py) names whenever one lands or a tick passes, from a view of the mesh refreshed every
+        :data:`TICK` (while starved) or :data:`MAX_VIEW_AGE`. Returns when nothing wanted is missing, or
+        when the task went back to the registry."""
         running: dict[asyncio.Task, tuple[int, str, float]] = {}   # -> (piece, parent id, started)
         retry_ms = 0
         starved = True  # free slots and nothing to start: a fresher view of the mesh may have something
@@ -398,10 +288,13 @@ class Task:
                         return
                 if await self._fetch_orphans(missing):
                     continue
-                picked, starved = self._pick(missing, running.values())
-                for index, parent in picked:
-                    task = asyncio.get_running_loop().create_task(self._fetch_piece(index, parent))
-                    running[task] = (index, parent.host.peer_id, time.monotonic())
+                picked, starved = self.picker.pick(
+                    missing, have=self.entry.have, in_flight=self._in_flight, digests=self.entry.piece_digests,
+                    parents=self._holders, blocklist=self.blocklist, running=running.values(),
+                    now=time.monotonic())
+                for index, parent_id in picked:
+                    task = asyncio.get_running_loop().create_task(self.fetcher.fetch(index, self._parents[parent_id]))
+                    running[task] = (index, parent_id, time.monotonic())
                 if not running:
                     # Nobody holds what we miss (yet): the seed may still be working, so wait as told. The
                     # scheduler sends us to the registry after repeated empty answers; without it noticing,
@@ -420,44 +313,26 @@ class Task:
                 for task, (index, parent_id, t0) in running.items():
                     if index in self.entry.have and not task.done():
                         self.m.metrics.piece_failures.labels("endgame_lost").inc()
-                        self._overtaken(index, parent_id, t0)
+                        self.fetcher.overtaken(index, self._parents.get(parent_id), t0)
                         task.cancel()
-                self._flush_results()
+                self.session.flush()
         finally:
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
-            self._flush_results(force=True)
-            self._refused.clear()
+            self.session.flush(force=True)
+            self.picker.forget_refusals()
             self._view_at = 0.0  # a later run (more pieces wanted) starts from a fresh view
 
     async def _refresh_view(self) -> int:
         """Ask the scheduler for parents (and what they hold); returns its retry-after in ms."""
-        if not self.registered:
-            resp = await self._register_task()
-            if resp is None or self.back_to_source:
-                return 0  # scheduler down or we are the seed: _register_task went back to source
-        else:
-            try:
-                resp = await self.m.sched.call(self.digest, "GetParents", pb.GetParentsRequest(
-                    peer_id=self.m.peer_id, task_id=self.digest, exclude=sorted(self.blocklist), limit=8,
-                    known_digests=sum(map(bool, self.entry.piece_digests))))
-            except (SchedulerUnavailable, SchedulerRequestError) as exc:
-                self._scheduler_down("GetParents", exc)
-                return 0
-            if resp.piece_digests:
-                self.entry.set_piece_digests(list(resp.piece_digests))
-            if resp.back_to_source:
-                self._go_to_source(resp.reason or "scheduler")
-                return 0
-        if "same_host=" in resp.reason and not self.m.warned_same_host:
-            self.m.warned_same_host = True
-            log.warning("%s: the scheduler drops peers as parents because they share this peer's host id %r "
-                        "(%s): peers on one machine never serve each other; give each its own --host-id if "
-                        "they are meant to", self.digest[:19], self.cfg.host_id, resp.reason)
+        resp = await self.session.parents(self.blocklist)
+        if resp is None or self.back_to_source:
+            return 0  # scheduler down, or we are the seed / sent to the registry
         self._view_at = time.monotonic()
         self._parents = {p.host.peer_id: p for p in resp.parents
                          if p.host.peer_id not in self.blocklist and p.host.peer_id != self.m.peer_id}
+        self._holders = {pid: Holder.of(p) for pid, p in self._parents.items()}
         self._held = set(resp.held)
         seen = (len(self._held), sum(len(p.pieces) for p in resp.parents),
                 sum(len(p.in_flight) for p in resp.parents), sum(map(bool, self.entry.piece_digests)))
@@ -485,238 +360,7 @@ class Task:
         await self._fetch_from_source(orphans)
         return True
 
-    def _pick(self, missing: set[int], running) -> tuple[list[tuple[int, pb.Parent]], bool]:
-        """(piece, parent) pairs to start now, given the ``running`` (piece, parent id) fetches: up to
-        ``concurrency`` from non-source parents, plus one from each source parent; and whether slots were
-        left free for lack of candidates (then the view of the mesh is worth refreshing).
-
-        * A piece some non-source parent has finished comes from one of those, the one we have the fewest
-          requests running to (at most ``per_parent`` each, so every relaying child gets asked), rarest
-          piece first so that what one child got first spreads fastest.
-        * A piece only a source parent has is asked from it with at most one request of ours in flight
-          to that parent (every child then takes a different fresh piece, and the seed's uplink carries
-          each piece about once); pieces another child is already fetching come last.
-        The request to a source does not take one of the ``concurrency`` slots: the source's uplink is
-        the bottleneck of the mesh while it streams and must never idle because our slots are full of
-        (slower) relays.
-        """
-        if not self._parents:
-            return [], True
-        running = list(running)
-        slots = self.cfg.concurrency - sum(1 for _, pid, _ in running
-                                           if not (pid in self._parents and self._parents[pid].source))
-        now = time.monotonic()
-        usable = [p for pid, p in self._parents.items()
-                  if pid not in self.blocklist and self._busy_until.get(pid, 0.0) <= now]
-        if not usable:
-            return [], True
-        per_parent = max(2, -(-self.cfg.concurrency // len(usable)))
-        load = self._load
-        relays: dict[int, list[pb.Parent]] = {}
-        sources: dict[int, list[pb.Parent]] = {}
-        elsewhere: set[int] = set()   # in flight at a non-source parent: it will relay them soon
-        for p in usable:
-            if p.source:
-                for i in p.pieces:
-                    sources.setdefault(i, []).append(p)
-            else:
-                elsewhere.update(p.in_flight)
-                for i in p.pieces:
-                    relays.setdefault(i, []).append(p)
-        digests = self.entry.piece_digests
-        have = self.entry.have  # ``missing`` may be a few awaits old: pieces landed meanwhile
-        candidates = [i for i in missing if i not in self._in_flight and i not in have and digests[i]]
-        rng = self._rng
-        rng.shuffle(candidates)  # ties break differently on every child: fewer collisions on one parent
-        plan: list[tuple[int, pb.Parent]] = []
-        fresh = sorted((i for i in candidates if i not in relays and i in sources), key=lambda i: i in elsewhere)
-        for i in fresh:
-            options = [p for p in sources[i] if load[p.host.peer_id] < 1
-                       and self._refused.get((p.host.peer_id, i), 0.0) <= now]
-            if options:
-                parent = options[0]
-                plan.append((i, parent))
-                load[parent.host.peer_id] += 1  # provisional: _fetch_piece counts it for real
-        relayable = sorted((i for i in candidates if i in relays), key=lambda i: len(relays[i]))
-        for i in relayable:
-            if slots <= 0:
-                break
-            options = [p for p in relays[i] if load[p.host.peer_id] < per_parent]
-            if options:
-                parent = min(options, key=lambda p: load[p.host.peer_id])
-                plan.append((i, parent))
-                load[parent.host.peer_id] += 1
-                slots -= 1
-        if slots > 0 and not plan and all(i in self._in_flight for i in missing if i not in have):
-            left = {i for i in missing if i not in have}
-            for i, parent in self._endgame(left, running, relays, sources, per_parent, now)[:slots]:
-                plan.append((i, parent))
-                load[parent.host.peer_id] += 1
-                slots -= 1
-        for _, parent in plan:  # undo the provisional counts
-            load[parent.host.peer_id] -= 1
-        source_idle = any(p.source and not load[p.host.peer_id] for p in usable) and \
-            not any(parent.source for _, parent in plan)
-        return plan, slots > 0 or source_idle
-
-    def _endgame(self, missing: set[int], running: list, relays: dict, sources: dict, per_parent: int,
-                 now: float) -> list[tuple[int, pb.Parent]]:
-        """Second fetches for the last pieces (BitTorrent's endgame): a download ends with its slowest
-        piece, and near the end that is often one asked from a parent whose uplink is shared by many
-        children. When at most :data:`ENDGAME_PIECES` are missing and all are being fetched, each piece
-        fetched for longer than :data:`ENDGAME_AFTER` by one request only is also asked from another
-        parent holding it (the least loaded); whichever copy lands first wins and the other request is
-        cancelled (see :meth:`_fetch_from_parents`). Oldest fetches first."""
-        if len(missing) > ENDGAME_PIECES:
-            return []
-        load = self._load
-        started: dict[int, float] = {}
-        asked: dict[int, set[str]] = {}
-        for index, pid, t0 in running:
-            started[index] = min(started.get(index, t0), t0)
-            asked.setdefault(index, set()).add(pid)
-        plan = []
-        for index in sorted(missing, key=lambda i: started.get(i, now)):
-            if self._fetching[index] != 1 or len(asked.get(index, ())) != 1 or now - started[index] < ENDGAME_AFTER:
-                continue
-            options = [p for p in relays.get(index, []) if p.host.peer_id not in asked[index]
-                       and load[p.host.peer_id] < per_parent]
-            options += [p for p in sources.get(index, []) if p.host.peer_id not in asked[index]
-                        and load[p.host.peer_id] < 1 and self._refused.get((p.host.peer_id, index), 0.0) <= now]
-            if options:
-                parent = min(options, key=lambda p: load[p.host.peer_id])
-                plan.append((index, parent))
-                load[parent.host.peer_id] += 1  # provisional, undone by the caller with the rest of its plan
-        for _, parent in plan:
-            load[parent.host.peer_id] -= 1
-        return plan
-
-    async def _fetch_piece(self, index: int, parent: pb.Parent) -> None:
-        host = parent.host
-        start, end = self.entry.piece_span(index)
-        size = end - start
-        expected = self.entry.piece_digests[index]
-        scheme = "https" if self.m.peer_ssl is not None else "http"   # mutual TLS in the mesh (daemon.py)
-        url = f"{scheme}://{_url_host(host.ip)}:{host.upload_port}/pieces/{self.digest}/{index}"
-        self._load[host.peer_id] += 1
-        t0 = time.monotonic()
-        self._in_flight.add(index)
-        self._fetching[index] += 1
-        try:
-            data, sharing = await self._get_piece(url, size, self._load[host.peer_id], (index, host.peer_id))
-            if index in self.entry.have:  # the endgame's other copy landed first
-                return
-            actual = await self._store(index, data, expected, "peer", t0)
-            if actual != expected:
-                raise ParentFailure("corrupt", f"piece digest {actual[:19]}, expected {expected[:19]}")
-            log.debug("%s: piece %d from %s in %.3fs (its uploads: %d)", self.digest[:19], index, host.ip,
-                      time.monotonic() - t0, sharing)
-            # The cost the scheduler learns is per unit of the parent's uplink: a piece that took 2 s
-            # while the parent served 8 uploads says the parent moves a piece every 0.25 s. Raw times
-            # swing with the load of a swarm and made the scheduler's slow-peer rule hide busy parents.
-            self._results.append(pb.PieceResult(parent_id=host.peer_id, piece=index, success=True,
-                                                cost_us=int((time.monotonic() - t0) / sharing * 1e6), size=size))
-        except ParentFailure as exc:
-            if exc.reason == "busy":
-                # A parent with no free upload slot is healthy, just loaded: no failure, nothing reported
-                # to the scheduler (which would count it against the parent); left alone for a moment.
-                self.m.metrics.piece_failures.labels("busy").inc()
-                self._busy_until[host.peer_id] = time.monotonic() + BUSY_BACKOFF
-                return
-            if exc.reason == "relayed":
-                # The seed already sent this fresh piece to another child: get it from that child.
-                self.m.metrics.piece_failures.labels("relayed").inc()
-                self._refused[(host.peer_id, index)] = time.monotonic() + RELAYED_BACKOFF
-                return
-            self._parent_failed(host, index, exc, t0)
-        finally:
-            self._reading.pop((index, host.peer_id), None)
-            self._fetching[index] -= 1
-            if self._fetching[index] <= 0:
-                del self._fetching[index]
-                self._in_flight.discard(index)
-            self._load[host.peer_id] -= 1
-
-    def _parent_failed(self, host: pb.PeerHost, index: int, exc: ParentFailure, t0: float) -> None:
-        """Count a failed piece against its parent: reported, blocklisted if the failure says so, and back
-        to the registry after too many failed parents."""
-        # One bad parent counts once however many of its pieces were in flight when it failed.
-        if not (exc.blocklist and host.peer_id in self.blocklist):
-            self.failures += 1
-        self.m.metrics.piece_failures.labels(exc.reason).inc()
-        self._results.append(pb.PieceResult(parent_id=host.peer_id, piece=index, success=False,
-                                            cost_us=int((time.monotonic() - t0) * 1e6), error=exc.reason))
-        if exc.blocklist and host.peer_id not in self.blocklist:
-            log.warning("%s: blocklisting parent %s (%s:%d) for piece %d: %s", self.digest[:19], host.peer_id,
-                        host.ip, host.upload_port, index, exc)
-            self.blocklist[host.peer_id] = exc.reason
-            self.m.metrics.blocklisted.labels(exc.reason).inc()
-        if self.failures >= self.cfg.max_parent_failures:
-            self._go_to_source("parent_failures")
-
-    def _overtaken(self, index: int, parent_id: str, t0: float) -> None:
-        """The endgame's other copy of ``index`` landed while the fetch from ``parent_id`` still ran: that
-        fetch is about to be cancelled. A parent slower than ``min_piece_rate`` even if its uplink were
-        shared by as many uploads as it admits (its upload slots) is a crawling one and blocklisted as if
-        its deadline had passed: the endgame must not hide it. A busy one is not blamed: the uploads it
-        reported when the piece started say little about how many joined since (a seed that has just
-        finished serves every child at once)."""
-        reading = self._reading.get((index, parent_id))
-        parent = self._parents.get(parent_id)
-        if reading is None or parent is None:
-            return
-        stream, body_t0, sharing = reading
-        elapsed = time.monotonic() - body_t0
-        shared_by = max(sharing, parent.host.upload_slots, 1)
-        if elapsed > 0.25 and stream.total_bytes < self.cfg.min_piece_rate * elapsed / shared_by:
-            self._parent_failed(parent.host, index, ParentFailure(
-                "timeout", f"{stream.total_bytes} bytes in {elapsed:.1f}s (overtaken in the endgame)"), t0)
-
-    async def _get_piece(self, url: str, size: int, mine: int, key: tuple[int, str]) -> tuple[bytes, int]:
-        """One piece from a parent, within a deadline that accounts for the parent's load, and the number
-        of uploads the parent shared its uplink with.
-
-        The answer must start within ``piece_timeout``. The parent says how many uploads it is serving
-        (``X-Remora-Uploads``); its uplink is shared among them, so the body gets ``size * uploads /
-        min_piece_rate`` (at least ``piece_timeout``): a busy, healthy parent is not mistaken for a
-        crawling one, while a parent slower than ``min_piece_rate`` per upload still is.
-        """
-        cfg = self.cfg
-        try:
-            async with asyncio.timeout(cfg.piece_timeout) as budget:
-                proof = self.grant.headers() if self.grant else {}
-                async with self.m.peer_session.get(url, headers=proof) as resp:
-                    if resp.status == 403:
-                        raise ParentFailure("denied", "the parent does not accept this blob's authorization")
-                    if resp.status == 503:
-                        if resp.headers.get(RELAYED_HEADER):
-                            raise ParentFailure("relayed", "the seed sent this piece to another child",
-                                                blocklist=False)
-                        raise ParentFailure("busy", "parent has no free upload slot", blocklist=False)
-                    if resp.status != 200:
-                        raise ParentFailure("http", f"parent answered {resp.status}")
-                    if resp.content_length is None:
-                        raise ParentFailure("http", "parent sent a piece without Content-Length")
-                    if resp.content_length != size:  # no need to read a lie
-                        raise ParentFailure("corrupt", f"piece has {resp.content_length} bytes, expected {size}")
-                    try:
-                        sharing = max(1, mine, int(resp.headers.get(UPLOADS_HEADER, "1")))
-                    except ValueError:
-                        sharing = max(1, mine)
-                    seconds = max(cfg.piece_timeout, size * sharing / max(cfg.min_piece_rate, 1))
-                    budget.reschedule(asyncio.get_running_loop().time() + seconds)
-                    self._reading[key] = (resp.content, time.monotonic(), sharing)  # see _overtaken
-                    data = await resp.read()  # one buffer, joined in C: no Python per chunk
-        except TimeoutError:
-            raise ParentFailure("timeout", "no complete piece within its deadline (crawling parent)") from None
-        except (aiohttp.ClientError, ConnectionError, OSError) as exc:
-            raise ParentFailure("connection", f"{type(exc).__name__}: {exc}") from exc
-        if len(data) != size:
-            raise ParentFailure("connection" if len(data) < size else "corrupt",
-                                f"piece has {len(data)} bytes, expected {size}")
-        return data, sharing
-
-    # -- shared ---------------------------------------------------------------------------------------
+    # -- landing and verification ---------------------------------------------------------------------
     async def _store(self, index: int, data, expected: str, source: str, t0: float, whole=None) -> str:
         """Hash a piece and, if it matches ``expected`` (``""``: whatever it hashes to, the seed's case),
         write it and record it; one trip to a worker thread for both. Returns the digest it hashed to
@@ -734,7 +378,7 @@ class Task:
         mt.bytes.labels(source).inc(len(data))
         mt.pieces.labels(source).inc()
         mt.piece_seconds.labels(source).observe(seconds)
-        self._announce_soon()
+        self.session.announce_soon()
         self._notify()
         if source == "peer" and index == self._whole_next and (self._whole_task is None or self._whole_task.done()):
             self._whole_task = self.m.spawn(self._hash_ahead())
@@ -800,93 +444,9 @@ class Task:
             self.m.metrics.tasks.labels("success").inc()
             log.info("%s: verified (%d bytes; %d from peers, %d from the registry)", self.digest[:19],
                      entry.content_length, self.bytes_from["peer"], self.bytes_from["registry"])
-            self._announce_soon()
-            await self._sched("ReportTaskResult", pb.ReportTaskResultRequest(
-                peer_id=self.m.peer_id, task_id=self.digest, success=True, back_to_source=self.back_to_source))
+            self.session.announce_soon()
+            await self.session.report_result(success=True, back_to_source=self.back_to_source)
             return True
-
-    async def _register_task(self) -> pb.RegisterTaskResponse | None:
-        entry = self.entry
-        try:
-            resp = await self.m.sched.call(self.digest, "RegisterTask", pb.RegisterTaskRequest(
-                peer_id=self.m.peer_id, task_id=self.digest, content_length=entry.content_length,
-                piece_size=entry.piece_size))
-        except (SchedulerUnavailable, SchedulerRequestError) as exc:
-            self._scheduler_down("RegisterTask", exc)
-            return None
-        self.registered = True
-        if resp.content_length and resp.piece_size and not entry.has_layout:
-            entry.set_layout(resp.content_length, resp.piece_size)
-        if resp.piece_digests and entry.has_layout:
-            entry.set_piece_digests(list(resp.piece_digests))
-        if resp.back_to_source and not entry.verified:
-            self._go_to_source(resp.reason or "seed")
-        if entry.have:
-            self._announce_soon()
-        return resp
-
-    def _scheduler_down(self, method: str, exc: Exception) -> None:
-        log.warning("%s: %s; fetching from the registry", self.digest[:19], exc)
-        self.m.metrics.scheduler_errors.labels(method).inc()
-        self._go_to_source("scheduler_down")
-
-    async def _sched(self, method: str, request) -> bool:
-        """Best-effort scheduler RPC (reports, announcements): a failure only costs the scheduler some
-        accuracy, so it is counted and logged, not raised. Returns whether a scheduler took it."""
-        if self.m.sched is None:
-            return False
-        try:
-            await self.m.sched.call(self.digest, method, request)
-            return True
-        except (SchedulerUnavailable, SchedulerRequestError) as exc:
-            self.m.metrics.scheduler_errors.labels(method).inc()
-            log.debug("%s: %s", method, exc)
-            return False
-
-    def _flush_results(self, force: bool = False) -> None:
-        """Report piece results to the scheduler, batched (a child lands dozens of pieces a second)."""
-        if not self._results or self.m.sched is None:
-            return
-        if force or len(self._results) >= FLUSH_BATCH or time.monotonic() - self._flushed_at >= FLUSH_EVERY:
-            self._flushed_at = time.monotonic()
-            results, self._results = self._results, []
-            self.m.spawn(self._sched("ReportPieceResults", pb.ReportPieceResultsRequest(
-                peer_id=self.m.peer_id, task_id=self.digest, results=results)))
-
-    def _announce_soon(self) -> None:
-        """Coalesce announcements: at most one in flight, one more queued with the latest state."""
-        if self.m.sched is None or not self.entry.has_layout:
-            return
-        self._announce_dirty = True
-        if self._announce_task is None or self._announce_task.done():
-            self._announce_task = self.m.spawn(self._announce_loop())
-
-    async def _announce_loop(self) -> None:
-        while self._announce_dirty:
-            self._announce_dirty = False
-            await self.announce()
-
-    async def announce(self) -> bool:
-        entry = self.entry
-        if not entry.has_layout:
-            return True
-        # Digests go out as they are learned ("" = not yet; the scheduler fills the gaps from later
-        # announcements), from the peer that hashed them from the registry, or from one whose whole blob
-        # matched its digest: children start on the seed's first pieces while it still downloads.
-        digests = entry.piece_digests if (self.fetched_from_source or entry.verified) \
-            and any(entry.piece_digests) else []
-        return await self._sched("AnnouncePieces", pb.AnnouncePiecesRequest(
-            peer_id=self.m.peer_id, task_id=self.digest, finished=sorted(entry.have),
-            in_flight=sorted(self._in_flight - entry.have), content_length=entry.content_length,
-            piece_size=entry.piece_size, piece_digests=digests, done=entry.verified))
-
-    def status(self) -> dict:
-        e = self.entry
-        return {"digest": self.digest, "state": self.state, "size": e.content_length, "piece_size": e.piece_size,
-                "pieces": e.n_pieces, "have": len(e.have), "verified": e.verified,
-                "from_peers": self.bytes_from["peer"], "from_registry": self.bytes_from["registry"],
-                "back_to_source": self.source_reason if self.back_to_source else "",
-                "blocklist": dict(self.blocklist), "error": str(self.error) if self.error else ""}
 
 
 class TaskManager:
@@ -977,7 +537,7 @@ class TaskManager:
         if task is not None:
             task.forget_hashes()
             task.fetched_from_source.discard(index)
-            task._announce_soon()
+            task.session.announce_soon()
 
     def forget_if_empty(self, digest: str) -> None:
         """Drop a task that never got anything (a 404, a dead registry): no state kept per bad digest."""
@@ -1018,17 +578,6 @@ class TaskManager:
         return True
 
 
-def _runs(indexes: list[int]) -> list[tuple[int, int]]:
-    """Sorted piece indexes -> contiguous ``(first, last)`` runs."""
-    runs: list[tuple[int, int]] = []
-    for i in indexes:
-        if runs and runs[-1][1] == i - 1:
-            runs[-1] = (runs[-1][0], i)
-        else:
-            runs.append((i, i))
-    return runs
-
-
 def _hash_and_write(entry: BlobEntry, index: int, data, expected: str, whole) -> str:
     """In a worker thread (hashlib and file writes let go of the GIL, so they overlap the network on a
     second core): the piece digest, feeding the running whole-blob hash on the way, and the piece on disk
@@ -1050,7 +599,3 @@ def _hash_pieces(entry: BlobEntry) -> str:
     for i in range(entry.n_pieces):
         h.update(entry.read_piece(i))
     return "sha256:" + h.hexdigest()
-
-
-def _url_host(ip: str) -> str:
-    return f"[{ip}]" if ":" in ip else ip
