@@ -52,14 +52,14 @@ import time
 import uuid
 from pathlib import Path
 
-from remora_testing.imagebuild import LayerSpec, debian_rootfs, write_image
-from remora_testing.netlab.delay import DelayProxy
 from remora.procutil import wait_until
-from remora_testing.registry import LocalRegistry
 from remora.snapshotter.mount import MountManager
 from remora.snapshotter.pull import pull
 from remora.snapshotter.storage import detach_mount, mountpoints_under
 from remora_testing.containerd import PrivateContainerd, RemoraSnapshotter
+from remora_testing.imagebuild import LayerSpec, debian_rootfs, write_image
+from remora_testing.netlab.delay import DelayProxy
+from remora_testing.registry import LocalRegistry
 
 MODES = ("none", "namespace")
 SCENARIOS = ("same", "sibling")
@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         }
     print(f"\nsecond tenant starting the same image (median of {args.runs} runs; link {args.rate_mbit:g} Mbit/s, "
           f"{args.delay_ms:g} ms each way)")
-    print(f"{'scenario/isolation':18s} {'A start s':>9s} {'A MB':>7s} {'B start s':>9s} {'B MB@start':>10s} {'B MB':>7s} "
-          f"{'cache MB':>9s}")
+    print(f"{'scenario/isolation':18s} {'A start s':>9s} {'A MB':>7s} {'B start s':>9s} {'B MB@start':>10s} "
+          f"{'B MB':>7s} {'cache MB':>9s}")
     for mode, s in summary.items():
         print(f"{mode:18s} {s['a_cold_start_s']:9.2f} {s['a_bytes'] / 1e6:7.1f} {s['b_cold_start_s']:9.2f} "
               f"{s['b_bytes_at_start'] / 1e6:10.1f} {s['b_bytes'] / 1e6:7.1f} {s['cache_bytes'] / 1e6:9.1f}")

@@ -27,8 +27,8 @@ from rich.table import Table
 from remora import oci
 from remora.converter.convert import ConvertOptions, convert
 from remora.format.chunker import ChunkingSpec
-from remora_testing.imagebuild import LayerSpec, debian_rootfs, python_app_layers, write_image
 from remora.imagestore import open_store
+from remora_testing.imagebuild import LayerSpec, debian_rootfs, python_app_layers, write_image
 from remora_testing.registry import LocalRegistry
 
 

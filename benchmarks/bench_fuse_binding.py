@@ -161,6 +161,10 @@ def _make_disk_tree(root: str) -> None:
                 f.truncate(size)
 
 
+def _read_all(path: str) -> None:
+    open(path, "rb").read()
+
+
 def measure(root: str, slow: bool) -> dict[str, float]:
     names = [os.path.join(root, n) for n, _, s in _names() if not s and n != "big"]
     out = {}
@@ -187,7 +191,7 @@ def measure(root: str, slow: bool) -> dict[str, float]:
             pass
     out["seq cold"] = BIG_SIZE / (time.perf_counter() - t) / (1 << 30)
     if slow:
-        threads = [threading.Thread(target=lambda p=os.path.join(root, f"slow{i:02d}"): open(p, "rb").read())
+        threads = [threading.Thread(target=_read_all, args=(os.path.join(root, f"slow{i:02d}"),))
                    for i in range(N_SLOW)]
         t = time.perf_counter()
         for th in threads:

@@ -35,14 +35,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "snapshotter"))
 
-from lazy_support import CountingProxy, build_image  # noqa: E402
+from lazy_support import CountingProxy, build_image
 
-from remora.cache import ChunkCache  # noqa: E402
-from remora.format.bootstrap import Bootstrap  # noqa: E402
-from remora.registry.client import RegistryClient  # noqa: E402
-from remora_testing.registry import LocalRegistry  # noqa: E402
-from remora.snapshotter.fetch import ChunkFetcher  # noqa: E402
-from remora.snapshotter.sources import SourceSpec, open_source  # noqa: E402
+from remora.cache import ChunkCache
+from remora.format.bootstrap import Bootstrap
+from remora.registry.client import RegistryClient
+from remora.snapshotter.fetch import ChunkFetcher
+from remora.snapshotter.sources import SourceSpec, open_source
+from remora_testing.registry import LocalRegistry
 
 
 def main() -> None:

@@ -40,9 +40,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_cold_start import APP_MAIN, _check, _remove, prepare_image  # noqa: E402
+from bench_cold_start import APP_MAIN, _check, _remove, prepare_image
 
-from remora_testing.imagebuild import File  # noqa: E402
+from remora_testing.imagebuild import File
 
 STDLIB = "usr/lib/python3.11"
 BIG = "data/big.bin"
@@ -111,9 +111,9 @@ def main() -> int:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (containerd, FUSE)")
-    from remora_testing.registry import LocalRegistry
     from remora.snapshotter.mount import MountManager
     from remora_testing.containerd import PrivateContainerd, RemoraSnapshotter
+    from remora_testing.registry import LocalRegistry
 
     image = prepare_image(args.cache, f"lazy-read-{args.big_mib}m", lazy_read_app(args.big_mib), None)
     work = Path(tempfile.mkdtemp(prefix="bench-lazyread-"))

@@ -62,15 +62,17 @@ def measure(address: Path, snapshotter: str, n: int, tag: str) -> dict[str, list
     with grpc.insecure_channel(f"unix://{address}") as ch:
         stub = snapshots_pb2_grpc.SnapshotsStub(ch)
         base = f"{tag}-base"
-        stub.Prepare(pb.PrepareSnapshotRequest(snapshotter=snapshotter, key=f"{base}-k", labels=ROOT), metadata=md, timeout=30)
-        stub.Commit(pb.CommitSnapshotRequest(snapshotter=snapshotter, name=base, key=f"{base}-k", labels=ROOT), metadata=md,
-                    timeout=30)
+        stub.Prepare(pb.PrepareSnapshotRequest(snapshotter=snapshotter, key=f"{base}-k", labels=ROOT),
+                     metadata=md, timeout=30)
+        stub.Commit(pb.CommitSnapshotRequest(snapshotter=snapshotter, name=base, key=f"{base}-k", labels=ROOT),
+                    metadata=md, timeout=30)
         for i in range(n + 10):  # the first 10 are warm-up
             key, name = f"{tag}-k{i}", f"{tag}-c{i}"
             calls = [("Prepare", stub.Prepare, pb.PrepareSnapshotRequest(snapshotter=snapshotter, key=key, parent=base,
                                                                 labels=ROOT)),
                      ("Mounts", stub.Mounts, pb.MountsRequest(snapshotter=snapshotter, key=key)),
-                     ("Commit", stub.Commit, pb.CommitSnapshotRequest(snapshotter=snapshotter, name=name, key=key, labels=ROOT)),
+                     ("Commit", stub.Commit,
+                      pb.CommitSnapshotRequest(snapshotter=snapshotter, name=name, key=key, labels=ROOT)),
                      ("Stat", stub.Stat, pb.StatSnapshotRequest(snapshotter=snapshotter, key=name))]
             for rpc, fn, req in calls:
                 t0 = time.perf_counter()

@@ -48,8 +48,8 @@ def proto_files() -> list[Path]:
 
 def generate(out: Path) -> None:
     check_generator()
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     out.mkdir(parents=True, exist_ok=True)
@@ -62,14 +62,14 @@ def generate(out: Path) -> None:
     for p in proto_files():
         rel = p.relative_to(PROTOS)
         tops.add(rel.parts[0] if len(rel.parts) > 1 else rel.stem + "_pb2")
-    pattern = re.compile(r"^(from|import) (%s)(\.| )" % "|".join(re.escape(t) for t in sorted(tops)), re.M)
+    pattern = re.compile(r"^(from|import) ({})(\.| )".format("|".join(re.escape(t) for t in sorted(tops))), re.M)
     for path in out.rglob("*.py*"):
         if path.suffix not in (".py", ".pyi"):
             continue
         text = path.read_text()
         new = pattern.sub(lambda m: f"{m.group(1)} {PACKAGE}.{m.group(2)}{m.group(3)}", text)
         # `import remora_scheduler_pb2 as x` -> `from remora._proto import remora_scheduler_pb2 as x`
-        new = re.sub(r"^import %s\.(\w+_pb2) as (\w+)$" % re.escape(PACKAGE),
+        new = re.sub(rf"^import {re.escape(PACKAGE)}\.(\w+_pb2) as (\w+)$",
                      lambda m: f"from {PACKAGE} import {m.group(1)} as {m.group(2)}", new, flags=re.M)
         if new != text:
             path.write_text(new)

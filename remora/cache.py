@@ -39,9 +39,9 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
 
 from remora.errors import InvalidInput, StorageError
 
@@ -341,7 +341,7 @@ class ChunkCache:
         freed = 0
         victims: list[tuple[str, str]] = []
         with self._tx() as db:  # the write lock is held while victims are chosen and removed
-            usage = {p: b for p, b in db.execute("SELECT part, bytes FROM pusage WHERE bytes > 0")}
+            usage = dict(db.execute("SELECT part, bytes FROM pusage WHERE bytes > 0"))
             excess = sum(usage.values()) - target
             if excess <= 0:
                 return 0

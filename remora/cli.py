@@ -96,7 +96,8 @@ def _unavailable(command: str, why: str):
 
 def setup_logging(verbosity: int) -> None:
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
-    level = int(os.environ.get("REMORA_LOG_LEVEL", level)) if os.environ.get("REMORA_LOG_LEVEL", "").isdigit() else level
+    if os.environ.get("REMORA_LOG_LEVEL", "").isdigit():
+        level = int(os.environ["REMORA_LOG_LEVEL"])
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 

@@ -17,13 +17,19 @@ import io
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from remora.digest import VerifyingReader, sha256_digest, validate_digest, verify_bytes
 from remora.errors import DigestMismatch, InvalidInput, NotFound, UsageError
 from remora.layout import OCILayout
-from remora.oci import (INDEX_MEDIA_TYPES, MANIFEST_ACCEPT, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_SIZE, Descriptor,
-                        parse_manifest_or_index)
+from remora.oci import (
+    INDEX_MEDIA_TYPES,
+    MANIFEST_ACCEPT,
+    MANIFEST_MEDIA_TYPES,
+    MAX_MANIFEST_SIZE,
+    Descriptor,
+    parse_manifest_or_index,
+)
 from remora.reference import ImageRef, LayoutRef, parse_reference
 
 #: Configs are small JSON documents; refuse to buffer anything absurd in memory.
@@ -81,10 +87,10 @@ class ImageStore(ABC):
                 self.push_blob(desc, f.name)
         return desc
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a store without connections has nothing to release
         """Release connections; the store is unusable afterwards."""
 
-    def __enter__(self) -> "ImageStore":
+    def __enter__(self) -> ImageStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -111,6 +117,8 @@ def _check_manifest_desc(desc: Descriptor, data: bytes, what: str) -> None:
 class LayoutStore(ImageStore):
     """An image in an OCI layout directory; created on first write if missing."""
 
+    ref: LayoutRef
+
     def __init__(self, ref: LayoutRef):
         self.ref = ref
         self._layout: OCILayout | None = None
@@ -136,7 +144,7 @@ class LayoutStore(ImageStore):
         return self.layout.read_blob(digest, size, max_size=MAX_MANIFEST_SIZE)
 
     def open_blob(self, desc: Descriptor) -> BinaryIO:
-        return self.layout.open_blob(desc.digest, desc.size)
+        return cast(BinaryIO, self.layout.open_blob(desc.digest, desc.size))  # a file-like reader
 
     def blob_exists(self, desc: Descriptor) -> bool:
         try:
@@ -158,7 +166,7 @@ class LayoutStore(ImageStore):
             return True
         src_path = from_repository[4:] if from_repository.startswith("oci:") else from_repository
         try:
-            src = OCILayout.open(parse_reference("oci:" + src_path).path)
+            src = OCILayout.open(cast(LayoutRef, parse_reference("oci:" + src_path)).path)  # "oci:": a layout
         except (NotFound, UsageError):
             return False
         return target.copy_blob_from(src, desc.digest, desc.size)
@@ -174,6 +182,8 @@ class LayoutStore(ImageStore):
 
 class RegistryStore(ImageStore):
     """A repository in a registry, through :class:`remora.registry.client.RegistryClient`."""
+
+    ref: ImageRef
 
     def __init__(self, ref: ImageRef, client):
         self.ref = ref

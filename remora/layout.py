@@ -13,15 +13,26 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, cast
 
 from remora.digest import CHUNK, VerifyingReader, new_hasher, sha256_digest, split_digest, validate_digest
 from remora.errors import DigestMismatch, InvalidInput, NotFound, StorageError, UsageError
-from remora.oci import (read_limited, ANNOTATION_REF_NAME, INDEX_MEDIA_TYPES, MAX_MANIFEST_SIZE, MEDIA_TYPE_OCI_INDEX,
-                        OCI_LAYOUT_VERSION, Descriptor, Index, canonical_json, parse_index,
-                        parse_manifest_or_index)
+from remora.oci import (
+    ANNOTATION_REF_NAME,
+    INDEX_MEDIA_TYPES,
+    MAX_MANIFEST_SIZE,
+    MEDIA_TYPE_OCI_INDEX,
+    OCI_LAYOUT_VERSION,
+    Descriptor,
+    Index,
+    canonical_json,
+    parse_index,
+    parse_manifest_or_index,
+    read_limited,
+)
 
 _TMP_DIR = ".tmp"
 
@@ -76,7 +87,7 @@ class OCILayout:
     # --- creation / opening ----------------------------------------------------------------------
 
     @classmethod
-    def init(cls, path: str | Path) -> "OCILayout":
+    def init(cls, path: str | Path) -> OCILayout:
         """Create the layout (directory, ``oci-layout``, empty ``index.json``) unless it exists.
 
         Safe against concurrent initialisation of the same directory (serialised by ``flock``).
@@ -96,7 +107,7 @@ class OCILayout:
         return layout
 
     @classmethod
-    def open(cls, path: str | Path) -> "OCILayout":
+    def open(cls, path: str | Path) -> OCILayout:
         """Open an existing layout, checking its ``oci-layout`` marker."""
         layout = cls(path)
         marker = layout.path / "oci-layout"
@@ -296,7 +307,7 @@ class OCILayout:
                 atomic_write(self.path / "index.json", canonical_json(index.to_dict()))
         return entry
 
-    def copy_blob_from(self, other: "OCILayout", digest: str, size: int | None = None) -> bool:
+    def copy_blob_from(self, other: OCILayout, digest: str, size: int | None = None) -> bool:
         """Copy a blob from another layout; False if ``other`` lacks it.
 
         The source is verified first (a corrupt blob raises and is not propagated); then it is
@@ -322,7 +333,7 @@ class OCILayout:
             except OSError:
                 pass  # EXDEV, EPERM...: fall back to a verified copy
         with other.open_blob(digest, size) as r:
-            self.write_blob(r, digest, size)
+            self.write_blob(cast(BinaryIO, r), digest, size)  # a file-like reader
         return True
 
     def __repr__(self) -> str:

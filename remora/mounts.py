@@ -14,8 +14,9 @@ import ctypes.util
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 from remora.errors import StorageError
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from remora.digest import validate_digest
 from remora.errors import InvalidInput, NotFound, UnsupportedMediaType, UsageError
@@ -133,7 +134,7 @@ class Platform:
     os_features: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, s: str) -> "Platform":
+    def parse(cls, s: str) -> Platform:
         """Parse ``os/arch[/variant]`` (e.g. ``linux/arm64/v8``)."""
         parts = s.split("/")
         if len(parts) not in (2, 3) or not all(parts):
@@ -151,7 +152,7 @@ class Platform:
         return d
 
     @classmethod
-    def from_dict(cls, d: Any) -> "Platform":
+    def from_dict(cls, d: Any) -> Platform:
         if not isinstance(d, dict):
             raise InvalidInput("platform must be an object")
         return cls(os=_require(d, "os", str, "platform"),
@@ -159,7 +160,7 @@ class Platform:
                    variant=d.get("variant") or None, os_version=d.get("os.version") or None,
                    os_features=tuple(d.get("os.features") or ()))
 
-    def matches(self, other: "Platform") -> bool:
+    def matches(self, other: Platform) -> bool:
         """True if ``other`` satisfies this platform; a missing variant here matches any variant."""
         if self.os != other.os or self.architecture != other.architecture:
             return False
@@ -203,7 +204,7 @@ class Descriptor:
         return d
 
     @classmethod
-    def from_dict(cls, d: Any, what: str = "descriptor") -> "Descriptor":
+    def from_dict(cls, d: Any, what: str = "descriptor") -> Descriptor:
         if not isinstance(d, dict):
             raise InvalidInput(f"{what} must be an object")
         size = _require(d, "size", int, what)
@@ -219,7 +220,7 @@ class Descriptor:
                    platform=Platform.from_dict(d["platform"]) if d.get("platform") is not None else None,
                    urls=tuple(urls), artifact_type=d.get("artifactType"))
 
-    def with_annotations(self, **extra: str) -> "Descriptor":
+    def with_annotations(self, **extra: str) -> Descriptor:
         """A copy with ``extra`` merged into the annotations (keyword names are used verbatim)."""
         return Descriptor(self.media_type, self.digest, self.size, {**self.annotations, **extra},
                           self.platform, self.urls, self.artifact_type)
@@ -238,7 +239,7 @@ class Manifest:
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"schemaVersion": 2, "mediaType": self.media_type,
-                             "config": self.config.to_dict(), "layers": [l.to_dict() for l in self.layers]}
+                             "config": self.config.to_dict(), "layers": [layer.to_dict() for layer in self.layers]}
         if self.annotations:
             d["annotations"] = dict(self.annotations)
         if self.subject is not None:
@@ -368,7 +369,7 @@ def parse_manifest_or_index(data: bytes, media_type: str | None = None) -> Manif
 def _parse_manifest(obj: dict, mt: str) -> Manifest:
     config = Descriptor.from_dict(_require(obj, "config", dict, "manifest"), "manifest config")
     layers_raw = _require(obj, "layers", list, "manifest")
-    layers = [Descriptor.from_dict(l, f"manifest layer {i}") for i, l in enumerate(layers_raw)]
+    layers = [Descriptor.from_dict(raw, f"manifest layer {i}") for i, raw in enumerate(layers_raw)]
     subject = Descriptor.from_dict(obj["subject"], "manifest subject") if obj.get("subject") else None
     return Manifest(config=config, layers=layers, media_type=mt,
                     annotations=_opt_str_map(obj, "annotations", "manifest"), subject=subject,
@@ -420,7 +421,7 @@ class ImageConfig:
     raw: dict
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "ImageConfig":
+    def from_bytes(cls, data: bytes) -> ImageConfig:
         obj = _load_json(data, "image config")
         rootfs = obj.get("rootfs")
         if not isinstance(rootfs, dict) or not isinstance(rootfs.get("diff_ids"), list):

@@ -77,12 +77,12 @@ class ImageRef:
         except ValueError:
             return False
 
-    def with_tag(self, tag: str) -> "ImageRef":
+    def with_tag(self, tag: str) -> ImageRef:
         if not _TAG_RE.fullmatch(tag):
             raise UsageError(f"bad tag {tag!r}")
         return replace(self, tag=tag, digest=None)
 
-    def with_digest(self, digest: str) -> "ImageRef":
+    def with_digest(self, digest: str) -> ImageRef:
         if not _DIGEST_RE.fullmatch(digest):
             raise UsageError(f"bad digest {digest!r}")
         return replace(self, digest=digest)

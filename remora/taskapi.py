@@ -7,10 +7,17 @@ It lives in the core because two components speak it: ``remora peer preheat`` (t
 """
 from __future__ import annotations
 
+import os
+from typing import overload
+
 from remora.errors import InvalidInput
 
 
-def load_token(path) -> str | None:
+@overload
+def load_token(path: None) -> None: ...
+@overload
+def load_token(path: str | os.PathLike[str]) -> str: ...
+def load_token(path: str | os.PathLike[str] | None) -> str | None:
     """The preheat token from ``path`` (first line, stripped); None when no path is configured."""
     if path is None:
         return None

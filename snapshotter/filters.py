@@ -150,7 +150,7 @@ class _Parser:
         return self.s[start:self.i]
 
     def quoted(self, quote: str) -> str:
-        out = []
+        out: list[str] = []
         self.i += 1
         while True:
             if self.i >= len(self.s) or self.s[self.i] == "\n":

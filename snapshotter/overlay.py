@@ -34,7 +34,8 @@ class Mount:
     options: list[str] = field(default_factory=list)
 
 
-def mounts_for(snap: Snapshot, fs_path: Callable[[str], os.PathLike], work_path: Callable[[str], os.PathLike]) -> list[Mount]:
+def mounts_for(snap: Snapshot, fs_path: Callable[[str], os.PathLike[str]],
+               work_path: Callable[[str], os.PathLike[str]]) -> list[Mount]:
     """The mounts containerd should use for an active or view snapshot."""
     if not snap.parent_ids:
         return [Mount("bind", str(fs_path(snap.id)), ["ro" if snap.kind == Kind.VIEW else "rw", "rbind"])]
@@ -64,7 +65,7 @@ def _compact_lowerdirs(options: list[str]) -> tuple[str | None, list[str]]:
     return chdir, out
 
 
-def mount_all(mounts: list[Mount], target: os.PathLike) -> None:
+def mount_all(mounts: list[Mount], target: os.PathLike[str]) -> None:
     """Mount ``mounts`` on ``target`` with mount(8) (used by tests, benchmarks and the demo).
 
     Long lowerdir lists are shortened to relative paths and mounted from their common directory,

@@ -7,6 +7,7 @@ remora image lazily is put there, on every layer of the remora manifest.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from remora.errors import InvalidInput
 from remora.format import FORMAT_VERSION
@@ -74,6 +75,6 @@ def parse_labels(labels: dict[str, str]) -> LayerInfo | None:
     return LayerInfo(role, bootstrap, version)
 
 
-def is_remora_manifest(manifest: dict) -> bool:
+def is_remora_manifest(manifest: dict[str, Any]) -> bool:
     layers = manifest.get("layers") or []
-    return bool(layers) and all(VERSION in (l.get("annotations") or {}) for l in layers)
+    return bool(layers) and all(VERSION in (layer.get("annotations") or {}) for layer in layers)

@@ -111,7 +111,7 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     return cctx
 
 
-def compress_frame(data, level: int = DEFAULT_LEVEL) -> bytes:
+def compress_frame(data: bytes | bytearray | memoryview, level: int = DEFAULT_LEVEL) -> bytes:
     """One independent zstd frame (content size in the header, no zstd checksum: chunks carry sha256).
     ``data`` is any bytes-like object (a memoryview of a batch buffer is not copied first)."""
     return _compressor(level).compress(data)

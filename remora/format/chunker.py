@@ -7,8 +7,9 @@ large file. Both stream: a multi-GB file is never held in memory, only one chunk
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from remora.errors import InvalidInput, UsageError
 
@@ -23,7 +24,7 @@ class ChunkingSpec:
     algorithm: str = "fixed"
     size: int = 1024 * 1024
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.algorithm not in ("fixed", "cdc"):
             raise UsageError(f"unknown chunking algorithm {self.algorithm!r} (use 'fixed' or 'cdc')")
         if not (MIN_CHUNK <= self.size <= MAX_CHUNK) or self.size & (self.size - 1):
@@ -40,7 +41,7 @@ class ChunkingSpec:
         return self.size if self.algorithm == "fixed" else self.size // 4
 
     @classmethod
-    def parse(cls, text: str) -> "ChunkingSpec":
+    def parse(cls, text: str) -> ChunkingSpec:
         """``"fixed"``, ``"cdc"``, ``"fixed:1M"``, ``"cdc:512K"``."""
         algo, _, size = text.partition(":")
         return cls(algo or "fixed", parse_size(size) if size else cls.size)

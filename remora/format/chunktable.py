@@ -67,7 +67,7 @@ class ChunkTable:
             self.chunks.append(Chunk(digest, size, frame, frame_offset))
         return cid
 
-    def import_chunk(self, other: "ChunkTable", cid: int) -> int:
+    def import_chunk(self, other: ChunkTable, cid: int) -> int:
         """Copy chunk ``cid`` of ``other`` (a chunk dictionary) with its frame and blob into this table."""
         c = other.chunks[cid]
         f = other.frames[c.frame]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from remora.errors import InvalidInput
@@ -38,7 +39,7 @@ class GuardedConnection(sqlite3.Connection):
     steps_left = 0
     deadline: float | None = None
 
-    def execute(self, *args, **kwargs):  # type: ignore[override]
+    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
         if self.per_statement:
             self.steps_left = self.budget_steps
         return super().execute(*args, **kwargs)
@@ -77,10 +78,10 @@ def connect(path: Path | str, *, steps: int, seconds: float | None = None,
     return db
 
 
-_reference: dict[str, list[tuple]] = {}
+_reference: dict[str, list[tuple[Any, ...]]] = {}
 
 
-def reference_schema(schema: str) -> list[tuple]:
+def reference_schema(schema: str) -> list[tuple[Any, ...]]:
     """``sqlite_master`` rows that ``schema`` creates in a fresh database (what a file must match)."""
     rows = _reference.get(schema)
     if rows is None:

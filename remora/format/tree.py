@@ -9,8 +9,9 @@ chunk table's business (:mod:`remora.format.bootstrap`), not the tree's.
 from __future__ import annotations
 
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +33,7 @@ class Inode:
     target: bytes | None = None    # symlinks
     xattrs: dict[str, bytes] = field(default_factory=dict)
     chunks: list[ChunkRef] | None = None           # regular files
-    children: dict[bytes, "Inode"] | None = None   # directories
+    children: dict[bytes, Inode] | None = None   # directories
     ino: int = 0                   # assigned by Tree.number()
     nlink: int = 0                 # assigned by Tree.number()
 
@@ -49,7 +50,7 @@ class Inode:
         return stat.S_ISLNK(self.mode)
 
     @classmethod
-    def directory(cls, mode: int = 0o755, **kw) -> "Inode":
+    def directory(cls, mode: int = 0o755, **kw: Any) -> Inode:
         return cls(mode=stat.S_IFDIR | (mode & 0o7777), children={}, **kw)
 
 
@@ -64,9 +65,10 @@ class Tree:
         for part in split_path(path):
             if node.children is None:
                 return None
-            node = node.children.get(part)
-            if node is None:
+            child = node.children.get(part)
+            if child is None:
                 return None
+            node = child
         return node
 
     def walk(self) -> Iterator[tuple[bytes, Inode]]:

@@ -32,6 +32,7 @@ import stat
 import struct
 from array import array
 from pathlib import Path
+from typing import Any
 
 from remora.errors import InvalidInput
 from remora.format import FORMAT_VERSION
@@ -99,7 +100,7 @@ class _Validator:
     def fail(self, msg: str) -> None:
         raise InvalidInput(f"{self.where}: {msg}")
 
-    def one(self, sql: str, *args):
+    def one(self, sql: str, *args: object) -> Any:
         return self.db.execute(sql, args).fetchone()
 
     def bad(self, table: str, key: str, *pairs: str) -> None:
@@ -115,7 +116,7 @@ class _Validator:
                 self.fail(f"{table} row {row[0]!r}: {what}")
 
     def count(self, table: str) -> int:
-        n = self.one(f"SELECT count(*) FROM {table}")[0]
+        n: int = self.one(f"SELECT count(*) FROM {table}")[0]
         if n > self.max_rows:
             self.fail(f"{table} has {n} rows, over the {self.max_rows} limit")
         return n
@@ -170,11 +171,13 @@ class _Validator:
         if dup is not None:
             self.fail(f"blob {dup[0]} is listed twice")
         nframes = self.ids("frames")
-        self.bad("frames", "id", "typeof(blob) != 'integer' OR typeof(offset) != 'integer' OR typeof(csize) != 'integer' "
+        self.bad("frames", "id", "typeof(blob) != 'integer' OR typeof(offset) != 'integer' "
+                 "OR typeof(csize) != 'integer' "
                  f"OR typeof(usize) != 'integer' OR blob < 0 OR blob >= {nblobs} OR offset < {TAR_HEADER_SIZE} "
                  f"OR offset > {MAX_OFFSET} OR csize <= 0 OR csize > {MAX_OFFSET} OR usize <= 0 "
                  f"OR usize > {MAX_FRAME_USIZE}", "blob, offset or size out of range")
-        row = self.one("SELECT f.id FROM frames f JOIN blobs b ON b.id = f.blob WHERE f.offset + f.csize > b.size LIMIT 1")
+        row = self.one("SELECT f.id FROM frames f JOIN blobs b ON b.id = f.blob "
+                       "WHERE f.offset + f.csize > b.size LIMIT 1")
         if row is not None:
             self.fail(f"frame {row[0]} runs past the end of its blob")
         nchunks = self.ids("chunks")
@@ -188,7 +191,7 @@ class _Validator:
             self.fail(f"chunk {row[0]} runs past the end of its frame")
         return nblobs, nframes, nchunks
 
-    def chunk_sizes(self, nchunks: int) -> array:
+    def chunk_sizes(self, nchunks: int) -> array[int]:
         sizes = array("I")            # 4 bytes a chunk: sizes are checked to be under MAX_FRAME_USIZE
         for (size,) in self.db.execute("SELECT size FROM chunks ORDER BY id"):
             sizes.append(size)
@@ -197,7 +200,7 @@ class _Validator:
         return sizes
 
     # -- inodes --------------------------------------------------------------------------------
-    def inodes(self, chunk_sizes: array) -> None:
+    def inodes(self, chunk_sizes: array[int]) -> None:
         types = ", ".join(str(t) for t in _FILE_TYPES)
         lnk, reg = stat.S_IFLNK, stat.S_IFREG
         self.bad("inodes", "ino", "typeof(ino) != 'integer' "
@@ -288,7 +291,9 @@ class _Validator:
         if row is not None:
             self.fail(f"xattrs of missing inode {row[0]}")
         self.count("prefetch")
-        self.bad("prefetch", "seq", "typeof(seq) != 'integer' OR typeof(ino) != 'integer'", "a column of the wrong type")
-        row = self.one("SELECT p.ino FROM prefetch p LEFT JOIN inodes i ON i.ino = p.ino WHERE i.ino IS NULL LIMIT 1")
+        self.bad("prefetch", "seq", "typeof(seq) != 'integer' OR typeof(ino) != 'integer'",
+                 "a column of the wrong type")
+        row = self.one("SELECT p.ino FROM prefetch p LEFT JOIN inodes i ON i.ino = p.ino "
+                       "WHERE i.ino IS NULL LIMIT 1")
         if row is not None:
             self.fail(f"prefetch list names missing inode {row[0]}")

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from remora.errors import InvalidInput, NotFound, StorageError, UsageError
@@ -106,7 +107,7 @@ def _sign_hash(key):
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 # ---------------------------------------------------------------- files
@@ -192,7 +193,7 @@ class CertificateAuthority:
     """A CA certificate and its key: what ``issue`` signs with. ``bundle_pem`` is what members trust."""
 
     cert: x509.Certificate
-    key: object
+    key: CertificateIssuerPrivateKeyTypes
     cluster: str
     bundle_pem: bytes
 
@@ -317,8 +318,8 @@ def load_ca(directory: Path | str, cluster: str | None = None) -> CertificateAut
         bc = None
     if bc is None or not bc.ca:
         raise InvalidInput(f"{directory / CA_CERT} is not a CA certificate (basicConstraints CA:TRUE missing)")
-    return CertificateAuthority(cert=signer, key=key, cluster=check_name("cluster name", cluster or _ca_cluster(signer)),
-                                bundle_pem=bundle)
+    return CertificateAuthority(cert=signer, key=key,
+                                cluster=check_name("cluster name", cluster or _ca_cluster(signer)), bundle_pem=bundle)
 
 
 def _ca_cluster(cert: x509.Certificate) -> str:
@@ -408,7 +409,8 @@ def describe(cert: x509.Certificate) -> dict:
         is_ca = False
     try:
         names = {ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth", ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth"}
-        eku = [names.get(u, u.dotted_string) for u in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value]
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        eku = [names.get(u, u.dotted_string) for u in usages]
     except x509.ExtensionNotFound:
         eku = []
     pub = cert.public_key()

@@ -116,7 +116,8 @@ def _show(args) -> int:
         table = Table(title=f"{args.file} [{n}]" if len(infos) > 1 else args.file, show_header=False)
         table.add_column("field", style="bold")
         table.add_column("value", overflow="fold")
-        expiry = f"{info['not_after']} ({'EXPIRED or not yet valid' if info['expired'] else str(info['days_left']) + ' days left'})"
+        left = "EXPIRED or not yet valid" if info["expired"] else f"{info['days_left']} days left"
+        expiry = f"{info['not_after']} ({left})"
         for name, value in (("subject", info["subject"]), ("issuer", info["issuer"]),
                             ("role", info["role"] or "-"), ("host id", info["host_id"] or "-"),
                             ("cluster", info["cluster"] or "-"), ("CA", "yes" if info["ca"] else "no"),

@@ -24,8 +24,8 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from remora.errors import UsageError
 from remora.procutil import Daemon, unix_socket_answers, wait_until
@@ -58,7 +58,7 @@ class RemoraSnapshotter:
     def log_path(self) -> Path:
         return self.root.parent / f"{self.root.name}.log"
 
-    def start(self, timeout: float = 30.0) -> "RemoraSnapshotter":
+    def start(self, timeout: float = 30.0) -> RemoraSnapshotter:
         self.root.parent.mkdir(parents=True, exist_ok=True)
         api = str(self.api_address) if self.api_address else ""
         self.daemon = Daemon([*self.argv, "--root", str(self.root), "--address", str(self.address),
@@ -91,7 +91,7 @@ class RemoraSnapshotter:
         if self._sockdir:
             shutil.rmtree(self._sockdir, ignore_errors=True)
 
-    def __enter__(self) -> "RemoraSnapshotter":
+    def __enter__(self) -> RemoraSnapshotter:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -174,7 +174,7 @@ class PrivateContainerd:
     def prepare_files(self) -> None:
         """Write what the daemon reads at start besides config.toml (hook for subclasses)."""
 
-    def start(self, timeout: float = 20.0) -> "PrivateContainerd":
+    def start(self, timeout: float = 20.0) -> PrivateContainerd:
         if self.daemon and self.daemon.alive():
             raise UsageError(f"{self.label} already running")
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +230,7 @@ class PrivateContainerd:
                 except OSError:
                     pass
 
-    def __enter__(self) -> "PrivateContainerd":
+    def __enter__(self) -> PrivateContainerd:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from remora.errors import NotFound
 from remora_testing.containerd import PrivateContainerd

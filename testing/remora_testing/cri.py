@@ -79,7 +79,7 @@ class CRIImageClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "CRIImageClient":
+    def __enter__(self) -> CRIImageClient:
         return self
 
     def __exit__(self, *exc) -> None:

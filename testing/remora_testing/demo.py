@@ -49,8 +49,8 @@ def run(args) -> int:
     from remora.converter.check import check
     from remora.converter.convert import ConvertOptions, convert
     from remora.converter.image import LocalBlobs, RemoraImage
-    from remora_testing.imagebuild import LayerSpec, busybox_rootfs, debian_rootfs, write_image
     from remora.imagestore import open_store
+    from remora_testing.imagebuild import LayerSpec, busybox_rootfs, debian_rootfs, write_image
     from remora_testing.registry import LocalRegistry
     from remora_testing.tarbuild import LayerBuilder
 
@@ -71,7 +71,8 @@ def run(args) -> int:
         target = f"{registry.host}/demo/app:1-remora"
         built = write_image(source, None, [base, LayerSpec(app, created_by="COPY main.py /app/")],
                             config={"Cmd": cmd, "Env": ["PATH=/usr/local/bin:/usr/bin:/bin"]})
-        console.print(f"pushed {source} ({len(built.layers)} layers, {sum(l.size for l in built.layers) / 1e6:.1f} MB)")
+        size_mb = sum(layer.size for layer in built.layers) / 1e6
+        console.print(f"pushed {source} ({len(built.layers)} layers, {size_mb:.1f} MB)")
         report = convert(source, target, ConvertOptions(prefetch_list=hot, progress=not args.json and None))
         store = open_store(target)
         image = RemoraImage.open(store, work / "check")

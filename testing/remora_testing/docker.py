@@ -27,8 +27,8 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from remora.errors import NotFound, UsageError
 from remora.procutil import Daemon, wait_until
@@ -107,7 +107,7 @@ class PrivateDocker:
             "log-level": "info",
         }
 
-    def start(self, timeout: float = 30.0) -> "PrivateDocker":
+    def start(self, timeout: float = 30.0) -> PrivateDocker:
         if self.daemon and self.daemon.alive():
             raise UsageError("dockerd already running")
         for d in (self.base_dir, self.data_root, self.cli_config):
@@ -120,7 +120,8 @@ class PrivateDocker:
         self.daemon = Daemon([str(self.dockerd_bin), "--config-file", str(self.config_path)], self.log_path,
                              env=dict(os.environ, PATH=path)).start()
         try:
-            wait_until(lambda: not self.daemon.alive() or self.docker("version", check=False, timeout=5).returncode == 0,
+            wait_until(lambda: (not self.daemon.alive()
+                                or self.docker("version", check=False, timeout=5).returncode == 0),
                        timeout, interval=0.1, what="dockerd")
         except TimeoutError:
             self.close()
@@ -172,7 +173,7 @@ class PrivateDocker:
                 except OSError:
                     break
 
-    def __enter__(self) -> "PrivateDocker":
+    def __enter__(self) -> PrivateDocker:
         return self.start()
 
     def __exit__(self, *exc) -> None:

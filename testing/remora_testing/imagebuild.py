@@ -29,17 +29,31 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterable, Mapping
+from typing import BinaryIO
 
-from remora.mounts import unmount_below
 from remora.compression import compress_stream
 from remora.errors import InvalidInput, StorageError, UsageError
-from remora.oci import (MEDIA_TYPE_DOCKER_CONFIG, MEDIA_TYPE_DOCKER_LAYER, MEDIA_TYPE_DOCKER_LAYER_GZIP,
-                        MEDIA_TYPE_DOCKER_LAYER_ZSTD, MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST_LIST,
-                        MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST,
-                        OCI_LAYER_MEDIA_TYPE_FOR, Descriptor, Index, Manifest, Platform, canonical_json)
+from remora.mounts import unmount_below
+from remora.oci import (
+    MEDIA_TYPE_DOCKER_CONFIG,
+    MEDIA_TYPE_DOCKER_LAYER,
+    MEDIA_TYPE_DOCKER_LAYER_GZIP,
+    MEDIA_TYPE_DOCKER_LAYER_ZSTD,
+    MEDIA_TYPE_DOCKER_MANIFEST,
+    MEDIA_TYPE_DOCKER_MANIFEST_LIST,
+    MEDIA_TYPE_OCI_CONFIG,
+    MEDIA_TYPE_OCI_INDEX,
+    MEDIA_TYPE_OCI_MANIFEST,
+    OCI_LAYER_MEDIA_TYPE_FOR,
+    Descriptor,
+    Index,
+    Manifest,
+    Platform,
+    canonical_json,
+)
 
 #: The default image creation time: fixed so builds are reproducible.
 FIXED_CREATED = "2024-01-01T00:00:00Z"
@@ -266,7 +280,8 @@ def write_image(target, tag: str | None, layers: list[LayerSpec | bytes | str | 
     """Build and store an image; returns what was written.
 
     ``target`` is an :class:`~remora.imagestore.ImageStore`, an :class:`~remora.layout.OCILayout`
-    or a reference string; ``tag=None`` uses the reference's tag, if any. ``config`` is the runtime section (``{"Cmd": ["sh"], "Env": [...]}``).
+    or a reference string; ``tag=None`` uses the reference's tag, if any. ``config`` is the runtime
+    section (``{"Cmd": ["sh"], "Env": [...]}``).
     ``media_types`` is ``"oci"`` or ``"docker"`` (schema2). Layers that are already present in the
     destination are not uploaded again.
     """
@@ -302,7 +317,8 @@ def write_image(target, tag: str | None, layers: list[LayerSpec | bytes | str | 
         config_desc = store.push_bytes(config_bytes, MEDIA_TYPE_DOCKER_CONFIG if media_types == "docker"
                                        else MEDIA_TYPE_OCI_CONFIG)
         manifest = Manifest(config=config_desc, layers=layer_descs,
-                            media_type=MEDIA_TYPE_DOCKER_MANIFEST if media_types == "docker" else MEDIA_TYPE_OCI_MANIFEST,
+                            media_type=(MEDIA_TYPE_DOCKER_MANIFEST if media_types == "docker"
+                                        else MEDIA_TYPE_OCI_MANIFEST),
                             annotations=dict(annotations or {}))
         data = manifest.to_bytes()
         mdesc = Descriptor(manifest.media_type, "sha256:" + hashlib.sha256(data).hexdigest(), len(data),

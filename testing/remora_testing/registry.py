@@ -21,7 +21,8 @@ def find_registry_binary() -> str:
         path = shutil.which(name)
         if path:
             return path
-    raise RemoraError("no registry binary found: install Debian's 'docker-registry' package (apt-get install docker-registry)")
+    raise RemoraError("no registry binary found: install Debian's 'docker-registry' package "
+                      "(apt-get install docker-registry)")
 
 
 class LocalRegistry:
@@ -91,7 +92,7 @@ http:
     X-Content-Type-Options: [nosniff]
 {auth}"""
 
-    def start(self, timeout: float = 15.0) -> "LocalRegistry":
+    def start(self, timeout: float = 15.0) -> LocalRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         cfg = self.root / "config.yml"
         cfg.write_text(self.config_text())
@@ -113,7 +114,7 @@ http:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
 
-    def __enter__(self) -> "LocalRegistry":
+    def __enter__(self) -> LocalRegistry:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -132,10 +132,12 @@ def compare_trees(expected: Path, actual: Path, *, declared_dirs: set[str] | Non
         if ma["type"] == stat.S_IFDIR:
             declared = declared_dirs is None or os.fsdecode(path) in declared_dirs
             if not declared or path == b"/":
-                ma.pop("mtime_ns"); mb.pop("mtime_ns")
+                ma.pop("mtime_ns")
+                mb.pop("mtime_ns")
                 if path == b"/" or not declared:
                     for k in ("mode", "uid", "gid"):
-                        ma.pop(k, None); mb.pop(k, None)
+                        ma.pop(k, None)
+                        mb.pop(k, None)
         if ma != mb:
             diff = {k: (ma.get(k), mb.get(k)) for k in set(ma) | set(mb) if ma.get(k) != mb.get(k)}
             problems.append(f"{path!r}: {diff}")

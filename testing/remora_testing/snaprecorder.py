@@ -44,7 +44,7 @@ class SnapshotRecorder(grpc.GenericRpcHandler):
         self._channel: grpc.Channel | None = None
         self._server: grpc.Server | None = None
 
-    def start(self) -> "SnapshotRecorder":
+    def start(self) -> SnapshotRecorder:
         self._channel = grpc.insecure_channel(f"unix://{self.upstream}")
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), handlers=[self])
         if not self._server.add_insecure_port(f"unix://{self.address}"):
@@ -107,7 +107,7 @@ class SnapshotRecorder(grpc.GenericRpcHandler):
                 context.abort(e.code(), e.details())
         return grpc.unary_unary_rpc_method_handler(unary)
 
-    def __enter__(self) -> "SnapshotRecorder":
+    def __enter__(self) -> SnapshotRecorder:
         return self.start()
 
     def __exit__(self, *exc) -> None:

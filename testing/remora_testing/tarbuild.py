@@ -25,8 +25,9 @@ import stat
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO
 
 _ENC = "utf-8"
 _ERR = "surrogateescape"
@@ -106,7 +107,7 @@ class LayerBuilder:
             ti.pax_headers["SCHILY.xattr." + key] = value.decode(_ENC, _ERR)
         return ti
 
-    def add_dir(self, path, *, mode=0o755, uid=0, gid=0, mtime=None, xattrs=None) -> "LayerBuilder":
+    def add_dir(self, path, *, mode=0o755, uid=0, gid=0, mtime=None, xattrs=None) -> LayerBuilder:
         self._members.append(_Member(self._info(path, tarfile.DIRTYPE, mode, uid, gid, mtime, xattrs)))
         return self
 
@@ -124,7 +125,7 @@ class LayerBuilder:
         gid=0,
         mtime=None,
         xattrs=None,
-    ) -> "LayerBuilder":
+    ) -> LayerBuilder:
         """A regular file. Content is ``data``; or ``size`` bytes of ``pattern`` repeated; or the file
         at ``source``; or ``chunks()`` (a generator factory, called once per write) whose pieces
         must add up to ``size``. Only ``data`` is held in memory."""
@@ -144,12 +145,12 @@ class LayerBuilder:
         self._members.append(_Member(ti, content))
         return self
 
-    def add_symlink(self, path, target, *, uid=0, gid=0, mtime=None, xattrs=None) -> "LayerBuilder":
+    def add_symlink(self, path, target, *, uid=0, gid=0, mtime=None, xattrs=None) -> LayerBuilder:
         ti = self._info(path, tarfile.SYMTYPE, 0o777, uid, gid, mtime, xattrs, linkname=target)
         self._members.append(_Member(ti))
         return self
 
-    def add_hardlink(self, path, target, *, mode=None, uid=None, gid=None, mtime=None) -> "LayerBuilder":
+    def add_hardlink(self, path, target, *, mode=None, uid=None, gid=None, mtime=None) -> LayerBuilder:
         """A hard link to ``target``. Appliers (containerd, Docker) give the shared inode the link
         header's owner, mode and mtime, so by default the header repeats those of ``target`` as
         added earlier to this builder (what tar writers do); for a target in a lower layer pass
@@ -173,32 +174,32 @@ class LayerBuilder:
         self._members.append(_Member(ti))
         return self
 
-    def add_char(self, path, major, minor, *, mode=0o666, uid=0, gid=0, mtime=None) -> "LayerBuilder":
+    def add_char(self, path, major, minor, *, mode=0o666, uid=0, gid=0, mtime=None) -> LayerBuilder:
         return self._device(path, tarfile.CHRTYPE, major, minor, mode, uid, gid, mtime)
 
-    def add_block(self, path, major, minor, *, mode=0o660, uid=0, gid=0, mtime=None) -> "LayerBuilder":
+    def add_block(self, path, major, minor, *, mode=0o660, uid=0, gid=0, mtime=None) -> LayerBuilder:
         return self._device(path, tarfile.BLKTYPE, major, minor, mode, uid, gid, mtime)
 
-    def add_fifo(self, path, *, mode=0o644, uid=0, gid=0, mtime=None) -> "LayerBuilder":
+    def add_fifo(self, path, *, mode=0o644, uid=0, gid=0, mtime=None) -> LayerBuilder:
         return self._device(path, tarfile.FIFOTYPE, 0, 0, mode, uid, gid, mtime)
 
-    def whiteout(self, path) -> "LayerBuilder":
+    def whiteout(self, path) -> LayerBuilder:
         """``dir/.wh.NAME``: deletes ``dir/NAME`` of the lower layers."""
         head, _, base = _name(path).rstrip("/").rpartition("/")
         return self.add_file(f"{head}/.wh.{base}" if head else f".wh.{base}", b"")
 
-    def opaque(self, dir) -> "LayerBuilder":
+    def opaque(self, dir) -> LayerBuilder:
         """``dir/.wh..wh..opq``: hides every lower-layer child of ``dir``."""
         d = _name(dir).strip("/")
         return self.add_file(f"{d}/.wh..wh..opq" if d else ".wh..wh..opq", b"")
 
-    def raw_member(self, info: tarfile.TarInfo, data: bytes = b"") -> "LayerBuilder":
+    def raw_member(self, info: tarfile.TarInfo, data: bytes = b"") -> LayerBuilder:
         """Any TarInfo as given (hostile names, odd types); ``data`` is written as its content,
         whatever ``info.size`` says — so a header can lie about its size."""
         self._members.append(_Member(info, (lambda: (data,)) if data else None, strict=False))
         return self
 
-    def raw_bytes(self, data: bytes) -> "LayerBuilder":
+    def raw_bytes(self, data: bytes) -> LayerBuilder:
         """Bytes spliced in verbatim at this point (corrupt headers, garbage)."""
         self._members.append(_Member(None, raw=data))
         return self
@@ -213,7 +214,7 @@ class LayerBuilder:
         uid=0,
         gid=0,
         mtime: int = 0,
-    ) -> "LayerBuilder":
+    ) -> LayerBuilder:
         """A GNU sparse member (old GNU format, type ``S``) of logical ``size`` bytes: zeros except
         ``regions`` (offset -> data). Made by GNU tar from a real sparse file, so the member holds
         only the data regions and the layer stays small even for a multi-GB file."""
@@ -230,7 +231,7 @@ class LayerBuilder:
             archive = subprocess.run(
                 ["tar", "--create", "--format=gnu", "--sparse", "--no-recursion", "--numeric-owner",
                  f"--owner={uid}", f"--group={gid}", f"--mtime=@{mtime}", "-C", tmp, "-f", "-", rel],
-                check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                check=True, capture_output=True,
             ).stdout
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as tf:
             member = tf.next()
@@ -240,7 +241,7 @@ class LayerBuilder:
         self._members.append(_Member(None, raw=archive[member.offset:end]))
         return self
 
-    def add_tree(self, src: str | os.PathLike, prefix: str = "") -> "LayerBuilder":
+    def add_tree(self, src: str | os.PathLike, prefix: str = "") -> LayerBuilder:
         """Every file below ``src`` (sorted, not following symlinks) with its real metadata; files
         sharing an inode become hard links to the first one seen, as ``tar`` would write them."""
         src = os.fspath(src)
@@ -257,7 +258,7 @@ class LayerBuilder:
                 st = os.lstat(full)
                 perm = stat.S_IMODE(st.st_mode)
                 sec, ns = divmod(st.st_mtime_ns, 10**9)
-                kw = dict(uid=st.st_uid, gid=st.st_gid, mtime=f"{sec}.{ns:09d}")
+                kw = {"uid": st.st_uid, "gid": st.st_gid, "mtime": f"{sec}.{ns:09d}"}
                 if stat.S_ISDIR(st.st_mode):
                     self.add_dir(arc, mode=perm, **kw)
                 elif stat.S_ISLNK(st.st_mode):

@@ -30,7 +30,7 @@ def extract_bootstrap(layout: Path, tag: str, out: Path) -> Path:
     """The bootstrap database of the remora image ``oci:layout:tag``, copied to ``out``."""
     store = open_store(f"oci:{layout}:{tag}")
     manifest = oci.parse_manifest(store.resolve()[1])
-    boot = next(l for l in manifest.layers if l.annotations.get(ann.ROLE) == "bootstrap")
+    boot = next(desc for desc in manifest.layers if desc.annotations.get(ann.ROLE) == "bootstrap")
     raw = (layout / "blobs" / "sha256" / boot.digest[7:]).read_bytes()
     tar_bytes = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
     with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
@@ -54,13 +54,13 @@ def repack(layout: Path, tag: str, db: Path, new_tag: str) -> None:
     layer = zstandard.ZstdCompressor(write_content_size=True).compress(tar_bytes)
     bdigest, bsize = lay.write_blob_bytes(layer)
     layers = []
-    for l in manifest.layers:
-        a = dict(l.annotations)
+    for desc in manifest.layers:
+        a = dict(desc.annotations)
         a[ann.BOOTSTRAP], a[ann.BOOTSTRAP_SIZE] = bdigest, str(bsize)
         if a.get(ann.ROLE) == "bootstrap":
-            layers.append(oci.Descriptor(l.media_type, bdigest, bsize, a))
+            layers.append(oci.Descriptor(desc.media_type, bdigest, bsize, a))
         else:
-            layers.append(oci.Descriptor(l.media_type, l.digest, l.size, a))
+            layers.append(oci.Descriptor(desc.media_type, desc.digest, desc.size, a))
     cfg = json.loads(lay.read_blob(manifest.config.digest))
     cfg["rootfs"]["diff_ids"][-1] = _sha(tar_bytes)
     cdigest, csize = lay.write_blob_bytes(oci.canonical_json(cfg))
@@ -90,7 +90,8 @@ class Crafter:
     def ino_of(self, path: str) -> int:
         ino = 1
         for part in path.strip("/").split("/"):
-            (ino,) = self.db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?", (ino, part.encode())).fetchone()
+            (ino,) = self.db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?",
+                                     (ino, part.encode())).fetchone()
         return ino
 
     def _new_ino(self) -> int:

@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 
 from remora import oci
+from remora.converter.check import check
 from remora.converter.convert import ConvertOptions, convert
 from remora.converter.image import LocalBlobs, RemoraImage
-from remora.converter.check import check
 from remora.converter.unpack import unpack
 from remora.errors import DigestMismatch, InvalidInput, NotFound, StorageError
 from remora.format import annotations as ann
 from remora.format.chunker import ChunkingSpec
-from remora_testing.imagebuild import LayerSpec, write_image
 from remora.imagestore import open_store
-from remora_testing.tarbuild import LayerBuilder
+from remora_testing.imagebuild import LayerSpec, write_image
 from remora_testing.rootfs import compare_trees, flatten_with_gnu_tar
+from remora_testing.tarbuild import LayerBuilder
 
 CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
 LONG_DIR = "d" * 120 + "/" + "e" * 120
@@ -35,13 +35,15 @@ SHARED = __import__("random").Random(7).randbytes(3 * 1024 * 1024 + 123)  # inco
 
 def layer_one() -> bytes:
     b = LayerBuilder()
-    b.add_dir("etc", mtime=T).add_dir("usr", mtime=T).add_dir("usr/bin", mtime=T).add_dir("data", mode=0o750, uid=5, gid=6, mtime=T)
+    b.add_dir("etc", mtime=T).add_dir("usr", mtime=T).add_dir("usr/bin", mtime=T)
+    b.add_dir("data", mode=0o750, uid=5, gid=6, mtime=T)
     b.add_file("etc/hello", b"hello v1\n", mtime=T)
     b.add_file("usr/bin/su", b"\x7fELF-su" * 100, mode=0o4755, mtime=T)
     b.add_file("usr/bin/wall", b"\x7fELF-wall" * 50, mode=0o2755, gid=5, mtime=T)
     b.add_file("usr/bin/ping", b"\x7fELF-ping" * 70, mode=0o755, xattrs={"security.capability": CAP}, mtime=T)
     b.add_dir("tmp", mode=0o1777, mtime=T)
-    b.add_file("data/owned", b"owned by 1000\n", uid=1000, gid=1000, mode=0o600, xattrs={"user.note": b"\x00binary\xff"}, mtime=T + 1)
+    b.add_file("data/owned", b"owned by 1000\n", uid=1000, gid=1000, mode=0o600,
+               xattrs={"user.note": b"\x00binary\xff"}, mtime=T + 1)
     b.add_file("data/a", b"A" * 5000, mtime=T)
     b.add_hardlink("data/hl", "data/a")
     b.add_file("data/empty", b"", mtime=T)
@@ -141,7 +143,7 @@ def test_dedup_across_layers_and_annotations(crafted, registry):
     store = open_store(dst)
     desc, data = store.resolve()
     manifest = oci.parse_manifest(data, desc.media_type)
-    roles = [l.annotations[ann.ROLE] for l in manifest.layers]
+    roles = [desc.annotations[ann.ROLE] for desc in manifest.layers]
     assert roles[-1] == "bootstrap" and set(roles[:-1]) == {"blob"}
     boot = manifest.layers[-1]
     for layer in manifest.layers:
@@ -188,7 +190,7 @@ def test_prefetch_files_first_and_in_order(crafted, registry, tmp_path):
         # The hot blob says so, with its size, so a snapshotter can fetch it before the bootstrap.
         layers = image.manifest.layers
         assert ann.prefetch_bytes(layers[0].annotations) == layers[0].size
-        assert all(ann.PREFETCH_BYTES not in l.annotations for l in layers[1:])
+        assert all(ann.PREFETCH_BYTES not in desc.annotations for desc in layers[1:])
     finally:
         image.close()
 
@@ -219,7 +221,8 @@ def test_chunk_dict_reuses_registry_blobs(crafted, registry, tmp_path):
     # version 2: same layers plus one new small layer
     v2 = f"{registry.host}/crafted/app:2"
     extra = LayerBuilder().add_file("app/new.txt", b"version 2\n").build("none")
-    write_image(v2, None, [LayerSpec(p.read_bytes(), compression="gzip") for p in crafted["layers"]] + [LayerSpec(extra)])
+    write_image(v2, None,
+                [LayerSpec(p.read_bytes(), compression="gzip") for p in crafted["layers"]] + [LayerSpec(extra)])
     without = convert(v2, f"{registry.host}/other/app:2-nodict", ConvertOptions(progress=False))
     dict_file = tmp_path / "app.dict"
     rc = subprocess.run(["remora", "dict", "build", str(dict_file), base], capture_output=True, text=True)
@@ -244,7 +247,8 @@ def test_chunk_dict_reuses_registry_blobs(crafted, registry, tmp_path):
 
 def test_layout_to_layout_and_cli_json(crafted, registry, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run(["remora", "convert", crafted["ref"], f"oci:{out}:v1", "--json"], capture_output=True, text=True)
+    proc = subprocess.run(["remora", "convert", crafted["ref"], f"oci:{out}:v1", "--json"],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["manifest_digest"].startswith("sha256:") and report["files"] > 10
@@ -296,7 +300,8 @@ def test_truncated_gzip_layer(registry, tmp_path):
 def test_corrupt_zstd_layer(registry, tmp_path):
     import zstandard
 
-    raw = bytearray(zstandard.ZstdCompressor().compress(LayerBuilder().add_file("a", os.urandom(100_000)).build("none")))
+    layer = LayerBuilder().add_file("a", os.urandom(100_000)).build("none")
+    raw = bytearray(zstandard.ZstdCompressor().compress(layer))
     raw[len(raw) // 2] ^= 0xFF
     layout = tmp_path / "src"
     img = write_image(f"oci:{layout}:1", None, [LayerSpec(b"x", compression="none")])
@@ -310,7 +315,8 @@ def test_tar_that_lies_about_sizes(registry, tmp_path):
     lying = good[:512 + 4000]  # header says 10000 bytes, stream ends after 4000
     layout = tmp_path / "src"
     img = write_image(f"oci:{layout}:1", None, [LayerSpec(b"x", compression="none")])
-    _replace_layer(layout, img, lying, oci.MEDIA_TYPE_OCI_LAYER, diff_id="sha256:" + __import__("hashlib").sha256(lying).hexdigest())
+    _replace_layer(layout, img, lying, oci.MEDIA_TYPE_OCI_LAYER,
+                   diff_id="sha256:" + __import__("hashlib").sha256(lying).hexdigest())
     with pytest.raises(InvalidInput, match="(?i)truncated"):
         convert(f"oci:{layout}:1", f"{registry.host}/bad/tar:1", ConvertOptions(progress=False))
 
@@ -342,7 +348,8 @@ def test_unknown_media_type(registry, tmp_path):
     layout = tmp_path / "src"
     img = write_image(f"oci:{layout}:1", None, [LayerSpec(LayerBuilder().add_file("a", b"abc").build("none"))])
     _replace_layer(layout, img, None, "application/vnd.example.encrypted+tar", diff_id=None)
-    proc = subprocess.run(["remora", "convert", f"oci:{layout}:1", f"{registry.host}/bad/mt:1"], capture_output=True, text=True)
+    proc = subprocess.run(["remora", "convert", f"oci:{layout}:1", f"{registry.host}/bad/mt:1"],
+                          capture_output=True, text=True)
     assert proc.returncode == 3
     assert "unsupported layer media type" in proc.stderr
 
@@ -406,7 +413,8 @@ def _replace_layer(layout: Path, img, blob: bytes | None, media_type: str, diff_
                        layers=[oci.Descriptor(media_type, digest, size)])
     data = new.to_bytes()
     store = open_store(f"oci:{layout}:1")
-    store.push_manifest(oci.Descriptor(oci.MEDIA_TYPE_OCI_MANIFEST, "sha256:" + hashlib.sha256(data).hexdigest(), len(data)), data, "1")
+    desc = oci.Descriptor(oci.MEDIA_TYPE_OCI_MANIFEST, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    store.push_manifest(desc, data, "1")
 
 
 @pytest.mark.slow

@@ -18,8 +18,8 @@ import zstandard
 from remora.converter.convert import ConvertOptions, convert
 from remora.format.blob import _compressor, compress_frame, decompress_frame
 from remora.format.chunker import ChunkingSpec
-from remora_testing.imagebuild import LayerSpec, write_image
 from remora.imagestore import LayoutStore, open_store
+from remora_testing.imagebuild import LayerSpec, write_image
 from remora_testing.tarbuild import LayerBuilder
 
 
@@ -27,7 +27,8 @@ def _payloads(n: int) -> list[bytes]:
     rnd = __import__("random").Random(15)
     out = []
     for i in range(n):
-        text = b" ".join(rnd.choice([b"alpha", b"beta", b"gamma", b"delta", bytes([65 + i % 26])]) for _ in range(20000))
+        words = [b"alpha", b"beta", b"gamma", b"delta", bytes([65 + i % 26])]
+        text = b" ".join(rnd.choice(words) for _ in range(20000))
         out.append(text + rnd.randbytes(rnd.randint(0, 50000)))
     return out
 

@@ -7,7 +7,6 @@ converter's memory bounded, measured in a subprocess of a parent of its own.
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 import sys
 import time
@@ -16,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from remora import oci
-from remora_testing.imagebuild import LayerSpec, write_image
 from remora.imagestore import open_store
 from remora.layout import OCILayout
+from remora_testing.imagebuild import LayerSpec, write_image
 from remora_testing.tarbuild import LayerBuilder
 
-_RUSAGE_WRAPPER = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+_RUSAGE_WRAPPER = ("import resource, subprocess, sys; "
+                   "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
                    "sys.stderr.write(p.stderr); "
                    "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
@@ -54,7 +54,8 @@ def _image_with_config(tmp_path: Path, write_config, declared_size=None) -> str:
                        layers=manifest.layers)
     data = new.to_bytes()
     open_store(f"oci:{layout}:1").push_manifest(
-        oci.Descriptor(oci.MEDIA_TYPE_OCI_MANIFEST, "sha256:" + hashlib.sha256(data).hexdigest(), len(data)), data, "big")
+        oci.Descriptor(oci.MEDIA_TYPE_OCI_MANIFEST, "sha256:" + hashlib.sha256(data).hexdigest(), len(data)),
+        data, "big")
     return f"oci:{layout}:big"
 
 
@@ -70,7 +71,8 @@ def _600mib(f) -> None:
 def test_600mib_config_is_rejected_with_bounded_memory(tmp_path, lie):
     ref = _image_with_config(tmp_path, _600mib, declared_size=1000 if lie else None)
     code, peak_mb, err, seconds = _run_measured("remora", "convert", ref, f"oci:{tmp_path}/out:1", "--no-progress")
-    print(f"600 MiB config ({'lying' if lie else 'honest'} descriptor): exit {code}, peak RSS {peak_mb:.0f} MB, {seconds:.2f} s")
+    print(f"600 MiB config ({'lying' if lie else 'honest'} descriptor): exit {code}, peak RSS {peak_mb:.0f} MB, "
+          f"{seconds:.2f} s")
     assert code == 3, err
     assert "Traceback" not in err
     assert "limit" in err or "size" in err or "bytes" in err, err

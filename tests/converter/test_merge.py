@@ -28,7 +28,7 @@ CAP = b"\x01\x00\x00\x02\x00\x04\x00\x00" + bytes(8) + b"\xff\xfe\x00\x80"  # NU
 def merge(*layers: LayerBuilder | bytes, sink=None, tree=None) -> tuple[Tree, list[LayerStats], HashingSink]:
     sink = sink or HashingSink(chunk_size=4096, keep=True)
     m = LayerMerger(tree)
-    stats = [m.apply_layer(io.BytesIO(l if isinstance(l, bytes) else l.build()), sink) for l in layers]
+    stats = [m.apply_layer(io.BytesIO(layer if isinstance(layer, bytes) else layer.build()), sink) for layer in layers]
     return m.finish(), stats, sink
 
 
@@ -293,7 +293,8 @@ def test_aufs_metadata_is_skipped_and_plnk_files_serve_as_link_targets():
 
 # -- hard links -------------------------------------------------------------------------------------
 def test_hardlinks_within_and_across_layers():
-    l1 = LayerBuilder().add_file("usr/bin/python3.11", b"py" * 1000, mode=0o755).add_hardlink("usr/bin/py", "usr/bin/python3.11")
+    l1 = (LayerBuilder().add_file("usr/bin/python3.11", b"py" * 1000, mode=0o755)
+          .add_hardlink("usr/bin/py", "usr/bin/python3.11"))
     tree, _, _ = merge(l1)
     assert tree.lookup("usr/bin/py").mode == stat.S_IFREG | 0o755
     l2 = LayerBuilder().add_hardlink("usr/local/bin/python", "/usr/bin/python3.11").add_file("x", b"x")
@@ -336,7 +337,8 @@ def test_hardlink_to_symlink_links_the_symlink_itself():
 @pytest.mark.parametrize(
     "layer, message",
     [
-        (LayerBuilder().add_hardlink("h", "missing"), r"layer 1: member 'h': hard link target 'missing' does not exist"),
+        (LayerBuilder().add_hardlink("h", "missing"),
+         r"layer 1: member 'h': hard link target 'missing' does not exist"),
         (LayerBuilder().add_dir("d").add_hardlink("h", "d"), r"hard link target 'd' is a directory"),
         (LayerBuilder().add_file("f", b"").add_hardlink("h", "../f"), r"hard link target '../f' has a '..'"),
         (LayerBuilder().add_file("f", b"").add_hardlink("h", "a/../f"), r"'..'"),
@@ -704,7 +706,7 @@ def test_real_tree_written_by_python_tarfile_and_tarbuild():
     for top in SUBSET:
         full = os.path.join(PYLIB, top)
         st = os.lstat(full)
-        mtime = "%d.%09d" % divmod(st.st_mtime_ns, 10**9)
+        mtime = "{:d}.{:09d}".format(*divmod(st.st_mtime_ns, 10**9))
         if stat.S_ISDIR(st.st_mode):
             builder.add_dir(top, mode=stat.S_IMODE(st.st_mode), mtime=mtime).add_tree(full, prefix=top)
         elif stat.S_ISLNK(st.st_mode):
@@ -749,7 +751,8 @@ def test_gnu_tar_hardlinks_and_whiteouts_from_a_real_directory(tmp_path):
     os.link(src / "d" / "a", src / "d" / "b")
     (src / "d" / ".wh.gone").write_bytes(b"")
     (src / "d" / ".wh..wh..opq").write_bytes(b"")
-    data = subprocess.run(["tar", "--format=posix", "-C", src, "-cf", "-", "d"], check=True, stdout=subprocess.PIPE).stdout
+    data = subprocess.run(["tar", "--format=posix", "-C", src, "-cf", "-", "d"], check=True,
+                          stdout=subprocess.PIPE).stdout
     lower = LayerBuilder().add_file("d/gone", b"g").add_file("d/lower", b"l")
     tree, _, sink = merge(lower, data)
     assert set(tree.lookup("d").children) == {b"a", b"b"}
@@ -770,12 +773,12 @@ def _oci_archive(path, layers: list[bytes], name: str) -> None:
 
     config = json.dumps({
         "architecture": "amd64", "os": "linux", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(l).hexdigest() for l in layers]},
+        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest() for layer in layers]},
     }).encode()
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": add(config, "application/vnd.oci.image.config.v1+json"),
-        "layers": [add(l, "application/vnd.oci.image.layer.v1.tar") for l in layers],
+        "layers": [add(layer, "application/vnd.oci.image.layer.v1.tar") for layer in layers],
     }).encode()
     desc = add(manifest, "application/vnd.oci.image.manifest.v1+json")
     desc["annotations"] = {"io.containerd.image.name": name}
@@ -963,7 +966,8 @@ def test_merge_memory_is_linear_in_path_depth(n):
     """One member with N path components: the merge used to keep every prefix of the path
     (N=10,000 -> 824 MB, N=20,000 -> 3.2 GB peak); now it is linear in N (about 40 MB at 20,000)."""
     # measured by a parent of its own: this process's RUSAGE_CHILDREN holds its earlier children too
-    wrapper = ("import resource, subprocess, sys; p = subprocess.run([sys.executable, '-c', sys.argv[1], sys.argv[2]]); "
+    wrapper = ("import resource, subprocess, sys; "
+               "p = subprocess.run([sys.executable, '-c', sys.argv[1], sys.argv[2]]); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)")
     proc = subprocess.run([sys.executable, "-c", wrapper, _DEEP_SCRIPT, str(n)], capture_output=True, text=True,
                           timeout=120)

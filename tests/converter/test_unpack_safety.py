@@ -19,12 +19,11 @@ import pytest
 from remora.converter.convert import ConvertOptions, convert
 from remora.converter.image import LocalBlobs, RemoraImage
 from remora.converter.unpack import unpack
-from remora.errors import InvalidInput, RemoraError, UsageError
+from remora.errors import InvalidInput, UsageError
 from remora.format.bootstrap import Bootstrap
-from remora_testing.imagebuild import LayerSpec, write_image
 from remora.imagestore import open_store
+from remora_testing.imagebuild import LayerSpec, write_image
 from remora_testing.tarbuild import LayerBuilder
-
 from tests.converter.crafted_bootstrap import Crafter, extract_bootstrap, repack
 
 T = 1_700_000_000

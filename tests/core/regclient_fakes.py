@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import re
-import uuid
-from urllib.parse import parse_qs, urlsplit
 import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 _PATH = re.compile(r"^/v2/(?P<repo>.+)/(?P<kind>blobs|manifests)/(?P<ref>[^/?]+)$")
 
@@ -74,7 +74,7 @@ class FakeRegistry:
         self.blobs[digest] = data
         return digest
 
-    def __enter__(self) -> "FakeRegistry":
+    def __enter__(self) -> FakeRegistry:
         self._thread.start()
         return self
 

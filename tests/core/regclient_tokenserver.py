@@ -45,7 +45,7 @@ class TokenServer:
         self.requests: list[dict] = []
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "remora test token signer")])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
                      .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
                      .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -76,7 +76,7 @@ class TokenServer:
         self.realm = f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
-    def start(self) -> "TokenServer":
+    def start(self) -> TokenServer:
         self._thread.start()
         return self
 

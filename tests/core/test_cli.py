@@ -27,11 +27,13 @@ def test_command_map_names_every_command_and_module():
 def test_pull_command_line_loads_no_other_component():
     code = ("import sys, remora.cli\n"
             "try:\n    remora.cli.main(['pull', '--help'])\nexcept SystemExit:\n    pass\n"
-            "print(__import__('json').dumps(sorted(m for m in sys.modules if m.startswith('remora'))), file=sys.stderr)")
+            "print(__import__('json').dumps(sorted(m for m in sys.modules if m.startswith('remora'))),"
+            " file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     loaded = json.loads(proc.stderr.strip().splitlines()[-1])
     assert "usage: remora pull" in proc.stdout
-    assert not [m for m in loaded if m.startswith(("remora.converter", "remora.plugins", "remora_testing.demo"))], loaded
+    others = ("remora.converter", "remora.plugins", "remora_testing.demo")
+    assert not [m for m in loaded if m.startswith(others)], loaded
     # and a bad command still gets argparse's list of commands
     bad = subprocess.run([sys.executable, "-m", "remora.cli", "pul"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "pull" in bad.stderr and "convert" in bad.stderr

@@ -10,8 +10,8 @@ import zstandard
 from remora.compression import compress_stream, detect_compression, open_layer_stream
 from remora.digest import sha256_digest
 from remora.errors import InvalidInput, UsageError
-from remora_testing.imagebuild import tar_of_files
 from remora.oci import MEDIA_TYPE_OCI_LAYER_GZIP, MEDIA_TYPE_OCI_LAYER_ZSTD
+from remora_testing.imagebuild import tar_of_files
 
 # compressible but not trivially so, a few MiB: exercises multi-chunk paths
 DATA = b"".join(os.urandom(64) * 64 for _ in range(800))

@@ -7,15 +7,36 @@ import tarfile
 
 import pytest
 
+from remora.compression import open_layer_stream
 from remora.digest import sha256_digest
 from remora.errors import UsageError
-from remora_testing.imagebuild import (Dir, File, Hardlink, OpaqueDir, Whiteout, busybox_image, busybox_layer, debian_rootfs,
-                               dir_to_tar, python_app_layers, tar_of_files, write_image, write_index)
 from remora.imagestore import open_store
 from remora.layout import OCILayout
-from remora.oci import (MEDIA_TYPE_DOCKER_LAYER_GZIP, MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_OCI_LAYER,
-                        MEDIA_TYPE_OCI_LAYER_ZSTD, ImageConfig, parse_index, parse_manifest, select_platform)
-from remora.compression import open_layer_stream
+from remora.oci import (
+    MEDIA_TYPE_DOCKER_LAYER_GZIP,
+    MEDIA_TYPE_DOCKER_MANIFEST,
+    MEDIA_TYPE_OCI_LAYER,
+    MEDIA_TYPE_OCI_LAYER_ZSTD,
+    ImageConfig,
+    parse_index,
+    parse_manifest,
+    select_platform,
+)
+from remora_testing.imagebuild import (
+    Dir,
+    File,
+    Hardlink,
+    OpaqueDir,
+    Whiteout,
+    busybox_image,
+    busybox_layer,
+    debian_rootfs,
+    dir_to_tar,
+    python_app_layers,
+    tar_of_files,
+    write_image,
+    write_index,
+)
 
 
 def _members(tar_bytes):
@@ -56,7 +77,7 @@ def test_write_image_diff_ids_and_media_types(tmp_path):
     tars = [tar_of_files({"f": b"x" * 1000}), tar_of_files({"g": b"y"})]
     built = write_image(OCILayout.init(tmp_path / "l"), "t", tars, compression="zstd")
     assert built.diff_ids == [sha256_digest(t) for t in tars]
-    assert all(l.media_type == MEDIA_TYPE_OCI_LAYER_ZSTD for l in built.layers)
+    assert all(desc.media_type == MEDIA_TYPE_OCI_LAYER_ZSTD for desc in built.layers)
     assert ImageConfig.from_bytes(built.config).diff_ids == built.diff_ids
     plain = write_image(f"oci:{tmp_path}/p:t", None, tars, compression="none")
     assert plain.layers[0].media_type == MEDIA_TYPE_OCI_LAYER and plain.layers[0].digest == built.diff_ids[0]

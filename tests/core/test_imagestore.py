@@ -8,9 +8,9 @@ import pytest
 
 from remora.digest import sha256_digest
 from remora.errors import AuthError, DigestMismatch, InvalidInput, NotFound
-from remora_testing.imagebuild import LayerSpec, busybox_image, tar_of_files, write_image, write_index
 from remora.imagestore import LayoutStore, RegistryStore, copy_blob, open_store
 from remora.oci import MEDIA_TYPE_OCI_LAYER_GZIP, Descriptor, parse_index, parse_manifest, select_platform
+from remora_testing.imagebuild import LayerSpec, busybox_image, tar_of_files, write_image, write_index
 
 
 def _repo(prefix="core"):
@@ -189,7 +189,7 @@ def test_layouts_interoperate_with_skopeo(tmp_path):
     theirs = open_store(f"oci:{tmp_path}/theirs:copied")
     desc, data = theirs.resolve()
     m = parse_manifest(data, desc.media_type)
-    assert [l.digest for l in m.layers] == [l.digest for l in built.layers]
+    assert [desc.digest for desc in m.layers] == [desc.digest for desc in built.layers]
     with theirs.open_blob(m.layers[0]) as f:
         assert sha256_digest(f.read()) == m.layers[0].digest
 

@@ -74,7 +74,8 @@ def test_imports_point_one_way():
 
 def test_the_check_sees_a_wrong_arrow(tmp_path):
     bad = tmp_path / "x.py"
-    bad.write_text("from remora.converter.image import RemoraImage\nfrom ..peer import daemon\nimport remora_testing.netlab\n")
+    bad.write_text("from remora.converter.image import RemoraImage\nfrom ..peer import daemon\n"
+                   "import remora_testing.netlab\n")
     found = {_owner(m) for m in _imports(bad, "remora.plugins.scheduler")}
     assert found == {"converter", "plugins", "testing"}, found
 

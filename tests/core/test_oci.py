@@ -5,12 +5,30 @@ import pytest
 
 from remora.digest import sha256_digest
 from remora.errors import InvalidInput, NotFound, UnsupportedMediaType
-from remora.oci import (ANNOTATION_REF_NAME, MAX_MANIFEST_SIZE, MEDIA_TYPE_DOCKER_LAYER_GZIP,
-                        MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST_LIST, MEDIA_TYPE_OCI_CONFIG,
-                        MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_LAYER, MEDIA_TYPE_OCI_LAYER_GZIP,
-                        MEDIA_TYPE_OCI_LAYER_NONDIST_ZSTD, MEDIA_TYPE_OCI_LAYER_ZSTD, MEDIA_TYPE_OCI_MANIFEST,
-                        Descriptor, ImageConfig, Index, Manifest, Platform, canonical_json, layer_compression,
-                        parse_manifest, parse_manifest_or_index, select_platform)
+from remora.oci import (
+    ANNOTATION_REF_NAME,
+    MAX_MANIFEST_SIZE,
+    MEDIA_TYPE_DOCKER_LAYER_GZIP,
+    MEDIA_TYPE_DOCKER_MANIFEST,
+    MEDIA_TYPE_DOCKER_MANIFEST_LIST,
+    MEDIA_TYPE_OCI_CONFIG,
+    MEDIA_TYPE_OCI_INDEX,
+    MEDIA_TYPE_OCI_LAYER,
+    MEDIA_TYPE_OCI_LAYER_GZIP,
+    MEDIA_TYPE_OCI_LAYER_NONDIST_ZSTD,
+    MEDIA_TYPE_OCI_LAYER_ZSTD,
+    MEDIA_TYPE_OCI_MANIFEST,
+    Descriptor,
+    ImageConfig,
+    Index,
+    Manifest,
+    Platform,
+    canonical_json,
+    layer_compression,
+    parse_manifest,
+    parse_manifest_or_index,
+    select_platform,
+)
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64

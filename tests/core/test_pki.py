@@ -42,7 +42,7 @@ class Pki:
         self.foreign = root / "foreign"
         ca.write_member(self.foreign, other.issue("peer", "intruder", ips=["127.0.0.1"]), other.bundle_pem)
         self.expired = root / "expired"
-        past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=10)
+        past = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
         ca.write_member(self.expired, self.ca.issue("peer", "old-node", days=1, not_before=past), self.ca.bundle_pem)
 
     def issue(self, name: str, role: str, host: str, **kw) -> Path:
@@ -458,7 +458,8 @@ async def test_grpc_rotation_without_restart(pki):
     server, port, echo = await grpc_server(reloader.grpc_server_credentials())
     trust = pki.root / "ca" / "ca.pem"
     try:
-        old = grpc.aio.secure_channel(f"127.0.0.1:{port}", tls.grpc_channel_credentials(tls.TLSFiles.in_dir(pki.client)))
+        old = grpc.aio.secure_channel(f"127.0.0.1:{port}",
+                                      tls.grpc_channel_credentials(tls.TLSFiles.in_dir(pki.client)))
         assert await call(old) == b"c1/peer/node-7"
         assert await asyncio.to_thread(grpc_server_serial, port, trust) == first
         nxt = pki.ca.issue("peer", "srv-1", ips=["127.0.0.1"])

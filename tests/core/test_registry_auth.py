@@ -10,8 +10,8 @@ import stat
 import uuid
 
 import pytest
-
 from regclient_tokenserver import TokenAuthRegistry, TokenServer
+
 from remora.errors import AuthError
 from remora.registry import Credentials, RegistryClient, load_credentials
 from remora.registry.client import OCI_MANIFEST

@@ -263,7 +263,8 @@ def body(**doc) -> bytes:
 
 def test_token_and_lifetimes():
     tok = parse_token_response(body(token="abc.def-ghi_", expires_in=300), now=100.0)
-    assert (tok.value, tok.expires_in, tok.refresh_at, tok.header()) == ("abc.def-ghi_", 300, 390.0, "Bearer abc.def-ghi_")
+    assert (tok.value, tok.expires_in, tok.refresh_at, tok.header()) == (
+        "abc.def-ghi_", 300, 390.0, "Bearer abc.def-ghi_")
     assert parse_token_response(body(access_token="oauth"), now=0).value == "oauth"
     assert parse_token_response(body(token="t", access_token="o"), now=0).value == "t"
     # default 60 s (distribution token spec), also for 0 / null / "" (what the old clients did)

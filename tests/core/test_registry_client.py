@@ -10,11 +10,18 @@ import tracemalloc
 import uuid
 
 import pytest
-
 from regclient_fakes import FakeRegistry
-from remora.errors import (DigestMismatch, InvalidInput, NotFound, RegistryError, StorageError, UnsupportedMediaType,
-                           UsageError)
+
 from remora.digest import VerifyingReader
+from remora.errors import (
+    DigestMismatch,
+    InvalidInput,
+    NotFound,
+    RegistryError,
+    StorageError,
+    UnsupportedMediaType,
+    UsageError,
+)
 from remora.registry import RegistryClient
 from remora.registry import client as client_mod
 from remora.registry.client import OCI_MANIFEST

@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import sqlite3
 import stat
 import struct
 import tarfile
-import io
 from pathlib import Path
 
 from remora import oci
@@ -115,12 +115,13 @@ def layer_from_db(db: Path, workdir: Path) -> bytes:
 
 def extract_db(layout: Path, tag: str, out: Path) -> Path:
     """The bootstrap database of a converted image in a layout (read with the stdlib, not remora)."""
-    from remora.imagestore import open_store
     import zstandard
+
+    from remora.imagestore import open_store
 
     store = open_store(f"oci:{layout}:{tag}")
     manifest = oci.parse_manifest(store.resolve()[1])
-    boot = next(l for l in manifest.layers if l.annotations.get(ann.ROLE) == "bootstrap")
+    boot = next(desc for desc in manifest.layers if desc.annotations.get(ann.ROLE) == "bootstrap")
     raw = (Path(layout) / "blobs" / "sha256" / boot.digest[7:]).read_bytes()
     tar = zstandard.ZstdDecompressor().decompress(raw)
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
@@ -153,13 +154,13 @@ def replace_bootstrap(layout_or_ref, tag: str | None, layer: bytes, new_tag: str
         f.flush()
         store.push_blob(oci.Descriptor(ann.BOOTSTRAP_MEDIA_TYPE, digest, size), f.name)
     layers = []
-    for l in manifest.layers:
-        a = dict(l.annotations)
+    for desc in manifest.layers:
+        a = dict(desc.annotations)
         a[ann.BOOTSTRAP], a[ann.BOOTSTRAP_SIZE] = digest, str(size)
         if a.get(ann.ROLE) == "bootstrap":
-            layers.append(oci.Descriptor(l.media_type, digest, size, a))
+            layers.append(oci.Descriptor(desc.media_type, digest, size, a))
         else:
-            layers.append(oci.Descriptor(l.media_type, l.digest, l.size, a))
+            layers.append(oci.Descriptor(desc.media_type, desc.digest, desc.size, a))
     cfg = json.loads(store.read_blob(manifest.config))
     try:
         tar = zstandard.ZstdDecompressor().decompress(layer, max_output_size=64 << 20)

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from bootstrap_craft import bomb_layer, copy_layout, edit, extract_db, ino_of, layer_from_db, replace_bootstrap
+
 from remora.converter.convert import ConvertOptions, convert
 from remora.converter.image import RemoraImage
 from remora.errors import InvalidInput
-from remora_testing.imagebuild import LayerSpec, write_image
 from remora.imagestore import open_store
+from remora_testing.imagebuild import LayerSpec, write_image
 from remora_testing.tarbuild import LayerBuilder
 
 RSS_LIMIT = 256 << 20
@@ -68,8 +68,9 @@ def _cases(c) -> dict[str, list[str]]:
         "slash-in-name": [f"UPDATE dirents SET name = CAST('host/{EVIL}' AS BLOB) WHERE ino = {hello}"],
         "dotdot-name": [f"UPDATE dirents SET name = CAST('..' AS BLOB) WHERE ino = {hello}"],
         # the case: a symlink to a host directory under the same name as a file
-        "duplicate-without-pk": NO_PK + ["INSERT INTO inodes VALUES (900, 41471, 0, 0, 4, 0, 0, 1, CAST('/tmp' AS BLOB), NULL)",
-                                         f"INSERT INTO dirents VALUES ({etc}, CAST('hello' AS BLOB), 900)"],
+        "duplicate-without-pk": NO_PK + [
+            "INSERT INTO inodes VALUES (900, 41471, 0, 0, 4, 0, 0, 1, CAST('/tmp' AS BLOB), NULL)",
+            f"INSERT INTO dirents VALUES ({etc}, CAST('hello' AS BLOB), 900)"],
         "loop-to-ancestor": [f"INSERT INTO dirents VALUES ({data}, CAST('up' AS BLOB), {usr})"],
         "hardlink-to-dir": [f"INSERT INTO dirents VALUES ({etc}, CAST('d2' AS BLOB), {data})"],
         "trigger": ["CREATE TRIGGER t AFTER INSERT ON inodes BEGIN SELECT 1; END"],

@@ -12,12 +12,16 @@ import time
 
 import pytest
 import zstandard
-
 from bootstrap_craft import bomb_layer, sample_bootstrap, zstd_bomb
+
 from remora.errors import InvalidInput
 from remora.format import annotations as ann
-from remora.format.bootstrap_layer import (MAX_BOOTSTRAP_USIZE, decode_bootstrap_layer, encode_bootstrap_layer,
-                                           fetch_bootstrap_layer)
+from remora.format.bootstrap_layer import (
+    MAX_BOOTSTRAP_USIZE,
+    decode_bootstrap_layer,
+    encode_bootstrap_layer,
+    fetch_bootstrap_layer,
+)
 
 
 def _decode(tmp_path, layer: bytes, **kw):

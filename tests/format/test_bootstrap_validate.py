@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from bootstrap_craft import edit, ino_of, sample_bootstrap
+
 from remora.errors import InvalidInput
 from remora.format.bootstrap import Bootstrap, write_chunk_table
 from remora.format.chunktable import ChunkTable
@@ -56,7 +56,8 @@ def _reject(path: Path, match: str) -> None:
 
 
 @pytest.mark.parametrize("statements, match", [
-    (["UPDATE dirents SET name = CAST('a/../../x' AS BLOB) WHERE name = CAST('hello' AS BLOB)"], "single path component"),
+    (["UPDATE dirents SET name = CAST('a/../../x' AS BLOB) WHERE name = CAST('hello' AS BLOB)"],
+     "single path component"),
     (["UPDATE dirents SET name = CAST('..' AS BLOB) WHERE name = CAST('hello' AS BLOB)"], "single path component"),
     (["UPDATE dirents SET name = CAST('.' AS BLOB) WHERE name = CAST('hello' AS BLOB)"], "single path component"),
     (["UPDATE dirents SET name = x'' WHERE name = CAST('hello' AS BLOB)"], "single path component"),

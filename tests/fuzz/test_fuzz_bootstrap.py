@@ -20,12 +20,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "format"))
-from bootstrap_craft import edit, sample_bootstrap, zstd_bomb  # noqa: E402
+from bootstrap_craft import edit, sample_bootstrap, zstd_bomb
 
-from remora.errors import InvalidInput, RemoraError  # noqa: E402
-from remora.format.bootstrap import Bootstrap  # noqa: E402
-from remora.format.bootstrap_layer import decode_bootstrap_layer, encode_bootstrap_layer  # noqa: E402
-from remora.format.validate import validate_bootstrap  # noqa: E402
+from remora.errors import InvalidInput, RemoraError
+from remora.format.bootstrap import Bootstrap
+from remora.format.bootstrap_layer import decode_bootstrap_layer, encode_bootstrap_layer
+from remora.format.validate import validate_bootstrap
 
 _SEED_TMP = tempfile.TemporaryDirectory(prefix="remora-fuzz-bootstrap-")   # removed at interpreter exit
 _SEED_DIR = Path(_SEED_TMP.name)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import time
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from remora import oci
 from remora.errors import RemoraError

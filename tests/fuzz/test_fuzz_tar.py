@@ -7,7 +7,8 @@ import io
 import tarfile
 import time
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from remora.converter.merge import LayerMerger, hashing_sink
 from remora.converter.tarstream import FastTarInfo, ForwardReader
@@ -48,7 +49,8 @@ def mutated(draw) -> bytes:
         if op == "set":
             data[pos] = draw(st.integers(0, 255))
         elif op == "digits":        # numbers in headers are ASCII octal / decimal (PAX): make them big
-            data[pos:pos + 11] = draw(st.sampled_from([b"77777777777", b"99999999999", b"\x80\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"]))
+            data[pos:pos + 11] = draw(st.sampled_from([b"77777777777", b"99999999999",
+                                                       b"\x80\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"]))
         elif op == "cut":
             del data[pos:]
             if not data:
