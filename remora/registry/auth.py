@@ -222,8 +222,9 @@ class Authenticator:
         """For error messages: which credentials were (not) found, never their values."""
         creds = self.credentials
         if creds is None:
-            return (f"no credentials found for {self.host} (checked --username, REMORA_USERNAME/REMORA_PASSWORD and "
-                    f"{docker_config_path(self.docker_config)}); run `docker login {self.host}` or pass --username/--password")
+            return (f"no credentials found for {self.host} (checked --username, REMORA_USERNAME/REMORA_PASSWORD "
+                    f"and {docker_config_path(self.docker_config)}); run `docker login {self.host}` or pass "
+                    "--username/--password")
         who = f"user {creds.username!r}" if creds.username else "an identity token"
         return (f"the registry refused {who} from {creds.source}; check them with `docker login {self.host}` "
                 f"or pass --username/--password")

@@ -166,7 +166,8 @@ class _Scanner:
         return self.s[start:self.i]
 
     def quoted(self) -> str:
-        start, out = self.i, []
+        start = self.i
+        out: list[str] = []
         self.i += 1  # the opening quote
         while self.i < len(self.s):
             c = self.s[self.i]

@@ -17,6 +17,7 @@ reader, because only the caller knows when the stream is complete.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -24,16 +25,26 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 from http.cookiejar import DefaultCookiePolicy
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, cast
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from remora import __version__
-from remora.errors import (AuthError, DigestMismatch, InvalidInput, NotFound, RegistryError, RemoraError,
-                           StorageError, UnsupportedMediaType, UsageError)
+from remora.errors import (
+    AuthError,
+    DigestMismatch,
+    InvalidInput,
+    NotFound,
+    RegistryError,
+    RemoraError,
+    StorageError,
+    UnsupportedMediaType,
+    UsageError,
+)
 from remora.registry.auth import Authenticator, Credentials, is_loopback, load_credentials
 from remora.registry.authcore import repository_scope
 
@@ -113,7 +124,7 @@ class _TimeoutAdapter(HTTPAdapter):
         self._timeout = timeout
         super().__init__(**kw)
 
-    def send(self, request, timeout=None, **kw):  # noqa: D401 - requests API
+    def send(self, request, timeout=None, **kw):
         return super().send(request, timeout=timeout if timeout is not None else self._timeout, **kw)
 
 
@@ -138,7 +149,8 @@ class _FileSlice:
         n = left if n is None or n < 0 else min(n, left)
         data = self._f.read(min(n, 1024 * 1024))
         if not data and left:
-            raise InvalidInput(f"file shrank while uploading (expected {self._length} bytes from offset {self._offset})")
+            raise InvalidInput(f"file shrank while uploading (expected {self._length} bytes from offset "
+                               f"{self._offset})")
         self._pos += len(data)
         return data
 
@@ -154,14 +166,15 @@ class BlobStream:
     def __init__(self, response: requests.Response, what: str):
         self._resp = response
         self._what = what
-        self.size: int | None = int(response.headers["Content-Length"]) if response.headers.get("Content-Length", "").isdigit() else None
+        length = response.headers.get("Content-Length", "")
+        self.size: int | None = int(length) if length.isdigit() else None
         self.url = response.url
         self._read = 0
 
     def read(self, n: int = -1) -> bytes:
         try:
             data = self._resp.raw.read(None if n is None or n < 0 else n, decode_content=False)
-        except Exception as exc:  # urllib3 ProtocolError / ReadTimeoutError / IncompleteRead
+        except Exception as exc:  # noqa: BLE001 - urllib3 ProtocolError / ReadTimeoutError / IncompleteRead
             raise RegistryError(f"{self._what}: connection lost after {self._read} bytes: {exc}") from None
         self._read += len(data)
         if not data and self.size is not None and self._read < self.size and n != 0:
@@ -183,7 +196,7 @@ class BlobStream:
     def closed(self) -> bool:
         return self._resp.raw.closed
 
-    def __enter__(self) -> "BlobStream":
+    def __enter__(self) -> BlobStream:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -240,7 +253,7 @@ class RegistryClient:
     def close(self) -> None:
         self.session.close()
 
-    def __enter__(self) -> "RegistryClient":
+    def __enter__(self) -> RegistryClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -258,7 +271,7 @@ class RegistryClient:
         time.sleep(delay)
 
     def _send(self, method: str, url: str, *, scope: str | None, headers: dict | None = None,
-              body: Callable[[], object] | None = None, stream: bool = False) -> requests.Response:
+              body: Callable[[], Any] | None = None, stream: bool = False) -> requests.Response:
         """One request with auth: sends known credentials up front, answers one 401 challenge."""
         hdrs = dict(headers or {})
         hdrs.update(self.auth.header_for(scope))
@@ -276,7 +289,8 @@ class RegistryClient:
             hint = "; if it serves plain HTTP, pass --plain-http" if not self.plain_http else ""
             raise RegistryError(f"registry {self.host}: TLS failed: {exc}{hint}") from None
         except requests.Timeout as exc:
-            raise TransientRegistryError(f"registry {self.host} timed out ({self.timeout:g}s): {method} {urlsplit(url).path}: {exc}") from None
+            raise TransientRegistryError(f"registry {self.host} timed out ({self.timeout:g}s): {method} "
+                                         f"{urlsplit(url).path}: {exc}") from None
         except requests.RequestException as exc:
             raise TransientRegistryError(f"registry {self.host} unreachable: {exc}") from None
         return resp
@@ -350,7 +364,7 @@ class RegistryClient:
                 raw = resp.raw.read(64 * 1024, decode_content=True) if resp.raw is not None else b""
             errors = json.loads(raw or b"{}").get("errors") or []
             msgs = [f"{e.get('code', '?')}: {e.get('message', '')}".strip() for e in errors if isinstance(e, dict)]
-        except Exception:
+        except Exception:  # noqa: BLE001 - an error body is a courtesy: any failure reading it means none
             return ""
         return f"; {'; '.join(msgs)[:300]}" if msgs else ""
 
@@ -441,7 +455,8 @@ class RegistryClient:
         """PUT a manifest under a tag or its digest; returns its sha256 digest."""
         _check_repo(repo), _check_reference(reference)
         if len(data) > MAX_MANIFEST_SIZE:
-            raise InvalidInput(f"manifest for {repo}:{reference} is {len(data)} bytes, over the {MAX_MANIFEST_SIZE} byte limit")
+            raise InvalidInput(f"manifest for {repo}:{reference} is {len(data)} bytes, over the "
+                               f"{MAX_MANIFEST_SIZE} byte limit")
         digest = _hash(data)
         if _DIGEST_RE.match(reference) and _hash(data, reference.split(":", 1)[0]) != reference:
             raise DigestMismatch(f"manifest pushed as {repo}@{reference}", reference, digest)
@@ -458,7 +473,9 @@ class RegistryClient:
     def list_tags(self, repo: str) -> list[str]:
         """Every tag of ``repo`` (following ``Link`` pagination); NotFound if the repository is unknown."""
         _check_repo(repo)
-        url, tags, seen = self._url(f"{repo}/tags/list"), [], set()
+        url: str | None = self._url(f"{repo}/tags/list")
+        tags: list[str] = []
+        seen: set[str] = set()
         while url and url not in seen:
             seen.add(url)
             resp = self._request("GET", url, scope=self._pull(repo), what=f"tag list of {repo}",
@@ -537,9 +554,10 @@ class RegistryClient:
                     raise RegistryError(f"registry {self.host} answered {what} with Content-Range "
                                         f"{resp.headers['Content-Range']}")
                 length = got_end - got_start + 1
-                data = self._read_exact(resp, length, what, sink)
+                got = self._read_exact(resp, length, what, sink)
                 if sink is not None:
-                    return data
+                    return got
+                data = cast(bytes, got)
             else:
                 size = resp.headers.get("Content-Length", "")
                 needed = None if end_inclusive is None else end_inclusive + 1
@@ -547,12 +565,14 @@ class RegistryClient:
                     raise RegistryError(f"registry {self.host} ignored the Range of {what} and sent no length")
                 total = int(size) if size.isdigit() else None
                 if total is not None and start >= total:
-                    raise InvalidInput(f"registry {self.host}: range not satisfiable for {what} (blob is {total} bytes)")
+                    raise InvalidInput(f"registry {self.host}: range not satisfiable for {what} "
+                                       f"(blob is {total} bytes)")
                 needed = total if needed is None else (min(needed, total) if total is not None else needed)
+                assert needed is not None  # one of the two is known (checked above)
                 if needed > MAX_RANGE_FALLBACK:
                     raise RegistryError(f"registry {self.host} ignores HTTP Range requests ({what} answered with "
                                         f"the full blob); refusing to download {needed} bytes for one range read")
-                data = self._read_exact(resp, needed, what)[start:]
+                data = cast(bytes, self._read_exact(resp, needed, what))[start:]
                 length = needed - start
         if len(data) != length:
             raise RegistryError(f"registry {self.host} sent {len(data)} bytes for {what}, expected {length}")
@@ -578,7 +598,7 @@ class RegistryClient:
                     chunks.append(c)
         except RemoraError:
             raise  # from the sink: its own verdict on the bytes
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - urllib3's many read errors: all mean the connection is gone
             raise RegistryError(f"registry {self.host}: connection lost reading {what}: {exc}") from None
         if got < n:
             raise RegistryError(f"registry {self.host}: {what} ended after {got} of {n} bytes")
@@ -666,7 +686,7 @@ class RegistryClient:
                             not_found=f"{what}: upload session lost",
                             headers={"Content-Type": "application/octet-stream",
                                      "Content-Range": f"{offset}-{offset + n - 1}"},
-                            body=lambda o=offset, n=n: _FileSlice(f, o, n))
+                            body=functools.partial(_FileSlice, f, offset, n))
                         resp.close()
                         location = self._location(resp, what)
                         offset += n
