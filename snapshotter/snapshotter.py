@@ -40,12 +40,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from remora.errors import NotFound, RemoraError, StorageError
+from remora.errors import AlreadyExists, NotFound, RemoraError, StorageError
+from remora.mounts import detach_mount, mountpoints_under
 
 from . import overlay
 from .remote import TARGET_REF_LABEL, RemoteLayer, RemoteLayerHandler, RemoteLayerRefused, is_remote_candidate
-from .storage import (AlreadyExists, FailedPrecondition, Info, Kind, Snapshot, SnapshotStore, Usage,
-                      detach_mount, mountpoints_under, remove_tree)
+from .storage import FailedPrecondition, Info, Kind, Snapshot, SnapshotStore, Usage, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class Snapshotter:
         for done, (sid, key, labels) in enumerate(remote, 1):
             try:
                 await self.handler.restore(sid, self.store.fs_path(sid), labels)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - one layer's failure must not stop the others' restore
                 log.error("remote snapshot %s (%s) could not be restored: %s", key, sid, exc)
             if progress:
                 progress(done, len(remote))
@@ -241,7 +241,7 @@ class Snapshotter:
             await self._release(sid)
             await self._drop(key)
             raise FailedPrecondition(str(exc)) from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any other failure: the layer is pulled the ordinary way
             log.warning("remote layer %s: mount failed, falling back to a local layer: %s", target, exc)
             return False
         try:
@@ -253,7 +253,7 @@ class Snapshotter:
             await self._release(sid)
             await self._drop(key)
             return True
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - as above: fall back, never leave a half-made snapshot
             log.warning("remote layer %s: commit failed, falling back to a local layer: %s", target, exc)
             await self._release(sid)
             return False
@@ -265,7 +265,7 @@ class Snapshotter:
     async def _release(self, sid: str) -> None:
         try:
             await self.handler.unmount(sid, self.store.fs_path(sid))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - best effort: the snapshot goes whatever the handler says
             log.warning("remote layer of snapshot %s: unmount failed: %s", sid, exc)
 
     async def _checked_mounts(self, snap: Snapshot) -> list[overlay.Mount]:
