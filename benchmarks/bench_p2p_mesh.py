@@ -44,6 +44,17 @@ this one runs the real processes.
     python benchmarks/bench_p2p_mesh.py --skip-direct --skip-image --skip-scorers  # the targets only (~2 min)
     python benchmarks/bench_p2p_mesh.py --json results.json
     python benchmarks/bench_p2p_mesh.py --compare-tls 2      # TLS vs plain mesh ratio (~6 min)
+    python benchmarks/bench_p2p_mesh.py --compare-tls 5 --json benchmarks/bench_p2p_mesh_tls8.json
+    python benchmarks/bench_p2p_mesh.py --nodes 16 --rate 50mbit --blob-mib 100 --compare-tls 5 \
+        --json benchmarks/bench_p2p_mesh_tls16.json                            # issue 15: twice the size
+    python benchmarks/bench_p2p_mesh.py --compare-tls 1 --tls-only --profile /tmp/prof  # where CPU goes
+
+``--compare-tls`` reports medians over the rounds (issue 15: medians of at least 5 alternating runs),
+the last node finished / one node alone ratio (every node asks at once, so the mesh wall time is the
+moment the last node has the whole blob), registry egress, and the CPU the peers spent per MiB a node
+received. ``--profile DIR`` runs every peer under cProfile (its asyncio thread: parsing, TLS, the
+scheduler client, bookkeeping) and samples per-thread CPU from /proc (the hashing and file threads
+cProfile does not see); the top functions by own time are printed and ``peerN.prof`` kept for pstats.
 
 Needs root (namespaces, tc); cleans up after itself, also on Ctrl-C.
 """
@@ -60,7 +71,7 @@ import time
 from pathlib import Path
 
 from remora_testing.netlab import Lab, cleanup_stale, content
-from remora_testing.netlab.mesh import Mesh, MeshOptions, metric
+from remora_testing.netlab.mesh import PY, REMORA, Mesh, MeshOptions, metric
 from remora_testing.netlab.services import NsContainerd
 from remora_testing.netlab.shaping import show
 
@@ -68,6 +79,58 @@ REPO = "bench/blob"
 PREFIX = "rbm-"
 BYTES = "remora_peer_download_bytes_total"
 IMAGE_FILES = ["/usr/lib/python3.11", "/usr/lib/gcc"]
+
+
+#: Runs ``remora`` under cProfile, the stats written to argv[1] when the daemon returns (SIGTERM ends the
+#: peer's event loop normally, so the ``finally`` runs).
+PROFILE_CODE = """import cProfile, sys
+out, args = sys.argv[1], sys.argv[2:]
+from remora.cli import main
+prof = cProfile.Profile()
+prof.enable()
+try:
+    rc = main(args)
+finally:
+    prof.disable()
+    prof.dump_stats(out)
+sys.exit(rc)
+"""
+
+
+class ProfiledMesh(Mesh):
+    """A mesh whose peers run under cProfile (``profile_dir/peerN.prof``)."""
+
+    profile_dir: Path
+
+    def peer_argv(self, p) -> list[str]:
+        argv = super().peer_argv(p)
+        return [PY, "-c", PROFILE_CODE, str(self.profile_dir / f"peer{p.index}.prof"), *argv[len(REMORA):]]
+
+
+def thread_cpu(mesh: Mesh) -> dict[str, float]:
+    """CPU seconds (user + system) per thread over every peer, from /proc/PID/task/*/stat: the event loop
+    (the main thread), Python's worker threads (to_thread: hashing, file I/O), gRPC's own threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for p in mesh.peers:
+        if p.daemon is None:
+            continue
+        for task in Path(f"/proc/{p.daemon.pid}/task").glob("*"):
+            try:
+                text = (task / "stat").read_text()
+            except OSError:
+                continue
+            name = text[text.index("(") + 1:text.rindex(")")]
+            if name == "python":   # Python threads keep the process's name: the event loop vs the rest
+                name = "event loop" if task.name == str(p.daemon.pid) else "worker threads"
+            fields = text.rsplit(")", 1)[1].split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    return (v[len(v) // 2] + v[(len(v) - 1) // 2]) / 2 if v else float("nan")
 
 
 def log(msg: str) -> None:
@@ -254,59 +317,135 @@ def main_bench(args) -> dict:
     return res
 
 
+def blob_size(args) -> tuple[int, str]:
+    """(bytes, cache-name tag): ``--blob-mib`` (MiB, issue 15) overrides ``--blob-mb`` (MB)."""
+    if args.blob_mib:
+        return args.blob_mib << 20, f"{args.blob_mib}mib"
+    return args.blob_mb * 1_000_000, f"{args.blob_mb}mb"
+
+
 def compare_tls(args) -> dict:
     """Rounds of (plain lab, TLS lab), each: one node alone, then all nodes, through their peers."""
     cache = Path(args.cache) / "netlab"
-    size = args.blob_mb * 1_000_000
-    paths = {name: cache / f"bench-{args.blob_mb}mb-{name}.bin" for name in ("alone", "mesh")}
+    size, tag = blob_size(args)
+    paths = {name: cache / f"bench-{tag}-{name}.bin" for name in ("alone", "mesh")}
     digests = {name: content.random_blob(path, size, seed=1000 + i) for i, (name, path) in enumerate(paths.items())}
     runs = []
+    modes = (True,) if args.tls_only else (False, True)
     for n in range(args.compare_tls):
-        for tls in (False, True):
+        for tls in modes:
             workdir = Path(args.workdir) / f"cmp{n}-{'tls' if tls else 'plain'}"
             shutil.rmtree(workdir, ignore_errors=True)
             with Lab(prefix=PREFIX, workdir=workdir, offload=not args.no_offload) as lab:
-                mesh = Mesh(lab, MeshOptions(peers=args.nodes, node_rate=args.rate, registry_rate=args.rate,
-                                             containerd=False, peer_args=args.peer_arg,
-                                             scheduler_args=args.scheduler_arg, tls=tls))
+                opts = MeshOptions(peers=args.nodes, node_rate=args.rate, registry_rate=args.rate,
+                                   containerd=False, peer_args=args.peer_arg,
+                                   scheduler_args=args.scheduler_arg, tls=tls)
+                if args.profile:
+                    mesh = ProfiledMesh(lab, opts)
+                    mesh.profile_dir = Path(args.profile) / f"round{n}-{'tls' if tls else 'plain'}"
+                    mesh.profile_dir.mkdir(parents=True, exist_ok=True)
+                else:
+                    mesh = Mesh(lab, opts)
                 fill(mesh, [(paths[k], digests[k]) for k in paths])
                 mesh.start()
                 load0, ticks0 = os.getloadavg()[0], machine_ticks()
                 alone, r = mesh.fetch_all(REPO, digests["alone"], nodes=mesh.peers[:1])
                 check(r, digests["alone"], size, "alone")
-                cpu0 = cpu_seconds(mesh)
+                cpu0, threads0 = cpu_seconds(mesh), thread_cpu(mesh)
                 tx0 = wire_tx(mesh)
                 t, r = mesh.fetch_all(REPO, digests["mesh"])
                 check(r, digests["mesh"], size, "mesh")
-                app, _ = egress(mesh, [digests["mesh"]], tx0)
+                threads1 = thread_cpu(mesh)
+                app, wire = egress(mesh, [digests["mesh"]], tx0)
                 ticks1 = machine_ticks()
+                cpu = cpu_seconds(mesh) - cpu0
                 run = {"round": n, "tls": tls, "alone_s": alone, "mesh_s": t, "ratio": t / alone,
-                       "egress": app / size, "cpu_s": cpu_seconds(mesh) - cpu0,
+                       "node_s": sorted(x["seconds"] for x in r), "egress": app / size, "egress_wire": wire / size,
+                       "cpu_s": cpu, "cpu_ms_per_mib": cpu * 1000 / (args.nodes * size / 2**20),
+                       "threads_cpu_s": {k: round(v - threads0.get(k, 0.0), 2) for k, v in threads1.items()},
                        "busy": (ticks1[0] - ticks0[0]) / max(1, ticks1[1] - ticks0[1]),
                        "load": (load0, os.getloadavg()[0])}
                 runs.append(run)
                 log(f"round {n} {'TLS  ' if tls else 'plain'}: alone {alone:.1f}s, mesh {t:.1f}s, ratio "
-                    f"{run['ratio']:.3f}, egress {run['egress']:.3f}x, peers' CPU {run['cpu_s']:.1f}s, "
-                    f"machine busy {run['busy'] * 100:.0f}%, load {load0:.1f}->{run['load'][1]:.1f}")
-    return {"nodes": args.nodes, "rate": args.rate, "blob_bytes": size, "runs": runs}
+                    f"{run['ratio']:.3f}, egress {run['egress']:.3f}x, peers' CPU {run['cpu_s']:.1f}s "
+                    f"({run['cpu_ms_per_mib']:.1f} ms/MiB), machine busy {run['busy'] * 100:.0f}%, "
+                    f"load {load0:.1f}->{run['load'][1]:.1f}")
+            if args.profile:
+                run["profile_top"] = profile_top(mesh.profile_dir)
+            # The peers' stores hold every blob of the round (N x 2 blobs): gone once the lab is, logs kept
+            # (ten 8-node labs of 200 MB blobs are 32 GB otherwise).
+            for p in mesh.peers:
+                shutil.rmtree(p.data_dir, ignore_errors=True)
+    res = {"nodes": args.nodes, "rate": args.rate, "blob_bytes": size, "runs": runs, "cpus": os.cpu_count()}
+    res["summary"] = summarize_tls(runs)
+    return res
+
+
+def profile_top(directory: Path, n: int = 25) -> list[tuple[str, float, float, int]]:
+    """The functions with the most own time over every peer's profile: (where, tottime, cumtime, calls)."""
+    import pstats
+
+    files = sorted(str(f) for f in directory.glob("peer*.prof"))
+    if not files:
+        return []
+    stats = pstats.Stats(*files)
+    rows = []
+    for (path, line, fn), (_, calls, tot, cum, _) in stats.stats.items():
+        where = f"{'/'.join(Path(path).parts[-2:])}:{line}({fn})"
+        rows.append((where, round(tot, 3), round(cum, 3), calls))
+    rows.sort(key=lambda r: -r[1])
+    return rows[:n]
+
+
+def summarize_tls(runs: list[dict]) -> dict:
+    out = {}
+    for mode in (False, True):
+        rs = [r for r in runs if r["tls"] == mode]
+        if rs:
+            out["tls" if mode else "plain"] = {
+                "runs": len(rs), "ratio_median": median([r["ratio"] for r in rs]),
+                "ratio_min": min(r["ratio"] for r in rs), "ratio_max": max(r["ratio"] for r in rs),
+                "alone_s_median": median([r["alone_s"] for r in rs]),
+                "mesh_s_median": median([r["mesh_s"] for r in rs]),
+                "egress_median": median([r["egress"] for r in rs]), "egress_max": max(r["egress"] for r in rs),
+                "cpu_ms_per_mib_median": median([r["cpu_ms_per_mib"] for r in rs])}
+    if len(out) == 2:
+        out["tls_vs_plain_ratio_change"] = out["tls"]["ratio_median"] / out["plain"]["ratio_median"] - 1
+    return out
 
 
 def report_tls(res: dict) -> str:
-    lines = [f"TLS vs plain mesh: {res['nodes']} nodes, {res['rate']}, blob {res['blob_bytes'] / 1e6:.0f} MB"]
-    lines.append("round  mode   alone s  mesh s  mesh/alone  egress  peers CPU s  busy  load")
+    lines = [f"TLS vs plain mesh: {res['nodes']} nodes, {res['rate']} links, blob {res['blob_bytes'] / 2**20:.0f} MiB, "
+             f"{res.get('cpus', '?')} CPUs"]
+    lines.append("round  mode   alone s  mesh s  last/alone  egress  peers CPU s  ms/MiB  busy  load")
     for r in res["runs"]:
         lines.append(f"{r['round']:5d}  {'tls  ' if r['tls'] else 'plain'}  {r['alone_s']:7.1f}  {r['mesh_s']:6.1f}  "
-                     f"{r['ratio']:10.3f}  {r['egress']:6.3f}  {r['cpu_s']:11.1f}  {r['busy'] * 100:3.0f}%  "
-                     f"{r['load'][0]:.1f}->{r['load'][1]:.1f}")
-    by = {mode: [r["ratio"] for r in res["runs"] if r["tls"] == mode] for mode in (False, True)}
-    mean = {mode: sum(v) / len(v) for mode, v in by.items() if v}
-    if len(mean) == 2:
-        spread = {mode: (max(v) - min(v)) / mean[mode] for mode, v in by.items()}
-        change = mean[True] / mean[False] - 1
-        lines.append(f"mean mesh/alone ratio: plain {mean[False]:.3f} (spread {spread[False] * 100:.1f}%), "
-                     f"TLS {mean[True]:.3f} (spread {spread[True] * 100:.1f}%)")
-        lines.append(f"TARGET TLS within 5% of plain: {change * 100:+.1f}% -> {'MET' if abs(change) <= 0.05 else 'NOT MET'}"
-                     " (compare with the spread of repeated runs of one mode: the machine is shared)")
+                     f"{r['ratio']:10.3f}  {r['egress']:6.3f}  {r['cpu_s']:11.1f}  {r['cpu_ms_per_mib']:6.1f}  "
+                     f"{r['busy'] * 100:3.0f}%  {r['load'][0]:.1f}->{r['load'][1]:.1f}")
+    summary = res.get("summary") or summarize_tls(res["runs"])
+    for mode in ("plain", "tls"):
+        m = summary.get(mode)
+        if m:
+            lines.append(f"median {mode:5s} ({m['runs']} runs): last node / one node alone {m['ratio_median']:.3f} "
+                         f"(min {m['ratio_min']:.3f}, max {m['ratio_max']:.3f}), alone {m['alone_s_median']:.1f}s, "
+                         f"all {m['mesh_s_median']:.1f}s, registry egress {m['egress_median']:.3f}x "
+                         f"(max {m['egress_max']:.3f}x), peers' CPU {m['cpu_ms_per_mib_median']:.1f} ms/MiB received")
+    if "tls_vs_plain_ratio_change" in summary:
+        change = summary["tls_vs_plain_ratio_change"]
+        lines.append(f"TARGET TLS within 5% of plain (medians): {change * 100:+.1f}% -> "
+                     f"{'MET' if abs(change) <= 0.05 else 'NOT MET'}")
+    for mode in ("plain", "tls"):
+        m = summary.get(mode)
+        if m:
+            lines.append(f"TARGET registry egress <= 1.05x blob ({mode}): max {m['egress_max']:.3f}x -> "
+                         f"{'MET' if m['egress_max'] <= 1.05 else 'NOT MET'}")
+    for r in res["runs"]:
+        if r.get("profile_top"):
+            lines.append(f"profile, round {r['round']} {'tls' if r['tls'] else 'plain'}: per-thread CPU s "
+                         f"{r['threads_cpu_s']}")
+            lines.append("  own s    cum s     calls  function")
+            for where, tot, cum, calls in r["profile_top"]:
+                lines.append(f"  {tot:6.2f}  {cum:7.2f}  {calls:8d}  {where}")
     return "\n".join(lines)
 
 
@@ -377,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=8)
     p.add_argument("--rate", default="100mbit", help="registry uplink and every node link (tbf)")
     p.add_argument("--blob-mb", type=int, default=200)
+    p.add_argument("--blob-mib", type=int, default=0, help="blob size in MiB (overrides --blob-mb; --compare-tls)")
+    p.add_argument("--tls-only", action="store_true", help="--compare-tls: only the TLS labs (e.g. to profile)")
+    p.add_argument("--profile", default="", metavar="DIR",
+                   help="--compare-tls: run the peers under cProfile, keep peerN.prof in DIR, print the hot spots")
     p.add_argument("--het-blob-mb", type=int, default=100, help="blob of the weighted-vs-bandit runs")
     p.add_argument("--skip-direct", action="store_true", help="skip the straight-from-registry runs (slow: N x)")
     p.add_argument("--skip-scorers", action="store_true", help="skip weighted vs bandit")

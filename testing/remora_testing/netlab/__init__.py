@@ -9,8 +9,16 @@
 
 ``python -m remora_testing.netlab cleanup`` removes stale labs.
 """
-from remora_testing.netlab.namespaces import (DEFAULT_PREFIX, LAB_SUPERNET, Lab, NetlabError, Node, cleanup_stale,
-                                      run_in, spawn_in)
+from remora_testing.netlab.namespaces import (
+                                      DEFAULT_PREFIX,
+                                      LAB_SUPERNET,
+                                      Lab,
+                                      NetlabError,
+                                      Node,
+                                      cleanup_stale,
+                                      run_in,
+                                      spawn_in,
+)
 
 __all__ = ["Lab", "Node", "NetlabError", "run_in", "spawn_in", "cleanup_stale", "LAB_SUPERNET",
            "DEFAULT_PREFIX"]

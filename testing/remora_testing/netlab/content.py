@@ -17,18 +17,18 @@ import json
 import os
 import shutil
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import requests
 
 from remora.digest import hash_file
 from remora.errors import InvalidInput, RegistryError
-
 from remora.oci import MEDIA_TYPE_OCI_CONFIG as OCI_CONFIG
 from remora.oci import MEDIA_TYPE_OCI_LAYER_GZIP as OCI_LAYER_GZIP
 from remora.oci import MEDIA_TYPE_OCI_MANIFEST as OCI_MANIFEST
+
 BUSYBOX = "/bin/busybox"
 BUSYBOX_APPLETS = ("sh", "ls", "cat", "sha256sum", "sleep", "echo", "true", "wc", "find")
 

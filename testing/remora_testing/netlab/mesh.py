@@ -73,6 +73,7 @@ class MeshOptions:
     peer_args: Sequence[str] = ()            # extra flags for every peer
     scheduler_args: Sequence[str] = ()
     tls: bool = True                          # mutual TLS between peers and with the scheduler
+    node_args: dict[int, Sequence[str]] = field(default_factory=dict)  # index -> extra flags of that peer
 
 
 class Mesh:
@@ -160,7 +161,7 @@ class Mesh:
                 "--host-id", self.host_id(p), *self._security_args(f"peer{p.index}"),
                 # byte watermarks: the lab shares one disk, whose % use says nothing about a node
                 "--gc-high", "64G", "--gc-low", "48G",
-                *self.opts.peer_args]
+                *self.opts.peer_args, *self.opts.node_args.get(p.index, ())]
 
     def start_peer(self, p: PeerNode, wait: bool = True) -> None:
         p.daemon = self.lab.spawn(p.node, self.peer_argv(p), log_name=f"peer{p.index}.log")

@@ -31,9 +31,9 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from remora.errors import RemoraError, UsageError
 from remora.procutil import Daemon
@@ -200,7 +200,8 @@ def _taken_subnets() -> list[ipaddress.IPv4Network]:
     taken = []
     for line in out.splitlines():
         parts = line.split()
-        dest = parts[1] if parts and parts[0] in ("blackhole", "unreachable", "prohibit", "local", "broadcast") else (parts[0] if parts else "")
+        typed = parts and parts[0] in ("blackhole", "unreachable", "prohibit", "local", "broadcast")
+        dest = parts[1] if typed else (parts[0] if parts else "")
         try:
             net = ipaddress.ip_network(dest, strict=False)
         except ValueError:
@@ -244,7 +245,7 @@ class Node:
     ns: str
     ip: str
     port: str
-    lab: "Lab" = field(repr=False)
+    lab: Lab = field(repr=False)
 
     def run(self, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
         return run_in(self.ns, argv, **kw)
@@ -312,7 +313,7 @@ class Lab:
         self._closed = False
 
     # -- lifecycle
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         if threading.current_thread() is threading.main_thread():
             self._old_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
         try:
@@ -325,7 +326,7 @@ class Lab:
     def __exit__(self, *exc) -> None:
         self.teardown()
 
-    def create(self) -> "Lab":
+    def create(self) -> Lab:
         self.workdir.mkdir(parents=True, exist_ok=True)
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         self._write_state(None)  # before anything exists, so a killed run is always cleanable
@@ -403,7 +404,7 @@ class Lab:
             for daemon in reversed(self.daemons):
                 try:
                     daemon.stop(grace=5)
-                except Exception as exc:  # keep tearing down
+                except Exception as exc:  # noqa: BLE001 - keep tearing down
                     errors.append(f"stop {daemon.argv[:3]}: {exc}")
             _destroy_namespaces([ns for ns in netns_list() if ns == self.name or ns.startswith(self.name + "-")],
                                 errors)

@@ -38,6 +38,8 @@ class NsRegistry:
     def __init__(self, node: Node, root: Path, port: int = 5000):
         self.node, self.root, self.port = node, Path(root), port
         self.daemon: Daemon | None = None
+        #: appended to distribution's configuration at :meth:`start` (e.g. an ``auth: token:`` section)
+        self.extra_config = ""
 
     @property
     def host(self) -> str:
@@ -50,6 +52,7 @@ class NsRegistry:
     def start(self) -> "NsRegistry":
         helper = LocalRegistry(root=self.root, host=self.node.ip, port=self.port)
         cfg = helper.config_text().replace("accesslog:\n    disabled: true", "accesslog:\n    disabled: false")
+        cfg += self.extra_config
         path = self.root / "config-lab.yml"
         path.write_text(cfg)
         self.daemon = self.node.spawn([find_registry_binary(), "serve", str(path)], log_name="registry.log")
