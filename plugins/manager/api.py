@@ -117,6 +117,7 @@ class Settings:
     run_jobs: bool = True
     join_cache_seconds: float = 5.0  # a join token revoked on another replica is refused after this
     ca_dir: Path | None = None       # a remora.pki CA: the manager then issues member certificates
+    tls_dir: Path | None = None      # HTTPS with this manager certificate; agents need member certificates
 
     @property
     def flush_every(self) -> float:
@@ -227,6 +228,21 @@ def create_app(settings: Settings) -> FastAPI:
 
         ca = load_ca(settings.ca_dir)
     join_cache: dict[str, tuple[float, JoinToken]] = {}
+    member_cluster = None
+    if settings.tls_dir is not None:
+        from remora.plugins.manager import tls as tls_mod
+
+        member_cluster = tls_mod.reloader(settings.tls_dir).identity.cluster
+
+    def member(request: Request, member_type: str | None = None):
+        """Over mutual TLS, the caller must hold a member certificate of our cluster (403 otherwise)."""
+        if settings.tls_dir is None:
+            return None
+        try:
+            return tls_mod.require_member(request, member_cluster, member_type)
+        except PermissionError as exc:
+            metrics.requests.labels("403").inc()
+            raise HTTPException(403, str(exc)) from None
 
     from contextlib import asynccontextmanager
 
@@ -322,7 +338,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     # ------------------------------------------------------------ agents (join token)
     @app.post("/api/v1/agent/register", tags=["agent"])
-    def agent_register(req: membership.RegisterRequest, jt: JoinToken = Depends(join_token)) -> dict:
+    def agent_register(req: membership.RegisterRequest, request: Request,
+                       jt: JoinToken = Depends(join_token)) -> dict:
+        ident = member(request, req.type)
+        if ident is not None and req.hostname != ident.host_id:
+            metrics.requests.labels("403").inc()
+            raise HTTPException(403, f"this certificate is for host {ident.host_id!r}: register as hostname "
+                                     f"{ident.host_id!r}, not {req.hostname!r}")
         now = clock.now()
         with sessions.begin() as s:
             try:
@@ -333,8 +355,11 @@ def create_app(settings: Settings) -> FastAPI:
                 raise HTTPException(404, str(exc)) from None
             if created:
                 auth.audit(s, now, f"join-token:{jt.name}", "member.register", f"member:{m.id}",
-                           {"type": m.type, "hostname": m.hostname, "ip": m.ip, "port": m.port})
+                           {"type": m.type, "hostname": m.hostname, "ip": m.ip, "port": m.port,
+                            "certificate": {"host_id": ident.host_id, "fingerprint": ident.fingerprint}
+                            if ident is not None else None})
             buffer.learn(m.id, m.offline)
+            owners[m.id] = m.hostname
             return {"id": m.id, "cluster_id": m.cluster_id, "keepalive_interval": interval,
                     "state": membership.state_of(m, now, interval)}
 
@@ -345,6 +370,19 @@ def create_app(settings: Settings) -> FastAPI:
             buffer.learn(member_id, offline)
         return offline
 
+    #: member id -> hostname (= the host id of the certificate that registered it, over mutual TLS):
+    #: a member certificate keeps alive only its own member ids (a cache per replica, read on a miss)
+    owners: dict[int, str] = {}
+
+    def _owner(member_id: int) -> str | None:
+        with sessions() as s:
+            host = s.scalar(select(Member.hostname).where(Member.id == member_id))
+        if host is not None:
+            if len(owners) > 1_000_000:
+                owners.clear()
+            owners[member_id] = host
+        return host
+
     answers = {flag: json.dumps({"state": "offline" if flag else "active", "keepalive_interval": interval}).encode()
                for flag in (False, True)}
 
@@ -353,9 +391,17 @@ def create_app(settings: Settings) -> FastAPI:
         keepalive_interval: float
 
     @app.post("/api/v1/agent/{member_id}/keepalive", tags=["agent"], response_model=KeepaliveOut)
-    async def agent_keepalive(member_id: int, req: membership.KeepaliveRequest,
+    async def agent_keepalive(member_id: int, req: membership.KeepaliveRequest, request: Request,
                               jt: JoinToken = Depends(join_token)) -> Response:
         """Answered from memory; the keepalive buffer writes last_seen in batches."""
+        ident = member(request)
+        if ident is not None:
+            owner = owners.get(member_id)
+            if owner is None:
+                owner = await run_in_threadpool(_owner, member_id)
+            if owner is not None and owner != ident.host_id:
+                metrics.requests.labels("403").inc()
+                raise HTTPException(403, f"member {member_id} is not host {ident.host_id!r}'s")
         now = clock.now()
         offline = buffer.note(member_id, req, now)
         if offline is None:
@@ -365,10 +411,12 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(answers[bool(offline)], media_type="application/json")  # pre-encoded: hottest path
 
     @app.get("/api/v1/agent/schedulers", tags=["agent"])
-    def agent_schedulers(ip: str = Query("", max_length=64), hostname: str = Query("", max_length=255),
+    def agent_schedulers(request: Request, ip: str = Query("", max_length=64),
+                         hostname: str = Query("", max_length=255),
                          idc: str = Query("", max_length=128), location: str = Query("", max_length=255),
                          member_id: int | None = Query(None, ge=1, le=2**31),
                          jt: JoinToken = Depends(join_token)) -> dict:
+        member(request)
         now = clock.now()
         with sessions.begin() as s:
             out = membership.schedulers_for(s, PeerInfo(ip=ip, hostname=hostname, idc=idc, location=location),
@@ -402,11 +450,16 @@ def create_app(settings: Settings) -> FastAPI:
                 "ca_pem": ca.bundle_pem.decode(), "not_after": issued.cert.not_valid_after_utc.timestamp()}
 
     @app.get("/api/v1/agent/config", tags=["agent"])
-    def agent_config(cluster_id: int | None = Query(None, ge=1, le=2**31), version: int = Query(-1, ge=-1, le=2**31),
+    def agent_config(request: Request, cluster_id: int | None = Query(None, ge=1, le=2**31),
+                     version: int = Query(-1, ge=-1, le=2**31), scope: str = Query("", max_length=64),
                      jt: JoinToken = Depends(join_token)) -> dict:
+        """The config a member of ``cluster_id`` runs; the body only when (scope, version) changed
+        (versions count per scope: a peer moved to a cluster with a config of its own gets it)."""
+        member(request)
+        known_scope = scope
         with sessions() as s:
             scope, ver, body = config_mod.effective(s, cluster_id)
-        if ver == version:
+        if ver == version and known_scope in ("", scope):
             return {"scope": scope, "version": ver, "unchanged": True, "config": None}
         return {"scope": scope, "version": ver, "unchanged": False, "config": body}
 
@@ -722,6 +775,7 @@ def app_from_env() -> FastAPI:
     return create_app(Settings(db_url=raw["db_url"], keepalive_interval=raw["keepalive_interval"],
                                root_token_file=Path(raw["root_token_file"]) if raw["root_token_file"] else None,
                                ca_dir=Path(raw["ca_dir"]) if raw.get("ca_dir") else None,
+                               tls_dir=Path(raw["tls_dir"]) if raw.get("tls_dir") else None,
                                engine=jobs_mod.EngineSettings(**raw["engine"])))
 
 
@@ -734,8 +788,16 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
     """
     import uvicorn
 
+    tls_kw: dict = {}
+    if settings.tls_dir is not None:
+        from remora.plugins.manager import tls as tls_mod
+
+        rel = tls_mod.reloader(settings.tls_dir)
+        # ssl_certfile only tells uvicorn "this is HTTPS"; the factory's context is what is served.
+        tls_kw = {"ssl_context_factory": tls_mod.SSLContextFactory(settings.tls_dir), "http": tls_mod.MemberTLSProtocol,
+                  "ssl_certfile": str(rel.files.cert)}
     if workers <= 1:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False, **tls_kw)
         return
     engine, sessions = open_db(settings.db_url)
     with sessions.begin() as s:
@@ -745,6 +807,7 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
         "db_url": settings.db_url, "keepalive_interval": settings.keepalive_interval,
         "root_token_file": str(settings.root_token_file) if settings.root_token_file else "",
         "ca_dir": str(settings.ca_dir) if settings.ca_dir else "",
+        "tls_dir": str(settings.tls_dir) if settings.tls_dir else "",
         "engine": dataclasses.asdict(settings.engine)})
     uvicorn.run("remora.plugins.manager.api:app_from_env", factory=True, workers=workers, host=host, port=port,
-                log_level="warning", access_log=False)
+                log_level="warning", access_log=False, **tls_kw)

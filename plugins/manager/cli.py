@@ -19,8 +19,9 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 
 MANAGER_EPILOG = """\
 examples:
-  remora manager                                     SQLite under /var/lib/remora/manager, 127.0.0.1:8080
-  remora manager --listen 0.0.0.0:8080 --db postgresql://remora:pw@db/remora      (HA: several replicas)
+  remora manager --tls-dir /etc/remora/manager-tls   SQLite under /var/lib/remora/manager, https://127.0.0.1:8080
+  remora manager --tls-dir DIR --listen 10.0.0.2:8080 --db postgresql://remora:pw@db/remora  (HA: replicas)
+  remora manager --insecure-plain-http               plain HTTP on loopback (labs)
 
 On first start (empty database) user 'root' and a token with every scope are created; the token is
 written to --root-token-file (mode 0600). Console: http://HOST:PORT/console/  API: /openapi.json
@@ -59,6 +60,13 @@ def register(subparsers) -> None:
                    help="members keep alive this often; 3 missed = inactive (default: %(default)s)")
     m.add_argument("--root-token-file", type=Path, default=DEFAULT_DIR / "root-token", metavar="PATH",
                    help="where the first root token is written (default: %(default)s)")
+    sec = m.add_argument_group("transport (one is required)").add_mutually_exclusive_group()
+    sec.add_argument("--tls-dir", type=Path, metavar="DIR",
+                     help="HTTPS with DIR/cert.pem + key.pem (role manager, 'remora certs issue --role manager') "
+                          "and DIR/ca.pem; schedulers and peers must present member certificates of that CA")
+    sec.add_argument("--insecure-plain-http", action="store_true",
+                     help="serve plain HTTP: anyone who reaches the port and holds a join token can register "
+                          "and keep alive in any node's name (labs, loopback)")
     m.add_argument("--ca-dir", type=Path, metavar="DIR",
                    help="cluster CA (ca.pem + ca-key.pem, 'remora certs init'): issue member certificates "
                         "to joined schedulers and peers")
@@ -79,7 +87,9 @@ def register(subparsers) -> None:
     c.add_argument("type", choices=("preheat", "sync-peers", "delete-task", "gc"))
     c.add_argument("--image", help="image reference (preheat, delete-task)")
     c.add_argument("--blob", action="append", default=[], metavar="DIGEST:SIZE",
-                   help="sha256:HEX:SIZE, repeatable (instead of --image)")
+                   help="sha256:HEX:SIZE, repeatable (instead of --image; needs --repository)")
+    c.add_argument("--repository", metavar="REGISTRY/REPO",
+                   help="the repository the --blob digests are in (peers fetch and authorize per repository)")
     c.add_argument("--scope", choices=("one_seed_peer", "all_seed_peers", "all_peers", "nodes"), default="all_peers")
     c.add_argument("--cluster", help="cluster name")
     c.add_argument("--node", action="append", default=[], help="node hostname or id (scope nodes), repeatable")
@@ -155,14 +165,28 @@ def run_manager(args) -> int:
     if args.peer_token_file:
         from remora.plugins.manager.jobs import read_peer_token
         read_peer_token(args.peer_token_file)  # a bad file is a usage error now, not 401s per job later
+    if args.tls_dir is None and not args.insecure_plain_http:
+        raise UsageError("the manager needs HTTPS with a manager certificate of the cluster CA (--tls-dir DIR) "
+                         "or, knowingly, --insecure-plain-http")
     host, port = args.listen
+    if args.tls_dir is not None:
+        from remora.plugins.manager.tls import reloader
+
+        reloader(args.tls_dir)  # a bad or wrong-role certificate is a usage error now
+    else:
+        import logging
+
+        logging.getLogger("remora.manager").warning(
+            "PLAIN HTTP (insecure, --insecure-plain-http): join tokens and member registrations travel in clear "
+            "and no client certificate is asked for")
     settings = Settings(db_url=args.db, keepalive_interval=args.keepalive_interval, root_token_file=args.root_token_file,
-                        ca_dir=args.ca_dir,
+                        ca_dir=args.ca_dir, tls_dir=args.tls_dir,
                         engine=EngineSettings(tick=min(0.2, args.job_poll), poll=args.job_poll,
                                               backoff_base=args.job_backoff, backoff_max=args.job_backoff_max,
                                               peer_token_file=args.peer_token_file))
-    print(f"remora manager: listening on http://{host}:{port} (console /console/, API /openapi.json)",
-          file=sys.stderr, flush=True)
+    scheme = "https" if args.tls_dir else "http"
+    print(f"remora manager: listening on {scheme}://{host}:{port} (console /console/, API /openapi.json)"
+          + ("" if args.tls_dir else " -- PLAIN HTTP (insecure)"), file=sys.stderr, flush=True)
     serve(settings, host, port, args.workers)
     return 0
 
@@ -300,7 +324,8 @@ def run_job(args) -> int:
             nodes += [ln.strip() for ln in args.nodes_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
         except OSError as exc:
             raise UsageError(f"cannot read --nodes-file: {exc}") from None
-    body = {"type": args.type, "image": args.image, "blobs": blobs, "max_attempts": args.max_attempts,
+    body = {"type": args.type, "image": args.image, "repository": args.repository, "blobs": blobs,
+            "max_attempts": args.max_attempts,
             "timeout": args.timeout, "scope": {"kind": args.scope, "cluster": args.cluster, "nodes": nodes}}
     job = api("POST", "/api/v1/jobs", json=body)
     if args.wait:

@@ -32,11 +32,23 @@ class ManagerUnavailable(Exception):
 
 
 class ManagerClient:
-    def __init__(self, url: str, join_token: str, *, timeout: float = 5.0, state_file: str | Path | None = None):
+    def __init__(self, url: str, join_token: str, *, timeout: float = 5.0, state_file: str | Path | None = None,
+                 tls_dir: str | Path | None = None):
         self.url = url.rstrip("/")
         self.http = requests.Session()
         self.http.trust_env = False
         self.http.headers["Authorization"] = f"Bearer {join_token}"
+        if tls_dir is not None:
+            # Mutual TLS with the node's member certificate; the manager must present one of the same CA
+            # naming the address dialled. Paths, not contents: a rotated certificate is used by the next
+            # connection.
+            from remora.pki import CA_CERT, CERT, KEY
+
+            d = Path(tls_dir)
+            self.http.verify = str(d / CA_CERT)
+            self.http.cert = (str(d / CERT), str(d / KEY))
+        elif self.url.startswith("https://"):
+            raise ValueError("an https:// manager needs the node's TLS directory (cluster CA and certificate)")
         self.timeout = timeout
         self.state_file = Path(state_file) if state_file else None
         self.member_id: int | None = None
@@ -44,6 +56,8 @@ class ManagerClient:
         self.interval: float = 10.0
         self.registration: dict | None = None
         self.state = {"schedulers": None, "config": None}
+        self.last_ok: float = 0.0     # time.time() of the last answer from the manager
+        self.last_error: str = ""
         if self.state_file and self.state_file.exists():
             try:
                 loaded = json.loads(self.state_file.read_text())
@@ -53,12 +67,20 @@ class ManagerClient:
 
     # -------------------------------------------------------------- transport
     def _call(self, method: str, path: str, **kw) -> requests.Response:
+        import time
+
         try:
             r = self.http.request(method, self.url + path, timeout=self.timeout, **kw)
         except requests.RequestException as exc:
+            self.last_error = f"unreachable: {type(exc).__name__}"
             raise ManagerUnavailable(f"manager {self.url} unreachable: {exc}") from exc
         if r.status_code >= 500:
+            self.last_error = f"HTTP {r.status_code}"
             raise ManagerUnavailable(f"manager {self.url}: HTTP {r.status_code}")
+        if r.status_code < 400:
+            self.last_ok, self.last_error = time.time(), ""
+        else:
+            self.last_error = f"HTTP {r.status_code}"
         return r
 
     @staticmethod
@@ -136,7 +158,7 @@ class ManagerClient:
     def config(self) -> dict:
         """The effective dynamic config: {version, config, changed, stale}."""
         known = self.state["config"]
-        params = {"version": known["version"] if known else -1}
+        params = {"version": known["version"] if known else -1, "scope": known.get("scope", "") if known else ""}
         if self.cluster_id is not None:
             params["cluster_id"] = self.cluster_id
         try:
@@ -183,13 +205,37 @@ class Agent:
             self.c.keepalive(self.load(), self.applied_version, self.fallbacks())
         except ManagerUnavailable as exc:
             log.warning("manager keepalive: %s", exc)
-        if self.registration.get("type") == "peer" and self.on_schedulers is not None:
+        if self.registration.get("type") in ("peer", "seed_peer") and self.on_schedulers is not None:
             self.on_schedulers(self.c.schedulers(self.registration.get("ip", ""), self.registration.get("hostname", ""),
                                                  self.registration.get("idc", ""), self.registration.get("location", "")))
         cfg = self.c.config()
-        if cfg["version"] != self.applied_version and self.on_config is not None:
+        if (cfg["version"] != self.applied_version or cfg["changed"]) and self.on_config is not None:
             self.on_config(cfg["version"], cfg["config"])
         self.applied_version = cfg["version"]
+
+    async def run_async(self, after_tick: Callable[[], None] | None = None) -> None:
+        """The same loop for an asyncio daemon: each round runs in a worker thread (``requests`` blocks),
+        then ``after_tick`` runs on the event loop; until cancelled. The callbacks run in the worker
+        thread: they should only hand their answer over (the daemons apply it in ``after_tick``)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                await asyncio.to_thread(self.tick)
+            except (ManagerUnavailable, ValueError, PermissionError) as exc:
+                log.warning("manager: %s", exc)
+            except Exception:  # the agent must never stop for good
+                log.exception("manager agent round failed")
+            if after_tick is not None:
+                try:
+                    after_tick()
+                except Exception:
+                    log.exception("applying the manager's answer failed")
+            # a fixed cadence: a slow round (a loaded manager) must not stretch the keepalive period
+            # towards the 3 intervals after which the manager calls us inactive
+            await asyncio.sleep(max(0.05, self.c.interval - (loop.time() - started)))
 
     def _run(self) -> None:
         while not self.stop_event.is_set():

@@ -43,6 +43,7 @@ TYPES = ("preheat", "sync-peers", "delete-task", "gc")
 TERMINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("pending", "running", "retry_wait", "cancelling")
 IMAGE_RE = r"^[A-Za-z0-9][A-Za-z0-9._:/@\-]{0,511}$"
+REPOSITORY_RE = r"^[A-Za-z0-9][A-Za-z0-9.\-]*(:[0-9]{1,5})?/[a-z0-9]+(?:[._/-][a-z0-9]+)*$"
 
 
 class BlobSpec(BaseModel):
@@ -72,6 +73,8 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: str = Field(pattern="^(preheat|sync-peers|delete-task|gc)$")
     image: str | None = Field(None, pattern=IMAGE_RE)
+    repository: str | None = Field(None, pattern=REPOSITORY_RE, description="registry/repository the blobs are "
+                                   "in (needed by a blob preheat: the peer fetches and authorizes per repository)")
     blobs: list[BlobSpec] = Field(default_factory=list, max_length=10_000)
     scope: JobScope
     max_attempts: int = Field(3, ge=1, le=20)
@@ -81,8 +84,13 @@ class JobRequest(BaseModel):
     def _content(self):
         if self.type in ("preheat", "delete-task") and not (self.image or self.blobs):
             raise ValueError(f"a {self.type} job needs an image reference or a blob list")
-        if self.type in ("sync-peers", "gc") and (self.image or self.blobs):
-            raise ValueError(f"a {self.type} job takes no image or blobs")
+        if self.type in ("sync-peers", "gc") and (self.image or self.blobs or self.repository):
+            raise ValueError(f"a {self.type} job takes no image, repository or blobs")
+        if self.type == "preheat" and self.blobs and not self.image and not self.repository:
+            raise ValueError("a preheat of a blob list needs the repository the blobs are in "
+                             "(REGISTRY/REPOSITORY): peers fetch and authorize blobs per repository")
+        if self.image and self.repository:
+            raise ValueError("give an image reference or a repository, not both (the image names its repository)")
         return self
 
 
@@ -144,7 +152,8 @@ def resolve_targets(session: Session, req: JobRequest, now: float, interval: flo
 
 def create_job(session: Session, req: JobRequest, actor: str, now: float, interval: float) -> Job:
     targets = resolve_targets(session, req, now, interval)
-    job = Job(type=req.type, state="running", args={"image": req.image, "blobs": [b.model_dump() for b in req.blobs]},
+    job = Job(type=req.type, state="running", args={"image": req.image, "repository": req.repository,
+                                                    "blobs": [b.model_dump() for b in req.blobs]},
               scope=req.scope.model_dump(), max_attempts=req.max_attempts, timeout=req.timeout, created_by=actor,
               created_at=now, finished_at=None, error="")
     session.add(job)
@@ -373,6 +382,8 @@ class Engine:
         elif state in ("pending", "retry_wait"):
             body = {"id": task_id, "type": job_snapshot.type, "image": job_snapshot.args.get("image"),
                     "blobs": job_snapshot.args.get("blobs") or [], "priority": ["bootstrap", "hot"]}
+            if job_snapshot.args.get("repository"):
+                body["repository"] = job_snapshot.args["repository"]
             try:
                 r = self.http.post(f"{url}/api/v1/tasks", json=body, timeout=self.s.http_timeout)
                 err = "" if r.status_code in (200, 201, 202, 409) else f"peer refused the task: HTTP {r.status_code} {r.text[:200]}"

@@ -28,6 +28,10 @@ examples:
   # keep at most 20 GiB of pieces; blobs unused for 3 days go first
   remora peer --scheduler sched:8002 --gc-high 20GiB --gc-low 16GiB --gc-ttl 3d
 
+  # schedulers and settings from the manager (it hands out the schedulers of the best-matching cluster)
+  remora peer --tls-dir /etc/remora/tls --manager https://10.0.0.2:8080 \
+      --manager-token-file /etc/remora/join-token --advertise 10.0.1.17 --idc hz1 --registry docker.io
+
   remora peer hosts-toml --registry docker.io --registry ghcr.io      # point containerd at it
   remora peer status                                                  # what it is doing
 
@@ -93,6 +97,18 @@ def register_peer(subparsers) -> None:
     net.add_argument("--scheduler", action="append", default=[], metavar="HOST:PORT",
                      help="scheduler gRPC address; repeat (or comma-separate) for a cluster. None: "
                           "registry only")
+    mgr = p.add_argument_group("manager (schedulers and dynamic config from `remora manager`)")
+    mgr.add_argument("--manager", default="", metavar="URL",
+                     help="manager URL (https:// with --tls-dir: mutual TLS with this node's certificate; http:// "
+                          "only with --insecure-plain-mesh). The schedulers come from it (refreshed every keepalive "
+                          "interval; --scheduler is used until its first answer) and its dynamic config applies "
+                          "without restart; the last answers are kept in DATA_DIR/manager-state.json")
+    mgr.add_argument("--manager-token-file", type=Path, default=None, metavar="FILE",
+                     help="join token for the manager ('remora cluster join-token NAME')")
+    mgr.add_argument("--seed-peer", action="store_true", help="register with the manager as a seed peer")
+    mgr.add_argument("--idc", default="", help="IDC this node is in (the manager matches clusters by it)")
+    mgr.add_argument("--location", default="", metavar="COUNTRY|REGION|ZONE",
+                     help="location of this node (the manager matches clusters by it)")
     mesh = p.add_argument_group("mesh security (one is required)")
     sec = mesh.add_mutually_exclusive_group()
     sec.add_argument("--tls-dir", type=Path, default=None, metavar="DIR",
@@ -213,7 +229,9 @@ def build_config(args):
         max_parent_failures=args.max_parent_failures, scheduler_timeout=parse_duration(args.scheduler_timeout),
         upstream_timeout=parse_duration(args.upstream_timeout), gc_ttl=parse_duration(args.gc_ttl),
         gc_high=Watermark.parse(args.gc_high), gc_low=Watermark.parse(args.gc_low),
-        gc_interval=parse_duration(args.gc_interval), preheat_token_file=args.preheat_token_file)
+        gc_interval=parse_duration(args.gc_interval), preheat_token_file=args.preheat_token_file,
+        manager=args.manager, manager_token_file=args.manager_token_file, seed_peer=args.seed_peer, idc=args.idc,
+        location=args.location)
 
 
 def run_daemon(args) -> int:

@@ -35,14 +35,31 @@ RELAYED_HEADER = "X-Remora-Relayed"
 UPLOADS_HEADER = "X-Remora-Uploads"
 
 
+#: The bounds in force (the manager's dynamic config may narrow them within the hard limits above; the
+#: peers and the schedulers of a cluster apply the same config version, so they keep agreeing).
+_bounds = [MIN_PIECE_SIZE, MAX_PIECE_SIZE]
+
+
+def set_piece_bounds(low: int, high: int) -> tuple[int, int]:
+    """Narrow the piece sizes to [low, high], clamped to the hard limits; returns what is in force."""
+    low = min(max(low, MIN_PIECE_SIZE), MAX_PIECE_SIZE)
+    high = min(max(high, low), MAX_PIECE_SIZE)
+    _bounds[:] = [low, high]
+    return low, high
+
+
+def piece_bounds() -> tuple[int, int]:
+    return _bounds[0], _bounds[1]
+
+
 def piece_size_for(content_length: int) -> int:
-    """The piece size of a blob: a power of two chosen from its size alone.
+    """The piece size of a blob: a power of two chosen from its size alone (within the bounds in force).
 
     Being a pure function of the size means every peer, seed or child, derives the same piece layout
     even before the scheduler has told it anything.
     """
-    size = MIN_PIECE_SIZE
-    while size < MAX_PIECE_SIZE and size * TARGET_PIECES < content_length:
+    size, top = _bounds
+    while size < top and size * TARGET_PIECES < content_length:
         size *= 2
     return size
 
@@ -168,6 +185,11 @@ class PeerConfig:
     tls_dir: Path | None = None                             # ca.pem + cert.pem + key.pem: mutual TLS mesh
     insecure_plain_mesh: bool = False                       # explicit plain mode (no TLS between peers)
     preheat_token_file: Path | None = None                  # bearer token of the preheat task API (preheat.py)
+    manager: str = ""                                       # manager URL: schedulers + dynamic config from it
+    manager_token_file: Path | None = None                  # the manager's join token
+    seed_peer: bool = False                                 # register with the manager as a seed peer
+    idc: str = ""                                           # scopes the manager matches clusters by
+    location: str = ""
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -187,3 +209,15 @@ class PeerConfig:
             raise UsageError("--tls-dir and --insecure-plain-mesh exclude each other")
         if self.tls_dir is not None:
             self.tls_dir = Path(self.tls_dir)
+        if self.manager:
+            if not re.match(r"^https?://[^/\s]+/?$", self.manager):
+                raise UsageError(f"--manager {self.manager!r}: expected https://HOST:PORT (or http:// with "
+                                 "--insecure-plain-mesh)")
+            if self.manager.startswith("https://") and self.tls_dir is None:
+                raise UsageError("an https:// manager needs --tls-dir (the node's member certificate)")
+            if self.manager.startswith("http://") and self.tls_dir is not None:
+                raise UsageError("with --tls-dir the manager is reached over mutual TLS: use an https:// URL")
+            if self.manager_token_file is None:
+                raise UsageError("--manager needs --manager-token-file (a join token: 'remora cluster join-token')")
+        elif self.seed_peer:
+            raise UsageError("--seed-peer needs --manager")

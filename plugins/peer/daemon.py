@@ -74,6 +74,10 @@ class PeerDaemon:
         self.upload_port = 0
         self.started_at = 0.0
         self.tls = None   # remora.pki.tls.Reloader when the mesh is mutual TLS
+        self.upload: UploadServer | None = None
+        self.managed = None   # managed.ManagedPeer when --manager is given
+        self.schedulers_source = "flags"
+        self._sched_loops_started = False
 
     @property
     def mesh(self) -> str:
@@ -97,7 +101,14 @@ class PeerDaemon:
             return host
         if self.cfg.advertise_ip:
             return self.cfg.advertise_ip
-        return guess_advertise_ip("", self.cfg.schedulers)
+        return guess_advertise_ip("", self._route_targets())
+
+    def _route_targets(self) -> list[str]:
+        """Addresses whose route names this node's address: the schedulers, else the manager."""
+        targets = list(self.cfg.schedulers)
+        if self.cfg.manager:
+            targets.append(self.cfg.manager.split("://", 1)[-1].rstrip("/"))
+        return targets
 
     async def start(self) -> "PeerDaemon":
         cfg = self.cfg
@@ -113,7 +124,7 @@ class PeerDaemon:
         self.upstream = Upstream(cfg.plain_http, cfg.registry_config, cfg.upstream_timeout,
                                  allowed=[*cfg.registries, *([cfg.upstream] if cfg.upstream else [])])
         await self.upstream.start()
-        upload = UploadServer(self.store, self.metrics, cfg.upload_slots)
+        upload = self.upload = UploadServer(self.store, self.metrics, cfg.upload_slots)
         upload_app = upload.app()
         ssl_context = None
         if self.tls is not None:
@@ -124,13 +135,12 @@ class PeerDaemon:
             ssl_context = self.tls.server_context()
         bind = self.upload_bind()
         self.upload_port = await self._serve(upload_app, (bind, cfg.upload_listen[1]), "upload", ssl_context)
-        advertise_ip = cfg.advertise_ip or guess_advertise_ip(bind, cfg.schedulers)
+        advertise_ip = cfg.advertise_ip or guess_advertise_ip(bind, self._route_targets())
         host = pb.PeerHost(peer_id=cfg.peer_id, host_id=cfg.host_id, ip=advertise_ip,
                            upload_port=cfg.advertise_port or self.upload_port, labels=cfg.labels,
                            upload_slots=cfg.upload_slots, upload_bandwidth=cfg.upload_bandwidth)
-        if cfg.schedulers:
-            self.sched = SchedulerClient(cfg.schedulers, host, timeout=cfg.scheduler_timeout, tls=self.tls)
-        self.tasks = TaskManager(cfg, self.store, self.upstream, self.sched, self.metrics)
+        self.host = host
+        self.tasks = TaskManager(cfg, self.store, self.upstream, None, self.metrics)
         if self.tls is not None:
             # Parents are dialled at the address the scheduler names: the CA and the EKU are checked, the
             # address is not (a peer's certificate need not list every address it is reached at); the
@@ -139,28 +149,68 @@ class PeerDaemon:
         upload.fresh = self.tasks.fresh_from_source
         upload.on_corrupt = self.tasks.drop_corrupt
         upload.authorize = self.tasks.authorize_piece   # pieces only to peers proving access (access.py)
+        if cfg.schedulers:
+            self.set_schedulers(cfg.schedulers, "flags")   # until the manager (if any) says otherwise
+        if cfg.manager:
+            from .managed import ManagedPeer, read_join_token
+
+            self.managed = ManagedPeer(self, cfg.manager, read_join_token(cfg.manager_token_file))
+            upload.authorize = self.managed.wrap_authorize(upload.authorize)   # + the manager's blocklist
+            self.managed.apply_last_known()
         await self.tasks.start()
         self.store.entries()   # open what the last run left, so the gauge below counts it
         self.metrics.store_bytes.set_function(self.store.known_usage_bytes)
         mirror = Mirror(self.tasks, self.metrics, cfg.upstream, status_cb=self.status)
         mirror_app = mirror.app()
         mirror_app.middlewares.insert(0, registry_guard(self.upstream, self.metrics))
+        if self.managed is not None:
+            mirror_app.middlewares.insert(1, self.managed.mirror_guard())
         # The preheat task API (bearer token; disabled without --preheat-token-file): see preheat.py.
         self.preheater = Preheater(self.tasks, cfg.upstream, load_token(cfg.preheat_token_file))
         self.preheater.add_routes(mirror_app)
         self.mirror_port = await self._serve(mirror_app, (cfg.listen[0] or "127.0.0.1", cfg.listen[1]), "mirror")
-        self.host = host
-        if self.sched:
-            self._loops.append(asyncio.get_running_loop().create_task(self._register()))
-            self._loops.append(asyncio.get_running_loop().create_task(self._announce_stored()))
-            self._loops.append(asyncio.get_running_loop().create_task(self._keepalive_loop()))
-            self._loops.append(asyncio.get_running_loop().create_task(self._probe_loop()))
+        if self.managed is not None:
+            self.managed.registration["api_port"] = self.mirror_port
+            await self.managed.first_round()
+            self._loops.append(asyncio.get_running_loop().create_task(self.managed.run()))
         self._loops.append(asyncio.get_running_loop().create_task(self._gc_loop()))
         if self.tls is not None:
             self._loops.append(asyncio.get_running_loop().create_task(self.tls.watch(5.0)))
         log.info("peer %s: mirror on %s, upload on %s:%d (listening on %s), mesh %s", cfg.peer_id, self.mirror_url,
                  advertise_ip, host.upload_port, bind, self.mesh)
         return self
+
+    # -- the scheduler list (flags, or the manager's, changing at run time) -------------------------------
+    def current_schedulers(self) -> list[str]:
+        return list(self.sched.ring.addresses) if self.sched is not None and self.tasks.sched is not None else []
+
+    def set_schedulers(self, addresses: list[str], source: str) -> None:
+        """Use these schedulers from now on (an empty list: none, every pull goes to the registry)."""
+        self.schedulers_source = source
+        self.metrics.schedulers.set(len(addresses))
+        if list(addresses) == self.current_schedulers():
+            return
+        if not addresses:
+            log.warning("no scheduler (%s): pulls go to the registry until one is known", source)
+            self.tasks.sched = None
+            return
+        cfg = self.cfg
+        if self.sched is None:
+            self.sched = SchedulerClient(addresses, self.host, timeout=cfg.scheduler_timeout, tls=self.tls)
+            new = list(self.sched.ring.addresses)
+        else:
+            new = self.sched.set_addresses(addresses)
+        self.tasks.sched = self.sched
+        log.info("schedulers (%s): %s", source, ", ".join(self.sched.ring.addresses))
+        loop = asyncio.get_running_loop()
+        if not self._sched_loops_started:
+            self._sched_loops_started = True
+            self._loops.append(loop.create_task(self._announce_stored()))
+            self._loops.append(loop.create_task(self._keepalive_loop()))
+            self._loops.append(loop.create_task(self._probe_loop()))
+        if new:
+            self._loops = [t for t in self._loops if not t.done()]   # finished registrations of earlier lists
+            self._loops.append(loop.create_task(self._register(new)))
 
     async def _serve(self, app: web.Application, address: tuple[str, int], what: str, ssl_context=None) -> int:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -192,15 +242,18 @@ class PeerDaemon:
             await self.upstream.close()
 
     # -- background loops -----------------------------------------------------------------------------
-    async def _register(self) -> None:
-        """Register with every scheduler at start-up, not at the first blob request: until then the
-        scheduler cannot hand this peer out as a parent, probe it, or tell it that its host id is shared.
-        Retried (every keepalive interval, at most 5 s) until every scheduler answered once."""
-        pending = set(self.sched.ring.addresses)
+    async def _register(self, addresses: list[str]) -> None:
+        """Register with new schedulers at once, not at the first blob request: until then a scheduler
+        cannot hand this peer out as a parent, probe it, or tell it that its host id is shared. Retried
+        (every keepalive interval, at most 5 s) until each answered once or left the list; a scheduler
+        that joined later also gets what this peer holds."""
+        pending = set(addresses)
         while pending:
-            answered = await self.sched.register(sorted(pending))
+            pending &= set(self.current_schedulers())
+            answered = await self.sched.register(sorted(pending)) if pending else []
             if answered:
                 log.info("registered with scheduler(s) %s", ", ".join(answered))
+                await self.tasks.reannounce_all()
             pending -= set(answered)
             if pending:
                 await asyncio.sleep(min(self.sched.keepalive_interval, 5.0))
@@ -218,7 +271,7 @@ class PeerDaemon:
             # scheduler is unreachable: tick at least every second and keep the shortest interval seen.
             interval = min(interval, self.sched.keepalive_interval)
             await asyncio.sleep(min(interval, 1.0))
-            if time.monotonic() - last < interval:
+            if self.tasks.sched is None or time.monotonic() - last < interval:
                 continue
             last = time.monotonic()
             beats += 1
@@ -235,6 +288,9 @@ class PeerDaemon:
         """Measure TCP connect RTTs to the peers the scheduler names (it uses them to pick parents)."""
         results: list[pb.ProbeResult] = []
         while True:
+            if self.tasks.sched is None:
+                await asyncio.sleep(1.0)
+                continue
             try:
                 targets = await self.sched.sync_probes(results)
             except Exception:
@@ -284,12 +340,17 @@ class PeerDaemon:
                     key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"
                                     if s.labels else "")
                     samples[key] = s.value
-        registered = self.sched.registered_with() if self.sched else []
+        schedulers = self.current_schedulers()
+        registered = [a for a in self.sched.registered_with() if a in schedulers] if self.sched else []
+        from .managed import fallbacks
+
         return {"peer_id": cfg.peer_id, "host_id": cfg.host_id, "mirror": self.mirror_url, "mesh": self.mesh,
                 "mesh_tls": self.tls is not None, "registries": sorted(self.upstream.allowed),
-                "registered": registered, "registered_everywhere": bool(self.sched) and
-                len(registered) == len(self.sched.ring.addresses),
-                "upload": f"{self.host.ip}:{self.host.upload_port}", "schedulers": cfg.schedulers,
+                "registered": registered, "registered_everywhere": bool(schedulers) and
+                len(registered) == len(schedulers),
+                "upload": f"{self.host.ip}:{self.host.upload_port}", "schedulers": schedulers,
+                "schedulers_source": self.schedulers_source, "fallbacks": fallbacks(self.metrics),
+                "manager": self.managed.status() if self.managed is not None else None,
                 "upstream": cfg.upstream, "labels": cfg.labels, "data_dir": str(cfg.data_dir),
                 "uptime": time.time() - self.started_at, "store_bytes": self.store.usage_bytes(),
                 "tasks": tasks, "counters": samples}

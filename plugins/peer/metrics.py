@@ -40,5 +40,11 @@ class PeerMetrics:
         self.scheduler_errors = Counter("remora_peer_scheduler_errors_total", "Scheduler RPCs that failed",
                                         ["method"], registry=r)
 
+        self.schedulers = Gauge("remora_peer_schedulers", "Schedulers in use (from the flags or the manager)",
+                                registry=r)
+        self.config_version = Gauge("remora_peer_config_version",
+                                    "Version of the manager's dynamic config in force (0: flags only)", registry=r)
+        self.manager_up = Gauge("remora_peer_manager_up", "1 when the manager answered the last round", registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

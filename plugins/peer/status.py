@@ -57,6 +57,27 @@ def render(status: dict, console=None) -> None:
         head.add_row("registered", f"[red]NO[/] with {', '.join(missing)}" +
                      (f" (yes with {', '.join(registered)})" if registered else "") +
                      ": this peer gets no parents and serves nobody from there")
+    if status.get("schedulers_source"):
+        head.add_row("schedulers from", status["schedulers_source"])
+    mgr = status.get("manager")
+    if mgr:
+        state = "[green]reachable[/]" if mgr.get("reachable") else \
+            f"[red]UNREACHABLE[/] ({mgr.get('error') or 'no answer yet'})"
+        head.add_row("manager", f"{mgr['url']} {state}, member {mgr.get('member_id')}, "
+                     f"cluster {mgr.get('cluster') or '-'}"
+                     + (", using the last known lists" if mgr.get("stale") else ""))
+        conf = mgr.get("config") or {}
+        eff = conf.get("effective") or {}
+        bl, pieces, gc = eff.get("blocklist") or {}, eff.get("piece_size") or {}, eff.get("gc") or {}
+        head.add_row("dynamic config", f"v{conf.get('version', 0)}" + ("" if conf.get("version") else " (flags only)")
+                     + f": upload slots {eff.get('upload_concurrency_limit')}, upload rate "
+                     f"{eff.get('upload_rate_limit') or 'unlimited'}, piece size "
+                     f"{_size(pieces.get('min', 0))}-{_size(pieces.get('max', 0))}, "
+                     f"gc {gc.get('high')}/{gc.get('low')}, "
+                     f"blocklist {len(bl.get('repositories', []))} repos {len(bl.get('tags', []))} tags "
+                     f"{len(bl.get('digests', []))} digests")
+    fallbacks = status.get("fallbacks") or {}
+    head.add_row("registry fallbacks", ", ".join(f"{k}: {v}" for k, v in fallbacks.items()) or "none")
     head.add_row("uptime", f"{status.get('uptime', 0):.0f} s")
     head.add_row("store", _size(status.get("store_bytes", 0)))
     c = status.get("counters", {})

@@ -85,6 +85,19 @@ def register_scheduler(subparsers) -> None:
                         "untried parent (default: %(default)s)")
     p.add_argument("--bandit-gamma", type=float, default=0.99, metavar="G",
                    help="UCB discount per observation, 1 = never forget (default: %(default)s)")
+    m = p.add_argument_group("manager (membership and dynamic config from `remora manager`)")
+    m.add_argument("--manager", default="", metavar="URL",
+                   help="manager URL: register, keep alive (peers get this scheduler from it) and apply its dynamic "
+                        "config without restart (https:// with --tls-dir: mutual TLS; http:// only with "
+                        "--insecure-plain-mesh)")
+    m.add_argument("--manager-token-file", default=None, metavar="FILE", help="join token for the manager")
+    m.add_argument("--cluster", default=None, metavar="NAME", help="scheduler cluster to join (default: the join "
+                   "token's, else the default cluster)")
+    m.add_argument("--advertise", default="", metavar="IP", help="address peers dial (default: the --listen host)")
+    m.add_argument("--idc", default="", help="IDC of this scheduler (shown by the manager)")
+    m.add_argument("--location", default="", help="location of this scheduler (shown by the manager)")
+    m.add_argument("--manager-state", default="/var/lib/remora/scheduler/manager-state.json", metavar="FILE",
+                   help="last answers of the manager, used when it is down (default: %(default)s)")
     p.set_defaults(func=run)
 
 
@@ -111,6 +124,36 @@ def config_from_args(args):
         selection=SelectionConfig(candidate_limit=args.candidate_limit, parent_limit=args.parent_limit))
 
 
+def managed_from_args(args, tls):
+    """A factory of the server's manager agent, the flags checked now (usage errors before any start)."""
+    import re
+    from pathlib import Path
+
+    from remora.errors import UsageError
+
+    from .managed import ManagedScheduler
+
+    url = args.manager
+    if not re.match(r"^https?://[^/\s]+/?$", url):
+        raise UsageError(f"--manager {url!r}: expected https://HOST:PORT")
+    if url.startswith("https://") and not args.tls_dir:
+        raise UsageError("an https:// manager needs --tls-dir (this scheduler's member certificate)")
+    if url.startswith("http://") and args.tls_dir:
+        raise UsageError("with --tls-dir the manager is reached over mutual TLS: use an https:// URL")
+    if not args.manager_token_file:
+        raise UsageError("--manager needs --manager-token-file (a join token: 'remora cluster join-token')")
+    try:
+        token = Path(args.manager_token_file).read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read --manager-token-file: {exc.strerror or exc}") from None
+    if not token or any(c.isspace() for c in token):
+        raise UsageError(f"--manager-token-file {args.manager_token_file}: no join token in it")
+    hostname = tls.identity.host_id if tls is not None else ""
+    return lambda server: ManagedScheduler(server, url, token, cluster=args.cluster, state_file=args.manager_state,
+                                           tls_dir=args.tls_dir, advertise=args.advertise, idc=args.idc,
+                                           location=args.location, hostname=hostname or "")
+
+
 def run(args) -> int:
     import asyncio
     import signal
@@ -124,9 +167,16 @@ def run(args) -> int:
 
         tls = Reloader(TLSFiles.in_dir(args.tls_dir))
 
+    manager = None
+    if args.manager:
+        manager = managed_from_args(args, tls)
+
     async def main() -> None:
-        server = await SchedulerServer(config, args.listen, args.metrics_listen or None, tls=tls,
-                                       insecure_plain=args.insecure_plain_mesh).start()
+        server = SchedulerServer(config, args.listen, args.metrics_listen or None, tls=tls,
+                                 insecure_plain=args.insecure_plain_mesh)
+        if manager is not None:
+            server.manager = manager(server)
+        await server.start()
         print(f"remora scheduler: listening on {server.address} (mesh: {server.mesh})"
               + (f", metrics on http://{server.metrics_address}/metrics" if server.metrics_address else ""),
               flush=True)

@@ -107,6 +107,26 @@ class SchedulerMetrics:
         self.history_rows = Counter(
             "remora_scheduler_history_rows", "Download records written to the history", registry=r)
 
+        # The manager's dynamic config (plugins/scheduler/managed.py).
+        self.config_version = Gauge(
+            "remora_scheduler_config_version", "Version of the manager's dynamic config in force (0: flags only)",
+            registry=r)
+        self.config_value = Gauge(
+            "remora_scheduler_config_value", "Values in force of the dynamic config", ["name"], registry=r)
+        self.manager_up = Gauge(
+            "remora_scheduler_manager_up", "1 when the manager answered the last round", registry=r)
+
+    def config_applied(self, version: int, service) -> None:
+        from remora.plugins.peer.config import piece_bounds
+
+        sel = service.config.selection
+        lo, hi = piece_bounds()
+        self.config_version.set(version)
+        for name, value in (("candidate_parent_limit", sel.parent_limit), ("filter_parent_limit", sel.candidate_limit),
+                            ("piece_size_min", lo), ("piece_size_max", hi),
+                            ("blocklisted_digests", len(service.blocked_digests))):
+            self.config_value.labels(name).set(value)
+
     def scorer_kind(self, kind: str, reason: str = "") -> None:
         for k in ("learned", "weighted"):
             self.scorer_active.labels(k).set(1 if k == kind else 0)

@@ -36,7 +36,7 @@ from .selection import ParentSelector, Scorer, SelectionConfig, WeightedScorer
 from .state import Exhausted, Host, SchedulerState, Task, TaskPeer, UnknownPeer
 from .validate import BadRequest
 
-log = logging.getLogger("remora.scheduler")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -175,6 +175,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         #: Set by :class:`SchedulerServer` over mutual TLS: every RPC checks the caller's certificate.
         self.members_only = False
         self.cluster: str | None = None   # our own certificate's cluster: members of another are refused
+        #: blob digests the manager's dynamic config blocklists: never scheduled, peers go to the registry
+        self.blocked_digests: frozenset[str] = frozenset()
 
     def refuse(self, method: str, request, context) -> str:
         """Why the caller may not make this call ("" when it may).
@@ -251,6 +253,15 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     def schedule(self, task: Task, child_id: str, exclude=(), limit: int = 0) -> tuple[list[pb.Parent], bool, int, str]:
         """(parents, back_to_source, retry_after_ms, reason) for ``child_id``; see the module doc."""
         tp = task.peers[child_id]
+        if task.task_id in self.blocked_digests:
+            # The manager's blocklist: this content does not travel through the mesh.
+            if not tp.back_to_source:
+                tp.back_to_source = True
+                self.metrics.back_to_source.labels("blocklisted").inc()
+                self.metrics.decision("back_to_source")
+                log.info("task %s is blocklisted by the dynamic config: peer %s goes to the registry",
+                         task.task_id, child_id)
+            return [], True, 0, "blocklisted"
         if tp.back_to_source:
             return [], True, 0, "seed" if task.seed_peer == child_id else "back_to_source"
         if self.state.is_isolated(task, child_id):
@@ -481,7 +492,8 @@ class SchedulerServer:
     """
 
     def __init__(self, config: SchedulerConfig | None = None, listen: str = "127.0.0.1:0",
-                 metrics_listen: str | None = None, clock=time.monotonic, *, tls=None, insecure_plain: bool = False):
+                 metrics_listen: str | None = None, clock=time.monotonic, *, tls=None, insecure_plain: bool = False,
+                 manager=None):
         if tls is None and not insecure_plain:
             raise UsageError("the scheduler needs mutual TLS (--tls-dir DIR with ca.pem, cert.pem, key.pem from "
                              "'remora certs issue --role scheduler') or, knowingly, --insecure-plain-mesh")
@@ -499,6 +511,8 @@ class SchedulerServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_runner = None
         self._sweeper: asyncio.Task | None = None
+        self.manager = manager            # managed.ManagedScheduler: membership + dynamic config
+        self._agent: asyncio.Task | None = None
 
     @property
     def state(self) -> SchedulerState:
@@ -509,6 +523,8 @@ class SchedulerServer:
         bind = f"[{host}]:{want}" if ":" in host else f"{host}:{want}"   # ":8002" is loopback, not every address
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_SchedulerServicer_to_server(self.service, self._server)
+        from .topology import add_topology_service   # read-only view for `remora place --from-scheduler`
+        add_topology_service(self.service, self._server)
         try:
             if self.tls is not None:
                 port = self._server.add_secure_port(bind, self.tls.grpc_server_credentials())
@@ -530,6 +546,10 @@ class SchedulerServer:
             bound = self._metrics_runner.addresses[0]
             self.metrics_address = f"{mhost}:{bound[1]}"
         self._sweeper = asyncio.create_task(self._sweep())
+        if self.manager is not None:
+            self.manager.bind(self.address)
+            await self.manager.first_round()
+            self._agent = asyncio.create_task(self.manager.run())
         self.service.metrics.mesh_tls.set(1 if self.tls is not None else 0)
         if self.tls is None:
             log.warning("mesh: PLAIN (insecure): gRPC without TLS on %s; any host that reaches it can register, "
@@ -556,6 +576,10 @@ class SchedulerServer:
                 log.exception("peer expiry failed")
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self._agent is not None:
+            self._agent.cancel()
+            await asyncio.gather(self._agent, return_exceptions=True)
+            self._agent = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             try:

@@ -43,13 +43,15 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-async def run(url: str, join: str, members: int, seconds: float, conc: int, pid: int) -> dict:
+async def run(url: str, join: str, members: int, seconds: float, conc: int, pid: int, ssl_ctx=None) -> dict:
     headers = {"Authorization": f"Bearer {join}"}
-    async with aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=conc)) as http:
+    connector = aiohttp.TCPConnector(limit=conc, ssl=ssl_ctx if ssl_ctx is not None else True)
+    async with aiohttp.ClientSession(headers=headers, connector=connector) as http:
         ids = []
         for i in range(members):
             async with http.post(url + "/api/v1/agent/register", json={
-                    "type": "peer", "hostname": f"node-{i}", "ip": "127.0.0.1", "port": 10000 + i}) as r:
+                    "type": "peer", "hostname": "node" if ssl_ctx is not None else f"node-{i}", "ip": "127.0.0.1",
+                    "port": 10000 + i}) as r:   # over mTLS a member registers as its certificate's host
                 ids.append((await r.json())["id"])
         lat, errors = [], 0
         end = time.monotonic() + seconds
@@ -84,14 +86,26 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--tls", action="store_true", help="HTTPS, members present peer certificates (mutual TLS)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="remora-bench-"))
     pg = PrivatePostgres().start() if args.postgres else None
     db = pg.new_database() if pg else (args.db or f"sqlite:///{work}/bench.db")
-    m = ManagerProcess(db, work, keepalive_interval=30, extra=["--workers", str(args.workers)])
+    ssl_ctx, tls_dir = None, None
+    if args.tls:
+        from remora.pki.ca import init_ca, write_member
+        from remora.pki.tls import TLSFiles, client_context
+
+        ca = init_ca(work / "ca", cluster="bench")
+        tls_dir = work / "tls-manager"
+        write_member(tls_dir, ca.issue("manager", "manager", ips=["127.0.0.1"]), ca.bundle_pem)
+        write_member(work / "tls-peer", ca.issue("peer", "node", ips=["127.0.0.1"]), ca.bundle_pem)
+        ssl_ctx = client_context(TLSFiles.in_dir(work / "tls-peer"))
+    m = ManagerProcess(db, work, keepalive_interval=30, extra=["--workers", str(args.workers)], tls_dir=tls_dir)
     try:
         join = m.ok("POST", "/api/v1/join-tokens", json={"name": "bench"})["token"]
-        out = asyncio.run(run(m.url, join, args.members, args.seconds, args.concurrency, m.proc.pid))
+        out = asyncio.run(run(m.url, join, args.members, args.seconds, args.concurrency, m.proc.pid, ssl_ctx))
+        out["tls"] = bool(args.tls)
         out["db"] = "postgresql" if pg else "sqlite"
         print(json.dumps(out))
     finally:

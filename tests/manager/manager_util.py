@@ -87,19 +87,22 @@ class ManagerProcess:
     """A real ``remora manager`` process on 127.0.0.1 with a fresh root token."""
 
     def __init__(self, db_url: str, workdir: Path, keepalive_interval: float = 10.0, extra: list[str] | None = None,
-                 port: int | None = None):
+                 port: int | None = None, tls_dir: Path | None = None):
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls_dir else 'http'}://127.0.0.1:{self.port}"
+        extra = list(extra or []) + (["--tls-dir", str(tls_dir)] if tls_dir else ["--insecure-plain-http"])
         self.token_file = workdir / "root-token"
         self.log = open(workdir / f"manager-{self.port}.log", "w")
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "remora.cli", "manager", "--db", db_url, "--listen", f"127.0.0.1:{self.port}",
              "--root-token-file", str(self.token_file), "--keepalive-interval", str(keepalive_interval),
-             "--job-poll", "0.05", "--job-backoff", "0.1", "--job-backoff-max", "0.4"] + (extra or []),
+             "--job-poll", "0.05", "--job-backoff", "0.1", "--job-backoff-max", "0.4"] + extra,
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.http = requests.Session()
         self.http.trust_env = False
+        if tls_dir:
+            self.http.verify = str(Path(tls_dir) / "ca.pem")   # an operator: no client certificate
         wait_for(self._healthy, timeout=60, what=f"manager on {self.url}")
         # only the replica that found an empty database writes a root token
         self.root = self.token_file.read_text().strip() if self.token_file.exists() else ""

@@ -52,7 +52,8 @@ def test_cluster_and_job_commands(manager_factory, tmp_path):
         nodes = tmp_path / "nodes.txt"
         nodes.write_text("# placement output\nseed-1\n")
         digest = "sha256:" + "d" * 64
-        r = remora(manager, "job", "create", "preheat", "--blob", f"{digest}:77", "--scope", "nodes",
+        r = remora(manager, "job", "create", "preheat", "--blob", f"{digest}:77", "--repository", "registry.local/app",
+                   "--scope", "nodes",
                    "--nodes-file", str(nodes), "--wait", "--json")
         assert r.returncode == 0, r.stderr
         job = json.loads(r.stdout)

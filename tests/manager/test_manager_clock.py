@@ -6,6 +6,7 @@ import threading
 import requests
 import uvicorn
 from manager_util import free_port, wait_for
+
 from remora.plugins.manager.api import Settings, create_app
 from remora.plugins.manager.db import FakeClock
 

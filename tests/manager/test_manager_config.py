@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 
 from manager_util import wait_for
+
 from remora.plugins.manager.client import Agent, ManagerClient
 from remora.plugins.manager.config import DynamicConfig
 

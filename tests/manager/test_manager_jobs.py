@@ -49,7 +49,7 @@ def test_preheat_fan_out_verification_and_retry(fleet):
     manager, add = fleet
     good, liar = add("good", "good"), add("liar", "liar")
     add("flaky", "flaky")
-    body = {"type": "preheat", "blobs": BLOBS, "scope": {"kind": "all_peers", "cluster": "c1"}, "max_attempts": 3}
+    body = {"type": "preheat", "blobs": BLOBS, "repository": "registry.local/app", "scope": {"kind": "all_peers", "cluster": "c1"}, "max_attempts": 3}
     created = manager.ok("POST", "/api/v1/jobs", json=body)
     assert sorted(n["hostname"] for n in created["nodes"]) == ["flaky", "good", "liar"]
     assert all(n["bytes_total"] == TOTAL for n in created["nodes"])
@@ -69,6 +69,7 @@ def test_preheat_fan_out_verification_and_retry(fleet):
     # what the peer was sent: the blobs in order, a fresh task id per attempt, bootstrap/hot first
     req = next(iter(good.tasks.values()))["req"]
     assert req["blobs"] == BLOBS and req["type"] == "preheat" and req["priority"] == ["bootstrap", "hot"]
+    assert req["repository"] == "registry.local/app"   # the peer authorizes and fetches per repository
     assert len({p[2] for p in liar.posts()}) == 3
     blobs = {b["digest"]: sorted(b["nodes"]) for b in manager.ok("GET", "/api/v1/blobs")}
     assert blobs[BLOBS[1]["digest"]] == ["flaky", "good"]
@@ -106,7 +107,7 @@ def test_backoff_then_failure_is_reported(fleet):
 def test_cancel_and_timeout(fleet):
     manager, add = fleet
     slow = add("slow", "slow")
-    job = manager.ok("POST", "/api/v1/jobs", json={"type": "preheat", "blobs": BLOBS,
+    job = manager.ok("POST", "/api/v1/jobs", json={"type": "preheat", "blobs": BLOBS, "repository": "registry.local/app",
                                                    "scope": {"kind": "nodes", "nodes": ["slow"]}})
     wait_for(lambda: manager.ok("GET", f"/api/v1/jobs/{job['id']}")["nodes"][0]["state"] == "running",
              timeout=20, what="node running")
@@ -120,7 +121,7 @@ def test_cancel_and_timeout(fleet):
     assert manager.call("POST", f"/api/v1/jobs/{job['id']}/cancel").status_code == 409
 
     # a job past its timeout fails with that reason, never silently
-    job = manager.ok("POST", "/api/v1/jobs", json={"type": "preheat", "blobs": BLOBS, "timeout": 1.0,
+    job = manager.ok("POST", "/api/v1/jobs", json={"type": "preheat", "blobs": BLOBS, "repository": "registry.local/app", "timeout": 1.0,
                                                    "scope": {"kind": "nodes", "nodes": ["slow"]}})
     job = job_done(manager, job["id"])
     assert job["state"] == "failed" and "timed out after 1s" in job["nodes"][0]["error"]

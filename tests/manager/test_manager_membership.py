@@ -6,6 +6,7 @@ import time
 import pytest
 import requests
 from manager_util import wait_for
+
 from remora.plugins.manager.client import Agent, ManagerClient, ManagerUnavailable
 from remora.plugins.manager.clusters import WEIGHTS, PeerInfo, location_score, rank, score
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from manager_util import ManagerProcess, wait_for
+
 from remora.plugins.manager.client import ManagerClient
 from remora.plugins.manager.db import Base, make_engine, migrate
 
