@@ -20,11 +20,12 @@ each request sees a gamma-distributed delay per link (CV 0.5), and the means dri
 
 Learners (``remora.placement.online``): ``link-ucb`` (per-link UCB feeding the arm choice
 optimistically), ``link-ucb+replan`` (the same, and every 1,000 rounds the heuristic re-plans on the
-optimistic link delays; a new placement becomes an arm), ``link-ucb(gamma=0.999)`` (discounted, for drift), ``eps-greedy(0.1)`` (same per-link
-estimates, ε-greedy exploration), ``arm-ucb`` (UCB1 over whole placements, request delays only) and
-``static`` (the placement best at the declared delays). Regret is against the best fixed arm in hindsight
-on the same realised delays (same run, same rounds for every learner); for drift also the *dynamic* regret
-against the arm best at the current true means. Writes JSON and a PNG beside this script.
+optimistic link delays; a new placement becomes an arm), ``link-ucb(gamma=0.999)`` (discounted, for
+drift), ``eps-greedy(0.1)`` (same per-link estimates, ε-greedy exploration), ``arm-ucb`` (UCB1 over
+whole placements, request delays only) and ``static`` (the placement best at the declared delays).
+Regret is against the best fixed arm in hindsight on the same realised delays (same run, same rounds
+for every learner); for drift also the *dynamic* regret against the arm best at the current true
+means. Writes JSON and a PNG beside this script.
 """
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ DRIFTS = ("none", "abrupt", "sine")
 
 
 def learners(arms, declared, seed):
-    return [LinkUCB(arms, declared), LinkUCB(arms, declared, gamma=0.999), EpsilonGreedy(arms, declared, eps=0.1, seed=seed),
-            ArmUCB(arms, declared), StaticPlan(arms, declared)]
+    return [LinkUCB(arms, declared), LinkUCB(arms, declared, gamma=0.999),
+            EpsilonGreedy(arms, declared, eps=0.1, seed=seed), ArmUCB(arms, declared), StaticPlan(arms, declared)]
 
 
 def main() -> int:
@@ -134,14 +135,16 @@ def main() -> int:
                                     "dynamic_regret_per_round": dyn, "mean_delay": md, "switches": sw}
             if "arms_added" in ss[0]:
                 summary[drift][name]["arms_added"] = float(np.mean([s["arms_added"] for s in ss]))
+            added = summary[drift][name].get("arms_added")
             print(f"{name:22s} " + " ".join(f"{at[c] * 1e3:8.3f}" for c in checkpoints) +
                   f" {pct:8.2f}% {dyn * 1e3:9.3f} {md * 1e3:8.1f} {sw:8.0f}" +
-                  (f"  (+{summary[drift][name]['arms_added']:.1f} arms from re-planning)" if "arms_added" in summary[drift][name] else ""))
+                  (f"  (+{added:.1f} arms from re-planning)" if added is not None else ""))
     ucb = summary["none"]["link-ucb"]["regret_per_round_at"]
     eps = summary["none"]["eps-greedy(0.1)"]["regret_per_round_at"]
-    falling = all(ucb[a] >= ucb[b] for a, b in itertools.pairwise(checkpoints[1:])) and ucb[T] < 0.25 * max(ucb[checkpoints[1]], 1e-12)
-    below = all(summary[d]["link-ucb(gamma=0.999)"]["regret_pct_of_best"] < summary[d]["eps-greedy(0.1)"]["regret_pct_of_best"]
-                for d in DRIFTS) and ucb[T] < eps[T]
+    falling = (all(ucb[a] >= ucb[b] for a, b in itertools.pairwise(checkpoints[1:]))
+               and ucb[T] < 0.25 * max(ucb[checkpoints[1]], 1e-12))
+    below = all(summary[d]["link-ucb(gamma=0.999)"]["regret_pct_of_best"]
+                < summary[d]["eps-greedy(0.1)"]["regret_pct_of_best"] for d in DRIFTS) and ucb[T] < eps[T]
     summary["targets"] = {"ucb_regret_per_round_falls_stationary": bool(falling), "ucb_below_eps_greedy": bool(below)}
     wall = time.perf_counter() - t0
     print(f"\ntargets: link-ucb regret/round falling toward 0 (stationary): {'MET' if falling else 'NOT MET'}; "

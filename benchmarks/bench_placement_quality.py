@@ -14,8 +14,8 @@ continue until ``--seeds`` instances are solved.
 The ratio is objective(algorithm) / objective(MIP optimum), all judged by ``model.evaluate`` (cost +
 delay weight x mean delay). When HiGHS stops at the time limit (counted as ``mip not optimal``) the
 optimum is unknown: the reference is then the best placement any of the three found (so the ratio is a
-lower bound on the true one) and ``p95 vs bound`` uses HiGHS's dual bound instead (an upper bound). Writes JSON and a PNG beside
-this script (``--out`` to change the stem).
+lower bound on the true one) and ``p95 vs bound`` uses HiGHS's dual bound instead (an upper bound).
+Writes JSON and a PNG beside this script (``--out`` to change the stem).
 """
 from __future__ import annotations
 
@@ -102,11 +102,13 @@ def main() -> int:
         # where linear interpolation would turn inf into nan
         med, p95 = float(np.median(r)), float(np.percentile(r, 95, method="higher"))
         ok = med <= 1.10 and p95 <= 1.25
-        summary[alg] = {"median": med, "p95": p95, "max": float(r.max()), "share_within_1.10": float((r <= 1.10).mean()),
+        summary[alg] = {"median": med, "p95": p95, "max": float(r.max()),
+                        "share_within_1.10": float((r <= 1.10).mean()),
                         "share_optimal": float((r <= 1 + 1e-6).mean()), "mean_seconds": float(np.nanmean(secs)),
                         "p95_vs_bound": float(np.percentile(vb, 95, method="higher")), "meets_target": ok}
         print(f"{alg:10s} {med:7.3f} {p95:7.3f} {r.max():7.3f} {(r <= 1.10).mean():7.0%} {(r <= 1 + 1e-6).mean():6.0%} "
-              f"{np.nanmean(secs):7.2f} {np.percentile(vb, 95, method='higher'):12.3f}  {'' if alg == 'mip' else ('MET' if ok else 'NOT MET')}")
+              f"{np.nanmean(secs):7.2f} {np.percentile(vb, 95, method='higher'):12.3f}  "
+              f"{'' if alg == 'mip' else ('MET' if ok else 'NOT MET')}")
     fails = {a: sum(not math.isfinite(x[a]) for x in rows) for a in ALGS}
     print("found no feasible placement where the MIP did: " + ", ".join(f"{a} {k}" for a, k in fails.items()))
     summary["no_feasible_placement"] = fails

@@ -109,9 +109,11 @@ def main() -> int:
         d = np.array([r["delay_reduction"] for r in sel])
         q = np.array([r["p95_reduction"] for r in sel])
         best = sorted({r["best_cost_baseline"] for r in sel}), sorted({r["best_delay_baseline"] for r in sel})
-        summary["per_size"][f"{n}x{f}"] = {"cost_reduction_median": float(np.median(c)), "cost_reduction_min": float(c.min()),
+        summary["per_size"][f"{n}x{f}"] = {"cost_reduction_median": float(np.median(c)),
+                                           "cost_reduction_min": float(c.min()),
                                            "delay_reduction_median": float(np.median(d)),
-                                           "delay_reduction_min": float(d.min()), "p95_reduction_median": float(np.median(q))}
+                                           "delay_reduction_min": float(d.min()),
+                                           "p95_reduction_median": float(np.median(q))}
         print(f"{n:5d} x {f:<10d} {np.median(c):16.0%} {c.min():6.0%} {np.median(d):22.0%} {d.min():6.0%} "
               f"{np.median(q):8.0%}  {','.join(best[0])} / {','.join(best[1])}")
     large = [r for r in rows if r["nodes"] >= 300 and "cost_reduction" in r]
@@ -127,7 +129,8 @@ def main() -> int:
     if not args.no_grid:
         from scipy.sparse.csgraph import dijkstra
         print(f"\nplanning time of the heuristic (transit-stub, load {args.load})")
-        print(f"{'nodes':>6s} {'functions':>9s} {'plan s':>7s} {'x ref':>7s} {'load avg':>8s}   (ref: Dijkstra from 100 nodes)")
+        print(f"{'nodes':>6s} {'functions':>9s} {'plan s':>7s} {'x ref':>7s} {'load avg':>8s}   "
+              "(ref: Dijkstra from 100 nodes)")
         for n in (100, 300, 1000):
             for f in (10, 30, 100):
                 p = random_problem(n, f, 100 + n + f, topology="transit-stub", load=args.load)
@@ -164,7 +167,7 @@ def main() -> int:
         width = 0.2
         for i, alg in enumerate(algs):
             vals = []
-            for n, f in SIZES:
+            for n, _ in SIZES:
                 v = [r[alg][metric] for r in rows if r["nodes"] == n and "error" not in r[alg]]
                 vals.append(np.median(v) if v else np.nan)
             ax[j].bar(np.arange(len(SIZES)) + (i - 1.5) * width, vals, width, label=alg)

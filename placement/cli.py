@@ -39,12 +39,18 @@ examples:
   remora place plan app.yaml --preheat --preheat-token-file /etc/remora/preheat-token
       plan, then have each node's peer (network.nodes[].peer, or --peer NODE=URL) fetch the
       images the plan puts there, with a progress bar per node
+  remora place plan app.yaml --from-scheduler 10.0.0.5:8002 --tls-dir /etc/remora/place-tls \\
+      --preheat --peer-port 65001
+      plan on the live cluster: hosts, probe RTTs, measured bandwidth and the blobs each host
+      holds, as the scheduler sees them (app.yaml: application and users; network.nodes only
+      to give hosts their CPU, memory and prices), then preheat through each host's peer
   remora place compare examples/placement/app.yaml
       every algorithm side by side (cost, delay, planning time)
   remora place validate app.yaml       check an input and summarise it
   remora place algorithms              list the algorithms
 
-exit codes: 0 ok, 1 a preheat failed, 2 usage, 3 invalid input, 5 file not found, 8 no feasible placement.
+exit codes: 0 ok, 1 a preheat failed, 2 usage, 3 invalid input, 4 scheduler refused the read,
+5 file not found, 6 scheduler unreachable, 8 no feasible placement.
 """
 
 
@@ -79,6 +85,25 @@ def register(sub) -> None:
         q.add_argument("--delay-weight", metavar="COST_PER_S",
                        help="override the application's delay_weight (cost per second of mean delay)")
         q.add_argument("--delay-bound", metavar="DURATION", help="override the delay bound per request, e.g. 50ms")
+        live = q.add_argument_group("live cluster (the network as a running remora scheduler sees it)")
+        live.add_argument("--from-scheduler", metavar="HOST:PORT",
+                          help="read hosts, probe RTTs, measured bandwidth and held blobs from this scheduler; the "
+                               "one spec file gives the application and users (docs/placement.md 4.3)")
+        sec = live.add_mutually_exclusive_group()
+        sec.add_argument("--tls-dir", metavar="DIR",
+                         help="member certificate of the cluster (ca.pem, cert.pem, key.pem; role manager, peer "
+                              "or scheduler) for the scheduler's mutual TLS")
+        sec.add_argument("--insecure-plain-mesh", action="store_true",
+                         help="the scheduler runs --insecure-plain-mesh (labs only)")
+        live.add_argument("--node-cpu", default="4", metavar="CPU",
+                          help="CPU of a host the spec does not describe (default: %(default)s)")
+        live.add_argument("--node-memory", default="8Gi", metavar="BYTES",
+                          help="memory of a host the spec does not describe (default: %(default)s)")
+        live.add_argument("--default-bandwidth", default="1Gbps", metavar="RATE",
+                          help="link bandwidth when neither goodput nor upload capacity is known "
+                               "(default: %(default)s)")
+        live.add_argument("--peer-port", type=int, metavar="PORT",
+                          help="--preheat: each host's peer task API is http://HOST_IP:PORT (its mirror listener)")
 
     plan = ps.add_parser("plan", help="compute a placement and show it",
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,7 +150,12 @@ def _load(args):
     from . import io
 
     users = io.parse_users(args.users) if args.users else None
-    problem = io.load(args.inputs, users=users, rate=args.k8s_rate, ms_per_cost=args.ms_per_cost)
+    if getattr(args, "from_scheduler", None):
+        problem = _load_live(args, users)
+    else:
+        if any(getattr(args, a, None) for a in ("tls_dir", "insecure_plain_mesh", "peer_port")):
+            raise UsageError("--tls-dir, --insecure-plain-mesh and --peer-port go with --from-scheduler")
+        problem = io.load(args.inputs, users=users, rate=args.k8s_rate, ms_per_cost=args.ms_per_cost)
     changes = {}
     if args.delay_weight is not None:
         changes["delay_weight"] = io.quantity("--delay-weight", args.delay_weight)
@@ -136,6 +166,30 @@ def _load(args):
 
         from .model import Problem
         problem = Problem(problem.network, dataclasses.replace(problem.app, **changes), problem.users)
+    return problem
+
+
+def _load_live(args, users):
+    """The network from ``--from-scheduler``, the application and users from the one spec file."""
+    from remora.meshapi import read_topology
+
+    from . import io
+    from .live import LiveDefaults, load_live
+
+    defaults = LiveDefaults(cpu=io.cpu_millicores("--node-cpu", args.node_cpu),
+                            memory=io.quantity("--node-memory", args.node_memory),
+                            bandwidth=io.bandwidth("--default-bandwidth", args.default_bandwidth))
+    if defaults.bandwidth <= 0:
+        raise UsageError("--default-bandwidth must be > 0")
+    if args.peer_port is not None and not 0 < args.peer_port < 65536:
+        raise UsageError("--peer-port must be a TCP port (1-65535)")
+
+    def fetch(digests):
+        return read_topology(args.from_scheduler, tls_dir=args.tls_dir, insecure_plain=args.insecure_plain_mesh,
+                             digests=digests)
+
+    problem, topology = load_live(args.inputs, fetch, defaults, users)
+    args.live_topology = topology
     return problem
 
 
@@ -186,7 +240,11 @@ def _preheat(args, problem, plan) -> list[dict]:
     from .output import deploy_list
     from .preheat import parse_peer_overrides, peers_from_inputs, preheat
 
-    peers = {**peers_from_inputs(args.inputs), **parse_peer_overrides(args.peer)}
+    live = {}
+    if getattr(args, "live_topology", None) is not None and args.peer_port:
+        from .live import peer_urls
+        live = peer_urls(args.live_topology, args.peer_port)
+    peers = {**live, **peers_from_inputs(args.inputs), **parse_peer_overrides(args.peer)}
     token = read_token(args.preheat_token_file)
     return preheat(deploy_list(problem, plan), peers, token, want_all=not args.preheat_hot_only,
                    timeout=args.preheat_timeout)

@@ -1,0 +1,663 @@
+#!/usr/bin/env python3
+"""End to end in network namespaces: a stateful 3-function app placed by ``remora place plan --preheat`` on
+the live cluster vs a random placement deployed cold (issue 12).
+
+Lab (remora_testing.netlab, one fresh lab per run; blackholed subnet, every client inside a namespace):
+a registry (uplink tbf), a ``remora scheduler`` (mutual TLS), N edge nodes (default 6) each with its own
+``remora peer`` (preheat API on), private containerd, tbf rates that differ per node, and a node *agent*
+(this file, ``--agent``) that runs the application: functions, state objects, and user-space delay
+proxies (remora_testing.netlab.delay) for every outgoing node pair, so a byte from node i to node j waits
+``δ_i + δ_j`` (the kernel has no netem) and crosses both nodes' tbf (bottleneck ``min(rate_i, rate_j)``).
+
+The application: f1 → f2 → f3 (5 ms of CPU each, 1 GiB of memory each, each its own OCI image of a few
+tens of MB), states s1 (f1 reads/writes, f3 reads) and s2 (f2 reads); requests enter at node0. Each
+request runs exactly the model of docs/placement.md §2.4: the request travels one way to f1, each state
+access is a synchronous round trip, f1 hands on to f2 to f3 one way, f3 sends the answer to the user's
+node; the agent of the user's node timestamps its arrival (one clock: all namespaces share the kernel).
+
+Per run, both arms in the same lab (order alternates between runs; each arm has its own images, so
+neither warms the other):
+
+* **planned**: ``remora place plan spec.json --from-scheduler SCHED --preheat --peer-port P`` run in the
+  scheduler's namespace with a manager certificate — the hosts come from the scheduler (the spec gives
+  capacities, prices and the emulated links, which TCP-connect probes cannot see: the lab's delays are in
+  user space), then each chosen node's peer preheats its images;
+* **random**: ``--algorithm random --seed RUN``, no preheat.
+
+Then *deploy*: every node pulls its functions' images with containerd through its own peer (what a
+kubelet does before starting a pod) and activates them; the time from deploy to the first answered
+request is measured, then ``--requests`` more requests give the measured delay, set against the delay
+the model predicts for the plan. Registry blob bytes are counted per phase (the access log): after a
+preheat the deploy reads none.
+
+Target (issue 12): the planned, preheated deployment answers its first request ≥ 3× sooner than the
+random, cold one (medians over runs, same-run ratio).
+
+    python benchmarks/bench_placement_e2e.py                 # 6 nodes, 3 runs (~6-10 min)
+    python benchmarks/bench_placement_e2e.py --smoke         # 4 nodes, 1 run, small images (~1.5 min)
+    python benchmarks/bench_placement_e2e.py --json-out x.json
+
+Needs root (namespaces, tc, containerd). Cleans up on any exit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve()
+AGENT_PORT = 7000
+PROXY_BASE = 7100
+TASK_FORWARD_PORT = 65004          # node_ip:65004 -> 127.0.0.1:65001 (the peer's mirror + task API)
+PREFIX = "rpe-"
+DELAYS_MS = [1, 4, 8, 15, 25, 40, 60, 80]
+RATES_MBIT = [50, 100, 20, 60, 30, 80, 40, 70]
+TOKEN = "placement-e2e-preheat-token-0123456789"
+FUNCTIONS = ("f1", "f2", "f3")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# =================================================================================== the node agent
+def agent_main(cfg_path: str) -> int:
+    """One per node: the app's functions and states on this node, the delay proxies, the user sink."""
+    import asyncio
+    import http.client
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs, urlparse
+
+    from remora_testing.netlab.delay import DelayProxy
+
+    cfg = json.loads(Path(cfg_path).read_text())
+    me, ip = cfg["index"], cfg["ip"]
+    loop = asyncio.new_event_loop()
+
+    async def proxies():
+        out = []
+        for j, peer in cfg["proxies"].items():
+            out.append(await DelayProxy(("127.0.0.1", PROXY_BASE + int(j)), (peer["ip"], AGENT_PORT),
+                                        up_delay=peer["delay"], down_delay=peer["delay"]).start())
+        out.append(await DelayProxy((ip, TASK_FORWARD_PORT), ("127.0.0.1", cfg["mirror_port"])).start())
+        return out
+
+    started = threading.Event()
+
+    def run_loop():
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(proxies())
+        started.set()
+        loop.run_forever()
+
+    threading.Thread(target=run_loop, daemon=True).start()
+    started.wait(30)
+
+    app: dict = {}                 # the arm's plan: functions, placement, states
+    active: set[str] = set()
+    arrivals: dict = {}
+    sink: dict[str, float] = {}
+    cond = threading.Condition()
+
+    def route(node: int) -> tuple[str, int]:
+        return (ip, AGENT_PORT) if node == me else ("127.0.0.1", PROXY_BASE + node)
+
+    def post(node: int, path: str, body: bytes) -> bytes:
+        """POST to a node's agent; a function not deployed yet (503) is retried until it is, as a
+        platform queues a request for a function that is still starting."""
+        host, port = route(node)
+        deadline = time.monotonic() + 600
+        while True:
+            c = http.client.HTTPConnection(host, port, timeout=60)
+            try:
+                c.request("POST", path, body=body, headers={"Content-Type": "application/octet-stream"})
+                r = c.getresponse()
+                data = r.read()
+            finally:
+                c.close()
+            if r.status == 503 and time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            if r.status >= 300:
+                raise RuntimeError(f"POST {path} -> {r.status}")
+            return data
+
+    def deliver(f: str, rid: str, user: int) -> None:
+        with cond:
+            k = (rid, f)
+            arrivals[k] = arrivals.get(k, 0) + 1
+            if arrivals[k] < app["functions"][f]["preds"]:
+                return
+            del arrivals[k]
+        threading.Thread(target=execute, args=(f, rid, user), daemon=True).start()
+
+    def execute(f: str, rid: str, user: int) -> None:
+        spec = app["functions"][f]
+        for s, (read, write) in spec["access"].items():
+            where = app["states"][s]
+            if where != me:
+                got = post(where, f"/state/{s}?read={int(read)}", b"w" * int(write))
+                assert len(got) == int(read)
+        end = time.perf_counter() + spec["cpu"]
+        while time.perf_counter() < end:
+            pass
+        for g, nbytes in spec["calls"].items():
+            node = app["placement"][g]
+            if node == me:
+                deliver(g, rid, user)
+            else:
+                threading.Thread(target=post, args=(node, f"/invoke/{g}?rid={rid}&user={user}", b"d" * int(nbytes)),
+                                 daemon=True).start()
+        if not spec["calls"]:
+            if user == me:
+                arrive(rid)
+            else:
+                post(user, f"/sink?rid={rid}", b"r" * int(app["response_bytes"]))
+
+    def arrive(rid: str) -> None:
+        with cond:
+            sink[rid] = time.time()
+            cond.notify_all()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def _reply(self, code: int, body: bytes = b"") -> None:
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            u = urlparse(self.path)
+            q = {k: v[0] for k, v in parse_qs(u.query).items()}
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if u.path == "/activate":
+                doc = json.loads(body)
+                app.clear()
+                app.update(doc["app"])
+                active.clear()
+                active.update(doc["functions"])
+                return self._reply(200, b"{}")
+            if u.path.startswith("/invoke/"):
+                f = u.path.rsplit("/", 1)[1]
+                if f not in active:
+                    return self._reply(503, b"not deployed")
+                self._reply(202)
+                deliver(f, q["rid"], int(q["user"]))
+                return None
+            if u.path.startswith("/state/"):
+                return self._reply(200, b"s" * int(q["read"]))
+            if u.path == "/sink":
+                self._reply(202)
+                arrive(q["rid"])
+                return None
+            return self._reply(404)
+
+        def do_GET(self):
+            u = urlparse(self.path)
+            q = {k: v[0] for k, v in parse_qs(u.query).items()}
+            if u.path == "/wait":
+                deadline = time.time() + float(q.get("timeout", 60))
+                with cond:
+                    while q["rid"] not in sink and time.time() < deadline:
+                        cond.wait(deadline - time.time())
+                    t = sink.get(q["rid"])
+                return self._reply(200 if t else 504, json.dumps({"t": t}).encode())
+            if u.path == "/healthz":
+                return self._reply(200, b"ok")
+            return self._reply(404)
+
+    ThreadingHTTPServer.daemon_threads = True
+    ThreadingHTTPServer((ip, AGENT_PORT), Handler).serve_forever()
+    return 0
+
+
+#: Run in the user's namespace: send requests one after the other, print their delays (JSON).
+CLIENT = r"""
+import http.client, json, sys, time, uuid
+ip, entries = sys.argv[1], json.loads(sys.argv[3])
+me, n, nbytes, agent, base = (int(a) for a in (sys.argv[2], *sys.argv[4:8]))
+def post(host, port, path, body):
+    deadline = time.monotonic() + 600
+    while True:   # 503: the entry function is not deployed yet; the user retries
+        c = http.client.HTTPConnection(host, port, timeout=60)
+        c.request("POST", path, body=body)
+        r = c.getresponse()
+        r.read()
+        c.close()
+        if r.status == 503 and time.monotonic() < deadline:
+            time.sleep(0.02); continue
+        if r.status >= 300: raise SystemExit(f"POST {path}: {r.status}")
+        return
+out = []
+for _ in range(n):
+    rid = uuid.uuid4().hex
+    t0 = time.time()
+    for f, node in entries.items():
+        host, port = (ip, agent) if node == me else ("127.0.0.1", base + node)
+        post(host, port, f"/invoke/{f}?rid={rid}&user={me}", b"q" * nbytes)
+    c = http.client.HTTPConnection(ip, agent, timeout=120)
+    c.request("GET", f"/wait?rid={rid}&timeout=100")
+    t = json.loads(c.getresponse().read())["t"]
+    c.close()
+    if t is None: raise SystemExit("no answer")
+    out.append({"sent": t0, "answered": t, "delay": t - t0})
+print(json.dumps(out))
+"""
+
+ACTIVATE = r"""
+import http.client, sys
+c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=30)
+c.request("POST", "/activate", body=sys.argv[3].encode()); r = c.getresponse(); r.read()
+sys.exit(0 if r.status == 200 else 1)
+"""
+
+
+# =================================================================================== the harness
+def build_images(cache: Path, sizes_mb: dict[str, float]) -> dict[str, dict]:
+    """Per arm, one single-layer OCI image per function (incompressible data), built once into ``cache``."""
+    from remora_testing.netlab import content
+
+    images = {}
+    for arm_i, arm in enumerate(("planned", "random")):
+        for f_i, f in enumerate(FUNCTIONS):
+            size = int(sizes_mb[f] * (1 << 20))
+            d = cache / f"{arm}-{f}-{size}"
+            content.random_blob(d / "data" / "blob.bin", size, seed=1000 + 10 * arm_i + f_i)
+            layer_path = cache / f"{arm}-{f}-{size}.tar.gz"
+            layer = content.files_layer(layer_path, [str(d / "data")], prefix="app")
+            images[(arm, f)] = content.build_image(f"placebench/{arm}-{f}", "v1", [layer])
+    return images
+
+
+def issue_planner_certificate(mesh) -> None:
+    """A manager certificate of the lab's cluster CA for the planner (it reads the scheduler's topology)."""
+    from remora.pki.ca import load_ca, write_member
+
+    ca = load_ca(mesh.work / "pki" / "ca")
+    mesh.tls_dirs["planner"] = write_member(mesh.work / "pki" / "planner",
+                                            ca.issue("manager", "planner", ips=[mesh.sched_node.ip]),
+                                            ca.bundle_pem)["ca"].parent
+
+
+def spec_for(mesh, arm: str, images, n: int, rates: list[int], delays: list[float]) -> dict:
+    """The planner's input: the application, users at node0, per-host capacities and prices, and the
+    emulated links (δ_i + δ_j one way, min of the two tbf rates)."""
+    hosts = [mesh.host_id(p) for p in mesh.peers]
+    img_entries, fn_image = [], {}
+    for f in FUNCTIONS:
+        im = images[(arm, f)]
+        ref = f"{mesh.registry.host}/{im.repo}:{im.tag}"
+        fn_image[f] = ref
+        import hashlib
+        layers = [{"digest": layer.digest, "size": layer.size} for layer in im.layers]
+        layers.append({"digest": "sha256:" + hashlib.sha256(im.config).hexdigest(), "size": len(im.config)})
+        img_entries.append({"name": ref, "layers": layers})
+    nodes = [{"name": h, "cpu": "1", "memory": "2Gi", "deploy_cost": 1, "cpu_cost": 0.0001, "storage_cost": 0.01}
+             for h in hosts]
+    links = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            links.append({"a": hosts[i], "b": hosts[j], "bandwidth": f"{min(rates[i], rates[j])}Mbps",
+                          "delay": f"{(delays[i] + delays[j]) * 1000:g}ms"})
+    return {
+        "version": 1,
+        "network": {"nodes": nodes, "links": links},
+        "users": {hosts[0]: 10},
+        "application": {
+            "name": f"e2e-{arm}", "request_bytes": "20Ki", "response_bytes": "20Ki", "delay_weight": 100,
+            "images": img_entries,
+            "functions": [
+                {"name": "f1", "cpu": "5ms", "memory": "1Gi", "image": fn_image["f1"], "calls": {"f2": "100Ki"}},
+                {"name": "f2", "cpu": "5ms", "memory": "1Gi", "image": fn_image["f2"], "calls": {"f3": "100Ki"}},
+                {"name": "f3", "cpu": "5ms", "memory": "1Gi", "image": fn_image["f3"]},
+            ],
+            "states": [
+                {"name": "s1", "size": "10Mi",
+                 "access": {"f1": {"read": "50Ki", "write": "10Ki"}, "f3": {"read": "20Ki"}}},
+                {"name": "s2", "size": "5Mi", "access": {"f2": {"read": "100Ki"}}},
+            ],
+        },
+    }
+
+
+def app_doc(spec: dict, plan: dict, index_of: dict[str, int]) -> dict:
+    """What the agents need to run a plan: per function its CPU, calls, state accesses and predecessors."""
+    import re
+
+    def q(v) -> float:
+        m = re.fullmatch(r"([0-9.]+)(Ki|Mi)?", str(v))
+        return float(m.group(1)) * {"Ki": 1024, "Mi": 1 << 20, None: 1}[m.group(2)]
+
+    a = spec["application"]
+    preds = {f["name"]: 0 for f in a["functions"]}
+    for f in a["functions"]:
+        for g in f.get("calls", {}):
+            preds[g] += 1
+    funcs = {}
+    for f in a["functions"]:
+        access = {}
+        for s in a["states"]:
+            if f["name"] in s["access"]:
+                rw = s["access"][f["name"]]
+                access[s["name"]] = [q(rw.get("read", 0)), q(rw.get("write", 0))]
+        funcs[f["name"]] = {"cpu": float(f["cpu"].rstrip("ms")) / 1000,
+                            "calls": {g: q(b) for g, b in f.get("calls", {}).items()},
+                            "access": access, "preds": max(1, preds[f["name"]])}
+    return {"functions": funcs, "response_bytes": q(a["response_bytes"]),
+            "placement": {f: index_of[n] for f, n in plan["placement"]["functions"].items()},
+            "states": {s: index_of[n] for s, n in plan["placement"]["states"].items()}}
+
+
+def place(mesh, spec_path: Path, extra: list[str], timeout: float = 900) -> tuple[dict, float]:
+    """``remora place plan`` in the scheduler's namespace, against the live scheduler; (plan JSON, seconds)."""
+    from remora_testing.netlab.mesh import REMORA, SCHEDULER_PORT
+
+    argv = [*REMORA, "place", "plan", str(spec_path), "--from-scheduler", f"{mesh.sched_node.ip}:{SCHEDULER_PORT}",
+            "--tls-dir", str(mesh.tls_dirs["planner"]), "--json", *extra]
+    t0 = time.monotonic()
+    out = mesh.sched_node.run(argv, check=False, timeout=timeout)
+    took = time.monotonic() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"remora place plan failed ({out.returncode}): {out.stderr[-3000:]}")
+    return json.loads(out.stdout), took
+
+
+def wait_scheduler_knows(mesh, spec_path: Path, timeout: float = 60) -> None:
+    """Until the scheduler's topology has every node of the spec (the peers registered)."""
+    from remora_testing.netlab.mesh import REMORA, SCHEDULER_PORT
+
+    deadline = time.monotonic() + timeout
+    while True:
+        out = mesh.sched_node.run([*REMORA, "place", "validate", str(spec_path), "--from-scheduler",
+                                   f"{mesh.sched_node.ip}:{SCHEDULER_PORT}", "--tls-dir",
+                                   str(mesh.tls_dirs["planner"])], check=False, timeout=60)
+        if out.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the scheduler does not know every node: {out.stderr[-1000:]}")
+
+
+def registry_bytes(mesh) -> int:
+    return sum(mesh.registry.blob_bytes_served().values())
+
+
+def deploy_and_measure(mesh, arm: str, spec: dict, plan: dict, images, requests: int) -> dict:
+    """Pull each function's image through its node's peer, activate, then time the first and later requests."""
+    import subprocess
+
+    from remora_testing.netlab.mesh import PY
+    from remora_testing.netlab.namespaces import nsenter_argv
+
+    index_of = {mesh.host_id(p): p.index for p in mesh.peers}
+    app = app_doc(spec, plan, index_of)
+    by_node: dict[int, list[str]] = {}
+    for f, node in app["placement"].items():
+        by_node.setdefault(node, []).append(f)
+    # Every agent learns the plan (routing, the sink) and drops the previous arm's functions: not part of
+    # the deploy, so before the clock starts.
+    resets = [threading.Thread(target=p.node.run, args=([PY, "-c", ACTIVATE, p.node.ip, str(AGENT_PORT),
+                                                         json.dumps({"app": app, "functions": []})],),
+                               kwargs={"timeout": 60}) for p in mesh.peers]
+    for t in resets:
+        t.start()
+    for t in resets:
+        t.join()
+    user = mesh.peers[0]
+    entries = {f: app["placement"][f] for f in ("f1",)}
+
+    def client_argv(n: int) -> list[str]:
+        return nsenter_argv(user.node.ns) + [PY, "-c", CLIENT, user.node.ip, "0", json.dumps(entries), str(n),
+                                             str(20 * 1024), str(AGENT_PORT), str(PROXY_BASE)]
+
+    def client_result(proc) -> list[dict]:
+        try:
+            out, err = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"client: {err[-800:]}")
+        return json.loads(out)
+
+    # A preheat happens well ahead of a deploy in practice, so its bytes are on disk by then; here it ran
+    # seconds ago, and the writeback of its ~75 MB would compete with the deploy's own writes and fsyncs
+    # on the lab's one shared disk. Both arms start from a flushed disk.
+    os.sync()
+    before = registry_bytes(mesh)
+    t0 = time.time()
+    # "deploy": the user's first request goes out at once and is answered when the whole chain is up
+    first_proc = subprocess.Popen(client_argv(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready: dict[int, float] = {}
+    pulled: dict[int, float] = {}
+    errors: list[str] = []
+
+    def deploy_node(i: int, fns: list[str]) -> None:
+        p = mesh.peers[i]
+        try:
+            failed: list[str] = []
+
+            def pull(f: str) -> None:   # a node pulls its functions' images at once, as a kubelet would
+                im = images[(arm, f)]
+                try:
+                    p.containerd.pull(f"{mesh.registry.host}/{im.repo}:{im.tag}", p.hosts_dir)
+                except Exception as exc:  # noqa: BLE001 - reported by deploy_node
+                    failed.append(f"{f}: {exc}")
+
+            pulls = [threading.Thread(target=pull, args=(f,)) for f in fns]
+            for t in pulls:
+                t.start()
+            for t in pulls:
+                t.join()
+            if failed:
+                raise RuntimeError("; ".join(failed))
+            pulled[i] = time.time() - t0
+            out = p.node.run([PY, "-c", ACTIVATE, p.node.ip, str(AGENT_PORT),
+                              json.dumps({"app": app, "functions": fns})], check=False, timeout=60)
+            if out.returncode != 0:
+                raise RuntimeError(f"activate on node{i}: {out.stderr[-500:]}")
+            ready[i] = time.time() - t0
+        except Exception as exc:  # noqa: BLE001 - reported, and the run fails below
+            errors.append(f"node{i}: {exc}")
+
+    threads = [threading.Thread(target=deploy_node, args=(i, fns)) for i, fns in by_node.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        first_proc.kill()
+        raise RuntimeError("; ".join(errors))
+    first = client_result(first_proc)[0]
+    deploy_registry = registry_bytes(mesh) - before
+    later = client_result(subprocess.Popen(client_argv(requests), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True))
+    delays = [r["delay"] for r in later]
+    return {"deploy_ready_s": max(ready.values()),
+            "per_node_ready_s": {f"node{i}": round(v, 3) for i, v in ready.items()},
+            "per_node_pulled_s": {f"node{i}": round(v, 3) for i, v in pulled.items()},
+            "first_answer_s": first["answered"] - t0, "first_delay_s": first["delay"],
+            "measured_delay_s": statistics.median(delays), "measured_delays_s": delays,
+            "deploy_registry_bytes": deploy_registry}
+
+
+def one_run(args, run: int, images, sizes_mb) -> dict:
+    from remora_testing.netlab import Lab
+
+    n = args.nodes
+    rates = [max(1, round(r * args.rate_scale)) for r in RATES_MBIT[:n]]
+    delays = [d / 1000 for d in DELAYS_MS[:n]]
+    lab = Lab(prefix=PREFIX, offload=True)
+    try:
+        with lab:
+            return _one_lab(args, run, images, lab, n, rates, delays)
+    finally:
+        # ~600 MB per run (registry, containerd roots, peer stores) on a shared disk: only the logs and
+        # the specs stay, for a look after a failure.
+        for sub in ("registry", *(f"{kind}{i}" for kind in ("containerd", "peer", "hosts") for i in range(n))):
+            shutil.rmtree(Path(lab.workdir) / sub, ignore_errors=True)
+
+
+def _one_lab(args, run: int, images, lab, n: int, rates: list[int], delays: list[float]) -> dict:
+    from remora_testing.netlab.mesh import MIRROR_PORT, PY, Mesh, MeshOptions
+    from remora_testing.netlab.services import wait_port_in
+
+    token = Path(lab.workdir) / "preheat-token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
+    opts = MeshOptions(peers=n, registry_rate=f"{args.registry_mbit}mbit",
+                       peer_rates={i: (f"{rates[i]}mbit", f"{rates[i]}mbit") for i in range(n)},
+                       scheduler_args=["--probe-interval", "2"],
+                       peer_args=["--preheat-token-file", str(token)])
+    mesh = Mesh(lab, opts)
+    issue_planner_certificate(mesh)
+    with mesh.registry.loopback() as loop:
+        from remora_testing.netlab import content
+        for im in images.values():
+            content.push_image(loop.url, im)
+    mesh.start()
+    for p in mesh.peers:
+        cfg = {"index": p.index, "ip": p.node.ip, "mirror_port": MIRROR_PORT,
+               "proxies": {str(q.index): {"ip": q.node.ip, "delay": delays[p.index] + delays[q.index]}
+                           for q in mesh.peers if q.index != p.index}}
+        path = Path(lab.workdir) / f"agent{p.index}.json"
+        path.write_text(json.dumps(cfg))
+        lab.spawn(p.node, [PY, str(HERE), "--agent", str(path)], log_name=f"agent{p.index}.log",
+                  env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'testing'}"})
+    for p in mesh.peers:
+        wait_port_in(p.node, p.node.ip, AGENT_PORT, timeout=30)
+    specs = {}
+    for arm in ("planned", "random"):
+        spec = spec_for(mesh, arm, images, n, rates, delays)
+        path = Path(lab.workdir) / f"spec-{arm}.json"
+        path.write_text(json.dumps(spec, indent=1))
+        specs[arm] = (spec, path)
+    wait_scheduler_knows(mesh, specs["planned"][1])
+    result = {"run": run, "lab": lab.name, "arms": {}}
+    order = ("random", "planned") if run % 2 == 0 else ("planned", "random")
+    for arm in order:
+        spec, path = specs[arm]
+        before = registry_bytes(mesh)
+        if arm == "planned":
+            plan, took = place(mesh, path, ["--preheat", "--peer-port", str(TASK_FORWARD_PORT),
+                                            "--preheat-token-file", str(token)])
+            assert all(r["state"] == "succeeded" for r in plan["preheat"]), plan["preheat"]
+        else:
+            plan, took = place(mesh, path, ["--algorithm", "random", "--seed", str(run)])
+        pre_registry = registry_bytes(mesh) - before
+        log(f"run {run} {arm}: plan {plan['placement']} in {took:.1f}s")
+        m = deploy_and_measure(mesh, arm, spec, plan, images, args.requests)
+        user = mesh.host_id(mesh.peers[0])
+        ev = plan["evaluation"]
+        m.update({"plan_s": took, "placement": plan["placement"], "predicted_delay_s": ev["delays"][user],
+                  "predicted_cost": ev["cost"]["total"], "predicted_objective": ev["objective"],
+                  "predicted_deployment_bytes": sum(plan["deployment_bytes"].values()),
+                  "plan_registry_bytes": pre_registry})
+        log(f"run {run} {arm}: first answer {m['first_answer_s']:.2f}s, delay measured "
+            f"{m['measured_delay_s'] * 1000:.1f} ms vs predicted {m['predicted_delay_s'] * 1000:.1f} ms")
+        result["arms"][arm] = m
+    result["load_avg_after"] = list(os.getloadavg())
+    return result
+
+
+def summarize(runs: list[dict]) -> dict:
+    def med(arm, key):
+        return statistics.median(r["arms"][arm][key] for r in runs)
+
+    rows = []
+    for arm in ("planned", "random"):
+        rows.append({"arm": arm, "runs": len(runs), "first_answer_s": med(arm, "first_answer_s"),
+                     "deploy_ready_s": med(arm, "deploy_ready_s"), "plan_s": med(arm, "plan_s"),
+                     "measured_delay_s": med(arm, "measured_delay_s"),
+                     "predicted_delay_s": med(arm, "predicted_delay_s"),
+                     "predicted_cost": med(arm, "predicted_cost"),
+                     "deploy_registry_bytes": med(arm, "deploy_registry_bytes"),
+                     "plan_registry_bytes": med(arm, "plan_registry_bytes"),
+                     "predicted_deployment_bytes": med(arm, "predicted_deployment_bytes")})
+    ratios = [r["arms"]["random"]["first_answer_s"] / r["arms"]["planned"]["first_answer_s"] for r in runs]
+    delay_ratio = [r["arms"]["random"]["measured_delay_s"] / r["arms"]["planned"]["measured_delay_s"] for r in runs]
+    err = {arm: statistics.median(r["arms"][arm]["measured_delay_s"] / r["arms"][arm]["predicted_delay_s"]
+                                  for r in runs) for arm in ("planned", "random")}
+    return {"rows": rows, "first_answer_speedup": statistics.median(ratios), "first_answer_speedups": ratios,
+            "delay_ratio_random_over_planned": statistics.median(delay_ratio),
+            "measured_over_predicted_delay": err, "target_first_answer_speedup": 3.0,
+            "target_met": statistics.median(ratios) >= 3.0}
+
+
+def print_table(summary: dict) -> None:
+    print("| arm | runs | first answer s | deploy ready s | plan(+preheat) s | delay measured ms | delay predicted ms "
+          "| registry MB at deploy | registry MB at plan | model deploy MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in summary["rows"]:
+        print(f"| {r['arm']} | {r['runs']} | {r['first_answer_s']:.2f} | {r['deploy_ready_s']:.2f} | "
+              f"{r['plan_s']:.2f} | "
+              f"{r['measured_delay_s'] * 1000:.1f} | {r['predicted_delay_s'] * 1000:.1f} | "
+              f"{r['deploy_registry_bytes'] / 1e6:.1f} | {r['plan_registry_bytes'] / 1e6:.1f} | "
+              f"{r['predicted_deployment_bytes'] / 1e6:.1f} |")
+    print(f"first answer: random/planned = {summary['first_answer_speedup']:.2f}x (target >= 3x: "
+          f"{'met' if summary['target_met'] else 'NOT met'}); request delay random/planned = "
+          f"{summary['delay_ratio_random_over_planned']:.2f}x; measured/predicted delay "
+          + ", ".join(f"{k} {v:.2f}" for k, v in summary["measured_over_predicted_delay"].items()))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--agent", help=argparse.SUPPRESS)
+    ap.add_argument("--nodes", type=int, default=6)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=15, help="requests after the first, per arm and run")
+    ap.add_argument("--image-mb", type=float, default=24.0, help="size of f2's image (f1: 2/3, f3: 4/3 of it)")
+    ap.add_argument("--registry-mbit", type=int, default=100)
+    ap.add_argument("--rate-scale", type=float, default=1.0,
+                    help=f"multiply every node's link rate (default rates: {RATES_MBIT} Mbit/s)")
+    ap.add_argument("--smoke", action="store_true", help="4 nodes, 1 run, 3 MB images, 3 requests")
+    ap.add_argument("--json-out", default=str(HERE.with_suffix(".json")))
+    ap.add_argument("--cache", default="/tmp/remora-bench-cache/placement-e2e")
+    args = ap.parse_args(argv)
+    if args.agent:
+        return agent_main(args.agent)
+    if args.smoke:
+        args.nodes, args.runs, args.requests, args.image_mb = 4, 1, 3, 3.0
+    if not 3 <= args.nodes <= len(DELAYS_MS):
+        ap.error(f"--nodes must be 3..{len(DELAYS_MS)}")
+    sys.path.insert(0, str(ROOT / "testing"))
+    from remora_testing.netlab import cleanup_stale
+
+    cleanup_stale(PREFIX)
+    sizes = {"f1": args.image_mb * 2 / 3, "f2": args.image_mb, "f3": args.image_mb * 4 / 3}
+    images = build_images(Path(args.cache), sizes)
+    load_before = os.getloadavg()
+    log(f"load average before: {load_before}")
+    runs, errors = [], []
+    for run in range(args.runs):
+        try:
+            runs.append(one_run(args, run, images, sizes))
+        except Exception as exc:  # noqa: BLE001 - one failed run is reported, the others still count
+            log(f"run {run} failed: {exc}")
+            errors.append(f"run {run}: {exc}")
+    doc = {"config": {"nodes": args.nodes, "runs": args.runs, "requests": args.requests, "image_mb": sizes,
+                      "registry_mbit": args.registry_mbit,
+                      "node_mbit": [max(1, round(r * args.rate_scale)) for r in RATES_MBIT[:args.nodes]],
+                      "node_delay_ms": DELAYS_MS[:args.nodes], "smoke": args.smoke},
+           "load_avg_before": list(load_before), "runs": runs, "errors": errors,
+           "summary": summarize(runs) if runs else None}
+    Path(args.json_out).write_text(json.dumps(doc, indent=1))
+    if doc["summary"]:
+        print_table(doc["summary"])
+    print(f"json: {args.json_out}")
+    return 0 if runs and not errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
