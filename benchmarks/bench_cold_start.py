@@ -266,6 +266,7 @@ class Node:
         self.snap = None
         self.ctd = None
         self.marks: dict[str, float] = {}  # wall-clock times (time.time()) of the harness's own events
+        self.events: list[tuple[float, str, str]] = []  # (wall time, source, text): lines the pull client printed
 
     def __enter__(self) -> Node:
         from remora_testing.containerd import PrivateContainerd, RemoraSnapshotter
@@ -324,11 +325,33 @@ class Node:
         else:
             argv = ["ctr-remote", "-a", str(ctd.address), "-n", ctd.namespace, "images", "rpull", "--plain-http",
                     "--snapshotter", "stargz", ref]
-        proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv[:3])} failed:\n{proc.stderr[-2000:]}\n--- containerd ---\n{ctd.log_tail()}")
-        if self.side == "remora" and "by the snapshotter's pull service" not in proc.stderr:
-            raise RuntimeError(f"remora pull did not go through the pull service:\n{proc.stderr[-2000:]}")
+        rc, out, err = self._run_timed(argv, "pull client")
+        if rc != 0:
+            raise RuntimeError(f"{' '.join(argv[:3])} failed:\n{err[-2000:]}\n--- containerd ---\n{ctd.log_tail()}")
+        if self.side == "remora" and "by the snapshotter's pull service" not in err:
+            raise RuntimeError(f"remora pull did not go through the pull service:\n{err[-2000:]}")
+
+    def _run_timed(self, argv: list[str], src: str, timeout: float = 900) -> tuple[int, str, str]:
+        """Run ``argv``; every line it prints becomes a timeline event (wall time of its arrival)."""
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+            texts: dict[str, list[str]] = {"stdout": [], "stderr": []}
+
+            def pump(stream, name: str) -> None:
+                for line in stream:
+                    self.events.append((time.time(), src, line.strip()[:200]))
+                    texts[name].append(line)
+            threads = [threading.Thread(target=pump, args=(proc.stdout, "stdout"), daemon=True),
+                       threading.Thread(target=pump, args=(proc.stderr, "stderr"), daemon=True)]
+            for t in threads:
+                t.start()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise RuntimeError(f"{' '.join(argv[:3])} did not finish in {timeout:.0f}s") from None
+            for t in threads:
+                t.join(10)
+        return proc.returncode, "".join(texts["stdout"]), "".join(texts["stderr"])
 
     def run_to_output(self, ref: str, name: str, workload: list[str], rm: bool = True) -> tuple[float, str]:
         """``ctr run``: (monotonic time the marker line arrived, all output)."""
@@ -567,11 +590,14 @@ def _parse_ts(line: str) -> float | None:
     return None
 
 
-def _timeline(node: Node, d: Path, label: str, limit: int = 60) -> dict:
+def _timeline(node: Node, d: Path, label: str, limit: int = 90) -> dict:
     """One cold start's phases, relative to the pull's start, up to the workload's output: the
-    harness's own marks (daemons started/ready, pull start/done, ctr run spawned, output) plus every
-    timestamped line the snapshotter and its fs processes logged (Prepare/mount per layer, bootstrap
-    and prefetch fetches, fs process start) and containerd's shim start lines."""
+    harness's own marks (daemons started/ready, pull start/done, ctr run spawned, output), every line
+    the pull client printed (stamped as it arrived: its start-up is the gap before the first), every
+    timestamped line the snapshotter and its fs processes logged (the pull's registry round trips and
+    containerd RPCs with their durations, the access check, the bootstrap's download/validation/fsync,
+    Prepare/mount per layer, prefetch, fs process start) and containerd's shim start lines. Each
+    event carries ``gap``, the time since the previous one: what the critical path spent there."""
     t0 = node.marks["pull_start"]
     end = min(v for k, v in node.marks.items() if k.startswith("output:")) + 0.005
     events = [{"t": round(v - t0, 4), "src": "harness", "event": k} for k, v in node.marks.items() if v <= end]
@@ -587,12 +613,15 @@ def _timeline(node: Node, d: Path, label: str, limit: int = 60) -> dict:
             if src == "containerd" and not _CTD_KEEP.search(line):
                 continue
             events.append({"t": round(ts - t0, 4), "src": src, "event": _event_text(src, line)})
+    events.extend({"t": round(ts - t0, 4), "src": src, "event": text} for ts, src, text in node.events if ts <= end)
     events.sort(key=lambda e: e["t"])
     if len(events) > limit:  # keep the harness marks, thin the log lines evenly
         logs_only = [e for e in events if e["src"] != "harness"]
         n = limit - (len(events) - len(logs_only))
         keep = {id(logs_only[int(k * len(logs_only) / n)]) for k in range(n)}
         events = [e for e in events if e["src"] == "harness" or id(e) in keep]
+    for prev, e in zip([None, *events], events):  # the gap before each event: time spent getting there
+        e["gap"] = None if prev is None else round(e["t"] - prev["t"], 4)
     return {"label": label, "events": events}
 
 
@@ -742,9 +771,11 @@ def print_report(summary: dict, timelines: list[dict], title: str) -> None:
                       _f(r["vs_estargz"]), " ".join(f"{k}={_f(v)}" for k, v in r["per_image_s"].items()))
         console.print(b)
     for tl in timelines:
-        print(f"\ntimeline of one cold start ({tl['label']}), seconds from the pull's start:")
+        print(f"\ntimeline of one cold start ({tl['label']}), seconds from the pull's start (gap: since the "
+              "previous event):")
         for e in tl["events"]:
-            print(f"  {e['t']:+8.3f}  {e['src']:<11} {e['event']}")
+            gap = f"{e['gap']:+7.3f}" if e.get("gap") is not None else " " * 7
+            print(f"  {e['t']:+8.3f} {gap}  {e['src']:<11} {e['event']}")
 
 
 # --------------------------------------------------------------------------------------------- main

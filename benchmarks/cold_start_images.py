@@ -50,11 +50,13 @@ class Recipe:
 PY_MAIN = (b"import json, decimal, email.parser, http.client, argparse, logging, pathlib\n"
            b"print('" + MARKER.encode() + b" python', json.dumps({'decimal': str(decimal.Decimal('1.1'))}))\n")
 PY_OTHER = (b"import csv, io, sqlite3, xml.dom.minidom, zipfile, unittest\n"
-            b"db = sqlite3.connect(':memory:'); db.execute('create table t(x)'); db.execute('insert into t values (42)')\n"
+            b"db = sqlite3.connect(':memory:'); db.execute('create table t(x)');"
+            b" db.execute('insert into t values (42)')\n"
             b"print('" + MARKER.encode() + b" python-other', db.execute('select x from t').fetchone()[0])\n")
 NODE_OTHER = (b"const crypto = require('crypto'), zlib = require('zlib'), util = require('util');\n"
               b"const z = zlib.gzipSync(Buffer.alloc(1 << 16, 7));\n"
-              b"console.log('" + MARKER.encode() + b" node-other', crypto.createHash('sha256').update(z).digest('hex').slice(0, 12));\n")
+              b"console.log('" + MARKER.encode() + b" node-other',"
+              b" crypto.createHash('sha256').update(z).digest('hex').slice(0, 12));\n")
 BLOB_MIB = 100
 
 

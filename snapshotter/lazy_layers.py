@@ -90,6 +90,7 @@ class RemoraLayerHandler(RemoteLayerHandler):
         # reference; None (or nothing found): the registry client's own lookup (the node's docker config)
         self.credentials = credentials
         self._access_checked: dict[tuple[str, str, str], float] = {}  # (host, repo, bootstrap) -> when it passed
+        self._access_locks: dict[tuple[str, str, str], threading.Lock] = {}  # one check in flight per key
         self._lock = threading.Lock()
         self._fetching: dict[str, threading.Lock] = {}
         self._validated_bootstraps: set[str] = set()  # digests whose file passed validate_bootstrap in this run
@@ -106,10 +107,14 @@ class RemoraLayerHandler(RemoteLayerHandler):
         pull service opens its socket only then; see MountManager.wait_spare). Never raises: past
         ``timeout`` (a very loaded node) the first mount just pays for what is still missing."""
         wait = getattr(self.mounts, "wait_spare", None)
-        if wait is None:
-            return
+        if wait is None or not getattr(self.mounts, "_standby_enabled", False):
+            return  # no warm spare to wait for: mounts start their own process
         t0 = time.monotonic()
-        ok = wait(timeout)
+        try:
+            ok = wait(timeout)
+        except Exception as exc:  # noqa: BLE001 - readiness is an optimisation, never a reason to fail
+            log.warning("waiting for the spare fs process: %s", exc)
+            ok = False
         log.info("spare fs process %s after %.3fs", "ready" if ok else "NOT ready (mounts start cold)",
                  time.monotonic() - t0)
 
@@ -168,6 +173,13 @@ class RemoraLayerHandler(RemoteLayerHandler):
             first = (host, info.bootstrap) not in self._warmed
             self._warmed.add((host, info.bootstrap))
         need_bootstrap = first and not self._bootstrap_path(info.bootstrap).exists()
+        if first:
+            # The first layer's Prepare checks the registry lets this image's repository be read (a
+            # HEAD on a new connection: two round trips on the pull's critical path). Started now,
+            # it is done, or in flight, when that Prepare comes; the Prepare still waits for a
+            # passed check (or makes its own) before it answers.
+            threading.Thread(target=self._check_access_quietly, args=(host, repo, info.bootstrap),
+                             name="warm-access-check", daemon=True).start()
         if hot and blob.startswith("sha256:"):
             from remora.snapshotter.sources import open_source
 
@@ -286,20 +298,37 @@ class RemoraLayerHandler(RemoteLayerHandler):
         finally:
             client.close()
 
+    def _check_access_quietly(self, host: str, repo: str, digest: str) -> None:
+        try:
+            self._check_access(host, repo, digest)
+        except Exception as exc:  # noqa: BLE001 - the Prepare checks again and reports
+            log.info("early access check of %s/%s: %s", host, repo, exc)
+
     def _check_access(self, host: str, repo: str, digest: str) -> None:
         """Raise :class:`RemoteLayerRefused` unless the registry lets us read ``repo`` (a HEAD of its
         bootstrap with the repository's credentials); passed checks are remembered for
-        ACCESS_CHECK_TTL. A registry that cannot be reached passes: reads may come from cache/peers."""
+        ACCESS_CHECK_TTL. A registry that cannot be reached passes: reads may come from cache/peers.
+        One check per key at a time: a caller finding one in flight (the warm-up's) waits for it."""
+        key = (host, repo, digest)
+        with self._lock:
+            if len(self._access_locks) > 4096:  # bounded: locks of checks not in flight go
+                for k in [k for k, lk in self._access_locks.items() if not lk.locked()]:
+                    del self._access_locks[k]
+            check_lock = self._access_locks.setdefault(key, threading.Lock())
+        with check_lock:  # a check already in flight (the warm-up's) is waited for, not repeated
+            self._check_access_locked(host, repo, digest, key)
+
+    def _check_access_locked(self, host: str, repo: str, digest: str, key: tuple[str, str, str]) -> None:
         from remora.errors import AuthError
         from remora.registry.client import RegistryClient
         from remora.snapshotter.credentials.criproxy import SOURCE as CAPTURED
         from remora.snapshotter.credentials.resolver import missing_credentials_message
         from remora.snapshotter.remote import RemoteLayerRefused
 
-        key = (host, repo, digest)
         with self._lock:
             if time.monotonic() - self._access_checked.get(key, -ACCESS_CHECK_TTL) < ACCESS_CHECK_TTL:
                 return
+        t0 = time.monotonic()
         creds = self._credentials_for(host, repo)
         if creds is not None and creds.source == CAPTURED:
             return  # a CRI pull's own credentials, which containerd has just used for this image's manifest
@@ -315,6 +344,7 @@ class RemoraLayerHandler(RemoteLayerHandler):
         if held is None:  # the repository does not hold it: an image naming another's bootstrap by digest
             raise RemoteLayerRefused(f"{host}/{repo} does not hold bootstrap {digest}: refusing to mount the "
                                      "copy this node fetched for another image")
+        log.info("access check of %s/%s: passed in %.3fs", host, repo, time.monotonic() - t0)
         with self._lock:
             self._access_checked[key] = time.monotonic()
             if len(self._access_checked) > 4096:  # bounded: drop the oldest half

@@ -298,7 +298,8 @@ class MountManager:
             ready_r, ready_w = os.pipe()  # the spare writes one byte there once its imports are done
             try:
                 with open(log_path, "ab") as logf:
-                    argv = fs_argv(self.python, "--standby", "--ready-fd", str(ready_w))
+                    argv = fs_argv(self.python, "--standby", "--ready-fd", str(ready_w), "--cache-dir",
+                                   str(self.cache_dir))
                     proc = subprocess.Popen(_at_idle_priority(argv) if idle else argv, stdin=subprocess.PIPE,
                                             stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
                                             cwd=CHILD_CWD, pass_fds=(ready_w,))
@@ -327,20 +328,21 @@ class MountManager:
         a 2-core machine, and its mount then waits for the imports."""
         import select
 
+        deadline = time.monotonic() + timeout
         with self._spare_lock:
             spare, fd = self._spare, self._spare_ready_fd
-        if spare is None or fd is None:
-            return spare is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                readable, _, _ = select.select([fd], [], [], max(0.0, min(0.2, deadline - time.monotonic())))
-            except (OSError, ValueError):  # closed meanwhile: claimed or replaced
-                return True
-            if readable:  # its byte, or EOF (it died: the keeper replaces it)
-                return spare[0].poll() is None
-            if spare[0].poll() is not None or time.monotonic() >= deadline:
+            if spare is None:
                 return False
+            if fd is None:  # its byte was read already (or it was started without the pipe)
+                return spare[0].poll() is None
+            while True:
+                readable, _, _ = select.select([fd], [], [], max(0.0, min(0.2, deadline - time.monotonic())))
+                if readable:
+                    got = os.read(fd, 1)  # b"1": imports done; b"": it died before that
+                    self._close_ready_fd()
+                    return got == b"1" and spare[0].poll() is None
+                if spare[0].poll() is not None or time.monotonic() >= deadline:
+                    return False
 
     def _keep_spare(self) -> None:
         """Keeper thread (standby mode): whenever there is no live spare, start one.

@@ -132,6 +132,27 @@ def layer_labels(layer, chain_id: str, ref: str, manifest_digest: str, annotatio
     return labels
 
 
+class Phases:
+    """The pull's own timeline in the log (INFO, logger ``remora.snapshotter.pull``): one line per
+    round trip or RPC on the critical path, with its duration, so that a cold start's timeline
+    (``bench_cold_start.py``) shows where the pull's time goes. Silent unless INFO is enabled (the
+    CLI's in-process pull logs warnings only)."""
+
+    def __init__(self, name: str):
+        import logging
+
+        self.log = logging.getLogger(__name__)
+        self.name = name
+        self.on = self.log.isEnabledFor(logging.INFO)
+        self.t = time.monotonic()
+
+    def __call__(self, what: str) -> None:
+        now = time.monotonic()
+        if self.on:
+            self.log.info("pull of %s: %s (%.3fs)", self.name, what, now - self.t)
+        self.t = now
+
+
 class Heartbeat:
     """``with Heartbeat(say, what):`` around a call that may take a while (a Prepare that fetches and
     mounts the bootstrap, a slow registry): after ``every`` seconds, and every ``every`` seconds after
@@ -192,14 +213,17 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
     # talking to the registry.
     with ContainerdClient(address, namespace, timeout=timeout) as ctd:
         name = str(ref)
+        phase = Phases(name)
         with open_store(ref, plain_http=True if plain_http else None) as store, \
                 Heartbeat(say, f"{name}: resolving in the registry"):
             mdesc, mdata, manifest = resolve_remora_manifest(store, platform)
+            phase(f"registry: manifest {mdesc.digest[:19]} resolved")
             if on_manifest is not None:
                 on_manifest([(layer.digest, {k: v for k, v in layer_labels(layer, "", name, mdesc.digest,
                                                                           annotations_only).items()
                                              if k != SNAPSHOT_REF}) for layer in manifest.layers])
             config_bytes = store.read_blob(manifest.config)
+            phase("registry: config read")
         config = oci.ImageConfig.from_bytes(config_bytes)
         diff_ids = config.diff_ids
         if len(diff_ids) != len(manifest.layers):
@@ -213,6 +237,7 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
         remote = reused = 0
         try:
             ctd.stat(snapshotter, chains[-1])
+            phase("containerd: Stat of the top layer")
         except InvalidInput as exc:
             if "snapshotter not loaded" not in str(exc):
                 raise
@@ -220,10 +245,12 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
                              f'[proxy_plugins.{snapshotter}] type = "snapshot" address = "<remora socket>" to '
                              "its config and restart it, or pass --snapshotter NAME") from None
         with ctd.leased():
+            phase("containerd: lease created")
             ctd.write_content(manifest.config.digest, config_bytes, source)
             mlabels = {GC_CONFIG: manifest.config.digest, **source}
             mlabels.update({GC_LAYER.format(i): l.digest for i, l in enumerate(manifest.layers)})
             ctd.write_content(mdesc.digest, mdata, mlabels)
+            phase("containerd: config and manifest written")
             for i, (layer, chain) in enumerate(zip(manifest.layers, chains)):
                 role = layer.annotations.get(ann.ROLE, "?")
                 what = f"layer {i + 1}/{len(chains)} {layer.digest[:19]} ({role})"
@@ -240,6 +267,7 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
                 except AlreadyExists:
                     remote += 1
                     say(f"{what}: remote, mounted lazily in {time.monotonic() - t0:.2f}s")
+                    phase(f"containerd: Stat + Prepare of {what}")
                     continue
                 except Unavailable as exc:
                     raise Unavailable(f"snapshotter {snapshotter!r} is not reachable through containerd: is "
@@ -256,6 +284,8 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
             top = ctd.stat(snapshotter, chains[-1])
             if top is None:
                 raise StorageError(f"snapshot {chains[-1]} vanished right after the pull")
+            phase("containerd: GC label, image record, Stat")
+        phase("containerd: lease deleted")
     return PullResult(name, mdesc.digest, chains, remote, reused, time.monotonic() - started)
 
 

@@ -8,7 +8,10 @@ and imports nothing but the standard library (containerd 2's Transfer service ha
 thin ``ctr`` and a daemon that pulls).
 
 Protocol, version 1: HTTP/1.1 on a unix socket (like Docker's API socket or nydus-snapshotter's
-system controller socket). The socket is mode 0600: whoever can use it makes this root daemon pull
+system controller socket), served by a small asyncio server of the standard library: two routes,
+one request per connection (every answer says ``Connection: close``). It used aiohttp, whose import
+(its client, ssl contexts and all) cost 0.2-0.45 s of the daemon's start-up, before the socket could
+open, for a protocol that needs none of it. The socket is mode 0600: whoever can use it makes this root daemon pull
 into any containerd socket it names, which is root's power.
 
 ``GET /v1/version``
@@ -35,16 +38,16 @@ socket closes first and pulls in flight get a grace period to finish while gRPC 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import os
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
-
-from aiohttp import web
 
 from remora.errors import RemoraError, UsageError
 from remora.procutil import unix_socket_answers
@@ -56,6 +59,11 @@ log = logging.getLogger(__name__)
 
 API_VERSION = 1
 MAX_CONCURRENT_PULLS = 8
+MAX_HEAD = 16 << 10        # request line + headers: our client sends ~150 bytes
+MAX_BODY = 1 << 20         # a pull request is a few hundred bytes of JSON
+HEAD_TIMEOUT = 30.0        # a connection that sends no complete request within this is dropped
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            413: "Payload Too Large", 500: "Internal Server Error"}
 # Request fields: (type, default); None = required.
 _FIELDS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "reference": (str, None),
@@ -132,7 +140,8 @@ class PullService:
         self._tmp = self.address.with_name(f".{self.address.name}.{os.getpid()}")  # see _bind_private
         self.handler = handler
         self._executor = ThreadPoolExecutor(max_workers=max_pulls, thread_name_prefix="remora-pull")
-        self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: set[asyncio.Task] = set()
         self._inode: int | None = None
         self._pulls: set[asyncio.Future] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -147,22 +156,16 @@ class PullService:
             return False
         self._loop = asyncio.get_running_loop()
         await self._loop.run_in_executor(self._executor, _preload)
+        ready = getattr(self.handler, "wait_ready", None)
+        if ready is not None:  # e.g. the warm spare fs process: open only once a pull finds all warm
+            await self._loop.run_in_executor(self._executor, ready)
         sock = _bind_private(self.address, self._tmp)
         self._inode = os.stat(self.address).st_ino
         try:
-            app = web.Application()
-            app.router.add_get(API_VERSION_PATH, self._version)
-            app.router.add_post(API_PULL_PATH, self._pull)
-            # shutdown_timeout: stop() has already waited for the pulls; handlers left after that are cut.
-            self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-            await self._runner.setup()
-            await web.SockSite(self._runner, sock).start()
+            self._server = await asyncio.start_unix_server(self._connection, sock=sock, limit=MAX_HEAD)
         except BaseException:
             sock.close()
             self._unlink()
-            if self._runner is not None:
-                await self._runner.cleanup()
-                self._runner = None
             self._executor.shutdown(wait=False)
             raise
         log.info("pull service on %s", self.address)
@@ -170,16 +173,18 @@ class PullService:
 
     async def stop(self, grace: float = 10.0) -> None:
         """Close the socket, give pulls in flight ``grace`` seconds (gRPC still serves), then go."""
-        if self._runner is None:
+        if self._server is None:
             return
-        for site in list(self._runner.sites):
-            await site.stop()
+        self._server.close()
         self._unlink()
         if self._pulls:
             log.info("waiting up to %.0fs for %d pull(s) in flight", grace, len(self._pulls))
             await asyncio.wait(list(self._pulls), timeout=grace)
-        await self._runner.cleanup()
-        self._runner = None
+        if self._conns:  # responses still being written after the grace: cut (their pulls are logged)
+            await asyncio.wait(list(self._conns), timeout=1.0)
+            for task in list(self._conns):
+                task.cancel()
+        self._server = None
         self._executor.shutdown(wait=False)
 
     def _unlink(self) -> None:
@@ -190,21 +195,52 @@ class PullService:
         except FileNotFoundError:
             pass
 
-    # -- handlers -----------------------------------------------------------------------------
-    async def _version(self, request: web.Request) -> web.Response:
-        from remora import __version__
-
-        return web.json_response({"api": API_VERSION, "version": __version__, "pid": os.getpid(),
-                                  "lazy": self.handler is not None})
-
-    async def _pull(self, request: web.Request) -> web.StreamResponse:
+    # -- HTTP ---------------------------------------------------------------------------------
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One request, one answer, then the connection closes."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._conns.add(task)
         try:
-            params = parse_request(await request.json())
+            try:
+                method, path, body = await asyncio.wait_for(_read_request(reader), HEAD_TIMEOUT)
+            except _BadRequest as exc:
+                await _respond(writer, exc.status, error_body(UsageError(str(exc))))
+                return
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                return
+            if path == API_VERSION_PATH and method == "GET":
+                from remora import __version__
+
+                await _respond(writer, 200, {"api": API_VERSION, "version": __version__, "pid": os.getpid(),
+                                             "lazy": self.handler is not None})
+            elif path == API_PULL_PATH and method == "POST":
+                await self._pull(body, reader, writer)
+            elif path in (API_VERSION_PATH, API_PULL_PATH):
+                await _respond(writer, 405, error_body(UsageError(f"{method} is not allowed on {path}")))
+            else:
+                await _respond(writer, 404, error_body(UsageError(f"no such endpoint: {path}")))
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception:  # one broken exchange must not take the service down
+            log.exception("pull service: request failed")
+        finally:
+            if task is not None:
+                self._conns.discard(task)
+            writer.close()
+
+    async def _pull(self, body: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        t_received = time.monotonic()
+        try:
+            params = parse_request(json.loads(body))
         except ValueError as exc:  # JSON syntax
-            return web.json_response(error_body(UsageError(f"the pull request is not JSON: {exc}")), status=400)
+            await _respond(writer, 400, error_body(UsageError(f"the pull request is not JSON: {exc}")))
+            return
         except UsageError as exc:
-            return web.json_response(error_body(exc), status=400)
+            await _respond(writer, 400, error_body(exc))
+            return
         ref = params.pop("reference")
+        log.info("pull of %s: request received", ref)
         loop = asyncio.get_running_loop()
         lines: asyncio.Queue[dict] = asyncio.Queue()
 
@@ -213,30 +249,46 @@ class PullService:
                 loop.call_soon_threadsafe(lines.put_nowait, msg)
             except RuntimeError:  # the loop is closed (process exiting): nobody is listening
                 pass
-        job = functools.partial(self._run_pull, ref, params, post)
+        job = functools.partial(self._run_pull, ref, params, post, t_received)
         fut = loop.run_in_executor(self._executor, job)
         self._pulls.add(fut)
         fut.add_done_callback(self._pulls.discard)
 
-        resp = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
+        # The client never sends more after its request: EOF (or a reset) on the read side means it
+        # hung up. Writes alone would notice only at the next progress line.
+        gone = asyncio.ensure_future(reader.read(1))
         try:
-            await resp.prepare(request)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + NDJSON.encode() + b"\r\nCache-Control: no-store\r\n"
+                         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+            await writer.drain()
             while True:
-                msg = await lines.get()
-                await resp.write(json.dumps(msg).encode() + b"\n")
-                if "status" not in msg:  # the final line
+                get = asyncio.ensure_future(lines.get())
+                await asyncio.wait([get, gone], return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    raise ConnectionResetError("the client closed the connection")
+                msg = get.result()
+                data = json.dumps(msg).encode() + b"\n"
+                writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+                await writer.drain()
+                if "status" not in msg:  # the final line: the client may hang up as soon as it has it
                     break
-            await resp.write_eof()
+            writer.write(b"0\r\n\r\n")
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
         except (ConnectionError, asyncio.CancelledError) as exc:
             # The client went away (or the server is stopping): the pull goes on in its thread and
             # logs its own outcome; nothing of it depends on this response.
             log.warning("pull of %s: client gone (%s); the pull continues", ref, type(exc).__name__)
             if isinstance(exc, asyncio.CancelledError):
                 raise
-        return resp
+        finally:
+            gone.cancel()
 
-    def _run_pull(self, ref: str, params: dict[str, Any], post) -> None:
+    def _run_pull(self, ref: str, params: dict[str, Any], post, t_received: float | None = None) -> None:
         """In a pool thread: the pull, its progress and its final line sent to the event loop."""
+        if t_received is not None and time.monotonic() - t_received > 0.05:  # a full pool: say so
+            log.info("pull of %s: waited %.3fs for a pull thread", ref, time.monotonic() - t_received)
         on_manifest = self._warm_hook()
         preconnect = getattr(self.handler, "preconnect", None)
         if preconnect is not None:
@@ -295,6 +347,50 @@ def _preload() -> None:
     for name in _PULL_MODULES:
         importlib.import_module(name)
     grpc.insecure_channel("unix:///nonexistent/remora-preload").close()  # never connects
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
+    """(method, path, body) of one HTTP/1.x request; :class:`_BadRequest` for what this API refuses."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        raise _BadRequest(400, f"request head longer than {MAX_HEAD} bytes") from None
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise _BadRequest(400, f"not an HTTP/1.x request line: {lines[0][:80]!r}")
+    method, target, _ = parts
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise _BadRequest(400, f"malformed header line {line[:80]!r}")
+            headers[name.strip().lower()] = value.strip()
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        raise _BadRequest(400, "a chunked request body is not supported: send Content-Length")
+    try:
+        length = int(headers.get("content-length", "0"))
+    except ValueError:
+        raise _BadRequest(400, "bad Content-Length") from None
+    if length < 0 or length > MAX_BODY:
+        raise _BadRequest(413 if length > 0 else 400, f"request body of {length} bytes (at most {MAX_BODY})")
+    body = await reader.readexactly(length) if length else b""
+    return method, target.split("?", 1)[0], body
+
+
+async def _respond(writer: asyncio.StreamWriter, status: int, doc: dict) -> None:
+    """A whole JSON answer, then the connection closes."""
+    data = json.dumps(doc).encode()
+    writer.write(f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json; charset=utf-8"
+                 f"\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+    await writer.drain()
 
 
 def _bind_private(address: Path, tmp: Path) -> socket.socket:

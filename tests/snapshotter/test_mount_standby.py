@@ -215,3 +215,24 @@ def test_a_spare_that_keeps_dying_is_restarted_with_a_growing_backoff(tmp_path, 
         assert "starting another in 4.0s" not in caplog.text
     finally:
         mm.close()
+
+
+def test_wait_spare_returns_once_the_spare_has_its_imports(standby, tmp_path):
+    """The snapshotter says it is ready only when a first pull finds everything warm: wait_spare()
+    returns True once the spare has loaded the FUSE library (libfuse mapped into it) and created the
+    chunk cache's index on this fresh node, not merely once the process exists."""
+    pid = _spare_pid(standby)
+    assert standby.wait_spare(30) is True
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "libfuse" in maps, "wait_spare returned before the spare had loaded libfuse"
+    assert (tmp_path / "cache" / "index.db").is_file(), "the first mount would create the cache index"
+    assert standby.wait_spare(0.1) is True  # already ready: at once
+
+
+def test_wait_spare_is_false_when_the_spare_dies_before_its_imports(tmp_path):
+    """A spare that cannot import (here: a python that exits at once) is reported, not waited for."""
+    mm = MountManager(tmp_path / "state", tmp_path / "cache", standby=True, python="/bin/false")
+    try:
+        assert mm.wait_spare(10) is False
+    finally:
+        mm.close()

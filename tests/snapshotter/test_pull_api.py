@@ -305,3 +305,70 @@ def test_sigterm_lets_a_pull_in_flight_finish(image, registry, tmp_path):
         assert log.index("waiting up to 10s for 1 pull(s) in flight") < log.index(f"pulled {ref} "), log
     finally:
         st.close()
+
+
+def test_service_module_loads_no_http_framework():
+    """The pull service is a small stdlib server: importing it (on the daemon's start-up path, before
+    the socket can open) loads no aiohttp (its import was 0.2-0.45 s of the daemon's start)."""
+    proc = subprocess.run([sys.executable, "-c", "import sys, remora.snapshotter.pull_service; "
+                           "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp'))"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_bad_requests_get_clear_http_errors(stack):
+    """Unknown endpoint 404, wrong method 405, oversized body 413, garbage 400: each with one JSON
+    error line (exit code 2), and the service keeps serving."""
+    api = stack.snap.api_address
+    status, body = _http(api, b"GET /v1/nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 404 and json.loads(body)["error"]["exit_code"] == 2
+    status, body = _http(api, b"GET /v1/pull HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 405 and json.loads(body)["error"]["exit_code"] == 2
+    status, body = _http(api, b"POST /v1/pull HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n")
+    assert status == 413 and json.loads(body)["error"]["exit_code"] == 2
+    status, body = _http(api, b"BLAH\r\n\r\n")
+    assert status == 400 and json.loads(body)["error"]["exit_code"] == 2
+    status, body = _http(api, b"POST /v1/pull HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{nope")
+    assert status == 400 and "not JSON" in json.loads(body)["error"]["message"]
+    status, body = _http(api, b"GET /v1/version HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200 and json.loads(body)["api"] == 1
+
+
+def _first_layer_labels(image: str) -> tuple[str, str, str, dict[str, str]]:
+    """(host, repo, bootstrap digest, labels of the first layer's Prepare as remora pull sends them)."""
+    from remora import oci
+    from remora.format import annotations as ann
+    from remora.reference import parse_reference
+    from remora.snapshotter.pull import layer_labels
+
+    ref = parse_reference(image)
+    with RegistryClient(ref.host) as client:
+        data, media_type, digest = client.get_manifest(ref.repository, ref.tag)[:3]
+    manifest = oci.parse_manifest(data, media_type)
+    first = manifest.layers[0]
+    labels = layer_labels(first, "", image, digest, False)
+    return ref.host, ref.repository, first.annotations[ann.BOOTSTRAP], labels
+
+
+def test_warm_up_runs_the_access_check_before_any_prepare(image, tmp_path):
+    """The first Prepare's registry access check is started by the warm-up (the pull service calls it
+    as soon as the manifest is read): it has passed with no Prepare at all. And it is not weakened: for
+    a repository that does not hold the bootstrap the early check fails quietly and the Prepare's own
+    check still refuses."""
+    from remora.snapshotter.lazy_layers import RemoraLayerHandler
+    from remora.snapshotter.remote import RemoteLayerRefused
+
+    host, repo, bootstrap, labels = _first_layer_labels(image)
+    handler = RemoraLayerHandler(tmp_path / "root", standby=False, early_prefetch_limit=0)
+    try:
+        handler.warm(labels, reason="the test")
+        wait_until(lambda: (host, repo, bootstrap) in handler._access_checked, 30,
+                   what="the warm-up's access check to pass")
+        other = f"pull-api-empty-{uuid.uuid4().hex[:6]}/nothing"
+        wrong = {**labels, "containerd.io/snapshot/cri.image-ref": f"{host}/{other}:1"}
+        handler.warm(wrong, reason="the test")  # warmed already for this bootstrap: no early check
+        with pytest.raises(RemoteLayerRefused, match="does not hold bootstrap"):
+            handler._check_access(host, other, bootstrap)
+        assert (host, other, bootstrap) not in handler._access_checked
+    finally:
+        handler.mounts.close()
