@@ -4,9 +4,9 @@
     python benchmarks/bench_parent_learning.py                       # 50, 200, 1000 nodes; ~10 min
     python benchmarks/bench_parent_learning.py --nodes 50 --seeds 2  # quick
 
-Like benchmarks/bench_parent_selection.py this drives the REAL scheduler (SchedulerService.schedule, the
-filters, the scorers, the bandwidth estimator, the history recorder, the model loader) with a simulated
-clock; only the network is modelled. What is new here is the world:
+The simulator is benchmarks/parent_sim.py (shared with bench_parent_selection.py): it drives the REAL
+scheduler (SchedulerService.schedule, the filters, the scorers, the bandwidth estimator, the history
+recorder, the model loader) with a simulated clock; only the network is modelled. The world here:
 
 * every host has an *uplink class*: ``heterogeneous``: 10 Mbit/s (40 %), 100 Mbit/s (40 %), 1 Gbit/s
   (20 %); ``homogeneous``: all 100 Mbit/s. Downlinks are 1 Gbit/s (edge nodes with thin uplinks);
@@ -21,44 +21,56 @@ clock; only the network is modelled. What is new here is the world:
 
 The learned scorer's model is trained, before any measured run, on history that the simulation's own
 ``weighted`` and ``bandit`` runs wrote on *other seeds* (``--train-seeds``, at ``--train-nodes`` nodes (50 and 200),
-both link settings), with ``remora trainer``'s code (plugins/trainer/train.py). The table gives the
-completion time per child (mean, p95) over the test seeds, the ratio against weighted, and writes the same
-as JSON beside this file (bench_parent_learning.json).
+both link settings), with ``remora trainer``'s code (plugins/trainer/train.py). The table gives, per
+setting, size and scorer, the completion time per child (mean and p95 over the children of all test
+seeds) and the p95 ratio against weighted *per seed* (median, min and max over the seeds: the runs are
+paired, same world and noise) and pooled. ``--ablation`` trains one model per left-out feature group
+(RTT probes, inferred bandwidth, declared/measured bandwidth, concurrency — its features and the load
+factor —, locality) and prints the same ratios for each. Everything goes to bench_parent_learning.json.
 """
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import random
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import parent_sim
+from parent_sim import SimHost, SwarmParams, p95
 
 from remora.plugins.scheduler.history import HistoryRecorder, LocalHistoryStore
 from remora.plugins.scheduler.selection import RandomScorer, SelectionConfig
 from remora.plugins.scheduler.server import SchedulerConfig, SchedulerService
-from remora.plugins.scheduler.state import Host
 
 TASK = "sha256:" + "1e" * 32
 MBIT = 125_000                      # bytes/s
 CLASSES = {"heterogeneous": ((10 * MBIT, 0.4), (100 * MBIT, 0.4), (1000 * MBIT, 0.2)),
            "homogeneous": ((100 * MBIT, 1.0),)}
-STRATEGIES = ("random", "weighted", "bandit", "learned")
+#: "weighted-2" is the weighted scorer with another tie-break seed in the selector: the same world and
+#: noise, a different random sample/shuffle of candidates. Its ratio to weighted is the noise floor of a
+#: row (at 50 nodes a different tie-break alone moves a seed's p95 by tens of percent).
+STRATEGIES = ("random", "weighted", "weighted-2", "bandit", "learned")
+#: Feature groups left out, one at a time, by --ablation (plugins/scheduler/selection.FEATURE_NAMES).
+ABLATION = {
+    "rtt probes": ("rtt_s",),
+    "inferred bandwidth": ("pair_goodput", "host_capacity", "expected_goodput", "pair_samples", "estimate_age_s"),
+    "declared/measured bw": ("declared_bw", "measured_bw"),
+    "concurrency": ("parent_load", "parent_slots", "child_parents", "expected_goodput"),   # + the load factor
+    "locality": ("locality",),
+}
 
 
 @dataclass
-class Params:
+class Params(SwarmParams):
     nodes: int = 200
-    pieces: int = 32
-    piece_size: int = 1 << 20
-    concurrency: int = 4
-    reschedule: int = 8
     arrival_window: float = 10.0
     downlink: float = 1000 * MBIT
     congestion_every: float = 20.0
@@ -66,59 +78,26 @@ class Params:
     congestion_factor: float = 0.1
 
 
-@dataclass
-class SimHost:
-    peer_id: str
-    uplink: float
-    rtt: float
-    congested: list[tuple[float, float]] = field(default_factory=list)
-    uploads: int = 0
-    downloads: int = 0
+class Simulation(parent_sim.Simulation):
+    """Uplink classes, congestion episodes, thin uplinks and 1 Gbit/s downlinks (module doc)."""
 
-    def rate(self, t: float, factor: float) -> float:
-        for start, end in self.congested:
-            if start <= t < end:
-                return self.uplink * factor
-        return self.uplink
-
-
-@dataclass
-class Child:
-    host: SimHost
-    arrived: float
-    missing: set[int]
-    parents: list[str] = field(default_factory=list)
-    outstanding: dict[str, int] = field(default_factory=dict)
-    in_progress: set[int] = field(default_factory=set)
-    since_schedule: int = 0
-    waiting: bool = False
-    done_at: float | None = None
-
-
-class Simulation:
     def __init__(self, strategy: str, links: str, seed: int, p: Params, model_dir: str | None = None,
                  history_dir: str | None = None, time_offset: float = 0.0):
         self.p = p
-        self.now = 0.0
         world = random.Random(f"{links}-{seed}")       # hosts, congestion, arrivals: identical per strategy
-        self.noise = random.Random(seed * 7919 + 1)
         config = SchedulerConfig(peer_ttl=1e9, scorer=strategy if strategy != "random" else "weighted",
                                  random_seed=seed, retry_after_ms=100, max_schedule_failures=10 ** 6,
                                  model_dir=model_dir, model_max_age=1e12,
                                  selection=SelectionConfig(parent_limit=4))
         scorer = RandomScorer(random.Random(seed + 1)) if strategy == "random" else None
-        self.svc = SchedulerService(config, clock=lambda: self.now, scorer=scorer)
-        self.state = self.svc.state
+        svc = SchedulerService(config, clock=lambda: self.now, scorer=scorer)
+        super().__init__(svc, TASK, p, noise=random.Random(seed * 7919 + 1))
         self.state.bandwidth.normalized = False     # the simulated costs are raw fetch times
         self.history = None
         if history_dir:
             store = LocalHistoryStore(history_dir, rows_per_file=200_000, max_files=50)
             self.history = HistoryRecorder(store, strategy, clock=lambda: self.now,
                                            wall=lambda: time_offset + self.now).attach(self.state, self.svc.selector)
-        self.hosts: dict[str, SimHost] = {}
-        self.children: dict[str, Child] = {}
-        self.events: list = []
-        self.seq = 0
         classes = CLASSES[links]
         n_origins = max(2, p.nodes // 20)
         arrivals = sorted(world.uniform(0, p.arrival_window) for _ in range(p.nodes - n_origins))
@@ -138,118 +117,35 @@ class Simulation:
                     host.congested.append((t, t + length))
                     t += length + world.expovariate(1 / p.congestion_every)
             declared = int(uplink) if world.random() < 0.5 else 0
-            self.hosts[host.peer_id] = host
             if i < n_origins:
-                self._register(host, declared)
-                self.state.join_task(host.peer_id, TASK, p.pieces * p.piece_size, p.piece_size)
-                self.state.announce(host.peer_id, TASK, range(p.pieces), (), done=True)
-                if i == 0:
-                    task = self.state.tasks[TASK]
-                    self.state.learn_metadata(task, host.peer_id, task.content_length, task.piece_size,
-                                              ["sha256:" + "0" * 64] * p.pieces)
+                self.hold_blob(host, declared)
+                self._probe(host)
             else:
-                self.push(arrivals[i - n_origins], "arrive", host.peer_id, declared)
+                self.push(arrivals[i - n_origins], "arrive", host, declared)
 
-    def _register(self, host: SimHost, declared: int) -> None:
-        self.state.register_peer(Host(peer_id=host.peer_id, host_id=host.peer_id, upload_port=1,
-                                      upload_bandwidth=declared))
+    def _probe(self, host: SimHost) -> None:
         for other in self.state.peers:      # probes: RTT both ways with every registered host
             if other != host.peer_id:
                 rtt = host.rtt + self.hosts[other].rtt
                 self.state.record_probe(host.peer_id, other, rtt, True)
                 self.state.record_probe(other, host.peer_id, rtt, True)
 
-    def push(self, t: float, kind: str, *data) -> None:
-        self.seq += 1
-        heapq.heappush(self.events, (t, self.seq, kind, data))
+    def arrive(self, host: SimHost, declared: int) -> None:
+        self.register(host, declared)
+        self._probe(host)
+        self.join(host)
 
-    def arrive(self, peer_id: str, declared: int) -> None:
-        host = self.hosts[peer_id]
-        self._register(host, declared)
-        self.state.join_task(peer_id, TASK)
-        child = self.children[peer_id] = Child(host, self.now, set(range(self.p.pieces)))
-        self.schedule(child)
-
-    def schedule(self, child: Child) -> None:
-        parents, b2s, retry, _ = self.svc.schedule(self.state.tasks[TASK], child.host.peer_id)
-        assert not b2s, "origins hold the blob: nobody should be sent to the source"
-        child.since_schedule = 0
-        child.parents = [p.host.peer_id for p in parents]
-        if not child.parents:
-            child.waiting = True
-            self.push(self.now + retry / 1000, "retry", child.host.peer_id)
-            return
-        self.fill(child)
-
-    def has(self, parent_id: str, piece: int) -> bool:
-        tp = self.state.tasks[TASK].peers.get(parent_id)
-        return tp is not None and (tp.done or piece in tp.finished)
-
-    def fill(self, child: Child) -> None:
+    def rate(self, parent: SimHost, child: SimHost) -> float:
         p = self.p
-        while len(child.in_progress) < p.concurrency:
-            choice = None
-            for piece in sorted(child.missing - child.in_progress):
-                holders = [pid for pid in child.parents if self.has(pid, piece)]
-                if holders:
-                    choice = (piece, min(holders, key=lambda pid: child.outstanding.get(pid, 0)))
-                    break
-            if choice is None:
-                if not child.in_progress:
-                    child.waiting = True
-                    self.push(self.now + 0.1, "retry", child.host.peer_id)
-                return
-            piece, parent_id = choice
-            parent = self.hosts[parent_id]
-            parent.uploads += 1
-            child.host.downloads += 1
-            child.outstanding[parent_id] = child.outstanding.get(parent_id, 0) + 1
-            child.in_progress.add(piece)
-            rate = min(parent.rate(self.now, p.congestion_factor) / parent.uploads, p.downlink / child.host.downloads)
-            cost = (parent.rtt + child.host.rtt + p.piece_size / rate) * self.noise.lognormvariate(0, 0.25)
-            self.push(self.now + cost, "piece", child.host.peer_id, parent_id, piece, cost)
-
-    def piece_done(self, child_id: str, parent_id: str, piece: int, cost: float) -> None:
-        child = self.children[child_id]
-        self.hosts[parent_id].uploads -= 1
-        child.host.downloads -= 1
-        child.outstanding[parent_id] -= 1
-        child.in_progress.discard(piece)
-        child.missing.discard(piece)
-        self.svc.piece_result(TASK, child_id, parent_id, piece, True, cost, self.p.piece_size)
-        done = not child.missing
-        self.state.announce(child_id, TASK, [piece], (), done=done)
-        if done:
-            child.done_at = self.now
-            return
-        child.since_schedule += 1
-        if child.since_schedule >= self.p.reschedule:
-            self.schedule(child)
-        else:
-            self.fill(child)
+        return min(parent.rate(self.now, p.congestion_factor) / parent.uploads, p.downlink / child.downloads)
 
     def run(self) -> dict:
-        while self.events:
-            self.now, _, kind, data = heapq.heappop(self.events)
-            if kind == "arrive":
-                self.arrive(*data)
-            elif kind == "piece":
-                self.piece_done(*data)
-            elif kind == "retry":
-                child = self.children[data[0]]
-                if child.waiting and child.done_at is None:
-                    child.waiting = False
-                    self.schedule(child)
-        assert all(c.done_at is not None for c in self.children.values())
+        out = super().run()
         if self.history is not None:
             self.history.sink.close()
         scorer = self.svc.scorer
-        return {"child": [c.done_at - c.arrived for c in self.children.values()],
-                "kind": getattr(scorer, "kind", scorer.name)}
-
-
-def p95(values: list[float]) -> float:
-    return statistics.quantiles(values, n=20)[-1]
+        out["kind"] = getattr(scorer, "kind", scorer.name)
+        return out
 
 
 def make_training_history(history_dir: str, sizes: list[int], seeds: list[int], log=print) -> None:
@@ -266,66 +162,147 @@ def make_training_history(history_dir: str, sizes: list[int], seeds: list[int], 
                     log(f"  history: {links} {strategy} {nodes} nodes seed {seed} done")
 
 
+def run_row(links: str, n: int, seeds: range, strategies, model_dir: str | None) -> dict:
+    """Every strategy on the same seeds; ratios against weighted, per seed (paired) and pooled."""
+    children, per_seed, kinds, shares, sim_s = {}, {}, {}, {}, {}
+    for strategy in strategies:
+        t0 = time.perf_counter()
+        children[strategy], per_seed[strategy], kinds[strategy], shares[strategy] = [], [], set(), []
+        for seed in seeds:
+            sim = Simulation(strategy.split("-")[0], links, seed, Params(nodes=n),
+                             model_dir=model_dir if strategy == "learned" else None)
+            if strategy == "weighted-2":
+                sim.svc.selector.rng = random.Random(seed + 1000)
+            counts = _count_model_decisions(sim) if strategy == "learned" else None
+            r = sim.run()
+            children[strategy] += r["child"]
+            per_seed[strategy].append(p95(r["child"]))
+            kinds[strategy].add(r["kind"])
+            if counts is not None:
+                shares[strategy].append(counts["learned"] / max(1, sum(counts.values())))
+        sim_s[strategy] = round(time.perf_counter() - t0, 1)
+    base, base_seed = p95(children["weighted"]), per_seed["weighted"]
+    rows = {}
+    for strategy in strategies:
+        ratios = [a / b for a, b in zip(per_seed[strategy], base_seed)]
+        rows[strategy] = {"mean": statistics.fmean(children[strategy]), "p95": p95(children[strategy]),
+                          "p95_per_seed": per_seed[strategy], "ratio_per_seed": ratios,
+                          "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+                          "ratio_max": max(ratios), "ratio_pooled": p95(children[strategy]) / base,
+                          "children": len(children[strategy]), "seeds": len(seeds),
+                          "scored_by": sorted(kinds[strategy]), "sim_s": sim_s[strategy]}
+        if shares[strategy]:
+            rows[strategy]["model_decision_share"] = statistics.fmean(shares[strategy])
+    return rows
+
+
+def _count_model_decisions(sim: Simulation) -> dict:
+    """Decisions the model ranked vs left to the weighted scorer (fallbacks, no_separation)."""
+    counts = {"learned": 0, "weighted": 0}
+    scorer = sim.svc.scorer
+    if hasattr(scorer, "_set_kind"):
+        set_kind = scorer._set_kind
+
+        def counting(kind, reason):
+            counts[kind] = counts.get(kind, 0) + 1
+            set_kind(kind, reason)
+        scorer._set_kind = counting
+    return counts
+
+
+HEADER = (f"{'links':<14} {'nodes':>5} {'scorer':<10} {'mean':>7} {'p95':>7} | {'p95/w median':>12} "
+          f"{'[min - max]':>13} {'pooled':>6}  model")
+
+
+def print_row(links: str, n: int, label: str, row: dict, width: int = 10) -> None:
+    share = row.get("model_decision_share")
+    print(f"{links:<14} {n:>5} {label:<{width}} {row['mean']:>7.2f} {row['p95']:>7.2f} | {row['ratio_median']:>12.2f} "
+          f"[{row['ratio_min']:>5.2f} - {row['ratio_max']:>5.2f}] {row['ratio_pooled']:>6.2f}"
+          + (f"  {share:.0%}" if share is not None else ""), flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, action="append", help="hosts per run (repeatable; default 50 200 1000)")
-    ap.add_argument("--seeds", type=int, default=3, help="test seeds per row (1000-node rows use 1)")
+    ap.add_argument("--seeds", type=int, default=8, help="test seeds per row (default 8)")
+    ap.add_argument("--seeds-1000", type=int, default=3, help="test seeds at >= 1000 nodes (default 3)")
     ap.add_argument("--train-seeds", type=int, default=3)
     ap.add_argument("--train-nodes", type=int, action="append", help="repeatable (default: 50 and 200)")
     ap.add_argument("--links", choices=tuple(CLASSES), action="append")
     ap.add_argument("--model-dir", help="use the models there instead of training (they must exist)")
+    ap.add_argument("--history-dir", help="train on the history there instead of simulating it first")
     ap.add_argument("--threads", type=int, default=1, help="trainer threads (default 1: see bench_trainer.py)")
+    ap.add_argument("--ablation", action="store_true", help="also the feature-group ablation (--ablation-nodes)")
+    ap.add_argument("--ablation-nodes", type=int, default=200)
+    ap.add_argument("--ablation-seeds", type=int, default=3)
     ap.add_argument("--json", default=str(Path(__file__).with_suffix(".json")), help="'' to skip")
     args = ap.parse_args(argv)
     sizes = args.nodes or [50, 200, 1000]
-    out: dict = {"params": Params().__dict__, "sizes": sizes, "rows": []}
+    out: dict = {"params": Params().__dict__, "sizes": sizes, "rows": [], "ablation": []}
     with tempfile.TemporaryDirectory(prefix="remora-bench-learn-") as tmp:
         model_dir = args.model_dir
+        hist = args.history_dir or f"{tmp}/history"
         if model_dir is None:
             from remora.plugins.trainer.train import TrainConfig, train_and_publish
 
-            hist = f"{tmp}/history"
             model_dir = f"{tmp}/models"
             t0 = time.perf_counter()
             # Training seeds are far from the test seeds (0..): the model never saw a test world.
-            make_training_history(hist, args.train_nodes or [50, 200], [10_000 + s for s in range(args.train_seeds)], log=print)
+            if not args.history_dir:
+                make_training_history(hist, args.train_nodes or [50, 200],
+                                      [10_000 + s for s in range(args.train_seeds)], log=lambda *a: None)
             gen_s = time.perf_counter() - t0
             path, meta = train_and_publish(hist, model_dir, TrainConfig(min_rows=50, threads=args.threads))
             v = meta["validation"]
             print(f"model {path}: {meta['training_rows']} training rows ({gen_s:.0f} s to simulate), "
-                  f"fit {meta['trainer']['fit_s']:.1f} s; held-out median relative error "
-                  f"{v['median_rel_error']:.3f} (naive {v['naive']['median_rel_error']:.3f}), "
-                  f"MAE {v['mae_s_per_mib'] * 1000:.0f} ms/MiB (naive {v['naive']['mae_s_per_mib'] * 1000:.0f})")
+                  f"fit {meta['trainer']['fit_s']:.1f} s; held-out median abs log error "
+                  f"{v['median_abs_log_error']:.3f} (naive {v['naive']['median_abs_log_error']:.3f}), "
+                  f"median relative error {v['median_rel_error']:.3f} (naive {v['naive']['median_rel_error']:.3f})")
             out["model"] = {k: meta[k] for k in ("training_rows", "validation", "trainer")}
-        print(f"\n{'links':<14} {'nodes':>5} {'strategy':<9} {'mean':>7} {'p95':>7} | {'mean/w':>7} {'p95/w':>7}"
-              f"   (child completion seconds, {args.seeds} seed(s), 1 at 1000 nodes)")
+        print("\nchild completion seconds over all seeds; p95/w: learned (etc.) p95 / weighted p95 of the same "
+              "seed (median [min - max] over seeds) and pooled; model: decisions the model ranked")
+        print(HEADER)
         for links in args.links or tuple(CLASSES):
             for n in sizes:
-                seeds = range(1 if n >= 1000 else args.seeds)
-                rows = {}
-                for strategy in STRATEGIES:
-                    children, kinds, t0 = [], set(), time.perf_counter()
-                    for seed in seeds:
-                        r = Simulation(strategy, links, seed, Params(nodes=n),
-                                       model_dir=model_dir if strategy == "learned" else None).run()
-                        children += r["child"]
-                        kinds.add(r["kind"])
-                    rows[strategy] = {"mean": statistics.fmean(children), "p95": p95(children),
-                                      "children": len(children), "scored_by": sorted(kinds),
-                                      "sim_s": round(time.perf_counter() - t0, 1)}
-                base = rows["weighted"]
+                seeds = range(args.seeds_1000 if n >= 1000 else args.seeds)
+                rows = run_row(links, n, seeds, STRATEGIES, model_dir)
                 for strategy, row in rows.items():
-                    row["mean_vs_weighted"] = row["mean"] / base["mean"]
-                    row["p95_vs_weighted"] = row["p95"] / base["p95"]
-                    print(f"{links:<14} {n:>5} {strategy:<9} {row['mean']:>7.2f} {row['p95']:>7.2f} | "
-                          f"{row['mean_vs_weighted']:>7.2f} {row['p95_vs_weighted']:>7.2f}"
-                          + ("" if strategy != "learned" or row["scored_by"] == ["learned"]
-                             else f"   (scored by {row['scored_by']})"))
-                    out["rows"].append(dict(row, links=links, nodes=n, strategy=strategy, seeds=len(seeds)))
+                    print_row(links, n, strategy, row)
+                    out["rows"].append(dict(row, links=links, nodes=n, strategy=strategy))
+        if args.ablation:
+            out["ablation"] = ablation(args, hist, f"{tmp}/ablation")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         print(f"\nwrote {args.json}")
     return 0
+
+
+def ablation(args, hist: str, tmp: str) -> list[dict]:
+    """One model per feature group left out (same history), learned vs weighted on the same seeds."""
+    from remora.plugins.trainer.train import TrainConfig, train_and_publish
+
+    if not Path(hist).is_dir():
+        make_training_history(hist, args.train_nodes or [50, 200], [10_000 + s for s in range(args.train_seeds)],
+                              log=lambda *a: None)
+    n, seeds = args.ablation_nodes, range(args.ablation_seeds)
+    print(f"\nablation at {n} nodes, {len(seeds)} seeds: learned p95 / weighted p95 with one feature group "
+          "left out of the model")
+    print(HEADER.replace("scorer    ", f"{'left out of the model':<21}"))
+    variants = {"(none)": TrainConfig(min_rows=50, threads=args.threads)}
+    for name, drop in ABLATION.items():
+        variants[name] = TrainConfig(min_rows=50, threads=args.threads, drop=drop,
+                                     unshared=name != "concurrency")
+    out = []
+    for name, config in variants.items():
+        model_dir = f"{tmp}/{len(out)}"
+        _, meta = train_and_publish(hist, model_dir, config)
+        for links in args.links or tuple(CLASSES):
+            rows = run_row(links, n, seeds, ("weighted", "learned"), model_dir)
+            print_row(links, n, name, rows["learned"], width=21)
+            out.append(dict(rows["learned"], links=links, nodes=n, left_out=name, dropped=list(config.drop),
+                            unshared=config.unshared,
+                            validation_log_error=meta["validation"]["median_abs_log_error"]))
+    return out
 
 
 if __name__ == "__main__":

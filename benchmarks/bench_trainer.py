@@ -93,7 +93,9 @@ def bench_inference(repeat: int) -> None:
         for i in range(0, 60, 2):
             state.record_probe("child", f"p{i}", rng.uniform(0.001, 0.05), True)
         task = state.tasks[task_id]
-        learned = LearnedScorer(ModelWatcher(f"{tmp}/m"))
+        # separation 0: the model ranks every decision (the full path; a no_separation fallback would
+        # predict too, then score with the weighted scorer: no dearer)
+        learned = LearnedScorer(ModelWatcher(f"{tmp}/m"), separation=0.0)
         results = {}
         for name, scorer in (("weighted", WeightedScorer()), ("learned", learned)):
             sel = ParentSelector(state, scorer, rng=random.Random(2))

@@ -21,6 +21,9 @@ Schema (format ``HISTORY_VERSION`` = 1), one JSON object per line:
 ``scorer``  the scorer that made the choice (``weighted``, ``bandit``, ``learned``, ``random``)
 ``size``    piece bytes;  ``cost_s``: the reported piece cost in seconds (peers divide by the parent's
             concurrent uploads, docs/p2p.md)
+``norm``    true when ``cost_s`` is already divided by the parent's concurrent uploads (real peers;
+            the scheduler's ``bandwidth.normalized``), false for raw times (the simulation). Absent
+            in older rows: read as true
 ``age_s``   seconds from the choice to this report
 ``f``       the features at choice time, a list in :data:`FEATURE_NAMES` order, ``null`` = unknown
 ==========  ============================================================================================
@@ -154,6 +157,7 @@ class HistoryRecorder:
         selector.on_choice.append(self.on_choice)
         state.piece_listeners.append(self.on_piece)
         self.state = state
+        self.normalized = bool(getattr(getattr(state, "bandwidth", None), "normalized", True))
         return self
 
     def on_choice(self, task, child_id: str, parents) -> None:
@@ -182,7 +186,7 @@ class HistoryRecorder:
                "parent": parent.host.host_id if parent else parent_id,
                "child": child.host.host_id if child else child_id, "scorer": scorer,
                "size": int(size), "cost_s": float(f"{cost_s:.6g}"), "age_s": round(self.clock() - at, 3),
-               "f": features}
+               "norm": getattr(self, "normalized", True), "f": features}
         try:
             self.sink.append(row)
         except OSError as exc:   # a full or broken disk costs history, never a piece report

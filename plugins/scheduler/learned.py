@@ -8,13 +8,25 @@
 * predicts with numpy, all trees and all candidates at once, one step of depth per iteration (~0.1 ms
   for 40 candidates and 100 trees of depth <= 8);
 * watches the directory (:class:`ModelWatcher`: at most one ``stat`` a second; a new file is loaded
-  without a restart) and refuses a model that is stale (older than ``max_age_s``) or whose validation
-  error is above ``max_error``: then :class:`LearnedScorer` scores with the weighted scorer and says so
-  (log, ``remora_scheduler_scorer{kind}``, ``remora_scheduler_scorer_fallbacks_total{reason}``).
+  without a restart) and refuses a model that is stale (older than ``max_age_s``), whose validation
+  error is above ``max_error``, or that did not beat the naive predictor on held-out history by
+  ``min_advantage`` (its advantage is not proven): then :class:`LearnedScorer` scores with the weighted
+  scorer and says so (log, ``remora_scheduler_scorer{kind}``, ``remora_scheduler_scorer_fallbacks_total{reason}``).
+
+What the model predicts (``target``): ``log_unshared_seconds_per_mib`` — the cost of a MiB from the
+parent *if it served that piece alone*. The scorer multiplies by the parent's transfers now + 1
+(``parent_load``): load is a known, monotone factor; left to the trees (which cannot extrapolate it
+beyond the loads they saw, and learn it from history where it goes with everything else) children herded
+onto the swarm's seeds, up to ~85 transfers each, at 50 nodes (docs/p2p.md).
+The older ``log_seconds_per_mib`` (cost as observed, load inside) still loads.
+
+Confidence: a decision is left to the weighted scorer (reason ``no_separation``) when the model's
+predictions for its candidates spread less (sample standard deviation of the log) than ``separation`` times the
+model's own held-out median absolute log error: the model cannot tell those parents apart, and a ranking
+by its noise did worse than the weighted score on equal links (benchmarks/bench_parent_learning.py).
 
 Score of a candidate (the model replaces the bandwidth and RTT terms of the weighted score, as the bandit
-does; pieces held, locality and free upload slots keep their weights, since peers report costs already
-divided by the parent's concurrent uploads and a cost model alone would not see a busy parent)::
+does; pieces held, locality and free upload slots keep their weights)::
 
     score_i = w_pieces * pieces_i + w_locality * locality_i + w_free * free_i
               + (w_bandwidth + w_rtt) * min_j(cost_j) / cost_i
@@ -41,7 +53,10 @@ from .selection import FEATURE_NAMES, Candidate, WeightedScorer
 log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "remora-cost-model/1"
-TARGET = "log_seconds_per_mib"      # natural log of the piece cost per MiB
+TARGET = "log_unshared_seconds_per_mib"   # natural log of the cost per MiB with the parent serving only it
+SHARED_TARGET = "log_seconds_per_mib"     # the older target: the cost per MiB as observed (load inside)
+TARGETS = (TARGET, SHARED_TARGET)
+LOAD = FEATURE_NAMES.index("parent_load")
 MIB = 1 << 20
 MODEL_RE = re.compile(r"^model-(\d{6,})\.json$")
 MAX_MODEL_BYTES = 64 << 20
@@ -50,6 +65,8 @@ MAX_NODES = 1 << 13                 # per tree
 MAX_DEPTH = 64
 DEFAULT_MAX_AGE_S = 7 * 24 * 3600.0
 DEFAULT_MAX_ERROR = 0.5             # median relative error of the predicted piece cost on held-out history
+DEFAULT_MIN_ADVANTAGE = 0.2         # held-out median abs log error at most 80 % of the naive predictor's
+DEFAULT_SEPARATION = 2.0            # see the module doc: spread of predictions / the model's log error
 
 
 @dataclass
@@ -82,6 +99,27 @@ class CostModel:
     def error(self) -> float:
         return float(self.meta.get("validation", {}).get("median_rel_error", math.inf))
 
+    @property
+    def log_error(self) -> float:
+        """Held-out median absolute error of the predicted log cost (older files: from the relative error)."""
+        v = self.meta.get("validation", {})
+        got = v.get("median_abs_log_error")
+        return float(got) if isinstance(got, (int, float)) else math.log1p(self.error)
+
+    @property
+    def advantage(self) -> float | None:
+        """1 - (model's held-out median abs log error) / (the naive predictor's); None if not validated."""
+        v = self.meta.get("validation", {})
+        naive = v.get("naive", {}).get("median_abs_log_error") if isinstance(v.get("naive"), dict) else None
+        mine = v.get("median_abs_log_error")
+        if not isinstance(naive, (int, float)) or not isinstance(mine, (int, float)) or not naive > 0:
+            return None
+        return 1.0 - float(mine) / float(naive)
+
+    @property
+    def unshared(self) -> bool:
+        return self.meta.get("target") == TARGET
+
     @classmethod
     def from_doc(cls, doc: dict, path: str = "") -> CostModel:
         """Check a model document field by field (InvalidInput names what is wrong)."""
@@ -92,8 +130,8 @@ class CostModel:
             raise bad(f"format must be {MODEL_FORMAT!r}")
         if doc.get("features") != list(FEATURE_NAMES):
             raise bad("its feature list differs from this scheduler's (retrain with this version)")
-        if doc.get("target") != TARGET:
-            raise bad(f"target must be {TARGET!r}")
+        if doc.get("target") not in TARGETS:
+            raise bad(f"target must be one of {TARGETS}")
         for key in ("version", "created", "training_rows"):
             if not isinstance(doc.get(key), (int, float)) or isinstance(doc.get(key), bool):
                 raise bad(f"{key} must be a number")
@@ -190,9 +228,14 @@ class CostModel:
                 np.stack([self.left.reshape(-1), self.right.reshape(-1)]))
         return flat
 
-    def predict_cost(self, X: np.ndarray, size: int = MIB) -> np.ndarray:
-        """Predicted seconds for a piece of ``size`` bytes."""
-        return np.exp(self.predict_log(X)) * (size / MIB)
+    def predict_cost(self, X: np.ndarray, size: int = MIB, log_pred: np.ndarray | None = None) -> np.ndarray:
+        """Predicted seconds for a piece of ``size`` bytes from each parent as loaded now (an unshared
+        prediction times the parent's transfers + 1). ``log_pred``: :meth:`predict_log` of ``X`` if known."""
+        log_pred = self.predict_log(X) if log_pred is None else log_pred
+        cost = np.exp(log_pred) * (size / MIB)
+        if self.unshared:
+            cost = cost * (1.0 + np.nan_to_num(np.maximum(X[:, LOAD], 0.0)))
+        return cost
 
 
 def _depth(left, right, leaf) -> int:
@@ -204,6 +247,12 @@ def _depth(left, right, leaf) -> int:
         if not leaf[i]:
             depth[int(left[i])] = depth[int(right[i])] = d + 1
     return best
+
+
+def _spread(log_pred: np.ndarray) -> float:
+    """How far apart the model puts the candidates: the sample standard deviation of the predicted log
+    costs (the range was tried: one odd candidate among 40 on equal links stretched it past the gate)."""
+    return float(np.std(log_pred, ddof=1)) if len(log_pred) > 1 else 0.0
 
 
 def features_matrix(candidates: list[Candidate]) -> np.ndarray:
@@ -270,10 +319,12 @@ class ModelWatcher:
 
     def __init__(self, directory: str | os.PathLike, max_age_s: float = DEFAULT_MAX_AGE_S,
                  max_error: float = DEFAULT_MAX_ERROR, poll_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 min_advantage: float = DEFAULT_MIN_ADVANTAGE):
         self.dir = Path(directory)
         self.max_age_s = max_age_s
         self.max_error = max_error
+        self.min_advantage = min_advantage
         self.poll_s = poll_s
         self.clock = clock
         self.wall = wall
@@ -313,7 +364,8 @@ class ModelWatcher:
         self.model = model
 
     def current(self) -> tuple[CostModel | None, str]:
-        """(model, "") when a usable one is loaded, else (None, why: no_model, stale, error_too_high)."""
+        """(model, "") when a usable one is loaded, else (None, why: no_model, stale, error_too_high,
+        no_advantage: the file does not show the model beating the naive predictor by ``min_advantage``)."""
         self._poll()
         m = self.model
         if m is None:
@@ -322,6 +374,9 @@ class ModelWatcher:
             return None, "stale"
         if not m.error <= self.max_error:
             return None, "error_too_high"
+        adv = m.advantage
+        if adv is None or adv < self.min_advantage:
+            return None, "no_advantage"
         return m, ""
 
 
@@ -330,16 +385,23 @@ class LearnedScorer:
 
     name = "learned"
 
-    def __init__(self, watcher: ModelWatcher, fallback: WeightedScorer | None = None):
+    def __init__(self, watcher: ModelWatcher, fallback: WeightedScorer | None = None,
+                 separation: float = DEFAULT_SEPARATION):
         self.watcher = watcher
         self.fallback = fallback or WeightedScorer()
+        self.separation = separation    # 0: always trust the model's ranking
         self.metrics = None             # SchedulerMetrics, set by the service
         self.kind = "weighted"          # what scored the last decision: learned or weighted (fallback)
         self.reason = "no_model"
 
     def _set_kind(self, kind: str, reason: str) -> None:
-        if (kind, reason) != (self.kind, self.reason):
-            if kind == "learned":
+        # INFO on a switch between "a model is usable" and a fallback reason; per-decision confidence
+        # (no_separation) is DEBUG and counted in the metrics, it may change every decision.
+        def state(r):
+            return "model" if r in ("", "no_separation") else r
+
+        if state(reason) != state(self.reason):
+            if state(reason) == "model":
                 log.info("learned scorer: using model v%d", self.watcher.model.version)
             else:
                 log.info("learned scorer: falling back to the weighted scorer (%s)", reason)
@@ -357,8 +419,19 @@ class LearnedScorer:
             self.fallback.score(child_id, candidates)
             log.debug("child %s: weighted scores (fallback: %s)", child_id, reason)
             return
+        X = features_matrix(candidates)
+        log_pred = model.predict_log(X)
+        spread = _spread(log_pred)
+        if spread < self.separation * model.log_error:
+            # The model cannot tell these parents apart better than its own error: its ranking would be
+            # noise (with equal links it lost to the weighted score). The weighted scorer decides.
+            self._set_kind("weighted", "no_separation")
+            self.fallback.score(child_id, candidates)
+            log.debug("child %s: weighted scores (model v%d spread %.3f < %.1f x error %.3f)", child_id,
+                      model.version, spread, self.separation, model.log_error)
+            return
         self._set_kind("learned", "")
-        costs = model.predict_cost(features_matrix(candidates))
+        costs = model.predict_cost(X, log_pred=log_pred)
         best = float(costs.min())
         w = self.fallback.weights
         speed = w.bandwidth + w.rtt

@@ -1,8 +1,13 @@
 """Fit, validate and publish the cost model of the learned scorer (plugins/scheduler/learned.py).
 
 Input: the download history (plugins/scheduler/history.py): per row, the chosen parent's features at
-choice time and the piece cost that followed. Target: the natural log of the cost per MiB (costs span
-three orders of magnitude between a 10 Mbit/s and a 1 Gbit/s uplink; the log makes the loss relative).
+choice time and the piece cost that followed. Target: the natural log of the *unshared* cost per MiB
+(costs span three orders of magnitude between a 10 Mbit/s and a 1 Gbit/s uplink; the log makes the loss
+relative): a raw cost (row ``norm`` false) is divided by the parent's transfers at choice time + 1, a
+peer's report is already divided by its uploads. The scheduler multiplies the load back in
+(plugins/scheduler/learned.py), so load is a monotone factor the trees never have to extrapolate.
+``TrainConfig.unshared=False`` keeps the older target (the cost as observed), ``drop`` blanks features
+(both for the ablation of benchmarks/bench_parent_learning.py).
 
 Model: scikit-learn's ``HistGradientBoostingRegressor`` — gradient-boosted trees that take unknown
 features (NaN: no probe yet, nothing declared) natively, train on a million rows in seconds on two cores,
@@ -10,9 +15,11 @@ and export to plain arrays that the scheduler evaluates with numpy, never by unp
 
 Validation: the newest ``holdout`` share of the rows (by time: the model is judged on the future, as it
 will be used) is kept out of training; the published metadata reports the MAE of the piece cost (per
-MiB), its median and mean relative error, and the same for the naive predictor (the training median),
-so "the model pays" can be read off the file. Schedulers refuse a model whose median relative error is
-above their ``--model-max-error``.
+MiB), its median and mean relative error, the median absolute error of the log cost, and the same for
+the naive predictor (the training median), so "the model pays" can be read off the file. Schedulers
+refuse a model whose median relative error is above their ``--model-max-error`` or whose median absolute
+log error is not at least 20 % below the naive one (its advantage is not proven), and use the log error
+to judge, per decision, whether the model separates the candidates at all.
 """
 from __future__ import annotations
 
@@ -23,17 +30,19 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from remora.errors import InvalidInput
 from remora.plugins.scheduler.history import read_rows
 from remora.plugins.scheduler.learned import (
+    LOAD,
     MIB,
     MODEL_FORMAT,
+    SHARED_TARGET,
     TARGET,
     CostModel,
     publish_model,
 )
 from remora.plugins.scheduler.selection import FEATURE_NAMES
-
-from remora.errors import InvalidInput
 
 
 @dataclass
@@ -48,10 +57,14 @@ class TrainConfig:
     seed: int = 0
     keep: int = 5
     threads: int = 0          # OpenMP threads for the fit; 0 = every core (see benchmarks/bench_trainer.py)
+    unshared: bool = True     # target: cost with the parent serving only this piece (see the module doc)
+    drop: tuple = ()          # FEATURE_NAMES left out (blanked) of the fit: the ablation
 
 
-def load_history(history_dir: str, max_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(X [rows, features] with NaN for unknown, log cost per MiB, time) of the newest ``max_rows`` rows."""
+def load_history(history_dir: str, max_rows: int, unshared: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(X [rows, features] with NaN for unknown, log cost per MiB, time) of the newest ``max_rows`` rows;
+    ``unshared``: raw costs divided by the parent's transfers + 1 (at choice time), see the module doc."""
     feats, ys, ts = [], [], []
     nan = math.nan
     for row in read_rows(history_dir, max_rows):
@@ -62,8 +75,12 @@ def load_history(history_dir: str, max_rows: int) -> tuple[np.ndarray, np.ndarra
             continue
         if not (cost > 0 and size > 0 and math.isfinite(cost)):
             continue
+        share = 1.0
+        if unshared and row.get("norm", True) is False:
+            load = f[LOAD]
+            share = 1.0 + (load if load == load and load > 0 else 0.0)     # NaN-safe
         feats.append(f)
-        ys.append(math.log(cost * MIB / size))
+        ys.append(math.log(cost * MIB / size / share))
         ts.append(t)
     X = np.array(feats, dtype=np.float64).reshape(-1, len(FEATURE_NAMES))
     X[~np.isfinite(X)] = np.nan
@@ -91,7 +108,8 @@ def errors(pred_log: np.ndarray, true_log: np.ndarray) -> dict:
     pred, true = np.exp(pred_log), np.exp(true_log)
     rel = np.abs(pred - true) / true
     return {"rows": len(true), "mae_s_per_mib": float(np.mean(np.abs(pred - true))),
-            "median_rel_error": float(np.median(rel)), "mean_rel_error": float(np.mean(rel))}
+            "median_rel_error": float(np.median(rel)), "mean_rel_error": float(np.mean(rel)),
+            "median_abs_log_error": float(np.median(np.abs(pred_log - true_log)))}
 
 
 def train(history_dir: str, config: TrainConfig | None = None) -> tuple[dict, CostModel]:
@@ -103,7 +121,12 @@ def train(history_dir: str, config: TrainConfig | None = None) -> tuple[dict, Co
     if not 0 < config.holdout < 1:
         raise InvalidInput("holdout must be between 0 and 1")
     t0 = time.perf_counter()
-    X, y, t = load_history(history_dir, config.max_rows)
+    unknown = set(config.drop) - set(FEATURE_NAMES)
+    if unknown:
+        raise InvalidInput(f"cannot drop unknown features {sorted(unknown)}")
+    X, y, t = load_history(history_dir, config.max_rows, config.unshared)
+    for name in config.drop:
+        X[:, FEATURE_NAMES.index(name)] = np.nan
     if len(y) < config.min_rows:
         raise InvalidInput(f"{history_dir}: {len(y)} usable history rows, at least {config.min_rows} needed")
     order = np.argsort(t, kind="stable")
@@ -127,11 +150,12 @@ def train(history_dir: str, config: TrainConfig | None = None) -> tuple[dict, Co
     fit_s = time.perf_counter() - t0 - load_s
     baseline, trees = export_trees(reg)
     doc = {"format": MODEL_FORMAT, "version": 0, "created": time.time(), "features": list(FEATURE_NAMES),
-           "target": TARGET, "training_rows": int(cut), "baseline": baseline, "trees": trees,
+           "target": TARGET if config.unshared else SHARED_TARGET, "training_rows": int(cut), "baseline": baseline,
+           "trees": trees,
            "trainer": {"library": f"scikit-learn {sklearn_version}", "estimator": "HistGradientBoostingRegressor",
                        "max_iter": config.max_iter, "max_depth": config.max_depth,
                        "max_leaf_nodes": config.max_leaf_nodes, "learning_rate": config.learning_rate,
-                       "threads": config.threads or os.cpu_count() or 1,
+                       "threads": config.threads or os.cpu_count() or 1, "dropped": list(config.drop),
                        "load_s": round(load_s, 3), "fit_s": round(fit_s, 3), "history_rows": len(y)}}
     model = CostModel.from_doc(dict(doc, validation={"median_rel_error": math.inf}), "(trained)")
     held_X, held_y = X[cut:], y[cut:]

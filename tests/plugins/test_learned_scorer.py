@@ -8,6 +8,8 @@ import random
 
 import numpy as np
 import pytest
+
+from remora.errors import InvalidInput
 from remora.plugins.scheduler.learned import (
     CostModel,
     LearnedScorer,
@@ -25,8 +27,6 @@ from remora.plugins.trainer.train import (
     train,
     train_and_publish,
 )
-
-from remora.errors import InvalidInput
 
 TASK = "sha256:" + "7a" * 32
 PIECE = 4 << 20
@@ -119,12 +119,15 @@ def test_history_trains_a_model_that_is_hot_loaded_and_changes_the_choice(tmp_pa
     assert doc["created"] > 0 and "HistGradientBoostingRegressor" in doc["trainer"]["estimator"]
 
 
-def _doc(created: float, error: float) -> dict:
+def _doc(created: float, error: float, log_error: float = 0.1, naive_log_error: float | None = 1.0,
+         target: str = "log_seconds_per_mib") -> dict:
     tree = {"feature": [5, 0, 0], "threshold": [0.01, 0, 0], "missing_left": [1, 0, 0], "left": [1, 0, 0],
             "right": [2, 0, 0], "value": [0, math.log(0.01), math.log(0.1)], "leaf": [0, 1, 1]}
+    validation = {"median_rel_error": error, "median_abs_log_error": log_error}
+    if naive_log_error is not None:
+        validation["naive"] = {"median_abs_log_error": naive_log_error}
     return {"format": "remora-cost-model/1", "version": 0, "created": created, "features": list(FEATURE_NAMES),
-            "target": "log_seconds_per_mib", "training_rows": 1000, "baseline": 0.0, "trees": [tree],
-            "validation": {"median_rel_error": error}}
+            "target": target, "training_rows": 1000, "baseline": 0.0, "trees": [tree], "validation": validation}
 
 
 def test_a_stale_or_inaccurate_model_falls_back_and_a_bad_file_is_refused(tmp_path):
@@ -138,25 +141,32 @@ def test_a_stale_or_inaccurate_model_falls_back_and_a_bad_file_is_refused(tmp_pa
     publish_model(tmp_path, _doc(created=wall.now, error=0.9))
     clock.now += 1.5
     assert watcher.current() == (None, "error_too_high")
+    # Accurate enough, but its advantage over the naive predictor is not proven: 10 % (< 20 %), or unknown.
+    publish_model(tmp_path, _doc(created=wall.now, error=0.2, log_error=0.45, naive_log_error=0.5))
+    clock.now += 1.5
+    assert watcher.current() == (None, "no_advantage")
+    publish_model(tmp_path, _doc(created=wall.now, error=0.2, naive_log_error=None))
+    clock.now += 1.5
+    assert watcher.current() == (None, "no_advantage")
     publish_model(tmp_path, _doc(created=wall.now, error=0.2))
     clock.now += 0.5                                      # not polled yet: within poll_s
-    assert watcher.current()[1] == "error_too_high"
+    assert watcher.current()[1] == "no_advantage"
     clock.now += 1.0
     model, why = watcher.current()
-    assert why == "" and model.version == 3
+    assert why == "" and model.version == 5
     # The 1-tree model: rtt <= 10 ms -> 0.01 s/MiB, else (or unknown) 0.1 s/MiB.
     X = np.full((3, len(FEATURE_NAMES)), np.nan)
     X[0, 5], X[1, 5] = 0.002, 0.05
     assert np.allclose(model.predict_cost(X), [0.01, 0.1, 0.01])   # unknown goes left (missing_left)
     # A newer file that is not a valid model is refused; the last good one stays in use.
-    (tmp_path / "model-000004.json").write_text("{not json")
+    (tmp_path / "model-000006.json").write_text("{not json")
     clock.now += 1.5
-    assert watcher.current()[0].version == 3 and watcher.load_errors == 1
+    assert watcher.current()[0].version == 5 and watcher.load_errors == 1
     bad = _doc(created=wall.now, error=0.1)
     bad["trees"][0]["left"][0] = 7                        # a child outside the tree
-    (tmp_path / "model-000005.json").write_text(json.dumps(dict(bad, version=5)))
+    (tmp_path / "model-000007.json").write_text(json.dumps(dict(bad, version=7)))
     with pytest.raises(InvalidInput, match="children"):
-        load_model(tmp_path / "model-000005.json")
+        load_model(tmp_path / "model-000007.json")
     other = _doc(created=wall.now, error=0.1)
     other["features"] = ["rtt_s"]
     with pytest.raises(InvalidInput, match="feature list"):
@@ -164,7 +174,7 @@ def test_a_stale_or_inaccurate_model_falls_back_and_a_bad_file_is_refused(tmp_pa
     with pytest.raises(InvalidInput):
         publish_model(tmp_path, other)                    # never published
     clock.now += 1.5
-    assert watcher.current()[0].version == 3 and watcher.load_errors == 2
+    assert watcher.current()[0].version == 5 and watcher.load_errors == 2
     # Fallback scores are exactly the weighted scores.
     scorer = LearnedScorer(ModelWatcher(tmp_path / "empty", clock=clock))
     from remora.plugins.scheduler.selection import Candidate, Features
@@ -206,9 +216,8 @@ def test_trainer_refuses_too_little_history(tmp_path):
 
 
 def test_scheduler_command_line_selects_the_learned_scorer(tmp_path):
-    from remora.plugins.scheduler.cli import config_from_args, register_scheduler
-
     from remora.errors import UsageError
+    from remora.plugins.scheduler.cli import config_from_args, register_scheduler
 
     ap = __import__("argparse").ArgumentParser()
     register_scheduler(ap.add_subparsers())
@@ -221,3 +230,57 @@ def test_scheduler_command_line_selects_the_learned_scorer(tmp_path):
     with pytest.raises(UsageError, match="model directory"):
         SchedulerConfig(scorer="learned")
     assert SchedulerService(SchedulerConfig(scorer="random")).scorer.name == "random"
+
+
+def test_the_model_ranks_only_candidates_it_can_tell_apart_and_multiplies_their_load_back(tmp_path):
+    """Per decision: when the model's predictions for the candidates spread less than ``separation`` x its
+    own held-out log error, its ranking is noise and the weighted scorer decides (counted as a fallback,
+    reason no_separation). An unshared-cost model multiplies each prediction by the parent's load + 1."""
+    from remora.plugins.scheduler.selection import Candidate, Features
+    from remora.plugins.scheduler.state import TaskPeer
+
+    clock = Clock()
+    svc = make_service(tmp_path, clock)
+    scorer = svc.scorer
+    rtt, load = FEATURE_NAMES.index("rtt_s"), FEATURE_NAMES.index("parent_load")
+
+    def cands(rtts, loads=(0, 0, 0)):
+        out = []
+        for i, (r, n) in enumerate(zip(rtts, loads)):
+            raw = [None] * len(FEATURE_NAMES)
+            raw[rtt], raw[load] = r, float(n)
+            # The weighted score prefers candidate 2 (declared bandwidth), the model candidate 0 (near).
+            out.append(Candidate(TaskPeer(f"p{i}", 0), Features(0.5, 1.0, 0.1 + 0.4 * i, 0.5, 0.0, tuple(raw))))
+        return out
+
+    def publish(log_error):
+        publish_model(tmp_path / "models", _doc(created=__import__("time").time(), error=0.1, log_error=log_error,
+                                                naive_log_error=10.0, target="log_unshared_seconds_per_mib"))
+        clock.now += 2
+
+    weighted = WeightedScorer()
+    publish(log_error=0.1)
+    # Equal links as far as the model can tell: the weighted scorer decides, exactly.
+    equal = cands([0.002, 0.003, 0.004])
+    scorer.score("kid", equal)
+    assert (scorer.kind, scorer.reason) == ("weighted", "no_separation")
+    assert [c.score for c in equal] == [weighted.value(c.features) for c in equal]
+    assert max(equal, key=lambda c: c.score).peer_id == "p2"
+    assert metric(svc, 'remora_scheduler_scorer_fallbacks_total{reason="no_separation"}') == 1
+    # Links the model separates (10x, std of the log 1.33 > 2 x 0.1): the model ranks.
+    apart = cands([0.002, 0.05, 0.05])
+    scorer.score("kid", apart)
+    assert scorer.kind == "learned" and max(apart, key=lambda c: c.score).peer_id == "p0"
+    assert [round(c.predicted_cost, 6) for c in apart] == [0.01, 0.1, 0.1]
+    # The near parent serving 19 transfers: 0.01 x 20 = 0.2 s/MiB, now the worst of the three.
+    busy = cands([0.002, 0.05, 0.05], loads=(19, 0, 0))
+    scorer.score("kid", busy)
+    assert [round(c.predicted_cost, 6) for c in busy] == [0.2, 0.1, 0.1]
+    assert min(busy, key=lambda c: c.score).peer_id == "p0"
+    # The same predictions from a model whose own error is larger than their spread: weighted again.
+    publish(log_error=1.5)
+    again = cands([0.002, 0.05, 0.05])
+    scorer.score("kid", again)
+    assert (scorer.kind, scorer.reason) == ("weighted", "no_separation")
+    assert max(again, key=lambda c: c.score).peer_id == "p2"
+    assert metric(svc, 'remora_scheduler_scorer_fallbacks_total{reason="no_separation"}') == 2

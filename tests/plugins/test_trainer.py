@@ -7,6 +7,8 @@ import math
 import random
 
 import pytest
+
+from remora.errors import InvalidInput
 from remora.plugins.scheduler.history import (
     HISTORY_VERSION,
     HistoryRecorder,
@@ -17,8 +19,6 @@ from remora.plugins.scheduler.history import (
 from remora.plugins.scheduler.learned import load_model
 from remora.plugins.scheduler.selection import FEATURE_NAMES
 from remora.plugins.trainer import cli as trainer_cli
-
-from remora.errors import InvalidInput
 
 N = len(FEATURE_NAMES)
 
@@ -114,3 +114,82 @@ def test_remora_trainer_publishes_a_validated_model(tmp_path, capsys):
     with pytest.raises(InvalidInput):
         args.func(args)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model-000001.json"]
+
+
+def test_raw_costs_are_trained_as_unshared_costs_and_the_load_is_multiplied_back(tmp_path):
+    """A parent serving n transfers moves each piece n times slower. Raw costs (``norm`` false, the
+    simulation's) are divided by the parent's transfers at choice time + 1 before training, so the model
+    learns the link, not the load, and the scorer multiplies the load back: a prediction for a load never
+    seen in training still grows with it (trees alone would extrapolate flat)."""
+    from remora.plugins.scheduler.learned import LOAD
+    from remora.plugins.scheduler.state import SchedulerState
+    from remora.plugins.trainer.train import TrainConfig, train
+
+    rtt, load = FEATURE_NAMES.index("rtt_s"), FEATURE_NAMES.index("parent_load")
+    assert LOAD == load
+
+    def history(directory, norm):
+        store = LocalHistoryStore(directory)
+        rng = random.Random(3)
+        for i in range(3000):
+            near = rng.random() < 0.5
+            n = rng.randrange(0, 8)
+            f = [None] * N
+            f[rtt], f[load] = (0.002 if near else 0.05), float(n)
+            cost = (0.01 if near else 0.1) * (n + 1) * rng.lognormvariate(0, 0.1)
+            store.append({"v": HISTORY_VERSION, "t": float(i), "parent": "p", "child": "c", "scorer": "weighted",
+                          "size": 1 << 20, "cost_s": cost, "age_s": 0.0, "norm": norm, "f": f})
+        store.close()
+
+    X = [[math.nan] * N for _ in range(3)]
+    X[0][rtt], X[0][load] = 0.002, 0.0
+    X[1][rtt], X[1][load] = 0.002, 30.0          # a load far beyond the history's (0..7)
+    X[2][rtt], X[2][load] = 0.05, 0.0
+    import numpy as np
+
+    X = np.array(X)
+    history(tmp_path / "raw", norm=False)
+    _, model = train(str(tmp_path / "raw"), TrainConfig(min_rows=100, max_iter=40, threads=1))
+    assert model.meta["target"] == "log_unshared_seconds_per_mib" and model.unshared
+    pred = model.predict_log(X)
+    assert abs(pred[0] - pred[1]) < 0.2                       # the link, whatever the load
+    assert abs(pred[2] - pred[0] - math.log(10)) < 0.3        # near is 10x cheaper
+    cost = model.predict_cost(X)
+    assert 25 < cost[1] / cost[0] < 37                        # x (30 + 1): the load multiplied back
+    # The same costs as peers report them (already divided by their uploads: norm true, or absent in
+    # older rows) are taken as they are: the model then sees the cost grow with the load.
+    history(tmp_path / "norm", norm=True)
+    _, as_reported = train(str(tmp_path / "norm"), TrainConfig(min_rows=100, max_iter=40, threads=1))
+    assert as_reported.predict_log(X)[1] - as_reported.predict_log(X)[0] > 1.5
+    # The older target (cost as observed) stays loadable and is not multiplied by the load.
+    _, shared = train(str(tmp_path / "raw"), TrainConfig(min_rows=100, max_iter=40, threads=1, unshared=False))
+    assert shared.meta["target"] == "log_seconds_per_mib" and not shared.unshared
+    assert np.allclose(shared.predict_cost(X), np.exp(shared.predict_log(X)))
+    # Held-out error in log terms, for the scheduler's gates, beside the naive predictor's.
+    v = model.meta["validation"]
+    assert v["median_abs_log_error"] < 0.5 * v["naive"]["median_abs_log_error"] and model.advantage > 0.5
+    # The recorder marks what the scheduler's estimator assumes (real peers normalize: true).
+    state = SchedulerState(clock=lambda: 0.0)
+    rec = HistoryRecorder(LocalHistoryStore(tmp_path / "rec"))
+    rec.attach(state, type("Sel", (), {"on_choice": []})())
+    assert rec.normalized is True
+    state.bandwidth.normalized = False
+    assert HistoryRecorder(LocalHistoryStore(tmp_path / "rec2")).attach(
+        state, type("Sel", (), {"on_choice": []})()).normalized is False
+
+
+def test_the_ablation_drops_features_from_the_fit(tmp_path):
+    from remora.plugins.trainer.train import TrainConfig, train
+
+    store = LocalHistoryStore(tmp_path / "h")
+    rng = random.Random(2)
+    for i in range(3000):
+        store.append(row(i, rng))
+    store.close()
+    _, model = train(str(tmp_path / "h"), TrainConfig(min_rows=100, max_iter=30, threads=1,
+                                                       drop=("pair_goodput",)))
+    assert model.meta["trainer"]["dropped"] == ["pair_goodput"]
+    # The only informative feature is gone: no better than the naive predictor.
+    assert model.advantage < 0.2
+    with pytest.raises(InvalidInput, match="unknown features"):
+        train(str(tmp_path / "h"), TrainConfig(min_rows=100, drop=("nope",)))
