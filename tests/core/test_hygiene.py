@@ -33,7 +33,8 @@ def test_mypy_sees_components_under_their_import_names(tmp_path):
     error against the snapshotter core is reported as one, not hidden as a missing module."""
     probe = tmp_path / "probe.py"
     probe.write_text("from remora.snapshotter.storage import Kind\nx: str = Kind.ACTIVE\n")
-    proc = _run("scripts/typecheck.py", str(probe))
+    # its own cache: mypy's shared one remembers a module named "probe" at an earlier run's path
+    proc = _run("scripts/typecheck.py", "--cache-dir", str(tmp_path / "cache"), str(probe))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f'{probe}:2: error: Incompatible types in assignment (expression has type "Kind", variable has ' \
         'type "str")' in proc.stdout, proc.stdout
