@@ -116,10 +116,13 @@ def _repair(search: _Search, pf: np.ndarray, ps: np.ndarray) -> tuple[np.ndarray
             return None
         _, f, k, group = best
         for s in group:
-            sto[k0] -= comp.size[s]; sto[k] += comp.size[s]
+            sto[k0] -= comp.size[s]
+            sto[k] += comp.size[s]
             ps[s] = k
-        cpu[k0] -= comp.cpu_dem[f, k0]; mem[k0] -= comp.mem[f]
-        cpu[k] += comp.cpu_dem[f, k]; mem[k] += comp.mem[f]
+        cpu[k0] -= comp.cpu_dem[f, k0]
+        mem[k0] -= comp.mem[f]
+        cpu[k] += comp.cpu_dem[f, k]
+        mem[k] += comp.mem[f]
         for g in comp.f_groups[f]:
             counts[g, k0] -= 1
             counts[g, k] += 1
@@ -144,7 +147,8 @@ def _repair(search: _Search, pf: np.ndarray, ps: np.ndarray) -> tuple[np.ndarray
         if best is None:
             return None
         _, s, k = best
-        sto[k0] -= comp.size[s]; sto[k] += comp.size[s]
+        sto[k0] -= comp.size[s]
+        sto[k] += comp.size[s]
         ps[s] = k
         repaired = True
     if (cpu > comp.cap_cpu * tol).any() or (mem > comp.cap_mem * tol).any() or (sto > comp.cap_sto * tol).any():
@@ -219,7 +223,8 @@ def solve(problem: Problem, samples: int = 32, seed: int = 0, candidate_nodes: l
             if bo <= o or not ok:
                 pf, ps, o = bf, bs, bo
         ok = comp.objective(pf, ps)[1]
-    return comp.placement(pf, ps, "approx", rounded_objective=float(rounded), polished=polish, lower_bound=lp if full and comp.K == len(problem.network.nodes) else None, lp_value=lp,
+    return comp.placement(pf, ps, "approx", rounded_objective=float(rounded), polished=polish,
+                          lower_bound=lp if full and comp.K == len(problem.network.nodes) else None, lp_value=lp,
                           lp_all_users=full, repaired=bool(rep), repaired_roundings=n_repaired,
-                          roundings=len(trials), polished_roundings=polished, candidates=comp.K, delay_feasible=bool(ok),
-                          seconds=time.perf_counter() - start)
+                          roundings=len(trials), polished_roundings=polished, candidates=comp.K,
+                          delay_feasible=bool(ok), seconds=time.perf_counter() - start)

@@ -73,7 +73,8 @@ class Compiled:
             self.lin_f[f] += users_req * app.request_bytes / GB
         for h in self.exits:
             self.lin_f[h] += users_req * app.response_bytes / GB
-        self.lin_s = np.array([[s.size / GB * n.storage_cost * H / 3600.0 for n in nodes] for s in app.states]).reshape(S, K)
+        self.lin_s = np.array([[s.size / GB * n.storage_cost * H / 3600.0 for n in nodes]
+                               for s in app.states]).reshape(S, K)
         # Request entry/exit times per user and candidate.
         with np.errstate(divide="ignore", invalid="ignore"):
             self.t_req = self.Du + np.where(app.request_bytes > 0, app.request_bytes / self.Bu, 0.0)
@@ -86,10 +87,10 @@ class Compiled:
         self.a_cost = np.array([R * rw / GB for _, _, rw in self.acc])
         self.a_time = [self._tmat(rw, 2.0) for _, _, rw in self.acc]
         self.preds: list[list[int]] = [[] for _ in range(F)]  # edge indices into self.edges
-        for ei, (g, f, _) in enumerate(self.edges):
+        for ei, (_g, f, _) in enumerate(self.edges):
             self.preds[f].append(ei)
         self.f_acc: list[list[int]] = [[] for _ in range(F)]
-        for ai, (f, s, _) in enumerate(self.acc):
+        for ai, (f, _s, _) in enumerate(self.acc):
             self.f_acc[f].append(ai)
         order = app.topo_order
         self.topo = [fi[n] for n in order]

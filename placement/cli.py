@@ -76,7 +76,8 @@ def register(sub) -> None:
     ps = p.add_subparsers(dest="place_command", metavar="SUBCOMMAND")
 
     def inputs(q):
-        q.add_argument("inputs", nargs="+", metavar="FILE", help="spec file, or AppGroup + NetworkTopology + Node files")
+        q.add_argument("inputs", nargs="+", metavar="FILE",
+                       help="spec file, or AppGroup + NetworkTopology + Node files")
         q.add_argument("--users", metavar="NODE=RATE,...", help="requests/s entering at each node (overrides the file)")
         q.add_argument("--k8s-rate", type=float, default=1.0, metavar="RPS",
                        help="Kubernetes input without --users: requests/s at every node (default 1)")
@@ -287,7 +288,8 @@ def _compare(args) -> int:
         if "error" in r:
             t.add_row(r["algorithm"], r["error"], "", "", "", "no", "")
         else:
-            t.add_row(r["algorithm"], f"{r['cost']:,.4f}", f"{r['mean_delay'] * 1000:,.2f}", f"{r['max_delay'] * 1000:,.2f}",
+            t.add_row(r["algorithm"], f"{r['cost']:,.4f}", f"{r['mean_delay'] * 1000:,.2f}",
+                      f"{r['max_delay'] * 1000:,.2f}",
                       f"{r['objective']:,.4f}", "yes" if r["feasible"] else "no", f"{r['seconds']:.2f}")
     Console().print(t)
     return 0

@@ -94,7 +94,8 @@ def _node_attrs(rng, tier: str) -> dict:
                 "storage_cost": float(rng.uniform(0.01, 0.02)),        # per GB-hour
                 "deploy_cost": float(rng.uniform(0.2, 0.4)),           # per GB pulled
                 "storage": 2000.0 * GB}
-    return {"tier": tier, "cpu": float(rng.choice([4000, 8000, 16000])), "memory": float(rng.choice([8, 16, 32])) * 2**30,
+    return {"tier": tier, "cpu": float(rng.choice([4000, 8000, 16000])),
+            "memory": float(rng.choice([8, 16, 32])) * 2**30,
             "speed": float(rng.uniform(0.8, 1.2)),
             "cpu_cost": float(rng.uniform(1.0, 2.0)) * 1e-4,
             "storage_cost": float(rng.uniform(0.03, 0.06)),
@@ -203,7 +204,8 @@ def transit_stub_topology(n: int, seed=0, *, transit_domains: int | None = None,
                         g.nodes[names[i]]["pos"], g.nodes[names[j]]["pos"])))
         transit.append(names)
     for d in range(transit_domains):  # ring of domains, plus a chord now and then
-        for e in ([d + 1] if transit_domains > 1 else []) + ([int(rng.integers(transit_domains))] if transit_domains > 3 else []):
+        for e in (([d + 1] if transit_domains > 1 else [])
+                  + ([int(rng.integers(transit_domains))] if transit_domains > 3 else [])):
             e %= transit_domains
             if e != d:
                 a, b = transit[d][int(rng.integers(transit_size))], transit[e][int(rng.integers(transit_size))]
@@ -222,20 +224,25 @@ def transit_stub_topology(n: int, seed=0, *, transit_domains: int | None = None,
             g.add_node(name, pos=tuple(np.clip(centre + rng.normal(0, 0.03, 2), 0, 1)), **_node_attrs(rng, "edge"))
             if names:
                 parent = names[int(rng.integers(len(names)))]
-                g.add_edge(parent, name, **_link_attrs(rng, _LINK_EDGE, math.dist(g.nodes[parent]["pos"], g.nodes[name]["pos"])))
+                g.add_edge(parent, name,
+                           **_link_attrs(rng, _LINK_EDGE, math.dist(g.nodes[parent]["pos"], g.nodes[name]["pos"])))
             names.append(name)
         for _ in range(int(extra_stub_edges * size)):
             a, b = rng.choice(len(names), size=2, replace=False) if size > 1 else (0, 0)
             if a != b and not g.has_edge(names[a], names[b]):
-                g.add_edge(names[a], names[b], **_link_attrs(rng, _LINK_EDGE, math.dist(g.nodes[names[a]]["pos"], g.nodes[names[b]]["pos"])))
+                g.add_edge(names[a], names[b],
+                           **_link_attrs(rng, _LINK_EDGE,
+                                         math.dist(g.nodes[names[a]]["pos"], g.nodes[names[b]]["pos"])))
         gw = names[0]
         g.add_edge(gw, t_name, **_link_attrs(rng, _LINK_STUB_UP, math.dist(g.nodes[gw]["pos"], g.nodes[t_name]["pos"])))
         if transit_size > 1 and rng.random() < 0.2:
             other = transit[d][(i + 1) % transit_size]
-            g.add_edge(names[-1], other, **_link_attrs(rng, _LINK_STUB_UP, math.dist(g.nodes[names[-1]]["pos"], g.nodes[other]["pos"])))
+            g.add_edge(names[-1], other,
+                       **_link_attrs(rng, _LINK_STUB_UP, math.dist(g.nodes[names[-1]]["pos"], g.nodes[other]["pos"])))
     g.graph["kind"] = "transit-stub"
     n_edge = n - n_transit
-    return _finish(g, rng, users if users is not None else max(2, min(20, n_edge // 10)), images, cache_prob, total_rate)
+    return _finish(g, rng, users if users is not None else max(2, min(20, n_edge // 10)), images, cache_prob,
+                   total_rate)
 
 
 # ---------------------------------------------------------------------------------- application
@@ -382,7 +389,8 @@ class DelayProcess:
         self.base = declared * noise if true_means is None else np.asarray(true_means, dtype=float).copy()
         if self.base.shape != declared.shape or (self.base <= 0).any():
             raise InvalidInput("true_means must be positive and match the declared delays")
-        self.change_points = [int(horizon * (k + 1) / (changes + 1)) for k in range(changes)] if drift == "abrupt" else []
+        self.change_points = ([int(horizon * (k + 1) / (changes + 1)) for k in range(changes)]
+                              if drift == "abrupt" else [])
         self._factors = []
         for _ in self.change_points:
             f = np.ones_like(declared)

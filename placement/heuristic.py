@@ -88,10 +88,10 @@ class _Search:
         F, S, K = len(comp.fnames), len(comp.snames), comp.K
         self.F, self.S, self.K = F, S, K
         self.succ: list[list[int]] = [[] for _ in range(F)]
-        for ei, (g, f, _) in enumerate(comp.edges):
+        for ei, (g, _f, _) in enumerate(comp.edges):
             self.succ[g].append(ei)
         self.s_acc: list[list[int]] = [[] for _ in range(S)]
-        for qi, (f, s, _) in enumerate(comp.acc):
+        for qi, (_f, s, _) in enumerate(comp.acc):
             self.s_acc[s].append(qi)
         # Swap partners on large applications: DAG neighbours and functions sharing a state.
         nb: list[set] = [set() for _ in range(F)]
@@ -243,7 +243,8 @@ class _Search:
         c = self.c
         return (np.maximum(cpu - c.cap_cpu, 0.0) / np.maximum(c.cap_cpu, 1e-12)
                 + np.maximum(mem - c.cap_mem, 0.0) / np.maximum(c.cap_mem, 1e-12)
-                + np.where(np.isfinite(c.cap_sto), np.maximum(sto - c.cap_sto, 0.0) / np.maximum(c.cap_sto, 1e-12), 0.0))
+                + np.where(np.isfinite(c.cap_sto),
+                           np.maximum(sto - c.cap_sto, 0.0) / np.maximum(c.cap_sto, 1e-12), 0.0))
 
     def repair(self, pf, ps, weight: float):
         """Make an over-capacity assignment feasible, or None when stuck.
@@ -281,8 +282,10 @@ class _Search:
                         k = int(pf[g])
                         if k == k0:
                             continue
-                        o = (self._node_over(k0, cpu[k0] - c.cpu_dem[f, k0] + c.cpu_dem[g, k0], mem[k0] - c.mem[f] + c.mem[g], sto[k0])
-                             + self._node_over(k, cpu[k] - c.cpu_dem[g, k] + c.cpu_dem[f, k], mem[k] - c.mem[g] + c.mem[f], sto[k]))
+                        o = (self._node_over(k0, cpu[k0] - c.cpu_dem[f, k0] + c.cpu_dem[g, k0],
+                                             mem[k0] - c.mem[f] + c.mem[g], sto[k0])
+                             + self._node_over(k, cpu[k] - c.cpu_dem[g, k] + c.cpu_dem[f, k],
+                                               mem[k] - c.mem[g] + c.mem[f], sto[k]))
                         delta = o - node_over[k0] - node_over[k]
                         if delta < -1e-12 and (best is None or delta < best[0] - 1e-12):
                             best = (float(delta), 0.0, ("swap", f, g))
@@ -314,7 +317,8 @@ class _Search:
 
     def _node_over(self, k: int, cpu: float, mem: float, sto: float) -> float:
         c = self.c
-        o = max(cpu - c.cap_cpu[k], 0.0) / max(c.cap_cpu[k], 1e-12) + max(mem - c.cap_mem[k], 0.0) / max(c.cap_mem[k], 1e-12)
+        o = (max(cpu - c.cap_cpu[k], 0.0) / max(c.cap_cpu[k], 1e-12)
+             + max(mem - c.cap_mem[k], 0.0) / max(c.cap_mem[k], 1e-12))
         if math.isfinite(c.cap_sto[k]):
             o += max(sto - c.cap_sto[k], 0.0) / max(c.cap_sto[k], 1e-12)
         return o
@@ -348,7 +352,10 @@ class _Search:
             for f in members:
                 counts[g, pf[f]] += 1
         exact_needed = c.needs_delay and len(c.users) > 0
-        eps = lambda x: 1e-9 * (1 + abs(x))
+
+        def eps(x):
+            return 1e-9 * (1 + abs(x))
+
         # Large applications (> 40 functions) converge to a coarser tolerance with fewer exact delay
         # evaluations, so planning 100 functions stays within seconds of CPU without a time limit.
         fast = self.F > 40
@@ -388,8 +395,10 @@ class _Search:
                 best = try_moves(cv, dv, k0, ok, lambda k, f=f: pf.__setitem__(f, k))
                 if best[1] is not None:
                     k = best[1]
-                    cpu[k0] -= c.cpu_dem[f, k0]; mem[k0] -= c.mem[f]
-                    cpu[k] += c.cpu_dem[f, k]; mem[k] += c.mem[f]
+                    cpu[k0] -= c.cpu_dem[f, k0]
+                    mem[k0] -= c.mem[f]
+                    cpu[k] += c.cpu_dem[f, k]
+                    mem[k] += c.mem[f]
                     for g in c.f_groups[f]:
                         counts[g, k0] -= 1
                         counts[g, k] += 1
@@ -402,7 +411,8 @@ class _Search:
                 ok[k0] = True
                 best = try_moves(cv, dv, k0, ok, lambda k, s=s: ps.__setitem__(s, k))
                 if best[1] is not None:
-                    sto[k0] -= c.size[s]; sto[best[1]] += c.size[s]
+                    sto[k0] -= c.size[s]
+                    sto[best[1]] += c.size[s]
                     ps[s], cur, improved = best[1], best[0], True
                     cost, dterm = best[2]
             # A function with the states only it uses, moved together (escapes the co-location trap).
@@ -436,13 +446,16 @@ class _Search:
                     ps[s] = saved[s]
                 if best[1] is not None:
                     k = best[1]
-                    cpu[k0] -= c.cpu_dem[f, k0]; mem[k0] -= c.mem[f]
-                    cpu[k] += c.cpu_dem[f, k]; mem[k] += c.mem[f]
+                    cpu[k0] -= c.cpu_dem[f, k0]
+                    mem[k0] -= c.mem[f]
+                    cpu[k] += c.cpu_dem[f, k]
+                    mem[k] += c.mem[f]
                     for g in c.f_groups[f]:
                         counts[g, k0] -= 1
                         counts[g, k] += 1
                     for s in own:
-                        sto[ps[s]] -= c.size[s]; sto[k] += c.size[s]
+                        sto[ps[s]] -= c.size[s]
+                        sto[k] += c.size[s]
                         ps[s] = k
                     pf[f], cur, improved = k, best[0], True
                     cost, dterm = best[2]
@@ -504,8 +517,10 @@ class _Search:
                     cpu1 = c.cpu_dem[b, k1].sum()
                     cpu2 = c.cpu_dem[a, k2].sum()
                     if (cpu1 > c.cap_cpu[k1] * (1 + 1e-9) or cpu2 > c.cap_cpu[k2] * (1 + 1e-9)
-                            or c.mem[b].sum() > c.cap_mem[k1] * (1 + 1e-9) or c.mem[a].sum() > c.cap_mem[k2] * (1 + 1e-9)
-                            or c.size[sb].sum() > c.cap_sto[k1] * (1 + 1e-9) or c.size[sa].sum() > c.cap_sto[k2] * (1 + 1e-9)):
+                            or c.mem[b].sum() > c.cap_mem[k1] * (1 + 1e-9)
+                            or c.mem[a].sum() > c.cap_mem[k2] * (1 + 1e-9)
+                            or c.size[sb].sum() > c.cap_sto[k1] * (1 + 1e-9)
+                            or c.size[sa].sum() > c.cap_sto[k2] * (1 + 1e-9)):
                         continue
                     pf[a], pf[b], ps[sa], ps[sb] = k2, k1, k2, k1
                     nc = c.cost(pf, ps)
@@ -604,7 +619,8 @@ class _Search:
                         followed = []
                         for q in c.f_acc[f]:
                             st = c.acc[q][1]
-                            if ps2[st] != k and sk + c.size[st] <= c.cap_sto[k] * tol and all(pf2[u] == k for u in state_users[st]):
+                            if (ps2[st] != k and sk + c.size[st] <= c.cap_sto[k] * tol
+                                    and all(pf2[u] == k for u in state_users[st])):
                                 sv, sd = self.s_parts(st, pf2)
                                 dcost += sv[k] - sv[ps2[st]]
                                 dd += sd[k] - sd[ps2[st]]
@@ -649,13 +665,16 @@ class _Search:
             if not len(room):
                 continue
             k = int(rng.choice(room))
-            cpu[k0] -= c.cpu_dem[f, k0]; mem[k0] -= c.mem[f]
-            cpu[k] += c.cpu_dem[f, k]; mem[k] += c.mem[f]
+            cpu[k0] -= c.cpu_dem[f, k0]
+            mem[k0] -= c.mem[f]
+            cpu[k] += c.cpu_dem[f, k]
+            mem[k] += c.mem[f]
             pf[f] = k
             for q in c.f_acc[f]:
                 s = c.acc[q][1]
                 if rng.random() < 0.5 and sto[k] + c.size[s] <= c.cap_sto[k]:
-                    sto[ps[s]] -= c.size[s]; sto[k] += c.size[s]
+                    sto[ps[s]] -= c.size[s]
+                    sto[k] += c.size[s]
                     ps[s] = k
         return pf, ps
 
@@ -697,7 +716,8 @@ def _solve_on(problem: Problem, cand: list[str], start: float, budget: float, se
     # functions so that a large later one fits nowhere; these cannot strand a large function that way.
     by_size = search.size_order()
     for g in (search.greedy(w0, by_size), search.greedy(w0, by_size, fit=True)):
-        if g is not None and not any(np.array_equal(g[0], s0[0][0]) and np.array_equal(g[1], s0[0][1]) for s0 in starts):
+        if g is not None and not any(np.array_equal(g[0], s0[0][0]) and np.array_equal(g[1], s0[0][1])
+                                     for s0 in starts):
             starts.append((g, w0))
     co = search.colocated()
     if co is not None:
@@ -763,5 +783,6 @@ def iterated_local_search(search: _Search, best, seed: int, deadline: float, kic
 
 def _scale(comp: Compiled) -> float:
     """A typical cost magnitude, to size the delay-bound penalty and the delay-led greedy weight."""
-    return float(np.abs(comp.lin_f).mean() * max(1, len(comp.fnames)) + comp.e_cost.sum() * max(np.nanmax(np.where(np.isfinite(comp.C), comp.C, 0)), 1e-9)
+    return float(np.abs(comp.lin_f).mean() * max(1, len(comp.fnames))
+                 + comp.e_cost.sum() * max(np.nanmax(np.where(np.isfinite(comp.C), comp.C, 0)), 1e-9)
                  + comp.g_cost.sum() / max(comp.K, 1)) + 1e-9

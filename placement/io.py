@@ -83,7 +83,8 @@ def duration(where: str, value: Any) -> float:
 
 
 def bandwidth(where: str, value: Any) -> float:
-    """Bytes per second from "100Mbps"/"1Gbit/s" (bits), "10MB/s"/"10MiB/s" (bytes), a bare quantity or number (bytes/s)."""
+    """Bytes per second from "100Mbps"/"1Gbit/s" (bits), "10MB/s"/"10MiB/s" (bytes), a bare quantity or number
+    (bytes/s)."""
     v = _num(where, value)
     if v is None:
         s = str(value).strip()
@@ -200,7 +201,7 @@ def chunks_from_bootstrap(path: Path) -> tuple[tuple[str, int], ...]:
 
 def layers_from_manifest(manifest: dict) -> tuple[tuple[str, int], ...]:
     """Layer-level parts of an OCI image manifest (the fallback for images that are not remora images)."""
-    return tuple((str(l["digest"]), int(l["size"])) for l in manifest.get("layers", []))
+    return tuple((str(layer["digest"]), int(layer["size"])) for layer in manifest.get("layers", []))
 
 
 def _read_docs(paths: Iterable[str | Path]) -> list[tuple[Path, Any]]:
@@ -402,7 +403,8 @@ def _network(o: _Obj, app: Application) -> Network:
             else:
                 raise InvalidInput(f"{no.where}.cached: {c!r} is neither an image of the application nor a digest")
         pos = no.opt("pos")
-        if pos is not None and (not isinstance(pos, list) or len(pos) != 2 or not all(isinstance(x, (int, float)) for x in pos)):
+        if pos is not None and (not isinstance(pos, list) or len(pos) != 2
+                                or not all(isinstance(x, (int, float)) for x in pos)):
             raise InvalidInput(f"{no.where}.pos: expected [x, y]")
         labels = no.opt("labels", {}) or {}
         if not isinstance(labels, dict):
@@ -541,7 +543,8 @@ def _k8s_appgroup(obj: dict, total_rate: float, cpu: float, memory: float) -> Ap
         pairs[key] = max(pairs.get(key, 0.0), bw)
     per_request = (lambda bw: bw / total_rate) if total_rate > 0 else (lambda bw: 0.0)
     functions = tuple(Function(n, cpu, memory, None) for n in order)
-    edges = tuple(Edge(a, b, per_request(bw)) for (a, b), bw in sorted(pairs.items(), key=lambda kv: (rank[kv[0][0]], rank[kv[0][1]])))
+    edges = tuple(Edge(a, b, per_request(bw))
+                  for (a, b), bw in sorted(pairs.items(), key=lambda kv: (rank[kv[0][0]], rank[kv[0][1]])))
     return Application(name, functions, edges)
 
 

@@ -57,15 +57,20 @@ def build(comp: Compiled, integral: bool = True) -> Formulation:
     E, Q, G, U = len(comp.edges), len(comp.acc), len(comp.groups), len(comp.users)
     with_delay = comp.needs_delay and U > 0
     n = 0
-    x0 = n; n += F * K
-    y0 = n; n += S * K
+    x0 = n
+    n += F * K
+    y0 = n
+    n += S * K
     z0 = []
     for _ in range(E):
-        z0.append(n); n += K * K
+        z0.append(n)
+        n += K * K
     a0 = []
     for _ in range(Q):
-        a0.append(n); n += K * K
-    w0 = n; n += G * K
+        a0.append(n)
+        n += K * K
+    w0 = n
+    n += G * K
     t0 = n
     if with_delay:
         n += U * F
@@ -103,9 +108,14 @@ def build(comp: Compiled, integral: bool = True) -> Formulation:
     rows, cols, vals, lo, hi = [], [], [], [], []
     r = 0
 
-    def add(cs, vs, l, h):
+    def add(cs, vs, low, high):
         nonlocal r
-        rows.extend([r] * len(cs)); cols.extend(cs); vals.extend(vs); lo.append(l); hi.append(h); r += 1
+        rows.extend([r] * len(cs))
+        cols.extend(cs)
+        vals.extend(vs)
+        lo.append(low)
+        hi.append(high)
+        r += 1
 
     kk = np.arange(K)
     for f in range(F):
@@ -244,5 +254,6 @@ def solve(problem: Problem, time_limit: float | None = 60.0, candidates: list[st
     ys = res.x[form.y0:form.y0 + S * K].reshape(S, K)
     pf, ps = xs.argmax(axis=1), ys.argmax(axis=1) if S else np.zeros(0, int)
     return comp.placement(pf, ps, "mip", optimal=bool(res.status == 0) and not restricted,
-                          candidates_restricted=restricted, bound=float(getattr(res, "mip_dual_bound", res.fun) or res.fun),
+                          candidates_restricted=restricted,
+                          bound=float(getattr(res, "mip_dual_bound", res.fun) or res.fun),
                           objective=float(res.fun), seconds=time.perf_counter() - start, variables=form.nvars)

@@ -40,7 +40,8 @@ a == b else D[a,b] + x / B[a,b]):
 Cost over the horizon H (seconds), with R = H * sum_u rate(u) requests:
     processing   = R * sum_f cpu(f) * cpu_cost(p(f))
     transmission = R * sum_(g,f) bytes/1e9 * C[p(g),p(f)] + R * sum_(f,s) (read+write)/1e9 * C[p(f),p(s)]
-                   + H * sum_u rate(u) * (request_bytes * sum_entry C[u,p(f)] + response_bytes * sum_exit C[p(h),u]) / 1e9
+                   + H * sum_u rate(u) * (request_bytes * sum_entry C[u,p(f)]
+                                          + response_bytes * sum_exit C[p(h),u]) / 1e9
     storage      = sum_s size(s)/1e9 * storage_cost(p(s)) * H/3600
     deployment   = sum_n deploy_cost(n) * (bytes of the parts of images placed on n not in cached(n)) / 1e9
 """
@@ -181,7 +182,7 @@ class Application:
     def topo_order(self) -> list[str]:
         """Functions in a topological order (the loaders reject cycles; here a cycle raises ValueError)."""
         names = [f.name for f in self.functions]
-        indeg = {n: 0 for n in names}
+        indeg = dict.fromkeys(names, 0)
         succ: dict[str, list[str]] = {n: [] for n in names}
         for e in self.edges:
             indeg[e.dst] += 1

@@ -85,7 +85,8 @@ def render_table(problem: Problem, plan: Placement, ev: Evaluation, console=None
               _money(c.deployment), _ms(ev.mean_delay))
     console.print(t)
     secs = plan.meta.get("seconds")
-    console.print(f"total cost {_money(c.total)} over {problem.app.horizon / 3600:g} h, mean delay {_ms(ev.mean_delay)} ms, "
+    console.print(f"total cost {_money(c.total)} over {problem.app.horizon / 3600:g} h, "
+                  f"mean delay {_ms(ev.mean_delay)} ms, "
                   f"max delay {_ms(ev.max_delay)} ms, objective {_money(ev.objective)}"
                   + (f", planned in {secs:.2f} s" if isinstance(secs, float) else ""))
     if ev.violations:
@@ -107,7 +108,7 @@ def picture(problem: Problem, plan: Placement, ev: Evaluation, path: str | Path)
     net = problem.network
     g = nx.Graph()
     g.add_nodes_from(n.name for n in net.nodes)
-    g.add_edges_from((l.a, l.b) for l in net.links)
+    g.add_edges_from((link.a, link.b) for link in net.links)
     if all(n.pos is not None for n in net.nodes):
         pos = {n.name: n.pos for n in net.nodes}
     else:
@@ -128,7 +129,8 @@ def picture(problem: Problem, plan: Placement, ev: Evaluation, path: str | Path)
     if users:
         top = max(rate.values())
         nx.draw_networkx_nodes(g, pos, nodelist=users, ax=ax, node_shape="s",
-                               node_size=[(20 + 200 * rate[u] / top) if big else (520 + 600 * rate[u] / top) for u in users],
+                               node_size=[(20 + 200 * rate[u] / top) if big else (520 + 600 * rate[u] / top)
+                                          for u in users],
                                node_color="#f4a261", alpha=0.85, label="user-facing node (size: requests/s)")
     nx.draw_networkx_nodes(g, pos, nodelist=list(used), ax=ax, node_size=420, node_color="#2a9d8f",
                            edgecolors="black", label="hosts functions / [state]")

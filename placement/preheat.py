@@ -70,9 +70,10 @@ def preheat(deploy: list[dict], peers: dict[str, str], token: str, want_all: boo
             timeout: float = 3600.0, poll: float = 0.2, console=None, client_factory=None) -> list[dict]:
     """Preheat every (node, image) of ``deploy`` on its node's peer; one result per pair:
     ``{"node", "image", "peer", "task", "state", "error", "verified_bytes", "total_bytes"}``."""
-    from remora.taskapi import PreheatClient, new_task_id, progress_of
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from remora.taskapi import PreheatClient, new_task_id, progress_of
 
     missing = sorted({d["node"] for d in deploy if d["node"] not in peers})
     if missing:

@@ -336,7 +336,8 @@ class AccessChecker:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise RegistryError(f"{urlsplit(url).netloc}: access check failed: {type(exc).__name__}") from None
 
-    async def _token(self, params: dict[str, str], repository: str, authorization: str | None) -> tuple[str, float] | None:
+    async def _token(self, params: dict[str, str], repository: str,
+                     authorization: str | None) -> tuple[str, float] | None:
         """A token for ``repository:<repository>:pull`` from the challenge's realm, with the client's
         Basic credentials (or none); None when the token service refuses."""
         realm = params["realm"]

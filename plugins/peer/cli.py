@@ -149,11 +149,15 @@ def register_peer(subparsers) -> None:
     tune.add_argument("--min-piece-rate", default="1MiB", metavar="SIZE",
                       help="bytes/s per upload below which a parent crawls (default %(default)s)")
     tune.add_argument("--max-parent-failures", type=int, default=6,
-                      help="parents that failed (blocklisted or busy) before going to the registry (default %(default)s)")
-    tune.add_argument("--scheduler-timeout", default="2s", metavar="DURATION", help="deadline of a scheduler RPC (default %(default)s)")
-    tune.add_argument("--upstream-timeout", default="30s", metavar="DURATION", help="registry read timeout (default %(default)s)")
+                      help="parents that failed (blocklisted or busy) before going to the registry "
+                           "(default %(default)s)")
+    tune.add_argument("--scheduler-timeout", default="2s", metavar="DURATION",
+                      help="deadline of a scheduler RPC (default %(default)s)")
+    tune.add_argument("--upstream-timeout", default="30s", metavar="DURATION",
+                      help="registry read timeout (default %(default)s)")
     gc = p.add_argument_group("garbage collection")
-    gc.add_argument("--gc-ttl", default="24h", metavar="DURATION", help="evict blobs unused this long (default %(default)s)")
+    gc.add_argument("--gc-ttl", default="24h", metavar="DURATION",
+                    help="evict blobs unused this long (default %(default)s)")
     gc.add_argument("--gc-high", default="85%", metavar="SIZE|PCT",
                     help="start evicting above this store size or filesystem usage (default %(default)s)")
     gc.add_argument("--gc-low", default="75%", metavar="SIZE|PCT", help="evict down to this (default %(default)s)")
@@ -200,14 +204,14 @@ def register_peer(subparsers) -> None:
     ph.add_argument("--preheat-token-file", type=Path, default=None, metavar="FILE",
                     help="the peer's preheat token (default $REMORA_PREHEAT_TOKEN)")
     ph.add_argument("--wait", action="store_true", help="show progress until the task ends (exit 1 if it fails)")
-    ph.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS", help="with --wait (default %(default)s)")
+    ph.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+                    help="with --wait (default %(default)s)")
     ph.add_argument("--json", action="store_true", help="print the task status as JSON")
     ph.set_defaults(func=run_preheat)
 
 
 def build_config(args):
-    from .config import (PeerConfig, Watermark, default_host_id, parse_duration, parse_hostport, parse_labels,
-                         parse_size)
+    from .config import PeerConfig, Watermark, default_host_id, parse_duration, parse_hostport, parse_labels, parse_size
 
     schedulers = [a.strip() for item in args.scheduler for a in item.split(",") if a.strip()]
     advertise_ip, advertise_port = parse_hostport(args.advertise, default_port=0) if args.advertise else ("", 0)
@@ -277,14 +281,14 @@ def run_preheat(args) -> int:
     import time
 
     from remora.errors import RegistryError
-
     from remora.taskapi import PreheatClient, new_task_id, progress_of, read_token
 
     client = PreheatClient(args.address, read_token(args.preheat_token_file))
     task_id = new_task_id()
     status = client.create(task_id, args.image, args.all_blobs)
     if not args.wait:
-        print(json.dumps(status, indent=2) if args.json else f"preheat task {task_id} on {client.url}: {status['state']}")
+        print(json.dumps(status, indent=2) if args.json
+              else f"preheat task {task_id} on {client.url}: {status['state']}")
         return 0
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 

@@ -85,7 +85,7 @@ class Watermark:
     percent: float | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "Watermark":
+    def parse(cls, text: str) -> Watermark:
         text = str(text).strip()
         if text.endswith("%"):
             try:

@@ -110,7 +110,7 @@ class PeerDaemon:
             targets.append(self.cfg.manager.split("://", 1)[-1].rstrip("/"))
         return targets
 
-    async def start(self) -> "PeerDaemon":
+    async def start(self) -> PeerDaemon:
         cfg = self.cfg
         self.started_at = time.time()
         if cfg.tls_dir is not None:
@@ -362,7 +362,7 @@ async def _probe(target: pb.PeerHost) -> pb.ProbeResult:
         _, writer = await asyncio.wait_for(asyncio.open_connection(target.ip, target.upload_port), 2.0)
         writer.close()
         return pb.ProbeResult(peer_id=target.peer_id, rtt_us=int((time.monotonic() - t0) * 1e6), success=True)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return pb.ProbeResult(peer_id=target.peer_id, success=False)
 
 

@@ -151,7 +151,7 @@ class Mirror:
             if expected and expected != actual:
                 raise InvalidInput(f"manifest {name}:{ref} from {registry}: digest mismatch: expected "
                                    f"{expected}, got {actual}")
-        except (RemoraError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RemoraError) as exc:
             return self._respond_error("manifest", exc, head)
         self.metrics.requests.labels("manifest", "200").inc()
         return web.Response(body=None if head else body, headers={
@@ -185,7 +185,7 @@ class Mirror:
                 task = self.tasks.task(digest, Source(registry, name), grant)
                 try:
                     entry = await task.ensure_layout()
-                except (RemoraError, asyncio.TimeoutError):
+                except (TimeoutError, RemoraError):
                     self.tasks.forget_if_empty(digest)
                     raise
                 size = entry.content_length
@@ -204,7 +204,7 @@ class Mirror:
                 # bounded ranges from the pieces that cover them, each checked with its piece digest.
                 await task.ensure(None if open_ended else entry.pieces_for_range(start, end))
             entry = await self._recheck(grant, digest, entry, start, end, open_ended)
-        except (RemoraError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RemoraError) as exc:
             return self._respond_error("blob", exc, head)
         status = 206 if span else 200
         if span:

@@ -8,8 +8,8 @@ Handles the two auth schemes of the distribution spec (Basic, and Bearer tokens 
 ``WWW-Authenticate``) as the aiohttp shell of :mod:`remora.registry.authcore` (the I/O-free core the
 sync :class:`RegistryClient` drives too: challenge parsing, scopes, token requests, the plain-HTTP realm
 rule, token responses and the token cache), follows redirects to blob storage by hand so
-``Authorization`` never leaks to another host, and maps failures onto :mod:`remora.errors` (404 -> NotFound, 401/403 -> AuthError, the
-rest -> RegistryError) so the mirror can answer containerd with a clean status.
+``Authorization`` never leaks to another host, and maps failures onto :mod:`remora.errors` (404 -> NotFound,
+401/403 -> AuthError, the rest -> RegistryError) so the mirror can answer containerd with a clean status.
 
 **Which registries.** The peer fetches only from the registries it is configured for (``--upstream``
 and each ``--registry``): the name in a request (containerd's ``?ns=``, the ``X-Remora-Upstream``
@@ -71,7 +71,7 @@ def scrub(message: str) -> str:
     return _LEAKS.sub("<upstream>", message)
 
 
-def registry_guard(upstream: "Upstream", metrics=None):
+def registry_guard(upstream: Upstream, metrics=None):
     """An aiohttp middleware for the mirror.
 
     - A request that names a registry (``?ns=`` or the ``X-Remora-Upstream`` header) outside the
@@ -195,7 +195,7 @@ class Upstream:
         body = b""
         try:
             body = await resp.content.read(2048)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             pass
         resp.release()
         detail = body.decode(errors="replace").strip()[:300]
@@ -215,7 +215,7 @@ class Upstream:
                 h["Authorization"] = auth
             try:
                 resp = await self._session.request(method, url, headers=h, allow_redirects=False)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 log.warning("%s %s: cannot reach the registry: %s", method, url, exc or type(exc).__name__)
                 raise RegistryError(f"{method} {urlsplit(url).path}: registry unreachable") from None
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:

@@ -94,7 +94,8 @@ def large_problem(seed: int, N: int = 1000, F: int = 100, S: int = 20, users: in
         j = r.randrange(max(0, i - layers), i)
         edges.append(Edge(f"f{j}", f"f{i}", r.uniform(1e3, 1e5)))
     states = [State(f"s{i}", r.uniform(1e8, 5e9)) for i in range(S)]
-    acc = [Access(f"f{r.randrange(F)}", s.name, r.uniform(1e3, 1e5), r.uniform(0, 1e4)) for s in states for _ in range(3)]
+    acc = [Access(f"f{r.randrange(F)}", s.name, r.uniform(1e3, 1e5), r.uniform(0, 1e4))
+           for s in states for _ in range(3)]
     images = {f"img{k}": Image(f"img{k}", tuple((f"sha256:{k}-{c}", int(r.uniform(1e6, 5e7))) for c in range(20))
                                + tuple((f"sha256:base-{c}", int(2e7)) for c in range(10)), "remora") for k in range(10)}
     app = Application("big", tuple(fs), tuple(edges), tuple(states), tuple(acc), images, request_bytes=1e4,

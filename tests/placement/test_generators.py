@@ -6,6 +6,8 @@ import math
 import networkx as nx
 import numpy as np
 import pytest
+
+from remora.errors import InvalidInput
 from remora.placement import model as m
 from remora.placement.generators import (
     DelayProcess,
@@ -17,8 +19,6 @@ from remora.placement.generators import (
     transit_stub_topology,
     waxman_topology,
 )
-
-from remora.errors import InvalidInput
 
 
 @pytest.mark.parametrize("n", [1, 2, 10, 57, 300])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from remora.errors import InvalidInput
 from remora.placement import model as m
 from remora.placement.generators import DelayProcess, random_problem
 from remora.placement.online import (
@@ -21,8 +23,6 @@ from remora.placement.online import (
     run,
 )
 from remora.placement.simulate import DelayEvaluator, simulate
-
-from remora.errors import InvalidInput
 
 CANDS = "ABCD"
 DECLARED = np.array([0.012, 0.010, 0.011, 0.013])   # the probes say B is best ...

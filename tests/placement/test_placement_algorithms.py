@@ -17,6 +17,7 @@ from placement_hand import (
     uniform_metric,
 )
 from placement_instances import brute_force, large_problem, random_problem
+
 from remora.placement import approx, heuristic, mip
 from remora.placement.arrays import Compiled
 from remora.placement.mip import Infeasible

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from remora.errors import InvalidInput, NotFound
 from remora.placement import io
 from remora.placement.model import evaluate
 from remora.placement.solve import solve
-
-from remora.errors import InvalidInput, NotFound
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "placement"
 
@@ -39,12 +39,14 @@ def test_example_spec_loads_with_units():
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d["application"]["functions"][0].pop("cpu"), "application.functions[ingest]: missing required field 'cpu'"),
+    (lambda d: d["application"]["functions"][0].pop("cpu"),
+     "application.functions[ingest]: missing required field 'cpu'"),
     (lambda d: d["network"]["nodes"][0].update(cpus=3), "network.nodes[edge-1]: unknown field(s) 'cpus'"),
     (lambda d: d["application"]["functions"][2].update(calls={"ingest": 10}),
      "the function graph has a cycle: ingest -> resize -> classify -> ingest"),
     (lambda d: d["network"]["links"][0].update(b="edge-9"), "network.links[0]: unknown node 'edge-9'"),
-    (lambda d: d["application"]["states"][0].update(size=-5), "application.states[sessions].size: must be a non-negative"),
+    (lambda d: d["application"]["states"][0].update(size=-5),
+     "application.states[sessions].size: must be a non-negative"),
     (lambda d: d["application"]["states"][0]["access"].update(nobody={"read": 1}),
      "application.states[sessions].access: unknown function 'nobody'"),
     (lambda d: d["application"]["functions"][0].update(calls={"ghost": 1}),
@@ -55,7 +57,8 @@ def test_example_spec_loads_with_units():
     (lambda d: d["network"]["links"][0].update(bandwidth="fast"), "cannot read bandwidth 'fast'"),
     (lambda d: d["network"]["links"][0].update(delay="soon"), "cannot read duration 'soon'"),
     (lambda d: d["network"]["nodes"][0].update(memory="8 gigs"), "cannot read quantity '8 gigs'"),
-    (lambda d: d["network"]["nodes"][1].update(cached=["nonsense"]), "is neither an image of the application nor a digest"),
+    (lambda d: d["network"]["nodes"][1].update(cached=["nonsense"]),
+     "is neither an image of the application nor a digest"),
     (lambda d: d.pop("network"), "spec: missing required field 'network'"),
 ])
 def test_validation_errors_are_clear(mutate, message):
@@ -103,7 +106,7 @@ def test_kubernetes_appgroup_and_networktopology():
     assert ("cartservice-deployment", "redis-cart-deployment") in pairs
     assert p.app.entries == ["frontend-deployment"]
     # zone costs: z1-z2 networkCost 5 -> 5 ms (+ intra-zone 0.2 ms); region us-west-1 - us-east-1: 20
-    link = {(l.a, l.b): l for l in p.network.links}
+    link = {(lk.a, lk.b): lk for lk in p.network.links}
     assert link[("edge-1", "edge-3")].delay == pytest.approx(0.0052)
     assert link[("edge-1", "edge-4")].delay == pytest.approx(0.0202)
     assert link[("edge-1", "edge-2")].delay == pytest.approx(0.0002)  # same zone

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from placement_hand import two_nodes
 from placement_instances import random_problem
+
 from remora.placement.arrays import Compiled
 from remora.placement.io import chunks_from_bootstrap
 from remora.placement.model import (

@@ -26,15 +26,13 @@ import base64
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from remora.plugins.peer.access import SOURCE_HEADER
 from remora.plugins.peer.config import MIN_PIECE_SIZE, piece_size_for
-from remora_testing.netlab import Lab
-from remora_testing.netlab import content
+from remora_testing.netlab import Lab, content
 from remora_testing.netlab.mesh import PY, REMORA, UPLOAD_PORT, Mesh, MeshOptions, metric
 from remora_testing.netlab.namespaces import nsenter_argv
 from remora_testing.netlab.services import wait_port_in
@@ -121,7 +119,8 @@ def lab(tmp_path_factory):
         # peer of another CA
         ca_dir = Path(mesh.tls_dirs["peer0"]).parent / "ca"
         certs = work / "intruder"
-        remora_certs("issue", "--dir", str(ca_dir), "--role", "client", "--host-id", "ops", "--out", str(certs / "client"))
+        remora_certs("issue", "--dir", str(ca_dir), "--role", "client", "--host-id", "ops",
+                     "--out", str(certs / "client"))
         remora_certs("issue", "--dir", str(ca_dir), "--role", "peer", "--host-id", "tenant-b-node",
                      "--ip", mesh.peers[NOCRED].node.ip, "--out", str(certs / "member"))
         remora_certs("issue", "--dir", str(ca_dir), "--role", "peer", "--host-id", "tenant-b-node2",
@@ -161,7 +160,8 @@ def leaked(t, r: dict) -> bool:
     secret = t["blobs"]["a"][1]
     body = base64.b64decode(r.get("body_b64") or "")
     step = piece_size_for(BLOB_SIZE)
-    return r.get("sha256") == t["blobs"]["a"][2] or any(secret[i:i + 64] in body for i in range(0, len(secret), step // 4))
+    return r.get("sha256") == t["blobs"]["a"][2] or any(secret[i:i + 64] in body
+                                                        for i in range(0, len(secret), step // 4))
 
 
 def mirror(t, p, repo: str, digest: str, auth: str | None = None, ns: str | None = None, **headers) -> dict:
@@ -178,7 +178,8 @@ def a_everywhere(lab):
     registry's application egress for A's blob."""
     mesh, (_, data, digest) = lab["mesh"], lab["blobs"]["a"]
     before = {p.index: mesh.metrics(p) for p in mesh.peers}
-    results = [intrude(mesh.peers[0].node, "http", [mirror(lab, mesh.peers[0], "team-a/app", digest, basic("alice"))])[0]]
+    results = [intrude(mesh.peers[0].node, "http",
+                       [mirror(lab, mesh.peers[0], "team-a/app", digest, basic("alice"))])[0]]
     procs = []
     for p in mesh.peers[1:]:
         auth = token(lab, p.node, "alice", "team-a/app") if p.index == 1 else basic("alice")
@@ -322,7 +323,8 @@ def test_a_host_without_a_cluster_certificate_cannot_register_announce_or_downlo
     assert {x["ip"] for x in other["GetParents"]["parents"]} & {p.node.ip for p in mesh.peers}, other
     assert not named & {"x-plai", "x-no c", "x-anot", "ops-peer"}, other
     # and downloading pieces needs a certificate too (the proof of A alone is not enough)
-    proof = {SOURCE_HEADER: f"{mesh.registry.host}/team-a/app", "Authorization": token(lab, node, "alice", "team-a/app")}
+    proof = {SOURCE_HEADER: f"{mesh.registry.host}/team-a/app",
+             "Authorization": token(lab, node, "alice", "team-a/app")}
     reqs = [{"url": f"https://{mesh.peers[0].node.ip}:{UPLOAD_PORT}/pieces/{a}/0", "tls": tls(lab, who),
              "headers": proof} for who in (None, "other", "member")]
     got = intrude(node, "http", reqs)
@@ -346,8 +348,10 @@ def test_a_piece_rotten_on_disk_is_never_served_over_tls(lab, a_everywhere):
         byte = f.read(1)
         f.seek(1000)
         f.write(bytes([byte[0] ^ 0xFF]))
-    proof = {SOURCE_HEADER: f"{mesh.registry.host}/team-a/app", "Authorization": token(lab, node, "alice", "team-a/app")}
-    reqs = [{"url": f"https://{holder.node.ip}:{UPLOAD_PORT}/pieces/{a}/{i}", "tls": tls(lab, "member"), "headers": proof}
+    proof = {SOURCE_HEADER: f"{mesh.registry.host}/team-a/app",
+             "Authorization": token(lab, node, "alice", "team-a/app")}
+    reqs = [{"url": f"https://{holder.node.ip}:{UPLOAD_PORT}/pieces/{a}/{i}", "tls": tls(lab, "member"),
+             "headers": proof}
             for i in (rotten, rotten, sound)]
     got = intrude(node, "http", reqs)
     assert got[0]["status"] == 404 and got[1]["status"] == 404, got[:2]

@@ -26,13 +26,13 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
+from remora.procutil import Daemon
 from remora_testing.netlab.namespaces import Lab, NetlabError, Node, nsenter_argv
 from remora_testing.netlab.services import NsContainerd, NsRegistry, wait_port_in, write_mirror_hosts
-from remora.procutil import Daemon
 
 PY = sys.executable
 #: the ``remora`` command, independent of PATH (CI may not have the console script on it)
@@ -118,7 +118,7 @@ class Mesh:
         return ["--tls-dir", str(self.tls_dirs[key])] if self.opts.tls else ["--insecure-plain-mesh"]
 
     # ----------------------------------------------------------------------------------- start/stop
-    def start(self) -> "Mesh":
+    def start(self) -> Mesh:
         """Registry (must be filled already, see :meth:`NsRegistry.loopback`) → scheduler → containerd → peers.
 
         Daemons of one kind start together and are waited for afterwards: a mesh of 8 is up in seconds.
@@ -167,7 +167,8 @@ class Mesh:
         p.daemon = self.lab.spawn(p.node, self.peer_argv(p), log_name=f"peer{p.index}.log")
         if p.corrupt and p.proxy is None:
             tls_args = ["--tls-dir", str(self.tls_dirs[f"peer{p.index}"])] if self.opts.tls else []
-            p.proxy = self.lab.spawn(p.node, [PY, "-m", "remora_testing.netlab.delay", "--listen", f"{p.node.ip}:{CORRUPT_PORT}",
+            p.proxy = self.lab.spawn(p.node, [PY, "-m", "remora_testing.netlab.delay",
+                                              "--listen", f"{p.node.ip}:{CORRUPT_PORT}",
                                               "--upstream", f"{p.node.ip}:{UPLOAD_PORT}", "--corrupt", *tls_args],
                                      log_name=f"corrupt-proxy{p.index}.log")
         if wait:
@@ -204,7 +205,8 @@ class Mesh:
         return f"{p.mirror}/v2/{repo}/blobs/{digest}?ns={self.registry.host}"
 
     def start_fetch(self, node: Node, url: str, timeout: float = 600) -> subprocess.Popen:
-        argv = nsenter_argv(node.ns) + [PY, "-m", "remora_testing.netlab.probe", "fetch", url, "--timeout", str(timeout)]
+        argv = nsenter_argv(node.ns) + [PY, "-m", "remora_testing.netlab.probe", "fetch", url,
+                                        "--timeout", str(timeout)]
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     @staticmethod
