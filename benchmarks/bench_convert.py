@@ -48,8 +48,8 @@ from rich.table import Table
 from remora import oci
 from remora.converter.convert import ConvertOptions, convert
 from remora.format.chunker import ChunkingSpec
-from remora_testing.imagebuild import LayerSpec, debian_rootfs, python_app_layers, write_image
 from remora.imagestore import open_store
+from remora_testing.imagebuild import LayerSpec, debian_rootfs, python_app_layers, write_image
 from remora_testing.registry import LocalRegistry
 
 IMAGES = ("debian", "python", "smallfiles")
@@ -205,7 +205,8 @@ def rows_for(s: Subject, zstd: Runs, tools: list[Runs]) -> list[dict]:
             "wall_s": r.med("wall"), "cpu_s": r.med("cpu"), "main_cpu_s": r.med("main_cpu") or None,
             "mb_per_s": _mbps(s.input_bytes, r.med("wall")),
             "zstd_mb_per_s": _mbps(s.input_bytes, zstd.med("wall")), "zstd_cpu_s": zstd.med("cpu"),
-            "x_zstd_wall": statistics.median(ratios) if ratios else _mbps(s.input_bytes, r.med("wall")) / _mbps(s.input_bytes, zstd.med("wall")),
+            "x_zstd_wall": (statistics.median(ratios) if ratios
+                            else _mbps(s.input_bytes, r.med("wall")) / _mbps(s.input_bytes, zstd.med("wall"))),
             "x_zstd_cpu": zstd.med("cpu") / r.med("cpu") if r.med("cpu") else None,
             "est_2core_mb_per_s": _mbps(s.input_bytes, max(r.med("cpu") / 2, r.med("main_cpu"))),
             "out_mb": r.out_bytes / 1e6, "gzip_mb": s.gzip_bytes / 1e6,
@@ -223,7 +224,8 @@ def print_table(rows: list[dict], console: Console, title: str) -> None:
     for col in cols:
         t.add_column(col, justify="left" if col in ("image", "tool") else "right")
     for r in rows:
-        t.add_row(r["image"], r["tool"].replace("remora convert ", "remora "), f"{r['input_mb']:.1f}", f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
+        t.add_row(r["image"], r["tool"].replace("remora convert ", "remora "), f"{r['input_mb']:.1f}",
+                  f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
                   f"{r['main_cpu_s']:.2f}" if r["main_cpu_s"] else "-", f"{r['mb_per_s']:.1f}",
                   f"{r['zstd_mb_per_s']:.1f}", f"{r['x_zstd_wall']:.2f}",
                   f"{r['x_zstd_cpu']:.2f}" if r["x_zstd_cpu"] else "-",

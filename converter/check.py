@@ -3,9 +3,9 @@
 Checks, in order: manifest, config and bootstrap digests (on fetch); the bootstrap's validation
 (remora.format.validate, when the image is opened: a bootstrap that fails it is exit 3 before any
 other check) and its SQLite integrity; every data blob's digest and tar framing; every frame lies
-inside its blob's payload and decompresses to its size; every chunk's sha256; the tree (every entry points at an inode, every
-regular file's extents cover exactly its size with valid chunks, link counts match, prefetch entries
-exist). Problems are collected, not raised one by one, so one run lists them all.
+inside its blob's payload and decompresses to its size; every chunk's sha256; the tree (every entry
+points at an inode, every regular file's extents cover exactly its size with valid chunks, link counts
+match, prefetch entries exist). Problems are collected, not raised one by one, so one run lists them all.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import stat
 from collections import Counter
 from dataclasses import dataclass, field
 
-from remora.errors import RemoraError
 from remora.converter.image import LocalBlobs, RemoraImage
+from remora.errors import RemoraError
 from remora.format.blob import TAR_HEADER_SIZE, read_payload_header, verify_chunk
 from remora.format.sqlguard import database_error
 

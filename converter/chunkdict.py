@@ -18,8 +18,8 @@ from pathlib import Path
 
 from remora.errors import InvalidInput, UsageError
 from remora.format.bootstrap import Bootstrap, write_chunk_table
-from remora.format.validate import validate_bootstrap
 from remora.format.chunktable import ChunkTable
+from remora.format.validate import validate_bootstrap
 
 META_REPOS = "blob_repositories"
 

@@ -33,11 +33,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunking", default="fixed:1M",
                    help="chunking: 'fixed' or 'cdc' with an optional size, e.g. fixed:1M, cdc:512K (default fixed:1M)")
     p.add_argument("--compression-level", type=int, default=3, help="zstd level of data frames (default 3)")
-    p.add_argument("--batch-size", default="256K", help="small chunks are packed together into frames of this size (default 256K)")
-    p.add_argument("--prefetch-list", metavar="FILE", help="paths in access order (e.g. from 'remora trace'): laid out first, prefetched first")
-    p.add_argument("--chunk-dict", metavar="REF|FILE", help="reuse chunks of converted images: a dictionary file ('remora dict build') or an image reference")
-    p.add_argument("--with-oci-fallback", action="store_true", help="tag an index holding the original manifest and the remora one, so runtimes without remora still run it")
-    p.add_argument("--platform", default="linux/amd64", help="platform to convert when SRC is an index (default linux/amd64)")
+    p.add_argument("--batch-size", default="256K",
+                   help="small chunks are packed together into frames of this size (default 256K)")
+    p.add_argument("--prefetch-list", metavar="FILE",
+                   help="paths in access order (e.g. from 'remora trace'): laid out first, prefetched first")
+    p.add_argument("--chunk-dict", metavar="REF|FILE",
+                   help="reuse chunks of converted images: a dictionary file ('remora dict build') or an image "
+                        "reference")
+    p.add_argument("--with-oci-fallback", action="store_true",
+                   help="tag an index holding the original manifest and the remora one, so runtimes without remora "
+                        "still run it")
+    p.add_argument("--platform", default="linux/amd64",
+                   help="platform to convert when SRC is an index (default linux/amd64)")
     p.add_argument("--plain-http", action="store_true", default=None, help="use plain HTTP for non-loopback registries")
     p.add_argument("--workers", type=int, default=None, help="compression threads (default: number of CPUs)")
     p.add_argument("--workdir", help="where to build blobs (default: a temp dir; $REMORA_TMPDIR)")
@@ -47,14 +54,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser("dict", help="chunk dictionaries for cross-image dedup",
                        description="Manage chunk dictionaries: a dictionary lists chunks that already live in the "
-                                   "registry, so 'remora convert --chunk-dict' references them instead of uploading them.",
-                       epilog="examples:\n  remora dict build app.dict reg.local/app:1-remora reg.local/base:12-remora\n"
+                                   "registry, so 'remora convert --chunk-dict' references them instead of uploading "
+                                   "them.",
+                       epilog="examples:\n"
+                              "  remora dict build app.dict reg.local/app:1-remora reg.local/base:12-remora\n"
                               "  remora convert reg.local/app:2 reg.local/app:2-remora --chunk-dict app.dict\n",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     dsub = d.add_subparsers(dest="dict_command", metavar="ACTION", required=True)
     b = dsub.add_parser("build", help="build a dictionary from converted images")
     b.add_argument("output", metavar="FILE")
-    b.add_argument("images", metavar="IMAGE", nargs="+", help="converted remora images (or bootstrap / dictionary files)")
+    b.add_argument("images", metavar="IMAGE", nargs="+",
+                   help="converted remora images (or bootstrap / dictionary files)")
     b.add_argument("--plain-http", action="store_true", default=None)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=run_dict_build)
@@ -62,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("check", help="verify every digest and the file tree of a remora image",
                        description="Download a remora image and verify manifest, config, bootstrap, every data blob, "
                                    "frame and chunk digest, and the consistency of the file tree.",
-                       epilog="examples:\n  remora check 127.0.0.1:5000/app:1-remora\n  remora check oci:./out:1-remora --json\n",
+                       epilog="examples:\n  remora check 127.0.0.1:5000/app:1-remora\n"
+                              "  remora check oci:./out:1-remora --json\n",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("image", metavar="IMAGE")
     c.add_argument("--plain-http", action="store_true", default=None)
@@ -87,7 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("trace", help="run a workload in an image and record the files it reads, in order",
                        description="Run COMMAND once inside IMAGE's root file system (materialised in a temp dir, "
                                    "private mount and PID namespaces) under strace, and print the regular files it "
-                                   "opened or executed, in first-access order: the --prefetch-list of 'remora convert'.",
+                                   "opened or executed, in first-access order: the --prefetch-list of "
+                                   "'remora convert'.",
                        epilog="examples:\n  remora trace reg.local/app:1 -o hot.txt -- python3 -c 'import json'\n"
                               "  remora convert reg.local/app:1 reg.local/app:1-remora --prefetch-list hot.txt\n",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,7 +131,6 @@ def run_convert(args) -> int:
 
 def run_dict_build(args) -> int:
     from remora.converter.chunkdict import build_dict
-
     from remora.converter.progress import Progress
 
     with Progress(None if not args.json else False) as progress:
@@ -158,7 +169,6 @@ class _FrameProgress:
 
 def run_check(args) -> int:
     from remora.converter.check import check
-
     from remora.converter.progress import Progress
     from remora.converter.workdir import work_dir
 

@@ -26,14 +26,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 from remora import oci
-from remora.digest import sha256_digest
-from remora.errors import DigestMismatch, InvalidInput, NotFound, StorageError
-from remora.format import FORMAT_VERSION, annotations as ann
-from remora.format.bootstrap import write_bootstrap
-from remora.format.bootstrap_layer import encode_bootstrap_layer
-from remora.format.chunker import ChunkingSpec, read_exact
-from remora.format.chunktable import ChunkTable
-from remora.format.tree import ChunkRef, split_path
 from remora.compression import open_layer_stream
 from remora.converter.chunkdict import ChunkDict, load_chunk_dict
 from remora.converter.merge import LayerMerger
@@ -41,6 +33,15 @@ from remora.converter.packer import Packer
 from remora.converter.progress import Progress
 from remora.converter.report import ConvertReport
 from remora.converter.workdir import work_dir
+from remora.digest import sha256_digest
+from remora.errors import DigestMismatch, InvalidInput, NotFound, StorageError
+from remora.format import FORMAT_VERSION
+from remora.format import annotations as ann
+from remora.format.bootstrap import write_bootstrap
+from remora.format.bootstrap_layer import encode_bootstrap_layer
+from remora.format.chunker import ChunkingSpec, read_exact
+from remora.format.chunktable import ChunkTable
+from remora.format.tree import ChunkRef, split_path
 from remora.imagestore import open_store
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class _ThreadedReader(io.RawIOBase):
         import queue
         import threading
 
-        self._q: "queue.Queue" = queue.Queue(depth)
+        self._q: queue.Queue = queue.Queue(depth)
         self._buf = memoryview(b"")
         self._stop = threading.Event()
         self._done = False
@@ -344,7 +345,6 @@ class _Packing:
             raise
         finally:
             self.spool.close()
-        tree.number()
         report, st = self.report, self.packer.stats
         report.prefetch_files = len(prefetch_inos)
         report.chunks_seen, report.chunks_stored = st.chunks_seen, st.chunks_stored
@@ -394,7 +394,8 @@ class _Packing:
             prefetch_inos.append(node)
         # Spooled content still referenced through another path (a hard link made before the hot path
         # was replaced) goes into the hot blob too; every chunk of the tree must be in the table.
-        for _, node in tree.walk():
+        # Without spooled chunks every chunk went through Packer.add, which tables it: no walk.
+        for _, node in (tree.walk() if spool.chunks else ()):
             for ref in node.chunks or ():
                 if ref.digest not in table.by_digest:
                     if ref.digest not in spool.chunks:
@@ -597,7 +598,8 @@ def _ensure_foreign_blob(dst, desc: oci.Descriptor, chunk_dict: ChunkDict | None
         copy_blob(chunk_dict.store, dst, desc)
         return 1
     raise NotFound(f"chunk dictionary blob {desc.digest} is not in the destination and cannot be mounted"
-                   f"{' from ' + repo if repo else ''}; convert with a dictionary built from images in the same registry")
+                   f"{' from ' + repo if repo else ''}; convert with a dictionary built from images in the same "
+                   "registry")
 
 
 def _copy_image(src, dst, source: str, mdesc, mbytes: bytes, manifest, report: ConvertReport) -> None:

@@ -33,7 +33,7 @@ class RemoraImage:
     workdir: Path
 
     @classmethod
-    def open(cls, store, workdir: Path, platform: str = "linux/amd64") -> "RemoraImage":
+    def open(cls, store, workdir: Path, platform: str = "linux/amd64") -> RemoraImage:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         desc, data = store.resolve()
@@ -49,12 +49,12 @@ class RemoraImage:
         manifest = top
         if not ann.is_remora_manifest(manifest.to_dict()):
             raise InvalidInput("not a remora image: its layers carry no remora annotations (see 'remora convert')")
-        boots = [l for l in manifest.layers if l.annotations.get(ann.ROLE) == "bootstrap"]
+        boots = [desc for desc in manifest.layers if desc.annotations.get(ann.ROLE) == "bootstrap"]
         if len(boots) != 1:
             raise InvalidInput(f"a remora manifest needs exactly one bootstrap layer, found {len(boots)}")
         config = oci.ImageConfig.from_bytes(store.read_blob(manifest.config))  # size-limited before reading
         db = fetch_bootstrap(store, boots[0], workdir)
-        blobs = {l.digest: l for l in manifest.layers if l.annotations.get(ann.ROLE) == "blob"}
+        blobs = {desc.digest: desc for desc in manifest.layers if desc.annotations.get(ann.ROLE) == "blob"}
         bootstrap = Bootstrap(db)
         missing = [d for d in bootstrap.blobs if d not in blobs]
         if missing:

@@ -56,9 +56,10 @@ import io
 import os
 import stat
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from remora.converter.tarstream import FastTarInfo, ForwardReader
 from remora.errors import InvalidInput
@@ -77,7 +78,13 @@ _NAME_MAX = 255                 # longest name component Linux file systems acce
 _PATH_MAX = 4096                # symlink(2) refuses targets this long or longer
 #: largest logical size of a sparse member (its holes are read as zeros, so they cost time)
 MAX_SPARSE_SIZE = 16 << 30
+_S_IFREG = stat.S_IFREG
 _REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE)
+#: header types tarfile processes with ``_proc_builtin`` alone (no PAX, GNU long name or sparse
+#: data): :func:`_next_member` reads those without going through ``TarFile.next``
+_PLAIN_TYPES = frozenset((tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE,
+                          tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE))
+_DATA_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)   # tarfile skips their data blocks
 
 
 @dataclass
@@ -163,6 +170,19 @@ class _Counting:
 _MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
+class _Truncated:
+    """The error for a member whose data is cut short, built only when it is raised."""
+
+    __slots__ = ("where", "name", "size")
+
+    def __init__(self, where: str, name: str, size: int):
+        self.where, self.name, self.size = where, name, size
+
+    def __call__(self) -> InvalidInput:
+        return InvalidInput(f"{self.where}: truncated tar at member {self.name!r}: its {self.size} bytes of data "
+                            "are cut short")
+
+
 class _MemberReader(io.RawIOBase):
     """What the sink reads: exactly ``size`` bytes of one member; a short tar becomes InvalidInput."""
 
@@ -218,6 +238,10 @@ class LayerMerger:
         self._plnk: dict[bytes, Inode] = {}
         self._fresh: set[int] = set()   # id() of directories this layer created (not merged)
         self._where = ""
+        self._dir_cache: tuple[list[bytes], tuple] | None = None   # see _parent_dir
+        self._track = True              # remember own paths (see apply_layer)
+        self._member_reader: _MemberReader | None = None
+        self._plain = False             # the last _resolve_dir met no symlink
 
     # -- public ---------------------------------------------------------------------------------
     def apply_layer(self, stream: BinaryIO, sink: Sink, label: str | None = None) -> LayerStats:
@@ -228,22 +252,29 @@ class LayerMerger:
         self._where = f"layer {self.layers}" + (f" ({label})" if label else "")
         self._own, self._holds_own, self._plnk, self._fresh = set(), set(), {}, set()
         self._paths = _PathIds()
+        self._dir_cache = None
+        # Whiteouts hide lower-layer entries only. Over an empty tree (the first layer) there are
+        # none, so the paths this layer writes need not be remembered (a cost per member).
+        self._track = self._has_lower()
+        self._member_reader = None
         stats = LayerStats()
         counting = _Counting(stream)
+        reader = ForwardReader(counting)
         try:
-            tf = tarfile.open(fileobj=ForwardReader(counting), mode="r:", tarinfo=_TarInfo, encoding=_ENC, errors=_ERR)
+            tf = tarfile.open(fileobj=reader, mode="r:", tarinfo=_TarInfo, encoding=_ENC, errors=_ERR)
         except (tarfile.TarError, EOFError, ValueError) as e:
             if counting.count == 0:
                 return stats            # a zero-byte layer is an empty layer, as for Go's archive/tar
             hint = next((f" (it looks {kind}-compressed: pass the decompressed stream)"
                          for magic, kind in _MAGIC.items() if counting.head.startswith(magic)), "")
-            raise InvalidInput(f"{self._where}: not a tar archive or truncated tar at its first member: {e}{hint}") from None
+            raise InvalidInput(f"{self._where}: not a tar archive or truncated tar at its first member: "
+                               f"{e}{hint}") from None
         last = None
         with tf:
             while True:
                 tf._remora_stop = None
                 try:
-                    ti = tf.next()
+                    ti = _next_member(tf, reader)
                 except (tarfile.ReadError, EOFError) as e:
                     raise InvalidInput(f"{self._where}: truncated tar at member {last!r}: {e}") from None
                 except (tarfile.TarError, ValueError) as e:     # e.g. a garbled PAX hdrcharset
@@ -259,6 +290,9 @@ class LayerMerger:
         # caller wrapped around the stream sees every byte of the blob
         counting.drain()
         return stats
+
+    def _has_lower(self) -> bool:
+        return bool(self.tree.root.children)
 
     def finish(self) -> Tree:
         """Number the inodes (Tree.number) and return the merged tree."""
@@ -278,10 +312,14 @@ class LayerMerger:
         return InvalidInput(f"{self._where}: member {name!r}: {msg}")
 
     def _member_parts(self, name: str) -> list[bytes]:
-        parts = _parts(name)
+        raw = name.encode(_ENC, _ERR)
+        parts = raw.split(b"/")
+        if b"" in parts or b"." in parts:
+            parts = [p for p in parts if p and p != b"."]
         if b".." in parts:
             raise self._err(name, "'..' in the name would write outside the root; refusing")
-        self._check_components(name, parts, "name")
+        if b"\0" in raw or len(raw) > _NAME_MAX:     # else no component can break a rule
+            self._check_components(name, parts, "name")
         return parts
 
     def _check_components(self, name: str, parts: list[bytes], what: str) -> None:
@@ -302,24 +340,27 @@ class LayerMerger:
                 self.current_path = b"/" + b"/".join(parts)
                 self._plnk[parts[1]] = self._regular(tf, ti, sink, stats)
             return                                  # AUFS metadata
-        dir_node, dir_path, dir_id = self._resolve_dir(parts[:-1], ti.name, create=True)
+        dir_node, dir_path, dir_id = self._parent_dir(parts[:-1], ti.name)
         base = parts[-1]
         if base.startswith(_WH):
             stats.whiteouts += 1
             if base == _OPAQUE:
-                for child in list(dir_node.children):
-                    self._hide_lower(dir_node, child, dir_id)
+                if self._track:
+                    for child in list(dir_node.children):
+                        self._hide_lower(dir_node, child, dir_id)
             else:
                 target = base[len(_WH):]
                 if target in (b"", b".", b".."):
                     raise self._err(ti.name, "invalid whiteout name")
-                self._hide_lower(dir_node, target, dir_id)
+                if self._track:
+                    self._hide_lower(dir_node, target, dir_id)
             return
         existing = dir_node.children.get(base)
         self.current_path = b"/" + b"/".join(dir_path + [base])
         node = self._make_node(tf, ti, sink, stats, existing)
         dir_node.children[base] = node
-        self._mark_own(self._paths.intern(dir_id, base))
+        if self._track:
+            self._mark_own(self._paths.intern(dir_id, base))
 
     def _make_node(self, tf, ti: tarfile.TarInfo, sink: Sink, stats: LayerStats, existing: Inode | None) -> Inode:
         t = ti.type
@@ -359,21 +400,22 @@ class LayerMerger:
         raise self._err(ti.name, f"unsupported tar member type {t!r}")
 
     def _meta(self, ti: tarfile.TarInfo) -> dict:
+        if not ti.pax_headers:      # most members: no xattrs, whole-second mtime
+            if not (0 <= ti.uid < 1 << 32 and 0 <= ti.gid < 1 << 32):
+                raise self._err(ti.name, f"uid/gid {ti.uid}/{ti.gid} out of range")
+            return {"uid": ti.uid, "gid": ti.gid, "mtime_ns": int(ti.mtime) * 1_000_000_000, "xattrs": {}}
         try:
             xattrs = _xattrs(ti)
         except InvalidInput as e:
             raise InvalidInput(f"{self._where}: {e}") from None
         if not (0 <= ti.uid < 1 << 32 and 0 <= ti.gid < 1 << 32):
             raise self._err(ti.name, f"uid/gid {ti.uid}/{ti.gid} out of range")
-        return dict(uid=ti.uid, gid=ti.gid, mtime_ns=_mtime_ns(ti), xattrs=xattrs)
+        return {"uid": ti.uid, "gid": ti.gid, "mtime_ns": _mtime_ns(ti), "xattrs": xattrs}
 
     def _regular(self, tf: tarfile.TarFile, ti: tarfile.TarInfo, sink: Sink, stats: LayerStats) -> Inode:
         size = ti.size
         where, name = self._where, ti.name
-
-        def truncated() -> InvalidInput:
-            return InvalidInput(f"{where}: truncated tar at member {name!r}: its {size} bytes of data are cut short")
-
+        truncated = _Truncated(where, name, size)
         if size < 0:
             raise self._err(name, f"negative size {size}")
         if ti.sparse is None:
@@ -383,7 +425,14 @@ class LayerMerger:
                 chunks = []
             else:
                 tf.fileobj.seek(ti.offset_data)
-                chunks = list(sink(_MemberReader(tf.fileobj, size, truncated), size))
+                # one reader per layer, re-aimed at each member (an io object costs ~2 us to make
+                # and finalize, per file); a sink that closed it gets a new one
+                reader = self._member_reader
+                if reader is None or reader.closed:
+                    reader = self._member_reader = _MemberReader(tf.fileobj, size, truncated)
+                else:
+                    reader._f, reader._left, reader._truncated = tf.fileobj, size, truncated
+                chunks = list(sink(reader, size))
         else:
             # the holes of a sparse member cost no input bytes but every byte of them goes
             # through the sink: a 1 KB layer declaring an exabyte file would convert forever
@@ -396,11 +445,16 @@ class LayerMerger:
                 raise truncated() from e
             reader = _MemberReader(getattr(src, "raw", src), size, truncated)
             chunks = list(sink(reader, size)) if size else []
-        got = sum(c.size for c in chunks)
+        got = chunks[0].size if len(chunks) == 1 else sum(c.size for c in chunks)
         if got != size:
             raise RuntimeError(f"{where}: sink returned chunks for {got} bytes of {name!r}, which has {size}")
         stats.files += 1
         stats.bytes += size
+        if not ti.pax_headers:      # _meta's common case, without building its dict
+            uid, gid = ti.uid, ti.gid
+            if not (0 <= uid < 1 << 32 and 0 <= gid < 1 << 32):
+                raise self._err(name, f"uid/gid {uid}/{gid} out of range")
+            return Inode(_S_IFREG | (ti.mode & 0o7777), uid, gid, int(ti.mtime) * 1_000_000_000, size, chunks=chunks)
         return Inode(mode=stat.S_IFREG | (ti.mode & 0o7777), size=size, chunks=chunks, **self._meta(ti))
 
     def _link_target(self, ti: tarfile.TarInfo) -> Inode:
@@ -422,6 +476,20 @@ class LayerMerger:
         return node
 
     # -- paths ----------------------------------------------------------------------------------
+    def _parent_dir(self, parts: list[bytes], member: str):
+        """``_resolve_dir(parts, member, create=True)``, remembering the last answer: members come
+        grouped by directory, and a member can only change its parent's children, never the
+        directories leading to it. So the answer for the previous member's parent holds as long as
+        the parent is the same and its resolution followed no symlink (a symlink target with ``..``
+        passes through directories that are not ancestors of the result). Any other member's
+        parent is resolved afresh and replaces the remembered one."""
+        cached = self._dir_cache
+        if cached is not None and cached[0] == parts:
+            return cached[1]
+        found = self._resolve_dir(parts, member, create=True)
+        self._dir_cache = (parts, found) if self._plain else None
+        return found
+
     def _resolve_dir(self, parts: list[bytes], member: str, create: bool):
         """Walk ``parts`` from the root following symlinks (absolute targets from the root) and
         return ``(dir_inode, resolved_path, path_id)`` (``path_id`` only with ``create``; see
@@ -449,7 +517,8 @@ class LayerMerger:
                 child = Inode.directory(0o755)
                 self._fresh.add(id(child))
                 cur.children[c] = child
-                self._mark_own(self._paths.intern(ids[-1], c))
+                if self._track:
+                    self._mark_own(self._paths.intern(ids[-1], c))
             elif child.is_symlink:
                 hops += 1
                 if hops > _MAX_SYMLINK_HOPS:
@@ -463,8 +532,9 @@ class LayerMerger:
                 raise self._err(member, f"parent {b'/'.join(path + [c]).decode(_ENC, _ERR)!r} is not a directory")
             path.append(c)
             nodes.append(child)
-            if create:
-                ids.append(self._paths.intern(ids[-1], c))
+            # ids stays as long as nodes (a ".." pops both); only interned when it is used
+            ids.append(self._paths.intern(ids[-1], c) if create and self._track else _PathIds.ROOT)
+        self._plain = hops == 0
         return nodes[-1], path, ids[-1]
 
     def _mark_own(self, pid: int) -> None:
@@ -518,6 +588,32 @@ class _PathIds:
 
     def get(self, parent: int, name: bytes) -> int | None:
         return self._ids.get((parent, name))
+
+
+def _next_member(tf: tarfile.TarFile, reader: ForwardReader) -> tarfile.TarInfo | None:
+    """``tf.next()``, with the common member read here: a well-formed ustar header (see
+    :meth:`FastTarInfo._frombuf_fast`) of a plain type, with no PAX or GNU header before it and no
+    global PAX header in force. That is what ``TarFile.next`` and ``TarInfo._proc_builtin`` do for
+    it, without their calls per member (they were a third of the per-file cost on images of small
+    files). Anything else -- extended headers, zero blocks, bad checksums, a short header -- is left
+    unread and goes through ``tf.next()``, so its handling and errors are tarfile's."""
+    offset = tf.offset
+    if tf.firstmember is None and not tf.pax_headers and offset:
+        # as TarFile.next (a seek to offset - 1 and a read of one byte): the skipped content and
+        # padding must exist; ForwardReader.seek stops at the end of the stream
+        if reader.seek(offset) != offset:
+            raise tarfile.ReadError("unexpected end of data")
+        buf = reader.peek_block(tarfile.BLOCKSIZE)
+        if len(buf) == tarfile.BLOCKSIZE and buf[156:157] in _PLAIN_TYPES:
+            ti = _TarInfo._frombuf_fast(buf, _ENC, _ERR)
+            if ti is not None and ti.type in _PLAIN_TYPES:
+                reader.skip_peeked(tarfile.BLOCKSIZE)
+                ti.offset = offset
+                ti.offset_data = offset + tarfile.BLOCKSIZE
+                tf.offset = ti.offset_data + (ti._block(ti.size) if ti.type in _DATA_TYPES else 0)
+                ti.pax_headers = {}
+                return ti
+    return tf.next()
 
 
 def _mtime_ns(ti: tarfile.TarInfo) -> int:

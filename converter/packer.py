@@ -12,14 +12,14 @@ and the thread that parses the layers never waits for a busy disk.
 """
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from hashlib import sha256 as _sha256
 from pathlib import Path
 
 from remora.format.blob import TAR_HEADER_SIZE, BlobWriter, compress_frame
-from remora.format.chunktable import ChunkTable, Frame
+from remora.format.chunktable import Chunk, ChunkTable, Frame
 from remora.format.tree import ChunkRef
 
 
@@ -39,7 +39,7 @@ class PackStats:
 class _Lane:
     """One destination blob with its own open batch frame."""
 
-    def __init__(self, packer: "Packer", bid: int, path: Path):
+    def __init__(self, packer: Packer, bid: int, path: Path):
         self.bid = bid
         self.writer = BlobWriter(path)
         self.batch = bytearray()
@@ -114,12 +114,14 @@ class Packer:
     # -- chunks -------------------------------------------------------------------------------
     def add(self, data: bytes, digest: bytes | None = None) -> ChunkRef:
         size = len(data)
-        digest = digest or hashlib.sha256(data).digest()
+        if digest is None:
+            digest = _sha256(data).digest()
         st = self.stats
         st.chunks_seen += 1
         st.bytes_seen += size
         table = self.table
-        if digest in table.by_digest:
+        by_digest = table.by_digest
+        if digest in by_digest:
             st.chunks_deduped += 1
             st.bytes_deduped += size
             return ChunkRef(digest, size)
@@ -131,20 +133,23 @@ class Packer:
         lane = self._lane or self._lane_for_new()
         st.chunks_stored += 1
         st.bytes_stored += size
+        frames, chunks = table.frames, table.chunks
+        # ChunkTable.add_chunk without its second lookup: the digest is new (checked above)
+        by_digest[digest] = len(chunks)
         if size >= self.batch_size:
             if lane.ordered:
                 self._flush_batch(lane)
-            frame = Frame(lane.bid, -1, 0, size)
-            table.frames.append(frame)
-            table.add_chunk(digest, size, len(table.frames) - 1, 0)
-            self._submit(lane, frame, data)
+            frames.append(Frame(lane.bid, -1, 0, size))
+            chunks.append(Chunk(digest, size, len(frames) - 1, 0))
+            self._submit(lane, frames[-1], data)
         else:
+            batch = lane.batch
             if lane.batch_frame is None:
-                table.frames.append(Frame(lane.bid, -1, 0, 0))
-                lane.batch_frame = len(table.frames) - 1
-            table.add_chunk(digest, size, lane.batch_frame, len(lane.batch))
-            lane.batch += data
-            if len(lane.batch) >= self.batch_size:
+                frames.append(Frame(lane.bid, -1, 0, 0))
+                lane.batch_frame = len(frames) - 1
+            chunks.append(Chunk(digest, size, lane.batch_frame, len(batch)))
+            batch += data
+            if len(batch) >= self.batch_size:
                 self._flush_batch(lane)
         return ChunkRef(digest, size)
 

@@ -19,6 +19,7 @@ import io
 import struct
 import tarfile
 from typing import BinaryIO
+from zlib import adler32 as _adler32
 
 _BLOCK = 1 << 20
 _EMPTY = memoryview(b"")
@@ -58,6 +59,28 @@ class ForwardReader:
             self._buf = self._buf[n:]
             self._pos += n
         return self._pos
+
+    def peek_block(self, n: int) -> bytes:
+        """The next ``n`` bytes without consuming them (fewer only at the end of the stream): lets a
+        caller try a fast parse of a header and leave the bytes to tarfile when it declines."""
+        buf = self._buf
+        if len(buf) >= n:
+            return bytes(buf[:n])
+        parts = [bytes(buf)]
+        got = len(buf)
+        while got < n:
+            data = self._f.read(self._block)
+            if not data:
+                break
+            parts.append(data)
+            got += len(data)
+        self._buf = memoryview(b"".join(parts))
+        return bytes(self._buf[:n])
+
+    def skip_peeked(self, n: int) -> None:
+        """Consume ``n`` bytes a :meth:`peek_block` returned."""
+        self._buf = self._buf[n:]
+        self._pos += n
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
@@ -103,30 +126,54 @@ class FastTarInfo(tarfile.TarInfo):
         (name, mode, uid, gid, size, mtime, chksum, typ, linkname, _magic, _version, uname, gname,
          devmajor, devminor, prefix) = _USTAR.unpack_from(buf)
         try:
-            # tarfile.nti for octal fields; base-256 numbers or text after the NUL raise: fall back
-            mode, uid, gid, size, mtime, chksum, devmajor, devminor = (
-                [int(f.rstrip(b"\0 ") or b"0", 8) for f in (mode, uid, gid, size, mtime, chksum, devmajor, devminor)])
+            # tarfile.nti for octal fields; base-256 numbers or text after the NUL raise: fall back.
+            # Fields that repeat from member to member (mode, owner, device numbers) come from a cache.
+            octal = _OCTAL
+            mode, uid, gid, devmajor, devminor = octal[mode], octal[uid], octal[gid], octal[devmajor], octal[devminor]
+            size = int(size.rstrip(b"\0 ") or b"0", 8)
+            mtime = int(mtime.rstrip(b"\0 ") or b"0", 8)
+            chksum = int(chksum.rstrip(b"\0 ") or b"0", 8)
         except ValueError:
             return None
-        if chksum != 256 + sum(buf) - sum(buf[148:156]):
+        # tarfile's calc_chksums (unsigned): the bytes' sum with the checksum field read as spaces.
+        # adler32's low half is 1 + the sum of its input while that stays under 65521, which holds
+        # for pieces of at most 256 bytes: three C calls instead of iterating 512 ints.
+        if chksum != 253 + (_adler32(buf[:148]) & 0xFFFF) + (_adler32(buf[156:412]) & 0xFFFF) + (
+                _adler32(buf[412:512]) & 0xFFFF):
             return None         # zero block, signed checksum or a bad one: tarfile decides
         obj = cls()
-        obj.name = _nts(name, encoding, errors)
+        obj.name = name.split(b"\0", 1)[0].decode(encoding, errors)
         obj.mode, obj.uid, obj.gid, obj.size, obj.mtime, obj.chksum = mode, uid, gid, size, mtime, chksum
         obj.type = typ
-        obj.linkname = _nts(linkname, encoding, errors)
-        obj.uname = _nts(uname, encoding, errors)
-        obj.gname = _nts(gname, encoding, errors)
+        # tarfile.nts; empty fields (most link names, prefixes, often owner names) without a call
+        obj.linkname = linkname.split(b"\0", 1)[0].decode(encoding, errors) if linkname[0] else ""
+        obj.uname = uname.split(b"\0", 1)[0].decode(encoding, errors) if uname[0] else ""
+        obj.gname = gname.split(b"\0", 1)[0].decode(encoding, errors) if gname[0] else ""
         obj.devmajor, obj.devminor = devmajor, devminor
-        prefix = _nts(prefix, encoding, errors)
         # the rest mirrors TarInfo.frombuf
         if typ == tarfile.AREGTYPE and obj.name.endswith("/"):
             obj.type = tarfile.DIRTYPE
         if obj.type == tarfile.DIRTYPE:
             obj.name = obj.name.rstrip("/")
-        if prefix and obj.type not in tarfile.GNU_TYPES:
-            obj.name = prefix + "/" + obj.name
+        if prefix[0] and obj.type not in tarfile.GNU_TYPES:
+            prefix = prefix.split(b"\0", 1)[0].decode(encoding, errors)
+            if prefix:
+                obj.name = prefix + "/" + obj.name
         return obj
+
+
+class _OctalCache(dict):
+    """Raw octal header field -> value, for the fields that repeat across a layer's members. Bounded:
+    a layer of ever-new values only stops filling it (a miss costs one ``int``)."""
+
+    def __missing__(self, field: bytes) -> int:
+        value = int(field.rstrip(b"\0 ") or b"0", 8)      # ValueError: the header is not for us
+        if len(self) < 4096:
+            self[field] = value
+        return value
+
+
+_OCTAL = _OctalCache()
 
 
 def _nts(field: bytes, encoding: str, errors: str) -> str:

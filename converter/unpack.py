@@ -31,8 +31,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from remora.errors import InvalidInput, StorageError, UsageError
 from remora.converter.image import LocalBlobs, RemoraImage
+from remora.errors import InvalidInput, StorageError, UsageError
 from remora.format.bootstrap import ROOT_INO, Bootstrap, InodeRecord
 
 _ZERO = bytes(1 << 20)
@@ -176,7 +176,8 @@ def _raise_nofile() -> None:
     want = MAX_DEPTH + 256
     if soft != resource.RLIM_INFINITY and soft < want:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+            soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         except (ValueError, OSError):
             pass
 

@@ -16,7 +16,7 @@ import hashlib
 import io
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO, BinaryIO, cast
 
 import zstandard
 from isal import igzip, isal_zlib
@@ -149,7 +149,8 @@ class _GzipReader(_DecompressingReader):
             return self._gz.read(CHUNK)
         except EOFError as e:
             raise InvalidInput(f"truncated gzip stream in {self._what}: {e}") from None
-        except (gzip.BadGzipFile, isal_zlib.error, zlib.error, OSError, ValueError) as e:
+        # isal's stub declares isal_zlib.error as an instance of Exception; it is the class.
+        except (gzip.BadGzipFile, isal_zlib.error, zlib.error, OSError, ValueError) as e:  # type: ignore[misc]
             raise InvalidInput(f"corrupt gzip stream in {self._what}: {e}") from None
 
     def close(self) -> None:
@@ -216,10 +217,10 @@ def open_layer_stream(fileobj: BinaryIO, media_type: str | None = None, what: st
         raise InvalidInput(f"{what}: media type says {hinted} but the data is neither gzip, zstd nor tar")
     src = io.BufferedReader(_Prefixed(head, fileobj), CHUNK)
     if kind == "gzip":
-        return _GzipReader(src, what)
+        return cast(BinaryIO, _GzipReader(src, what))  # io.BufferedIOBase: a file-like reader
     if kind == "zstd":
-        return _ZstdReader(src, what)
-    return src
+        return cast(BinaryIO, _ZstdReader(src, what))
+    return cast(BinaryIO, src)
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,8 @@ class _HashingWriter(io.RawIOBase):
         return len(b)
 
 
-def compress_stream(src: BinaryIO, dst: BinaryIO, compression: str = "gzip", level: int | None = None) -> CompressResult:
+def compress_stream(src: BinaryIO, dst: BinaryIO, compression: str = "gzip",
+                    level: int | None = None) -> CompressResult:
     """Compress ``src`` to ``dst`` (not closed), returning digests of both sides.
 
     Output is deterministic: gzip headers carry mtime 0 and no file name, zstd frames carry a content
@@ -262,6 +264,7 @@ def compress_stream(src: BinaryIO, dst: BinaryIO, compression: str = "gzip", lev
     out = _HashingWriter(dst)
     raw_hash = hashlib.sha256()
     raw_size = 0
+    comp: igzip.IGzipFile | zstandard.ZstdCompressionWriter | _HashingWriter
     if compression == "gzip":
         if not 0 <= level <= 3:
             raise UsageError(f"gzip level must be 0-3 (ISA-L), got {level}")
@@ -269,7 +272,8 @@ def compress_stream(src: BinaryIO, dst: BinaryIO, compression: str = "gzip", lev
     elif compression == "zstd":
         if not 1 <= level <= 22:
             raise UsageError(f"zstd level must be 1-22, got {level}")
-        comp = zstandard.ZstdCompressor(level=level, write_checksum=True).stream_writer(out, closefd=False)
+        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        comp = cctx.stream_writer(cast(IO[bytes], out), closefd=False)
     else:
         comp = out
     while chunk := src.read(CHUNK):

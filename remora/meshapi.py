@@ -47,9 +47,9 @@ def read_topology(address: str, tls_dir=None, insecure_plain: bool = False, dige
     batches = [wanted[i:i + MAX_DIGESTS] for i in range(0, len(wanted), MAX_DIGESTS)] or [[]]
     try:
         call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
-        doc = None
+        doc: dict | None = None
         for batch in batches:
-            request = {"digests": batch}
+            request: dict[str, object] = {"digests": batch}
             if max_hosts is not None:
                 request["max_hosts"] = int(max_hosts)
             part = _parse(address, call(json.dumps(request).encode(), timeout=timeout))
@@ -59,6 +59,7 @@ def read_topology(address: str, tls_dir=None, insecure_plain: bool = False, dige
             holds = {h["host_id"]: h.get("holds", []) for h in part.get("hosts", [])}
             for h in doc.get("hosts", []):
                 h["holds"] = sorted(set(h.get("holds", [])) | set(holds.get(h["host_id"], [])))
+        assert doc is not None  # batches is never empty
         return doc
     except grpc.RpcError as exc:
         code, details = exc.code(), exc.details() or ""

@@ -16,10 +16,10 @@ import os
 import sqlite3
 import struct
 import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from remora.errors import InvalidInput, NotFound
 from remora.format import FORMAT_VERSION
@@ -76,10 +76,10 @@ def write_bootstrap(path: Path, tree: Tree, table: ChunkTable, prefetch: Iterabl
                     meta: dict[str, str] | None = None) -> None:
     """Write ``tree`` (already numbered with :meth:`Tree.number`) and ``table`` to ``path``."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".build")
-    tmp.unlink(missing_ok=True)
     path.unlink(missing_ok=True)
-    db = sqlite3.connect(tmp, isolation_level=None)
+    # Built in memory (no temporary file to write page by page), then compacted into ``path``:
+    # VACUUM INTO writes the same bytes whatever the source database lives on.
+    db = sqlite3.connect(":memory:", isolation_level=None)
     try:
         db.execute("PRAGMA journal_mode=OFF")
         db.execute("PRAGMA synchronous=OFF")
@@ -93,27 +93,43 @@ def write_bootstrap(path: Path, tree: Tree, table: ChunkTable, prefetch: Iterabl
                        ((i, f.blob, f.offset, f.csize, f.usize) for i, f in enumerate(table.frames)))
         db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?)",
                        ((i, c.digest, c.size, c.frame, c.frame_offset) for i, c in enumerate(table.chunks)))
-        inodes, dirents, xattrs = [], [], []
-        seen = set()
-        for _, node in tree.walk():
-            if node.children:
-                for name in sorted(node.children):
-                    dirents.append((node.ino, name, node.children[name].ino))
+        inodes: list[tuple[object, ...]] = []
+        dirents: list[tuple[int, bytes, int]] = []
+        xattrs: list[tuple[int, str, bytes]] = []
+        seen: set[int] = set()
+        by_digest, pack = table.by_digest, _EXTENT.pack
+        # Tree.walk's order (depth first, names sorted), one sort per directory for both the
+        # walk and its entries: this loop runs once per file of the image.
+        stack = [tree.root]
+        while stack:
+            node = stack.pop()
+            children = node.children
+            if children:
+                names = sorted(children)
+                ino = node.ino
+                dirents.extend([(ino, name, children[name].ino) for name in names])
+                stack.extend([children[name] for name in reversed(names)])
             if node.ino in seen:
                 continue
             seen.add(node.ino)
             extents = None
-            if node.chunks is not None:
-                buf, off = bytearray(), 0
-                for ref in node.chunks:
-                    buf += _EXTENT.pack(off, table.by_digest[ref.digest])
-                    off += ref.size
+            chunks = node.chunks
+            if chunks is not None:
+                if len(chunks) == 1:
+                    ref = chunks[0]
+                    extents, off = pack(0, by_digest[ref.digest]), ref.size
+                else:
+                    buf, off = bytearray(), 0
+                    for ref in chunks:
+                        buf += pack(off, by_digest[ref.digest])
+                        off += ref.size
+                    extents = bytes(buf)
                 if off != node.size:
                     raise InvalidInput(f"inode {node.ino}: chunks cover {off} bytes, size is {node.size}")
-                extents = bytes(buf)
             inodes.append((node.ino, node.mode, node.uid, node.gid, node.size, node.mtime_ns, node.rdev,
                            node.nlink, node.target, extents))
-            xattrs.extend((node.ino, k, v) for k, v in sorted(node.xattrs.items()))
+            if node.xattrs:
+                xattrs.extend((node.ino, k, v) for k, v in sorted(node.xattrs.items()))
         inodes.sort()
         db.executemany("INSERT INTO inodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", inodes)
         db.executemany("INSERT INTO dirents VALUES (?, ?, ?)", dirents)
@@ -123,7 +139,6 @@ def write_bootstrap(path: Path, tree: Tree, table: ChunkTable, prefetch: Iterabl
         db.execute("VACUUM INTO ?", (str(path),))
     finally:
         db.close()
-        tmp.unlink(missing_ok=True)
 
 
 def write_chunk_table(path: Path, table: ChunkTable, meta: dict[str, str] | None = None) -> None:
@@ -156,7 +171,7 @@ class Bootstrap:
                 raise InvalidInput(f"{self.path}: bootstrap format version {self.meta.get('format_version')!r}, "
                                    f"this remora reads {FORMAT_VERSION}")
             self.blobs: list[str] = [d for (d,) in self._db.execute("SELECT digest FROM blobs ORDER BY id")]
-            self._blob_sizes = [s for (s,) in self._db.execute("SELECT size FROM blobs ORDER BY id")]
+            self._blob_sizes: list[int] = [s for (s,) in self._db.execute("SELECT size FROM blobs ORDER BY id")]
         except DB_ERRORS as exc:
             self._db.close()
             raise database_error(exc, str(self.path)) from None
@@ -220,9 +235,10 @@ class Bootstrap:
         """Resolve an absolute path (symlinks are not followed)."""
         node = self.getattr(ROOT_INO)
         for part in split_path(path):
-            node = self.lookup(node.ino, part)
-            if node is None:
+            child = self.lookup(node.ino, part)
+            if child is None:
                 return None
+            node = child
         return node
 
     def readdir(self, ino: int, after: bytes = b"", db: sqlite3.Connection | None = None,
@@ -298,7 +314,8 @@ class Bootstrap:
             parent.setdefault(ino, (p, name))
         out = {}
         for ino in want:
-            parts, cur = [], ino
+            parts: list[bytes] = []
+            cur = ino
             while cur != ROOT_INO and cur in parent and len(parts) < 4096:
                 cur, name = parent[cur]
                 parts.append(name)
@@ -314,7 +331,8 @@ class Bootstrap:
             t.blob_id(digest, size)
         for blob, off, csize, usize in self._db.execute("SELECT blob, offset, csize, usize FROM frames ORDER BY id"):
             t.frames.append(Frame(blob, off, csize, usize))
-        for digest, size, frame, foff in self._db.execute("SELECT digest, size, frame, frame_offset FROM chunks ORDER BY id"):
+        chunks = self._db.execute("SELECT digest, size, frame, frame_offset FROM chunks ORDER BY id")
+        for digest, size, frame, foff in chunks:
             t.by_digest.setdefault(digest, len(t.chunks))
             t.chunks.append(Chunk(digest, size, frame, foff))
         return t
@@ -323,7 +341,10 @@ class Bootstrap:
         return self._blob_sizes[index]
 
     def stats(self) -> dict[str, int]:
-        q = lambda sql: self._db.execute(sql).fetchone()[0] or 0  # noqa: E731
+        def q(sql: str) -> int:
+            value: int = self._db.execute(sql).fetchone()[0] or 0
+            return value
+
         return {"inodes": q("SELECT count(*) FROM inodes"), "chunks": q("SELECT count(*) FROM chunks"),
                 "frames": q("SELECT count(*) FROM frames"), "blobs": len(self.blobs),
                 "bytes": q("SELECT sum(size) FROM inodes WHERE extents IS NOT NULL"),

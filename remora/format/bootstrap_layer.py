@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 
 import zstandard
 
 from remora.errors import InvalidInput
 from remora.format import annotations as ann
+
+if TYPE_CHECKING:
+    from remora.oci import Descriptor
 
 #: Compression level of the bootstrap layer (small, fetched whole on every node: worth compressing well).
 ZSTD_LEVEL = 10
@@ -39,25 +43,54 @@ _IO = 1 << 20
 
 
 def encode_bootstrap_layer(db_path: Path, workdir: Path) -> tuple[Path, str, int, str]:
-    """Wrap the bootstrap in a deterministic tar, zstd it: ``(path, digest, size, diff_id)``."""
+    """Wrap the bootstrap in a deterministic tar, zstd it: ``(path, digest, size, diff_id)``.
+
+    One pass over the database: the tar (exactly what ``tarfile`` writes for this member: PAX
+    format, padding, end-of-archive blocks, record padding) is produced in memory block by block,
+    hashed (the diff_id) and fed to the compressor, whose output is hashed as it is written. No
+    uncompressed tar on disk and no second read of either file."""
     db_path, workdir = Path(db_path), Path(workdir)
-    tar_path = workdir / "bootstrap.tar"
+    size = db_path.stat().st_size
     info = tarfile.TarInfo(ann.BOOTSTRAP_MEMBER)
-    info.size = db_path.stat().st_size
+    info.size = size
     info.mode = 0o444
     info.mtime = 0
     info.uname = info.gname = ""
-    with open(tar_path, "wb") as raw:
-        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            with open(db_path, "rb") as f:
-                tar.addfile(info, f)
-    diff_id = _sha256_file(tar_path)
+    header = info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    body = len(header) + -(-size // _BLOCK) * _BLOCK + 2 * _BLOCK        # member, then two zero blocks
+    tar_size = -(-body // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
     out = workdir / "bootstrap.tar.zst"
+    tar_hash = hashlib.sha256(header)
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
-    with open(tar_path, "rb") as fin, open(out, "wb") as fout:
-        cctx.copy_stream(fin, fout, size=tar_path.stat().st_size)
-    tar_path.unlink()
-    return out, _sha256_file(out), out.stat().st_size, diff_id
+    with open(db_path, "rb") as fin, open(out, "wb") as raw:
+        sink = _HashingFile(raw)
+        with cctx.stream_writer(cast(BinaryIO, sink), size=tar_size, closefd=False) as z:  # a file in all but name
+            z.write(header)
+            left = size
+            while left:
+                block = fin.read(min(_IO, left))
+                if not block:
+                    raise InvalidInput(f"{db_path}: changed while it was being packed")
+                tar_hash.update(block)
+                z.write(block)
+                left -= len(block)
+            tail = bytes(tar_size - len(header) - size)
+            tar_hash.update(tail)
+            z.write(tail)
+    return out, "sha256:" + sink.hash.hexdigest(), sink.size, "sha256:" + tar_hash.hexdigest()
+
+
+class _HashingFile:
+    """A write-only file that hashes and counts what goes through it."""
+
+    def __init__(self, f: BinaryIO):
+        self._f, self.hash, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self._f.write(data)
+        self.hash.update(data)
+        self.size += len(data)
+        return len(data)
 
 
 def spool_layer(stream: BinaryIO, out: Path, max_size: int = MAX_BOOTSTRAP_CSIZE) -> Path:
@@ -130,11 +163,21 @@ def fetch_bootstrap_layer(open_blob: Callable[[], BinaryIO], size: int, workdir:
         spooled.unlink(missing_ok=True)
 
 
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class BlobSource(Protocol):
+    """What :func:`fetch_bootstrap` reads from: anything that opens a blob by its descriptor."""
+
+    def open_blob(self, desc: Descriptor, /) -> BinaryIO: ...
+
+
 class _Bounded:
     """A reader that refuses to yield more than ``limit`` bytes: the decompressed stream may not
     exceed what its frame declared (a multi-frame or lying stream stops here)."""
 
-    def __init__(self, f, limit: int, where: str):
+    def __init__(self, f: _Readable, limit: int, where: str):
         self._f, self._left, self._where = f, limit, where
 
     def read(self, n: int) -> bytes:
@@ -249,15 +292,17 @@ __all__ = ["encode_bootstrap_layer", "decode_bootstrap_layer", "fetch_bootstrap_
            "MAX_BOOTSTRAP_CSIZE", "MAX_BOOTSTRAP_USIZE", "MAX_WINDOW_SIZE", "ZSTD_LEVEL"]
 
 
-def fetch_bootstrap(store, desc, workdir: Path, on_downloaded=None) -> Path:
+def fetch_bootstrap(store: BlobSource, desc: Descriptor, workdir: Path,
+                    on_downloaded: Callable[[], None] | None = None) -> Path:
     """Download (verified), decompress and untar the bootstrap layer, then validate the database;
     returns its path.
 
     ``store`` is anything with ``open_blob(desc)`` (a registry client, an OCI layout, the snapshotter's
     mirror-aware source) and ``desc`` an :class:`remora.oci.Descriptor`: this module does no I/O of its
     own beyond the work directory. Streamed and bounded: the layer is spooled to disk and never held
-    whole in memory, its decompressed size is bounded by what its zstd frame declares and a hard cap. Validation (remora.format.validate) refuses anything remora's writer
-    would not have produced, before anyone reads the database. ``on_downloaded`` is called once the
+    whole in memory, its decompressed size is bounded by what its zstd frame declares and a hard cap.
+    Validation (remora.format.validate) refuses anything remora's writer would not have produced,
+    before anyone reads the database. ``on_downloaded`` is called once the
     bytes are in (the connection is free for other requests)."""
     from remora.format.validate import validate_bootstrap  # validate reads this module
 
