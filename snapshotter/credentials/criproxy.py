@@ -91,7 +91,7 @@ class CRIProxy:
         except OSError:
             pass
 
-    def __enter__(self) -> CRIProxy:  # noqa: PYI034 - start() returns self
+    def __enter__(self) -> CRIProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -13,10 +13,9 @@ import os
 import aiohttp
 import pytest
 from aiohttp import web
+from peer_util import sha, start_peer
 
 from remora.plugins.peer.config import MIN_PIECE_SIZE
-
-from peer_util import sha, start_peer
 
 BLOB_SIZE = 5 * MIN_PIECE_SIZE + 1234
 BLOB = os.urandom(BLOB_SIZE)

@@ -15,11 +15,10 @@ import time
 
 import pytest
 from aiohttp import web
+from peer_util import sha, start_peer
 
 from remora._proto import remora_scheduler_pb2 as pb
 from remora.plugins.peer.config import MIN_PIECE_SIZE, RELAYED_HEADER
-
-from peer_util import sha, start_peer
 
 SIZE = 3 * MIN_PIECE_SIZE
 BLOB = os.urandom(SIZE)
@@ -61,7 +60,7 @@ class Parent:
             return resp
         return web.Response(body=GOOD)
 
-    async def start(self) -> "Parent":
+    async def start(self) -> Parent:
         app = web.Application()
         app.router.add_get("/pieces/{digest}/{index}", self._piece)
         self.runner = web.AppRunner(app, shutdown_timeout=0.1)

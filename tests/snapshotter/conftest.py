@@ -31,7 +31,7 @@ class ServerThread:
         self.server: SnapshotterServer | None = None
         self.channel: grpc.Channel | None = None
 
-    def start(self) -> "ServerThread":
+    def start(self) -> ServerThread:
         self.thread.start()
         self.server = asyncio.run_coroutine_threadsafe(
             SnapshotterServer(self.root, self.address, self.handler).start(), self.loop).result(30)

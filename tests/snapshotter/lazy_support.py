@@ -233,7 +233,7 @@ class CountingProxy:
             self.requests.clear()
             self.bytes = 0
 
-    def __enter__(self) -> "CountingProxy":
+    def __enter__(self) -> CountingProxy:
         self.thread.start()
         return self
 

@@ -14,10 +14,10 @@ from remora import oci
 from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from remora.converter.convert import ConvertOptions, convert
-from remora_testing.imagebuild import LayerSpec, busybox_rootfs, write_image
 from remora.imagestore import open_store
 from remora.snapshotter.pull import chain_ids, layer_labels
 from remora_testing.containerd import RemoraSnapshotter
+from remora_testing.imagebuild import LayerSpec, busybox_rootfs, write_image
 
 NAMESPACE = (("containerd-namespace", "lazytest"),)
 

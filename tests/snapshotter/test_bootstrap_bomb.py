@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "format"))
-from bootstrap_craft import bomb_layer, edit, layer_from_db, replace_bootstrap, sample_bootstrap  # noqa: E402
+from bootstrap_craft import bomb_layer, edit, layer_from_db, replace_bootstrap, sample_bootstrap
 
-from remora_testing.imagebuild import busybox_image  # noqa: E402
+from remora_testing.imagebuild import busybox_image
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -58,7 +58,8 @@ def test_snapshotter_memory_stays_bounded_through_a_bootstrap_bomb(registry, sna
     took = time.monotonic() - t0
     peak = _peak_rss(pid)
     print(f"snapshotter through a {len(layer)}-byte bootstrap layer ({usize >> 20} MiB): pull exit "
-          f"{proc.returncode} in {took:.2f}s, peak RSS {before >> 20} -> {peak >> 20} MiB; {proc.stderr.strip()[-300:]}")
+          f"{proc.returncode} in {took:.2f}s, peak RSS {before >> 20} -> {peak >> 20} MiB; "
+          f"{proc.stderr.strip()[-300:]}")
     assert proc.returncode != 0
     assert "bootstrap" in proc.stderr, proc.stderr
     assert snapshotter_proc.daemon.alive()

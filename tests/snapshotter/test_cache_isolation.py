@@ -29,8 +29,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from lazy_support import build_image, dead_port_url
+
 from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from remora.cache import ChunkCache, fair_quotas

@@ -9,12 +9,22 @@ import uuid
 import grpc
 import pytest
 
-from remora._proto.cri.runtime.v1 import api_pb2 as cri, api_pb2_grpc as cri_grpc
-from remora_testing.imagebuild import File, LayerSpec, OpaqueDir, Whiteout, busybox_layer, busybox_rootfs, tar_of_files, write_image
-from remora.snapshotter.remote import RemoteLayer, RemoteLayerHandler
+from remora._proto.cri.runtime.v1 import api_pb2 as cri
+from remora._proto.cri.runtime.v1 import api_pb2_grpc as cri_grpc
 from remora.procutil import wait_until
+from remora.snapshotter.remote import RemoteLayer, RemoteLayerHandler
 from remora.snapshotter.storage import mountpoints_under
 from remora_testing.containerd import PrivateContainerd
+from remora_testing.imagebuild import (
+    File,
+    LayerSpec,
+    OpaqueDir,
+    Whiteout,
+    busybox_layer,
+    busybox_rootfs,
+    tar_of_files,
+    write_image,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -55,7 +55,8 @@ def test_containerd_snapshotter_suite(suite_binary, short_tmp, tmp_path):
     logs.mkdir()
     env = dict(os.environ, REMORA_SUITE_LOGS=str(logs), TMPDIR=str(short_tmp),
                # --no-lazy: the suite checks the snapshotter core; lazy layers have their own tests
-               REMORA_SNAPSHOTTER_CMD=json.dumps([sys.executable, "-m", "remora.snapshotter.cli", "--no-lazy", "--api-address", ""]))
+               REMORA_SNAPSHOTTER_CMD=json.dumps([sys.executable, "-m", "remora.snapshotter.cli", "--no-lazy",
+                                                  "--api-address", ""]))
     proc = subprocess.run([str(suite_binary), "-test.v", "-test.timeout", "240s", "-test.parallel", "2"],
                           cwd=short_tmp, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr

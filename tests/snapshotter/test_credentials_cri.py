@@ -20,17 +20,17 @@ import uuid
 from pathlib import Path
 
 import pytest
-from remora.snapshotter.mount import FSTYPE, MountManager
-from remora.snapshotter.storage import detach_mount, mountpoints_under
 
 from remora.errors import RemoraError
 from remora.format import annotations as ann
-from remora_testing.imagebuild import LayerSpec, write_image
 from remora.procutil import wait_until
 from remora.registry.client import RegistryClient
-from remora_testing.registry import LocalRegistry
+from remora.snapshotter.mount import FSTYPE, MountManager
+from remora.snapshotter.storage import detach_mount, mountpoints_under
 from remora_testing.containerd import PrivateContainerd, RemoraSnapshotter
 from remora_testing.cri import CRIImageClient
+from remora_testing.imagebuild import LayerSpec, write_image
+from remora_testing.registry import LocalRegistry
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -67,7 +67,7 @@ class PrivateImage:
         with RegistryClient(reg.host, credentials=(USER, PASSWORD)) as c:
             data, _, _ = c.get_manifest(self.repo, tag)
         self.layers = json.loads(data)["layers"]
-        self.blobs = [l["digest"] for l in self.layers if l["annotations"][ann.ROLE] == "blob"]
+        self.blobs = [layer["digest"] for layer in self.layers if layer["annotations"][ann.ROLE] == "blob"]
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,7 @@ def test_private_image_pulled_through_proxy_is_mounted_lazily(stack, reg, images
     assert answers[0] == answers[1] and b"containerd" in answers[0]
     assert f"captured pull credentials for {reg.host}/{image.repo}" in stack.snap_log()
     assert PASSWORD not in stack.snap_log()
-    assert not stack.content() & {l["digest"] for l in image.layers}, "containerd downloaded a layer"
+    assert not stack.content() & {desc["digest"] for desc in image.layers}, "containerd downloaded a layer"
     assert not set(reg.blob_gets(mark)) & set(image.blobs), "a data blob was fetched at pull time"
     mounts = stack.fuse_mounts()
     assert len(mounts) == 1, mounts

@@ -13,6 +13,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+from remora.errors import AuthError, InvalidInput, NotFound
+from remora.registry.auth import Credentials
 from remora.snapshotter.credentials.criproxy import credentials_from_auth
 from remora.snapshotter.credentials.kubesecrets import (
     KubeClient,
@@ -22,9 +25,6 @@ from remora.snapshotter.credentials.kubesecrets import (
 )
 from remora.snapshotter.credentials.resolver import CredentialResolver
 from remora.snapshotter.credentials.store import CredentialStore
-
-from remora.errors import AuthError, InvalidInput, NotFound
-from remora.registry.auth import Credentials
 
 TOKEN = "sa-token-123"
 REGISTRY = "registry.example.com:5000"
@@ -229,7 +229,8 @@ def test_credential_provider_answers_kubelet(api, kubeconfig, tmp_path):
         "cacheKeyType": "Image", "cacheDuration": "10m0s",
         "auth": {f"{REGISTRY}/team-a/app": {"username": "alice", "password": "s3cret"}}}
     # another repository: an answer without credentials (kubelet tries its other sources)
-    proc = _provider(dict(req, image=f"{REGISTRY}/team-b/app:1", apiVersion="credentialprovider.kubelet.k8s.io/v1beta1"),
+    proc = _provider(dict(req, image=f"{REGISTRY}/team-b/app:1",
+                          apiVersion="credentialprovider.kubelet.k8s.io/v1beta1"),
                      *args, env=env)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -250,9 +251,8 @@ def test_credential_provider_answers_kubelet(api, kubeconfig, tmp_path):
 def test_failed_pull_does_not_replace_working_credentials(tmp_path):
     """A pull whose credentials fail must not leave them in place of ones an earlier pod's pull
     proved (the proxy undoes its capture when containerd answers with an error)."""
-    from remora.snapshotter.credentials.criproxy import CRIProxy
-
     from remora._proto.cri.runtime.v1 import api_pb2
+    from remora.snapshotter.credentials.criproxy import CRIProxy
 
     store = CredentialStore()
     proxy = CRIProxy(tmp_path / "cri.sock", tmp_path / "nothing.sock", store)  # never started

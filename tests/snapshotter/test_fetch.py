@@ -6,8 +6,8 @@ import threading
 import time
 
 import pytest
-
 from lazy_support import CountingProxy, build_image, dead_port_url
+
 from remora.cache import ChunkCache
 from remora.format.bootstrap import Bootstrap
 from remora.snapshotter.fetch import ChunkFetcher, FetchError, Prefetcher
@@ -24,7 +24,8 @@ def make_fetcher(image, cache_dir, *urls, **kw):
     for url in urls:
         host = url.split("://", 1)[1]
         specs.append(SourceSpec.registry(host, image.repo, read_timeout=kw.pop("read_timeout", 5.0), retries=0))
-    return ChunkFetcher(Bootstrap(image.bootstrap), ChunkCache(cache_dir, 1 << 30), [open_source(s) for s in specs], **kw)
+    return ChunkFetcher(Bootstrap(image.bootstrap), ChunkCache(cache_dir, 1 << 30), [open_source(s) for s in specs],
+                        **kw)
 
 
 def read_path(fetcher, path: bytes, size: int = 1 << 30) -> bytes:
@@ -83,7 +84,7 @@ def test_concurrent_readers_of_one_frame_make_one_request(image, registry, tmp_p
         def reader():
             try:
                 results.append(read_path(f, b"/etc/small001.txt"))
-            except Exception as exc:  # pragma: no cover - reported below
+            except Exception as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
         threads = [threading.Thread(target=reader) for _ in range(4)]

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from remora.errors import NotFound
-from remora_testing.imagebuild import LayerSpec, busybox_layer, write_image
 from remora.snapshotter.storage import mountpoints_under
 from remora_testing.containerd import PrivateContainerd, RemoraSnapshotter
 from remora_testing.containerd_v2 import RUNC_STATE, PrivateContainerd2
 from remora_testing.cri import CRIImageClient
 from remora_testing.docker import PrivateDocker
+from remora_testing.imagebuild import LayerSpec, busybox_layer, write_image
 from remora_testing.snaprecorder import SnapshotRecorder
 
 PROBE = "containerd.io/snapshot/interop-probe"  # a layer annotation containerd should pass through
@@ -227,7 +227,8 @@ def test_examples_match_the_tested_configs(tmp_path):
     transfer = "io.containerd.transfer.v1.local"
     assert ex2["plugins"][transfer]["unpack_config"] == tested2["plugins"][transfer]["unpack_config"]
     for key in ("snapshotter", "disable_snapshot_annotations"):
-        assert ex2["plugins"]["io.containerd.cri.v1.images"][key] == tested2["plugins"]["io.containerd.cri.v1.images"][key]
+        images = "io.containerd.cri.v1.images"
+        assert ex2["plugins"][images][key] == tested2["plugins"][images][key]
     cri16 = "io.containerd.grpc.v1.cri"
     for name in ("containerd-1.6.toml", "containerd-1.7.toml"):
         ex = tomllib.loads((EXAMPLES / "snapshotter" / name).read_text())

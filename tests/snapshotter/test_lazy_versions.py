@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from lazy_support import CountingProxy
+
 from remora.cache import ChunkCache
 from remora.converter.convert import ConvertOptions, convert
-from remora_testing.imagebuild import File, LayerSpec, busybox_layer, tar_of_files, write_image
 from remora.procutil import wait_until
 from remora.snapshotter.pull import pull
+from remora_testing.imagebuild import File, LayerSpec, busybox_layer, tar_of_files, write_image
 
 MIB = 1 << 20
 # read every file of the image (so every chunk a version needs is fetched), then show what v2 is
@@ -35,8 +35,8 @@ def app_layer(version: int) -> tuple[bytes, bytes]:
     """The app layer's tar and its lib.bin. v2: MiB 1 of lib.bin rewritten, one static file changed, one new."""
     rng = random.Random(2024)
     lib = bytearray(rng.randbytes(4 * MIB))  # incompressible: fetched bytes are real chunk bytes
-    files = {f"app/static/page{i:02d}.html": File((f"<p>page {i} ".encode() + rng.randbytes(6000).hex().encode())[:20000])
-             for i in range(40)}
+    files = {f"app/static/page{i:02d}.html":
+             File((f"<p>page {i} ".encode() + rng.randbytes(6000).hex().encode())[:20000]) for i in range(40)}
     files["app/version"] = File(f"app version {version}\n".encode())
     files["app/run.sh"] = File(b"#!/bin/sh\nexec cat /app/version\n", mode=0o755)
     if version == 2:
@@ -103,7 +103,8 @@ def test_v2_fetches_only_its_bootstrap_and_changed_chunks(registry, snapshotter_
             px.reset()
             if v == 1:  # readers get their bytes before the chunks reach the disk cache: let the writes land
                 v1_chunks = frames_of(dbs[1])[0]
-                wait_until(lambda: all(cache.contains(d) for d in v1_chunks), 30, what="v1 chunks in the cache")
+                wait_until(lambda v1_chunks=v1_chunks: all(cache.contains(d) for d in v1_chunks), 30,
+                           what="v1 chunks in the cache")
 
     # the containers saw each version's exact content
     for v in (1, 2):

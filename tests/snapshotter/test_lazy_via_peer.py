@@ -5,11 +5,10 @@ import sys
 from pathlib import Path
 
 import requests
+from remote_support import NAMESPACE, lowest_dir, remote_busybox
 
 from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from remora.procutil import Daemon, free_port, port_open, wait_until
-
-from remote_support import NAMESPACE, lowest_dir, remote_busybox
 
 
 def _metric(text: str, name: str, **labels) -> float:
@@ -31,7 +30,8 @@ def test_lazy_reads_go_through_the_local_peer(registry, tmp_path):
     try:
         wait_until(lambda: port_open("127.0.0.1", port) or not peer.alive(), 30, what="remora peer")
         assert peer.alive(), peer.log_tail()
-        with remote_busybox(registry, tmp_path, "viapeer/bb", ["--mirror", f"http://127.0.0.1:{port}"]) as (stub, top, root):
+        mirror = ["--mirror", f"http://127.0.0.1:{port}"]
+        with remote_busybox(registry, tmp_path, "viapeer/bb", mirror) as (stub, top, root):
             resp = stub.Prepare(pb.PrepareSnapshotRequest(key="ctr", parent=top), metadata=NAMESPACE, timeout=30)
             data = Path(lowest_dir(resp.mounts[0]), "bin", "busybox").read_bytes()
             assert data == Path("/bin/busybox").read_bytes()

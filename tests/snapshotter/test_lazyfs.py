@@ -13,8 +13,8 @@ import stat
 import time
 
 import pytest
-
 from lazy_support import CountingProxy, build_image, dead_port_url
+
 from remora.cache import ChunkCache
 from remora.errors import InvalidInput, StorageError
 from remora.procutil import wait_until
@@ -252,7 +252,7 @@ def test_prefetch_and_prometheus_metrics(manager, image, proxy, tmp_path):
     text = generate_latest(reg).decode()
     assert 'remora_mount_up{mount="m1"} 1.0' in text
     assert 'remora_prefetch_complete{mount="m1"} 1.0' in text
-    requests = [l for l in text.splitlines() if l.startswith('remora_fetch_requests_total{mount="m1"}')]
+    requests = [line for line in text.splitlines() if line.startswith('remora_fetch_requests_total{mount="m1"}')]
     assert requests and float(requests[0].split()[-1]) == len(proxy.blob_requests()) >= 1
     assert "remora_fuse_op_seconds_bucket" in text and "remora_cache_bytes" in text
 

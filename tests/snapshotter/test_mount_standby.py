@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from lazy_support import build_image
+
 from remora.procutil import wait_until
 from remora.snapshotter.mount import MountManager, detach, mounted_fstype
 from remora.snapshotter.sources import SourceSpec
@@ -182,7 +182,7 @@ def test_stats_leaves_the_spare_alone_and_a_dead_spare_is_replaced(snapshotter_p
     os.kill(spare, 9)  # the OOM killer, an operator, a crash: the snapshotter starts another
     successor = _one_spare(snap.daemon.pid, other_than=spare)
     assert successor != spare and not logs[0].exists(), "the dead spare's log is cleaned up"
-    wait_until(lambda: "spare fs process %d exited" % spare in snap.log_path.read_text(), 10,
+    wait_until(lambda: f"spare fs process {spare} exited" in snap.log_path.read_text(), 10,
                what="the snapshotter to log the dead spare")
 
 

@@ -25,12 +25,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from lazy_support import CountingProxy
-from remora_testing.imagebuild import busybox_image
+from test_remote_e2e import Stack
+
 from remora.procutil import wait_until
 from remora.registry.client import RegistryClient
-from test_remote_e2e import Stack
+from remora_testing.imagebuild import busybox_image
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -275,7 +275,7 @@ def test_on_manifest_sees_every_layer_before_any_prepare(stack, image):
     assert len(hooks) == 1 and hooks[0] < first_layer, events
     layers = events[hooks[0]]
     manifest = json.loads(st.ctd.ctr("content", "get", result.manifest_digest, namespace=ns).stdout)
-    assert [digest for digest, _ in layers] == [l["digest"] for l in manifest["layers"]]
+    assert [digest for digest, _ in layers] == [layer["digest"] for layer in manifest["layers"]]
     assert len(layers) == len(result.chain_ids)
     for (_, labels), chain in zip(layers, result.chain_ids):  # the labels each snapshot was committed with
         info = json.loads(st.ctd.ctr("snapshots", "--snapshotter", "remora", "info", chain, namespace=ns).stdout)

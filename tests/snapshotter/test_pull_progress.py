@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 from remora.converter.convert import ConvertOptions, convert
-from remora_testing.imagebuild import LayerSpec, busybox_rootfs, write_image
 from remora.procutil import wait_until
 from remora.snapshotter.pull import Heartbeat
+from remora_testing.imagebuild import LayerSpec, busybox_rootfs, write_image
 
 
 def test_heartbeat_speaks_every_interval_while_waiting_and_never_after():

@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 
 from remora.format import annotations as ann
-from remora_testing.imagebuild import LayerSpec, busybox_image, debian_rootfs, write_image
 from remora.procutil import wait_until
 from remora.registry.client import RegistryClient
-from remora_testing.registry import LocalRegistry
 from remora.snapshotter.storage import detach_mount, mountpoints_under
 from remora_testing.containerd import PrivateContainerd, RemoraSnapshotter
+from remora_testing.imagebuild import LayerSpec, busybox_image, debian_rootfs, write_image
+from remora_testing.registry import LocalRegistry
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -77,9 +77,9 @@ class RemoraImage:
             data, _, self.manifest_digest = c.get_manifest(repo, tag)
         manifest = json.loads(data)
         self.layers = manifest["layers"]
-        self.size = sum(l["size"] for l in self.layers)
-        self.blobs = [l["digest"] for l in self.layers if l["annotations"][ann.ROLE] == "blob"]
-        self.bootstrap = next(l["digest"] for l in self.layers if l["annotations"][ann.ROLE] == "bootstrap")
+        self.size = sum(layer["size"] for layer in self.layers)
+        self.blobs = [layer["digest"] for layer in self.layers if layer["annotations"][ann.ROLE] == "blob"]
+        self.bootstrap = next(layer["digest"] for layer in self.layers if layer["annotations"][ann.ROLE] == "bootstrap")
 
 
 def _convert(registry: LocalRegistry, source_ref: str) -> RemoraImage:
@@ -120,7 +120,8 @@ def _reap(ctd: PrivateContainerd, namespace: str | None = None) -> None:
     for tid in ctd.ctr("tasks", "ls", "-q", check=False, namespace=namespace).stdout.split():
         ctd.ctr("tasks", "kill", "-s", "SIGKILL", tid, check=False, namespace=namespace)
         try:  # deletable once the kill has landed
-            wait_until(lambda: ctd.ctr("tasks", "delete", tid, check=False, namespace=namespace).returncode == 0,
+            wait_until(lambda tid=tid: ctd.ctr("tasks", "delete", tid, check=False,
+                                               namespace=namespace).returncode == 0,
                        5, interval=0.1, what=f"task {tid} to be deleted")
         except TimeoutError:
             pass  # the containers' delete below and the stack's teardown report what is left
@@ -265,7 +266,7 @@ def test_pull_and_run_python_lazily(stacks, reg, python_image, annotations_only)
     assert set(served) & set(python_image.blobs), "python ran without reading any data blob?"
     # containerd never downloaded a layer: its content store has the manifest and config only.
     content = st.content_digests()
-    assert not content & {l["digest"] for l in python_image.layers}, content
+    assert not content & {layer["digest"] for layer in python_image.layers}, content
     # What the snapshotter received is what the mode promises.
     layer_key = next(k for k in _committed(st) if st.snapshot_labels(k).get(ann.ROLE) == "bootstrap")
     labels = st.snapshot_labels(layer_key)
@@ -275,7 +276,7 @@ def test_pull_and_run_python_lazily(stacks, reg, python_image, annotations_only)
 
 def _committed(st: Stack) -> list[str]:
     lines = st.ctd.ctr("snapshots", "--snapshotter", "remora", "ls").stdout.splitlines()[1:]
-    return [l.split()[0] for l in lines if l.split() and l.split()[-1] == "Committed"]
+    return [line.split()[0] for line in lines if line.split() and line.split()[-1] == "Committed"]
 
 
 def test_pull_and_run_busybox_gc_and_remove(stacks, reg, busybox):
@@ -361,7 +362,7 @@ def test_cri_pull_is_remote(stacks, reg, busybox):
     assert not set(served) & set(busybox.blobs), f"CRI pull downloaded a layer: {served}"
     keys = st.ctd.ctr("snapshots", "--snapshotter", "remora", "ls", namespace="k8s.io").stdout
     st.namespaces.append("k8s.io")
-    committed = [l.split()[0] for l in keys.splitlines()[1:] if l.strip()]
+    committed = [line.split()[0] for line in keys.splitlines()[1:] if line.strip()]
     assert len(committed) == len(busybox.layers), keys
     roles = sorted(st.snapshot_labels(k, namespace="k8s.io").get(ann.ROLE, "") for k in committed)
     assert roles == ["blob"] * len(busybox.blobs) + ["bootstrap"]
@@ -511,7 +512,7 @@ def test_snapshotter_restart_keeps_containers(stacks, reg, python_image, how):
                            capture_output=True, text=True, timeout=60)
     assert stats.returncode == 0, stats.stderr
     states = {m["id"]: m["state"] for m in json.loads(stats.stdout)["mounts"]}
-    assert states == {m: "ok" for m in mounts}, states
+    assert states == dict.fromkeys(mounts, "ok"), states
 
 
 # -- (7) containerd 2.1 Transfer pull -----------------------------------------------------------------

@@ -13,18 +13,18 @@ from pathlib import Path
 
 import grpc
 import pytest
+from remote_support import NAMESPACE, lowest_dir, remote_busybox
 
 from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from remora.procutil import free_port, wait_until
-
-from remote_support import NAMESPACE, lowest_dir, remote_busybox
 
 
 @pytest.fixture
 def lazy_layers(registry, tmp_path):
     """A converted busybox image prepared remotely in a fresh snapshotter that serves /metrics."""
     port = free_port()
-    with remote_busybox(registry, tmp_path, "health/bb", ["--metrics-address", f"127.0.0.1:{port}"]) as (stub, top, root):
+    metrics = ["--metrics-address", f"127.0.0.1:{port}"]
+    with remote_busybox(registry, tmp_path, "health/bb", metrics) as (stub, top, root):
         yield stub, NAMESPACE, top, root, port
 
 
@@ -111,7 +111,8 @@ def test_stats_and_prometheus_metrics(lazy_layers):
             return False
 
     wait_until(published_fetch, 10, what="the fs process to publish the fetch")
-    proc = subprocess.run(["remora", "stats", "--root", str(root), "--json"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(["remora", "stats", "--root", str(root), "--json"], capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout)
     [mount] = stats["mounts"]
@@ -120,7 +121,7 @@ def test_stats_and_prometheus_metrics(lazy_layers):
     assert stats["cache"]["chunks"] >= 1
     text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     assert 'remora_mount_up{mount="' in text
-    fetched = [l for l in text.splitlines() if l.startswith("remora_fetch_bytes_total{")]
+    fetched = [line for line in text.splitlines() if line.startswith("remora_fetch_bytes_total{")]
     assert fetched and float(fetched[0].split()[-1]) > 0
     assert "remora_fuse_op_seconds_bucket" in text
     assert "remora_early_prefetch_failures_total 0.0" in text  # the snapshotter's own counters too

@@ -291,9 +291,10 @@ def test_remote_failure_falls_back_to_local_layer(start_server):
 
 
 def test_socket_in_use_and_too_long(start_server, server, tmp_path):
+    import asyncio
+
     from remora.errors import UsageError
     from remora.snapshotter.server import SnapshotterServer
-    import asyncio
 
     with pytest.raises(UsageError, match="in use"):
         asyncio.run(SnapshotterServer(tmp_path / "root2", server.address).start())
@@ -317,7 +318,7 @@ def test_kill_9_leaves_consistent_state(tmp_path):
     removed: set[str] = set()
     seq = 0
     try:
-        for round_ in range(6):
+        for _round in range(6):
             snap.start()
             channel = grpc.insecure_channel(f"unix://{snap.address}")
             stub = snapshots_pb2_grpc.SnapshotsStub(channel)

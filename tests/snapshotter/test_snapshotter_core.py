@@ -19,8 +19,14 @@ from remora.errors import InvalidInput, NotFound
 from remora.snapshotter.overlay import Mount
 from remora.snapshotter.remote import LayerUnavailable, RemoteLayer, RemoteLayerHandler, RemoteLayerRefused
 from remora.snapshotter.snapshotter import Snapshotter, Unimplemented
-from remora.snapshotter.storage import (AlreadyExists, FailedPrecondition, Kind, SnapshotStore, detach_mount,
-                                        mountpoints_under)
+from remora.snapshotter.storage import (
+    AlreadyExists,
+    FailedPrecondition,
+    Kind,
+    SnapshotStore,
+    detach_mount,
+    mountpoints_under,
+)
 
 REF = "containerd.io/snapshot.ref"
 REMOTE = {REF: "sha256:chain1", "containerd.io/snapshot/remora.role": "bootstrap"}
@@ -102,7 +108,7 @@ def make(root):
     for s in made:
         try:
             s.store.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a test collects whatever failed
             pass
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-
 from remote_support import NAMESPACE, lowest_dir, remote_busybox
+
+from remora._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 
 
 def test_lazy_mount_works_when_started_from_a_folder_with_a_remora_checkout(registry, tmp_path, monkeypatch):

@@ -8,8 +8,8 @@ import threading
 import time
 
 import pytest
-
 from lazy_support import build_image, dead_port_url
+
 from remora.cache import ChunkCache
 from remora.errors import NotFound, RegistryError
 from remora.format.bootstrap import Bootstrap

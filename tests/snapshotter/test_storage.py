@@ -9,8 +9,16 @@ import pytest
 
 from remora.errors import NotFound
 from remora.snapshotter import filters
-from remora.snapshotter.storage import (AlreadyExists, FailedPrecondition, InvalidArgument, Kind, SnapshotStore,
-                                        disk_usage, mountpoints_under, remove_tree)
+from remora.snapshotter.storage import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    Kind,
+    SnapshotStore,
+    disk_usage,
+    mountpoints_under,
+    remove_tree,
+)
 
 
 @pytest.fixture
@@ -146,7 +154,7 @@ def test_filters(flt, expect):
              ("two", "committed", "p2", {"containerd.io/snapshot.ref": "sha256:abc"}),
              ("three", "active", "", {"x.y": "dotted"})]
     f = filters.parse_all([flt])
-    assert {n for n, k, p, l in items if f.match(filters.snapshot_adaptor(k, n, p, l))} == expect
+    assert {n for n, k, p, item in items if f.match(filters.snapshot_adaptor(k, n, p, item))} == expect
 
 
 @pytest.mark.parametrize("bad", ["name==", 'name=="open', "name===x", ",", "name==a b", "labels.==x", 'name==/re/'])

@@ -16,8 +16,8 @@ import stat
 import time
 
 import pytest
-
 from lazy_support import build_image
+
 from remora.errors import StorageError
 from remora.format.bootstrap import Bootstrap
 from remora.procutil import wait_until
