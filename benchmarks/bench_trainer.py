@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+
 from remora.plugins.scheduler.selection import FEATURE_NAMES
 
 N = len(FEATURE_NAMES)
@@ -67,7 +68,8 @@ def bench_training(rows: int, threads: list[int]) -> None:
             tr, v = meta["trainer"], meta["validation"]
             print(f"threads={n}: total {wall:.1f} s wall / {cpu:.1f} s CPU (load {tr['load_s']:.1f} s, fit "
                   f"{tr['fit_s']:.1f} s), {meta['training_rows']:,} training rows, held-out median relative "
-                  f"error {v['median_rel_error']:.3f} (naive {v['naive']['median_rel_error']:.3f}) -> {Path(path).name}")
+                  f"error {v['median_rel_error']:.3f} (naive {v['naive']['median_rel_error']:.3f}) -> "
+                  f"{Path(path).name}")
 
 
 def bench_inference(repeat: int) -> None:
