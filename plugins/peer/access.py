@@ -46,12 +46,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from remora import __version__
-from remora.errors import AuthError, NotFound, RegistryError
+from remora.errors import AuthError, InvalidInput, NotFound, RegistryError
+from remora.registry import authcore
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +117,15 @@ def parse_source(header: str) -> tuple[str, str]:
     return registry, repository
 
 
-def _challenge_params(header: str) -> tuple[str, dict[str, str]]:
-    scheme, _, rest = header.strip().partition(" ")
-    return scheme.lower(), {k.lower(): v for k, v in re.findall(r'(\w+)="([^"]*)"', rest)}
+def _bearer_challenge(header: str) -> authcore.Challenge | None:
+    """The Bearer challenge to answer for a client, or None (none offered, or a malformed header: then
+    the client simply is not let in). Parsed by the registry-auth core every client of remora uses."""
+    try:
+        chosen = authcore.select_challenge(authcore.parse_challenges(header))
+    except RegistryError as exc:
+        log.info("access check: %s", exc)
+        return None
+    return chosen if chosen is not None and chosen.scheme == "bearer" else None
 
 
 @dataclass
@@ -138,8 +145,12 @@ class AccessChecker:
     answers across restarts (see the offline grace above)."""
 
     def __init__(self, endpoint, timeout: float = 10.0, allow_ttl: float = ALLOW_TTL, deny_ttl: float = DENY_TTL,
-                 offline_grace: float = OFFLINE_GRACE, state_file: Path | None = None, allows=None):
+                 offline_grace: float = OFFLINE_GRACE, state_file: Path | None = None, allows=None,
+                 plain_http=None):
         self.endpoint = endpoint
+        #: registry name -> whether the operator configured it plain HTTP (``--plain-http``): only then may a
+        #: client's credentials go to a plain-HTTP token realm on another host (authcore's realm rule)
+        self.plain_http = plain_http or (lambda registry: False)
         #: registry name -> whether this peer may talk to it (``Upstream.allows``): nothing else is dialled
         self.allows = allows or (lambda registry: True)
         self.timeout = timeout
@@ -296,10 +307,11 @@ class AccessChecker:
         if status == 401:
             status, challenge = await self._head(url, authorization, kind)
         if status == 401 and used is authorization:
-            scheme, params = _challenge_params(challenge)
+            bearer = _bearer_challenge(challenge)
             basic = authorization is None or authorization.lower().startswith("basic ")
-            if scheme == "bearer" and basic and params.get("realm"):
-                token = await self._token(params, repository, authorization)
+            if bearer is not None and basic:
+                token = await self._token(bearer, registry, repository, authorization,
+                                          plain_http=self.plain_http(registry))
                 if token is not None:
                     used = f"Bearer {token[0]}"
                     lifetime = max(1.0, token[1] - 10)
@@ -336,25 +348,35 @@ class AccessChecker:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise RegistryError(f"{urlsplit(url).netloc}: access check failed: {type(exc).__name__}") from None
 
-    async def _token(self, params: dict[str, str], repository: str,
-                     authorization: str | None) -> tuple[str, float] | None:
+    async def _token(self, challenge: authcore.Challenge, registry: str, repository: str,
+                     authorization: str | None, *, plain_http: bool) -> tuple[str, float] | None:
         """A token for ``repository:<repository>:pull`` from the challenge's realm, with the client's
-        Basic credentials (or none); None when the token service refuses."""
-        realm = params["realm"]
-        if urlsplit(realm).scheme not in ("http", "https"):
-            return None
-        query = {"service": params.get("service", ""), "scope": f"repository:{repository}:pull"}
-        url = realm + ("&" if "?" in realm else "?") + urlencode(query)
-        self.asked += 1
+        Basic credentials (or none); None when the token service refuses or may not be asked (the
+        realm rule of :mod:`remora.registry.authcore`: a client's credentials never go to a plain-HTTP
+        realm unless the registry itself is configured plain HTTP, or both are on loopback)."""
         try:
-            async with self._http().get(url, headers={"Authorization": authorization} if authorization else {},
-                                        allow_redirects=False) as resp:
+            scope = authcore.repository_scope(repository)
+            req = authcore.token_request(challenge, scope, None, registry=registry, allow_plain_http=plain_http)
+            if authorization:
+                authcore.check_realm(challenge.realm, registry, with_credentials=True, allow_plain_http=plain_http)
+        except (RegistryError, AuthError, InvalidInput) as exc:
+            log.info("access check for %s/%s: %s", registry, repository, exc)
+            return None
+        headers = dict(req.headers)
+        if authorization:
+            headers["Authorization"] = authorization
+        self.asked += 1
+        realm_host = urlsplit(req.url).netloc
+        try:
+            async with self._http().get(req.url, headers=headers, allow_redirects=False) as resp:
                 if resp.status != 200:
                     return None
-                doc = await resp.json(content_type=None)
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
-            raise RegistryError(f"token service of {urlsplit(realm).netloc}: {type(exc).__name__}") from None
-        token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
-        if not isinstance(token, str) or not re.match(r"^[A-Za-z0-9._~+/=-]{1,8000}$", token):
+                body = await resp.content.read(authcore.MAX_TOKEN_RESPONSE + 1)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise RegistryError(f"token service of {realm_host}: {type(exc).__name__}") from None
+        try:
+            token = authcore.parse_token_response(body, now=time.monotonic())
+        except RegistryError as exc:
+            log.info("access check for %s/%s: %s", registry, repository, exc)
             return None
-        return token, float(doc.get("expires_in") or 60)
+        return token.value, token.expires_in

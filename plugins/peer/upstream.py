@@ -157,6 +157,11 @@ class Upstream:
     def allows(self, registry: str) -> bool:
         return canonical_registry(registry) in self.allowed
 
+    def configured_plain_http(self, registry: str) -> bool:
+        """Whether the operator said ``--plain-http`` for ``registry`` (loopback alone does not count:
+        it decides the scheme, never whether credentials may cross plain HTTP to another host)."""
+        return registry in self.plain_http or HUB_ALIASES.get(registry, registry) in self.plain_http
+
     def endpoint(self, registry: str) -> str:
         host = HUB_ALIASES.get(registry, registry)
         plain = registry in self.plain_http or host in self.plain_http or is_loopback(host)
