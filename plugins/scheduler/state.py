@@ -32,6 +32,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from remora.errors import RemoraError
+
 from .bandwidth import BandwidthEstimator
 
 DEFAULT_UPLOAD_SLOTS = 8
@@ -59,7 +61,7 @@ class UnknownPeer(KeyError):
     """A task RPC from a peer id the scheduler does not know (never registered, expired, restarted)."""
 
 
-class Exhausted(Exception):
+class Exhausted(RemoraError):
     """A bound on the scheduler's state would be exceeded (RESOURCE_EXHAUSTED): the request is refused
     before any of its piece marks or digests are kept."""
 
