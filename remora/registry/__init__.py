@@ -1,9 +1,9 @@
-"""Talking to OCI registries: the client (:mod:`.client`), credentials (:mod:`.auth`), and the
-embedded test/demo registry (:mod:`.local`).
+"""Talking to OCI registries: the client (:mod:`.client`), credentials (:mod:`.auth`) and the I/O-free
+auth rules both registry clients share (:mod:`.authcore`).
 
 ``from remora.registry import RegistryClient`` is the entry point for every component. The names are
-resolved lazily so that importing :mod:`remora_testing.registry` (or a CLI ``register``) does not pay
-for requests and oras-py (~0.3 s).
+resolved lazily so that importing this package (or a CLI ``register``) does not pay for requests
+(~0.1-0.3 s).
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The OCI distribution client every remora component uses to talk to a registry.
 
-A requests session set up like oras-py's :class:`oras.provider.Registry` (cookie-free, so registries
-such as Harbor do not mistake us for a browser), auth by :class:`remora.registry.auth.Authenticator`
+A requests session set up the way OCI clients such as oras-py set theirs up (cookie-free, so
+registries such as Harbor do not mistake us for a browser), auth by :class:`remora.registry.auth.Authenticator`
 (the sync shell of the I/O-free :mod:`remora.registry.authcore` the peer shares: challenges, scopes,
-per-scope bearer tokens), and the requests oras-py lacks written here: range reads, cross-repository
+per-scope bearer tokens), and what generic clients lack, written here: range reads, cross-repository
 mounts, uploads from any path with constant memory, bounded retries, and errors mapped onto
 :mod:`remora.errors` so a command never shows a traceback.
 
