@@ -4,16 +4,21 @@ the live cluster vs a random placement deployed cold (issue 12).
 
 Lab (remora_testing.netlab, one fresh lab per run; blackholed subnet, every client inside a namespace):
 a registry (uplink tbf), a ``remora scheduler`` (mutual TLS), N edge nodes (default 6) each with its own
-``remora peer`` (preheat API on), private containerd, tbf rates that differ per node, and a node *agent*
-(this file, ``--agent``) that runs the application: functions, state objects, and user-space delay
-proxies (remora_testing.netlab.delay) for every outgoing node pair, so a byte from node i to node j waits
-``δ_i + δ_j`` (the kernel has no netem) and crosses both nodes' tbf (bottleneck ``min(rate_i, rate_j)``).
+``remora peer`` (preheat API on), a ``remora snapshotter`` whose lazy reads go through that peer
+(``--mirror``), a private containerd with the snapshotter as its ``remora`` proxy plugin, tbf rates that
+differ per node, and a node *agent* (this file, ``--agent``) that runs the application: functions, state
+objects, and user-space delay proxies (remora_testing.netlab.delay) for every outgoing node pair, so a
+byte from node i to node j waits ``δ_i + δ_j`` (the kernel has no netem) and crosses both nodes' tbf
+(bottleneck ``min(rate_i, rate_j)``).
 
-The application: f1 → f2 → f3 (5 ms of CPU each, 1 GiB of memory each, each its own OCI image of a few
-tens of MB), states s1 (f1 reads/writes, f3 reads) and s2 (f2 reads); requests enter at node0. Each
-request runs exactly the model of docs/placement.md §2.4: the request travels one way to f1, each state
-access is a synchronous round trip, f1 hands on to f2 to f3 one way, f3 sends the answer to the user's
-node; the agent of the user's node timestamps its arrival (one clock: all namespaces share the kernel).
+The application: f1 → f2 → f3 (5 ms of CPU each, 1 GiB of memory each), each its own image: busybox plus
+``/app/hot.bin`` (HOT_FRACTION of the app data, what the function reads at start) and ``/app/cold.bin``
+(never read), f2's of ``--image-mb``, f1's 2/3 and f3's 4/3 of it; converted once by ``remora convert
+--prefetch-list`` (busybox and hot.bin: the image's hot blob). States s1 (f1 reads/writes, f3 reads) and
+s2 (f2 reads); requests enter at node0. Each request runs exactly the model of docs/placement.md §2.4:
+the request travels one way to f1, each state access is a synchronous round trip, f1 hands on to f2 to
+f3 one way, f3 sends the answer to the user's node; the agent of the user's node timestamps its arrival
+(one clock: all namespaces share the kernel).
 
 Per run, both arms in the same lab (order alternates between runs; each arm has its own images, so
 neither warms the other):
@@ -21,23 +26,27 @@ neither warms the other):
 * **planned**: ``remora place plan spec.json --from-scheduler SCHED --preheat --peer-port P`` run in the
   scheduler's namespace with a manager certificate — the hosts come from the scheduler (the spec gives
   capacities, prices and the emulated links, which TCP-connect probes cannot see: the lab's delays are in
-  user space), then each chosen node's peer preheats its images;
+  user space), then each chosen node's peer preheats its images (a remora image: bootstrap and hot blob
+  first, then the rest);
 * **random**: ``--algorithm random --seed RUN``, no preheat.
 
-Then *deploy*: every node pulls its functions' images with containerd through its own peer (what a
-kubelet does before starting a pod) and activates them; the time from deploy to the first answered
-request is measured, then ``--requests`` more requests give the measured delay, set against the delay
-the model predicts for the plan. Registry blob bytes are counted per phase (the access log): after a
-preheat the deploy reads none.
+Then *deploy*: on every node, each function's image is pulled with ``remora pull`` (the snapshotter's pull
+service: manifest, config, bootstrap; a lazy mount) and its container started with ``ctr run
+--snapshotter remora``; the container's start reads /app/hot.bin and checks its SHA-256, then the agent
+activates the function. The time from deploy to the first answered request is measured, then
+``--requests`` more requests give the measured delay, set against the delay the model predicts for the
+plan. Registry blob bytes are counted per phase and per blob role (config, bootstrap, hot blob, blob)
+from the registry's access log. ``--image-format oci`` runs the same with the plain OCI images,
+``ctr images pull`` through the peer mirror and containerd's overlayfs snapshotter.
 
 Target (issue 12): the planned, preheated deployment answers its first request ≥ 3× sooner than the
 random, cold one (medians over runs, same-run ratio).
 
-    python benchmarks/bench_placement_e2e.py                 # 6 nodes, 3 runs (~6-10 min)
+    python benchmarks/bench_placement_e2e.py --runs 5       # 6 nodes (~2 min a run)
     python benchmarks/bench_placement_e2e.py --smoke         # 4 nodes, 1 run, small images (~1.5 min)
-    python benchmarks/bench_placement_e2e.py --json-out x.json
+    python benchmarks/bench_placement_e2e.py --image-format oci --json-out x.json
 
-Needs root (namespaces, tc, containerd). Cleans up on any exit.
+Needs root (namespaces, tc, containerd, FUSE). Cleans up on any exit (lazy mounts detached first).
 """
 from __future__ import annotations
 
@@ -265,20 +274,138 @@ sys.exit(0 if r.status == 200 else 1)
 
 
 # =================================================================================== the harness
-def build_images(cache: Path, sizes_mb: dict[str, float]) -> dict[str, dict]:
-    """Per arm, one single-layer OCI image per function (incompressible data), built once into ``cache``."""
+HOT_FRACTION = 0.25      # of each image's app data: the file its start reads (the prefetch list)
+
+
+def build_images(cache: Path, sizes_mb: dict[str, float]) -> dict:
+    """Per arm, one OCI image per function, built once into ``cache``: a busybox layer (the container's
+    shell and ``sha256sum``) and an app layer of incompressible data, ``/app/hot.bin`` (read at start,
+    HOT_FRACTION of it) and ``/app/cold.bin`` (never read by this app)."""
+    import tarfile
+
     from remora_testing.netlab import content
 
+    def app_layer(path: Path, src: Path):
+        meta = path.with_suffix(".json")
+        if path.exists() and meta.exists():   # built by an earlier run: reused once its digest checks out
+            info = json.loads(meta.read_text())
+            if content.sha256_file(path) == info["digest"]:
+                return content.Layer(path=path, **info)
+
+        def add(tar: tarfile.TarFile) -> None:
+            tar.addfile(content._dir_info("app"))
+            for f in sorted(src.iterdir()):
+                ti = tar.gettarinfo(str(f), f"app/{f.name}")
+                ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = 0, 0, 0, "", ""
+                with open(f, "rb") as fh:
+                    tar.addfile(ti, fh)
+        layer = content._tar_gz(path, add)
+        meta.write_text(json.dumps({"digest": layer.digest, "diff_id": layer.diff_id, "size": layer.size}))
+        return layer
+
+    busybox = content.busybox_layer(cache / "busybox.tar.gz")
     images = {}
     for arm_i, arm in enumerate(("planned", "random")):
         for f_i, f in enumerate(FUNCTIONS):
             size = int(sizes_mb[f] * (1 << 20))
-            d = cache / f"{arm}-{f}-{size}"
-            content.random_blob(d / "data" / "blob.bin", size, seed=1000 + 10 * arm_i + f_i)
-            layer_path = cache / f"{arm}-{f}-{size}.tar.gz"
-            layer = content.files_layer(layer_path, [str(d / "data")], prefix="app")
-            images[(arm, f)] = content.build_image(f"placebench/{arm}-{f}", "v1", [layer])
+            hot = int(size * HOT_FRACTION)
+            d = cache / f"{arm}-{f}-{size}-app"
+            hot_digest = content.random_blob(d / "hot.bin", hot, seed=1000 + 10 * arm_i + f_i)
+            content.random_blob(d / "cold.bin", size - hot, seed=2000 + 10 * arm_i + f_i)
+            layer = app_layer(cache / f"{arm}-{f}-{size}-app.tar.gz", d)
+            im = content.build_image(f"placebench/{arm}-{f}", "v1", [busybox, layer])
+            images[(arm, f)] = {"oci": im, "hot_sha256": hot_digest.removeprefix("sha256:")}
     return images
+
+
+REF_NAME = "org.opencontainers.image.ref.name"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def convert_images(cache: Path, images: dict) -> None:
+    """``remora convert`` every OCI image into a remora image (OCI layouts in ``cache``, converted once per
+    content: a conversion takes ~40 s of the 2 shared cores), with ``/bin/busybox`` and ``/app/hot.bin``
+    as its prefetch list — what a ``remora trace`` of the container's start records — so that the
+    bootstrap names a hot blob. Sets ``images[key]["remora"]`` = {"layout", "manifest", "roles"}."""
+    import hashlib
+    import subprocess
+
+    from remora.format import annotations as ann
+
+    hot_list = cache / "hot.txt"
+    hot_list.write_text("/bin/busybox\n/app/hot.bin\n")
+    key_of_list = hashlib.sha256(hot_list.read_bytes()).hexdigest()[:8]
+    for entry in images.values():
+        im = entry["oci"]
+        dst = cache / f"remora-{im.manifest_digest[7:23]}-{key_of_list}"
+        if not (dst / "index.json").exists():
+            src = cache / f"oci-{im.manifest_digest[7:23]}"
+            _write_layout(src, im)
+            tmp = dst.with_name(dst.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            proc = subprocess.run([*remora_cli(), "convert", "--no-progress", "--json", "--prefetch-list",
+                                   str(hot_list), f"oci:{src}:{im.tag}", f"oci:{tmp}:{im.tag}-remora"],
+                                  capture_output=True, text=True, timeout=900)
+            if proc.returncode != 0:
+                raise RuntimeError(f"remora convert {im.repo}: {proc.stderr[-2000:]}")
+            shutil.rmtree(src, ignore_errors=True)
+            tmp.rename(dst)
+        raw = _layout_manifest(dst, f"{im.tag}-remora")
+        manifest = json.loads(raw)
+        roles = {manifest["config"]["digest"]: "config"}
+        for layer in manifest["layers"]:
+            a = layer.get("annotations", {})
+            roles[layer["digest"]] = ("bootstrap" if a.get(ann.ROLE) == "bootstrap" else
+                                      "hot blob" if int(a.get(ann.PREFETCH_BYTES, "0") or 0) else "blob")
+        if "hot blob" not in roles.values():
+            raise RuntimeError(f"{dst}: no hot blob after converting with a prefetch list")
+        entry["remora"] = {"layout": dst, "manifest": manifest, "raw_manifest": raw, "roles": roles}
+
+
+def _write_layout(d: Path, im) -> None:
+    """An OCI image layout of one image (``remora convert`` reads ``oci:DIR:TAG``)."""
+    import hashlib
+
+    shutil.rmtree(d, ignore_errors=True)
+    blobs = d / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    for layer in im.layers:
+        shutil.copyfile(layer.path, blobs / layer.digest[7:])
+    (blobs / hashlib.sha256(im.config).hexdigest()).write_bytes(im.config)
+    (blobs / im.manifest_digest[7:]).write_bytes(im.manifest)
+    (d / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (d / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": im.manifest_digest, "size": len(im.manifest),
+         "annotations": {REF_NAME: im.tag}}]}))
+
+
+def _layout_manifest(d: Path, tag: str) -> bytes:
+    index = json.loads((d / "index.json").read_text())
+    desc = next(m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME) == tag)
+    return (d / "blobs" / "sha256" / desc["digest"][7:]).read_bytes()
+
+
+def push_remora_image(base_url: str, im, conv: dict) -> None:
+    """Push a converted image from its layout to ``<repo>:<tag>-remora`` (the registry checks every digest)."""
+    import requests
+
+    from remora_testing.netlab import content
+
+    blobs = conv["layout"] / "blobs" / "sha256"
+    m = conv["manifest"]
+    for desc in [m["config"], *m["layers"]]:
+        got = content.push_blob(base_url, im.repo, path=blobs / desc["digest"][7:])
+        if got != desc["digest"]:
+            raise RuntimeError(f"cached blob {desc['digest']} has digest {got}")
+    r = requests.put(f"{base_url}/v2/{im.repo}/manifests/{im.tag}-remora", data=conv["raw_manifest"],
+                     headers={"Content-Type": m.get("mediaType", OCI_MANIFEST)}, timeout=60)
+    if r.status_code != 201:
+        raise RuntimeError(f"manifest push {im.repo}:{im.tag}-remora: HTTP {r.status_code} {r.text[:200]}")
+
+
+def remora_cli() -> list[str]:
+    script = Path(sys.executable).parent / "remora"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "remora.cli"]
 
 
 def issue_planner_certificate(mesh) -> None:
@@ -297,12 +424,17 @@ def spec_for(mesh, arm: str, images, n: int, rates: list[int], delays: list[floa
     hosts = [mesh.host_id(p) for p in mesh.peers]
     img_entries, fn_image = [], {}
     for f in FUNCTIONS:
-        im = images[(arm, f)]
-        ref = f"{mesh.registry.host}/{im.repo}:{im.tag}"
+        ref = image_ref(mesh, images, arm, f)
         fn_image[f] = ref
-        import hashlib
-        layers = [{"digest": layer.digest, "size": layer.size} for layer in im.layers]
-        layers.append({"digest": "sha256:" + hashlib.sha256(im.config).hexdigest(), "size": len(im.config)})
+        remora_image = images[(arm, f)].get("remora")
+        if remora_image:
+            m = remora_image["manifest"]
+            layers = [{"digest": x["digest"], "size": x["size"]} for x in [*m["layers"], m["config"]]]
+        else:
+            import hashlib
+            im = images[(arm, f)]["oci"]
+            layers = [{"digest": layer.digest, "size": layer.size} for layer in im.layers]
+            layers.append({"digest": "sha256:" + hashlib.sha256(im.config).hexdigest(), "size": len(im.config)})
         img_entries.append({"name": ref, "layers": layers})
     nodes = [{"name": h, "cpu": "1", "memory": "2Gi", "deploy_cost": 1, "cpu_cost": 0.0001, "storage_cost": 0.01}
              for h in hosts]
@@ -330,6 +462,11 @@ def spec_for(mesh, arm: str, images, n: int, rates: list[int], delays: list[floa
             ],
         },
     }
+
+
+def image_ref(mesh, images, arm: str, f: str) -> str:
+    im = images[(arm, f)]["oci"]
+    return f"{mesh.registry.host}/{im.repo}:{im.tag}" + ("-remora" if images[(arm, f)].get("remora") else "")
 
 
 def app_doc(spec: dict, plan: dict, index_of: dict[str, int]) -> dict:
@@ -393,6 +530,27 @@ def registry_bytes(mesh) -> int:
     return sum(mesh.registry.blob_bytes_served().values())
 
 
+def start_function(mesh, p, images, arm: str, f: str) -> None:
+    """What a kubelet does to start one function on node ``p``: pull its image — a remora image with
+    ``remora pull`` into containerd's remora proxy snapshotter (manifest, config and bootstrap; file
+    contents are read lazily through the node's peer), an OCI image with ``ctr images pull`` through the
+    peer mirror — then run its container, whose start reads ``/app/hot.bin`` (checked against its
+    SHA-256: the bytes the function sees are the image's)."""
+    ref = image_ref(mesh, images, arm, f)
+    ctd = p.containerd
+    if images[(arm, f)].get("remora"):
+        p.node.run([*remora_cli(), "pull", "--address", ctd.address, "--namespace", ctd.namespace,
+                    "--api", str(ctd.snapshotter_api), "--plain-http", "--quiet", ref], timeout=600)
+        snap = ["--snapshotter", "remora"]
+    else:
+        ctd.pull(ref, p.hosts_dir)
+        snap = []
+    out = ctd.ctr(["run", "--rm", "--net-host", *snap, ref, f"{arm}-{f}-{time.time_ns()}",
+                   "sha256sum", "/app/hot.bin"], timeout=600).stdout
+    if out.split()[:1] != [images[(arm, f)]["hot_sha256"]]:
+        raise RuntimeError(f"{ref}: /app/hot.bin in the container has sha256 {out.split()[:1]}")
+
+
 def deploy_and_measure(mesh, arm: str, spec: dict, plan: dict, images, requests: int) -> dict:
     """Pull each function's image through its node's peer, activate, then time the first and later requests."""
     import subprocess
@@ -436,6 +594,7 @@ def deploy_and_measure(mesh, arm: str, spec: dict, plan: dict, images, requests:
     # on the lab's one shared disk. Both arms start from a flushed disk.
     os.sync()
     before = registry_bytes(mesh)
+    before_blobs = mesh.registry.blob_bytes_served()
     t0 = time.time()
     # "deploy": the user's first request goes out at once and is answered when the whole chain is up
     first_proc = subprocess.Popen(client_argv(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -448,10 +607,9 @@ def deploy_and_measure(mesh, arm: str, spec: dict, plan: dict, images, requests:
         try:
             failed: list[str] = []
 
-            def pull(f: str) -> None:   # a node pulls its functions' images at once, as a kubelet would
-                im = images[(arm, f)]
+            def pull(f: str) -> None:   # a node starts its functions at once, as a kubelet would
                 try:
-                    p.containerd.pull(f"{mesh.registry.host}/{im.repo}:{im.tag}", p.hosts_dir)
+                    start_function(mesh, p, images, arm, f)
                 except Exception as exc:  # noqa: BLE001 - reported by deploy_node
                     failed.append(f"{f}: {exc}")
 
@@ -481,6 +639,13 @@ def deploy_and_measure(mesh, arm: str, spec: dict, plan: dict, images, requests:
         raise RuntimeError("; ".join(errors))
     first = client_result(first_proc)[0]
     deploy_registry = registry_bytes(mesh) - before
+    by_role: dict[str, int] = {}
+    for digest, n in mesh.registry.blob_bytes_served().items():
+        if n > before_blobs.get(digest, 0):
+            role = next((images[(arm, g)]["remora"]["roles"].get(digest) for g in FUNCTIONS
+                         if images[(arm, g)].get("remora") and digest in images[(arm, g)]["remora"]["roles"]),
+                        "oci layer or config")
+            by_role[role] = by_role.get(role, 0) + n - before_blobs.get(digest, 0)
     later = client_result(subprocess.Popen(client_argv(requests), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                            text=True))
     delays = [r["delay"] for r in later]
@@ -489,7 +654,7 @@ def deploy_and_measure(mesh, arm: str, spec: dict, plan: dict, images, requests:
             "per_node_pulled_s": {f"node{i}": round(v, 3) for i, v in pulled.items()},
             "first_answer_s": first["answered"] - t0, "first_delay_s": first["delay"],
             "measured_delay_s": statistics.median(delays), "measured_delays_s": delays,
-            "deploy_registry_bytes": deploy_registry}
+            "deploy_registry_bytes": deploy_registry, "deploy_registry_bytes_by_role": by_role}
 
 
 def one_run(args, run: int, images, sizes_mb) -> dict:
@@ -503,10 +668,78 @@ def one_run(args, run: int, images, sizes_mb) -> dict:
         with lab:
             return _one_lab(args, run, images, lab, n, rates, delays)
     finally:
-        # ~600 MB per run (registry, containerd roots, peer stores) on a shared disk: only the logs and
-        # the specs stay, for a look after a failure.
-        for sub in ("registry", *(f"{kind}{i}" for kind in ("containerd", "peer", "hosts") for i in range(n))):
+        # The lab's daemons are stopped by now; a lazy mount whose FUSE process died stays in the mount
+        # table (all mounts are in the root mount namespace: nsenter --net only): detach them all first.
+        from remora.mounts import detach_mount, mountpoints_under
+
+        for mp in mountpoints_under(lab.workdir):
+            try:
+                detach_mount(mp)
+            except Exception as exc:  # noqa: BLE001 - keep cleaning, say what stays
+                log(f"warning: {mp} stays mounted: {exc}")
+        # ~600 MB per run (registry, containerd roots, snapshotter roots, peer stores) on a shared disk:
+        # only the logs and the specs stay, for a look after a failure.
+        for sub in ("registry", *(f"{kind}{i}" for kind in ("containerd", "peer", "hosts", "snap")
+                                             for i in range(n))):
             shutil.rmtree(Path(lab.workdir) / sub, ignore_errors=True)
+
+
+def image_bytes_by_role(images: dict, arm: str) -> dict[str, int]:
+    """Blob bytes of the arm's three images per role (what the deploy's registry reads are set against)."""
+    out: dict[str, int] = {}
+    for f in FUNCTIONS:
+        entry = images[(arm, f)]
+        if entry.get("remora"):
+            m = entry["remora"]["manifest"]
+            for desc in [m["config"], *m["layers"]]:
+                role = entry["remora"]["roles"][desc["digest"]]
+                out[role] = out.get(role, 0) + desc["size"]
+        else:
+            out["oci layer or config"] = out.get("oci layer or config", 0) + entry["oci"].size
+    return out
+
+
+def start_node_runtimes(lab, mesh, remora: bool) -> None:
+    """Every node's containerd (namespaced, private root), with the remora snapshotter as its proxy plugin
+    ``remora`` when ``remora``: its lazy range reads go through the node's peer (``--mirror``), its pull
+    service answers ``remora pull``. Snapshotters first (containerd connects to them), all at once."""
+    from remora.procutil import unix_socket_answers, wait_until
+    from remora_testing.netlab.mesh import PY
+    from remora_testing.netlab.services import NsContainerd, write_mirror_hosts
+
+    class Containerd(NsContainerd):
+        snapshotter_socket: Path | None = None
+        snapshotter_api: Path | None = None
+
+        def config(self) -> str:
+            text = super().config()
+            if self.snapshotter_socket:
+                text += f'\n[proxy_plugins.remora]\n  type = "snapshot"\n  address = "{self.snapshotter_socket}"\n'
+            return text
+
+    work = Path(lab.workdir)
+    snaps = []
+    for p in mesh.peers:
+        ctd = Containerd(p.node, work / f"containerd{p.index}")
+        if remora:
+            d = work / f"snap{p.index}"
+            d.mkdir()
+            ctd.snapshotter_socket, ctd.snapshotter_api = d / "snap.sock", d / "api.sock"
+            daemon = lab.spawn(p.node, [PY, "-m", "remora.snapshotter.cli", "--root", str(d / "root"),
+                                        "--address", str(ctd.snapshotter_socket),
+                                        "--api-address", str(ctd.snapshotter_api), "--mirror", p.mirror,
+                                        "--plain-http", "--log-level", "info"], log_name=f"snapshotter{p.index}.log")
+            snaps.append((daemon, ctd))
+        p.containerd = ctd
+        p.hosts_dir = write_mirror_hosts(work / f"hosts{p.index}", mesh.registry.host, p.mirror)
+    for daemon, ctd in snaps:
+        wait_until(lambda d=daemon, c=ctd: (unix_socket_answers(c.snapshotter_socket)
+                                            and unix_socket_answers(c.snapshotter_api)) or not d.alive(),
+                   60, what=f"snapshotter {ctd.snapshotter_socket}")
+        if not daemon.alive():
+            raise RuntimeError(f"snapshotter exited:\n{daemon.log_tail()}")
+    for p in mesh.peers:
+        p.containerd.start()
 
 
 def _one_lab(args, run: int, images, lab, n: int, rates: list[int], delays: list[float]) -> dict:
@@ -516,7 +749,7 @@ def _one_lab(args, run: int, images, lab, n: int, rates: list[int], delays: list
     token = Path(lab.workdir) / "preheat-token"
     token.write_text(TOKEN + "\n")
     token.chmod(0o600)
-    opts = MeshOptions(peers=n, registry_rate=f"{args.registry_mbit}mbit",
+    opts = MeshOptions(peers=n, containerd=False, registry_rate=f"{args.registry_mbit}mbit",
                        peer_rates={i: (f"{rates[i]}mbit", f"{rates[i]}mbit") for i in range(n)},
                        scheduler_args=["--probe-interval", "2"],
                        peer_args=["--preheat-token-file", str(token)])
@@ -524,9 +757,12 @@ def _one_lab(args, run: int, images, lab, n: int, rates: list[int], delays: list
     issue_planner_certificate(mesh)
     with mesh.registry.loopback() as loop:
         from remora_testing.netlab import content
-        for im in images.values():
-            content.push_image(loop.url, im)
+        for entry in images.values():
+            content.push_image(loop.url, entry["oci"])
+            if entry.get("remora"):
+                push_remora_image(loop.url, entry["oci"], entry["remora"])
     mesh.start()
+    start_node_runtimes(lab, mesh, remora=args.image_format == "remora")
     for p in mesh.peers:
         cfg = {"index": p.index, "ip": p.node.ip, "mirror_port": MIRROR_PORT,
                "proxies": {str(q.index): {"ip": q.node.ip, "delay": delays[p.index] + delays[q.index]}
@@ -563,7 +799,7 @@ def _one_lab(args, run: int, images, lab, n: int, rates: list[int], delays: list
         m.update({"plan_s": took, "placement": plan["placement"], "predicted_delay_s": ev["delays"][user],
                   "predicted_cost": ev["cost"]["total"], "predicted_objective": ev["objective"],
                   "predicted_deployment_bytes": sum(plan["deployment_bytes"].values()),
-                  "plan_registry_bytes": pre_registry})
+                  "plan_registry_bytes": pre_registry, "image_bytes_by_role": image_bytes_by_role(images, arm)})
         log(f"run {run} {arm}: first answer {m['first_answer_s']:.2f}s, delay measured "
             f"{m['measured_delay_s'] * 1000:.1f} ms vs predicted {m['predicted_delay_s'] * 1000:.1f} ms")
         result["arms"][arm] = m
@@ -603,7 +839,7 @@ def print_table(summary: dict) -> None:
         print(f"| {r['arm']} | {r['runs']} | {r['first_answer_s']:.2f} | {r['deploy_ready_s']:.2f} | "
               f"{r['plan_s']:.2f} | "
               f"{r['measured_delay_s'] * 1000:.1f} | {r['predicted_delay_s'] * 1000:.1f} | "
-              f"{r['deploy_registry_bytes'] / 1e6:.1f} | {r['plan_registry_bytes'] / 1e6:.1f} | "
+              f"{r['deploy_registry_bytes'] / 1e6:.3f} | {r['plan_registry_bytes'] / 1e6:.1f} | "
               f"{r['predicted_deployment_bytes'] / 1e6:.1f} |")
     print(f"first answer: random/planned = {summary['first_answer_speedup']:.2f}x (target >= 3x: "
           f"{'met' if summary['target_met'] else 'NOT met'}); request delay random/planned = "
@@ -615,12 +851,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--agent", help=argparse.SUPPRESS)
     ap.add_argument("--nodes", type=int, default=6)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--requests", type=int, default=15, help="requests after the first, per arm and run")
     ap.add_argument("--image-mb", type=float, default=24.0, help="size of f2's image (f1: 2/3, f3: 4/3 of it)")
     ap.add_argument("--registry-mbit", type=int, default=100)
     ap.add_argument("--rate-scale", type=float, default=1.0,
                     help=f"multiply every node's link rate (default rates: {RATES_MBIT} Mbit/s)")
+    ap.add_argument("--image-format", choices=("remora", "oci"), default="remora",
+                    help="remora: images converted by 'remora convert', pulled lazily into the remora snapshotter "
+                         "(default); oci: the plain images with containerd's overlayfs snapshotter")
     ap.add_argument("--smoke", action="store_true", help="4 nodes, 1 run, 3 MB images, 3 requests")
     ap.add_argument("--json-out", default=str(HERE.with_suffix(".json")))
     ap.add_argument("--cache", default="/tmp/remora-bench-cache/placement-e2e")
@@ -637,6 +876,10 @@ def main(argv=None) -> int:
     cleanup_stale(PREFIX)
     sizes = {"f1": args.image_mb * 2 / 3, "f2": args.image_mb, "f3": args.image_mb * 4 / 3}
     images = build_images(Path(args.cache), sizes)
+    if args.image_format == "remora":
+        t = time.monotonic()
+        convert_images(Path(args.cache), images)
+        log(f"remora images ready in {time.monotonic() - t:.1f}s (converted once, cached in {args.cache})")
     load_before = os.getloadavg()
     log(f"load average before: {load_before}")
     runs, errors = [], []
@@ -649,7 +892,8 @@ def main(argv=None) -> int:
     doc = {"config": {"nodes": args.nodes, "runs": args.runs, "requests": args.requests, "image_mb": sizes,
                       "registry_mbit": args.registry_mbit,
                       "node_mbit": [max(1, round(r * args.rate_scale)) for r in RATES_MBIT[:args.nodes]],
-                      "node_delay_ms": DELAYS_MS[:args.nodes], "smoke": args.smoke},
+                      "node_delay_ms": DELAYS_MS[:args.nodes], "smoke": args.smoke,
+                      "image_format": args.image_format, "hot_fraction": HOT_FRACTION},
            "load_avg_before": list(load_before), "runs": runs, "errors": errors,
            "summary": summarize(runs) if runs else None}
     Path(args.json_out).write_text(json.dumps(doc, indent=1))
