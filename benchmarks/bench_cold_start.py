@@ -30,6 +30,13 @@ waits ``--warm-s`` seconds (default 5, the issue's "daemons up 5 s"; 60 for a lo
 ``burst`` rows: one node (daemons just started) asked to start every image's traced workload at
 once (``parallel``: the time until the last one printed) and one after another (``serial``: sum).
 
+``update`` rows (``--update-runs``, default ``--runs`` when the python image is benchmarked): v2 of the
+python image (its app layer changed: ``cold_start_images.v2_files``) started on a node where v1 was
+pulled and run, timed from v2's pull to its output; the bytes are v2's alone. Arms: ``overlayfs``
+(pulls the changed layer), ``remora`` (v2 converted by ``remora convert`` with its defaults: its own
+data blobs, whose chunks are mostly v1's), ``remora-dict`` (v2 converted with ``--chunk-dict`` v1:
+only new chunks in new blobs), ``estargz`` (v2 eStargz-optimized). Alternating order per run.
+
 Bound, per row: ``max(bytes fetched by the output / link rate + 3 round trips, the same container's
 run phase on overlayfs with everything local)`` - the second term is a second ``ctr run`` of the same
 image and workload on the overlayfs node after its cold start (time to the marker). ``x bound`` is
@@ -88,14 +95,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cold_start_images as images
 
-from remora_testing.imagebuild import File, LayerSpec, debian_rootfs, tar_of_files, write_image
 from remora.procutil import Daemon, wait_until
+from remora_testing.imagebuild import File, LayerSpec, debian_rootfs, tar_of_files, write_image
 
 HERE = Path(__file__).resolve()
 MARKER = images.MARKER
 CLONE_NEWNET = 0x40000000
 SIDES = ("overlayfs", "remora", "estargz")
 SNAPSHOTTER = {"overlayfs": None, "remora": "remora", "estargz": "stargz"}
+UPDATE_SIDES = ("overlayfs", "remora", "remora-dict", "estargz")  # remora-dict: v2 converted with --chunk-dict v1
 
 # Legacy single-image helper kept for bench_lazy_read.py (it imports these names).
 BUILD_VERSION = "cold-start/4"
@@ -409,6 +417,22 @@ class BurstResult:
     bytes: int
 
 
+@dataclass
+class UpdateResult:
+    """v2 of an image started on a node where v1 was pulled and run (clock: v2's pull to its output)."""
+
+    image: str
+    side: str       # overlayfs | remora | remora-dict | estargz
+    run: int
+    pull_s: float
+    run_s: float
+    total_s: float
+    bytes: int             # served for v2 until the node was torn down
+    bytes_at_output: int   # served for v2 by the time its marker arrived
+    requests: int
+    v1_total_s: float      # v1's pull + run on the same node, before (context, not timed for v2)
+
+
 class Bench:
     """The lab (registry behind the shaped link), the loopback address into it, and the runs."""
 
@@ -478,6 +502,43 @@ class Bench:
         return Result(img.name, workload, mode, side, i, t1 - t0, t2 - t1, t2 - t0, node.ready_s, nbytes, at_out,
                       nreq, local_run, out.strip()[-200:])
 
+    def update(self, u: images.UpdateImage, side: str, i: int, timeline: bool = False) -> UpdateResult:
+        """v1 pulled and run on a fresh node, then v2 (one small layer changed) timed from its pull to
+        its output; the bytes are v2's alone (registry log from v2's pull on)."""
+        node_side = "remora" if side.startswith("remora") else side
+        d = Path(tempfile.mkdtemp(prefix=f"upd-{side[:3]}-", dir=self.workdir))
+        argv = images.RECIPES[u.v1.name].workloads["traced"]
+        ref1 = f"{self.host}/{u.v1.repo}:{u.v1.tag(node_side)}"
+        ref2 = f"{self.host}/{u.v1.repo}:{u.tag(side)}"
+        tag = f"u{side[:3]}{side[-4:]}{i}"
+        try:
+            with Node(node_side, d, self.stargz_bin, tag, verbose=timeline) as node:
+                s = time.monotonic()
+                node.pull(ref1)
+                node.run_to_output(ref1, f"c{tag}v1", argv)
+                v1_total = time.monotonic() - s
+                # The timeline and marks are v2's: forget v1's.
+                node.events.clear()
+                mark = self._mark()
+                node.marks = {"daemons_start": time.time(), "pull_start": time.time()}
+                t0 = time.monotonic()
+                node.pull(ref2)
+                t1 = time.monotonic()
+                node.marks["pull_done"] = node.marks["run_start"] = time.time()
+                t2, out = node.run_to_output(ref2, f"c{tag}v2", argv)
+                if "-v2" not in out:
+                    raise RuntimeError(f"{side}: v2 did not run v2's program: {out[-300:]!r}")
+                at_output = len(self.registry.blob_gets())
+                if timeline:
+                    self.timelines.append(_timeline(node, d, f"update {u.v1.name} v1 -> v2/{side}"))
+                self._keep(d, f"update-{u.v1.name}-{side}-{i}")
+        finally:
+            _remove(d)
+        nbytes, nreq = self._served_since(mark)
+        rows = self.registry.blob_gets()[mark:at_output]
+        at_out = sum(r[2] for r in rows if r[1] in ("200", "206"))
+        return UpdateResult(u.v1.name, side, i, t1 - t0, t2 - t1, t2 - t0, nbytes, at_out, nreq, v1_total)
+
     def burst(self, imgs: list[images.PreparedImage], side: str, kind: str, i: int) -> BurstResult:
         """Every image's traced workload on one just-started node: all at once, or back to back."""
         d = Path(tempfile.mkdtemp(prefix=f"burst-{side[:3]}-", dir=self.workdir))
@@ -516,7 +577,8 @@ class Bench:
 
     def _keep(self, d: Path, name: str) -> None:
         if self.keep_logs:  # named paths only: a glob would walk into a mounted image's /var/log
-            for f in [d / "snap.log", d / "stargz.log", d / "ctd" / "containerd.log", *d.glob("snap/lazy/mounts/*.log")]:
+            for f in [d / "snap.log", d / "stargz.log", d / "ctd" / "containerd.log",
+                      *d.glob("snap/lazy/mounts/*.log")]:
                 if f.is_file():
                     dest = self.keep_logs / name / f.relative_to(d)
                     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -601,7 +663,8 @@ def _timeline(node: Node, d: Path, label: str, limit: int = 90) -> dict:
     t0 = node.marks["pull_start"]
     end = min(v for k, v in node.marks.items() if k.startswith("output:")) + 0.005
     events = [{"t": round(v - t0, 4), "src": "harness", "event": k} for k, v in node.marks.items() if v <= end]
-    logs = [("snapshotter", d / "snap.log"), ("snapshotter", d / "stargz.log"), ("containerd", d / "ctd" / "containerd.log"),
+    logs = [("snapshotter", d / "snap.log"), ("snapshotter", d / "stargz.log"),
+            ("containerd", d / "ctd" / "containerd.log"),
             *[("fs process", p) for p in d.glob("snap/lazy/mounts/*.log")]]
     for src, path in logs:
         if not path.is_file():
@@ -669,7 +732,7 @@ def _remove(d: Path) -> None:
     for mp in mountpoints_under(d):
         try:
             detach_mount(mp)
-        except Exception as exc:  # keep cleaning; report what stays
+        except Exception as exc:  # noqa: BLE001 - keep cleaning; report what stays
             print(f"warning: {exc}", file=sys.stderr)
     shutil.rmtree(d, ignore_errors=True)
 
@@ -682,7 +745,8 @@ def stargz_binary(cache: Path, given: Path | None) -> Path:
     stamp = hashlib.sha256((HERE.parent / "stargz" / "main.go").read_bytes()).hexdigest()[:12]
     if not out.exists() or (out.parent / "main.go.sha").read_text().strip() != stamp:
         print("building the stargz snapshotter from Debian's sources (benchmarks/stargz/build.sh) ...", flush=True)
-        proc = subprocess.run(["sh", str(HERE.parent / "stargz" / "build.sh"), str(out)], check=False, capture_output=True, text=True)
+        proc = subprocess.run(["sh", str(HERE.parent / "stargz" / "build.sh"), str(out)], check=False,
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"benchmarks/stargz/build.sh failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         (out.parent / "main.go.sha").write_text(stamp)
@@ -729,7 +793,8 @@ def summarize(results: list[Result], bursts: list[BurstResult], bench: Bench) ->
         for side in SIDES:
             bs = [b for b in bursts if b.kind == kind and b.side == side]
             if bs:
-                burst_rows.append({"kind": kind, "side": side, "runs": len(bs), "total_s": _med([b.total_s for b in bs]),
+                burst_rows.append({"kind": kind, "side": side, "runs": len(bs),
+                                   "total_s": _med([b.total_s for b in bs]),
                                    "bytes": int(_med([b.bytes for b in bs])),
                                    "per_image_s": {n: _med([b.per_image_s.get(n, float("nan")) for b in bs])
                                                    for n in bs[0].per_image_s}})
@@ -737,6 +802,30 @@ def summarize(results: list[Result], bursts: list[BurstResult], bench: Bench) ->
         o = [x for x in burst_rows if x["kind"] == b["kind"] and x["side"] == "estargz"]
         b["vs_estargz"] = b["total_s"] / o[0]["total_s"] if o else float("nan")
     return {"rows": rows, "burst": burst_rows}
+
+
+def summarize_updates(updates: list[UpdateResult], bench: Bench) -> list[dict]:
+    """Medians per (image, side) of the update scenario, with the ratio to overlayfs the issue sets."""
+    rows = []
+    for key in sorted({(u.image, u.side) for u in updates}, key=lambda k: (k[0], UPDATE_SIDES.index(k[1]))):
+        us = [u for u in updates if (u.image, u.side) == key]
+        b_out = int(_med([u.bytes_at_output for u in us]))
+        rows.append({"image": key[0], "side": key[1], "runs": len(us), "pull_s": _med([u.pull_s for u in us]),
+                     "run_s": _med([u.run_s for u in us]), "total_s": _med([u.total_s for u in us]),
+                     "total_s_all": sorted(u.total_s for u in us), "bytes": int(_med([u.bytes for u in us])),
+                     "bytes_at_output": b_out, "requests": _med([u.requests for u in us]),
+                     "transfer_bound_s": bench.transfer_bound_s(b_out)})
+    by_run = {(u.image, u.side, u.run): u.total_s for u in updates}
+    for r in rows:
+        for other in ("overlayfs", "estargz"):
+            o = [x for x in rows if x["image"] == r["image"] and x["side"] == other]
+            r[f"vs_{other}"] = r["total_s"] / o[0]["total_s"] if o else float("nan")
+            # run by run (the two sides of one run ran back to back): robust to a load spike that hits
+            # one run of every side, which the ratio of medians is not
+            pairs = [t / by_run[(r["image"], other, run)] for (img, side, run), t in by_run.items()
+                     if img == r["image"] and side == r["side"] and (img, other, run) in by_run]
+            r[f"vs_{other}_paired"] = _med(pairs) if pairs else float("nan")
+    return rows
 
 
 def _f(x: float, fmt: str = "{:.2f}") -> str:
@@ -770,6 +859,17 @@ def print_report(summary: dict, timelines: list[dict], title: str) -> None:
             b.add_row(r["kind"], r["side"], str(r["runs"]), _f(r["total_s"]), _f(r["bytes"] / 1e6, "{:.1f}"),
                       _f(r["vs_estargz"]), " ".join(f"{k}={_f(v)}" for k, v in r["per_image_s"].items()))
         console.print(b)
+    if summary.get("update"):
+        u = Table(title="update: v2 (one small layer changed) started on a node where v1 was pulled and run")
+        for col in ("image", "side", "n", "pull s", "run s", "total s", "MB@out", "MB", "requests",
+                    "transfer bound s", "x overlayfs", "x overlayfs paired", "x estargz", "totals (sorted)"):
+            u.add_column(col, justify="left" if col in ("image", "side") else "right")
+        for r in summary["update"]:
+            u.add_row(r["image"], r["side"], str(r["runs"]), _f(r["pull_s"]), _f(r["run_s"]), _f(r["total_s"]),
+                      _f(r["bytes_at_output"] / 1e6, "{:.2f}"), _f(r["bytes"] / 1e6, "{:.2f}"),
+                      _f(r["requests"], "{:.0f}"), _f(r["transfer_bound_s"]), _f(r["vs_overlayfs"]),
+                      _f(r["vs_overlayfs_paired"]), _f(r["vs_estargz"]), " ".join(f"{x:.2f}" for x in r["total_s_all"]))
+        console.print(u)
     for tl in timelines:
         print(f"\ntimeline of one cold start ({tl['label']}), seconds from the pull's start (gap: since the "
               "previous event):")
@@ -840,6 +940,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="daemon states for the 'other' workload (default %(default)s; 'cold,warm' for all)")
     ap.add_argument("--sides", default=",".join(SIDES), help="comma list (default %(default)s)")
     ap.add_argument("--burst-runs", type=int, default=None, help="burst repetitions (default: --runs, 0 = none)")
+    ap.add_argument("--update-runs", type=int, default=None,
+                    help="update scenario repetitions (v2 after v1 of the python image; default: --runs when "
+                         "python is among --images, 0 = none)")
+    ap.add_argument("--update-sides", default=",".join(UPDATE_SIDES),
+                    help="update arms, comma list (default %(default)s; remora-dict: v2 converted with v1 as chunk "
+                         "dictionary)")
     ap.add_argument("--warm-s", type=float, default=5.0,
                     help="warm daemon: seconds between the daemons' readiness and the pull (default %(default)s, as "
                          "the issue's 'daemons up 5 s'; 0 = until the machine is idle, at most 10 s)")
@@ -849,8 +955,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stargz-bin", type=Path, help="containerd-stargz-grpc binary (default: build it)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild, re-trace, re-convert and re-optimize the images")
     ap.add_argument("--json-out", type=Path, default=Path("cold_start.json"), help="every figure (default %(default)s)")
-    ap.add_argument("--timeline", default="cold", help="daemon states whose first cold start per side of the first "
-                                                       "image is printed as a timeline (default %(default)s)")
+    ap.add_argument("--timeline", default="cold,update",
+                    help="daemon states whose first cold start per side of the first image is printed as a timeline, "
+                         "and 'update' for the first update run per side (default %(default)s)")
     ap.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy each run's daemon logs into DIR")
     ap.add_argument("--smoke", action="store_true",
                     help="CI check of the harness: minimal image, traced workload, cold daemon, one run per side, "
@@ -879,6 +986,19 @@ def main(argv: list[str] | None = None) -> int:
     for p in prepared:
         print(f"image {p.name}: OCI {p.oci_bytes / 1e6:.1f} MB, remora {p.remora_bytes / 1e6:.1f} MB, "
               f"eStargz-opt {p.esgz_bytes / 1e6:.1f} MB, {p.prefetch_files} prefetch files", flush=True)
+    update_runs = (args.runs if "python" in names else 0) if args.update_runs is None else args.update_runs
+    update_sides = [s for s in args.update_sides.split(",") if s and (s.split("-")[0] in sides)]
+    if set(update_sides) - set(UPDATE_SIDES):
+        raise SystemExit(f"unknown update side: {', '.join(sorted(set(update_sides) - set(UPDATE_SIDES)))}")
+    upd = None
+    if update_runs:
+        py = next((p for p in prepared if p.name == "python"), None)
+        if py is None:
+            raise SystemExit("the update scenario needs the python image in --images")
+        upd = images.prepare_update(args.cache, images.RECIPES["python"], py, estargz="estargz" in sides)
+        print(f"update python v1 -> v2: changed OCI layers {upd.changed_oci_bytes / 1e6:.3f} MB, remora v2 "
+              f"{upd.remora_bytes / 1e6:.1f} MB (default), {upd.remora_dict_bytes / 1e6:.2f} MB (--chunk-dict v1)",
+              flush=True)
     cells = [(p, w, m) for p in prepared for w in workloads for m in modes if w == "traced" or m in other_modes]
     workdir = Path(tempfile.mkdtemp(prefix="bench-cold-"))
     results: list[Result] = []
@@ -910,6 +1030,19 @@ def main(argv: list[str] | None = None) -> int:
                               f"{r.pull_s:.2f} run {r.run_s:.2f}), ready {r.daemon_ready_s:.2f}s, "
                               f"{r.bytes_at_output / 1e6:.1f}/{r.bytes / 1e6:.1f} MB, local run {r.local_run_s:.2f}s",
                               flush=True)
+            updates: list[UpdateResult] = []
+            for i in range(update_runs):
+                for side in (update_sides if i % 2 == 0 else update_sides[::-1]):
+                    try:
+                        u = bench.update(upd, side, i, timeline=i == 0 and "update" in args.timeline.split(","))
+                    except Exception as exc:  # noqa: BLE001 - report the other cells anyway
+                        errors.append(f"update {side} run {i}: {exc}")
+                        print(f"ERROR {errors[-1]}", file=sys.stderr, flush=True)
+                        continue
+                    updates.append(u)
+                    print(f"update python/{side} run {i}: total {u.total_s:.2f}s (pull {u.pull_s:.2f} run "
+                          f"{u.run_s:.2f}), {u.bytes_at_output / 1e6:.2f}/{u.bytes / 1e6:.2f} MB, {u.requests} GETs",
+                          flush=True)
             burst_runs = args.runs if args.burst_runs is None else args.burst_runs
             for i in range(burst_runs):
                 for kind in ("parallel", "serial"):
@@ -923,6 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
                         bursts.append(b)
                         print(f"burst {kind}/{side} run {i}: {b.total_s:.2f}s {b.bytes / 1e6:.1f} MB", flush=True)
             summary = summarize(results, bursts, bench)
+            summary["update"] = summarize_updates(updates, bench)
             load_after = os.getloadavg()
             title = (f"cold start, registry behind {args.rate} + {args.delay_ms:g} ms one way, medians of "
                      f"{args.runs} alternating runs; load avg {load_before[0]:.1f} -> {load_after[0]:.1f}")
@@ -932,6 +1066,8 @@ def main(argv: list[str] | None = None) -> int:
                    "load_avg_before": load_before, "load_avg_after": load_after,
                    "images": [images.describe(p) for p in prepared],
                    "results": [asdict(r) for r in results], "bursts": [asdict(b) for b in bursts],
+                   "updates": [asdict(u) for u in updates],
+                   "update_image": ({k: v for k, v in vars(upd).items() if k != "v1"} if upd else None),
                    "summary": summary, "timelines": bench.timelines, "errors": errors}
             args.json_out.write_text(json.dumps(doc, indent=1, default=str))
             print(f"\nJSON: {args.json_out}")

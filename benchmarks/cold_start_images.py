@@ -153,11 +153,11 @@ def prepare(cache: Path, recipe: Recipe, *, estargz: bool = True, rebuild: bool 
     return PreparedImage(**info, registry_root=d / "registry")
 
 
-def _optimize_estargz(d: Path, host: str, recipe: Recipe) -> int:
-    """``ctr-remote images optimize --oci`` with the traced workload, pushed as ``ESGZ_TAG``."""
+def _optimize_estargz(d: Path, host: str, recipe: Recipe, src_tag: str = OCI_TAG, dst_tag: str = ESGZ_TAG) -> int:
+    """``ctr-remote images optimize --oci`` with the traced workload, pushed as ``dst_tag``."""
     from remora_testing.containerd import PrivateContainerd
 
-    src, dst = f"{host}/{recipe.repo}:{OCI_TAG}", f"{host}/{recipe.repo}:{ESGZ_TAG}"
+    src, dst = f"{host}/{recipe.repo}:{src_tag}", f"{host}/{recipe.repo}:{dst_tag}"
     work = Path(tempfile.mkdtemp(prefix="esgz-", dir=d))
     try:
         with PrivateContainerd(work / "ctd", None) as ctd:
@@ -196,3 +196,86 @@ def describe(img: PreparedImage) -> dict:
     d = asdict(img)
     d["registry_root"] = str(d["registry_root"])
     return d
+
+
+# ------------------------------------------------------------------------------------------ updates
+
+#: The update scenario's v2 of an image, per arm: OCI (overlayfs pulls the changed layer), remora as
+#: ``remora convert`` does by default, remora with v1 as chunk dictionary, eStargz-optimized.
+UPDATE_TAGS = {"overlayfs": "2", "remora": "2-remora", "remora-dict": "2-remora-dict", "estargz": "2-esgz"}
+UPDATE_VERSION = "update/1"  # bump when v2's recipe changes
+
+
+def v2_files(recipe: Recipe) -> dict[str, File]:
+    """v2's app layer: v1's with the traced program changed (a new release of the app); the base
+    layer is byte-identical, so the OCI image shares it and only this small layer is new."""
+    files = recipe.files()
+    if "app/main.py" not in files:
+        raise ValueError(f"{recipe.name}: the update scenario needs an app layer with app/main.py")
+    main = files["app/main.py"].data.replace(b" python'", b" python-v2'")
+    return {**files, "app/main.py": File(main), "app/VERSION": File(b"2.0.0\n")}
+
+
+@dataclass
+class UpdateImage:
+    """v1 (``v1``, the PreparedImage) and v2 of one recipe in the same registry directory."""
+
+    v1: PreparedImage
+    oci_bytes: int          # v2's OCI layers
+    changed_oci_bytes: int  # v2's OCI layers v1 does not have (what overlayfs pulls)
+    remora_bytes: int       # v2 converted by default
+    remora_dict_bytes: int  # v2 converted with v1 as chunk dictionary (new blobs + bootstrap)
+    esgz_bytes: int
+    convert_report: dict    # the default conversion's report (what the converter reuses by itself)
+    dict_report: dict
+
+    def tag(self, side: str) -> str:
+        return UPDATE_TAGS[side]
+
+
+def prepare_update(cache: Path, recipe: Recipe, v1: PreparedImage, *, estargz: bool = True,
+                   log=print) -> UpdateImage:
+    """Build v2 (same base layer, :func:`v2_files` as app layer) beside v1 and convert it both ways;
+    the prefetch list is v1's (the same program's paths). Cached (``ready-update.json``, written last)."""
+    import requests
+
+    from remora_testing.registry import LocalRegistry
+
+    d = v1.registry_root.parent
+    ready = d / "ready-update.json"
+    files = v2_files(recipe)
+    key = hashlib.sha256(json.dumps([UPDATE_VERSION, estargz] + [
+        [k, hashlib.sha256(v.data).hexdigest()] for k, v in sorted(files.items())]).encode()).hexdigest()[:12]
+    if ready.exists():
+        info = json.loads(ready.read_text())
+        if info.pop("key", None) == key:
+            return UpdateImage(v1=v1, **info)
+    hot = d / "hot.txt"
+    base = debian_rootfs(cache, include=recipe.include)
+    with LocalRegistry(root=d / "registry") as reg:
+        ref = f"{reg.host}/{recipe.repo}"
+        t0 = time.monotonic()
+        built = write_image(f"{ref}:{UPDATE_TAGS['overlayfs']}", None,
+                            [LayerSpec(base, created_by=f"debootstrap minbase {' '.join(recipe.include)}"),
+                             LayerSpec(tar_of_files(files), created_by="COPY app")],
+                            config={"Cmd": recipe.workloads["traced"], "WorkingDir": "/", "Env": ENV})
+        v1_manifest = requests.get(f"http://{reg.host}/v2/{recipe.repo}/manifests/{OCI_TAG}", timeout=30,
+                                   headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
+        v1_layers = {layer["digest"] for layer in v1_manifest["layers"]}
+        changed = sum(layer.size for layer in built.layers if layer.digest not in v1_layers)
+        log(f"{recipe.name} v2: built in {time.monotonic() - t0:.1f}s, {changed} bytes of changed layers")
+        common = ["remora", "convert", "--json", "--no-progress", "--prefetch-list", str(hot)]
+        report = json.loads(_check([*common, f"{ref}:{UPDATE_TAGS['overlayfs']}", f"{ref}:{UPDATE_TAGS['remora']}"],
+                                   "remora convert v2"))
+        dict_report = json.loads(_check([*common, "--chunk-dict", f"{ref}:{REMORA_TAG}",
+                                         f"{ref}:{UPDATE_TAGS['overlayfs']}", f"{ref}:{UPDATE_TAGS['remora-dict']}"],
+                                        "remora convert v2 --chunk-dict v1"))
+        esgz = 0
+        if estargz:
+            esgz = _optimize_estargz(d, reg.host, recipe, UPDATE_TAGS["overlayfs"], UPDATE_TAGS["estargz"])
+        log(f"{recipe.name} v2: converted and optimized in {time.monotonic() - t0:.1f}s")
+    info = {"oci_bytes": sum(layer.size for layer in built.layers), "changed_oci_bytes": changed,
+            "remora_bytes": int(report["output_bytes"]), "remora_dict_bytes": int(dict_report["output_bytes"]),
+            "esgz_bytes": esgz, "convert_report": report, "dict_report": dict_report}
+    ready.write_text(json.dumps({**info, "key": key}))
+    return UpdateImage(v1=v1, **info)

@@ -24,8 +24,8 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from remora.errors import InvalidInput
 from remora.format import annotations as ann
@@ -72,10 +72,9 @@ class RemoraLayerHandler(RemoteLayerHandler):
     def __init__(self, root: Path | str, mounts=None, mirrors: Sequence[str] = (), insecure: bool = False,
                  cache_limit: int = 10 << 30, standby: bool = True, early_prefetch_limit: int = 256 << 20,
                  credentials=None, cache_isolation: str = "namespace"):
+        from remora.snapshotter.layout import StateLayout
         from remora.snapshotter.mount import MountManager
         from remora.snapshotter.staging import StagingArea
-
-        from remora.snapshotter.layout import StateLayout
 
         self.root = Path(root)
         layout = StateLayout(self.root)
@@ -93,7 +92,10 @@ class RemoraLayerHandler(RemoteLayerHandler):
         self._access_locks: dict[tuple[str, str, str], threading.Lock] = {}  # one check in flight per key
         self._lock = threading.Lock()
         self._fetching: dict[str, threading.Lock] = {}
-        self._validated_bootstraps: set[str] = set()  # digests whose file passed validate_bootstrap in this run
+        # digests whose file an fs process validated (validate_bootstrap) in this run; any other file in
+        # bootstraps/ is validated by the next mount's fs process before it is opened
+        self._validated_bootstraps: set[str] = set()
+        self._mounted_repos: set[tuple[str, str]] = set()  # (host, repo) mounted by this run: see warm()
         # early prefetch: hot blobs streamed from their layer's Prepare on (see staging.py)
         self.staging = StagingArea(layout.staging, limit=early_prefetch_limit)
         self._hot_blobs: dict[str, set[str]] = {}  # bootstrap digest -> hot blobs of that image
@@ -143,8 +145,23 @@ class RemoraLayerHandler(RemoteLayerHandler):
         boot = await asyncio.to_thread(self._bootstrap_with_credentials, host, repo, info.bootstrap, size)
         t1 = time.monotonic()
         part = self._cache_partition(layer.snapshot_id, layer.namespace, host, repo)
-        await asyncio.to_thread(self.mounts.mount, layer.snapshot_id, boot, layer.mountpoint,
-                                self._sources(host, repo, info.bootstrap), cache_partition=part)
+        with self._lock:
+            validate = info.bootstrap not in self._validated_bootstraps
+        # Not validated yet (fetched by this run, or left by an earlier one): the fs process validates
+        # it before it opens it or mounts anything, off this process's CPU and GIL; an invalid one
+        # refuses the Prepare with validate's InvalidInput and is not kept.
+        try:
+            await asyncio.to_thread(self.mounts.mount, layer.snapshot_id, boot, layer.mountpoint,
+                                    self._sources(host, repo, info.bootstrap), cache_partition=part,
+                                    **({"validate_bootstrap": True} if validate else {}))
+        except InvalidInput:
+            if validate:
+                await asyncio.to_thread(self._drop_bootstrap, info.bootstrap)
+            raise
+        with self._lock:
+            if validate:
+                self._validated_bootstraps.add(info.bootstrap)
+            self._mounted_repos.add((host, repo))
         log.info("lazily mounted %s/%s (bootstrap %s) at %s: bootstrap %.3fs, mount %.3fs", host, repo,
                  info.bootstrap[:19], layer.mountpoint, t1 - t0, time.monotonic() - t1)
         return True
@@ -180,7 +197,17 @@ class RemoraLayerHandler(RemoteLayerHandler):
             # passed check (or makes its own) before it answers.
             threading.Thread(target=self._check_access_quietly, args=(host, repo, info.bootstrap),
                              name="warm-access-check", daemon=True).start()
-        if hot and blob.startswith("sha256:"):
+        with self._lock:
+            # Another version of this image is mounted here: its chunks are in the cache, and a new
+            # version's hot blob (a new digest as soon as one prefetched file changed) is mostly the
+            # same chunks. Staging it would download all of it (8 MB for a one-line change measured
+            # on bench_cold_start.py's update scenario); the mount's prefetch takes the cached chunks
+            # and fetches only the changed ones.
+            updating = (host, repo) in self._mounted_repos
+        if hot and blob.startswith("sha256:") and updating:
+            log.info("warm-up from %s: no staging of hot blob %s: %s/%s is mounted already (an update: its "
+                     "prefetch reads the cached chunks)", reason or "a caller", blob[:19], host, repo)
+        if hot and blob.startswith("sha256:") and not updating:
             from remora.snapshotter.sources import open_source
 
             # One connection: the bootstrap first (the mount waits for it; sharing the link with
@@ -426,7 +453,8 @@ class RemoraLayerHandler(RemoteLayerHandler):
             await asyncio.to_thread(prove)
         except PermissionError as exc:
             raise RemoteLayerRefused(f"layer {info.bootstrap[:19]} is mounted for another tenant (cache partition "
-                                     f"{theirs.cache_partition!r}) and this one may not read the image: {exc}") from None
+                                     f"{theirs.cache_partition!r}) and this one may not read the image: {exc}"
+                                     ) from None
 
     def _cache_partition(self, snapshot_id: str, namespace: str | None, host: str, repo: str) -> str:
         """The mount's chunk cache partition (--cache-isolation; MountManager.partition_for)."""
@@ -456,7 +484,7 @@ class RemoraLayerHandler(RemoteLayerHandler):
         ``client``: a RegistryClient to fetch it with (its connection is then kept for more work);
         ``on_downloaded``: called when its bytes are in, before they are unpacked and made durable."""
         from remora import oci
-        from remora.format.bootstrap_layer import fetch_bootstrap
+        from remora.format.bootstrap_layer import fetch_bootstrap_layer
         from remora.imagestore import RegistryStore, open_store
         from remora.reference import parse_reference
 
@@ -464,18 +492,7 @@ class RemoraLayerHandler(RemoteLayerHandler):
         with self._lock:
             lock = self._fetching.setdefault(digest, threading.Lock())
         with lock:  # concurrent Prepares of one image (CRI pulls layers in parallel): fetch once
-            if final.exists():
-                if digest not in self._validated_bootstraps:
-                    # one left by an earlier run (maybe an older remora that did not validate)
-                    from remora.errors import InvalidInput
-                    from remora.format.validate import validate_bootstrap
-
-                    try:
-                        validate_bootstrap(final)
-                    except InvalidInput:
-                        final.unlink(missing_ok=True)
-                        raise
-                    self._validated_bootstraps.add(digest)
+            if final.exists():  # validated, or to be validated by the mount's fs process (mount())
                 return final
             where = f"{host}/{repo}@{digest}"
             store = RegistryStore(parse_reference(where), client) if client is not None else \
@@ -492,21 +509,37 @@ class RemoraLayerHandler(RemoteLayerHandler):
                     downloaded[0] = time.monotonic()
                     if on_downloaded is not None:
                         on_downloaded()
-                # streamed to disk and bounded, then validated: never whole in this process's memory
-                path = fetch_bootstrap(store, desc, tmpdir, got_bytes)
+                # streamed to disk and bounded (a bomb stops here): never whole in this process's
+                # memory. Validated by the fs process that mounts it, before it opens it (mount()).
+                path = fetch_bootstrap_layer(lambda: store.open_blob(desc), desc.size, tmpdir,
+                                             f"bootstrap-{digest[7:19]}.db", got_bytes,
+                                             where=f"bootstrap layer {digest}")
                 t1 = time.monotonic()
                 with open(path, "rb") as f:  # durable before it becomes visible under its final name
                     os.fsync(f.fileno())
                 os.replace(path, final)
-                self._validated_bootstraps.add(digest)
-                log.info("bootstrap %s: %d bytes downloaded in %.3fs, unpacked and validated in %.3fs, "
-                         "fsync %.3fs", digest[:19], size, downloaded[0] - t0, t1 - downloaded[0],
-                         time.monotonic() - t1)
+                # the warm spare, which will most likely mount it, validates it now, off this
+                # process's CPU and overlapping the pull's other Prepares
+                early = getattr(self.mounts, "prevalidate", lambda _path: False)(final)
+                log.info("bootstrap %s: %d bytes downloaded in %.3fs, unpacked in %.3fs, fsync %.3fs "
+                         "(validated by its fs process%s)", digest[:19], size, downloaded[0] - t0,
+                         t1 - downloaded[0], time.monotonic() - t1, ", the spare started now" if early else "")
             finally:
                 if client is None:
                     store.close()
                 shutil.rmtree(tmpdir, ignore_errors=True)
         return final
+
+    def _drop_bootstrap(self, digest: str) -> None:
+        """Forget a bootstrap its fs process refused: the file goes, so nothing mounts it later."""
+        final = self._bootstrap_path(digest)
+        with self._lock:
+            lock = self._fetching.setdefault(digest, threading.Lock())
+        with lock:
+            with self._lock:
+                if digest in self._validated_bootstraps:  # another mount validated this very file
+                    return
+            final.unlink(missing_ok=True)
 
 
 def _is_local_url(url: str) -> bool:

@@ -40,12 +40,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-from remora.mounts import detach, mount_at, mounted_fstype  # noqa: F401 - detach and mounted_fstype are this module's API too
 from remora.errors import InvalidInput, NotFound, RemoraError, StorageError
+from remora.mounts import detach, mount_at, mounted_fstype  # detach and mounted_fstype: this module's API too
 from remora.snapshotter.fs.spec import MountSpec
 from remora.snapshotter.metrics import MountCollector, read_stats
 from remora.snapshotter.sources import SourceSpec
@@ -74,6 +74,21 @@ class Health:
     @property
     def ok(self) -> bool:
         return self.state == "ok"
+
+
+# A bootstrap validated by the fs process before it mounts: validate's own deadline bounds it
+# (remora.format.validate.DEADLINE_SECONDS), the mount timeout only starts after its verdict.
+VALIDATION_TIMEOUT = 330.0
+
+
+def _read_verdict(spec: MountSpec) -> str | None:
+    """The fs process's verdict on the spec's bootstrap ("ok" / "invalid: ..."), None while pending."""
+    if not spec.validation_file:
+        return None
+    try:
+        return Path(spec.validation_file).read_text()
+    except FileNotFoundError:
+        return None
 
 
 def set_read_ahead(path: Path | str, kib: int) -> bool:
@@ -256,6 +271,8 @@ class MountManager:
                              cache_limit=self.cache_limit, sources=list(sources),
                              stats_file=str(self._file(mount_id, ".stats.json")), prefetch=prefetch,
                              prefetch_all=prefetch_all, **options)
+            if spec.validate_bootstrap:  # the fs process validates it before mounting: where it says so
+                spec.validation_file = str(self._file(mount_id, ".validation"))
             if not sources:
                 raise InvalidInput(f"mount {mount_id}: no blob source given")
             for other in self.ids():
@@ -313,6 +330,24 @@ class MountManager:
             self._spare = (proc, log_path, time.monotonic())
             self._spare_ready_fd = ready_r
             return True
+
+    def prevalidate(self, bootstrap: Path | str) -> bool:
+        """Ask the warm spare to validate ``bootstrap`` now (remora.format.validate, in the spare's
+        own process), so that a mount of it with ``validate_bootstrap`` that this spare takes finds
+        it done; any other process mounting it validates it itself. Never blocks on the spare."""
+        with self._spare_lock:
+            spare = self._spare
+            if spare is None or spare[0].poll() is not None or spare[0].stdin is None:
+                return False
+            proc = spare[0]
+            try:
+                _normal_priority(proc.pid)  # a mount is coming: the validation must not wait for idle CPU
+                proc.stdin.write(f"validate {Path(bootstrap).resolve()}\n".encode())
+                proc.stdin.flush()
+            except OSError as exc:
+                log.debug("spare fs process %d: no early validation (%s)", proc.pid, exc)
+                return False
+        return True
 
     def _close_ready_fd(self) -> None:
         fd, self._spare_ready_fd = self._spare_ready_fd, None
@@ -434,6 +469,8 @@ class MountManager:
         mnt.mkdir(parents=True, exist_ok=True)
         log_path = self._file(spec.id, ".log")
         spec_path = self._file(spec.id, ".json")
+        if spec.validation_file:  # a verdict is this process's or none (a re-mount validates again)
+            Path(spec.validation_file).unlink(missing_ok=True)
         # A re-mount (restore after a crash) starts cold: it is off the cold-start path, and the
         # earlier process's log (why it died) must stay at the head of the mount's log.
         t0 = time.monotonic()
@@ -447,9 +484,20 @@ class MountManager:
         self._procs[spec.id] = proc
         self._file(spec.id, ".pid").write_text(f"{proc.pid} {_start_time(proc.pid)}")
         deadline = time.monotonic() + self.mount_timeout
+        validating = spec.validate_bootstrap  # the mount timeout starts once the bootstrap is validated
         while mounted_fstype(mnt) != FSTYPE:
             if proc.poll() is not None:
+                verdict = _read_verdict(spec)
+                if verdict is not None and verdict.startswith("invalid: "):
+                    # refused by remora.format.validate in the fs process: the same error as in-process
+                    raise InvalidInput(verdict[len("invalid: "):])
                 raise StorageError(f"mount {spec.id} failed (exit {proc.returncode}):\n{self.log_tail(spec.id)}")
+            if validating:
+                if _read_verdict(spec) is not None:
+                    validating, deadline = False, time.monotonic() + self.mount_timeout
+                elif time.monotonic() - t0 < VALIDATION_TIMEOUT:
+                    time.sleep(0.002)
+                    continue
             if time.monotonic() > deadline:
                 self._kill(spec.id)
                 raise StorageError(f"mount {spec.id}: not mounted after {self.mount_timeout:.0f}s:\n"
@@ -496,7 +544,7 @@ class MountManager:
         except RemoraError:
             part = ""
         self._unpin(mount_id, part if part.startswith(THROWAWAY_PREFIX) else None)
-        for suffix in (".json", ".pid", ".stats.json", ".log"):
+        for suffix in (".json", ".pid", ".stats.json", ".log", ".validation"):
             self._file(mount_id, suffix).unlink(missing_ok=True)
 
     def unmount_all(self) -> None:

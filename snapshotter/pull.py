@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .pull_service_client import DEFAULT_API_ADDRESS, NoService, PullResult, pull_via_service, service_request
 
@@ -172,7 +172,7 @@ class Heartbeat:
         while not self._done.wait(self.every):
             self.say(f"{self.what}: still waiting ({time.monotonic() - t0:.0f}s)")
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -232,7 +232,7 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
         labels_per_layer = [layer_labels(layer, chain, name, mdesc.digest, annotations_only)
                             for layer, chain in zip(manifest.layers, chains)]
         say(f"{name}: manifest {mdesc.digest[:19]}, {len(manifest.layers)} layers "
-            f"({sum(l.size for l in manifest.layers) / 1e6:.1f} MB in the registry, fetched lazily)")
+            f"({sum(layer.size for layer in manifest.layers) / 1e6:.1f} MB in the registry, fetched lazily)")
         source = {DISTRIBUTION_SOURCE.format(ref.registry): ref.repository}
         remote = reused = 0
         try:
@@ -248,7 +248,7 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
             phase("containerd: lease created")
             ctd.write_content(manifest.config.digest, config_bytes, source)
             mlabels = {GC_CONFIG: manifest.config.digest, **source}
-            mlabels.update({GC_LAYER.format(i): l.digest for i, l in enumerate(manifest.layers)})
+            mlabels.update({GC_LAYER.format(i): layer.digest for i, layer in enumerate(manifest.layers)})
             ctd.write_content(mdesc.digest, mdata, mlabels)
             phase("containerd: config and manifest written")
             for i, (layer, chain) in enumerate(zip(manifest.layers, chains)):
@@ -328,10 +328,14 @@ def run(args: argparse.Namespace) -> int:
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result, where = None, ""
     if args.api and not args.local:
+        # the thin path: once the service answered, nothing in this process needs the interpreter's
+        # teardown (remora.cli.exit_now); a fallback to an in-process pull exits the ordinary way
+        args.exit_fast = True
         try:
             result = pull_via_service(args.api, service_request(args), say, read_timeout=args.timeout + 60)
             where = " by the snapshotter's pull service"
         except NoService as exc:
+            args.exit_fast = False
             if not args.quiet:
                 print(f"remora pull: no pull service at {args.api} ({exc}): pulling in this process",
                       file=sys.stderr, flush=True)

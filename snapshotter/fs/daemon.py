@@ -26,12 +26,14 @@ from remora.snapshotter.sources import open_source
 log = logging.getLogger(__name__)
 
 
-def serve(spec: MountSpec) -> int:
+def serve(spec: MountSpec, prevalidated: dict[str, Prevalidation] | None = None) -> int:
     import mfusepy
 
     from remora.snapshotter.fs.lazyfs import LazyFS
 
     t0 = time.monotonic()
+    if spec.validate_bootstrap:  # before the file is opened, and so before any byte is served from it
+        validate(spec, (prevalidated or {}).get(spec.bootstrap))
     bootstrap = Bootstrap(spec.bootstrap)
     cache = ChunkCache(spec.cache_dir, spec.cache_limit, partition=spec.cache_partition)  # its tenant's only
     stats = Stats()
@@ -77,6 +79,82 @@ def serve(spec: MountSpec) -> int:
     return 0
 
 
+def _identity(path: str) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class Prevalidation:
+    """A bootstrap validated by this (spare) process as soon as the snapshotter has it, before the
+    mount that will use it is asked for: the validation overlaps the pull's remaining Prepares.
+    The result counts only for the very same file (device, inode, size, mtime unchanged from
+    before the validation to the mount)."""
+
+    def __init__(self, path: str):
+        self.path, self.identity, self.error, self.seconds = path, None, None, 0.0
+        self._thread = threading.Thread(target=self._run, name="prevalidate", daemon=True)
+
+    def start(self) -> Prevalidation:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        from remora.format.validate import validate_bootstrap
+
+        t0 = time.monotonic()
+        before = _identity(self.path)
+        try:
+            validate_bootstrap(self.path)
+        except Exception as exc:  # noqa: BLE001 - kept and raised by the mount that uses the file
+            self.error = exc
+        self.seconds = time.monotonic() - t0
+        if before is not None and _identity(self.path) == before:
+            self.identity = before
+
+    def result_for(self, path: str) -> tuple[bool, BaseException | None]:
+        """(usable, error): waits for the validation; usable only if it covered ``path`` as it is now."""
+        self._thread.join()
+        return self.identity is not None and self.identity == _identity(path), self.error
+
+
+def validate(spec: MountSpec, pre: Prevalidation | None = None) -> None:
+    """Validate the spec's bootstrap (remora.format.validate), or take this process's earlier
+    validation of the same file, and write the verdict where the snapshotter waits for it; an
+    invalid bootstrap raises :class:`InvalidInput` (the process exits 3 without mounting). The
+    verdict file is written atomically: the snapshotter reads it whole."""
+    from remora.errors import InvalidInput
+    from remora.format.validate import validate_bootstrap
+
+    t0 = time.monotonic()
+    usable, error = pre.result_for(spec.bootstrap) if pre is not None else (False, None)
+    try:
+        if not usable:
+            validate_bootstrap(spec.bootstrap)
+        elif error is not None:
+            raise error
+    except InvalidInput as exc:
+        _verdict(spec.validation_file, f"invalid: {exc}")
+        raise
+    _verdict(spec.validation_file, "ok")
+    if usable:
+        log.info("bootstrap %s validated in %.3fs, before its mount was asked for (waited %.3fs)", spec.bootstrap,
+                 pre.seconds, time.monotonic() - t0)
+    else:
+        log.info("bootstrap %s validated in %.3fs", spec.bootstrap, time.monotonic() - t0)
+
+
+def _verdict(path: str, text: str) -> None:
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 PIN_DELAY = 10.0  # seconds a mount's pins may wait for its prefetch
 
 
@@ -91,7 +169,7 @@ def _pin(cache: ChunkCache, owner: str, bootstrap: Bootstrap, prefetcher: Prefet
     try:  # streamed straight from the bootstrap's chunk table (docs/format.md), not loaded whole
         with bootstrap.pooled() as db:
             cache.pin(owner, (d for (d,) in db.execute("SELECT digest FROM chunks")))
-    except Exception:  # noqa: BLE001 - unpinned chunks are only evictable, never wrong
+    except Exception:  # unpinned chunks are only evictable, never wrong
         log.exception("could not pin the image's chunks in the cache")
 
 
@@ -124,7 +202,8 @@ def standby(ready_fd: int | None = None, cache_dir: str | None = None) -> int:
     node): its schema and first transaction (~50-90 ms with the fsyncs) were on the first mount's path."""
     import mfusepy  # noqa: F401 - the point is to have paid for these imports before a mount is asked for
 
-    import remora.registry.client  # noqa: F401 - what a registry source uses
+    import remora.format.validate  # a fetched bootstrap is validated here before its mount
+    import remora.registry.client  # what a registry source uses
     import remora.snapshotter.fs.lazyfs  # noqa: F401
 
     if cache_dir:
@@ -138,13 +217,26 @@ def standby(ready_fd: int | None = None, cache_dir: str | None = None) -> int:
             os.close(ready_fd)
         except OSError:  # the snapshotter stopped waiting: nothing to tell
             pass
-    line = sys.stdin.readline().strip()
-    if not line:
-        return 0
-    return run_spec(line)
+    # "validate PATH" lines (a bootstrap the next mount will likely use: validated at once, in a
+    # thread) may come before the spec's path; EOF (the snapshotter went away) ends it.
+    prevalidated: dict[str, Prevalidation] = {}
+    while True:
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        line = line.strip()
+        if line.startswith(VALIDATE_PREFIX):
+            path = line[len(VALIDATE_PREFIX):]
+            if path not in prevalidated and len(prevalidated) < 16:
+                prevalidated[path] = Prevalidation(path).start()
+            continue
+        return run_spec(line, prevalidated)
 
 
-def run_spec(path: str) -> int:
+VALIDATE_PREFIX = "validate "  # a spec path is absolute: never starts with this
+
+
+def run_spec(path: str, prevalidated: dict[str, Prevalidation] | None = None) -> int:
     from remora.errors import RemoraError
 
     try:
@@ -155,7 +247,7 @@ def run_spec(path: str) -> int:
     logging.basicConfig(level=getattr(logging, spec.log_level.upper(), logging.INFO),
                         format=f"%(asctime)s %(levelname)s fs[{spec.id}] %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return serve(spec)
+        return serve(spec, prevalidated)
     except RemoraError as exc:
         log.error("%s", exc)
         return exc.exit_code

@@ -37,12 +37,17 @@ class MountSpec:
     read_ahead_kb: int = 1024  # kernel readahead of the mount (FUSE default 128 KiB: 8x more requests)
     stats_interval: float = 1.0
     log_level: str = "INFO"
+    # The bootstrap has not been validated yet: the fs process runs remora.format.validate on it
+    # before it opens it or mounts anything, and writes its verdict ("ok" or "invalid: <why>") to
+    # ``validation_file`` (off the snapshotter's CPU and GIL: docs/snapshotter.md).
+    validate_bootstrap: bool = False
+    validation_file: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "MountSpec":
+    def from_json(cls, text: str) -> MountSpec:
         try:
             raw = json.loads(text)
             raw["sources"] = [SourceSpec(**s) for s in raw["sources"]]
@@ -59,7 +64,7 @@ class MountSpec:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path) -> "MountSpec":
+    def load(cls, path: Path) -> MountSpec:
         try:
             return cls.from_json(Path(path).read_text())
         except OSError as exc:
