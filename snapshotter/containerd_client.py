@@ -26,9 +26,9 @@ import datetime as _dt
 import os
 import secrets
 import socket
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import grpc
 
@@ -129,7 +129,7 @@ class ContainerdClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "ContainerdClient":
+    def __enter__(self) -> ContainerdClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -145,7 +145,7 @@ class ContainerdClient:
         """
         from remora._proto.containerd.services.leases.v1 import leases_pb2 as pb
 
-        until = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=expire)
+        until = _dt.datetime.now(_dt.UTC) + _dt.timedelta(seconds=expire)
         labels = {GC_EXPIRE_LABEL: until.strftime("%Y-%m-%dT%H:%M:%SZ")}
         lease_id = f"remora-pull-{secrets.token_hex(6)}"
         resp = self._call("lease create", self._leases.Create, pb.CreateRequest(id=lease_id, labels=labels))

@@ -26,9 +26,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from remora.cache import ChunkCache
 from remora.errors import InvalidInput, NotFound, RegistryError, RemoraError
@@ -429,7 +429,7 @@ class Prefetcher:
         self.done = threading.Event()  # set when the prefetch has ended, whichever way
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
 
-    def start(self) -> "Prefetcher":
+    def start(self) -> Prefetcher:
         self._thread.start()
         return self
 

@@ -20,8 +20,8 @@ key is the rest of the path joined with dots.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 from remora.errors import InvalidInput
 

@@ -9,9 +9,9 @@ remote layer containerd never checks a diff_id against content), so with ``--cac
 than ``none`` such a Prepare is allowed only when B could have fetched the whole image itself: its
 registry serves, with B's credentials and in B's repository, the first byte of the bootstrap and of
 every data blob the bootstrap reads from (a one-byte range GET, not a HEAD: the mirrors and proxies
-in front of registries serve GETs, not always HEADs). Otherwise the Prepare fails (FAILED_PRECONDITION) with the reason. An
-unreachable registry refuses too: here there is no lazy read to fall back to, only another tenant's
-bytes.
+in front of registries serve GETs, not always HEADs). Otherwise the Prepare fails (FAILED_PRECONDITION)
+with the reason. An unreachable registry refuses too: here there is no lazy read to fall back to, only
+another tenant's bytes.
 """
 from __future__ import annotations
 

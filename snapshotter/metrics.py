@@ -25,8 +25,8 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -75,7 +75,7 @@ class StatsWriter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stats", daemon=True)
 
-    def start(self) -> "StatsWriter":
+    def start(self) -> StatsWriter:
         self._thread.start()
         return self
 

@@ -45,9 +45,10 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from remora.errors import RemoraError, UsageError
 from remora.procutil import unix_socket_answers
@@ -109,7 +110,7 @@ def parse_request(body: Any) -> dict[str, Any]:
         value = body.get(name, default)
         if value is None:
             raise UsageError(f"the pull request has no {name!r}")
-        if not isinstance(value, kind) or (kind != bool and isinstance(value, bool)):
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             raise UsageError(f"pull request field {name!r} has the wrong type ({type(value).__name__})")
         out[name] = value
     if not os.path.isabs(out["address"]):
@@ -302,7 +303,7 @@ class PullService:
                 preconnect(parsed.host)
         try:
             result: PullResult = pull(ref, **params, say=lambda m: post({"status": m}), on_manifest=on_manifest)
-        except BaseException as exc:  # noqa: BLE001 - every outcome must reach the client as a line
+        except BaseException as exc:
             if isinstance(exc, RemoraError):
                 log.info("pull of %s failed (exit code %d): %s", ref, exc.exit_code, exc)
             else:

@@ -12,7 +12,8 @@ import argparse
 import json
 import os
 import socket
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from remora.errors import ServiceUnavailable  # standard library only itself
 

@@ -24,9 +24,9 @@ Committed remote snapshots are lower layers of overlay mounts like any other: ch
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from remora.errors import RemoraError, ServiceUnavailable
 

@@ -39,9 +39,9 @@ from remora.errors import InvalidInput, NotFound, StorageError, UsageError
 from remora.procutil import unix_socket_answers
 
 from . import overlay
+from .layout import StateLayout
 from .remote import LayerUnavailable, RemoteLayerHandler
 from .snapshotter import Snapshotter, Unimplemented
-from .layout import StateLayout
 from .storage import AlreadyExists, FailedPrecondition, Info, SnapshotStore
 
 __all__ = ["SnapshotsService", "SnapshotterServer", "Unimplemented", "serve"]

@@ -55,18 +55,18 @@ class SourceSpec:
     staged: dict[str, int] = field(default_factory=dict)  # kind "staged": blob -> bytes staged
 
     @classmethod
-    def registry(cls, host: str, repo: str, insecure: bool = False, **kw) -> "SourceSpec":
+    def registry(cls, host: str, repo: str, insecure: bool = False, **kw) -> SourceSpec:
         """A registry by host name; plain HTTP when ``insecure`` (or for loopback hosts)."""
         plain = insecure or host.startswith(("127.", "localhost", "[::1]"))
         return cls(url=f"{'http' if plain else 'https'}://{host}", repo=repo, kind="registry", **kw)
 
     @classmethod
-    def peer(cls, base_url: str, repo: str, registry_host: str, **kw) -> "SourceSpec":
+    def peer(cls, base_url: str, repo: str, registry_host: str, **kw) -> SourceSpec:
         """A remora peer or mirror at ``base_url`` serving blobs of ``registry_host`` (``?ns=``)."""
         return cls(url=base_url.rstrip("/"), repo=repo, kind="peer", ns=registry_host, **kw)
 
     @classmethod
-    def staging(cls, directory: str, staged: dict[str, int]) -> "SourceSpec":
+    def staging(cls, directory: str, staged: dict[str, int]) -> SourceSpec:
         """The snapshotter's early-prefetch directory (:mod:`remora.snapshotter.staging`)."""
         return cls(url=str(directory), repo="", kind="staged", staged=dict(staged))
 

@@ -35,8 +35,8 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from remora.errors import NotFound, RegistryError, RemoraError
 

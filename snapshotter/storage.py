@@ -37,15 +37,16 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
-from remora.mounts import detach_mount, mountpoints_under  # noqa: F401 - also this module's API
-from remora.snapshotter.layout import StateLayout
 from remora.errors import AlreadyExists, InvalidInput, NotFound, RemoraError, StorageError
+from remora.mounts import detach_mount, mountpoints_under
+from remora.snapshotter.layout import StateLayout
 
 from . import filters as filterlang
 
@@ -139,7 +140,8 @@ def clean_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
 def validate_labels(labels: Mapping[str, str]) -> None:
     for k, v in labels.items():
         if len(k.encode()) + len(v.encode()) > MAX_LABEL_SIZE:
-            raise InvalidArgument(f"label key and value greater than maximum size ({MAX_LABEL_SIZE} bytes), key: {k[:64]}")
+            raise InvalidArgument(f"label key and value greater than maximum size ({MAX_LABEL_SIZE} bytes), "
+                                  f"key: {k[:64]}")
 
 
 def disk_usage(path: Path) -> Usage:
@@ -446,7 +448,7 @@ class SnapshotStore:
     def remote_snapshots(self) -> list[tuple[str, str, dict[str, str]]]:
         """(id, key, labels) of every snapshot whose fs is a remote-layer mount (to restore on start)."""
         rows = self._reader().execute("SELECT id, key, labels FROM snapshots WHERE remote = 1").fetchall()
-        return [(str(i), k, json.loads(l)) for i, k, l in rows]
+        return [(str(i), k, json.loads(labels)) for i, k, labels in rows]
 
     def mark_remote(self, key: str) -> None:
         with self._tx() as db:

@@ -139,6 +139,6 @@ def warm_lookups(bootstrap: Bootstrap, mountpoint: str, mounted, stats=None, tim
         log.info("looked up %d prefetch paths in %.3fs (the kernel keeps them for the mount's entry timeout)",
                  n, time.monotonic() - t0)
         return n
-    except Exception:  # noqa: BLE001 - never take the mount down for a head start
+    except Exception:
         log.exception("lookup warm-up failed")
         return 0
