@@ -97,14 +97,75 @@ sys.exit(rc)
 """
 
 
-class ProfiledMesh(Mesh):
-    """A mesh whose peers run under cProfile (``profile_dir/peerN.prof``)."""
+#: Runs ``remora`` with ``remora.plugins.peer`` imported from argv[1] (a frozen copy of plugins/peer), then
+#: like PROFILE_CODE when argv[2] names a profile file ("" = no profile), on uvloop's event loop when
+#: argv[3] is "uvloop": the arms of ``--ab``.
+ARM_CODE = """import asyncio, cProfile, importlib.util, sys
+code, out, loop, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+if loop == "uvloop":
+    import uvloop
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+import remora.plugins
+spec = importlib.util.spec_from_file_location("remora.plugins.peer", code + "/__init__.py",
+                                              submodule_search_locations=[code])
+mod = importlib.util.module_from_spec(spec)
+sys.modules["remora.plugins.peer"] = mod
+remora.plugins.peer = mod
+spec.loader.exec_module(mod)
+from remora.cli import main
+prof = cProfile.Profile() if out else None
+if prof:
+    prof.enable()
+try:
+    rc = main(args)
+finally:
+    if prof:
+        prof.disable()
+        prof.dump_stats(out)
+sys.exit(rc)
+"""
 
-    profile_dir: Path
+
+class ProfiledMesh(Mesh):
+    """A mesh whose peers run under cProfile (``profile_dir/peerN.prof``) and/or with the peer code of an
+    A/B arm (``peer_code``: a directory holding a copy of plugins/peer)."""
+
+    profile_dir: Path | None = None
+    peer_code: Path | None = None
+    loop = "asyncio"
 
     def peer_argv(self, p) -> list[str]:
         argv = super().peer_argv(p)
-        return [PY, "-c", PROFILE_CODE, str(self.profile_dir / f"peer{p.index}.prof"), *argv[len(REMORA):]]
+        prof = str(self.profile_dir / f"peer{p.index}.prof") if self.profile_dir else ""
+        if self.peer_code is not None:
+            return [PY, "-c", ARM_CODE, str(self.peer_code), prof, self.loop, *argv[len(REMORA):]]
+        if prof:
+            return [PY, "-c", PROFILE_CODE, prof, *argv[len(REMORA):]]
+        return argv
+
+
+def freeze_arms(args) -> dict[str, Path | None]:
+    """``--ab BASE``: the two arms as frozen copies of plugins/peer (edits made in the tree while the
+    benchmark runs change neither). Arm "A" is BASE; arm "B" is BASE with the files named by ``--ab-files``
+    taken from this tree (all of plugins/peer when empty), so that a change is measured against the same
+    code around it. Without ``--ab``: one arm, the tree as it is."""
+    if not args.ab:
+        return {"": None}
+    root = Path(args.workdir) / "arms"
+    shutil.rmtree(root, ignore_errors=True)
+    tree = Path(__file__).resolve().parent.parent / "plugins" / "peer"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(args.ab, root / "A", ignore=ignore)
+    if args.ab_files:
+        shutil.copytree(args.ab, root / "B", ignore=ignore)
+        for name in args.ab_files.split(","):
+            shutil.copy2(tree / name.strip(), root / "B" / name.strip())
+    else:
+        shutil.copytree(tree, root / "B", ignore=ignore)
+    arms = {"A": root / "A", "B": root / "B"}
+    if args.ab_uvloop:
+        arms["C"] = root / "B"   # B's code on uvloop's event loop
+    return arms
 
 
 def thread_cpu(mesh: Mesh) -> dict[str, float]:
@@ -126,6 +187,57 @@ def thread_cpu(mesh: Mesh) -> dict[str, float]:
             fields = text.rsplit(")", 1)[1].split()
             out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
+
+
+#: A client that starts a fetch when told: it prints "ready" once its interpreter is up, waits for a line
+#: on stdin, then streams the URL (hashing it, as containerd does) and prints one JSON line with the wall
+#: clock time it finished. Imports only the standard library.
+SYNCED_FETCH = """import hashlib, json, sys, time, urllib.request
+url = sys.argv[1]
+print("ready", flush=True)
+sys.stdin.readline()
+h, n, status, error = hashlib.sha256(), 0, 0, ""
+buf = bytearray(1 << 20)
+view = memoryview(buf)
+try:
+    with urllib.request.urlopen(url, timeout=600) as resp:
+        status = resp.status
+        while (got := resp.readinto(buf)):
+            h.update(view[:got])
+            n += got
+except Exception as exc:
+    error = str(exc)[:500]
+print(json.dumps({"status": status, "bytes": n, "sha256": "sha256:" + h.hexdigest(), "end": time.time(),
+                  "error": error}), flush=True)
+"""
+
+
+def fetch_synced(mesh: Mesh, repo: str, digest: str, nodes=None) -> tuple[float, list[dict]]:
+    """Every node asks for the blob at the same moment: each client's interpreter is started first (16
+    Python start-ups on a loaded 2-core machine took up to 10 s, which ``Mesh.fetch_all`` counts as mesh
+    time and which staggers the clients), then all are told to go at once. Returns the time from "go" to
+    the last node finished and the results (``seconds``: from "go" to that node finished)."""
+    import subprocess
+
+    from remora_testing.netlab.namespaces import nsenter_argv
+
+    nodes = list(mesh.peers if nodes is None else nodes)
+    procs = [subprocess.Popen(nsenter_argv(p.node.ns) + [PY, "-c", SYNCED_FETCH, mesh.blob_url(p, repo, digest)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for p in nodes]
+    for proc in procs:
+        if proc.stdout.readline().strip() != "ready":
+            raise SystemExit("a fetch client did not start")
+    go = time.time()
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=900)
+        r = json.loads(out.strip().splitlines()[-1])
+        r["seconds"] = r["end"] - go
+        results.append(r)
+    return max(r["seconds"] for r in results), results
 
 
 def median(values: list[float]) -> float:
@@ -186,6 +298,25 @@ def cpu_seconds(mesh: Mesh) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / tick
     return total
+
+
+def cpu_split(mesh: Mesh) -> dict[str, float]:
+    """CPU seconds so far: the peers' user and system time (system: the kernel's TCP, veth, bridge and
+    shaper work of what they send, charged to them) and the scheduler's."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"peers_user": 0.0, "peers_sys": 0.0, "scheduler": 0.0}
+    for d, who in [(p.daemon, "peers") for p in mesh.peers] + [(mesh.scheduler, "scheduler")]:
+        try:
+            fields = Path(f"/proc/{d.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, AssertionError, AttributeError):
+            continue
+        user, system = int(fields[11]) / tick, int(fields[12]) / tick
+        if who == "peers":
+            out["peers_user"] += user
+            out["peers_sys"] += system
+        else:
+            out["scheduler"] += user + system
+    return out
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -332,41 +463,53 @@ def compare_tls(args) -> dict:
     digests = {name: content.random_blob(path, size, seed=1000 + i) for i, (name, path) in enumerate(paths.items())}
     runs = []
     modes = (True,) if args.tls_only else (False, True)
+    arms = freeze_arms(args)
     for n in range(args.compare_tls):
-        for tls in modes:
-            workdir = Path(args.workdir) / f"cmp{n}-{'tls' if tls else 'plain'}"
+        # A/B arms alternate within a round, and which goes first alternates between rounds: the machine's
+        # other load (and any drift over the run) falls on both arms alike.
+        order = list(arms.items()) if n % 2 == 0 else list(reversed(arms.items()))
+        for (arm, code), tls in [(a, t) for a in order for t in modes]:
+            label = f"{arm + '-' if arm else ''}{'tls' if tls else 'plain'}"
+            workdir = Path(args.workdir) / f"cmp{n}-{label}"
             shutil.rmtree(workdir, ignore_errors=True)
             with Lab(prefix=PREFIX, workdir=workdir, offload=not args.no_offload) as lab:
                 opts = MeshOptions(peers=args.nodes, node_rate=args.rate, registry_rate=args.rate,
                                    containerd=False, peer_args=args.peer_arg,
                                    scheduler_args=args.scheduler_arg, tls=tls)
+                mesh = ProfiledMesh(lab, opts)
+                mesh.peer_code = code
+                mesh.loop = "uvloop" if arm == "C" else "asyncio"
                 if args.profile:
-                    mesh = ProfiledMesh(lab, opts)
-                    mesh.profile_dir = Path(args.profile) / f"round{n}-{'tls' if tls else 'plain'}"
+                    mesh.profile_dir = Path(args.profile) / f"round{n}-{label}"
                     mesh.profile_dir.mkdir(parents=True, exist_ok=True)
-                else:
-                    mesh = Mesh(lab, opts)
                 fill(mesh, [(paths[k], digests[k]) for k in paths])
                 mesh.start()
                 load0, ticks0 = os.getloadavg()[0], machine_ticks()
-                alone, r = mesh.fetch_all(REPO, digests["alone"], nodes=mesh.peers[:1])
+                def fetch(digest, nodes=None, mesh=mesh):
+                    return fetch_synced(mesh, REPO, digest, nodes) if args.synced else \
+                        mesh.fetch_all(REPO, digest, nodes=nodes)
+
+                alone, r = fetch(digests["alone"], nodes=mesh.peers[:1])
                 check(r, digests["alone"], size, "alone")
-                cpu0, threads0 = cpu_seconds(mesh), thread_cpu(mesh)
+                cpu0, threads0, split0 = cpu_seconds(mesh), thread_cpu(mesh), cpu_split(mesh)
                 tx0 = wire_tx(mesh)
-                t, r = mesh.fetch_all(REPO, digests["mesh"])
+                t, r = fetch(digests["mesh"])
                 check(r, digests["mesh"], size, "mesh")
                 threads1 = thread_cpu(mesh)
                 app, wire = egress(mesh, [digests["mesh"]], tx0)
                 ticks1 = machine_ticks()
                 cpu = cpu_seconds(mesh) - cpu0
-                run = {"round": n, "tls": tls, "alone_s": alone, "mesh_s": t, "ratio": t / alone,
+                split = {k: round(v - split0[k], 2) for k, v in cpu_split(mesh).items()}
+                run = {"cpu_split_s": split, "round": n, "arm": arm, "tls": tls, "synced": args.synced,
+                       "alone_s": alone, "mesh_s": t,
+                       "ratio": t / alone,
                        "node_s": sorted(x["seconds"] for x in r), "egress": app / size, "egress_wire": wire / size,
                        "cpu_s": cpu, "cpu_ms_per_mib": cpu * 1000 / (args.nodes * size / 2**20),
                        "threads_cpu_s": {k: round(v - threads0.get(k, 0.0), 2) for k, v in threads1.items()},
                        "busy": (ticks1[0] - ticks0[0]) / max(1, ticks1[1] - ticks0[1]),
                        "load": (load0, os.getloadavg()[0])}
                 runs.append(run)
-                log(f"round {n} {'TLS  ' if tls else 'plain'}: alone {alone:.1f}s, mesh {t:.1f}s, ratio "
+                log(f"round {n} {arm or ''} {'TLS  ' if tls else 'plain'}: alone {alone:.1f}s, mesh {t:.1f}s, ratio "
                     f"{run['ratio']:.3f}, egress {run['egress']:.3f}x, peers' CPU {run['cpu_s']:.1f}s "
                     f"({run['cpu_ms_per_mib']:.1f} ms/MiB), machine busy {run['busy'] * 100:.0f}%, "
                     f"load {load0:.1f}->{run['load'][1]:.1f}")
@@ -376,7 +519,8 @@ def compare_tls(args) -> dict:
             # (ten 8-node labs of 200 MB blobs are 32 GB otherwise).
             for p in mesh.peers:
                 shutil.rmtree(p.data_dir, ignore_errors=True)
-    res = {"nodes": args.nodes, "rate": args.rate, "blob_bytes": size, "runs": runs, "cpus": os.cpu_count()}
+    res = {"nodes": args.nodes, "rate": args.rate, "blob_bytes": size, "runs": runs, "cpus": os.cpu_count(),
+           "arms": {k: str(v) for k, v in arms.items() if v}}
     res["summary"] = summarize_tls(runs)
     return res
 
@@ -398,18 +542,23 @@ def profile_top(directory: Path, n: int = 25) -> list[tuple[str, float, float, i
 
 
 def summarize_tls(runs: list[dict]) -> dict:
+    """Medians per mode (``plain``, ``tls``), and per arm with ``--ab`` (``A-tls``, ``B-tls``, ...)."""
     out = {}
-    for mode in (False, True):
-        rs = [r for r in runs if r["tls"] == mode]
-        if rs:
-            out["tls" if mode else "plain"] = {
-                "runs": len(rs), "ratio_median": median([r["ratio"] for r in rs]),
-                "ratio_min": min(r["ratio"] for r in rs), "ratio_max": max(r["ratio"] for r in rs),
-                "alone_s_median": median([r["alone_s"] for r in rs]),
-                "mesh_s_median": median([r["mesh_s"] for r in rs]),
-                "egress_median": median([r["egress"] for r in rs]), "egress_max": max(r["egress"] for r in rs),
-                "cpu_ms_per_mib_median": median([r["cpu_ms_per_mib"] for r in rs])}
-    if len(out) == 2:
+    for arm in sorted({r.get("arm", "") for r in runs}):
+        for mode in (False, True):
+            rs = [r for r in runs if r["tls"] == mode and r.get("arm", "") == arm]
+            if rs:
+                out[f"{arm + '-' if arm else ''}{'tls' if mode else 'plain'}"] = {
+                    "runs": len(rs), "ratio_median": median([r["ratio"] for r in rs]),
+                    "ratio_min": min(r["ratio"] for r in rs), "ratio_max": max(r["ratio"] for r in rs),
+                    "alone_s_median": median([r["alone_s"] for r in rs]),
+                    "mesh_s_median": median([r["mesh_s"] for r in rs]),
+                    "last_node_s_median": median([r["node_s"][-1] for r in rs]),
+                    "egress_median": median([r["egress"] for r in rs]), "egress_max": max(r["egress"] for r in rs),
+                    "cpu_ms_per_mib_median": median([r["cpu_ms_per_mib"] for r in rs]),
+                    "cpu_ms_per_mib_min": min(r["cpu_ms_per_mib"] for r in rs),
+                    "cpu_ms_per_mib_max": max(r["cpu_ms_per_mib"] for r in rs)}
+    if "plain" in out and "tls" in out:
         out["tls_vs_plain_ratio_change"] = out["tls"]["ratio_median"] / out["plain"]["ratio_median"] - 1
     return out
 
@@ -417,32 +566,38 @@ def summarize_tls(runs: list[dict]) -> dict:
 def report_tls(res: dict) -> str:
     lines = [f"TLS vs plain mesh: {res['nodes']} nodes, {res['rate']} links, blob {res['blob_bytes'] / 2**20:.0f} MiB, "
              f"{res.get('cpus', '?')} CPUs"]
-    lines.append("round  mode   alone s  mesh s  last/alone  egress  peers CPU s  ms/MiB  busy  load")
+    if res.get("arms"):
+        lines.append(f"A/B arms (peer code): {res['arms']}")
+    lines.append("round  arm  mode   alone s  mesh s  last/alone  egress  peers CPU s  ms/MiB  busy  load")
     for r in res["runs"]:
-        lines.append(f"{r['round']:5d}  {'tls  ' if r['tls'] else 'plain'}  {r['alone_s']:7.1f}  {r['mesh_s']:6.1f}  "
+        lines.append(f"{r['round']:5d}  {r.get('arm', '') or '-':3s}  {'tls  ' if r['tls'] else 'plain'}  "
+                     f"{r['alone_s']:7.1f}  {r['mesh_s']:6.1f}  "
                      f"{r['ratio']:10.3f}  {r['egress']:6.3f}  {r['cpu_s']:11.1f}  {r['cpu_ms_per_mib']:6.1f}  "
                      f"{r['busy'] * 100:3.0f}%  {r['load'][0]:.1f}->{r['load'][1]:.1f}")
     summary = res.get("summary") or summarize_tls(res["runs"])
-    for mode in ("plain", "tls"):
-        m = summary.get(mode)
-        if m:
-            lines.append(f"median {mode:5s} ({m['runs']} runs): last node / one node alone {m['ratio_median']:.3f} "
-                         f"(min {m['ratio_min']:.3f}, max {m['ratio_max']:.3f}), alone {m['alone_s_median']:.1f}s, "
-                         f"all {m['mesh_s_median']:.1f}s, registry egress {m['egress_median']:.3f}x "
-                         f"(max {m['egress_max']:.3f}x), peers' CPU {m['cpu_ms_per_mib_median']:.1f} ms/MiB received")
+    groups = [k for k in summary if isinstance(summary[k], dict)]
+    for mode in groups:
+        m = summary[mode]
+        lines.append(f"median {mode:5s} ({m['runs']} runs): last node / one node alone {m['ratio_median']:.3f} "
+                     f"(min {m['ratio_min']:.3f}, max {m['ratio_max']:.3f}), alone {m['alone_s_median']:.1f}s, "
+                     f"all {m['mesh_s_median']:.1f}s, registry egress {m['egress_median']:.3f}x "
+                     f"(max {m['egress_max']:.3f}x), peers' CPU {m['cpu_ms_per_mib_median']:.1f} ms/MiB received "
+                     f"({m['cpu_ms_per_mib_min']:.1f}-{m['cpu_ms_per_mib_max']:.1f})")
     if "tls_vs_plain_ratio_change" in summary:
         change = summary["tls_vs_plain_ratio_change"]
         lines.append(f"TARGET TLS within 5% of plain (medians): {change * 100:+.1f}% -> "
                      f"{'MET' if abs(change) <= 0.05 else 'NOT MET'}")
-    for mode in ("plain", "tls"):
-        m = summary.get(mode)
-        if m:
-            lines.append(f"TARGET registry egress <= 1.05x blob ({mode}): max {m['egress_max']:.3f}x -> "
-                         f"{'MET' if m['egress_max'] <= 1.05 else 'NOT MET'}")
+    for mode in groups:
+        m = summary[mode]
+        lines.append(f"TARGET registry egress <= 1.05x blob ({mode}): max {m['egress_max']:.3f}x -> "
+                     f"{'MET' if m['egress_max'] <= 1.05 else 'NOT MET'}")
+        if mode.endswith("tls"):
+            lines.append(f"TARGET last node <= 1.3x one node alone ({mode}, median): {m['ratio_median']:.3f}x -> "
+                         f"{'MET' if m['ratio_median'] <= 1.3 else 'NOT MET'}")
     for r in res["runs"]:
         if r.get("profile_top"):
-            lines.append(f"profile, round {r['round']} {'tls' if r['tls'] else 'plain'}: per-thread CPU s "
-                         f"{r['threads_cpu_s']}")
+            lines.append(f"profile, round {r['round']} {r.get('arm', '')} {'tls' if r['tls'] else 'plain'}: "
+                         f"per-thread CPU s {r['threads_cpu_s']}")
             lines.append("  own s    cum s     calls  function")
             for where, tot, cum, calls in r["profile_top"]:
                 lines.append(f"  {tot:6.2f}  {cum:7.2f}  {calls:8d}  {where}")
@@ -538,6 +693,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the mesh without TLS (--insecure-plain-mesh); default: mutual TLS, as in production")
     p.add_argument("--compare-tls", type=int, default=0, metavar="ROUNDS",
                    help="only compare the plain and the TLS mesh: ROUNDS x (plain lab, TLS lab), alone + mesh each")
+    p.add_argument("--ab", default="", metavar="BASE_DIR",
+                   help="--compare-tls: A/B rounds, arm A = the peer code in BASE_DIR (a copy of plugins/peer), "
+                        "arm B = this tree's; the arms alternate within each round, first arm alternating")
+    p.add_argument("--ab-files", default="", metavar="F1,F2",
+                   help="--ab: arm B is BASE_DIR with only these files of plugins/peer from this tree")
+    p.add_argument("--synced", action="store_true",
+                   help="--compare-tls: start every client's interpreter first, then tell all to fetch at once; "
+                        "times run from that moment (default: Mesh.fetch_all, client start-ups included)")
+    p.add_argument("--ab-uvloop", action="store_true",
+                   help="--ab: a third arm C, arm B's code on uvloop's event loop")
     p.add_argument("--json", help="also write the raw figures here")
     args = p.parse_args(argv)
     cleanup_stale(PREFIX)  # a previous run killed with -9

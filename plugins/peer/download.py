@@ -58,6 +58,8 @@ ORPHAN_GRACE = 2.0
 TICK = 0.1
 #: ... but only while it has free fetch slots and nothing to start; with every slot busy, at least this often.
 MAX_VIEW_AGE = 0.5
+#: Idle connections to parents are kept this long (seconds); see TaskManager.start.
+PARENT_KEEPALIVE = 60.0
 
 
 class Task:
@@ -106,7 +108,8 @@ class Task:
         self.picker = PiecePicker(self.cfg.concurrency)
         self.fetcher = PieceFetcher(manager, digest, self.entry, picker=self.picker, session=self.session,
                                     in_flight=self._in_flight, grant=lambda: self.grant,
-                                    store=lambda i, data, expected, t0: self._store(i, data, expected, "peer", t0),
+                                    store=lambda i, data, digest, t0: self._store(i, data, digest, "peer", t0,
+                                                                                  hashed=True),
                                     go_to_source=self._go_to_source)
         self.source = SourceStream(manager.upstream, digest, self.entry, self.sources, in_flight=self._in_flight,
                                    from_source=self.fetched_from_source, announce=self.session.announce_soon,
@@ -347,7 +350,7 @@ class Task:
         streaming is never an orphan, even when the seed is not among the parents handed to us."""
         orphans = sorted(i for i in missing if i not in self._held and i not in self._in_flight)
         now = time.monotonic()
-        if not orphans:
+        if not orphans or self.session.unanswered:   # a stale view tells nothing about orphans
             self._orphans_since = None
             return False
         if self._orphans_since is None:
@@ -361,11 +364,19 @@ class Task:
         return True
 
     # -- landing and verification ---------------------------------------------------------------------
-    async def _store(self, index: int, data, expected: str, source: str, t0: float, whole=None) -> str:
+    async def _store(self, index: int, data, expected: str, source: str, t0: float, whole=None,
+                     hashed: bool = False) -> str:
         """Hash a piece and, if it matches ``expected`` (``""``: whatever it hashes to, the seed's case),
-        write it and record it; one trip to a worker thread for both. Returns the digest it hashed to
-        (the caller treats a mismatch as a corrupt piece: nothing was written)."""
-        digest = await asyncio.to_thread(_hash_and_write, self.entry, index, data, expected, whole)
+        write it and record it; one trip to a worker thread for both. ``hashed``: the caller (the fetcher)
+        hashed ``data`` as it arrived and it matched ``expected``; only the write is left. Returns the
+        digest it hashed to (the caller treats a mismatch as a corrupt piece: nothing was written)."""
+        if hashed:
+            if not expected:
+                raise InvalidInput(f"{self.digest}: piece {index} from a parent with no digest to check it against")
+            await asyncio.to_thread(self.entry.write_piece, index, data, expected)
+            digest = expected
+        else:
+            digest = await asyncio.to_thread(_hash_and_write, self.entry, index, data, expected, whole)
         if expected and digest != expected:
             return digest
         seconds = time.monotonic() - t0
@@ -395,12 +406,13 @@ class Task:
         while self._whole_next < entry.n_pieces and self._whole_next in entry.have:
             buf = buf or bytearray(entry.piece_size)
             try:
-                await asyncio.to_thread(_feed_piece, entry, self._whole_next, whole, buf)
+                # Every consecutive piece already on disk in one worker-thread trip, not one trip each.
+                upto = await asyncio.to_thread(_feed_pieces, entry, self._whole_next, whole, buf)
             except StorageError:  # evicted or damaged under us: the final check reads everything again
                 return ""
             if whole is not self._whole:  # the task was reset meanwhile
                 return ""
-            self._whole_next += 1
+            self._whole_next = upto
         return "sha256:" + whole.hexdigest() if self._whole_next == entry.n_pieces else ""
 
     async def _whole_digest(self) -> str:
@@ -444,7 +456,8 @@ class Task:
             self.m.metrics.tasks.labels("success").inc()
             log.info("%s: verified (%d bytes; %d from peers, %d from the registry)", self.digest[:19],
                      entry.content_length, self.bytes_from["peer"], self.bytes_from["registry"])
-            self.session.announce_soon()
+            # "done" announced before the result is reported: see SchedulerSession.announce_final.
+            await self.session.announce_final()
             await self.session.report_result(success=True, back_to_source=self.back_to_source)
             return True
 
@@ -463,7 +476,8 @@ class TaskManager:
         self.tasks: dict[str, Task] = {}
         #: the registry's answer to "may this client read that?" (mirror requests, pieces asked by peers)
         self.access = AccessChecker(upstream.endpoint, timeout=min(cfg.upstream_timeout, 10.0),
-                                    state_file=cfg.data_dir / "access-anonymous.json", allows=upstream.allows)
+                                    state_file=cfg.data_dir / "access-anonymous.json", allows=upstream.allows,
+                                    plain_http=upstream.configured_plain_http)
         self.warned_same_host = False
         self.peer_session: aiohttp.ClientSession | None = None
         #: the client context for parents (our member certificate) when the mesh is mutual TLS; set by
@@ -472,9 +486,14 @@ class TaskManager:
         self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
+        # One connection pool for every task and parent. Connections to a parent are kept (and reused:
+        # each new one is a mutual-TLS handshake, two certificate checks) for PARENT_KEEPALIVE seconds
+        # idle: a child may leave a parent alone for longer than aiohttp's default 15 s (another parent
+        # had the pieces) and come back to it.
         self.peer_session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=self.cfg.piece_timeout),
-            connector=aiohttp.TCPConnector(limit=64, limit_per_host=8, ssl=self.peer_ssl or True),
+            connector=aiohttp.TCPConnector(limit=64, limit_per_host=8, ssl=self.peer_ssl or True,
+                                           keepalive_timeout=PARENT_KEEPALIVE),
             auto_decompress=False)
 
     async def close(self) -> None:
@@ -590,8 +609,14 @@ def _hash_and_write(entry: BlobEntry, index: int, data, expected: str, whole) ->
     return digest
 
 
-def _feed_piece(entry: BlobEntry, index: int, whole, buf: bytearray) -> None:
-    whole.update(entry.read_piece_into(index, buf))
+def _feed_pieces(entry: BlobEntry, index: int, whole, buf: bytearray) -> int:
+    """Feed pieces ``index``, ``index + 1``, ... to ``whole`` while they are on disk (``entry.have`` is
+    only tested for membership here, which is safe while the loop thread adds to it); returns the first
+    piece not fed."""
+    while index < entry.n_pieces and index in entry.have:
+        whole.update(entry.read_piece_into(index, buf))
+        index += 1
+    return index
 
 
 def _hash_pieces(entry: BlobEntry) -> str:

@@ -83,21 +83,27 @@ async def send_file(request, fobj, offset: int, count: int) -> None:
         # TLS (the mesh's upload port, issue 10): the kernel cannot encrypt, and asyncio's sendfile
         # fallback for SSL transports (a thread hop and a flow-control wait per 256 KiB, with the
         # protocol swapped out) cost 5x the CPU and 9x the time per byte of this, measured on loopback.
-        # Big reads in a worker thread, written through the response's writer (its flow control).
-        end = offset + count
-        while offset < end:
-            chunk = await asyncio.to_thread(os.pread, fobj.fileno(), min(end - offset, TLS_CHUNK), offset)
-            if not chunk:
-                return   # the file is shorter: like sendfile, the caller's Content-Length decides
-            await request.writer.write(chunk)
-            offset += len(chunk)
+        await _copy_file(request, fobj, offset, count)
         return
     try:
         await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
+    except NotImplementedError:  # an event loop without sendfile (uvloop): reads and writes
+        await _copy_file(request, fobj, offset, count)
     except RuntimeError as exc:  # asyncio's "Transport is closing": the client went away meanwhile
         if transport.is_closing():
             raise ConnectionResetError(f"connection lost: {exc}") from exc
         raise
+
+
+async def _copy_file(request, fobj, offset: int, count: int) -> None:
+    """Big reads in a worker thread, written through the response's writer (its flow control)."""
+    end = offset + count
+    while offset < end:
+        chunk = await asyncio.to_thread(os.pread, fobj.fileno(), min(end - offset, TLS_CHUNK), offset)
+        if not chunk:
+            return   # the file is shorter: like sendfile, the caller's Content-Length decides
+        await request.writer.write(chunk)
+        offset += len(chunk)
 
 
 def _write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
@@ -248,6 +254,24 @@ class BlobEntry:
         if not expected or size != end - start or actual != expected:
             raise CorruptPiece(f"{self.digest}: stored piece {index} is corrupt ({size} bytes, {actual[:19]}; "
                                f"expected {end - start} bytes, {expected[:19] or 'no digest'})", index)
+
+    def read_verified(self, index: int) -> bytes:
+        """Piece ``index`` read from disk in one go and checked against its recorded digest (blocking: call
+        from a thread): the bytes returned are the bytes that matched, so an upload that sends them sends
+        nothing the check did not see (and reads the file once, not once to check and again to send).
+        Raises :class:`CorruptPiece` like :meth:`verify_piece`."""
+        expected = self.piece_digests[index] if index < len(self.piece_digests) else ""
+        start, end = self.piece_span(index)
+        try:
+            with open(self.piece_path(index), "rb", buffering=0) as f:
+                data = f.read(end - start + 1)   # one byte more: a long file must not pass for a good one
+        except OSError as exc:
+            raise CorruptPiece(f"{self.digest}: cannot read piece {index}: {exc.strerror or exc}", index) from exc
+        actual = sha256_digest(data)
+        if not expected or len(data) != end - start or actual != expected:
+            raise CorruptPiece(f"{self.digest}: stored piece {index} is corrupt ({len(data)} bytes, {actual[:19]}; "
+                               f"expected {end - start} bytes, {expected[:19] or 'no digest'})", index)
+        return data
 
     def verify_pieces(self, indexes) -> list[int]:
         """The pieces among ``indexes`` that fail :meth:`verify_piece` (blocking)."""
@@ -415,7 +439,7 @@ class PieceStore:
         usage = self.usage_bytes()
         return usage - low.bytes if usage > high.bytes else 0
 
-    def gc(self, ttl: float, high: Watermark, low: Watermark, now: float | None = None) -> list["BlobEntry"]:
+    def gc(self, ttl: float, high: Watermark, low: Watermark, now: float | None = None) -> list[BlobEntry]:
         """Choose and detach the blobs to evict; the caller deletes them with :meth:`delete`.
 
         Runs in the event loop thread (stat calls only), so that no request can pick up an entry
@@ -447,7 +471,7 @@ class PieceStore:
         return evicted
 
     @staticmethod
-    def delete(entries: list["BlobEntry"]) -> None:
+    def delete(entries: list[BlobEntry]) -> None:
         """Remove evicted blobs from disk (blocking)."""
         for e in entries:
             shutil.rmtree(e.dir, ignore_errors=True)

@@ -26,6 +26,17 @@ log = logging.getLogger(__name__)
 #: Results are reported in batches of this many, or at least every FLUSH_EVERY seconds.
 FLUSH_BATCH = 16
 FLUSH_EVERY = 0.5
+#: A scheduler that stops answering GetParents in the middle of a download (an overloaded one: deadlines
+#: exceeded, after which the client holds it "down" for a few seconds) is given this long, at least, before
+#: the task goes to the registry: the parents it named keep serving meanwhile, and the registry is spared
+#: a second copy of the blob per impatient child (egress 3x in a 16-node run whose scheduler was starved of
+#: CPU for a moment). The piece timeout counts too: a longer one is a more patient peer.
+SCHEDULER_GRACE = 5.0
+#: Announcements of a downloading peer go out at most this often (each carries the peer's whole state, so
+#: a later one replaces the ones skipped). Children learn what their parents hold by asking for parents
+#: every ``download.TICK`` (0.1 s): announcing every landed piece (dozens a second per peer, 16 peers) only
+#: fed the scheduler and the peers' gRPC stacks CPU the links then missed.
+ANNOUNCE_EVERY = 0.1
 
 
 class SchedulerSession:
@@ -47,14 +58,23 @@ class SchedulerSession:
         self._flushed_at = 0.0
         self._announce_task: asyncio.Task | None = None
         self._announce_dirty = False
+        self._announced_at = 0.0
+        self._unanswered_since: float | None = None   # GetParents failing since (see SCHEDULER_GRACE)
 
     @property
     def available(self) -> bool:
         return self.m.sched is not None
 
+    @property
+    def unanswered(self) -> bool:
+        """GetParents is failing and the task waits for the scheduler (see SCHEDULER_GRACE): the view of
+        the mesh is stale, so "nobody holds that piece" cannot be told apart from "nobody told us"."""
+        return self._unanswered_since is not None
+
     def reset(self) -> None:
         """The task starts over: register again before asking for parents."""
         self.registered = False
+        self._unanswered_since = None
 
     # -- scheduling -----------------------------------------------------------------------------------
     async def register(self) -> pb.RegisterTaskResponse | None:
@@ -92,9 +112,21 @@ class SchedulerSession:
                 resp = await self.m.sched.call(self.digest, "GetParents", pb.GetParentsRequest(
                     peer_id=self.m.peer_id, task_id=self.digest, exclude=sorted(exclude), limit=8,
                     known_digests=sum(map(bool, self.entry.piece_digests))))
-            except (SchedulerUnavailable, SchedulerRequestError) as exc:
+            except SchedulerUnavailable as exc:
+                now = time.monotonic()
+                if self._unanswered_since is None:
+                    self._unanswered_since = now
+                if now - self._unanswered_since < max(SCHEDULER_GRACE, self.m.cfg.piece_timeout):
+                    # Keep fetching from the parents we know; ask again on the next tick.
+                    self.m.metrics.scheduler_errors.labels("GetParents").inc()
+                    log.debug("%s: GetParents: %s (waiting for the scheduler)", self.digest[:19], exc)
+                    return None
                 self.down("GetParents", exc)
                 return None
+            except SchedulerRequestError as exc:
+                self.down("GetParents", exc)
+                return None
+            self._unanswered_since = None
             if resp.piece_digests:
                 self.entry.set_piece_digests(list(resp.piece_digests))
             if resp.back_to_source:
@@ -156,8 +188,25 @@ class SchedulerSession:
 
     async def _announce_loop(self) -> None:
         while self._announce_dirty:
+            wait = self._announced_at + ANNOUNCE_EVERY - time.monotonic()
+            if wait > 0 and not self.entry.verified:   # "done" goes out at once (see announce_final)
+                await asyncio.sleep(wait)
             self._announce_dirty = False
+            self._announced_at = time.monotonic()
             await self.announce()
+
+    async def announce_final(self) -> None:
+        """Announce the current state and return once the scheduler has it, after every announcement
+        queued before. The task's result is reported only after this: an announcement still in flight
+        from before the blob was complete ("not done") reaching the scheduler after the success report
+        made the scheduler think the finished seed had lost pieces and elect a second seed, which fetched
+        the rest of the blob from the registry again (registry egress 1.3x with 16 nodes)."""
+        if self.m.sched is None or not self.entry.has_layout:
+            return
+        self._announce_dirty = True
+        if self._announce_task is None or self._announce_task.done():
+            self._announce_task = self.m.spawn(self._announce_loop())
+        await asyncio.shield(self._announce_task)
 
     async def announce(self) -> bool:
         entry = self.entry

@@ -6,9 +6,9 @@ with :func:`peer_util.start_peer` may fetch from the registries that test uses, 
 """
 from __future__ import annotations
 
+import peer_util
 import pytest
 
-import peer_util
 from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
 
 

@@ -52,9 +52,9 @@ def make_layer(files: dict[str, bytes]) -> bytes:
 
 def push_image(registry_url: str, repo: str, tag: str, layers: list[bytes]) -> dict:
     """Push an OCI image (config + gzip layers); returns digests and the manifest bytes."""
-    layer_descs = [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": push_blob(registry_url, repo, l),
-                    "size": len(l)} for l in layers]
-    diff_ids = [sha(gzip.decompress(l)) if l[:2] == b"\x1f\x8b" else sha(l) for l in layers]
+    layer_descs = [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": push_blob(registry_url, repo, blob), "size": len(blob)} for blob in layers]
+    diff_ids = [sha(gzip.decompress(blob)) if blob[:2] == b"\x1f\x8b" else sha(blob) for blob in layers]
     config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/true"]},
                          "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
     config_digest = push_blob(registry_url, repo, config)

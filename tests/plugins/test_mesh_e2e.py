@@ -21,10 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from remora_testing.netlab import Lab
-from remora_testing.netlab import content
-from remora_testing.netlab.mesh import Mesh, MeshOptions, metric
 from remora.plugins.peer.config import piece_size_for
+from remora_testing.netlab import Lab, content
+from remora_testing.netlab.mesh import Mesh, MeshOptions, metric
 
 pytestmark = pytest.mark.slow
 
@@ -215,7 +214,7 @@ def test_containerd_pulls_real_image_through_the_mirror(lab_mesh):
     def pull(p):
         try:
             mesh.pull_image(p, ref)
-        except Exception as exc:  # collected and asserted below
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(f"node{p.index}: {exc}")
 
     threads = [threading.Thread(target=pull, args=(p,)) for p in mesh.peers]

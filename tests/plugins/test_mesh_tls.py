@@ -20,6 +20,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
+from peer_util import push_blob, start_peer, unique
 
 from remora._proto import remora_scheduler_pb2 as pb
 from remora._proto import remora_scheduler_pb2_grpc as pb_grpc
@@ -28,8 +29,6 @@ from remora.pki import tls
 from remora.plugins.peer.config import MIN_PIECE_SIZE
 from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
 from remora.procutil import free_port
-
-from peer_util import push_blob, start_peer, unique
 
 BLOB_SIZE = 6 * MIN_PIECE_SIZE + 123
 CLUSTER = "tlstest"
@@ -159,7 +158,8 @@ async def test_scheduler_refuses_non_members_and_accepts_members(tmp_path, pki, 
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await _call(member, method, request)
                 assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-            other_host = grpc.aio.secure_channel(address, tls.grpc_channel_credentials(files(pki.member("peer", "node-b"))))
+            other_host = grpc.aio.secure_channel(address,
+                                                 tls.grpc_channel_credentials(files(pki.member("peer", "node-b"))))
             async with other_host:
                 await _call(other_host, *_requests("peer-b", "node-b")[0])
                 with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -12,12 +12,11 @@ import aiohttp
 import grpc
 import pytest
 from aiohttp import web
+from peer_util import push_blob, sha, unique
 
 from remora._proto import remora_scheduler_pb2 as pb
 from remora._proto import remora_scheduler_pb2_grpc as pb_grpc
 from remora.plugins.peer.config import MIN_PIECE_SIZE
-
-from peer_util import push_blob, sha, unique
 
 BLOB_SIZE = 12 * MIN_PIECE_SIZE + 999
 N_PIECES = 13

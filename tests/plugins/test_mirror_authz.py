@@ -29,11 +29,11 @@ import pytest
 import requests
 from aiohttp import web
 from peer_util import make_layer, start_peer, unique
+from test_peer_containerd import SID_CONTAINERD, containerd, ctr  # noqa: F401 (a fixture)
+
 from remora.plugins.peer.access import SOURCE_HEADER
 from remora.plugins.peer.config import MIN_PIECE_SIZE
 from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
-from test_peer_containerd import SID_CONTAINERD, containerd, ctr  # noqa: F401 (a fixture)
-
 from remora.registry.client import RegistryClient
 from remora_testing.registry import LocalRegistry
 
@@ -429,9 +429,8 @@ async def test_ctr_pulls_a_private_image_through_the_mirror_with_the_registrys_t
 async def test_the_snapshotters_lazy_reads_authenticate_to_the_local_peer(mesh, tenants):
     """What the snapshotter sends (snapshotter/sources.py, HttpBlobSource): first nothing, then, on the
     mirror's pass-through challenge, a token from the registry's realm got with the image's credentials."""
-    from remora.snapshotter.sources import SourceSpec, open_source
-
     from remora.errors import AuthError
+    from remora.snapshotter.sources import SourceSpec, open_source
 
     child, proxy = mesh["child"], mesh["proxy"]
     a = tenants["a_digest"]

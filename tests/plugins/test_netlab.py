@@ -18,7 +18,7 @@ import pytest
 
 from remora_testing.netlab import Lab, cleanup_stale
 from remora_testing.netlab.delay import DelayProxy
-from remora_testing.netlab.namespaces import (LAB_SUPERNET, STATE_DIR, blackhole_routes, netns_list, route_get)
+from remora_testing.netlab.namespaces import LAB_SUPERNET, STATE_DIR, blackhole_routes, netns_list, route_get
 from remora_testing.netlab.shaping import GSO_BURST, parse_rate, show, tbf_burst
 
 PY = sys.executable
@@ -221,5 +221,6 @@ def test_cleanup_removes_killed_run_but_not_live_lab(tmp_path):
     assert leftovers(prefix) == ([], [])
     assert subnet not in blackhole_routes() and str(live.subnet) not in blackhole_routes()
     # the command-line form finds nothing more to do
-    out = subprocess.run([PY, "-m", "remora_testing.netlab", "cleanup", "--prefix", prefix], capture_output=True, text=True)
+    out = subprocess.run([PY, "-m", "remora_testing.netlab", "cleanup", "--prefix", prefix],
+                         capture_output=True, text=True)
     assert out.returncode == 0 and "nothing to clean" in out.stdout

@@ -7,10 +7,9 @@ import os
 
 import aiohttp
 import pytest
+from peer_util import push_blob, start_peer, unique
 
 from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
-
-from peer_util import push_blob, start_peer, unique
 
 AUTH = ("remora", "s3cret-pass")  # tests/conftest.py's auth_registry user
 

@@ -8,13 +8,11 @@ import subprocess
 import sys
 
 import aiohttp
-
-from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
-from remora.procutil import Daemon, free_port, port_open, wait_until
-
 from peer_util import push_blob, sha, start_peer, unique
 
 from remora.cli import main
+from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
+from remora.procutil import Daemon, free_port, port_open, wait_until
 
 REMORA = [sys.executable, "-m", "remora.cli"]
 

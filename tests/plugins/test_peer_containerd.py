@@ -8,13 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+from peer_util import make_layer, push_image, start_peer, unique
 
 from remora.plugins.peer import hoststoml
 from remora.procutil import Daemon, free_port, wait_until
 from remora_testing.containerd_v2 import containerd2_bin_dir  # fetched by scripts/fetch-newer-runtimes.sh
-
-from peer_util import make_layer, push_image, start_peer, unique
-
 
 SID_CONTAINERD = "2.1"
 

@@ -8,14 +8,13 @@ import aiohttp
 import grpc
 import pytest
 from aiohttp import web
+from peer_util import push_blob, unique
 
 from remora._proto import remora_scheduler_pb2 as pb
 from remora._proto import remora_scheduler_pb2_grpc as pb_grpc
 from remora.plugins.peer.config import MIN_PIECE_SIZE
 from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
 from remora.procutil import free_port
-
-from peer_util import push_blob, unique
 
 BLOB_SIZE = 12 * MIN_PIECE_SIZE + 999
 
@@ -52,7 +51,8 @@ async def test_children_get_the_blob_from_peers(scheduler, peers, registry, blob
     assert uploaded == 3 * BLOB_SIZE
     # A range read on a fresh peer takes only the covering pieces, from the mesh.
     lazy = await peers("lazy", [scheduler.address])
-    status, body = await fetch(lazy, registry, repo, digest, {"Range": f"bytes={MIN_PIECE_SIZE * 3}-{MIN_PIECE_SIZE * 3 + 9}"})
+    status, body = await fetch(lazy, registry, repo, digest,
+                               {"Range": f"bytes={MIN_PIECE_SIZE * 3}-{MIN_PIECE_SIZE * 3 + 9}"})
     assert (status, body) == (206, data[MIN_PIECE_SIZE * 3:MIN_PIECE_SIZE * 3 + 10])
     assert lazy.store.get(digest).have == {3}
     assert counter(lazy, "remora_peer_download_bytes_total", source="peer") == MIN_PIECE_SIZE
@@ -127,7 +127,8 @@ class BadParent:
         async with grpc.aio.insecure_channel(scheduler_address) as ch:
             stub = pb_grpc.SchedulerStub(ch)
             await stub.RegisterPeer(pb.RegisterPeerRequest(host=pb.PeerHost(
-                peer_id=self.peer_id, host_id=f"host-{self.peer_id}", ip="127.0.0.1", upload_port=port, upload_slots=16)))
+                peer_id=self.peer_id, host_id=f"host-{self.peer_id}", ip="127.0.0.1", upload_port=port,
+                upload_slots=16)))
             await stub.AnnouncePieces(pb.AnnouncePiecesRequest(peer_id=self.peer_id, task_id=digest, done=True,
                                                                finished=range(13)))
 

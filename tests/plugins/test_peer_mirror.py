@@ -8,10 +8,9 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
+from peer_util import push_blob, push_image, sha, start_peer, unique
 
 from remora.plugins.peer.config import MIN_PIECE_SIZE
-
-from peer_util import push_blob, push_image, sha, start_peer, unique
 
 BLOB_SIZE = 5 * MIN_PIECE_SIZE + 1234
 

@@ -9,13 +9,12 @@ import os
 
 import aiohttp
 import pytest
+from peer_util import push_blob, unique
 from rich.console import Console
 
 from remora.plugins.peer.config import MIN_PIECE_SIZE
 from remora.plugins.peer.status import fetch_status, render
 from remora.procutil import free_port
-
-from peer_util import push_blob, unique
 
 BLOB_SIZE = 5 * MIN_PIECE_SIZE + 17
 
@@ -124,7 +123,8 @@ async def test_a_child_hanging_up_mid_piece_is_not_an_error(tmp_path, caplog):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        await asyncio.get_running_loop().sock_sendall(sock, f"GET /pieces/{digest}/0 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await asyncio.get_running_loop().sock_sendall(
+            sock, f"GET /pieces/{digest}/0 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         got = await asyncio.get_running_loop().sock_recv(sock, 4096)
         assert got.startswith(b"HTTP/1.1 200")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

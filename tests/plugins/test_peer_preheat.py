@@ -17,9 +17,9 @@ import pytest
 import requests
 from aiohttp import web
 from peer_util import push_blob, sha, start_peer, unique
-from remora.plugins.peer.config import MIN_PIECE_SIZE
 
 from remora.format import annotations as ann
+from remora.plugins.peer.config import MIN_PIECE_SIZE
 
 TOKEN = "preheat-test-token-0123456789"
 
@@ -88,7 +88,7 @@ def push_remora_image(registry_url: str, repo: str, tag: str) -> dict:
     d = {name: push_blob(registry_url, repo, data) for name, data in
          (("bootstrap", bootstrap), ("hot", hot), ("cold", cold), ("config", config))}
     sizes = {"bootstrap": len(bootstrap), "hot": len(hot), "cold": len(cold), "config": len(config)}
-    common = dict(bootstrap_digest=d["bootstrap"], bootstrap_size=len(bootstrap), repository=repo)
+    common = {"bootstrap_digest": d["bootstrap"], "bootstrap_size": len(bootstrap), "repository": repo}
     layers = [
         {"mediaType": ann.BLOB_MEDIA_TYPE, "digest": d["cold"], "size": len(cold),
          "annotations": ann.layer_annotations("blob", **common)},
@@ -163,7 +163,7 @@ async def test_remora_image_bootstrap_and_hot_first_then_all(rig):
     # A client reading the image through this peer's mirror: the registry serves no further blob.
     before = list(proxy.gets)
     async with aiohttp.ClientSession() as client:
-        for name, digest in d.items():
+        for digest in d.values():
             async with client.get(f"{peer.mirror_url}/v2/{rig['repo']}/blobs/{digest}?ns={proxy.host}") as r:
                 assert r.status == 200
                 assert sha(await r.read()) == digest
@@ -177,7 +177,8 @@ async def test_remora_image_bootstrap_and_hot_first_then_all(rig):
 async def test_oci_image_blob_list_and_progress(rig):
     peer, http, d = rig["peer"], rig["http"], rig["digests"]
     blobs = [{"digest": d["cold"], "size": rig["sizes"]["cold"]}]
-    status, _ = await post(http, peer, {"id": "list", "repository": f"{rig['proxy'].host}/{rig['repo']}", "blobs": blobs})
+    status, _ = await post(http, peer,
+                           {"id": "list", "repository": f"{rig['proxy'].host}/{rig['repo']}", "blobs": blobs})
     assert status == 201
     done = await wait_state(http, peer, "list")
     assert done["state"] == "succeeded"
@@ -254,6 +255,7 @@ async def test_blob_failing_verification_fails_the_task(rig):
 async def test_manager_job_engine_against_a_real_peer(rig, tmp_path):
     """The manager's job engine (plugins/manager/jobs.py) drives a preheat job on this real peer."""
     from fastapi.testclient import TestClient
+
     from remora.plugins.manager.api import Settings, create_app
     from remora.plugins.manager.db import Clock, open_db
     from remora.plugins.manager.jobs import Engine, EngineSettings
@@ -276,7 +278,8 @@ async def test_manager_job_engine_against_a_real_peer(rig, tmp_path):
         if True:
             root = {"Authorization": "Bearer " + (tmp_path / "root-token").read_text().strip()}
             cl = c.post("/api/v1/clusters", json={"name": "c1", "is_default": True}, headers=root).json()
-            join = c.post("/api/v1/join-tokens", json={"name": "n", "cluster_id": cl["id"]}, headers=root).json()["token"]
+            join = c.post("/api/v1/join-tokens", json={"name": "n", "cluster_id": cl["id"]},
+                          headers=root).json()["token"]
             r = c.post("/api/v1/agent/register", headers={"Authorization": f"Bearer {join}"},
                        json={"type": "peer", "hostname": "real-peer", "ip": "127.0.0.1", "port": peer.upload_port,
                              "api_port": peer.mirror_port})

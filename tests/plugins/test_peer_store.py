@@ -5,12 +5,11 @@ import os
 import time
 
 import pytest
+from peer_util import sha
 
 from remora.errors import InvalidInput, UsageError
-from remora.plugins.peer.config import MIN_PIECE_SIZE, MAX_PIECE_SIZE, MiB, Watermark, parse_size, piece_size_for
+from remora.plugins.peer.config import MAX_PIECE_SIZE, MIN_PIECE_SIZE, MiB, Watermark, parse_size, piece_size_for
 from remora.plugins.peer.pieces import PieceStore, sha256_digest
-
-from peer_util import sha
 
 
 def _fill(store: PieceStore, data: bytes, piece_size: int = MIN_PIECE_SIZE):

@@ -19,7 +19,8 @@ PIECE = 256 * 1024   # the piece size every blob below 64 MiB gets (peer.config.
 
 @pytest.fixture
 async def sched():
-    server = await SchedulerServer(SchedulerConfig(random_seed=1), "127.0.0.1:0", "127.0.0.1:0", insecure_plain=True).start()
+    server = await SchedulerServer(SchedulerConfig(random_seed=1), "127.0.0.1:0", "127.0.0.1:0",
+                                   insecure_plain=True).start()
     channel = grpc.aio.insecure_channel(server.address)
     stub = pb_grpc.SchedulerStub(channel)
     try:
@@ -181,7 +182,8 @@ async def test_silent_peers_expire_and_their_task_reseeds():
             return self.now
 
     clock = Clock()
-    server = await SchedulerServer(SchedulerConfig(peer_ttl=0.4), "127.0.0.1:0", "127.0.0.1:0", clock=clock, insecure_plain=True).start()
+    server = await SchedulerServer(SchedulerConfig(peer_ttl=0.4), "127.0.0.1:0", "127.0.0.1:0", clock=clock,
+                                   insecure_plain=True).start()
     channel = grpc.aio.insecure_channel(server.address)
     stub = pb_grpc.SchedulerStub(channel)
     try:
@@ -243,7 +245,8 @@ async def test_probes_feed_rtts_and_rotate_targets(sched):
 
 def test_cli_serves_grpc_and_metrics_and_stops_on_sigterm(tmp_path):
     port, mport = free_port(), free_port()
-    d = Daemon([sys.executable, "-m", "remora.cli", "scheduler", "--insecure-plain-mesh", "--listen", f"127.0.0.1:{port}",
+    d = Daemon([sys.executable, "-m", "remora.cli", "scheduler", "--insecure-plain-mesh",
+                "--listen", f"127.0.0.1:{port}",
                 "--metrics-listen", f"127.0.0.1:{mport}", "--scorer", "bandit", "--peer-ttl", "5"],
                tmp_path / "scheduler.log").start()
     try:

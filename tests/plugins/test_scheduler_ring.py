@@ -32,7 +32,7 @@ def test_pick_is_a_deterministic_failover_order():
 
 
 def test_load_is_balanced():
-    counts = {a: 0 for a in FOUR}
+    counts = dict.fromkeys(FOUR, 0)
     for owner in owners(SchedulerRing(FOUR)):
         counts[owner] += 1
     assert all(0.18 < c / len(TASKS) < 0.32 for c in counts.values()), counts

@@ -1,4 +1,5 @@
-"""Parent selection: every drop rule, the slow-peer thresholds, swarms (children serving each other), and the scoring order."""
+"""Parent selection: every drop rule, the slow-peer thresholds, swarms (children serving each other),
+and the scoring order."""
 from __future__ import annotations
 
 import random

@@ -62,9 +62,10 @@ BAD = {
     "peer id with a space": (announce(peer_id="a b"), "peer_id"),
     "register task with an absurd layout": (("RegisterTask", pb.RegisterTaskRequest(
         peer_id="p", task_id=TASK, content_length=TIB, piece_size=1)), "piece_size"),
-    "too many excluded peers": (("GetParents", pb.GetParentsRequest(peer_id="p", task_id=TASK,
-                                                                     exclude=[f"x{i}" for i in range(2000)])), "exclude"),
-    "absurd parent limit": (("GetParents", pb.GetParentsRequest(peer_id="p", task_id=TASK, limit=1 << 30)), "limit"),
+    "too many excluded peers": (("GetParents", pb.GetParentsRequest(
+        peer_id="p", task_id=TASK, exclude=[f"x{i}" for i in range(2000)])), "exclude"),
+    "absurd parent limit": (("GetParents", pb.GetParentsRequest(peer_id="p", task_id=TASK, limit=1 << 30)),
+                            "limit"),
     "too many piece results": (("ReportPieceResults", pb.ReportPieceResultsRequest(
         peer_id="p", task_id=TASK, results=[pb.PieceResult(parent_id="q", piece=0)] * 5000)), "results"),
     "piece result index out of range": (("ReportPieceResults", pb.ReportPieceResultsRequest(
@@ -127,7 +128,8 @@ def test_absurd_announcements_leave_the_scheduler_process_small_and_the_task_usa
     plus seeds publishing ~30,000 digests per task. Every one is refused or kept within bounds; the
     process stays small, and the attacked digest still works for an honest peer afterwards."""
     port = free_port()
-    d = Daemon([sys.executable, "-m", "remora.cli", "scheduler", "--insecure-plain-mesh", "--listen", f"127.0.0.1:{port}",
+    d = Daemon([sys.executable, "-m", "remora.cli", "scheduler", "--insecure-plain-mesh",
+                "--listen", f"127.0.0.1:{port}",
                 "--metrics-listen", f"127.0.0.1:{free_port()}"], tmp_path / "scheduler.log",
                preexec_argv=["prlimit", f"--as={3 << 29}", "--"]).start()
     figures = {}
