@@ -36,8 +36,8 @@ The mesh is mutual TLS (issue 10: pieces and scheduler calls between cluster mem
 peers run in production; ``--plain-mesh`` runs it with ``--insecure-plain-mesh`` instead. ``--compare-tls
 N`` measures only what the TLS target needs: N rounds, each a plain lab then a TLS lab (one node alone,
 then all nodes), and reports the mesh/alone ratio of each with their spread (issue 10: TLS within 5% of
-plain). Alternating the modes spreads the machine's other load over both. The scheduler helper's simulation benchmark compares scorers on a model;
-this one runs the real processes.
+plain). Alternating the modes spreads the machine's other load over both. The scheduler's simulation
+benchmark compares scorers on a model; this one runs the real processes.
 
     python benchmarks/bench_p2p_mesh.py                      # N=8, 100 Mbit/s, 200 MB (~10 min)
     python benchmarks/bench_p2p_mesh.py --nodes 4 --blob-mb 50 --skip-direct   # quick look
@@ -332,7 +332,7 @@ def pull_all(mesh: Mesh, ref: str, ctrds: list[NsContainerd], hosts_dirs: list[P
     def one(i: int) -> None:
         try:
             ctrds[i].pull(ref, hosts_dirs[i], timeout=900)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every node's failure is reported together below
             errors.append(f"node{i}: {exc}")
 
     t0 = time.monotonic()
@@ -354,13 +354,14 @@ def main_bench(args) -> dict:
     log(f"preparing {len(blobs)} blobs of {args.blob_mb} MB and a real image (cached in {cache})")
     digests = {name: content.random_blob(path, size, seed=1000 + i) for i, (name, path) in enumerate(blobs.items())}
     image = content.cached_image(cache, "bench/app", "v1", extra_paths=IMAGE_FILES)
-    res: dict = {"nodes": args.nodes, "rate": args.rate, "offload": not args.no_offload, "blob_bytes": size, "image_bytes": image.size,
-                 "peer_args": args.peer_arg, "scheduler_args": args.scheduler_arg}
+    res: dict = {"nodes": args.nodes, "rate": args.rate, "offload": not args.no_offload, "blob_bytes": size,
+                 "image_bytes": image.size, "peer_args": args.peer_arg, "scheduler_args": args.scheduler_arg}
 
     res["tls"] = not args.plain_mesh
     with Lab(prefix=PREFIX, workdir=Path(args.workdir) / "main", offload=not args.no_offload) as lab:
         mesh = Mesh(lab, MeshOptions(peers=args.nodes, node_rate=args.rate, registry_rate=args.rate,
-                                     containerd=not args.skip_image, peer_args=args.peer_arg, scheduler_args=args.scheduler_arg,
+                                     containerd=not args.skip_image, peer_args=args.peer_arg,
+                                     scheduler_args=args.scheduler_arg,
                                      tls=not args.plain_mesh))
         fill(mesh, [(blobs[n], digests[n]) for n in blobs], [image])
         mesh.start()
@@ -407,7 +408,8 @@ def main_bench(args) -> dict:
             ref = f"{mesh.registry.host}/{image.repo}:{image.tag}"
             layer_digests = [layer.digest for layer in image.layers]
             tx0 = wire_tx(mesh)
-            res["image_mesh_s"] = pull_all(mesh, ref, [p.containerd for p in mesh.peers], [p.hosts_dir for p in mesh.peers])
+            res["image_mesh_s"] = pull_all(mesh, ref, [p.containerd for p in mesh.peers],
+                                           [p.hosts_dir for p in mesh.peers])
             res["image_mesh_egress_app"], res["image_mesh_egress_wire"] = egress(mesh, layer_digests, tx0)
             log(f"image through the mesh: {res['image_mesh_s']:.1f}s")
             if not args.skip_direct:
@@ -636,7 +638,8 @@ def report(res: dict) -> str:
     lines.append(f"blob {size / 1e6:.0f} MB, links {res['rate']} (registry uplink and every node link), tbf; "
                  f"extra peer flags {res['peer_args'] or 'none'}, scheduler flags {res['scheduler_args'] or 'none'}")
     lines.append(f"mesh: from peers {res['mesh_from_peers'] / size:.2f}x blob, from registry "
-                 f"{res['mesh_from_registry'] / size:.2f}x blob; per-node times {['%.1f' % s for s in res['mesh_node_s']]}")
+                 f"{res['mesh_from_registry'] / size:.2f}x blob; per-node times "
+                 f"{[f'{s:.1f}' for s in res['mesh_node_s']]}")
     lines.append(f"mesh: CPU of the peers + scheduler {res['mesh_cpu_s']:.1f}s; machine busy "
                  f"{res['mesh_machine_busy'] * 100:.0f}% of {os.cpu_count()} cores; load average before/after "
                  f"{res['mesh_load'][0]:.1f}/{res['mesh_load'][1]:.1f}")

@@ -561,7 +561,8 @@ class TaskManager:
     def forget_if_empty(self, digest: str) -> None:
         """Drop a task that never got anything (a 404, a dead registry): no state kept per bad digest."""
         task = self.tasks.get(digest)
-        if task and not task.entry.have and not task.entry.has_layout and not (task._driver and not task._driver.done()):
+        running = task is not None and task._driver is not None and not task._driver.done()
+        if task and not task.entry.have and not task.entry.has_layout and not running:
             del self.tasks[digest]
             self.store.forget(digest)
 
