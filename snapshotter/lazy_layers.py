@@ -476,7 +476,8 @@ class RemoraLayerHandler(RemoteLayerHandler):
         secret = {} if creds is None else {"username": creds.username or "", "password": creds.password or "",
                                            "identity_token": creds.identity_token or ""}
         return ([SourceSpec.staging(str(self.staging.dir_for(f"{host}/{repo}")), staged)] if staged else []) + \
-               [SourceSpec.peer(m, repo, host, **(secret if _is_local_url(m) else {})) for m in self.mirrors] + \
+               [SourceSpec.peer(m, repo, host, plain_http=self.insecure, **(secret if _is_local_url(m) else {}))
+                for m in self.mirrors] + \
                [SourceSpec.registry(host, repo, insecure=self.insecure, **secret)]
 
     def _bootstrap(self, host: str, repo: str, digest: str, size: int, client=None, on_downloaded=None) -> Path:

@@ -12,9 +12,10 @@ Every request has a connect and a read timeout: an unreachable or stalled source
 from __future__ import annotations
 
 import logging
-import re
 import threading
+import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import requests
 
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_READ_TIMEOUT = 20.0
 STREAM_BLOCK = 256 * 1024  # pieces a streamed range read is handed over in
-_CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
 
 
 @dataclass
@@ -53,6 +53,9 @@ class SourceSpec:
     read_timeout: float = DEFAULT_READ_TIMEOUT
     verify_tls: bool = True
     staged: dict[str, int] = field(default_factory=dict)  # kind "staged": blob -> bytes staged
+    #: the registry behind this source is configured plain HTTP (``--insecure``): only then may the
+    #: credentials go to a plain-HTTP token realm on another host (remora.registry.authcore)
+    plain_http: bool = False
 
     @classmethod
     def registry(cls, host: str, repo: str, insecure: bool = False, **kw) -> SourceSpec:
@@ -205,31 +208,42 @@ class HttpBlobSource:
         raise RegistryError(f"{where}: HTTP {r.status_code} {r.reason}")
 
     def _authenticate(self, challenge: str) -> None:
+        """Answer a 401 (a mirror passes the registry's challenge through) with the registry-auth core
+        every remora client uses: challenge parsing, the realm rule (the spec's credentials never go to
+        a plain-HTTP token server on another host unless the registry is configured plain HTTP, or both
+        are on loopback), token request and response."""
+        from remora.registry import authcore
+
         s = self.spec
-        scheme = challenge.split(" ", 1)[0].lower()
-        if not s.username and scheme != "bearer":
-            raise AuthError(f"{self.name}: authentication required and no credentials configured")
+        creds = _credentials(s)
+        chosen = authcore.select_challenge(authcore.parse_challenges(challenge))  # RegistryError if malformed
+        if chosen is None:
+            raise AuthError(f"{self.name}: unsupported auth challenge {challenge[:100]!r}")
         with self._lock:
-            if scheme == "basic":
-                self._auth_header = requests.auth._basic_auth_str(s.username, s.password)
+            if chosen.scheme == "basic":
+                basic = creds.basic() if creds is not None else None
+                if basic is None:
+                    raise AuthError(f"{self.name}: authentication required and no credentials configured")
+                self._auth_header = f"Basic {basic}"
                 return
-            if scheme != "bearer":
-                raise AuthError(f"{self.name}: unsupported auth challenge {challenge!r}")
-            params = dict(_CHALLENGE.findall(challenge))
-            realm = params.pop("realm", "")
-            params.setdefault("scope", f"repository:{s.repo}:pull")
+            registry = s.ns or urlsplit(s.url).netloc   # whose token server this is
+            scope = authcore.merge_scopes(authcore.repository_scope(s.repo), chosen.scope)
+            req = authcore.token_request(chosen, scope, creds, registry=registry, allow_plain_http=s.plain_http)
             try:
-                r = self._session.get(realm, params=params, timeout=(s.connect_timeout, s.read_timeout),
-                                      auth=(s.username, s.password) if s.username else None, verify=s.verify_tls)
-            except requests.RequestException as exc:
-                raise RegistryError(f"{self.name}: token service {realm}: {_short(exc)}") from None
-            if r.status_code != 200:
-                raise AuthError(f"{self.name}: token service {realm} answered HTTP {r.status_code}")
-            body = r.json()
-            token = body.get("token") or body.get("access_token")
-            if not token:
-                raise AuthError(f"{self.name}: token service {realm} returned no token")
-            self._auth_header = f"Bearer {token}"
+                r = self._session.request(req.method, req.url, headers=req.headers, data=req.body(), stream=True,
+                                          timeout=(s.connect_timeout, s.read_timeout), verify=s.verify_tls,
+                                          allow_redirects=False)
+                try:
+                    status = r.status_code
+                    body = r.raw.read(authcore.MAX_TOKEN_RESPONSE + 1, decode_content=True) if status == 200 else b""
+                finally:
+                    r.close()
+            except (requests.RequestException, OSError) as exc:
+                raise RegistryError(f"{self.name}: token service {urlsplit(req.url).netloc}: {_short(exc)}") from None
+            if status != 200:
+                raise AuthError(f"{self.name}: token service {urlsplit(req.url).netloc} answered HTTP {status}")
+            token = authcore.parse_token_response(body, now=time.monotonic())
+            self._auth_header = token.header()
 
 
 def _short(exc: Exception) -> str:
