@@ -59,6 +59,13 @@ def register_scheduler(subparsers) -> None:
     p.add_argument("--model-max-error", type=float, default=0.5, metavar="REL",
                    help="learned scorer: a model whose validation median relative error is larger is not "
                         "used (default: %(default)s)")
+    p.add_argument("--model-min-advantage", type=float, default=0.2, metavar="FRACTION",
+                   help="learned scorer: use a model only if its held-out log error is at least this much below "
+                        "the naive predictor's (default: %(default)s)")
+    p.add_argument("--model-separation", type=float, default=2.0, metavar="X",
+                   help="learned scorer: leave a decision to the weighted scorer when the model's predictions "
+                        "for its candidates spread less than X times its own error; 0 always trusts the model "
+                        "(default: %(default)s)")
     p.add_argument("--history-dir", default=None, metavar="DIR",
                    help="write download history (features of chosen parents, piece costs) for the trainer; "
                         "rotating, at most ~1 M rows (~300 MB)")
@@ -120,7 +127,9 @@ def config_from_args(args):
         max_schedule_failures=args.max_schedule_failures, max_piece_failures=args.max_piece_failures,
         scorer=args.scorer, bandit_c=args.bandit_c, bandit_gamma=args.bandit_gamma,
         bandit_prior_weight=args.bandit_prior_weight, model_dir=args.model_dir,
-        model_max_age=args.model_max_age, model_max_error=args.model_max_error, history_dir=args.history_dir,
+        model_max_age=args.model_max_age, model_max_error=args.model_max_error,
+        model_min_advantage=args.model_min_advantage, model_separation=args.model_separation,
+        history_dir=args.history_dir,
         selection=SelectionConfig(candidate_limit=args.candidate_limit, parent_limit=args.parent_limit))
 
 

@@ -56,6 +56,8 @@ class SchedulerConfig:
     model_dir: str | None = None         # learned scorer: where `remora trainer` publishes models
     model_max_age: float = 7 * 24 * 3600.0   # older models are not used (weighted fallback)
     model_max_error: float = 0.5         # nor models with a larger validation median relative error
+    model_min_advantage: float = 0.2     # nor models not this much better than the naive predictor (learned.py)
+    model_separation: float = 2.0        # decisions the model cannot tell apart go to the weighted scorer
     history_dir: str | None = None       # download history for the trainer (plugins/scheduler/history.py)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
 
@@ -68,6 +70,8 @@ class SchedulerConfig:
             raise UsageError("the learned scorer needs a model directory (--model-dir)")
         if self.model_max_age <= 0 or self.model_max_error <= 0:
             raise UsageError("--model-max-age and --model-max-error must be > 0")
+        if not 0 <= self.model_min_advantage < 1 or self.model_separation < 0:
+            raise UsageError("--model-min-advantage must be in [0, 1) and --model-separation >= 0")
         if self.max_schedule_failures < 1 or self.max_piece_failures < 1:
             raise UsageError("max schedule/piece failures must be >= 1")
         if not self.keepalive_interval:
@@ -84,7 +88,8 @@ def make_scorer(config: SchedulerConfig, clock=time.monotonic) -> Scorer:
         from .learned import LearnedScorer, ModelWatcher
 
         return LearnedScorer(ModelWatcher(config.model_dir, config.model_max_age, config.model_max_error,
-                                          clock=clock))
+                                          clock=clock, min_advantage=config.model_min_advantage),
+                             separation=config.model_separation)
     if config.scorer == "random":
         from .selection import RandomScorer
 
@@ -119,7 +124,7 @@ def _rpc(method):
     name = method.__name__
 
     @functools.wraps(method)
-    async def wrapper(self: "SchedulerService", request, context: grpc.aio.ServicerContext):
+    async def wrapper(self: SchedulerService, request, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         code = None
         try:
@@ -168,7 +173,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.selector = ParentSelector(self.state, self.scorer, self.config.selection,
                                        random.Random(self.config.random_seed))
         self.metrics = SchedulerMetrics(self.state, self.scorer.name)
-        from .history import attach_learning   # learned scorer metrics, download history (docs/p2p.md)
+        from .history import attach_learning  # learned scorer metrics, download history (docs/p2p.md)
 
         attach_learning(self)
         self._warned_same_host: set[str] = set()   # peers told why every candidate was dropped
@@ -518,12 +523,12 @@ class SchedulerServer:
     def state(self) -> SchedulerState:
         return self.service.state
 
-    async def start(self) -> "SchedulerServer":
+    async def start(self) -> SchedulerServer:
         host, want = _split(self.listen)
         bind = f"[{host}]:{want}" if ":" in host else f"{host}:{want}"   # ":8002" is loopback, not every address
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_SchedulerServicer_to_server(self.service, self._server)
-        from .topology import add_topology_service   # read-only view for `remora place --from-scheduler`
+        from .topology import add_topology_service  # read-only view for `remora place --from-scheduler`
         add_topology_service(self.service, self._server)
         try:
             if self.tls is not None:

@@ -284,3 +284,20 @@ def test_the_model_ranks_only_candidates_it_can_tell_apart_and_multiplies_their_
     assert (scorer.kind, scorer.reason) == ("weighted", "no_separation")
     assert max(again, key=lambda c: c.score).peer_id == "p2"
     assert metric(svc, 'remora_scheduler_scorer_fallbacks_total{reason="no_separation"}') == 2
+
+
+def test_the_gates_are_scheduler_options(tmp_path):
+    """--model-min-advantage and --model-separation reach the scorer; nonsense is a usage error."""
+    from remora.cli import build_parser
+    from remora.errors import UsageError
+    from remora.plugins.scheduler.cli import config_from_args
+    from remora.plugins.scheduler.server import make_scorer
+
+    argv = ["scheduler", "--scorer", "learned", "--model-dir", str(tmp_path), "--model-min-advantage", "0.05",
+            "--model-separation", "0.5", "--insecure-plain-mesh"]
+    scorer = make_scorer(config_from_args(build_parser(argv).parse_args(argv)))
+    assert scorer.separation == 0.5 and scorer.watcher.min_advantage == 0.05
+    for bad in (["--model-min-advantage", "1.5"], ["--model-separation", "-1"]):
+        args = build_parser(argv).parse_args(argv + bad)
+        with pytest.raises(UsageError):
+            config_from_args(args)
