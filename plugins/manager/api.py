@@ -25,7 +25,11 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, field_validator
-from remora.plugins.manager import auth, membership
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from remora import __version__
+from remora.plugins.manager import auth, fastpath, membership
 from remora.plugins.manager import config as config_mod
 from remora.plugins.manager import jobs as jobs_mod
 from remora.plugins.manager.clusters import PeerInfo, Scopes
@@ -43,10 +47,6 @@ from remora.plugins.manager.db import (
     open_db,
 )
 from remora.plugins.manager.metrics import Metrics
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
-
-from remora import __version__
 
 log = logging.getLogger("remora.manager.api")
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -212,6 +212,8 @@ def token_view(t) -> dict:
 def create_app(settings: Settings) -> FastAPI:
     engine, sessions = open_db(settings.db_url)
     clock, interval = settings.clock, settings.keepalive_interval
+    with sessions() as s:   # members are not judged on keepalives they sent while no manager was up
+        outage = membership.Outage(clock.now(), s.scalar(select(func.max(Member.last_seen))))
     metrics = Metrics(sessions, clock, interval)
     with sessions.begin() as s:
         try:
@@ -260,6 +262,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="remora manager", version=__version__, lifespan=lifespan,
                   description="Control plane of a remora cluster: clusters, membership, dynamic config, jobs.")
     app.state.sessions, app.state.settings, app.state.metrics = sessions, settings, metrics
+    app.add_middleware(fastpath.SecurityHeaders)
     app.add_middleware(BodyLimit)
 
     @app.exception_handler(auth.AuthFailure)
@@ -267,14 +270,6 @@ def create_app(settings: Settings) -> FastAPI:
         metrics.requests.labels(str(exc.status)).inc()
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
-
-    @app.middleware("http")
-    async def _headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        if request.url.path.startswith("/console"):
-            response.headers["Content-Security-Policy"] = "default-src 'self'; frame-ancestors 'none'"
-        return response
 
     def bearer(authorization: str | None) -> str | None:
         if authorization and authorization.lower().startswith("bearer "):
@@ -358,17 +353,19 @@ def create_app(settings: Settings) -> FastAPI:
                            {"type": m.type, "hostname": m.hostname, "ip": m.ip, "port": m.port,
                             "certificate": {"host_id": ident.host_id, "fingerprint": ident.fingerprint}
                             if ident is not None else None})
-            buffer.learn(m.id, m.offline)
+            buffer.learn(m.id, m.offline, m.type)
             owners[m.id] = m.hostname
-            return {"id": m.id, "cluster_id": m.cluster_id, "keepalive_interval": interval,
+            return {"id": m.id, "cluster_id": m.cluster_id,
+                    "keepalive_interval": membership.period_of(m.type, interval),
                     "state": membership.state_of(m, now, interval)}
 
     def _known_offline(member_id: int) -> bool | None:
         with sessions() as s:
-            offline = s.scalar(select(Member.offline).where(Member.id == member_id))
-        if offline is not None:
-            buffer.learn(member_id, offline)
-        return offline
+            row = s.execute(select(Member.offline, Member.type).where(Member.id == member_id)).first()
+        if row is None:
+            return None
+        buffer.learn(member_id, row.offline, row.type)
+        return row.offline
 
     #: member id -> hostname (= the host id of the certificate that registered it, over mutual TLS):
     #: a member certificate keeps alive only its own member ids (a cache per replica, read on a miss)
@@ -383,8 +380,9 @@ def create_app(settings: Settings) -> FastAPI:
             owners[member_id] = host
         return host
 
-    answers = {flag: json.dumps({"state": "offline" if flag else "active", "keepalive_interval": interval}).encode()
-               for flag in (False, True)}
+    answers = {(flag, typ): json.dumps({"state": "offline" if flag else "active",
+                                        "keepalive_interval": membership.period_of(typ, interval)}).encode()
+               for flag in (False, True) for typ in membership.TYPES}
 
     class KeepaliveOut(BaseModel):
         state: str = Field(description="active or offline (taken out by an operator)")
@@ -403,12 +401,36 @@ def create_app(settings: Settings) -> FastAPI:
                 metrics.requests.labels("403").inc()
                 raise HTTPException(403, f"member {member_id} is not host {ident.host_id!r}'s")
         now = clock.now()
-        offline = buffer.note(member_id, req, now)
-        if offline is None:
+        known = buffer.note(member_id, req, now)
+        if known is None:
             if await run_in_threadpool(_known_offline, member_id) is None:
                 raise HTTPException(404, f"member {member_id} is not registered: register again")
-            offline = buffer.note(member_id, req, now)
-        return Response(answers[bool(offline)], media_type="application/json")  # pre-encoded: hottest path
+            known = buffer.note(member_id, req, now)
+        return Response(answers[known], media_type="application/json")  # pre-encoded: hottest path
+
+    def fast_keepalive(scope: dict, member_id: int, body: bytes) -> bytes | None:
+        """The route's common case without FastAPI (:mod:`fastpath`); None = let the route decide."""
+        token = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                token = bearer(value.decode("latin-1"))
+        now = clock.now()
+        hit = join_cache.get(auth.hash_token(token)) if token else None
+        if hit is None or hit[0] <= now or (hit[1].expires_at is not None and hit[1].expires_at <= now):
+            return None
+        if settings.tls_dir is not None:
+            ident = (scope.get("state") or {}).get(tls_mod.STATE_KEY)
+            if ident is None or not ident.is_member(member_cluster, tls_mod.AGENT_ROLES) \
+                    or owners.get(member_id) != ident.host_id:
+                return None
+        try:
+            req = membership.KeepaliveRequest.model_validate_json(body)
+        except ValueError:  # pydantic's ValidationError: the route answers 422 with the details
+            return None
+        known = buffer.note(member_id, req, now)
+        return answers[known] if known is not None else None
+
+    app.add_middleware(fastpath.KeepaliveFastPath, answer=fast_keepalive)
 
     @app.get("/api/v1/agent/schedulers", tags=["agent"])
     def agent_schedulers(request: Request, ip: str = Query("", max_length=64),
@@ -420,13 +442,13 @@ def create_app(settings: Settings) -> FastAPI:
         now = clock.now()
         with sessions.begin() as s:
             out = membership.schedulers_for(s, PeerInfo(ip=ip, hostname=hostname, idc=idc, location=location),
-                                            now, interval, bound_cluster=jt.cluster_id)
+                                            now, interval, bound_cluster=jt.cluster_id, outage=outage)
             if member_id is not None and out["cluster"] is not None:
                 m = s.get(Member, member_id)
                 # only the peer itself (same hostname) moves its record to the cluster it was matched to
                 if m is not None and m.type == "peer" and m.hostname == hostname and m.cluster_id != out["cluster"]["id"]:
                     m.cluster_id = out["cluster"]["id"]
-        out["refresh_interval"] = interval
+        out["refresh_interval"] = membership.refresh_period(interval)
         return out
 
     @app.post("/api/v1/agent/certificate", tags=["agent"], status_code=201)
@@ -498,7 +520,7 @@ def create_app(settings: Settings) -> FastAPI:
             c = get_cluster(s, cluster_id)
             now = clock.now()
             out = cluster_view(c)
-            out["members"] = [membership.member_view(m, now, interval) for m in
+            out["members"] = [membership.member_view(m, now, interval, outage) for m in
                               s.scalars(select(Member).where(Member.cluster_id == c.id).order_by(Member.id))]
             return out
 
@@ -542,7 +564,7 @@ def create_app(settings: Settings) -> FastAPI:
                 q = q.where(Member.type == type)
             if cluster_id:
                 q = q.where(Member.cluster_id == cluster_id)
-            out = [membership.member_view(m, now, interval) for m in s.scalars(q)]
+            out = [membership.member_view(m, now, interval, outage) for m in s.scalars(q)]
         return [m for m in out if state is None or m["state"] == state]
 
     def set_offline(member_id: int, offline: bool, reason: str, p: auth.Principal) -> dict:
@@ -552,10 +574,10 @@ def create_app(settings: Settings) -> FastAPI:
             if m is None:
                 raise HTTPException(404, f"no member {member_id}")
             m.offline, m.offline_reason = offline, reason if offline else ""
-            buffer.learn(m.id, offline)
+            buffer.learn(m.id, offline, m.type)
             auth.audit(s, now, p.user, "member.offline" if offline else "member.online", f"member:{m.id}",
                        {"reason": reason} if offline else {})
-            return membership.member_view(m, now, interval)
+            return membership.member_view(m, now, interval, outage)
 
     @app.post("/api/v1/members/{member_id}/offline", tags=["members"])
     def member_offline(member_id: int, body: OfflineIn, p: auth.Principal = Depends(writer("cluster"))) -> dict:

@@ -16,9 +16,10 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from remora.plugins.manager.db import AuditEntry, JoinToken, Token, User
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+
+from remora.plugins.manager.db import AuditEntry, JoinToken, Token, User
 
 ROLES = ("root", "guest")
 SCOPES = ("job", "cluster")

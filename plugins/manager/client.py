@@ -19,8 +19,9 @@ import logging
 import os
 import tempfile
 import threading
-from pathlib import Path
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import requests
 
@@ -176,7 +177,13 @@ class ManagerClient:
 
 
 class Agent:
-    """Background loop: register, then every interval keep alive and refresh schedulers + config."""
+    """Background loop: register, then keep alive + fetch config every keepalive period, and (peers)
+    refresh the scheduler list every refresh period.
+
+    The manager says both: the keepalive period in its register answer (schedulers and seed peers
+    keep alive twice per interval), the refresh period in its scheduler answer (half an interval), so
+    a dead scheduler leaves this peer's list within 3 intervals of its death (docs/manager.md).
+    """
 
     def __init__(self, client: ManagerClient, registration: dict, *,
                  on_schedulers: Callable[[dict], None] | None = None,
@@ -186,8 +193,13 @@ class Agent:
         self.c, self.registration = client, registration
         self.on_schedulers, self.on_config, self.load, self.fallbacks = on_schedulers, on_config, load, fallbacks
         self.applied_version = 0
+        self.refresh: float | None = None   # scheduler refresh period told by the manager
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, name="manager-agent", daemon=True)
+
+    @property
+    def wants_schedulers(self) -> bool:
+        return self.registration.get("type") in ("peer", "seed_peer") and self.on_schedulers is not None
 
     def start(self) -> Agent:
         self.thread.start()
@@ -197,21 +209,34 @@ class Agent:
         self.stop_event.set()
         self.thread.join(timeout=10)
 
-    def tick(self) -> None:
-        """One round; with the manager down, the last known schedulers and config still apply."""
-        try:
-            if self.c.member_id is None:
-                self.c.register(**self.registration)
-            self.c.keepalive(self.load(), self.applied_version, self.fallbacks())
-        except ManagerUnavailable as exc:
-            log.warning("manager keepalive: %s", exc)
-        if self.registration.get("type") in ("peer", "seed_peer") and self.on_schedulers is not None:
-            self.on_schedulers(self.c.schedulers(self.registration.get("ip", ""), self.registration.get("hostname", ""),
-                                                 self.registration.get("idc", ""), self.registration.get("location", "")))
+    def tick(self, keepalive: bool = True) -> None:
+        """One round; with the manager down, the last known schedulers and config still apply.
+        ``keepalive=False``: only refresh the scheduler list (the rounds between keepalives)."""
+        if keepalive:
+            try:
+                if self.c.member_id is None:
+                    self.c.register(**self.registration)
+                self.c.keepalive(self.load(), self.applied_version, self.fallbacks())
+            except ManagerUnavailable as exc:
+                log.warning("manager keepalive: %s", exc)
+        if self.wants_schedulers:
+            answer = self.c.schedulers(self.registration.get("ip", ""), self.registration.get("hostname", ""),
+                                       self.registration.get("idc", ""), self.registration.get("location", ""))
+            if answer.get("refresh_interval"):
+                self.refresh = float(answer["refresh_interval"])
+            self.on_schedulers(answer)
+        if not keepalive:
+            return
         cfg = self.c.config()
         if (cfg["version"] != self.applied_version or cfg["changed"]) and self.on_config is not None:
             self.on_config(cfg["version"], cfg["config"])
         self.applied_version = cfg["version"]
+
+    def _period(self) -> float:
+        """Seconds between rounds: the keepalive period, or the (shorter) scheduler refresh period."""
+        if self.wants_schedulers and self.refresh:
+            return max(0.05, min(self.c.interval, self.refresh))
+        return max(0.05, self.c.interval)
 
     async def run_async(self, after_tick: Callable[[], None] | None = None) -> None:
         """The same loop for an asyncio daemon: each round runs in a worker thread (``requests`` blocks),
@@ -220,10 +245,16 @@ class Agent:
         import asyncio
 
         loop = asyncio.get_running_loop()
+        next_keepalive = loop.time()   # the caller ran the first full round (or we run it now)
         while True:
             started = loop.time()
+            keepalive = started >= next_keepalive - 0.01
+            if keepalive:
+                # a fixed cadence: a slow round (a loaded manager) must not stretch the keepalive period
+                # towards the 3 missed keepalives after which the manager calls us inactive
+                next_keepalive = max(next_keepalive + self.c.interval, started + 0.05)
             try:
-                await asyncio.to_thread(self.tick)
+                await asyncio.to_thread(self.tick, keepalive)
             except (ManagerUnavailable, ValueError, PermissionError) as exc:
                 log.warning("manager: %s", exc)
             except Exception:  # the agent must never stop for good
@@ -233,14 +264,18 @@ class Agent:
                     after_tick()
                 except Exception:
                     log.exception("applying the manager's answer failed")
-            # a fixed cadence: a slow round (a loaded manager) must not stretch the keepalive period
-            # towards the 3 intervals after which the manager calls us inactive
-            await asyncio.sleep(max(0.05, self.c.interval - (loop.time() - started)))
+            wake = min(started + self._period(), next_keepalive)
+            await asyncio.sleep(max(0.02, wake - loop.time()))
 
     def _run(self) -> None:
+        next_keepalive = time.monotonic()
         while not self.stop_event.is_set():
+            started = time.monotonic()
+            keepalive = started >= next_keepalive - 0.01
+            if keepalive:
+                next_keepalive = max(next_keepalive + self.c.interval, started + 0.05)
             try:
-                self.tick()
+                self.tick(keepalive)
             except (ManagerUnavailable, ValueError, PermissionError) as exc:
                 log.warning("manager: %s", exc)
-            self.stop_event.wait(self.c.interval)
+            self.stop_event.wait(max(0.02, min(started + self._period(), next_keepalive) - time.monotonic()))

@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from remora.plugins.manager.db import ConfigVersion
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+
+from remora.plugins.manager.db import ConfigVersion
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 DIGEST_RE = r"^sha256:[0-9a-f]{64}$"

@@ -31,11 +31,12 @@ from dataclasses import dataclass
 
 import requests
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
 from remora.plugins.manager.config import DIGEST_RE
 from remora.plugins.manager.db import Clock, Cluster, Job, JobNode, Member
 from remora.plugins.manager.membership import MISSED_KEEPALIVES, state_of
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("remora.manager.jobs")
 
@@ -141,7 +142,7 @@ def resolve_targets(session: Session, req: JobRequest, now: float, interval: flo
         st = state_of(m, now, interval)
         if st != "active":
             reason = (f"node is {st}" + (f" (no keepalive for {now - m.last_seen:.0f}s, "
-                                         f"{MISSED_KEEPALIVES} intervals)" if st == "inactive" else ""))
+                                         f"{MISSED_KEEPALIVES} keepalives missed)" if st == "inactive" else ""))
         elif not m.api_port:
             reason = "node has no task API port"
         else:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from remora.plugins.manager.db import Job, Member
-from remora.plugins.manager.membership import MISSED_KEEPALIVES
 from sqlalchemy import func, select
+
+from remora.plugins.manager.db import Job, Member
+from remora.plugins.manager.membership import TYPES, expiry_of
 
 
 class _StateCollector:
@@ -20,14 +21,15 @@ class _StateCollector:
         members = GaugeMetricFamily("remora_manager_members", "Registered members by type and state",
                                     labels=["type", "state"])
         jobs = GaugeMetricFamily("remora_manager_jobs", "Jobs by type and state", labels=["type", "state"])
-        horizon = self.clock.now() - MISSED_KEEPALIVES * self.interval
+        now = self.clock.now()
         with self.sessions() as session:
             counts = {(t, s): 0 for t in ("scheduler", "seed_peer", "peer") for s in ("active", "inactive", "offline")}
             for typ, offline, n in session.execute(select(Member.type, Member.offline, func.count())
                                                    .group_by(Member.type, Member.offline)):
                 counts[(typ, "offline" if offline else "active")] += n
-            for typ, n in session.execute(select(Member.type, func.count()).where(
-                    Member.offline.is_(False), Member.last_seen < horizon).group_by(Member.type)):
+            for typ in TYPES:
+                n = session.scalar(select(func.count()).where(Member.type == typ, Member.offline.is_(False),
+                                                              Member.last_seen < now - expiry_of(typ, self.interval)))
                 counts[(typ, "active")] -= n
                 counts[(typ, "inactive")] += n
             for (typ, state), n in sorted(counts.items()):
@@ -38,7 +40,8 @@ class _StateCollector:
                 "remora_manager_member_registry_fallbacks",
                 "Registry fallbacks (P2P bypassed) reported by active members, by cause", labels=["cause"])
             totals: dict[str, int] = {}
-            for (stats,) in session.execute(select(Member.stats).where(Member.last_seen >= horizon)):
+            for (stats,) in session.execute(select(Member.stats).where(
+                    Member.last_seen >= now - expiry_of("peer", self.interval))):
                 for cause, n in ((stats or {}).get("fallbacks") or {}).items():
                     if isinstance(n, int):
                         totals[str(cause)[:64]] = totals.get(str(cause)[:64], 0) + n

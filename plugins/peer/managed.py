@@ -258,7 +258,7 @@ class ManagedPeer:
         return {"url": self.url, "member_id": c.member_id, "reachable": bool(c.last_ok) and not c.last_error,
                 "last_answer_age": round(time.time() - c.last_ok, 1) if c.last_ok else None,
                 "error": c.last_error, "cluster": (answer.get("cluster") or {}).get("name"),
-                "stale": bool(answer.get("stale")), "refresh_interval": c.interval,
+                "stale": bool(answer.get("stale")), "refresh_interval": self.agent.refresh or c.interval,
                 "config": {"version": self.config_version, "scope": self.config_scope, "applied_at": self.applied_at,
                            "effective": self.effective()}}
 

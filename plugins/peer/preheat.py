@@ -43,6 +43,7 @@ from remora.errors import InvalidInput, RemoraError
 from remora.format import annotations as ann
 from remora.taskapi import PreheatClient, load_token, new_task_id, progress_of, read_token  # noqa: F401 - the task API's client side lives in the core
 
+from .access import Grant
 from .download import Source, TaskManager
 
 log = logging.getLogger(__name__)
@@ -279,7 +280,15 @@ class Preheater:
 
     async def _fetch(self, blob: BlobProgress, source: Source | None) -> None:
         async with self.sem:
-            dl = self.tasks.task(blob.digest, source)
+            # an anonymous grant names the repository to parents, which check with the registry that
+            # anonymous access reads it: public images preheat peer to peer, private ones (refused, 403)
+            # come from the registry with this node's credentials, as before. A client's own grant on a
+            # download already running is kept.
+            running = self.tasks.tasks.get(blob.digest)
+            grant = None
+            if source is not None and (running is None or running.grant is None):
+                grant = Grant(source.registry, source.repository)
+            dl = self.tasks.task(blob.digest, source, grant=grant)
             try:
                 entry = await dl.ensure(None)       # the whole blob, verified against its digest
             except RemoraError as exc:

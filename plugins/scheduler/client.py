@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 
@@ -273,7 +273,7 @@ class SchedulerClient:
         self._retired.clear()
         self._stubs.clear()
 
-    async def __aenter__(self) -> "SchedulerClient":
+    async def __aenter__(self) -> SchedulerClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -87,7 +87,7 @@ class ManagerProcess:
     """A real ``remora manager`` process on 127.0.0.1 with a fresh root token."""
 
     def __init__(self, db_url: str, workdir: Path, keepalive_interval: float = 10.0, extra: list[str] | None = None,
-                 port: int | None = None, tls_dir: Path | None = None):
+                 port: int | None = None, tls_dir: Path | None = None, launcher: list[str] | None = None):
         self.port = port or free_port()
         self.url = f"{'https' if tls_dir else 'http'}://127.0.0.1:{self.port}"
         extra = list(extra or []) + (["--tls-dir", str(tls_dir)] if tls_dir else ["--insecure-plain-http"])
@@ -95,7 +95,8 @@ class ManagerProcess:
         self.log = open(workdir / f"manager-{self.port}.log", "w")
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "remora.cli", "manager", "--db", db_url, "--listen", f"127.0.0.1:{self.port}",
+            (launcher or [sys.executable, "-m", "remora.cli"]) + [
+             "manager", "--db", db_url, "--listen", f"127.0.0.1:{self.port}",
              "--root-token-file", str(self.token_file), "--keepalive-interval", str(keepalive_interval),
              "--job-poll", "0.05", "--job-backoff", "0.1", "--job-backoff-max", "0.4"] + extra,
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -103,7 +104,11 @@ class ManagerProcess:
         self.http.trust_env = False
         if tls_dir:
             self.http.verify = str(Path(tls_dir) / "ca.pem")   # an operator: no client certificate
-        wait_for(self._healthy, timeout=60, what=f"manager on {self.url}")
+        try:
+            wait_for(self._healthy, timeout=60, what=f"manager on {self.url}")
+        except BaseException:   # never leave a manager behind when it did not come up
+            self.stop()
+            raise
         # only the replica that found an empty database writes a root token
         self.root = self.token_file.read_text().strip() if self.token_file.exists() else ""
 

@@ -3,8 +3,8 @@
 A manager (HTTPS, manager certificate of the cluster CA), two schedulers and two peers (each with its
 own member certificate), all `remora ...` processes:
 
-* a killed scheduler leaves the peers' lists within one refresh after the manager marks it inactive,
-  and the peers keep the other one;
+* a killed scheduler leaves the peers' lists within 3 keepalive intervals of its death, and the peers
+  keep the other one;
 * a dynamic config change shows in the peer's status and the scheduler's metrics, with its version,
   without a restart; a blocklisted digest is refused by the mirror with a clear error and counted as
   a registry fallback;
@@ -194,14 +194,15 @@ def test_peers_follow_the_manager(cluster):
     assert metric(url2 + "/metrics", "remora_peer_download_bytes_total", source="peer") == len(data)
     assert status(url2)["fallbacks"] == {}
 
-    # -- a scheduler dies: out of every peer's list within one refresh after 3 missed keepalives
+    # -- a scheduler dies: out of every peer's list within 3 keepalive intervals (the issue's target):
+    # schedulers keep alive every I/2, so 3 missed are 1.5 I; peers refresh every I/2 -> 2 I + a request
     t0 = time.monotonic()
     s1.kill()
     for url in (url1, url2):
-        wait_for(lambda u=url: schedulers_of(u) == [a2], timeout=20, interval=0.1, what=f"{url} dropping {a1}")
+        wait_for(lambda u=url: schedulers_of(u) == [a2], timeout=20, interval=0.05, what=f"{url} dropping {a1}")
     moved = time.monotonic() - t0
-    print(f"\npeers moved {moved:.2f}s after the scheduler died (interval {INTERVAL}s)")
-    assert moved <= 3 * INTERVAL + INTERVAL + 2.0   # inactive after 3 intervals, + one refresh, + a flush
+    print(f"\npeers moved {moved:.2f}s after the scheduler died (interval {INTERVAL}s, load {os.getloadavg()[0]:.1f})")
+    assert moved <= 3 * INTERVAL, f"peers moved {moved:.2f}s after the kill, over 3 intervals ({3 * INTERVAL}s)"
     assert status(url1)["registered"] == [a2]
 
     # -- dynamic config: applied without restart, visible with its version
@@ -270,8 +271,9 @@ def test_peers_follow_the_manager(cluster):
     out = m.ok("PUT", f"/api/v1/config?cluster_id={east['id']}", json=cbody)
     assert out["scope"] == f"cluster:{east['id']}"
     version = out["version"]
-    wait_for(lambda: status(url1)["manager"]["config"]["effective"]["upload_concurrency_limit"] == 5, timeout=15,
-             what="the peer applying its cluster's config")
+    for url in (url1, url2):   # both: peer-2 restarts from what it last received
+        wait_for(lambda u=url: status(u)["manager"]["config"]["effective"]["upload_concurrency_limit"] == 5,
+                 timeout=15, what=f"{url} applying its cluster's config")
     assert status(url1)["manager"]["config"]["scope"] == f"cluster:{east['id']}"
     wait_for(lambda: metric(metrics2, "remora_scheduler_config_value", name="candidate_parent_limit") == 3,
              timeout=15, what="the scheduler applying its cluster's config")

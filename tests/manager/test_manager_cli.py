@@ -8,6 +8,7 @@ import sys
 
 from fake_peer import FakePeer
 from manager_util import REPO
+
 from remora.plugins.manager.client import ManagerClient
 
 

@@ -1,4 +1,4 @@
-"""Expiry rules under an injected clock (in-process app): exactly 3 intervals, token and join-token TTLs."""
+"""Expiry rules under an injected clock (in-process app): exactly 3 missed keepalives, token and join-token TTLs."""
 from __future__ import annotations
 
 import threading
@@ -32,7 +32,8 @@ def test_expiry_boundaries_with_fake_clock(db_url, tmp_path):
         def names():
             return [s["hostname"] for s in c.get("/api/v1/agent/schedulers", headers=agent).json()["schedulers"]]
 
-        clock.advance(3.0)  # exactly 3 intervals: still active
+        assert reg["keepalive_interval"] == 0.5  # a scheduler keeps alive twice per interval
+        clock.advance(1.5)  # exactly 3 missed keepalives (1.5 intervals): still active
         assert names() == ["s1"]
         clock.advance(0.01)  # a hair past: inactive, gone from what peers receive
         out = c.get("/api/v1/agent/schedulers", headers=agent).json()
@@ -43,11 +44,11 @@ def test_expiry_boundaries_with_fake_clock(db_url, tmp_path):
 
         pat = c.post("/api/v1/users/1/tokens", headers=root, json={"name": "t", "scopes": ["job"],
                                                                    "ttl_seconds": 100}).json()["token"]
-        clock.advance(60.0)  # t=63.01: the join token (60 s from t=0) expired, the PAT (100 s from t=3.01) not
+        clock.advance(60.0)  # t=61.51: the join token (60 s from t=0) expired, the PAT (100 s from t=1.51) not
         assert c.get("/api/v1/whoami", headers={"Authorization": f"Bearer {pat}"}).status_code == 200
         r = c.get("/api/v1/agent/schedulers", headers=agent)
         assert r.status_code == 401 and "expired" in r.json()["detail"]
-        clock.advance(40.1)  # t=103.11: past the PAT's 103.01
+        clock.advance(40.1)  # t=101.61: past the PAT's 101.51
         r = c.get("/api/v1/whoami", headers={"Authorization": f"Bearer {pat}"})
         assert r.status_code == 401 and r.json()["detail"] == "token expired"
     finally:

@@ -7,10 +7,11 @@ import tempfile
 import pytest
 from fake_peer import FakePeer
 from manager_util import wait_for
-from remora.plugins.manager.client import ManagerClient
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+
+from remora.plugins.manager.client import ManagerClient
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-proxy-server",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 from fake_peer import FakePeer
 from manager_util import wait_for
+
 from remora.plugins.manager.client import Agent, ManagerClient
 
 BLOBS = [{"digest": "sha256:" + "1" * 64, "size": 1000}, {"digest": "sha256:" + "2" * 64, "size": 250_000}]

@@ -1,5 +1,6 @@
 """Alembic environment: always run online, on the connection handed over by ``db.migrate``."""
 from alembic import context
+
 from remora.plugins.manager.db import Base
 
 connection = context.config.attributes["connection"]

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from remora.errors import RemoraError
-from remora_testing.netlab.namespaces import Node, NetlabError
 from remora.procutil import Daemon, wait_until
+from remora_testing.netlab.namespaces import NetlabError, Node
 from remora_testing.registry import LocalRegistry, find_registry_binary
 
 PY = sys.executable
@@ -49,7 +49,7 @@ class NsRegistry:
         """A LocalRegistry on 127.0.0.1 over the same storage: ``with reg.loopback() as lr: push(lr.url)``."""
         return LocalRegistry(root=self.root)
 
-    def start(self) -> "NsRegistry":
+    def start(self) -> NsRegistry:
         helper = LocalRegistry(root=self.root, host=self.node.ip, port=self.port)
         cfg = helper.config_text().replace("accesslog:\n    disabled: true", "accesslog:\n    disabled: false")
         cfg += self.extra_config
@@ -124,7 +124,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   path = "{r / 'opt'}"
 """
 
-    def start(self) -> "NsContainerd":
+    def start(self) -> NsContainerd:
         self.root.mkdir(parents=True, exist_ok=True)
         cfg = self.root / "config.toml"
         cfg.write_text(self.config())

@@ -1,0 +1,119 @@
+"""Preheat through the manager: an image onto N nodes vs onto one node (issue 13's target: ≤ 1.3×).
+
+    sudo .venv/bin/python benchmarks/bench_preheat.py                       # 200 MB, 8 nodes, 100 Mbit/s, 3 repeats
+    sudo .venv/bin/python benchmarks/bench_preheat.py --size-mb 50 --repeats 1 --json /tmp/p.json
+
+A lab of real processes in network namespaces (tests/manager/managed_lab.py): a manager, two
+schedulers, N peers on links of ``--rate`` each way and a registry whose uplink is ``--registry-rate``
+(default: the same as a node's). For each repeat, two preheat jobs of a fresh image (random layers, never
+seen by any peer): scope ``nodes`` with one node (the baseline, same run), then ``all_peers`` (N nodes).
+Time is the job's own (created → finished, manager clock); a job counts only if it succeeded on every
+node (the manager checks that each node holds every byte, verified). Also reported: registry egress
+(blob bytes its access log shows served during the job) as a multiple of the image size, the other
+target (≤ 1.05×). Medians of ``--repeats``; the table and a JSON file with every run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "manager"))
+
+from managed_lab import ManagedLab  # noqa: E402
+
+from remora_testing.netlab import Lab, content  # noqa: E402
+
+
+def make_image(work: Path, name: str, size: int, layers: int, seed: int) -> content.Image:
+    """An image of ``layers`` random blobs totalling ``size`` bytes (preheat reads blobs, not tars)."""
+    per = size // layers
+    built = []
+    for i in range(layers):
+        path = work / f"{name}-layer{i}.bin"
+        digest = content.random_blob(path, per, seed=seed * 100 + i)
+        built.append(content.Layer(path=path, digest=digest, diff_id=digest, size=per))
+    return content.build_image(f"bench/{name}", "v1", built)
+
+
+def run_job(ml: ManagedLab, image: content.Image, scope: dict, timeout: float) -> dict:
+    ref = f"{ml.mesh.registry.host}/{image.repo}:{image.tag}"
+    served0 = sum(ml.mesh.registry.blob_bytes_served().values())
+    job = ml.api("POST", "/api/v1/jobs", {"type": "preheat", "image": ref, "scope": scope, "timeout": timeout,
+                                          "max_attempts": 1})
+    deadline = time.monotonic() + timeout + 60
+    while True:
+        view = ml.api("GET", f"/api/v1/jobs/{job['id']}")
+        if view["state"] in ("succeeded", "failed", "cancelled"):
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"job {job['id']} still {view['state']} after {timeout}s")
+        time.sleep(1.0)
+    served = sum(ml.mesh.registry.blob_bytes_served().values()) - served0
+    return {"state": view["state"], "seconds": round(view["finished_at"] - view["created_at"], 2),
+            "nodes": len(view["nodes"]), "nodes_succeeded": sum(n["state"] == "succeeded" for n in view["nodes"]),
+            "registry_egress_x_image": round(served / image.size, 3),
+            "errors": sorted({n["error"][:160] for n in view["nodes"] if n["error"]}),
+            "loadavg": os.getloadavg()[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mb", type=int, default=200)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--nodes", type=int, default=8)
+    ap.add_argument("--rate", default="100mbit", help="each node's link, each way")
+    ap.add_argument("--registry-rate", default=None, help="registry uplink (default: --rate)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=1200)
+    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "bench_preheat.json")
+    args = ap.parse_args()
+    size = args.size_mb << 20
+    runs = []
+    with Lab(prefix="rbp-", offload=True) as lab:
+        ml = ManagedLab(lab, interval=2.0, peers=args.nodes, node_rate=args.rate,
+                        registry_rate=args.registry_rate or args.rate)
+        images = {(r, arm): make_image(lab.workdir, f"img{r}{arm}", size, args.layers, seed=10 * r + (arm == "all"))
+                  for r in range(args.repeats) for arm in ("one", "all")}
+        with ml.mesh.registry.loopback() as loop:   # filled from the root namespace, on 127.0.0.1
+            for image in images.values():
+                content.push_image(loop.url, image)
+        ml.start()
+        ml.wait(lambda: len(ml.api("GET", "/api/v1/members?type=peer&state=active")) == args.nodes
+                and all(ml.status(p).get("schedulers") for p in ml.mesh.peers), 120, "every peer under the manager")
+        first = ml.mesh.host_id(ml.mesh.peers[0])
+        for r in range(args.repeats):
+            for arm in ("one", "all"):
+                scope = {"kind": "nodes", "nodes": [first]} if arm == "one" else {"kind": "all_peers", "cluster": "lab"}
+                out = {"repeat": r, "arm": arm, **run_job(ml, images[(r, arm)], scope, args.timeout)}
+                print(json.dumps(out), flush=True)
+                runs.append(out)
+    med = {}
+    for arm in ("one", "all"):
+        ok = [x for x in runs if x["arm"] == arm and x["state"] == "succeeded"]
+        egress = [x["registry_egress_x_image"] for x in ok]
+        med[arm] = {"seconds": statistics.median(x["seconds"] for x in ok) if ok else None,
+                    "registry_egress_x_image": statistics.median(egress) if ok else None,
+                    "succeeded": len(ok), "runs": len([x for x in runs if x["arm"] == arm])}
+    ratio = (round(med["all"]["seconds"] / med["one"]["seconds"], 2)
+             if med["one"]["seconds"] and med["all"]["seconds"] else None)
+    print(f"\npreheat of a {args.size_mb} MB image ({args.layers} layers), nodes on {args.rate}, registry uplink "
+          f"{args.registry_rate or args.rate}, medians of {args.repeats}")
+    print("| scope | nodes | seconds | registry egress (× image) | jobs succeeded |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| one node | 1 | {med['one']['seconds']} | {med['one']['registry_egress_x_image']} | "
+          f"{med['one']['succeeded']}/{med['one']['runs']} |")
+    print(f"| all peers | {args.nodes} | {med['all']['seconds']} | {med['all']['registry_egress_x_image']} | "
+          f"{med['all']['succeeded']}/{med['all']['runs']} |")
+    print(f"{args.nodes} nodes / 1 node: {ratio}x (target ≤ 1.3x); registry egress target ≤ 1.05x")
+    args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
+                                     "medians": med, "ratio_all_over_one": ratio}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
