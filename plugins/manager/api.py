@@ -305,6 +305,10 @@ def create_app(settings: Settings) -> FastAPI:
             return p
         return dep
 
+    # one dependency object per scope, made once (FastAPI's own advice for shared dependencies)
+    cluster_writer = Depends(writer("cluster"))
+    job_writer = Depends(writer("job"))
+
     def root_only(p: auth.Principal = Depends(principal)) -> auth.Principal:
         if p.role != "root":
             raise auth.AuthFailure(403, f"user {p.user} is not root")
@@ -446,7 +450,8 @@ def create_app(settings: Settings) -> FastAPI:
             if member_id is not None and out["cluster"] is not None:
                 m = s.get(Member, member_id)
                 # only the peer itself (same hostname) moves its record to the cluster it was matched to
-                if m is not None and m.type == "peer" and m.hostname == hostname and m.cluster_id != out["cluster"]["id"]:
+                if m is not None and m.type == "peer" and m.hostname == hostname \
+                        and m.cluster_id != out["cluster"]["id"]:
                     m.cluster_id = out["cluster"]["id"]
         out["refresh_interval"] = membership.refresh_period(interval)
         return out
@@ -492,7 +497,7 @@ def create_app(settings: Settings) -> FastAPI:
             return [cluster_view(c) for c in s.scalars(select(Cluster).order_by(Cluster.id))]
 
     @app.post("/api/v1/clusters", tags=["clusters"], status_code=201)
-    def create_cluster(body: ClusterIn, p: auth.Principal = Depends(writer("cluster"))) -> dict:
+    def create_cluster(body: ClusterIn, p: auth.Principal = cluster_writer) -> dict:
         now = clock.now()
         try:
             with sessions.begin() as s:
@@ -525,7 +530,7 @@ def create_app(settings: Settings) -> FastAPI:
             return out
 
     @app.patch("/api/v1/clusters/{cluster_id}", tags=["clusters"])
-    def patch_cluster(cluster_id: int, body: ClusterPatch, p: auth.Principal = Depends(writer("cluster"))) -> dict:
+    def patch_cluster(cluster_id: int, body: ClusterPatch, p: auth.Principal = cluster_writer) -> dict:
         now = clock.now()
         with sessions.begin() as s:
             c = get_cluster(s, cluster_id)
@@ -543,7 +548,7 @@ def create_app(settings: Settings) -> FastAPI:
             return cluster_view(c)
 
     @app.delete("/api/v1/clusters/{cluster_id}", tags=["clusters"], status_code=204)
-    def delete_cluster(cluster_id: int, p: auth.Principal = Depends(writer("cluster"))) -> Response:
+    def delete_cluster(cluster_id: int, p: auth.Principal = cluster_writer) -> Response:
         now = clock.now()
         with sessions.begin() as s:
             c = get_cluster(s, cluster_id)
@@ -580,15 +585,15 @@ def create_app(settings: Settings) -> FastAPI:
             return membership.member_view(m, now, interval, outage)
 
     @app.post("/api/v1/members/{member_id}/offline", tags=["members"])
-    def member_offline(member_id: int, body: OfflineIn, p: auth.Principal = Depends(writer("cluster"))) -> dict:
+    def member_offline(member_id: int, body: OfflineIn, p: auth.Principal = cluster_writer) -> dict:
         return set_offline(member_id, True, body.reason, p)
 
     @app.post("/api/v1/members/{member_id}/online", tags=["members"])
-    def member_online(member_id: int, p: auth.Principal = Depends(writer("cluster"))) -> dict:
+    def member_online(member_id: int, p: auth.Principal = cluster_writer) -> dict:
         return set_offline(member_id, False, "", p)
 
     @app.delete("/api/v1/members/{member_id}", tags=["members"], status_code=204)
-    def member_delete(member_id: int, p: auth.Principal = Depends(writer("cluster"))) -> Response:
+    def member_delete(member_id: int, p: auth.Principal = cluster_writer) -> Response:
         now = clock.now()
         with sessions.begin() as s:
             m = s.get(Member, member_id)
@@ -601,7 +606,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     # ------------------------------------------------------------ dynamic config
     @app.get("/api/v1/config", tags=["config"])
-    def get_config(cluster_id: int | None = Query(None, ge=1, le=2**31), p: auth.Principal = Depends(principal)) -> dict:
+    def get_config(cluster_id: int | None = Query(None, ge=1, le=2**31),
+                   p: auth.Principal = Depends(principal)) -> dict:
         with sessions() as s:
             scope, ver, body = config_mod.effective(s, cluster_id)
             history = [{"scope": r.scope, "version": r.version, "created_by": r.created_by, "created_at": r.created_at}
@@ -612,7 +618,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.put("/api/v1/config", tags=["config"])
     def put_config(body: ConfigIn, cluster_id: int | None = Query(None, ge=1, le=2**31),
-                   p: auth.Principal = Depends(writer("cluster"))) -> dict:
+                   p: auth.Principal = cluster_writer) -> dict:
         now = clock.now()
         with sessions.begin() as s:
             if cluster_id is not None:
@@ -636,12 +642,13 @@ def create_app(settings: Settings) -> FastAPI:
             jobs = s.scalars(q).all()
             nodes: dict[int, list[JobNode]] = {}
             if jobs:
-                for n in s.scalars(select(JobNode).where(JobNode.job_id.in_([j.id for j in jobs])).order_by(JobNode.id)):
+                query = select(JobNode).where(JobNode.job_id.in_([j.id for j in jobs])).order_by(JobNode.id)
+                for n in s.scalars(query):
                     nodes.setdefault(n.job_id, []).append(n)
             return [jobs_mod.job_view(j, nodes.get(j.id, [])) for j in jobs]
 
     @app.post("/api/v1/jobs", tags=["jobs"], status_code=201)
-    def create_job(body: jobs_mod.JobRequest, p: auth.Principal = Depends(writer("job"))) -> dict:
+    def create_job(body: jobs_mod.JobRequest, p: auth.Principal = job_writer) -> dict:
         now = clock.now()
         with sessions.begin() as s:
             try:
@@ -666,7 +673,7 @@ def create_app(settings: Settings) -> FastAPI:
                                                     .order_by(JobNode.id)).all())
 
     @app.post("/api/v1/jobs/{job_id}/cancel", tags=["jobs"])
-    def cancel_job(job_id: int, p: auth.Principal = Depends(writer("job"))) -> dict:
+    def cancel_job(job_id: int, p: auth.Principal = job_writer) -> dict:
         now = clock.now()
         with sessions.begin() as s:
             job = get_job(s, job_id, lock=True)
@@ -677,7 +684,7 @@ def create_app(settings: Settings) -> FastAPI:
             return jobs_mod.job_view(job, None)
 
     @app.post("/api/v1/jobs/{job_id}/retry", tags=["jobs"])
-    def retry_job(job_id: int, p: auth.Principal = Depends(writer("job"))) -> dict:
+    def retry_job(job_id: int, p: auth.Principal = job_writer) -> dict:
         now = clock.now()
         with sessions.begin() as s:
             job = get_job(s, job_id, lock=True)
@@ -756,7 +763,7 @@ def create_app(settings: Settings) -> FastAPI:
             return [token_view(t) for t in s.scalars(select(JoinToken).order_by(JoinToken.id))]
 
     @app.post("/api/v1/join-tokens", tags=["auth"], status_code=201)
-    def create_join_token(body: JoinTokenIn, p: auth.Principal = Depends(writer("cluster"))) -> dict:
+    def create_join_token(body: JoinTokenIn, p: auth.Principal = cluster_writer) -> dict:
         now = clock.now()
         with sessions.begin() as s:
             if body.cluster_id is not None:
@@ -768,7 +775,7 @@ def create_app(settings: Settings) -> FastAPI:
             return {**token_view(row), "token": secret}
 
     @app.delete("/api/v1/join-tokens/{token_id}", tags=["auth"], status_code=204)
-    def revoke_join_token(token_id: int, p: auth.Principal = Depends(writer("cluster"))) -> Response:
+    def revoke_join_token(token_id: int, p: auth.Principal = cluster_writer) -> Response:
         now = clock.now()
         with sessions.begin() as s:
             t = s.get(JoinToken, token_id)
@@ -782,8 +789,9 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/api/v1/audit", tags=["auth"])
     def audit_log(limit: int = Query(100, ge=1, le=1000), p: auth.Principal = Depends(root_only)) -> list[dict]:
         with sessions() as s:
+            newest = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
             return [{"id": a.id, "ts": a.ts, "actor": a.actor, "action": a.action, "target": a.target,
-                     "detail": a.detail} for a in s.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit))]
+                     "detail": a.detail} for a in s.scalars(newest)]
 
     return app
 

@@ -179,7 +179,8 @@ def run_manager(args) -> int:
         logging.getLogger("remora.manager").warning(
             "PLAIN HTTP (insecure, --insecure-plain-http): join tokens and member registrations travel in clear "
             "and no client certificate is asked for")
-    settings = Settings(db_url=args.db, keepalive_interval=args.keepalive_interval, root_token_file=args.root_token_file,
+    settings = Settings(db_url=args.db, keepalive_interval=args.keepalive_interval,
+                        root_token_file=args.root_token_file,
                         ca_dir=args.ca_dir, tls_dir=args.tls_dir,
                         engine=EngineSettings(tick=min(0.2, args.job_poll), poll=args.job_poll,
                                               backoff_base=args.job_backoff, backoff_max=args.job_backoff_max,
@@ -277,7 +278,8 @@ def _show_job(args, api, job_id: int, wait: bool) -> int:
     if wait and not args.json:
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[state]}")) as prog:
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[state]}"))
+        with Progress(*columns) as prog:
             tasks = {n["id"]: prog.add_task(n["hostname"], total=n["bytes_total"] or None, state=n["state"])
                      for n in job["nodes"]}
             while True:
@@ -321,7 +323,8 @@ def run_job(args) -> int:
     nodes = list(args.node)
     if args.nodes_file:
         try:
-            nodes += [ln.strip() for ln in args.nodes_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+            nodes += [ln.strip() for ln in args.nodes_file.read_text().splitlines()
+                      if ln.strip() and not ln.startswith("#")]
         except OSError as exc:
             raise UsageError(f"cannot read --nodes-file: {exc}") from None
     body = {"type": args.type, "image": args.image, "repository": args.repository, "blobs": blobs,

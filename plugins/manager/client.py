@@ -91,7 +91,9 @@ class ManagerClient:
                 detail = r.json().get("detail")
             except ValueError:
                 detail = r.text[:200]
-            raise PermissionError(detail) if r.status_code in (401, 403) else ValueError(f"HTTP {r.status_code}: {detail}")
+            if r.status_code in (401, 403):
+                raise PermissionError(detail)
+            raise ValueError(f"HTTP {r.status_code}: {detail}")
         return r.json()
 
     def _save(self) -> None:
@@ -230,7 +232,14 @@ class Agent:
         cfg = self.c.config()
         if (cfg["version"] != self.applied_version or cfg["changed"]) and self.on_config is not None:
             self.on_config(cfg["version"], cfg["config"])
-        self.applied_version = cfg["version"]
+        if cfg["version"] != self.applied_version:
+            self.applied_version = cfg["version"]
+            # the round's keepalive went out before the new version was applied: tell the manager now,
+            # not an interval later (operators watch the version roll out in the member list)
+            try:
+                self.c.keepalive(self.load(), self.applied_version, self.fallbacks())
+            except ManagerUnavailable as exc:
+                log.warning("manager keepalive: %s", exc)
 
     def _period(self) -> float:
         """Seconds between rounds: the keepalive period, or the (shorter) scheduler refresh period."""

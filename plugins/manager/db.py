@@ -118,7 +118,8 @@ class Member(Base):
     idc: Mapped[str] = mapped_column(String(128), default="")
     location: Mapped[str] = mapped_column(String(255), default="")
     version: Mapped[str] = mapped_column(String(64), default="")
-    cluster_id: Mapped[int | None] = mapped_column(ForeignKey("clusters.id", ondelete="SET NULL"), nullable=True, index=True)
+    cluster_id: Mapped[int | None] = mapped_column(ForeignKey("clusters.id", ondelete="SET NULL"), nullable=True,
+                                                   index=True)
     offline: Mapped[bool] = mapped_column(Boolean, default=False)
     offline_reason: Mapped[str] = mapped_column(Text, default="")
     last_seen: Mapped[float] = mapped_column(Float)
@@ -165,7 +166,8 @@ class JobNode(Base):
     member_id: Mapped[int | None] = mapped_column(ForeignKey("members.id", ondelete="SET NULL"), nullable=True)
     hostname: Mapped[str] = mapped_column(String(255))
     url: Mapped[str] = mapped_column(String(512))
-    state: Mapped[str] = mapped_column(String(16), index=True)  # pending|running|retry_wait|cancelling|succeeded|failed|cancelled
+    # pending|running|retry_wait|cancelling|succeeded|failed|cancelled
+    state: Mapped[str] = mapped_column(String(16), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -372,14 +372,16 @@ class Engine:
                 self.http.delete(f"{url}/api/v1/tasks/{task_id}", timeout=self.s.http_timeout)
             except requests.RequestException as exc:
                 log.info("cancel of %s on %s: %s", task_id, url, exc)
-            update_fn = lambda n: self._terminal(n, "cancelled", "cancelled by operator")
+            def update_fn(n):
+                return self._terminal(n, "cancelled", "cancelled by operator")
         elif expired:
             try:
                 self.http.delete(f"{url}/api/v1/tasks/{task_id}", timeout=self.s.http_timeout)
             except requests.RequestException:
                 pass
-            update_fn = lambda n: self._terminal(n, "failed", (n.error + "; " if n.error else "") +
-                                                 f"timed out after {job_snapshot.timeout:g}s")
+            def update_fn(n):
+                return self._terminal(n, "failed", (n.error + "; " if n.error else "") +
+                                      f"timed out after {job_snapshot.timeout:g}s")
         elif state in ("pending", "retry_wait"):
             body = {"id": task_id, "type": job_snapshot.type, "image": job_snapshot.args.get("image"),
                     "blobs": job_snapshot.args.get("blobs") or [], "priority": ["bootstrap", "hot"]}
@@ -387,7 +389,8 @@ class Engine:
                 body["repository"] = job_snapshot.args["repository"]
             try:
                 r = self.http.post(f"{url}/api/v1/tasks", json=body, timeout=self.s.http_timeout)
-                err = "" if r.status_code in (200, 201, 202, 409) else f"peer refused the task: HTTP {r.status_code} {r.text[:200]}"
+                err = "" if r.status_code in (200, 201, 202, 409) else \
+                    f"peer refused the task: HTTP {r.status_code} {r.text[:200]}"
             except requests.RequestException as exc:
                 err = f"peer unreachable: {exc.__class__.__name__}: {str(exc)[:200]}"
 

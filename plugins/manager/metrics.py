@@ -34,7 +34,8 @@ class _StateCollector:
                 counts[(typ, "inactive")] += n
             for (typ, state), n in sorted(counts.items()):
                 members.add_metric([typ, state], n)
-            for typ, state, n in session.execute(select(Job.type, Job.state, func.count()).group_by(Job.type, Job.state)):
+            by_state = select(Job.type, Job.state, func.count()).group_by(Job.type, Job.state)
+            for typ, state, n in session.execute(by_state):
                 jobs.add_metric([typ, state], n)
             fallbacks = GaugeMetricFamily(
                 "remora_manager_member_registry_fallbacks",

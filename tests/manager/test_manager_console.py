@@ -62,7 +62,8 @@ def test_console_shows_what_the_api_shows(manager_factory, browser):
         wait_for(lambda: any(m["stats"].get("load") == 7 for m in manager.ok("GET", "/api/v1/members")),
                  timeout=10, what="batched keepalive written")
         blob = {"digest": "sha256:" + "c" * 64, "size": 4096}
-        job = manager.ok("POST", "/api/v1/jobs", json={"type": "preheat", "blobs": [blob], "repository": "registry.local/app",
+        job = manager.ok("POST", "/api/v1/jobs", json={"type": "preheat", "blobs": [blob],
+                                                       "repository": "registry.local/app",
                                                        "scope": {"kind": "all_peers"}})
         wait_for(lambda: manager.ok("GET", f"/api/v1/jobs/{job['id']}")["state"] == "succeeded", timeout=30,
                  what="job succeeded")

@@ -50,12 +50,14 @@ def test_preheat_fan_out_verification_and_retry(fleet):
     manager, add = fleet
     good, liar = add("good", "good"), add("liar", "liar")
     add("flaky", "flaky")
-    body = {"type": "preheat", "blobs": BLOBS, "repository": "registry.local/app", "scope": {"kind": "all_peers", "cluster": "c1"}, "max_attempts": 3}
+    body = {"type": "preheat", "blobs": BLOBS, "repository": "registry.local/app",
+            "scope": {"kind": "all_peers", "cluster": "c1"}, "max_attempts": 3}
     created = manager.ok("POST", "/api/v1/jobs", json=body)
     assert sorted(n["hostname"] for n in created["nodes"]) == ["flaky", "good", "liar"]
     assert all(n["bytes_total"] == TOTAL for n in created["nodes"])
     # per-node progress is visible while running (the fake peers report half the bytes before finishing)
-    wait_for(lambda: any(0 < n["bytes_verified"] < TOTAL for n in manager.ok("GET", f"/api/v1/jobs/{created['id']}")["nodes"]),
+    wait_for(lambda: any(0 < n["bytes_verified"] < TOTAL
+                         for n in manager.ok("GET", f"/api/v1/jobs/{created['id']}")["nodes"]),
              timeout=20, interval=0.01, what="partial progress")
     job = job_done(manager, created["id"])
     nodes = {n["hostname"]: n for n in job["nodes"]}
@@ -108,7 +110,8 @@ def test_backoff_then_failure_is_reported(fleet):
 def test_cancel_and_timeout(fleet):
     manager, add = fleet
     slow = add("slow", "slow")
-    job = manager.ok("POST", "/api/v1/jobs", json={"type": "preheat", "blobs": BLOBS, "repository": "registry.local/app",
+    job = manager.ok("POST", "/api/v1/jobs", json={"type": "preheat", "blobs": BLOBS,
+                                                   "repository": "registry.local/app",
                                                    "scope": {"kind": "nodes", "nodes": ["slow"]}})
     wait_for(lambda: manager.ok("GET", f"/api/v1/jobs/{job['id']}")["nodes"][0]["state"] == "running",
              timeout=20, what="node running")
@@ -122,7 +125,8 @@ def test_cancel_and_timeout(fleet):
     assert manager.call("POST", f"/api/v1/jobs/{job['id']}/cancel").status_code == 409
 
     # a job past its timeout fails with that reason, never silently
-    job = manager.ok("POST", "/api/v1/jobs", json={"type": "preheat", "blobs": BLOBS, "repository": "registry.local/app", "timeout": 1.0,
+    job = manager.ok("POST", "/api/v1/jobs", json={"type": "preheat", "blobs": BLOBS,
+                                                   "repository": "registry.local/app", "timeout": 1.0,
                                                    "scope": {"kind": "nodes", "nodes": ["slow"]}})
     job = job_done(manager, job["id"])
     assert job["state"] == "failed" and "timed out after 1s" in job["nodes"][0]["error"]
