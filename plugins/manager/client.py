@@ -247,6 +247,19 @@ class Agent:
             return max(0.05, min(self.c.interval, self.refresh))
         return max(0.05, self.c.interval)
 
+    async def first_round_async(self, after_tick: Callable[[], None], what: str = "daemon") -> None:
+        """One round before the daemon serves (its first request already knows the manager's answer),
+        then ``after_tick`` on the event loop. A manager problem never stops the daemon from starting:
+        the last known state applies."""
+        import asyncio
+
+        try:
+            await asyncio.to_thread(self.tick)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.warning("manager %s: %s (the %s continues with the last known state, if any)",
+                        self.c.url, exc, what)
+        after_tick()
+
     async def run_async(self, after_tick: Callable[[], None] | None = None) -> None:
         """The same loop for an asyncio daemon: each round runs in a worker thread (``requests`` blocks),
         then ``after_tick`` runs on the event loop; until cancelled. The callbacks run in the worker

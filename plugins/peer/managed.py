@@ -154,14 +154,8 @@ class ManagedPeer:
         self.apply()
 
     async def first_round(self) -> None:
-        """One round before the peer serves, so the first pull already knows its schedulers."""
-        import asyncio
-
-        try:
-            await asyncio.to_thread(self.agent.tick)
-        except Exception as exc:  # noqa: BLE001 - a manager problem never stops the peer from starting
-            log.warning("manager %s: %s (continuing with the last known state, if any)", self.url, exc)
-        self.apply()
+        """One round before the peer serves (Agent.first_round_async)."""
+        await self.agent.first_round_async(self.apply, "peer")
 
     async def run(self) -> None:
         await self.agent.run_async(self.apply)

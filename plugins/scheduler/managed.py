@@ -62,13 +62,8 @@ class ManagedScheduler:
         self._config = (version, body)
 
     async def first_round(self) -> None:
-        import asyncio
-
-        try:
-            await asyncio.to_thread(self.agent.tick)
-        except Exception as exc:  # noqa: BLE001 - a manager problem never stops the scheduler from starting
-            log.warning("manager %s: %s (continuing with the last known config, if any)", self.url, exc)
-        self.apply()
+        """One round before the scheduler serves (Agent.first_round_async)."""
+        await self.agent.first_round_async(self.apply, "scheduler")
 
     async def run(self) -> None:
         await self.agent.run_async(self.apply)

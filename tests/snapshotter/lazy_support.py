@@ -13,6 +13,8 @@ import http.server
 import os
 import random
 import stat
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -247,3 +249,15 @@ def dead_port_url() -> str:
     from remora.procutil import free_port
 
     return f"http://127.0.0.1:{free_port()}"
+
+
+def converted_busybox(registry, prefix: str) -> str:
+    """A busybox image pushed to ``registry`` under a fresh repository and converted by ``remora
+    convert`` (a real subprocess); returns the remora image's reference."""
+    from remora_testing.imagebuild import busybox_image
+
+    src = f"{registry.host}/{prefix}-{uuid.uuid4().hex[:6]}/busybox:1"
+    busybox_image(src)
+    subprocess.run([sys.executable, "-m", "remora.cli", "convert", "--no-progress", src, src + "-remora"],
+                   check=True, capture_output=True, timeout=240)
+    return src + "-remora"

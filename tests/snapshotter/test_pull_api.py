@@ -25,12 +25,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from lazy_support import CountingProxy
+from lazy_support import CountingProxy, converted_busybox
 from test_remote_e2e import Stack
 
 from remora.procutil import wait_until
 from remora.registry.client import RegistryClient
-from remora_testing.imagebuild import busybox_image
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -40,11 +39,7 @@ HEAVY_MODULES = ("grpc", "google.protobuf", "requests", "urllib3", "oras", "rich
 @pytest.fixture(scope="module")
 def image(registry) -> str:
     """A converted busybox image (its remora reference)."""
-    src = f"{registry.host}/pull-api-{uuid.uuid4().hex[:6]}/busybox:1"
-    busybox_image(src)
-    subprocess.run([sys.executable, "-m", "remora.cli", "convert", "--no-progress", src, src + "-remora"],
-                   check=True, capture_output=True, timeout=240)
-    return src + "-remora"
+    return converted_busybox(registry, "pull-api")
 
 
 @pytest.fixture(scope="module")

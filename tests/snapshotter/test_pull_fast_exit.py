@@ -14,9 +14,8 @@ import sys
 import uuid
 
 import pytest
+from lazy_support import converted_busybox
 from test_remote_e2e import Stack
-
-from remora_testing.imagebuild import busybox_image
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -39,11 +38,8 @@ runpy.run_module("remora.cli", run_name="__main__", alter_sys=True)
 
 @pytest.fixture(scope="module")
 def image(registry) -> str:
-    src = f"{registry.host}/fast-exit-{uuid.uuid4().hex[:6]}/busybox:1"
-    busybox_image(src)
-    subprocess.run([sys.executable, "-m", "remora.cli", "convert", "--no-progress", src, src + "-remora"],
-                   check=True, capture_output=True, timeout=240)
-    return src + "-remora"
+    """A converted busybox image (its remora reference)."""
+    return converted_busybox(registry, "fast-exit")
 
 
 @pytest.fixture(scope="module")
