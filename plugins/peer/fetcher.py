@@ -153,6 +153,11 @@ class PieceFetcher:
             if self.picker.ended(index, host.peer_id):
                 self._in_flight.discard(index)
 
+    def transfers(self) -> list[tuple[int, str]]:
+        """(piece, parent id) of every piece body being read from a parent now, sorted: what this
+        child adds to its parents' load (a parent that answered "busy" carries none)."""
+        return sorted(self._reading)
+
     def failed(self, host: pb.PeerHost, index: int, exc: ParentFailure, t0: float) -> None:
         """Count a failed piece against its parent: reported, blocklisted if the failure says so, and back
         to the registry after too many failed parents."""

@@ -8,10 +8,17 @@ instead of failing. Reports and announcements are best effort (a lost one costs 
 accuracy, not the download) and are batched or coalesced, because a child lands dozens of pieces a
 second. Registration happens again after a reset (:meth:`reset`); re-registering the *peer* with a
 scheduler that forgot it is the scheduler client's job (``SchedulerClient.call``).
+
+Best-effort calls go out with ``best_effort=True``: one that misses its deadline (a busy scheduler) is
+dropped without making the client hold the scheduler down, which would send the downloads that still
+need it (GetParents) to the registry. Announcements and result reports carry a ``seq`` that grows with
+every one sent, so the scheduler ignores one that arrives after a newer one; announcements also list the
+piece transfers running from parents (``transfers``): the scheduler's measure of a parent's load.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -37,6 +44,13 @@ SCHEDULER_GRACE = 5.0
 #: every ``download.TICK`` (0.1 s): announcing every landed piece (dozens a second per peer, 16 peers) only
 #: fed the scheduler and the peers' gRPC stacks CPU the links then missed.
 ANNOUNCE_EVERY = 0.1
+#: ``seq`` of announcements and result reports: one sequence for the process, started at the wall clock in
+#: nanoseconds so that it also grows across restarts of a peer that keeps its peer id (--peer-id).
+_SEQ = itertools.count(time.time_ns())
+
+
+def next_seq() -> int:
+    return next(_SEQ)
 
 
 class SchedulerSession:
@@ -152,7 +166,7 @@ class SchedulerSession:
         if self.m.sched is None:
             return False
         try:
-            await self.m.sched.call(self.digest, method, request)
+            await self.m.sched.call(self.digest, method, request, best_effort=True)
             return True
         except (SchedulerUnavailable, SchedulerRequestError) as exc:
             self.m.metrics.scheduler_errors.labels(method).inc()
@@ -176,7 +190,7 @@ class SchedulerSession:
     async def report_result(self, success: bool, back_to_source: bool, error: str = "") -> bool:
         return await self.call("ReportTaskResult", pb.ReportTaskResultRequest(
             peer_id=self.m.peer_id, task_id=self.digest, success=success, back_to_source=back_to_source,
-            error=error[:500]))
+            error=error[:500], seq=next_seq()))
 
     def announce_soon(self) -> None:
         """Coalesce announcements: at most one in flight, one more queued with the latest state."""
@@ -219,4 +233,14 @@ class SchedulerSession:
         return await self.call("AnnouncePieces", pb.AnnouncePiecesRequest(
             peer_id=self.m.peer_id, task_id=self.digest, finished=sorted(entry.have),
             in_flight=sorted(self._in_flight - entry.have), content_length=entry.content_length,
-            piece_size=entry.piece_size, piece_digests=digests, done=entry.verified))
+            piece_size=entry.piece_size, piece_digests=digests, done=entry.verified, seq=next_seq(),
+            transfers=[] if entry.verified else self.transfers(), transfers_known=True))
+
+    def transfers(self) -> list[pb.Transfer]:
+        """The piece bodies being read from parents now: what this child adds to their load. Read from
+        the task's fetcher (pieces whose parent answered and is sending; a parent that answered "busy"
+        carries no load of ours)."""
+        task = getattr(self.m, "tasks", {}).get(self.digest)
+        fetcher = getattr(task, "fetcher", None)
+        reading = fetcher.transfers() if fetcher is not None else []
+        return [pb.Transfer(parent_id=parent, piece=piece) for piece, parent in reading]

@@ -13,6 +13,13 @@ the scheduler answers FAILED_PRECONDITION ("unknown peer": it restarted or expir
 scheduler that takes over a task learns it from the peer's next RegisterTask/AnnouncePieces/GetParents
 (an unknown task is joined implicitly, and elects a seed if nobody has the blob).
 
+Best-effort calls (``call(..., best_effort=True)``: piece reports, announcements, result reports) mark a
+scheduler down only on a connectivity error (UNAVAILABLE). A best-effort call that misses its deadline,
+or is refused for load (RESOURCE_EXHAUSTED), says the scheduler is busy, not gone: it is given up (the
+next report or announcement carries the news) without failing over, and the scheduler stays usable for
+the calls a download depends on (RegisterTask, GetParents). Holding it down for ``down_for`` seconds
+after one slow announcement sent every download on the peer to the registry.
+
 With ``tls`` (a :class:`remora.pki.tls.Reloader`) every channel is mutual TLS: the peer presents its
 member certificate and accepts only a scheduler of the cluster CA whose certificate names the address
 dialled (IP or DNS SAN). When the certificate files rotate, channels are re-made with the new
@@ -37,6 +44,8 @@ log = logging.getLogger(__name__)
 
 FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
                   grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED)
+#: What a scheduler that is not there answers: only these mark it down after a best-effort call.
+CONNECTIVITY_CODES = (grpc.StatusCode.UNAVAILABLE,)
 CHANNEL_OPTIONS = [
     # A restarted scheduler must be usable again within seconds, not grpc's default 2-minute backoff.
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -127,8 +136,9 @@ class SchedulerClient:
             await self._register(address)
             return await getattr(self._stub(address), method)(request, timeout=self.timeout)
 
-    async def call(self, task_id: str, method: str, request):
-        """Call ``method`` for ``task_id`` on its scheduler, failing over along the ring."""
+    async def call(self, task_id: str, method: str, request, best_effort: bool = False):
+        """Call ``method`` for ``task_id`` on its scheduler, failing over along the ring. ``best_effort``:
+        only a connectivity error marks the scheduler down (see the module doc)."""
         # A scheduler that failed is skipped for ``down_for`` seconds; when all are, give up at once:
         # waiting on dead schedulers would only delay the peer's fallback to the registry.
         now = self.clock()
@@ -138,6 +148,12 @@ class SchedulerClient:
             try:
                 resp = await self._call_at(address, method, request)
             except grpc.aio.AioRpcError as exc:
+                if best_effort and exc.code() in FAILOVER_CODES and exc.code() not in CONNECTIVITY_CODES:
+                    # Busy, not gone: give this report up, keep the scheduler for download calls.
+                    log.debug("scheduler %s: best-effort %s failed (%s): dropped, the scheduler stays in use",
+                              address, method, exc.code().name)
+                    raise SchedulerUnavailable(f"best-effort {method} for {task_id} not taken by {address}: "
+                                               f"{exc.code().name}: {exc.details()}") from exc
                 if exc.code() in FAILOVER_CODES:
                     errors.append(f"{address}: {exc.code().name}: {exc.details()}")
                     self._down_until[address] = self.clock() + self.down_for

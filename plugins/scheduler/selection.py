@@ -12,7 +12,10 @@ The drop rules are hard constraints that hold whatever the scorer:
 * ``slow`` — the last piece the candidate served in this task cost more than 20x the mean of the earlier
   ones while there are fewer than 30 samples (too few for a distribution), more than mean + 3 sigma once
   there are enough (a normal-distribution outlier). Only a recent last sample counts, or a parent that
-  was slow once would stay banned forever (nobody picks it, no new sample ever arrives).
+  was slow once would stay banned forever (nobody picks it, no new sample ever arrives). A slow
+  candidate that is the only one sampled holding (finished, or done) a piece the child still needs is
+  kept all the same, and the debug log says so: a slow parent beats none, and dropping the only holder
+  left the child nothing to fetch those pieces from but the registry.
 
 Two children may be each other's parents (a swarm: each relays the pieces it got first to the others).
 That cannot deadlock: a child fetches from a parent only pieces the parent has *finished*; a piece the
@@ -26,6 +29,7 @@ the learned cost model in :mod:`.learned`. After a decision the selector tells `
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 import statistics
@@ -36,6 +40,8 @@ from typing import Protocol
 from .state import SchedulerState, Task, TaskPeer
 
 DROP_REASONS = ("self", "same_host", "isolated", "blocklisted", "no_data", "slow")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,7 +79,7 @@ FEATURE_NAMES = (
     "measured_bw",       # the peer's own EWMA of size/cost over pieces it served (uncorrected)
     "declared_bw",       # what the peer declared at registration
     "rtt_s",             # probe RTT child host -> parent host (inf-free: unreachable = 10 s)
-    "parent_load",       # transfers the parent serves now (unfinished children, all tasks)
+    "parent_load",       # piece transfers in flight from the parent, as children report them (all tasks)
     "parent_slots",      # its upload slots
     "child_parents",     # parents the child fetches from now
     "pieces",            # share of the blob the parent holds (in flight counts half)
@@ -190,6 +196,7 @@ class Decision:
     parents: list[Candidate]
     dropped: Counter = field(default_factory=Counter)
     sampled: int = 0
+    kept_slow: list[str] = field(default_factory=list)   # slow, kept as the only holders of needed pieces
 
 
 class ParentSelector:
@@ -235,6 +242,45 @@ class ParentSelector:
         if self.state.clock() - last_at > self.config.slow_recent_s:
             return False
         return is_slow([cost for _, cost in cand.served_costs], self.config)
+
+    def only_holders(self, task: Task, child: TaskPeer, kept: list[TaskPeer], slow: list[TaskPeer],
+                     decision: Decision) -> list[TaskPeer]:
+        """The slow candidates to keep after all: those holding a piece the child needs that no kept
+        candidate (nor a slow one kept before it) holds. The others count as dropped ("slow")."""
+        total = task.total_pieces
+
+        def holds(tp: TaskPeer) -> set[int] | None:   # None: every piece
+            return None if tp.done else tp.finished
+
+        covered: set[int] = set()
+        everything = False
+        for tp in kept:
+            h = holds(tp)
+            if h is None:
+                everything = True
+                break
+            covered |= h
+        back = []
+        for cand in sorted(slow, key=lambda tp: tp.peer_id):
+            h = holds(cand)
+            if everything:
+                needed = 0
+            elif h is None:   # a complete slow candidate: whatever the child lacks and no kept one holds
+                needed = sum(1 for i in range(total) if i not in covered and i not in child.finished) if total else 1
+            else:
+                needed = len(h - covered - child.finished)
+            if not needed:
+                decision.dropped["slow"] += 1
+                continue
+            back.append(cand)
+            decision.kept_slow.append(cand.peer_id)
+            log.debug("task %s: keeping slow parent %s for %s: the only candidate holding %d needed piece(s)",
+                      task.task_id, cand.peer_id, child.peer_id, needed)
+            if h is None:
+                everything = True
+            else:
+                covered |= h
+        return back
 
     # -- features --------------------------------------------------------------------------------------------
 
@@ -327,13 +373,17 @@ class ParentSelector:
         else:
             self.rng.shuffle(pool)   # ties in the score then break randomly, not by arrival order
         decision = Decision(parents=[], sampled=len(pool))
-        kept = []
+        kept, slow = [], []
         for cand in pool:
             reason = self.drop_reason(task, child, cand)
-            if reason:
+            if reason == "slow":
+                slow.append(cand)
+            elif reason:
                 decision.dropped[reason] += 1
             else:
                 kept.append(cand)
+        if slow:
+            kept += self.only_holders(task, child, kept, slow, decision)
         if not kept:
             return decision
         candidates = [Candidate(tp=tp, features=f) for tp, f in zip(kept, self.features(task, child, kept))]

@@ -385,7 +385,11 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         finished = v.pieces(request.finished, "finished", total)
         in_flight = v.pieces(request.in_flight, "in_flight", total)
         digests = v.piece_digests(request.piece_digests, total)
-        self.state.announce(peer_id, task_id, finished, in_flight, length, piece_size, digests, request.done)
+        transfers = v.transfers(request.transfers, total) if request.transfers_known else None
+        if self.state.announce(peer_id, task_id, finished, in_flight, length, piece_size, digests, request.done,
+                               seq=request.seq, transfers=transfers) is None:
+            log.debug("task %s: peer %s: announcement %d (done=%s) is older than one already taken: ignored",
+                      task_id, peer_id, request.seq, request.done)
         return pb.Empty()
 
     @_rpc
@@ -425,6 +429,11 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         error = v.error_text(request.error)
         task = self.state.tasks.get(task_id)
         source = task.digest_source if task is not None else None
+        self.state.touch(peer_id)
+        if not self.state.fresh(peer_id, task_id, request.seq):
+            log.debug("task %s: peer %s: result report %d is older than a message already taken: ignored",
+                      task_id, peer_id, request.seq)
+            return pb.Empty()
         if self.state.report_task(peer_id, task_id, request.success, error):
             if task is not None and source and source in task.isolated:
                 self._reset("digests_wrong", [task_id])

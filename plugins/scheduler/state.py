@@ -23,6 +23,15 @@ task, and from every task once peers on several hosts caught it (:meth:`Schedule
 Bounds: peers, tasks, tasks per peer, peers per task, piece marks and piece digests are all capped
 (``MAX_*`` below); a request that would exceed one raises :class:`Exhausted` before it changes anything.
 A complete peer's pieces are a flag, never a set, whatever the blob size.
+
+Load: a parent's upload load is the piece transfers children say they have running from it
+(``AnnouncePieces.transfers``), each ended by the child's piece result or its next announcement, and
+forgotten ``transfer_ttl`` seconds after the child last listed it (a child that died mid-piece must not
+pin its parent's load). Children that never report transfers (older peers) count as before: one per
+unfinished child that lists the parent.
+
+Order: a peer numbers its announcements and result reports per task (``seq``); one older than the newest
+seen from that peer for that task is ignored (a delayed "not done" must not undo "done").
 """
 from __future__ import annotations
 
@@ -52,6 +61,9 @@ MAX_DIGESTS_PER_PEER = 1 << 16  # ... published by one seed
 #: isolates it from the task it was caught in).
 QUARANTINE_REPORTERS = 2
 MAX_ISOLATED = 4096             # ids kept per task, and quarantined over the cluster
+MAX_TRANSFERS = 1 << 18   # in-flight piece transfers tracked over all children
+MAX_SEQS_PER_PEER = 2 * MAX_TASKS_PER_PEER   # newest seq per task, kept after the peer left the task
+TRANSFER_TTL = 30.0        # a transfer no child mentioned for this long is over (the child died)
 COST_WINDOW = 256          # served-piece costs kept per peer and task (slow-peer rule)
 BANDWIDTH_EWMA = 0.3       # weight of a new sample in a peer's measured upload bandwidth
 RTT_EWMA = 0.3
@@ -90,6 +102,8 @@ class Peer:
     served_failed: int = 0
     marks: int = 0                    # piece indexes held in its TaskPeer sets (bounded)
     digests: int = 0                  # piece digests it published as a seed (bounded)
+    #: task id -> newest ``seq`` of its announcements / result reports (oldest first, bounded)
+    seqs: dict[str, int] = field(default_factory=dict)
 
     @property
     def peer_id(self) -> str:
@@ -123,6 +137,9 @@ class TaskPeer:
     schedule_failures: int = 0            # consecutive scheduling rounds without a parent
     # (monotonic time, cost in seconds) of pieces this peer SERVED in this task: the slow-peer rule.
     served_costs: deque = field(default_factory=lambda: deque(maxlen=COST_WINDOW))
+    #: (parent id, piece) -> expiry time: piece requests it reported running to parents
+    transfers: dict[tuple[str, int], float] = field(default_factory=dict)
+    reports_transfers: bool = False       # announced transfers at least once: its edges are not load
 
     def has_data(self) -> bool:
         return bool(self.done or self.finished or self.in_flight)
@@ -228,7 +245,8 @@ class Expired:
 class SchedulerState:
     """Peers, tasks and RTTs, with the transitions the RPCs cause."""
 
-    def __init__(self, peer_ttl: float = 60.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, peer_ttl: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 transfer_ttl: float = TRANSFER_TTL):
         self.peer_ttl = peer_ttl
         self.clock = clock
         self.peers: dict[str, Peer] = {}
@@ -236,6 +254,10 @@ class SchedulerState:
         self.rtt: dict[tuple[str, str], RttSample] = {}    # (from host_id, to host_id)
         self.marks = 0            # piece indexes in every TaskPeer's finished/in_flight sets
         self.digests = 0          # piece digests kept over all tasks
+        self.transfer_ttl = transfer_ttl
+        #: parent id -> {(task id, child id, piece): expiry}: the reverse of TaskPeer.transfers
+        self.transfers_to: dict[str, dict[tuple[str, str, int], float]] = {}
+        self.transfer_count = 0
         self.quarantined: set[str] = set()              # isolated from every task
         self.lying_reports: dict[str, set[str]] = {}    # suspect peer id -> host ids that caught it
         #: Goodput per host pair and per host, inferred from piece reports (peers send normalized costs).
@@ -291,20 +313,102 @@ class SchedulerState:
         return reset
 
     def upload_load(self, peer_id: str) -> int:
-        """Children currently downloading from the peer, over all its tasks."""
+        """Piece transfers in flight from the peer, over all its tasks (the ``parent_load`` feature).
+
+        Transfers children reported and have not ended (result, next announcement) nor let expire; plus,
+        for children that never report transfers (older peers), one per unfinished child listing the peer
+        as a parent (a child that merely *listed* a parent says nothing about what it fetches now)."""
         peer = self.peers.get(peer_id)
         if peer is None:
             return 0
         load = 0
+        entries = self.transfers_to.get(peer_id)
+        if entries:
+            now = self.clock()
+            for key in [k for k, exp in entries.items() if exp <= now]:
+                self._drop_transfer(peer_id, *key)
+            load += len(self.transfers_to.get(peer_id, ()))
         for task_id in peer.tasks:
             task = self.tasks.get(task_id)
             if task is None:
                 continue
             for child in task.children_of.get(peer_id, ()):
                 tp = task.peers.get(child)
-                if tp is not None and not tp.done:
+                if tp is not None and not tp.done and not tp.reports_transfers:
                     load += 1
         return load
+
+    # -- in-flight transfers (the load of parents) ---------------------------------------------------------
+
+    def set_transfers(self, task: Task, tp: TaskPeer, transfers: Iterable[tuple[str, int]]) -> None:
+        """The child's whole set of piece requests running to parents now (from an announcement): new ones
+        start, listed ones live ``transfer_ttl`` longer, unlisted ones are over. Only parents that are
+        peers of the task count (the child's word must not grow state about unknown peers)."""
+        now = self.clock()
+        wanted = {(parent, piece) for parent, piece in transfers
+                  if parent != tp.peer_id and parent in task.peers}
+        new = len(wanted - tp.transfers.keys())
+        gone = tp.transfers.keys() - wanted
+        if new and self.transfer_count - len(gone) + new > MAX_TRANSFERS:
+            raise Exhausted(f"the scheduler tracks {MAX_TRANSFERS} piece transfers already")
+        for parent, piece in gone:
+            self._drop_transfer(parent, task.task_id, tp.peer_id, piece)
+        expires = now + self.transfer_ttl
+        for parent, piece in wanted:
+            if (parent, piece) not in tp.transfers:
+                self.transfer_count += 1
+            tp.transfers[(parent, piece)] = expires
+            self.transfers_to.setdefault(parent, {})[(task.task_id, tp.peer_id, piece)] = expires
+        tp.reports_transfers = True
+
+    def _drop_transfer(self, parent_id: str, task_id: str, child_id: str, piece: int) -> None:
+        entries = self.transfers_to.get(parent_id)
+        if entries is None or entries.pop((task_id, child_id, piece), None) is None:
+            return
+        if not entries:
+            del self.transfers_to[parent_id]
+        self.transfer_count -= 1
+        task = self.tasks.get(task_id)
+        tp = task.peers.get(child_id) if task is not None else None
+        if tp is not None:
+            tp.transfers.pop((parent_id, piece), None)
+
+    def _drop_transfers(self, task: Task, peer_id: str) -> None:
+        """The peer's transfers in the task, as a child and as a parent, are over (done, left, isolated)."""
+        tp = task.peers.get(peer_id)
+        if tp is not None:
+            for parent, piece in list(tp.transfers):
+                self._drop_transfer(parent, task.task_id, peer_id, piece)
+        entries = self.transfers_to.get(peer_id)
+        if entries:
+            for key in [k for k in entries if k[0] == task.task_id]:
+                self._drop_transfer(peer_id, *key)
+
+    def expire_transfers(self) -> int:
+        """Forget every transfer whose child stopped mentioning it ``transfer_ttl`` ago; returns how many."""
+        now = self.clock()
+        stale = [(parent, key) for parent, entries in self.transfers_to.items()
+                 for key, exp in entries.items() if exp <= now]
+        for parent, key in stale:
+            self._drop_transfer(parent, *key)
+        return len(stale)
+
+    # -- message order -----------------------------------------------------------------------------------
+
+    def fresh(self, peer_id: str, task_id: str, seq: int) -> bool:
+        """Whether a message numbered ``seq`` from the peer for the task is newer than every one seen
+        (then it becomes the newest). ``seq`` 0: not numbered (older peers), always taken."""
+        peer = self.peers.get(peer_id)
+        if not seq or peer is None:
+            return True
+        last = peer.seqs.pop(task_id, None)
+        if last is not None and seq <= last:
+            peer.seqs[task_id] = last
+            return False
+        peer.seqs[task_id] = seq
+        while len(peer.seqs) > MAX_SEQS_PER_PEER:
+            del peer.seqs[next(iter(peer.seqs))]
+        return True
 
     # -- bounded bookkeeping -----------------------------------------------------------------------------
 
@@ -428,13 +532,22 @@ class SchedulerState:
 
     def announce(self, peer_id: str, task_id: str, finished: Iterable[int], in_flight: Iterable[int],
                  content_length: int = 0, piece_size: int = 0, digests: list[str] | None = None,
-                 done: bool = False) -> TaskPeer:
+                 done: bool = False, seq: int = 0,
+                 transfers: Iterable[tuple[str, int]] | None = None) -> TaskPeer | None:
+        """The peer's whole state in the task. None: ``seq`` says it is older than a message already
+        taken from the peer for the task (ignored). ``transfers`` (parent id, piece): its piece requests
+        running now; None: the peer does not report them."""
+        self.touch(peer_id)
+        if not self.fresh(peer_id, task_id, seq):
+            return None
         tp = self.join_task(peer_id, task_id)
         task = self.tasks[task_id]
         new_finished = tp.finished | set(finished) if finished else tp.finished
         new_in_flight = set(in_flight) - new_finished
         if not done:
             self._check_marks(tp, len(new_finished) + len(new_in_flight) - tp.marks)
+            if transfers is not None:
+                self.set_transfers(task, tp, transfers)
         # Layout and digests only from a peer that hashed them from the registry: a peer that merely says
         # it is done (or a child whose pieces came from parents) could say anything.
         if self.trusted(task, tp):
@@ -452,17 +565,22 @@ class SchedulerState:
         """A complete peer: ``done`` stands for every piece (never materialized, whatever the blob size)."""
         tp.done = True
         self._set_marks(tp, set(), set())
+        for parent, piece in list(tp.transfers):   # it fetches nothing any more
+            self._drop_transfer(parent, task.task_id, tp.peer_id, piece)
         # A complete peer downloads nothing more: dropping its edges frees its parents' upload slots.
         task.set_parents(tp.peer_id, ())
 
-    def report_task(self, peer_id: str, task_id: str, success: bool, error: str = "") -> bool:
+    def report_task(self, peer_id: str, task_id: str, success: bool, error: str = "", seq: int = 0) -> bool:
         """End of a peer's download. Returns True when the failure of the seed reset the task.
 
         A child whose complete blob did not match the blob digest although every piece matched its
         piece digest proves the digests wrong: their source is isolated from the task and the task is
-        reset (the next peer to ask becomes the seed)."""
+        reset (the next peer to ask becomes the seed). A report older (``seq``) than a message already
+        taken from the peer for the task is ignored."""
         task = self.tasks.get(task_id)
         self.touch(peer_id)
+        if not self.fresh(peer_id, task_id, seq):
+            return False
         if task is None or peer_id not in task.peers:
             return False
         tp = task.peers[peer_id]
@@ -491,6 +609,7 @@ class SchedulerState:
             hosts.add(reporter_peer.host.host_id if reporter_peer else reporter)
             if len(hosts) >= QUARANTINE_REPORTERS and len(self.quarantined) < MAX_ISOLATED:
                 self.quarantined.add(suspect)
+        self._drop_transfers(task, suspect)
         stp = task.peers.get(suspect)
         if stp is not None:
             stp.done = False
@@ -515,6 +634,7 @@ class SchedulerState:
         if task is None:
             return False
         was_seed = task.seed_peer == peer_id
+        self._drop_transfers(task, peer_id)
         tp = task.peers.get(peer_id)
         if tp is not None:
             self._set_marks(tp, set(), set())
@@ -553,10 +673,12 @@ class SchedulerState:
         parent_tp = task.peers.get(parent_id)
         for listener in self.piece_listeners:
             listener(task, child_id, parent_id, size, cost_s, success)
+        uploads = self.upload_load(parent_id) if success and parent_peer is not None else 0
+        self._drop_transfer(parent_id, task_id, child_id, piece)   # this transfer is over, whatever the outcome
         if success:
             if parent_peer is not None and child_id in self.peers:
                 self.bandwidth.observe(parent_peer.host.host_id, self.peers[child_id].host.host_id, size, cost_s,
-                                       uploads=self.upload_load(parent_id), downloads=len(child.parents))
+                                       uploads=uploads, downloads=len(child.parents))
             child.failures.pop(parent_id, None)
             if not child.done and piece not in child.finished:
                 self._set_marks(child, child.finished | {piece}, child.in_flight - {piece})
@@ -641,5 +763,6 @@ class SchedulerState:
         before = set(self.tasks)
         for pid in gone:
             reset += self.remove_peer(pid)
+        self.expire_transfers()
         removed = sorted(before - set(self.tasks))
         return Expired(peers=gone, reset_tasks=[t for t in reset if t in self.tasks], removed_tasks=removed)

@@ -26,6 +26,7 @@ MAX_LABELS = 32
 MAX_LABEL_KEY = 63
 MAX_LABEL_VALUE = 255
 MAX_EXCLUDE = 1024           # peer ids a child blocklisted in one task
+MAX_TRANSFERS = 256          # piece requests a child reports running to parents (it runs ~8, plus endgame)
 MAX_RESULTS = 4096           # piece results in one report (a peer flushes every 16)
 MAX_PROBES = 1024
 MAX_LIMIT = 64               # parents asked for
@@ -128,6 +129,20 @@ def piece_digests(values, total: int) -> list[str]:
     for i, d in enumerate(out):
         if d and not PIECE_DIGEST_RE.match(d):
             raise BadRequest(f"piece_digests[{i}] must be 'sha256:<64 lowercase hex>' or empty, got {_show(d)}")
+    return out
+
+
+def transfers(values, total: int) -> list[tuple[str, int]]:
+    """(parent id, piece) of the piece requests a child has running: bounded, ids and pieces checked."""
+    if len(values) > MAX_TRANSFERS:
+        raise BadRequest(f"transfers: {len(values)} entries, at most {MAX_TRANSFERS}")
+    bound = total or MAX_PIECES
+    out = []
+    for t in values:
+        ident(t.parent_id, "transfers[].parent_id")
+        if t.piece >= bound:
+            raise BadRequest(f"transfers[]: piece index {t.piece} out of range (the blob has {bound} pieces)")
+        out.append((t.parent_id, t.piece))
     return out
 
 

@@ -106,7 +106,7 @@ class Parent(_message.Message):
     def __init__(self, host: _Optional[_Union[PeerHost, _Mapping]] = ..., pieces: _Optional[_Iterable[int]] = ..., in_flight: _Optional[_Iterable[int]] = ..., score: _Optional[float] = ..., source: _Optional[bool] = ...) -> None: ...
 
 class AnnouncePiecesRequest(_message.Message):
-    __slots__ = ("peer_id", "task_id", "finished", "in_flight", "content_length", "piece_size", "piece_digests", "done")
+    __slots__ = ("peer_id", "task_id", "finished", "in_flight", "content_length", "piece_size", "piece_digests", "done", "seq", "transfers", "transfers_known")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,9 @@ class AnnouncePiecesRequest(_message.Message):
     PIECE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PIECE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_KNOWN_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     task_id: str
     finished: _containers.RepeatedScalarFieldContainer[int]
@@ -123,7 +126,18 @@ class AnnouncePiecesRequest(_message.Message):
     piece_size: int
     piece_digests: _containers.RepeatedScalarFieldContainer[str]
     done: bool
-    def __init__(self, peer_id: _Optional[str] = ..., task_id: _Optional[str] = ..., finished: _Optional[_Iterable[int]] = ..., in_flight: _Optional[_Iterable[int]] = ..., content_length: _Optional[int] = ..., piece_size: _Optional[int] = ..., piece_digests: _Optional[_Iterable[str]] = ..., done: _Optional[bool] = ...) -> None: ...
+    seq: int
+    transfers: _containers.RepeatedCompositeFieldContainer[Transfer]
+    transfers_known: bool
+    def __init__(self, peer_id: _Optional[str] = ..., task_id: _Optional[str] = ..., finished: _Optional[_Iterable[int]] = ..., in_flight: _Optional[_Iterable[int]] = ..., content_length: _Optional[int] = ..., piece_size: _Optional[int] = ..., piece_digests: _Optional[_Iterable[str]] = ..., done: _Optional[bool] = ..., seq: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[Transfer, _Mapping]]] = ..., transfers_known: _Optional[bool] = ...) -> None: ...
+
+class Transfer(_message.Message):
+    __slots__ = ("parent_id", "piece")
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PIECE_FIELD_NUMBER: _ClassVar[int]
+    parent_id: str
+    piece: int
+    def __init__(self, parent_id: _Optional[str] = ..., piece: _Optional[int] = ...) -> None: ...
 
 class GetParentsRequest(_message.Message):
     __slots__ = ("peer_id", "task_id", "exclude", "limit", "known_digests")
@@ -186,18 +200,20 @@ class ReportPieceResultsRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., task_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[PieceResult, _Mapping]]] = ...) -> None: ...
 
 class ReportTaskResultRequest(_message.Message):
-    __slots__ = ("peer_id", "task_id", "success", "back_to_source", "error")
+    __slots__ = ("peer_id", "task_id", "success", "back_to_source", "error", "seq")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     BACK_TO_SOURCE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     task_id: str
     success: bool
     back_to_source: bool
     error: str
-    def __init__(self, peer_id: _Optional[str] = ..., task_id: _Optional[str] = ..., success: _Optional[bool] = ..., back_to_source: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    seq: int
+    def __init__(self, peer_id: _Optional[str] = ..., task_id: _Optional[str] = ..., success: _Optional[bool] = ..., back_to_source: _Optional[bool] = ..., error: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class LeaveTaskRequest(_message.Message):
     __slots__ = ("peer_id", "task_id")
