@@ -38,6 +38,10 @@ class PeerConfig(BaseModel):
     upload_rate_limit: int = Field(0, ge=0, le=100 * GiB, description="bytes/s served to other peers, 0 = unlimited")
     download_rate_limit: int = Field(0, ge=0, le=100 * GiB, description="bytes/s fetched, 0 = unlimited")
     upload_concurrency_limit: int = Field(50, ge=1, le=10_000, description="concurrent uploads (load limit)")
+    offline_tag_max_age_seconds: float | None = Field(
+        None, ge=0, le=30 * 86400,
+        description="while the registry cannot be reached, a tag is answered from the peer's kept record "
+                    "no older than this (None: the peer's --offline-tag-max-age; 0: by digest only)")
 
 
 class Blocklist(BaseModel):

@@ -32,6 +32,21 @@ registry outage does not stop a cluster from starting what it already holds; any
 (fail closed). Answers to anonymous requesters (what the registry serves to anyone) are also kept in a
 small file in the data directory, without any credential material, so a restarted peer still serves
 public blobs it holds while the registry is down. A 401/403/404 is an answer, never "unreachable".
+
+**Whole images while it is unreachable** (issue 13: preheat, then start with the registry down). The
+per-object rule above covers only objects this requester asked for before. Besides it, every "yes" is
+also remembered per *repository* and requester (anonymous, or the HMAC of the credential the registry
+accepted; the grant it gave), for the same :data:`OFFLINE_GRACE`. While the registry is unreachable, a
+requester whose access to repository ``R`` the registry confirmed within the grace may read an object
+*that this peer keeps for R* (``kept(registry, R, kind, ref)``: a manifest fetched from ``R``, a digest
+one of those names, a recorded tag of ``R``; see offline.py), and nothing else: a blob never linked
+into ``R`` is not reachable under ``R`` this way. A preheat asks once anonymously, so a repository the
+registry serves to anyone is readable by anyone offline; a private repository only by a client whose
+credential the registry accepted for it (per-process HMAC key: such answers do not survive a restart,
+anonymous ones do, in the state file as ``"<registry> <repository>"``). No credential, a wrong one, or
+one never seen accepted: refused, registry up or down. An anonymous requester refused offline gets the
+registry's last ``WWW-Authenticate`` challenge for ``R`` (when one was seen), so a client holding
+credentials presents them, exactly as it would to the registry.
 """
 from __future__ import annotations
 
@@ -146,8 +161,16 @@ class AccessChecker:
 
     def __init__(self, endpoint, timeout: float = 10.0, allow_ttl: float = ALLOW_TTL, deny_ttl: float = DENY_TTL,
                  offline_grace: float = OFFLINE_GRACE, state_file: Path | None = None, allows=None,
-                 plain_http=None):
+                 plain_http=None, kept=None):
         self.endpoint = endpoint
+        #: (registry, repository, kind, ref) -> whether the object is one this peer keeps for that
+        #: repository (offline.KeptManifests.holds): the repository rule while the registry is unreachable
+        self.kept = kept or (lambda registry, repository, kind, ref: False)
+        #: (registry, repository, who) -> (wall clock, grant) of the registry's last yes for that
+        #: requester and repository (any object); who is b"" for anonymous
+        self._repo_yes: OrderedDict[tuple, tuple[float, Grant]] = OrderedDict()
+        #: (registry, repository) -> the registry's last WWW-Authenticate for an anonymous requester
+        self._challenges: OrderedDict[tuple, str] = OrderedDict()
         #: registry name -> whether the operator configured it plain HTTP (``--plain-http``): only then may a
         #: client's credentials go to a plain-HTTP token realm on another host (authcore's realm rule)
         self.plain_http = plain_http or (lambda registry: False)
@@ -227,8 +250,20 @@ class AccessChecker:
         self._cache[key] = answer
         while len(self._cache) > MAX_ENTRIES:
             self._cache.popitem(last=False)
-        if answer.grant is not None and not key[4]:
-            self._remember_public(key)
+        if answer.grant is not None:
+            repo_key = (registry, repository, key[4])
+            self._repo_yes[repo_key] = (answer.at, answer.grant)
+            self._repo_yes.move_to_end(repo_key)
+            while len(self._repo_yes) > MAX_ENTRIES:
+                self._repo_yes.popitem(last=False)
+            if not key[4]:
+                self._remember_public(key)
+                self._remember_public((registry, repository))
+        elif isinstance(answer.error, AccessDenied) and answer.error.challenge and not key[4]:
+            self._challenges[(registry, repository)] = answer.error.challenge
+            self._challenges.move_to_end((registry, repository))
+            while len(self._challenges) > MAX_ENTRIES:
+                self._challenges.popitem(last=False)
         return answer
 
     def _offline(self, key: tuple, exc: RegistryError) -> _Answer:
@@ -243,6 +278,27 @@ class AccessChecker:
                         exc, now - at)
             grant = earlier.grant if earlier is not None and earlier.grant is not None else Grant(key[0], key[1])
             return _Answer(0.0, grant=grant, at=at)
+        # The repository rule (module doc): an object kept for the repository, and a yes for the repository.
+        registry, repository, kind, ref, who = key
+        if self.kept(registry, repository, kind, ref):
+            at, grant = self._repo_yes.get((registry, repository, who), (0.0, None))
+            if not who:
+                at = max(at, self._public.get(f"{registry} {repository}", 0.0))
+            if now - at <= self.offline_grace:
+                log.warning("%s/%s: registry unreachable (%s): %s %s kept for the repository, which the registry "
+                            "let this requester (%s) read %.0f s ago", registry, repository, exc, kind, ref[:19],
+                            "with credentials" if who else "anonymous", now - at)
+                return _Answer(0.0, grant=grant or Grant(registry, repository), at=at)
+        challenge = self._challenges.get((registry, repository), "")
+        if not who and challenge:
+            # The registry required credentials for this repository when it last answered: ask for them, as
+            # it would (a client holding some presents them and the rule above decides).
+            return _Answer(0.0, error=AccessDenied(
+                f"{registry} is unreachable and did not let anonymous clients read {repository}",
+                status=401, challenge=challenge))
+        log.info("%s/%s: registry unreachable (%s): refused %s %s to this requester (%s): no earlier yes of the "
+                 "registry for it, or the object is not one kept for the repository", registry, repository, exc,
+                 kind, ref[:19], "with credentials" if who else "anonymous")
         return _Answer(0.0, error=exc)
 
     def _load_public(self) -> dict[str, float]:
@@ -264,7 +320,7 @@ class AccessChecker:
     def _remember_public(self, key: tuple) -> None:
         """Record an anonymous yes (no credential involved). The file is rewritten at most once a second
         for objects not recorded yet, once a minute for refreshes, and at close."""
-        name = " ".join(key[:4])
+        name = " ".join(key[:4])   # an object ("registry repo kind ref") or a repository ("registry repo")
         now = time.time()
         new = name not in self._public
         self._public[name] = now

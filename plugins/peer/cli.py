@@ -162,6 +162,10 @@ def register_peer(subparsers) -> None:
                     help="start evicting above this store size or filesystem usage (default %(default)s)")
     gc.add_argument("--gc-low", default="75%", metavar="SIZE|PCT", help="evict down to this (default %(default)s)")
     gc.add_argument("--gc-interval", default="60s", metavar="DURATION", help="how often GC runs (default %(default)s)")
+    reg.add_argument("--offline-tag-max-age", default="24h", metavar="DURATION",
+                     help="while the registry cannot be reached, answer a tag from the kept record only if the "
+                          "registry confirmed it within this long (default %(default)s; 0 = never by tag; "
+                          "by digest the kept manifest is always served)")
     node.add_argument("--preheat-token-file", type=Path, default=None, metavar="FILE",
                       help="bearer token that authorizes the preheat task API (/api/v1/tasks on --listen; "
                            "the manager and `remora peer preheat` present it); without it the API is off")
@@ -233,7 +237,8 @@ def build_config(args):
         max_parent_failures=args.max_parent_failures, scheduler_timeout=parse_duration(args.scheduler_timeout),
         upstream_timeout=parse_duration(args.upstream_timeout), gc_ttl=parse_duration(args.gc_ttl),
         gc_high=Watermark.parse(args.gc_high), gc_low=Watermark.parse(args.gc_low),
-        gc_interval=parse_duration(args.gc_interval), preheat_token_file=args.preheat_token_file,
+        gc_interval=parse_duration(args.gc_interval), offline_tag_max_age=parse_duration(args.offline_tag_max_age),
+        preheat_token_file=args.preheat_token_file,
         manager=args.manager, manager_token_file=args.manager_token_file, seed_peer=args.seed_peer, idc=args.idc,
         location=args.location)
 

@@ -182,6 +182,7 @@ class PeerConfig:
     gc_high: Watermark = dataclasses.field(default_factory=lambda: Watermark(percent=85.0))
     gc_low: Watermark = dataclasses.field(default_factory=lambda: Watermark(percent=75.0))
     gc_interval: float = 60.0
+    offline_tag_max_age: float = 24 * 3600.0                # a kept tag record serves this long offline (offline.py)
     tls_dir: Path | None = None                             # ca.pem + cert.pem + key.pem: mutual TLS mesh
     insecure_plain_mesh: bool = False                       # explicit plain mode (no TLS between peers)
     preheat_token_file: Path | None = None                  # bearer token of the preheat task API (preheat.py)

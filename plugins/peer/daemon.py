@@ -351,6 +351,8 @@ class PeerDaemon:
                 "upload": f"{self.host.ip}:{self.host.upload_port}", "schedulers": schedulers,
                 "schedulers_source": self.schedulers_source, "fallbacks": fallbacks(self.metrics),
                 "manager": self.managed.status() if self.managed is not None else None,
+                "offline": {"kept_manifests": len(self.tasks.kept.manifests), "tags": len(self.tasks.kept.tags),
+                            "tag_max_age": self.tasks.kept.tag_max_age},
                 "upstream": cfg.upstream, "labels": cfg.labels, "data_dir": str(cfg.data_dir),
                 "uptime": time.time() - self.started_at, "store_bytes": self.store.usage_bytes(),
                 "tasks": tasks, "counters": samples}

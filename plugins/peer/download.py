@@ -40,6 +40,7 @@ from .access import SOURCE_HEADER, AccessChecker, AccessDenied, Grant, parse_sou
 from .config import PeerConfig, piece_size_for
 from .fetcher import ParentFailure, PieceFetcher
 from .metrics import PeerMetrics
+from .offline import KeptManifests
 from .picker import ENDGAME_AFTER, ENDGAME_PIECES, Holder, PiecePicker
 from .pieces import BlobEntry, PieceStore, sha256_digest
 from .session import SchedulerSession
@@ -475,9 +476,11 @@ class TaskManager:
         self.peer_id = cfg.peer_id
         self.tasks: dict[str, Task] = {}
         #: the registry's answer to "may this client read that?" (mirror requests, pieces asked by peers)
+        #: manifests and tag records kept for when the registry cannot be reached (offline.py)
+        self.kept = KeptManifests(cfg.data_dir, cfg.offline_tag_max_age)
         self.access = AccessChecker(upstream.endpoint, timeout=min(cfg.upstream_timeout, 10.0),
                                     state_file=cfg.data_dir / "access-anonymous.json", allows=upstream.allows,
-                                    plain_http=upstream.configured_plain_http)
+                                    plain_http=upstream.configured_plain_http, kept=self.kept.holds)
         self.warned_same_host = False
         self.peer_session: aiohttp.ClientSession | None = None
         #: the client context for parents (our member certificate) when the mesh is mutual TLS; set by

@@ -132,7 +132,8 @@ class ManagedPeer:
         self.applied_at = 0.0
         self.blocklist = Blocklist()
         self.static = {"upload_slots": cfg.upload_slots, "upload_bandwidth": cfg.upload_bandwidth,
-                       "gc_high": cfg.gc_high, "gc_low": cfg.gc_low, "gc_interval": cfg.gc_interval}
+                       "gc_high": cfg.gc_high, "gc_low": cfg.gc_low, "gc_interval": cfg.gc_interval,
+                       "offline_tag_max_age": cfg.offline_tag_max_age}
 
     # called in the agent's worker thread: only hand the answer over
     def _got_schedulers(self, answer: dict) -> None:
@@ -181,6 +182,11 @@ class ManagedPeer:
         slots = int(peer.get("upload_concurrency_limit") or self.static["upload_slots"])
         d.upload.slots = slots
         d.host.upload_slots = slots
+        # how long a kept tag record answers while the registry is unreachable (offline.py); the flag's
+        # value when the manager's config does not name one
+        max_age = peer.get("offline_tag_max_age_seconds")
+        d.tasks.kept.set_tag_max_age(float(max_age) if isinstance(max_age, (int, float)) and max_age >= 0
+                                     else self.static["offline_tag_max_age"])
         rate = int(peer.get("upload_rate_limit") or 0)
         d.host.upload_bandwidth = rate or self.static["upload_bandwidth"]
         pieces = body.get("piece_size") or {}
@@ -265,7 +271,7 @@ class ManagedPeer:
         peer = self.config.get("peer") or {}
         return {"upload_concurrency_limit": d.upload.slots, "upload_rate_limit": peer.get("upload_rate_limit", 0),
                 "download_rate_limit": peer.get("download_rate_limit", 0), "download_rate_limit_enforced": False,
-                "piece_size": {"min": lo, "max": hi},
+                "piece_size": {"min": lo, "max": hi}, "offline_tag_max_age_seconds": d.tasks.kept.tag_max_age,
                 "gc": {"high": str(cfg.gc_high), "low": str(cfg.gc_low), "interval_seconds": cfg.gc_interval},
                 "blocklist": {"repositories": sorted(self.blocklist.repositories), "tags": sorted(self.blocklist.tags),
                               "digests": sorted(self.blocklist.digests)}}

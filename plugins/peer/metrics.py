@@ -40,6 +40,11 @@ class PeerMetrics:
         self.scheduler_errors = Counter("remora_peer_scheduler_errors_total", "Scheduler RPCs that failed",
                                         ["method"], registry=r)
 
+        self.offline = Counter("remora_peer_offline_manifests_total",
+                               "Manifest requests met while the registry was unreachable, by what was asked "
+                               "(tag or digest) and the result (served from the kept copy, or why not)",
+                               ["ref", "result"], registry=r)
+
         self.schedulers = Gauge("remora_peer_schedulers", "Schedulers in use (from the flags or the manager)",
                                 registry=r)
         self.config_version = Gauge("remora_peer_config_version",

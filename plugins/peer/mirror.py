@@ -14,6 +14,13 @@ The registry is the one containerd names with ``?ns=<host>``, else the ``X-Remor
 else ``--upstream``. Failures are answered fast and never as a 200: 404 when the registry has no such
 thing, 502/504 otherwise, so containerd moves on to the next host in hosts.toml (the registry itself).
 
+**The registry unreachable** (connection refused, timeout, 5xx: :class:`.upstream.RegistryUnreachable`;
+a 401/403/404 is the registry's answer and is passed on): a manifest comes from the copy the peer keeps
+(:mod:`.offline`: preheats and every manifest passed through keep one), by digest always, by tag only
+from a record younger than ``--offline-tag-max-age``, with ``X-Remora-Offline`` and a log line saying so
+and ``remora_peer_offline_manifests_total`` counting it (or why there was none). Blobs come from the
+store as always. Who may read them then is still the access checker's decision (below).
+
 Authorization (:mod:`.access`): the node's credentials fetch, they never authorize. Every manifest and
 blob request, whether or not the bytes are already here, is first checked against the registry with the
 *client's* ``Authorization`` (none: anonymous). Refused, the mirror answers the registry's own status
@@ -30,6 +37,7 @@ import logging
 import os
 import re
 
+import aiohttp
 from aiohttp import web
 
 from remora.errors import AuthError, InvalidInput, NotFound, RegistryError, RemoraError, StorageError
@@ -39,10 +47,14 @@ from .access import REPO_RE as _REPO_RE
 from .download import Source, TaskManager
 from .metrics import PeerMetrics
 from .pieces import BlobEntry, check_digest, send_file
+from .upstream import RegistryUnreachable
 
 log = logging.getLogger(__name__)
 
 UPSTREAM_HEADER = "X-Remora-Upstream"
+#: Set on a manifest answered from the kept copy while the registry is unreachable (offline.py):
+#: ``kept; by-digest`` or ``stale-while-offline; age=<seconds since the registry confirmed the tag>``.
+OFFLINE_HEADER = "X-Remora-Offline"
 MAX_MANIFEST = 4 * 1024 * 1024
 _REF_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|sha256:[a-f0-9]{64})$")
 # ASCII digits only, at most 19 (a 63-bit offset): int() of thousands of digits raised ValueError (a 500
@@ -132,31 +144,84 @@ class Mirror:
             if not _REPO_RE.match(name) or not _REF_RE.match(ref):
                 raise NotFound(f"bad repository or reference {name}:{ref}")
             registry = self._registry(request)
-            await self.tasks.access.check(registry, name, "manifest", ref, request.headers.get("Authorization"))
-            accept = request.headers.get("Accept") or MANIFEST_ACCEPT
-            resp = await self.upstream.request("GET", registry, f"/v2/{name}/manifests/{ref}",
-                                               {"Accept": accept}, scope=f"repository:{name}:pull")
+            # Registry up or down, the requester must be let in first (access.py: offline, only what the
+            # registry let this requester read before).
             try:
-                if resp.content_length and resp.content_length > MAX_MANIFEST:
-                    raise InvalidInput(f"manifest {name}:{ref} is larger than {MAX_MANIFEST} bytes")
-                body = await resp.content.read(MAX_MANIFEST + 1)
-                content_type = resp.headers.get("Content-Type", "application/octet-stream")
-                claimed = resp.headers.get("Docker-Content-Digest", "")
-            finally:
-                resp.release()
-            if len(body) > MAX_MANIFEST:
-                raise InvalidInput(f"manifest {name}:{ref} is larger than {MAX_MANIFEST} bytes")
-            actual = "sha256:" + hashlib.sha256(body).hexdigest()
-            expected = ref if ref.startswith("sha256:") else claimed
-            if expected and expected != actual:
-                raise InvalidInput(f"manifest {name}:{ref} from {registry}: digest mismatch: expected "
-                                   f"{expected}, got {actual}")
+                await self.tasks.access.check(registry, name, "manifest", ref, request.headers.get("Authorization"))
+            except RegistryError:
+                # No answer from the registry, and nothing it said before lets this requester read this
+                # manifest (access.py logged which): counted with the other offline misses.
+                self.metrics.offline.labels("digest" if ref.startswith("sha256:") else "tag",
+                                            "access_unconfirmed").inc()
+                raise
+            extra: dict[str, str] = {}
+            try:
+                body, content_type, actual = await self._manifest_from_registry(request, registry, name, ref)
+            except (TimeoutError, RegistryUnreachable) as exc:
+                # No answer that decides anything: the kept copy (offline.py), never past the tag max age.
+                body, content_type, actual, extra = await self._kept_manifest(registry, name, ref, exc)
         except (TimeoutError, RemoraError) as exc:
             return self._respond_error("manifest", exc, head)
         self.metrics.requests.labels("manifest", "200").inc()
         return web.Response(body=None if head else body, headers={
             "Content-Type": content_type, "Docker-Content-Digest": actual, "Content-Length": str(len(body)),
-            "Docker-Distribution-API-Version": "registry/2.0"})
+            "Docker-Distribution-API-Version": "registry/2.0", **extra})
+
+    async def _manifest_from_registry(self, request: web.Request, registry: str, name: str,
+                                      ref: str) -> tuple[bytes, str, str]:
+        """Pass the manifest through from the registry, digest-checked, and refresh the kept record."""
+        accept = request.headers.get("Accept") or MANIFEST_ACCEPT
+        resp = await self.upstream.request("GET", registry, f"/v2/{name}/manifests/{ref}",
+                                           {"Accept": accept}, scope=f"repository:{name}:pull")
+        try:
+            if resp.content_length and resp.content_length > MAX_MANIFEST:
+                raise InvalidInput(f"manifest {name}:{ref} is larger than {MAX_MANIFEST} bytes")
+            try:
+                body = await resp.content.read(MAX_MANIFEST + 1)
+            except aiohttp.ClientError as exc:
+                raise RegistryUnreachable(f"manifest {name}:{ref}: the registry's answer broke off") from exc
+            content_type = resp.headers.get("Content-Type", "application/octet-stream")
+            claimed = resp.headers.get("Docker-Content-Digest", "")
+        finally:
+            resp.release()
+        if len(body) > MAX_MANIFEST:
+            raise InvalidInput(f"manifest {name}:{ref} is larger than {MAX_MANIFEST} bytes")
+        actual = "sha256:" + hashlib.sha256(body).hexdigest()
+        expected = ref if ref.startswith("sha256:") else claimed
+        if expected and expected != actual:
+            raise InvalidInput(f"manifest {name}:{ref} from {registry}: digest mismatch: expected "
+                               f"{expected}, got {actual}")
+        try:
+            await asyncio.to_thread(self.tasks.kept.keep, registry, name, ref, body, content_type)
+        except (OSError, ValueError) as exc:   # keeping is a bonus: the answer stands
+            log.warning("manifest %s:%s: not kept for offline use: %s", name, ref, exc)
+        return body, content_type, actual
+
+    async def _kept_manifest(self, registry: str, name: str, ref: str,
+                             cause: Exception) -> tuple[bytes, str, str, dict[str, str]]:
+        """The kept copy while the registry is unreachable (``cause``); else the cause is raised again.
+        Counted (``remora_peer_offline_manifests_total``) and logged either way."""
+        by = "digest" if ref.startswith("sha256:") else "tag"
+        kept = await asyncio.to_thread(self.tasks.kept.get, registry, name, ref)
+        if kept is None:
+            age = None if by == "digest" else self.tasks.kept.tag_age(registry, name, ref)
+            result = "no_copy" if age is None else "too_old"
+            self.metrics.offline.labels(by, result).inc()
+            log.warning("manifest %s/%s:%s: registry unreachable (%s) and %s", registry, name, ref, cause,
+                        "no kept copy" if age is None else
+                        f"the kept tag record is {age:.0f} s old (max {self.tasks.kept.tag_max_age:.0f} s)")
+            raise cause
+        self.metrics.offline.labels(by, "served").inc()
+        if kept.age is None:
+            extra = {OFFLINE_HEADER: "kept; by-digest"}
+            log.warning("manifest %s/%s@%s: registry unreachable (%s): served the kept copy", registry, name,
+                        kept.digest[:19], cause)
+        else:
+            extra = {OFFLINE_HEADER: f"stale-while-offline; age={int(kept.age)}",
+                     "Warning": '110 remora "stale: the registry is unreachable"'}
+            log.warning("manifest %s/%s:%s: registry unreachable (%s): served stale-while-offline -> %s, "
+                        "tag seen %.0f s ago", registry, name, ref, cause, kept.digest[:19], kept.age)
+        return kept.body, kept.media_type, kept.digest, extra
 
     # -- blobs ----------------------------------------------------------------------------------------
     async def blob(self, request: web.Request) -> web.StreamResponse:

@@ -20,6 +20,11 @@ blob (the data blob carrying ``remora.prefetch-bytes``) first; the rest only wit
 manager's jobs, which name no ``all``, get everything: a job must leave nothing to the registry). For
 an OCI image: its config and layers.
 
+Manifests: the image's manifests (index and the platform manifest chosen) are kept, digest-checked,
+with the tag's answer and when it was seen (:mod:`.offline`), and the registry is asked once whether
+anonymous clients may read the image: together they let the node start the image with the registry
+unreachable (mirror.py, access.py).
+
 Authentication: preheat makes the node fetch images with *its own* registry credentials, so it is never
 anonymous. Every request needs ``Authorization: Bearer <token>`` matching ``--preheat-token-file``;
 without that file the API answers 403 (disabled). The image's registry must be one the peer fetches
@@ -43,7 +48,7 @@ from remora.errors import InvalidInput, RemoraError
 from remora.format import annotations as ann
 from remora.taskapi import PreheatClient, load_token, new_task_id, progress_of, read_token  # noqa: F401 - the task API's client side lives in the core
 
-from .access import Grant
+from .access import AccessDenied, Grant
 from .download import Source, TaskManager
 
 log = logging.getLogger(__name__)
@@ -318,6 +323,7 @@ class Preheater:
         if manifest.get("mediaType") in INDEX_TYPES or "manifests" in manifest:
             chosen = _pick_from_index(manifest)
             manifest = await self._manifest(registry, repo, chosen)
+        await self._ask_anonymously(registry, repo, reference)
         layers = manifest.get("layers")
         config = manifest.get("config")
         if not isinstance(layers, list) or not isinstance(config, dict):
@@ -337,12 +343,25 @@ class Preheater:
             return [cfg, *rest]
         return first + ([cfg, *rest] if want_all else [])
 
+    async def _ask_anonymously(self, registry: str, repo: str, reference: str) -> None:
+        """Ask the registry once whether anyone may read the image (the preheat's anonymous grant): a
+        yes makes the kept image readable by anyone while the registry is unreachable later (access.py),
+        a no leaves it to clients whose own credentials the registry accepts."""
+        try:
+            await self.tasks.access.check(registry, repo, "manifest", reference, None)
+        except AccessDenied:
+            log.info("preheat of %s/%s:%s: private (the registry refuses anonymous clients): offline, only "
+                     "clients it accepted are served", registry, repo, reference)
+        except (RemoraError, TimeoutError) as exc:
+            log.info("preheat of %s/%s:%s: anonymous access check failed: %s", registry, repo, reference, exc)
+
     async def _manifest(self, registry: str, repo: str, reference: str) -> dict:
         resp = await self.tasks.upstream.request("GET", registry, f"/v2/{repo}/manifests/{reference}",
                                                  {"Accept": MANIFEST_ACCEPT}, scope=f"repository:{repo}:pull")
         try:
             body = await resp.content.read(MAX_MANIFEST + 1)
             claimed = resp.headers.get("Docker-Content-Digest", "")
+            media_type = resp.headers.get("Content-Type", "")
         finally:
             resp.release()
         if len(body) > MAX_MANIFEST:
@@ -357,6 +376,13 @@ class Preheater:
             raise InvalidInput(f"manifest {repo}:{reference} is not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise InvalidInput(f"manifest {repo}:{reference} is not a JSON object")
+        # Kept (digest-checked above, hashed again there) with the tag's answer and when it was seen, so
+        # the node can start the image while the registry is unreachable (offline.py).
+        try:
+            await asyncio.to_thread(self.tasks.kept.keep, registry, repo, reference, body,
+                                    media_type or str(data.get("mediaType") or ""))
+        except (OSError, ValueError) as exc:
+            raise RemoraError(f"manifest {repo}:{reference}: cannot keep it for offline use: {exc}") from None
         return data
 
     def _trim(self) -> None:

@@ -42,6 +42,12 @@ log = logging.getLogger(__name__)
 HUB_ALIASES = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
 
 
+class RegistryUnreachable(RegistryError):
+    """The registry gave no answer that decides anything: connection refused or reset, a timeout, a 5xx
+    (or its token service so). The mirror may then answer from what it keeps (offline.py); a 401, 403 or
+    404 is an answer and never raises this."""
+
+
 class RegistryNotAllowed(RemoraError):
     """A request named a registry this peer is not configured for: 403, nothing was dialled."""
 
@@ -206,6 +212,8 @@ class Upstream:
         detail = body.decode(errors="replace").strip()[:300]
         log.info("%s %s: %d %s %s", method, url, resp.status, resp.reason, detail[:200])
         what = f"{method} {path}"   # not the URL: the answer goes to the client
+        if resp.status >= 500:
+            raise RegistryUnreachable(f"{what}: {resp.status} {resp.reason} {detail}".rstrip())
         if resp.status == 404:
             raise NotFound(f"{what}: not found ({detail or resp.reason})")
         if resp.status in (401, 403):
@@ -222,7 +230,7 @@ class Upstream:
                 resp = await self._session.request(method, url, headers=h, allow_redirects=False)
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 log.warning("%s %s: cannot reach the registry: %s", method, url, exc or type(exc).__name__)
-                raise RegistryError(f"{method} {urlsplit(url).path}: registry unreachable") from None
+                raise RegistryUnreachable(f"{method} {urlsplit(url).path}: registry unreachable") from None
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 url = urljoin(url, resp.headers["Location"])
                 resp.release()
@@ -267,6 +275,8 @@ class Upstream:
             async with self._session.request(req.method, req.url, headers=req.headers, data=req.body()) as resp:
                 if resp.status in (401, 403):
                     raise AuthError(f"{registry}: token service refused this node's credentials ({resp.status})")
+                if resp.status >= 500:
+                    raise RegistryUnreachable(f"{registry}: token service answered {resp.status}")
                 if resp.status != 200:
                     raise RegistryError(f"{registry}: token service answered {resp.status}")
                 body = bytearray()
@@ -277,7 +287,7 @@ class Upstream:
                     body += chunk
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.warning("%s: token service %s failed: %s", registry, challenge.realm, exc or type(exc).__name__)
-            raise RegistryError(f"{registry}: token service failed") from None
+            raise RegistryUnreachable(f"{registry}: token service failed") from None
         try:
             token = authcore.parse_token_response(bytes(body), now=self._tokens.clock())
         except RegistryError as exc:

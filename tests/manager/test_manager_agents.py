@@ -208,7 +208,7 @@ def test_peers_follow_the_manager(cluster):
     # -- dynamic config: applied without restart, visible with its version
     blocked = "sha256:" + "b" * 64
     body = {"config": {"scheduler": {"candidate_parent_limit": 2, "filter_parent_limit": 9},
-                       "peer": {"upload_concurrency_limit": 7},
+                       "peer": {"upload_concurrency_limit": 7, "offline_tag_max_age_seconds": 600},
                        "blocklist": {"digests": [blocked], "repositories": ["secret/app"]},
                        "piece_size": {"min": 512 << 10, "max": 8 << 20},
                        "gc": {"high_watermark_percent": 80, "low_watermark_percent": 60, "interval_seconds": 30}}}
@@ -219,6 +219,7 @@ def test_peers_follow_the_manager(cluster):
              timeout=15, what="the peer applying the new config")
     eff = status(url1)["manager"]["config"]["effective"]
     assert eff["upload_concurrency_limit"] == 7
+    assert eff["offline_tag_max_age_seconds"] == 600
     assert eff["piece_size"] == {"min": 512 << 10, "max": 8 << 20}
     assert eff["gc"] == {"high": "80%", "low": "60%", "interval_seconds": 30.0}
     assert eff["blocklist"]["digests"] == [blocked]

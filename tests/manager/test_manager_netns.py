@@ -126,3 +126,38 @@ def test_killed_scheduler_leaves_every_peer_within_3_intervals(managed_lab):
     assert max(moved) <= 3 * INTERVAL, f"{moved} over 3 intervals ({3 * INTERVAL} s)"
     members = {m["ip"]: m["state"] for m in ml.api("GET", "/api/v1/members?type=scheduler")}
     assert members == {dead.split(":")[0]: "inactive", alive.split(":")[0]: "active"}
+
+
+def test_preheated_image_starts_with_the_registry_unreachable(managed_lab):
+    """Issue 13: a preheat job, then the registry is stopped *before* any node asks for the image: every
+    node resolves the tag, reads the manifest and every blob from its own peer alone (the manifest the
+    preheat kept, plugins/peer/offline.py; the tag answer marked stale-while-offline and counted)."""
+    ml = managed_lab
+    mesh, image = ml.mesh, ml.image
+    ref = f"{mesh.registry.host}/{image.repo}:{image.tag}"
+    blobs = [(layer.digest, layer.size) for layer in image.layers]
+    blobs.append(("sha256:" + __import__("hashlib").sha256(image.config).hexdigest(), len(image.config)))
+    job = ml.api("POST", "/api/v1/jobs", {"type": "preheat", "image": ref, "timeout": 300,
+                                          "scope": {"kind": "all_peers", "cluster": "lab"}})
+    done = ml.wait(lambda: (lambda j: j if j["state"] in ("succeeded", "failed", "cancelled") else None)(
+        ml.api("GET", f"/api/v1/jobs/{job['id']}")), 240, "the preheat job")
+    assert done["state"] == "succeeded", json.dumps(done, indent=1)[:3000]
+    served = {p.index: ml.status(p).get("counters", {}).get(
+        "remora_peer_offline_manifests_total{ref=tag,result=served}", 0) for p in mesh.peers}
+    mesh.registry.stop()
+    try:
+        procs = []
+        for p in mesh.peers:
+            for manifest_ref in (image.tag, image.manifest_digest):
+                url = f"{p.mirror}/v2/{image.repo}/manifests/{manifest_ref}?ns={mesh.registry.host}"
+                procs.append((p, image.manifest_digest, len(image.manifest), mesh.start_fetch(p.node, url)))
+            procs += [(p, d, s, mesh.start_fetch(p.node, mesh.blob_url(p, image.repo, d))) for d, s in blobs]
+        for p, d, s, proc in procs:
+            r = mesh.finish_fetch(proc, timeout=120)
+            assert r["status"] == 200 and r["sha256"] == d and r["bytes"] == s, \
+                f"node{p.index} {d}: {r}\n{mesh.log_tails(10)}"
+        for p in mesh.peers:
+            counters = ml.status(p).get("counters", {})
+            assert counters.get("remora_peer_offline_manifests_total{ref=tag,result=served}", 0) == served[p.index] + 1
+    finally:
+        mesh.registry.start()
