@@ -530,14 +530,16 @@ def registry_bytes(mesh) -> int:
     return sum(mesh.registry.blob_bytes_served().values())
 
 
-def start_function(mesh, p, images, arm: str, f: str) -> None:
+def start_function(mesh, p, images, arm: str, f: str) -> dict[str, float]:
     """What a kubelet does to start one function on node ``p``: pull its image — a remora image with
     ``remora pull`` into containerd's remora proxy snapshotter (manifest, config and bootstrap; file
     contents are read lazily through the node's peer), an OCI image with ``ctr images pull`` through the
     peer mirror — then run its container, whose start reads ``/app/hot.bin`` (checked against its
-    SHA-256: the bytes the function sees are the image's)."""
+    SHA-256: the bytes the function sees are the image's). Returns the phases' wall times (the deploy's
+    timeline: ``pull_s`` the image pull, ``run_s`` the container's start and its read of hot.bin)."""
     ref = image_ref(mesh, images, arm, f)
     ctd = p.containerd
+    t0 = time.monotonic()
     if images[(arm, f)].get("remora"):
         p.node.run([*remora_cli(), "pull", "--address", ctd.address, "--namespace", ctd.namespace,
                     "--api", str(ctd.snapshotter_api), "--plain-http", "--quiet", ref], timeout=600)
@@ -545,10 +547,12 @@ def start_function(mesh, p, images, arm: str, f: str) -> None:
     else:
         ctd.pull(ref, p.hosts_dir)
         snap = []
+    t1 = time.monotonic()
     out = ctd.ctr(["run", "--rm", "--net-host", *snap, ref, f"{arm}-{f}-{time.time_ns()}",
                    "sha256sum", "/app/hot.bin"], timeout=600).stdout
     if out.split()[:1] != [images[(arm, f)]["hot_sha256"]]:
         raise RuntimeError(f"{ref}: /app/hot.bin in the container has sha256 {out.split()[:1]}")
+    return {"pull_s": round(t1 - t0, 3), "run_s": round(time.monotonic() - t1, 3)}
 
 
 def deploy_and_measure(mesh, arm: str, spec: dict, plan: dict, images, requests: int) -> dict:
@@ -600,6 +604,7 @@ def deploy_and_measure(mesh, arm: str, spec: dict, plan: dict, images, requests:
     first_proc = subprocess.Popen(client_argv(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ready: dict[int, float] = {}
     pulled: dict[int, float] = {}
+    phases: dict[str, dict[str, float]] = {}   # "node<i>/<f>" -> pull_s, run_s (start_function)
     errors: list[str] = []
 
     def deploy_node(i: int, fns: list[str]) -> None:
@@ -609,7 +614,7 @@ def deploy_and_measure(mesh, arm: str, spec: dict, plan: dict, images, requests:
 
             def pull(f: str) -> None:   # a node starts its functions at once, as a kubelet would
                 try:
-                    start_function(mesh, p, images, arm, f)
+                    phases[f"node{i}/{f}"] = start_function(mesh, p, images, arm, f)
                 except Exception as exc:  # noqa: BLE001 - reported by deploy_node
                     failed.append(f"{f}: {exc}")
 
@@ -652,6 +657,7 @@ def deploy_and_measure(mesh, arm: str, spec: dict, plan: dict, images, requests:
     return {"deploy_ready_s": max(ready.values()),
             "per_node_ready_s": {f"node{i}": round(v, 3) for i, v in ready.items()},
             "per_node_pulled_s": {f"node{i}": round(v, 3) for i, v in pulled.items()},
+            "per_function_phases_s": phases,
             "first_answer_s": first["answered"] - t0, "first_delay_s": first["delay"],
             "measured_delay_s": statistics.median(delays), "measured_delays_s": delays,
             "deploy_registry_bytes": deploy_registry, "deploy_registry_bytes_by_role": by_role}

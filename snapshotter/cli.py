@@ -54,8 +54,9 @@ def register(subparsers) -> None:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
                    help="log level of the snapshotter (default: warning, or as -v/-vv say)")
     p.add_argument("--mirror", action="append", default=[], metavar="URL",
-                   help="peer or registry mirror tried before the registry for lazy range reads "
-                        "(e.g. http://127.0.0.1:65001, a local 'remora peer'); repeatable")
+                   help="peer or registry mirror tried before the registry for lazy range reads, bootstraps, "
+                        "and the manifests and config of a pull (every byte digest-checked; tags only from a "
+                        "mirror on this node; e.g. http://127.0.0.1:65001, a local 'remora peer'); repeatable")
     p.add_argument("--cache-size", default="10G", metavar="SIZE",
                    help="chunk cache size limit, shared by all lazily mounted images (default 10G)")
     p.add_argument("--cache-isolation", choices=["none", "namespace", "credential"], default="namespace",

@@ -84,6 +84,7 @@ class RemoraLayerHandler(RemoteLayerHandler):
         self.mounts = mounts or MountManager(layout.lazy, layout.cache, cache_limit, standby=standby,
                                              cache_isolation=cache_isolation)
         self.mirrors = list(mirrors)
+        self._mirrors_down: dict[str, float] = {}  # mirror -> when it may be asked again (MirrorFirstStore)
         self.insecure = insecure
         # a remora.snapshotter.credentials CredentialResolver: captured CRI pull auth, secrets by
         # reference; None (or nothing found): the registry client's own lookup (the node's docker config)
@@ -312,10 +313,11 @@ class RemoraLayerHandler(RemoteLayerHandler):
         from remora.snapshotter.credentials.resolver import missing_credentials_message
         from remora.snapshotter.remote import RemoteLayerRefused
 
-        if self._bootstrap_path(digest).exists():
-            # fetched before (maybe for another tenant): this pull must still be allowed to read the
-            # repository, or its lazy reads would fail later, inside a running container
-            self._check_access(host, repo, digest)
+        # Whoever serves the bytes (this node's copy, fetched before maybe for another tenant, or a
+        # mirror/peer: _bootstrap asks them first), the registry decides whether this pull may read the
+        # repository, or its lazy reads would fail later, inside a running container. Usually free: the
+        # image's first layer Prepare (or the warm-up) passed the same check moments ago.
+        self._check_access(host, repo, digest)
         client = RegistryClient(host, plain_http=True if self.insecure else None,
                                 credentials=self._credentials_for(host, repo), retries=1, backoff=0.1)
         try:
@@ -483,11 +485,19 @@ class RemoraLayerHandler(RemoteLayerHandler):
     def _bootstrap(self, host: str, repo: str, digest: str, size: int, client=None, on_downloaded=None) -> Path:
         """The bootstrap database for ``digest``, fetched and verified once, then reused.
         ``client``: a RegistryClient to fetch it with (its connection is then kept for more work);
-        ``on_downloaded``: called when its bytes are in, before they are unpacked and made durable."""
+        ``on_downloaded``: called when its bytes are in, before they are unpacked and made durable.
+
+        Asked of the mirrors/peers first, then the registry, like the chunks (MirrorFirstStore): after
+        a preheat the node's peer holds it and the registry serves no byte of it. Each source's bytes
+        are spooled and checked against the digest before anything is kept; a mirror that fails or
+        lies is skipped. Whether this client may read the repository is still the registry's call
+        (_check_access, before the mount)."""
         from remora import oci
+        from remora.errors import RemoraError
         from remora.format.bootstrap_layer import fetch_bootstrap_layer
         from remora.imagestore import RegistryStore, open_store
         from remora.reference import parse_reference
+        from remora.snapshotter.sources import MirrorFirstStore
 
         final = self._bootstrap_path(digest)
         with self._lock:
@@ -498,6 +508,8 @@ class RemoraLayerHandler(RemoteLayerHandler):
             where = f"{host}/{repo}@{digest}"
             store = RegistryStore(parse_reference(where), client) if client is not None else \
                 open_store(where, plain_http=True if self.insecure else None)
+            mirrored = MirrorFirstStore(store, self.mirrors, lambda: self._credentials_for(host, repo),
+                                        insecure=self.insecure, down=self._mirrors_down)
             tmpdir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.bootstraps))
             try:
                 if not size:
@@ -512,9 +524,17 @@ class RemoraLayerHandler(RemoteLayerHandler):
                         on_downloaded()
                 # streamed to disk and bounded (a bomb stops here): never whole in this process's
                 # memory. Validated by the fs process that mounts it, before it opens it (mount()).
-                path = fetch_bootstrap_layer(lambda: store.open_blob(desc), desc.size, tmpdir,
-                                             f"bootstrap-{digest[7:19]}.db", got_bytes,
-                                             where=f"bootstrap layer {digest}")
+                for source, opener in mirrored.openers(desc):
+                    try:
+                        path = fetch_bootstrap_layer(opener, desc.size, tmpdir, f"bootstrap-{digest[7:19]}.db",
+                                                     got_bytes, where=f"bootstrap layer {digest}")
+                    except RemoraError as exc:
+                        if source is None:  # the registry: its error is the Prepare's
+                            raise
+                        mirrored.skipped(source, f"bootstrap {digest[:19]}", exc)
+                        continue
+                    origin = "the registry" if source is None else source.name
+                    break
                 t1 = time.monotonic()
                 with open(path, "rb") as f:  # durable before it becomes visible under its final name
                     os.fsync(f.fileno())
@@ -522,10 +542,11 @@ class RemoraLayerHandler(RemoteLayerHandler):
                 # the warm spare, which will most likely mount it, validates it now, off this
                 # process's CPU and overlapping the pull's other Prepares
                 early = getattr(self.mounts, "prevalidate", lambda _path: False)(final)
-                log.info("bootstrap %s: %d bytes downloaded in %.3fs, unpacked in %.3fs, fsync %.3fs "
-                         "(validated by its fs process%s)", digest[:19], size, downloaded[0] - t0,
+                log.info("bootstrap %s: %d bytes from %s downloaded in %.3fs, unpacked in %.3fs, fsync %.3fs "
+                         "(validated by its fs process%s)", digest[:19], size, origin, downloaded[0] - t0,
                          t1 - downloaded[0], time.monotonic() - t1, ", the spare started now" if early else "")
             finally:
+                mirrored.close_mirrors()
                 if client is None:
                     store.close()
                 shutil.rmtree(tmpdir, ignore_errors=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .pull_service_client import DEFAULT_API_ADDRESS, NoService, PullResult, pull_via_service, service_request
 
@@ -184,8 +184,13 @@ class Heartbeat:
 def pull(reference: str, *, address: str, namespace: str = "default", snapshotter: str = "remora",
          plain_http: bool = False, annotations_only: bool = False, platform: str = "linux/amd64",
          timeout: float = 120.0, say: Callable[[str], None] = lambda msg: None,
-         on_manifest: Callable[[list[tuple[str, dict[str, str]]]], None] | None = None) -> PullResult:
+         on_manifest: Callable[[list[tuple[str, dict[str, str]]]], None] | None = None,
+         mirrors: Sequence[str] = ()) -> PullResult:
     """Pull ``reference`` into containerd lazily; see the module docstring. ``say`` gets progress lines.
+
+    ``mirrors``: peer/mirror base URLs (the snapshotter's ``--mirror``) asked for the manifest and the
+    config before the registry, with the chunk reads' rules (:class:`~.sources.MirrorFirstStore`):
+    after a preheat the node's peer has them and the pull reads nothing from the registry.
 
     ``on_manifest`` (optional) is called once, as soon as the manifest is known (before the config
     is fetched and anything is written to containerd), with ``(layer digest, labels)`` for every
@@ -199,7 +204,6 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
     from remora import oci
     from remora.errors import InvalidInput, StorageError, UsageError
     from remora.format import annotations as ann
-    from remora.imagestore import open_store
     from remora.reference import ImageRef, parse_reference
 
     from .containerd_client import AlreadyExists, ContainerdClient, Unavailable
@@ -214,16 +218,17 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
     with ContainerdClient(address, namespace, timeout=timeout) as ctd:
         name = str(ref)
         phase = Phases(name)
-        with open_store(ref, plain_http=True if plain_http else None) as store, \
-                Heartbeat(say, f"{name}: resolving in the registry"):
+        where = "mirrors/registry" if mirrors else "registry"
+        with _open_store(ref, plain_http, mirrors) as store, \
+                Heartbeat(say, f"{name}: resolving in the {'mirrors, then the ' if mirrors else ''}registry"):
             mdesc, mdata, manifest = resolve_remora_manifest(store, platform)
-            phase(f"registry: manifest {mdesc.digest[:19]} resolved")
+            phase(f"{where}: manifest {mdesc.digest[:19]} resolved")
             if on_manifest is not None:
                 on_manifest([(layer.digest, {k: v for k, v in layer_labels(layer, "", name, mdesc.digest,
                                                                           annotations_only).items()
                                              if k != SNAPSHOT_REF}) for layer in manifest.layers])
             config_bytes = store.read_blob(manifest.config)
-            phase("registry: config read")
+            phase(f"{where}: config read")
         config = oci.ImageConfig.from_bytes(config_bytes)
         diff_ids = config.diff_ids
         if len(diff_ids) != len(manifest.layers):
@@ -287,6 +292,26 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
             phase("containerd: GC label, image record, Stat")
         phase("containerd: lease deleted")
     return PullResult(name, mdesc.digest, chains, remote, reused, time.monotonic() - started)
+
+
+def _open_store(ref, plain_http: bool, mirrors: Sequence[str]):
+    """The registry store of ``ref``; with ``mirrors``, wrapped to ask them first. A mirror on this
+    node may answer the registry's challenge with the node's credentials, as the registry client
+    would (looked up on a 401 only); a remote one never sees them."""
+    from remora.imagestore import open_store
+
+    store = open_store(ref, plain_http=True if plain_http else None)
+    if not mirrors:
+        return store
+    from remora.registry.auth import load_credentials
+
+    from .sources import MirrorFirstStore
+
+    return MirrorFirstStore(store, mirrors, lambda: load_credentials(ref.host), insecure=plain_http,
+                            down=_MIRRORS_DOWN)
+
+
+_MIRRORS_DOWN: dict[str, float] = {}  # the pulls' shared cool-down of unreachable mirrors (MirrorFirstStore)
 
 
 def register(subparsers) -> None:

@@ -302,7 +302,9 @@ class PullService:
             if isinstance(parsed, ImageRef):
                 preconnect(parsed.host)
         try:
-            result: PullResult = pull(ref, **params, say=lambda m: post({"status": m}), on_manifest=on_manifest)
+            # manifest and config from the snapshotter's --mirror peers first (MirrorFirstStore)
+            result: PullResult = pull(ref, **params, say=lambda m: post({"status": m}), on_manifest=on_manifest,
+                                      mirrors=tuple(getattr(self.handler, "mirrors", ()) or ()))
         except BaseException as exc:
             if isinstance(exc, RemoraError):
                 log.info("pull of %s failed (exit code %d): %s", ref, exc.exit_code, exc)

@@ -16,7 +16,8 @@ complete and verified in the store; ``verified_bytes`` is the blob's size once v
 bytes on disk so far are ``done_bytes``).
 
 Order: for a remora image (annotations in remora/format/annotations.py) the bootstrap layer and the hot
-blob (the data blob carrying ``remora.prefetch-bytes``) first; the rest only with ``"all": true`` (the
+blob (the data blob carrying ``remora.prefetch-bytes``) first, then the config (a few KB a pull reads
+before the start); the rest only with ``"all": true`` (the
 manager's jobs, which name no ``all``, get everything: a job must leave nothing to the registry). For
 an OCI image: its config and layers.
 
@@ -341,7 +342,9 @@ class Preheater:
                 rest.append(_blob(layer, "layer"))
         if not is_remora:
             return [cfg, *rest]
-        return first + ([cfg, *rest] if want_all else [])
+        # the config too (a few KB): a pull reads it before the container starts, and without it that
+        # read would reach the registry after the preheat
+        return [*first, cfg, *(rest if want_all else [])]
 
     async def _ask_anonymously(self, registry: str, repo: str, reference: str) -> None:
         """Ask the registry once whether anyone may read the image (the preheat's anonymous grant): a

@@ -144,9 +144,10 @@ async def test_remora_image_bootstrap_and_hot_first_then_all(rig):
     assert status == 201
     done = await wait_state(http, peer, "hot-only")
     assert done["state"] == "succeeded", done
-    assert [b["digest"] for b in done["blobs"]] == [d["bootstrap"], d["hot"]]
+    # the config too: a pull reads it before the start, which must not reach the registry after a preheat
+    assert [b["digest"] for b in done["blobs"]] == [d["bootstrap"], d["hot"], d["config"]]
     assert all(b["verified"] and b["verified_bytes"] == b["size"] for b in done["blobs"])
-    assert proxy.gets == [d["bootstrap"], d["hot"]]           # nothing else was fetched
+    assert proxy.gets == [d["bootstrap"], d["hot"], d["config"]]   # nothing else was fetched
     assert peer.store.get(d["cold"]) is None or not peer.store.get(d["cold"]).verified
 
     status, _ = await post(http, peer, {"id": "everything", "image": rig["ref"], "all": True})
@@ -154,7 +155,7 @@ async def test_remora_image_bootstrap_and_hot_first_then_all(rig):
     done = await wait_state(http, peer, "everything")
     assert done["state"] == "succeeded", done
     roles = [b["role"] for b in done["blobs"]]
-    assert roles[:2] == ["bootstrap", "hot"] and sorted(roles[2:]) == ["config", "layer"]
+    assert roles[:3] == ["bootstrap", "hot", "config"] and sorted(roles[3:]) == ["layer"]
     assert Counter(proxy.gets) == Counter({d[k]: 1 for k in ("bootstrap", "hot", "cold", "config")})
     for name, digest in d.items():
         entry = peer.store.get(digest)

@@ -89,6 +89,21 @@ def test_mount_is_served_by_the_spare_and_a_new_spare_follows(standby, image, re
     assert _alive(spare) and _alive(successor), "closing the manager never stops mounts"
 
 
+def test_in_a_burst_the_successor_imports_at_normal_priority(standby, image, registry, tmp_path):
+    """A mount announced (prevalidate: an image's warm-up has its bootstrap) marks a burst: the successor
+    of the spare that takes it starts at normal priority, so that the next function placed on this node
+    finds it ready on a busy machine instead of one still waiting for idle cycles."""
+    spare = _spare_pid(standby)
+    assert standby.prevalidate(image.bootstrap)
+    assert standby.in_burst()
+    _mount(standby, image, tmp_path, registry)
+    assert standby.pid("m1") == spare
+    successor = _spare_pid(standby)
+    assert successor != spare
+    assert os.sched_getscheduler(successor) == os.SCHED_OTHER, "a burst's successor must not wait for idle CPU"
+    assert standby.wait_spare(20), "the successor finished its imports"
+
+
 def test_spare_exits_when_its_snapshotter_dies(tmp_path):
     """The spare's stdin is a pipe from the snapshotter: if the snapshotter dies, EOF ends the spare."""
     code = ("import os, sys\n"
