@@ -204,6 +204,25 @@ class PrivateContainerd:
                                                 proc.stderr + "\n--- containerd log ---\n" + self.log_tail())
         return proc
 
+    def wait_snapshotter(self, namespace: str | None = None, timeout: float = 30.0) -> None:
+        """Wait until containerd's channel to the proxy snapshotter carries a call again (after the
+        snapshotter restarted: grpc-go reconnects with a back-off of up to a few seconds, and a call made
+        meanwhile fails at once with the last connection error, e.g. "connection closed: unavailable").
+
+        The probe must reach the snapshotter itself: ``ctr snapshots ls`` does not (containerd answers a
+        Walk from its own metadata store), so an empty active snapshot is prepared and removed."""
+        key = f"reconnect-probe-{uuid.uuid4().hex[:8]}"
+
+        def answers() -> bool:
+            args = ("snapshots", "--snapshotter", self.snapshotter_name)
+            if self.ctr(*args, "prepare", key, check=False, namespace=namespace).returncode != 0:
+                return False
+            self.ctr(*args, "rm", key, namespace=namespace)
+            return True
+
+        wait_until(answers, timeout, interval=0.2, what=f"containerd's calls reaching the {self.snapshotter_name} "
+                   "snapshotter")
+
     def log_tail(self, n: int = 40) -> str:
         return self.daemon.log_tail(n) if self.daemon else ""
 

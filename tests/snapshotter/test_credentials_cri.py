@@ -24,7 +24,6 @@ import pytest
 
 from remora.errors import RemoraError
 from remora.format import annotations as ann
-from remora.procutil import wait_until
 from remora.registry.client import RegistryClient
 from remora.snapshotter.mount import FSTYPE, MountManager
 from remora.snapshotter.storage import detach_mount, mountpoints_under
@@ -252,9 +251,8 @@ def test_cached_bootstrap_does_not_mount_without_access(stack, reg, images):
     assert list((stack.snap.root / "bootstraps").glob("sha256-*.db")), "the bootstrap is not cached"
     stack.snap.stop()
     stack.snap.start()
-    # containerd reconnects to the proxy plugin with back-off: wait until it reaches the new process
-    wait_until(lambda: stack.ctd.ctr("snapshots", "--snapshotter", "remora", "ls", check=False,
-                                     namespace=CRI_NS).returncode == 0, 30, interval=0.2, what="containerd reconnect")
+    # containerd reconnects to the proxy plugin with back-off: wait until its calls reach the new process
+    stack.ctd.wait_snapshotter(namespace=CRI_NS)
     refused = f"cannot mount {re.escape(reg.host)}/{re.escape(image.repo)} lazily"
 
     def pull_once() -> str:
@@ -265,10 +263,10 @@ def test_cached_bootstrap_does_not_mount_without_access(stack, reg, images):
                 return str(exc)
         return "pulled"
 
-    # A transport error of containerd's re-established channel to the restarted snapshotter
-    # ("connection closed: unavailable", seen in full CI runs on a loaded machine right after the
-    # restart; grpc-go's reconnect back-off is up to a few seconds) is not the answer under test: try
-    # again after a pause, a bounded number of times; the snapshotter's refusal must come, the
+    # A transport error of containerd's channel to the restarted snapshotter ("connection closed:
+    # unavailable": grpc-go's last connection error while it backs off, seen in CI when the wait above
+    # was a `ctr snapshots ls`, which containerd answers without the snapshotter) is not the answer under
+    # test: try again after a pause, a bounded number of times; the snapshotter's refusal must come, the
     # snapshotter must stay up, and nothing may be mounted meanwhile.
     answers = []
     for attempt in range(6):
