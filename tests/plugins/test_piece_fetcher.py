@@ -49,6 +49,22 @@ class Parent:
             return web.Response(body=GOOD + b"x")
         if mode == "lies":
             return web.Response(body=bytes(len(GOOD)))
+        if mode in ("flips", "trickles"):
+            # flips: the right bytes, then one flipped in the middle of the stream, then the right rest;
+            # trickles: the right bytes, steadily but far below min_piece_rate (no single read stalls)
+            resp = web.StreamResponse(headers={"Content-Length": str(len(GOOD))})
+            await resp.prepare(request)
+            if mode == "flips":
+                mid = len(GOOD) // 2
+                await resp.write(GOOD[:mid])
+                await asyncio.sleep(0.05)
+                await resp.write(bytes([GOOD[mid] ^ 1]) + GOOD[mid + 1:])
+                await resp.write_eof()
+                return resp
+            for at in range(0, len(GOOD), 1000):
+                await resp.write(GOOD[at:at + 1000])
+                await asyncio.sleep(0.05)
+            return resp
         if mode in ("dies", "stalls"):
             resp = web.StreamResponse(headers={"Content-Length": str(len(GOOD))})
             await resp.prepare(request)
@@ -116,7 +132,8 @@ async def test_a_good_parent_s_piece_is_stored_and_reported(task):
 
 
 @pytest.mark.parametrize("mode, reason", [("lies", "corrupt"), ("long", "corrupt"), ("dies", "connection"),
-                                          ("stalls", "timeout"), ("denied", "denied")])
+                                          ("stalls", "timeout"), ("denied", "denied"), ("flips", "corrupt"),
+                                          ("trickles", "timeout")])
 async def test_a_bad_parent_is_blocklisted_and_nothing_is_stored(task, mode, reason):
     t0 = time.monotonic()
     await fetch(task, mode)
@@ -161,3 +178,4 @@ async def test_a_piece_without_a_known_digest_is_never_asked_for(task):
     finally:
         await parent.stop()
     assert parent.requests == 0 and not task.entry.have and bookkeeping_clean(task)
+
