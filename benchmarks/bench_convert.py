@@ -20,6 +20,13 @@ input / max(CPU / 2, main thread CPU) is what two idle cores would sustain.
 Optional: ``--cdc`` adds FastCDC chunking runs, ``--estargz`` ``ctr-remote image convert --estargz``
 (stargz-snapshotter, on a private containerd; slow: one run).
 
+Before/after in one run: ``--baseline DIR`` also converts with the code under ``DIR`` (a module tree
+laid out as installed: ``DIR/remora`` with the converter at ``DIR/remora/converter``, e.g. a copy
+of the committed files). Each conversion then runs in a fresh worker process (``PYTHONPATH=DIR``
+for the baseline), both code versions alternate in every repetition (order swapped every other one)
+right after the same zstd run, so load swings on a shared machine hit both alike; the rows say
+whether both wrote the same blobs (``same_output``: the digests of every layer of the manifests).
+
     python benchmarks/bench_convert.py [--images debian,python,smallfiles] [--repeat 3] [--levels 3,2]
                                        [--cdc] [--estargz] [--json out.json]
 """
@@ -75,6 +82,7 @@ class Runs:
     main_cpu: list[float] = field(default_factory=list)    # remora's pipeline thread
     out_bytes: int = 0
     extra: dict = field(default_factory=dict)
+    digests: list[list[str]] = field(default_factory=list)  # manifest layer digests per run (--baseline)
 
     def med(self, what: str) -> float:
         values = getattr(self, what)
@@ -170,6 +178,40 @@ def run_remora(s: Subject, reg: LocalRegistry, chunking: str, level: int, runs: 
     assert report.input_bytes == s.input_bytes, (report.input_bytes, s.input_bytes)
 
 
+def _convert_in_worker(src: str, dst: str, chunking: str, level: int) -> dict:
+    """Worker mode (``--worker``): one conversion in this process; timings and output identity."""
+    opts = ConvertOptions(chunking=ChunkingSpec.parse(chunking), level=level, progress=False)
+    c0, m0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
+    report = convert(src, dst, opts)
+    out = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "main_cpu": time.thread_time() - m0,
+           "out_bytes": report.output_bytes, "bootstrap_bytes": report.bootstrap_bytes,
+           "input_bytes": report.input_bytes}
+    store = open_store(dst)
+    desc, data = store.resolve()
+    manifest = oci.parse_manifest(data, desc.media_type)
+    out["layers"] = [d.digest for d in manifest.layers]
+    return out
+
+
+def run_remora_worker(s: Subject, reg: LocalRegistry, chunking: str, level: int, runs: Runs, i: int,
+                      pythonpath: str | None, tag: str) -> None:
+    """One conversion in a fresh process (``pythonpath`` first on its path: the baseline code)."""
+    dst = f"{reg.host}/bench/{s.name}-{chunking.replace(':', '-').lower()}-l{level}-{tag}-{i}:remora"
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, __file__, "--worker", s.ref, dst, chunking, str(level)], env=env,
+                          check=True, capture_output=True, text=True, timeout=1800)
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["input_bytes"] == s.input_bytes, (res["input_bytes"], s.input_bytes)
+    runs.wall.append(res["wall"])
+    runs.cpu.append(res["cpu"])
+    runs.main_cpu.append(res["main_cpu"])
+    runs.out_bytes = res["out_bytes"]
+    runs.extra["bootstrap_bytes"] = res["bootstrap_bytes"]
+    runs.digests.append(res["layers"])
+
+
 def run_estargz(s: Subject, reg: LocalRegistry, runs: Runs, workdir: Path) -> None:
     from remora_testing.containerd import PrivateContainerd
 
@@ -198,7 +240,7 @@ def rows_for(s: Subject, zstd: Runs, tools: list[Runs]) -> list[dict]:
     rows = []
     for r in tools:
         n = min(len(r.wall), len(zstd.wall))
-        ratios = [zstd.wall[k] / r.wall[k] for k in range(n)] if r.tool.startswith("remora") else []
+        ratios = [zstd.wall[k] / r.wall[k] for k in range(n)] if r.tool.startswith(("remora", "baseline")) else []
         row = {
             "image": s.name, "tool": r.tool, "layers": len(s.tars), "files": s.files,
             "input_mb": s.input_bytes / 1e6, "runs": len(r.wall),
@@ -245,7 +287,14 @@ def main() -> int:
                     "the converter's default); e.g. 3,2 adds a level-2 row")
     ap.add_argument("--label", default="", help="a note printed in the title and stored in the JSON")
     ap.add_argument("--json", help="write the rows as JSON to this file (they are also printed)")
+    ap.add_argument("--baseline", help="also convert with the module tree in this directory (PYTHONPATH), "
+                    "alternating with the current code, each conversion in a fresh process")
+    ap.add_argument("--worker", nargs=4, metavar=("SRC", "DST", "CHUNKING", "LEVEL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        src, dst, chunking, level = args.worker
+        print(json.dumps(_convert_in_worker(src, dst, chunking, int(level))))
+        return 0
     names = [n.strip() for n in args.images.split(",") if n.strip()]
     if any(n not in IMAGES for n in names):
         ap.error(f"--images takes {', '.join(IMAGES)}")
@@ -260,12 +309,27 @@ def main() -> int:
             zstd = {s.name: Runs("zstd -3 -T0") for s in subjects}
             tools = {s.name: [Runs(f"remora convert ({c}{', level ' + str(lv) if lv != 3 else ''})")
                               for c, lv in variants] for s in subjects}
+            base = {s.name: [Runs(f"baseline convert ({c}{', level ' + str(lv) if lv != 3 else ''})")
+                             for c, lv in variants] for s in subjects} if args.baseline else {}
             for i in range(args.repeat):
                 for s in subjects:           # alternate: zstd, remora, zstd, remora ...
                     run_zstd(s, zstd[s.name], work)
-                    for (c, lv), runs in zip(variants, tools[s.name]):
-                        run_remora(s, reg, c, lv, runs, i)
+                    for k, ((c, lv), runs) in enumerate(zip(variants, tools[s.name])):
+                        if not args.baseline:
+                            run_remora(s, reg, c, lv, runs, i)
+                            continue
+                        pair = [(runs, None, "cur"), (base[s.name][k], args.baseline, "base")]
+                        for r, path, tag in (pair if i % 2 == 0 else pair[::-1]):
+                            run_remora_worker(s, reg, c, lv, r, i, path, tag)
+                    for k in range(len(variants) if args.baseline else 0):
+                        cur, old = tools[s.name][k], base[s.name][k]
+                        same = cur.digests == old.digests
+                        cur.extra["same_output"] = old.extra["same_output"] = same
+                        if not same:
+                            console.print(f"[red]{s.name}: the baseline wrote different blobs[/red]")
                 console.print(f"[dim]repetition {i + 1}/{args.repeat} done, load {os.getloadavg()[0]:.1f}[/dim]")
+            for name, extra in base.items():
+                tools[name] += extra
             for s in subjects:
                 if args.estargz:
                     tools[s.name].append(Runs("ctr-remote convert --estargz"))

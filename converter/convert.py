@@ -331,6 +331,17 @@ class _Packing:
         report.file_bytes += size
         return refs
 
+    def whole(self, data: memoryview) -> list[ChunkRef]:
+        """The merger's callback for a regular file whose content it holds whole (most small files):
+        what :meth:`sink` returns for it, without a file object or a copy of the bytes."""
+        size = len(data)
+        if size > self.whole_file_max or (self.hot and self.merger.current_path in self.hot):
+            return self.sink(io.BytesIO(data), size)
+        report = self.report
+        report.files += 1
+        report.file_bytes += size
+        return [self.packer.add(data)]
+
     def run(self, src, image: _SourceImage, progress: Progress):
         """``(tree, layer blob ids, hot blob id or None, prefetch inodes)``; on any error the packer's
         files are removed."""
@@ -364,7 +375,7 @@ class _Packing:
         reader = _ThreadedReader(tar_stream)
         self.packer.open_blob()
         try:
-            self.merger.apply_layer(reader, self.sink, label=layer.digest[:19])
+            self.merger.apply_layer(reader, self.sink, label=layer.digest[:19], whole=self.whole)
             while reader.read(1 << 20):
                 pass
         finally:

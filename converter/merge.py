@@ -43,6 +43,15 @@ corrupt header in mid-archive as a normal end of archive; :class:`_TarInfo` reco
 parsing stopped so we can tell. A stream that ends cleanly at a member boundary without the two
 zero blocks is accepted, as Go's archive/tar (and so containerd) accepts it.
 
+Speed: most members of a layer are plain regular files, directories and symlinks in the directory
+of the member before. :meth:`LayerMerger._fast_regulars` applies runs of those in one loop, straight
+from the read buffer (the header parsed in place, file content handed to the caller's ``whole`` as a
+view, no TarInfo or file object), including members behind a PAX header that holds only time records.
+Anything it does not take for certain -- another type, an unusual header or name, content not in
+the buffer -- it leaves untouched for the general path, so errors and odd cases keep one
+implementation; tests/converter/test_merge_fast_paths.py compares both paths on generated and
+damaged layers.
+
 The reader is strictly streaming (tarfile reads through :class:`~remora.converter.tarstream.ForwardReader`,
 which only ever moves forward): file content goes straight to the caller's ``sink`` and is never
 held whole, so multi-GB and sparse files need bounded memory.
@@ -54,18 +63,24 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import stat
+import struct
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import BinaryIO
+from zlib import adler32 as _adler32
 
-from remora.converter.tarstream import FastTarInfo, ForwardReader
+from remora.converter.tarstream import _OCTAL, FastTarInfo, ForwardReader
 from remora.errors import InvalidInput
 from remora.format.tree import ChunkRef, Inode, Tree
 
 Sink = Callable[[BinaryIO, int], "list[ChunkRef]"]
+#: ``whole(data)``: the chunks of one regular file's whole content, handed over as one bytes-like
+#: object (a view of the stream's buffer, valid only during the call)
+Whole = Callable[[memoryview], "list[ChunkRef]"]
 
 _ENC, _ERR = "utf-8", "surrogateescape"
 _WH = b".wh."
@@ -85,6 +100,13 @@ _REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE
 _PLAIN_TYPES = frozenset((tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE,
                           tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE))
 _DATA_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)   # tarfile skips their data blocks
+#: type bytes (as ints) of the members :meth:`LayerMerger._fast_regulars` takes: REGTYPE, AREGTYPE, CONTTYPE
+_FAST_TYPES = frozenset(t[0] for t in _DATA_TYPES)
+#: the ustar header fields :meth:`LayerMerger._fast_regulars` reads: name mode uid gid size mtime chksum
+#: (type skipped) linkname (magic version uname gname skipped) devmajor devminor prefix
+_USTAR_FAST = struct.Struct("100s8s8s8s12s12s8s1x100s6x2x32x32x8s8s155s")
+_DIR, _SYMLINK = tarfile.DIRTYPE[0], tarfile.SYMTYPE[0]
+_S_IFDIR, _S_IFLNK = stat.S_IFDIR, stat.S_IFLNK
 
 
 @dataclass
@@ -123,6 +145,10 @@ class HashingSink:
             chunks.append(ChunkRef(digest, len(piece)))
             left -= len(piece)
         return chunks
+
+    def whole(self, data: memoryview) -> list[ChunkRef]:
+        """The same chunks as ``self(reader, len(data))``, from content handed over whole."""
+        return self(io.BytesIO(data), len(data))
 
     def content(self, node: Inode) -> bytes:
         """The bytes of a regular file merged with a ``keep=True`` sink."""
@@ -225,9 +251,12 @@ class LayerMerger:
     ``tree`` may be an already merged lower part (it is modified in place).
     """
 
-    #: absolute path (bytes, symlinked parents resolved) of the member being applied; a sink can
-    #: read it to treat some files differently (e.g. a prefetch list)
-    current_path: bytes = b"/"
+    @property
+    def current_path(self) -> bytes:
+        """Absolute path (bytes, symlinked parents resolved) of the member being applied; a sink can
+        read it to treat some files differently (e.g. a prefetch list). Built when asked: most
+        sinks never ask, and the join is a cost per file."""
+        return b"/" + b"/".join([*self._cur_dir, self._cur_base]) if self._cur_base is not None else b"/"
 
     def __init__(self, tree: Tree | None = None):
         self.tree = tree or Tree()
@@ -242,12 +271,22 @@ class LayerMerger:
         self._track = True              # remember own paths (see apply_layer)
         self._member_reader: _MemberReader | None = None
         self._plain = False             # the last _resolve_dir met no symlink
+        self._cur_dir: list[bytes] = []         # current_path = _cur_dir + [_cur_base]
+        self._cur_base: bytes | None = None
+        self._fast_dir: bytes | None = None     # see _fast_regulars
+        self._fast_found: tuple | None = None
+        self._fast_cache: tuple | None = None
 
     # -- public ---------------------------------------------------------------------------------
-    def apply_layer(self, stream: BinaryIO, sink: Sink, label: str | None = None) -> LayerStats:
+    def apply_layer(self, stream: BinaryIO, sink: Sink, label: str | None = None,
+                    whole: Whole | None = None) -> LayerStats:
         """Apply one uncompressed layer tar read from ``stream`` (never seeked); regular file
         content is handed to ``sink(fileobj, size)`` which returns the file's chunks (empty files
-        get ``chunks=[]`` without a sink call). ``label`` (e.g. the layer digest) goes into errors."""
+        get ``chunks=[]`` without a sink call). ``label`` (e.g. the layer digest) goes into errors.
+
+        ``whole(data)``, if given (else ``sink.whole`` if the sink has one), must return what
+        ``sink`` would for the same content: the merge calls it instead of ``sink`` for a file
+        whose bytes are already in its read buffer (most small files), without a file object."""
         self.layers += 1
         self._where = f"layer {self.layers}" + (f" ({label})" if label else "")
         self._own, self._holds_own, self._plnk, self._fresh = set(), set(), {}, set()
@@ -257,6 +296,12 @@ class LayerMerger:
         # none, so the paths this layer writes need not be remembered (a cost per member).
         self._track = self._has_lower()
         self._member_reader = None
+        self._fast_dir = self._fast_found = self._fast_cache = None
+        if whole is None:
+            whole = getattr(sink, "whole", None)
+        if whole is None:
+            def whole(data: memoryview) -> list[ChunkRef]:
+                return list(sink(io.BytesIO(data), len(data)))
         stats = LayerStats()
         counting = _Counting(stream)
         reader = ForwardReader(counting)
@@ -272,6 +317,9 @@ class LayerMerger:
         last = None
         with tf:
             while True:
+                fast_last = self._fast_regulars(tf, reader, whole, stats)
+                if fast_last is not None:
+                    last = fast_last.decode(_ENC, _ERR)
                 tf._remora_stop = None
                 try:
                     ti = _next_member(tf, reader)
@@ -290,6 +338,143 @@ class LayerMerger:
         # caller wrapped around the stream sees every byte of the blob
         counting.drain()
         return stats
+
+    def _fast_regulars(self, tf: tarfile.TarFile, reader: ForwardReader, whole: Whole,
+                       stats: LayerStats) -> bytes | None:
+        """Apply the run of plain regular-file, directory and symlink members that starts at
+        ``tf.offset``, as :func:`_next_member` + :meth:`_apply_member` would, in one loop with no
+        call per member but ``whole`` (they were most of the per-file cost on images of many small
+        files).
+
+        A member is taken only when nothing about it needs a decision: a well-formed ustar header
+        of one of those types (before it no GNU header, and no PAX header but one of times only,
+        see :func:`_pax_times`; no global one in force), header and content already in the reader's
+        buffer, a name with no ``.``/``..``/empty component or whiteout prefix, whose parent
+        directory resolves as the general path resolves it (remembered from the member before
+        while it stays valid, see :meth:`_parent_dir`). At the
+        first member that is anything else the loop stops *before* it, with the reader and the
+        TarFile untouched, and the general path reads it -- so every error and every unusual
+        case keeps that path's handling. Returns the raw name of the last member applied, or None.
+        """
+        if tf.firstmember is not None or tf.pax_headers or not tf.offset:
+            return None
+        unpack, octal, track = _USTAR_FAST.unpack_from, _OCTAL, self._track
+        # The loop never refills the buffer, so positions are indexes into ``buf``; the reader, the
+        # TarFile and the counters are brought up to date once, on the way out.
+        buf, pos0, offset = reader._buf, reader._pos, tf.offset
+        fast_dir, fast_found, fast_cache = self._fast_dir, self._fast_found, self._fast_cache
+        consumed = entries = files = nbytes = 0
+        last = None
+        try:
+            while True:
+                skip = offset - pos0
+                head = skip + 512
+                if skip < 0 or len(buf) < head:
+                    break
+                pax_mtime: bytes | None = None
+                if buf[skip + 156] == 0x78:     # a PAX header: taken if it only holds times
+                    times = _pax_times(buf, skip)
+                    if times is None:
+                        break
+                    pax_mtime, skip = times
+                    head = skip + 512
+                    if len(buf) < head:
+                        break
+                typ = buf[skip + 156]
+                if typ not in _FAST_TYPES and typ != _DIR and typ != _SYMLINK:
+                    break
+                name, mode, uid, gid, size, mtime, chksum, link, devmajor, devminor, prefix = unpack(buf, skip)
+                try:        # as FastTarInfo._frombuf_fast: anything else is left to it and tarfile
+                    mode, uid, gid, devmajor, devminor = (octal[mode], octal[uid], octal[gid], octal[devmajor],
+                                                          octal[devminor])
+                    size = int(size.rstrip(b"\0 ") or b"0", 8)
+                    mtime = int(mtime.rstrip(b"\0 ") or b"0", 8)
+                    chksum = int(chksum.rstrip(b"\0 ") or b"0", 8)
+                except ValueError:
+                    break
+                if chksum != 253 + (_adler32(buf[skip:skip + 148]) & 0xFFFF) + (
+                        _adler32(buf[skip + 156:skip + 412]) & 0xFFFF) + (_adler32(buf[skip + 412:head]) & 0xFFFF):
+                    break
+                regular = typ in _FAST_TYPES
+                if regular:
+                    end = head + size
+                    if len(buf) < end:
+                        break       # content not all in the buffer: the general path reads it
+                    raw = name.split(b"\0", 1)[0]
+                else:
+                    if size:
+                        break       # tarfile reads no data for these; leave the odd case to it
+                    end = head
+                    raw = name.split(b"\0", 1)[0]
+                    if typ == _DIR:
+                        raw = raw.rstrip(b"/")     # as TarInfo.frombuf, before the prefix
+                if prefix[0]:
+                    pre = prefix.split(b"\0", 1)[0]
+                    if pre:
+                        raw = pre + b"/" + raw
+                dir_raw, _, base = raw.rpartition(b"/")
+                if not base or base == b"." or base == b".." or base.startswith(_WH):
+                    break           # (an AREGTYPE name ending in "/", a directory, has no base either)
+                if dir_raw == fast_dir and self._dir_cache is fast_cache:
+                    dir_node, dir_path, dir_id = fast_found
+                else:
+                    parts = [p for p in dir_raw.split(b"/") if p and p != b"."]
+                    if b".." in parts or (parts and parts[0].startswith(_WH_META)) or len(raw) > _NAME_MAX:
+                        break
+                    # may raise, exactly as the general path's call for this member would
+                    found = self._parent_dir(parts, raw.decode(_ENC, _ERR))
+                    dir_node, dir_path, dir_id = found
+                    fast_cache = self._dir_cache
+                    fast_dir, fast_found = (dir_raw, found) if fast_cache is not None else (None, None)
+                # header and content are consumed; the padding is skipped with the next header
+                consumed = end
+                offset = pos0 + head + ((size + 511) & ~511)
+                last = raw
+                entries += 1
+                self._cur_dir, self._cur_base = dir_path, base
+                # what _regular / _make_node give: _mtime_ns of the PAX mtime, else the header's
+                mtime_ns = (int(Decimal(pax_mtime.decode()) * 1_000_000_000) if pax_mtime is not None
+                            else mtime * 1_000_000_000)
+                if not regular:
+                    if typ == _DIR:
+                        node = dir_node.children.get(base)
+                        if node is not None and node.is_dir:
+                            # directory over directory: merge (keep children), take the layer's metadata
+                            node.mode = _S_IFDIR | (mode & 0o7777)
+                            node.uid, node.gid, node.mtime_ns, node.xattrs = uid, gid, mtime_ns, {}
+                        else:
+                            node = Inode(_S_IFDIR | (mode & 0o7777), uid, gid, mtime_ns, children={})
+                            self._fresh.add(id(node))
+                    else:
+                        target = link.split(b"\0", 1)[0]
+                        node = Inode(_S_IFLNK | 0o777, uid, gid, mtime_ns, len(target), target=target)
+                    dir_node.children[base] = node
+                    if track:
+                        self._mark_own(self._paths.intern(dir_id, base))
+                    continue
+                if size:
+                    chunks = whole(buf[head:end])
+                    got = chunks[0].size if len(chunks) == 1 else sum(c.size for c in chunks)
+                    if got != size:
+                        raise RuntimeError(f"{self._where}: sink returned chunks for {got} bytes of "
+                                           f"{raw.decode(_ENC, _ERR)!r}, which has {size}")
+                else:
+                    chunks = []
+                files += 1
+                nbytes += size
+                dir_node.children[base] = Inode(_S_IFREG | (mode & 0o7777), uid, gid, mtime_ns, size, chunks=chunks)
+                if track:
+                    self._mark_own(self._paths.intern(dir_id, base))
+        finally:
+            if consumed:
+                reader._buf = buf[consumed:]
+                reader._pos = pos0 + consumed
+                tf.offset = offset
+                stats.entries += entries
+                stats.files += files
+                stats.bytes += nbytes
+            self._fast_dir, self._fast_found, self._fast_cache = fast_dir, fast_found, fast_cache
+        return last
 
     def _has_lower(self) -> bool:
         return bool(self.tree.root.children)
@@ -337,7 +522,7 @@ class LayerMerger:
             return                                  # "./": resolves to the root, ignored
         if parts[0].startswith(_WH_META) and parts != [_OPAQUE]:
             if parts[0] == _PLNK and len(parts) == 2 and ti.type in _REGULAR:
-                self.current_path = b"/" + b"/".join(parts)
+                self._cur_dir, self._cur_base = parts[:-1], parts[-1]
                 self._plnk[parts[1]] = self._regular(tf, ti, sink, stats)
             return                                  # AUFS metadata
         dir_node, dir_path, dir_id = self._parent_dir(parts[:-1], ti.name)
@@ -356,7 +541,7 @@ class LayerMerger:
                     self._hide_lower(dir_node, target, dir_id)
             return
         existing = dir_node.children.get(base)
-        self.current_path = b"/" + b"/".join(dir_path + [base])
+        self._cur_dir, self._cur_base = dir_path, base
         node = self._make_node(tf, ti, sink, stats, existing)
         dir_node.children[base] = node
         if self._track:
@@ -367,10 +552,10 @@ class LayerMerger:
         if t == tarfile.DIRTYPE:
             if existing is not None and existing.is_dir:
                 # directory over directory: merge (keep children), take the layer's metadata
+                meta = self._meta(ti)
                 existing.mode = stat.S_IFDIR | (ti.mode & 0o7777)
-                existing.uid, existing.gid = ti.uid, ti.gid
-                existing.mtime_ns = _mtime_ns(ti)
-                existing.xattrs = self._meta(ti)["xattrs"]
+                existing.uid, existing.gid = meta["uid"], meta["gid"]
+                existing.mtime_ns, existing.xattrs = meta["mtime_ns"], meta["xattrs"]
                 return existing
             node = Inode.directory(ti.mode, **self._meta(ti))
             self._fresh.add(id(node))
@@ -406,11 +591,12 @@ class LayerMerger:
             return {"uid": ti.uid, "gid": ti.gid, "mtime_ns": int(ti.mtime) * 1_000_000_000, "xattrs": {}}
         try:
             xattrs = _xattrs(ti)
+            mtime_ns = _mtime_ns(ti)
         except InvalidInput as e:
             raise InvalidInput(f"{self._where}: {e}") from None
         if not (0 <= ti.uid < 1 << 32 and 0 <= ti.gid < 1 << 32):
             raise self._err(ti.name, f"uid/gid {ti.uid}/{ti.gid} out of range")
-        return {"uid": ti.uid, "gid": ti.gid, "mtime_ns": _mtime_ns(ti), "xattrs": xattrs}
+        return {"uid": ti.uid, "gid": ti.gid, "mtime_ns": mtime_ns, "xattrs": xattrs}
 
     def _regular(self, tf: tarfile.TarFile, ti: tarfile.TarInfo, sink: Sink, stats: LayerStats) -> Inode:
         size = ti.size
@@ -616,14 +802,64 @@ def _next_member(tf: tarfile.TarFile, reader: ForwardReader) -> tarfile.TarInfo 
     return tf.next()
 
 
+_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")      # tarfile's own record pattern (TarInfo._proc_pax)
+_PAX_TIME_KEYS = frozenset((b"mtime", b"atime", b"ctime"))
+_ZEROS = bytes(512)
+_PAX_DECIMAL = re.compile(rb"[0-9]{1,30}(?:\.[0-9]{1,30})?")
+
+
+def _pax_times(buf: memoryview, skip: int) -> tuple[bytes | None, int] | None:
+    """For a PAX extended header at ``buf[skip:]`` that holds nothing but well-formed ``mtime``,
+    ``atime`` or ``ctime`` records (what Python's tarfile and GNU tar --posix put before most
+    members): ``(its mtime value or None, index of the member header after it)``; None for any
+    other header, which tarfile then reads. On what is accepted here tarfile's ``_proc_pax``
+    yields exactly these records and no other effect: no path, size, charset, sparse or xattr
+    key, and the padding after the records is zeros (tarfile's loop would read records there)."""
+    head = skip + 512
+    _name, mode, uid, gid, size, mtime, chksum, _link, devmajor, devminor, _prefix = _USTAR_FAST.unpack_from(buf, skip)
+    try:        # the header itself as FastTarInfo._frombuf_fast would take it
+        _ = (_OCTAL[mode], _OCTAL[uid], _OCTAL[gid], _OCTAL[devmajor], _OCTAL[devminor])
+        size = int(size.rstrip(b"\0 ") or b"0", 8)
+        int(mtime.rstrip(b"\0 ") or b"0", 8)
+        chksum = int(chksum.rstrip(b"\0 ") or b"0", 8)
+    except ValueError:
+        return None
+    if chksum != 253 + (_adler32(buf[skip:skip + 148]) & 0xFFFF) + (
+            _adler32(buf[skip + 156:skip + 412]) & 0xFFFF) + (_adler32(buf[skip + 412:head]) & 0xFFFF):
+        return None
+    nxt = head + ((size + 511) & ~511)
+    if not 0 < size <= 4096 or len(buf) < nxt or buf[head + size:nxt].tobytes() != _ZEROS[:nxt - head - size]:
+        return None
+    data = buf[head:head + size].tobytes()
+    pos, value = 0, None
+    while pos < size:
+        m = _PAX_RECORD.match(data, pos)
+        if m is None:
+            return None
+        end = pos + int(m.group(1))
+        key = m.group(2)
+        if key not in _PAX_TIME_KEYS or end <= pos or end > size or data[end - 1] != 0x0A:
+            return None
+        v = data[m.end(2) + 1:end - 1]          # tarfile's slice for the value
+        if _PAX_DECIMAL.fullmatch(v) is None:
+            return None
+        if key == b"mtime":
+            value = v
+        pos = end
+    return value, nxt
+
+
 def _mtime_ns(ti: tarfile.TarInfo) -> int:
     pax = ti.pax_headers.get("mtime")
     if pax is not None:
         try:
             return int(Decimal(pax) * 1_000_000_000)
-        except ArithmeticError:
+        except (ArithmeticError, ValueError):   # not a number (tarfile made it 0), NaN, Infinity
             pass
-    return int(ti.mtime) * 1_000_000_000
+    try:
+        return int(ti.mtime) * 1_000_000_000
+    except (OverflowError, ValueError):     # a PAX "nan" or "inf" (tarfile's float): no time at all
+        raise InvalidInput(f"member {ti.name!r}: PAX mtime {pax!r} is not a finite number") from None
 
 
 def _xattrs(ti: tarfile.TarInfo) -> dict[str, bytes]:

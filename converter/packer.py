@@ -112,7 +112,7 @@ class Packer:
         return lane.bid, digest, size, lane.writer.path
 
     # -- chunks -------------------------------------------------------------------------------
-    def add(self, data: bytes, digest: bytes | None = None) -> ChunkRef:
+    def add(self, data: bytes | memoryview, digest: bytes | None = None) -> ChunkRef:
         size = len(data)
         if digest is None:
             digest = _sha256(data).digest()
@@ -167,7 +167,7 @@ class Packer:
         lane.batch_frame = None
         self._submit(lane, frame, data)
 
-    def _submit(self, lane: _Lane, frame: Frame, data: bytes | bytearray) -> None:
+    def _submit(self, lane: _Lane, frame: Frame, data: bytes | bytearray | memoryview) -> None:
         lane.pending.append((frame, self._pool.submit(compress_frame, data, self.level)))
         self._drain(lane, self.max_pending)
 

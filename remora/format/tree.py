@@ -11,12 +11,15 @@ from __future__ import annotations
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkRef:
-    """A piece of a regular file: ``size`` bytes whose sha256 is ``digest`` (32 raw bytes)."""
+class ChunkRef(NamedTuple):
+    """A piece of a regular file: ``size`` bytes whose sha256 is ``digest`` (32 raw bytes).
+
+    A named tuple (immutable, hashable) rather than a frozen dataclass: the converter makes one per
+    file, and a frozen dataclass's ``__init__`` (``object.__setattr__`` per field) costs twice as
+    much."""
 
     digest: bytes
     size: int
@@ -89,7 +92,13 @@ class Tree:
         """
         seen: dict[int, Inode] = {}
         next_ino = 1
-        for _, node in self.walk():
+        # walk()'s order without building every path (one bytes object per entry, unused here)
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            children = node.children
+            if children:
+                stack.extend([children[name] for name in sorted(children, reverse=True)])
             if id(node) in seen:
                 node.nlink += 1
                 continue
