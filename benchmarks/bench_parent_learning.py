@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Learned parent selection in a discrete-event simulation: learned vs weighted vs bandit vs random.
 
-    python benchmarks/bench_parent_learning.py                       # 50, 200, 1000 nodes; ~10 min
+    python benchmarks/bench_parent_learning.py                       # 50, 200, 1000 nodes; ~1 h on a busy 2-core box
     python benchmarks/bench_parent_learning.py --nodes 50 --seeds 2  # quick
 
 The simulator is benchmarks/parent_sim.py (shared with bench_parent_selection.py): it drives the REAL
@@ -15,18 +15,23 @@ recorder, the model loader) with a simulated clock; only the network is modelled
 * half the hosts declare their nominal uplink, the others nothing; RTTs (1-20 ms per host, a pair's is
   the sum) are probed;
 * ``nodes`` hosts: 5 % hold the blob at the start, the others arrive over ~10 s and fetch 32 pieces of
-  1 MiB, 4 at a time, from the parents they are given; a piece takes ``rtt + size / rate`` with the rate
-  ``min(uplink now / uploads of the parent, downlink / downloads of the child)`` fixed at its start,
-  times lognormal noise (sigma 0.25). Children serve what they have.
+  1 MiB, 4 at a time, from the parents they are given; a piece takes ``rtt`` then ``size`` bytes at the
+  fluid rate ``min(uplink now / uploads of the parent, downlink / downloads of the child)``, recomputed
+  whenever either changes (parent_sim.py), both scaled by lognormal noise (sigma 0.25). Children serve
+  what they have and list their transfers in flight in their announcements (the scheduler's
+  ``parent_load``).
 
 The learned scorer's model is trained, before any measured run, on history that the simulation's own
 ``weighted`` and ``bandit`` runs wrote on *other seeds* (``--train-seeds``, at ``--train-nodes`` nodes (50 and 200),
 both link settings), with ``remora trainer``'s code (plugins/trainer/train.py). The table gives, per
 setting, size and scorer, the completion time per child (mean and p95 over the children of all test
 seeds) and the p95 ratio against weighted *per seed* (median, min and max over the seeds: the runs are
-paired, same world and noise) and pooled. ``--ablation`` trains one model per left-out feature group
-(RTT probes, inferred bandwidth, declared/measured bandwidth, concurrency — its features and the load
-factor —, locality) and prints the same ratios for each. Everything goes to bench_parent_learning.json.
+paired, same world) and pooled, the seeds where it beat weighted ("better"), the pieces the hosts holding
+the blob at the start served per run ("origin": herding onto them shows there) and the share of decisions
+the model ranked. ``weighted-2`` is the noise floor (below). ``--strategies`` runs a subset.
+``--ablation`` trains one model per left-out feature group (RTT probes, inferred bandwidth,
+declared/measured bandwidth, concurrency — its features and the load factor —, locality) and
+prints the same ratios for each. Everything goes to bench_parent_learning.json.
 """
 from __future__ import annotations
 
@@ -54,9 +59,10 @@ TASK = "sha256:" + "1e" * 32
 MBIT = 125_000                      # bytes/s
 CLASSES = {"heterogeneous": ((10 * MBIT, 0.4), (100 * MBIT, 0.4), (1000 * MBIT, 0.2)),
            "homogeneous": ((100 * MBIT, 1.0),)}
-#: "weighted-2" is the weighted scorer with another tie-break seed in the selector: the same world and
-#: noise, a different random sample/shuffle of candidates. Its ratio to weighted is the noise floor of a
-#: row (at 50 nodes a different tie-break alone moves a seed's p95 by tens of percent).
+#: "weighted-2" is the weighted scorer again on the same world (hosts, congestion, arrivals) with another
+#: draw of the piece-time noise and another tie-break seed in the selector: what the learned scorer also
+#: changes, by choosing differently, without being any better. Its ratios to weighted are the noise floor
+#: of a row (at 50 nodes a different draw alone moves a seed's p95 by tens of percent).
 STRATEGIES = ("random", "weighted", "weighted-2", "bandit", "learned")
 #: Feature groups left out, one at a time, by --ablation (plugins/scheduler/selection.FEATURE_NAMES).
 ABLATION = {
@@ -145,6 +151,7 @@ class Simulation(parent_sim.Simulation):
             self.history.sink.close()
         scorer = self.svc.scorer
         out["kind"] = getattr(scorer, "kind", scorer.name)
+        out["origin_pieces"] = sum(n for pid, n in self.served.items() if pid.startswith("origin"))
         return out
 
 
@@ -164,20 +171,23 @@ def make_training_history(history_dir: str, sizes: list[int], seeds: list[int], 
 
 def run_row(links: str, n: int, seeds: range, strategies, model_dir: str | None) -> dict:
     """Every strategy on the same seeds; ratios against weighted, per seed (paired) and pooled."""
-    children, per_seed, kinds, shares, sim_s = {}, {}, {}, {}, {}
+    children, per_seed, kinds, shares, sim_s, origin = {}, {}, {}, {}, {}, {}
     for strategy in strategies:
         t0 = time.perf_counter()
         children[strategy], per_seed[strategy], kinds[strategy], shares[strategy] = [], [], set(), []
+        origin[strategy] = []
         for seed in seeds:
             sim = Simulation(strategy.split("-")[0], links, seed, Params(nodes=n),
                              model_dir=model_dir if strategy == "learned" else None)
             if strategy == "weighted-2":
                 sim.svc.selector.rng = random.Random(seed + 1000)
+                sim.noise = random.Random(seed * 7919 + 2)
             counts = _count_model_decisions(sim) if strategy == "learned" else None
             r = sim.run()
             children[strategy] += r["child"]
             per_seed[strategy].append(p95(r["child"]))
             kinds[strategy].add(r["kind"])
+            origin[strategy].append(r["origin_pieces"])
             if counts is not None:
                 shares[strategy].append(counts["learned"] / max(1, sum(counts.values())))
         sim_s[strategy] = round(time.perf_counter() - t0, 1)
@@ -190,6 +200,8 @@ def run_row(links: str, n: int, seeds: range, strategies, model_dir: str | None)
                           "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
                           "ratio_max": max(ratios), "ratio_pooled": p95(children[strategy]) / base,
                           "children": len(children[strategy]), "seeds": len(seeds),
+                          "wins": sum(1 for r in ratios if r < 1.0), "losses": sum(1 for r in ratios if r > 1.0),
+                          "origin_pieces_mean": statistics.fmean(origin[strategy]),
                           "scored_by": sorted(kinds[strategy]), "sim_s": sim_s[strategy]}
         if shares[strategy]:
             rows[strategy]["model_decision_share"] = statistics.fmean(shares[strategy])
@@ -211,13 +223,14 @@ def _count_model_decisions(sim: Simulation) -> dict:
 
 
 HEADER = (f"{'links':<14} {'nodes':>5} {'scorer':<10} {'mean':>7} {'p95':>7} | {'p95/w median':>12} "
-          f"{'[min - max]':>13} {'pooled':>6}  model")
+          f"{'[min - max]':>13} {'pooled':>6} {'better':>6} {'origin':>6}  model")
 
 
 def print_row(links: str, n: int, label: str, row: dict, width: int = 10) -> None:
     share = row.get("model_decision_share")
     print(f"{links:<14} {n:>5} {label:<{width}} {row['mean']:>7.2f} {row['p95']:>7.2f} | {row['ratio_median']:>12.2f} "
-          f"[{row['ratio_min']:>5.2f} - {row['ratio_max']:>5.2f}] {row['ratio_pooled']:>6.2f}"
+          f"[{row['ratio_min']:>5.2f} - {row['ratio_max']:>5.2f}] {row['ratio_pooled']:>6.2f} "
+          f"{row['wins']:>2}/{row['seeds']:<3} {row['origin_pieces_mean']:>6.0f}"
           + (f"  {share:.0%}" if share is not None else ""), flush=True)
 
 
@@ -235,9 +248,17 @@ def main(argv=None) -> int:
     ap.add_argument("--ablation", action="store_true", help="also the feature-group ablation (--ablation-nodes)")
     ap.add_argument("--ablation-nodes", type=int, default=200)
     ap.add_argument("--ablation-seeds", type=int, default=3)
+    ap.add_argument("--strategies", help="comma-separated subset of " + ",".join(STRATEGIES)
+                    + " (weighted is always run: the ratios are against it)")
     ap.add_argument("--json", default=str(Path(__file__).with_suffix(".json")), help="'' to skip")
     args = ap.parse_args(argv)
     sizes = args.nodes or [50, 200, 1000]
+    strategies = STRATEGIES
+    if args.strategies:
+        wanted = set(args.strategies.split(",")) | {"weighted"}
+        if wanted - set(STRATEGIES):
+            ap.error(f"unknown strategies {sorted(wanted - set(STRATEGIES))}")
+        strategies = tuple(s for s in STRATEGIES if s in wanted)
     out: dict = {"params": Params().__dict__, "sizes": sizes, "rows": [], "ablation": []}
     with tempfile.TemporaryDirectory(prefix="remora-bench-learn-") as tmp:
         model_dir = args.model_dir
@@ -265,7 +286,7 @@ def main(argv=None) -> int:
         for links in args.links or tuple(CLASSES):
             for n in sizes:
                 seeds = range(args.seeds_1000 if n >= 1000 else args.seeds)
-                rows = run_row(links, n, seeds, STRATEGIES, model_dir)
+                rows = run_row(links, n, seeds, strategies, model_dir)
                 for strategy, row in rows.items():
                     print_row(links, n, strategy, row)
                     out["rows"].append(dict(row, links=links, nodes=n, strategy=strategy))

@@ -16,9 +16,9 @@ Model:
   parents the scheduler gives them; they re-ask every ``reschedule`` pieces, announce what they finish
   (so they become parents too) and report every piece's time (which feeds measured bandwidth, the slow
   rule and the bandit);
-* a piece takes ``rtt(parent, child) + size / (parent upload bandwidth / uploads in progress)``, the
-  share fixed when the piece starts, times lognormal noise (sigma 0.25); children download at most
-  ``child_cap`` bytes/s each;
+* a piece takes ``rtt(parent, child)`` then ``size`` bytes at ``parent upload bandwidth / uploads in
+  progress``, a fluid share recomputed whenever a transfer starts or ends (parent_sim.py), both scaled
+  by lognormal noise (sigma 0.25); children download at most ``child_cap`` bytes/s each;
 * what the scheduler KNOWS depends on the scenario: ``known`` — every origin declares its bandwidth and
   probes measured RTTs; ``mixed`` — half the origins are unknown and a quarter declare a stale
   bandwidth 10x their real one; ``unknown`` — nothing declared, nothing probed.

@@ -20,16 +20,26 @@ beyond the loads they saw, and learn it from history where it goes with everythi
 onto the swarm's seeds, up to ~85 transfers each, at 50 nodes (docs/p2p.md).
 The older ``log_seconds_per_mib`` (cost as observed, load inside) still loads.
 
-Confidence: a decision is left to the weighted scorer (reason ``no_separation``) when the model's
-predictions for its candidates spread less (sample standard deviation of the log) than ``separation`` times the
-model's own held-out median absolute log error: the model cannot tell those parents apart, and a ranking
-by its noise did worse than the weighted score on equal links (benchmarks/bench_parent_learning.py).
+Confidence, twice:
 
-Score of a candidate (the model replaces the bandwidth and RTT terms of the weighted score, as the bandit
-does; pieces held, locality and free upload slots keep their weights)::
+* a decision is left to the weighted scorer (reason ``no_separation``) when the model's predictions for
+  its candidates spread less (sample standard deviation of the log) than ``separation`` times the model's
+  own held-out median absolute log error: the model cannot tell those parents apart, and a ranking by its
+  noise did worse than the weighted score on equal links (benchmarks/bench_parent_learning.py);
+* when the model does rank, predictions closer than its error are ties: each candidate's predicted cost
+  (with its load multiplied in) falls in a *tier*, ``floor(ln(cost_i / best cost) / (tie x log error))``,
+  and within a tier the weighted score orders the candidates. Ranking 1 Gbit/s above 10 Mbit/s is the
+  model's job; ordering two parents 10 % apart, when its own error is 40 %, is not (ranking on its
+  noise is what lost learned p95 on equal links before these rules: docs/p2p.md).
 
-    score_i = w_pieces * pieces_i + w_locality * locality_i + w_free * free_i
-              + (w_bandwidth + w_rtt) * min_j(cost_j) / cost_i
+Score of a candidate (higher is better; the tier dominates, the weighted score is in [0, 1])::
+
+    score_i = -tier_i + weighted_i
+
+Load: the cost is the unshared prediction times ``parent_load + 1`` — the transfers running from the
+parent now (children list them in their announcements) plus the one this answer adds. Transfers a
+child starts from parents handed out a moment ago count once its next announcement lists them (peers
+announce every 0.1 s; the simulation at once, so that lag is not measured).
 """
 from __future__ import annotations
 
@@ -67,6 +77,7 @@ DEFAULT_MAX_AGE_S = 7 * 24 * 3600.0
 DEFAULT_MAX_ERROR = 0.5             # median relative error of the predicted piece cost on held-out history
 DEFAULT_MIN_ADVANTAGE = 0.2         # held-out median abs log error at most 80 % of the naive predictor's
 DEFAULT_SEPARATION = 2.0            # see the module doc: spread of predictions / the model's log error
+DEFAULT_TIE = 1.0                   # see the module doc: width of a tier in units of the model's log error
 
 
 @dataclass
@@ -386,10 +397,11 @@ class LearnedScorer:
     name = "learned"
 
     def __init__(self, watcher: ModelWatcher, fallback: WeightedScorer | None = None,
-                 separation: float = DEFAULT_SEPARATION):
+                 separation: float = DEFAULT_SEPARATION, tie: float = DEFAULT_TIE):
         self.watcher = watcher
         self.fallback = fallback or WeightedScorer()
         self.separation = separation    # 0: always trust the model's ranking
+        self.tie = tie                  # 0: no ties, the predicted cost alone ranks
         self.metrics = None             # SchedulerMetrics, set by the service
         self.kind = "weighted"          # what scored the last decision: learned or weighted (fallback)
         self.reason = "no_model"
@@ -432,14 +444,14 @@ class LearnedScorer:
             return
         self._set_kind("learned", "")
         costs = model.predict_cost(X, log_pred=log_pred)
-        best = float(costs.min())
-        w = self.fallback.weights
-        speed = w.bandwidth + w.rtt
-        for cand, cost in zip(candidates, costs):
-            f = cand.features
+        log_cost = np.log(np.maximum(costs, 1e-12))
+        gap = log_cost - log_cost.min()
+        band = self.tie * model.log_error
+        tiers = np.floor(gap / band) if band > 0 else gap      # no band: the cost alone (weighted: 1e-9 x)
+        scale = 0.999 if band > 0 else 1e-9                     # a tier outranks any weighted score
+        for cand, cost, tier in zip(candidates, costs, tiers):
             cand.predicted_cost = float(cost)
-            cand.score = (w.pieces * f.pieces + w.locality * f.locality + w.free_upload * f.free_upload
-                          + speed * (best / float(cost) if cost > 0 else 1.0))
+            cand.score = -float(tier) + scale * self.fallback.value(cand.features)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("child %s: model v%d predicts %s", child_id, model.version,
                       ", ".join(f"{c.peer_id}={c.predicted_cost * 1000:.1f}ms" for c in candidates[:8]))

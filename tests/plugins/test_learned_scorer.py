@@ -301,3 +301,41 @@ def test_the_gates_are_scheduler_options(tmp_path):
         args = build_parser(argv).parse_args(argv + bad)
         with pytest.raises(UsageError):
             config_from_args(args)
+
+
+def test_predictions_closer_than_the_model_error_are_ties_broken_by_the_weighted_score(tmp_path):
+    """The model ranks by tiers of its own held-out error: a parent predicted 2x cheaper by a model whose
+    log error is 0.8 (a factor 2.2) is a tie, and the weighted score orders the tie; a parent 10x dearer
+    stays below whatever its weighted score. With ``tie=0`` the predicted cost alone ranks."""
+    from remora.plugins.scheduler.selection import Candidate, Features
+    from remora.plugins.scheduler.state import TaskPeer
+
+    clock = Clock()
+    publish_model(tmp_path, _doc(created=__import__("time").time(), error=0.1, log_error=0.8, naive_log_error=10.0,
+                                 target="log_unshared_seconds_per_mib"))
+    rtt, load = FEATURE_NAMES.index("rtt_s"), FEATURE_NAMES.index("parent_load")
+
+    def cands():
+        out = []
+        # p0: near, idle (0.01 s/MiB); p1: near, one transfer running (0.02); p2, p3: far (0.1).
+        # The weighted score prefers p3, then p2 (declared bandwidth), then p1, then p0.
+        for i, (r, n, bw) in enumerate([(0.002, 0, 0.1), (0.003, 1, 0.5), (0.05, 0, 0.9), (0.05, 0, 1.0)]):
+            raw = [None] * len(FEATURE_NAMES)
+            raw[rtt], raw[load] = r, float(n)
+            out.append(Candidate(TaskPeer(f"p{i}", 0), Features(0.5, 1.0, bw, 0.5, 0.0, tuple(raw))))
+        return out
+
+    def ranking(scorer):
+        cs = cands()
+        scorer.score("kid", cs)
+        assert scorer.kind == "learned"
+        return [c.peer_id for c in sorted(cs, key=lambda c: c.score, reverse=True)]
+
+    def make(tie):
+        return LearnedScorer(ModelWatcher(tmp_path, clock=clock), separation=0.5, tie=tie)
+
+    assert ranking(make(tie=1.0)) == ["p1", "p0", "p3", "p2"]     # ties: weighted order within each tier
+    assert ranking(make(tie=0.0)) == ["p0", "p1", "p3", "p2"]     # the cost alone (exact ties: weighted)
+    weighted = cands()
+    WeightedScorer().score("kid", weighted)
+    assert max(weighted, key=lambda c: c.score).peer_id == "p3"   # the model still keeps the far ones last
