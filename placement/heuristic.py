@@ -1,9 +1,10 @@
 """The fast heuristic (docs/placement.md §6): candidate pruning, greedy construction, local search.
 
-1. *Candidates*: on a large network only nodes near the users matter. Take the K nearest nodes (by
-   least-delay path) to the heaviest user nodes, the cheapest processors, and more nearby nodes until the
-   candidates hold at least twice the CPU and memory the application needs; routing is then computed
-   only from those K nodes (K Dijkstra runs instead of N), see :func:`candidates`.
+1. *Candidates*: on a large network only nodes near the users, and the cheapest processors, matter.
+   Take the cheapest processors (until they could hold twice the application's CPU), the nearest nodes
+   (by least-delay path) to the heaviest user nodes, and more nearby nodes until the candidates hold at
+   least twice the CPU and memory the application needs; routing is then computed only from those K
+   nodes (K Dijkstra runs instead of N), see :func:`candidates`.
 2. *Starts*: functions in topological order, each on the candidate with the least marginal objective
    (processing, transfers to already placed predecessors and state, new image bytes, weighted delay)
    among those with room left; a state goes with its heaviest accessor (by bytes per request) when that
@@ -57,17 +58,23 @@ def candidates(problem: Problem, k: int = 40, near: int = 12, top_users: int = 8
         D = pt.row(net.index[u])[0]
         rows.append(D)
         dist = np.minimum(dist, D)
+    need_cpu = sum(problem.cpu_demand(f, net.nodes[0]) * net.nodes[0].speed for f in problem.app.functions)
+    need_mem = sum(f.memory for f in problem.app.functions)
+    # The cheapest processors (cpu_cost/speed) first, until they could hold twice the application's CPU
+    # (at least 3, at most k/4): processing is usually the largest cost, and when these came after the
+    # near-user nodes they never made it into the k slots (the near-user nodes of 8 users fill 40).
+    cost = np.array([n.cpu_cost / n.speed for n in net.nodes])
+    reachable = np.isfinite(dist)
+    held = 0.0
+    for i in np.argsort(np.where(reachable, cost, np.inf), kind="stable")[:max(3, k // 4)]:
+        if not reachable[i] or (len(chosen) >= 3 and held >= 2 * need_cpu):
+            break
+        take(int(i))
+        held += net.nodes[i].cpu * net.nodes[i].speed
     for D in rows:
         for i in np.argsort(D, kind="stable")[:near]:
             if math.isfinite(D[i]):
                 take(int(i))
-    cost = np.array([n.cpu_cost / n.speed for n in net.nodes])
-    reachable = np.isfinite(dist)
-    for i in np.argsort(np.where(reachable, cost, np.inf), kind="stable")[:max(3, k // 8)]:
-        if reachable[i]:
-            take(int(i))
-    need_cpu = sum(problem.cpu_demand(f, net.nodes[0]) * net.nodes[0].speed for f in problem.app.functions)
-    need_mem = sum(f.memory for f in problem.app.functions)
     order = np.argsort(dist, kind="stable")
     for i in order:
         cpu = sum(net.nodes[j].cpu * net.nodes[j].speed for j in chosen)
@@ -572,9 +579,10 @@ class _Search:
 
         For every target candidate k and each of the ``seeds`` functions whose single move to k looks
         best, grow a group from that seed, always adding the outside function most connected to the
-        group (bytes per request over DAG edges and shared states) that still fits on k; states only
-        used by functions on k follow them. The exact cost change of every prefix is accumulated move by
-        move (:meth:`f_parts` is exact given the moves before it), the delay change estimated; the best
+        group (bytes per request over DAG edges and shared states) that still fits on k, up to
+        max(``maxlen``, F/2) functions; states only used by functions on k follow them. The exact cost
+        change of every prefix is accumulated move by move (:meth:`f_parts` is exact given the moves
+        before it), the delay change estimated; the best
         prefix is then judged by the exact objective. This is the neighbourhood single moves and swaps
         cannot reach: a cluster spread over several small nodes that belongs together on an empty big
         one, where moving any one function alone only adds transfers. Returns (pf, ps, cost, delay
@@ -602,7 +610,7 @@ class _Search:
                 steps: list[tuple[int, list[int]]] = []
                 conn: dict[int, float] = {}
                 nxt = int(seed)
-                while nxt >= 0 and len(steps) < maxlen:
+                while nxt >= 0 and len(steps) < max(maxlen, self.F // 2):
                     f = nxt
                     conn.pop(f, None)
                     k0 = int(pf2[f])
