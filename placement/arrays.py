@@ -94,21 +94,7 @@ class Compiled:
             self.f_acc[f].append(ai)
         order = app.topo_order
         self.topo = [fi[n] for n in order]
-        # Deployment: parts grouped by the set of functions whose image holds them.
-        groups: dict[frozenset, dict[str, int]] = {}
-        by_part: dict[str, set] = {}
-        sizes: dict[str, int] = {}
-        for i, f in enumerate(app.functions):
-            img = app.images.get(f.image) if f.image else None
-            for d, s in (img.parts if img else ()):
-                by_part.setdefault(d, set()).add(i)
-                sizes[d] = s
-        for d, fs in by_part.items():
-            groups.setdefault(frozenset(fs), {})[d] = sizes[d]
-        self.groups = [sorted(g) for g in groups]
-        dc = np.array([n.deploy_cost for n in nodes])
-        self.g_cost = np.array([[sum(s for d, s in parts.items() if d not in n.cached) / GB for n in nodes]
-                                for parts in groups.values()]).reshape(len(groups), K) * dc[None, :]
+        self.groups, self.g_cost = deployment_groups(app, nodes)
         self.f_groups: list[list[int]] = [[] for _ in range(F)]
         for g, members in enumerate(self.groups):
             for f in members:
@@ -226,6 +212,27 @@ class Compiled:
         ci = {c: i for i, c in enumerate(self.cand)}
         return (np.array([ci[placement.functions[f]] for f in self.fnames], dtype=int),
                 np.array([ci[placement.states[s]] for s in self.snames], dtype=int))
+
+
+def deployment_groups(app, nodes) -> tuple[list[list[int]], np.ndarray]:
+    """Image parts grouped by the set of functions whose image holds them (a part is deployed once per
+    node however many of those functions run there): the groups (sorted function indexes) and each
+    group's deployment cost per node (the bytes the node does not hold already, in GB, times its
+    deploy cost), shape (groups, nodes)."""
+    groups: dict[frozenset, dict[str, int]] = {}
+    by_part: dict[str, set] = {}
+    sizes: dict[str, int] = {}
+    for i, f in enumerate(app.functions):
+        img = app.images.get(f.image) if f.image else None
+        for d, s in (img.parts if img else ()):
+            by_part.setdefault(d, set()).add(i)
+            sizes[d] = s
+    for d, fs in by_part.items():
+        groups.setdefault(frozenset(fs), {})[d] = sizes[d]
+    dc = np.array([n.deploy_cost for n in nodes])
+    cost = np.array([[sum(s for d, s in parts.items() if d not in n.cached) / GB for n in nodes]
+                     for parts in groups.values()]).reshape(len(groups), len(nodes)) * dc[None, :]
+    return [sorted(g) for g in groups], cost
 
 
 def is_finite(x: float) -> bool:

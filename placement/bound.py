@@ -27,6 +27,7 @@ import numpy as np
 from scipy.optimize import linprog
 from scipy.sparse import coo_matrix
 
+from .arrays import deployment_groups
 from .model import GB, Problem
 
 
@@ -86,20 +87,7 @@ def lower_bound(problem: Problem, cost_weight: float = 1.0, delay_weight: float 
     acc = [(fi[a.function], si[a.state], a.read + a.write) for a in app.accesses]
     with np.errstate(divide="ignore"):
         inv_b = np.where(bmax > 0, 1.0 / bmax, np.inf)
-    groups: dict[frozenset, dict[str, int]] = {}
-    by_part: dict[str, set] = {}
-    sizes: dict[str, int] = {}
-    for i, f in enumerate(app.functions):
-        img = app.images.get(f.image) if f.image else None
-        for d, s in (img.parts if img else ()):
-            by_part.setdefault(d, set()).add(i)
-            sizes[d] = s
-    for d, fs in by_part.items():
-        groups.setdefault(frozenset(fs), {})[d] = sizes[d]
-    dc = np.array([n.deploy_cost for n in nodes])
-    glist = [sorted(g) for g in groups]
-    g_cost = np.array([[sum(s for d, s in parts.items() if d not in n.cached) / GB for n in nodes]
-                       for parts in groups.values()]).reshape(len(glist), N) * dc[None, :]
+    glist, g_cost = deployment_groups(app, nodes)
     E, Q, G = len(edges), len(acc), len(glist)
     wd = app.delay_weight if delay_weight is None else delay_weight
     with_delay = (wd > 0 or app.delay_bound is not None) and U > 0

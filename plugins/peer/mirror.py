@@ -31,13 +31,11 @@ same way. The grant is handed to the blob's task, which shows it to the parents 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
 import re
 
-import aiohttp
 from aiohttp import web
 
 from remora.errors import AuthError, InvalidInput, NotFound, RegistryError, RemoraError, StorageError
@@ -55,7 +53,6 @@ UPSTREAM_HEADER = "X-Remora-Upstream"
 #: Set on a manifest answered from the kept copy while the registry is unreachable (offline.py):
 #: ``kept; by-digest`` or ``stale-while-offline; age=<seconds since the registry confirmed the tag>``.
 OFFLINE_HEADER = "X-Remora-Offline"
-MAX_MANIFEST = 4 * 1024 * 1024
 _REF_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|sha256:[a-f0-9]{64})$")
 # ASCII digits only, at most 19 (a 63-bit offset): int() of thousands of digits raised ValueError (a 500
 # with a traceback) and \d also matched other scripts' digits.
@@ -171,26 +168,7 @@ class Mirror:
                                       ref: str) -> tuple[bytes, str, str]:
         """Pass the manifest through from the registry, digest-checked, and refresh the kept record."""
         accept = request.headers.get("Accept") or MANIFEST_ACCEPT
-        resp = await self.upstream.request("GET", registry, f"/v2/{name}/manifests/{ref}",
-                                           {"Accept": accept}, scope=f"repository:{name}:pull")
-        try:
-            if resp.content_length and resp.content_length > MAX_MANIFEST:
-                raise InvalidInput(f"manifest {name}:{ref} is larger than {MAX_MANIFEST} bytes")
-            try:
-                body = await resp.content.read(MAX_MANIFEST + 1)
-            except aiohttp.ClientError as exc:
-                raise RegistryUnreachable(f"manifest {name}:{ref}: the registry's answer broke off") from exc
-            content_type = resp.headers.get("Content-Type", "application/octet-stream")
-            claimed = resp.headers.get("Docker-Content-Digest", "")
-        finally:
-            resp.release()
-        if len(body) > MAX_MANIFEST:
-            raise InvalidInput(f"manifest {name}:{ref} is larger than {MAX_MANIFEST} bytes")
-        actual = "sha256:" + hashlib.sha256(body).hexdigest()
-        expected = ref if ref.startswith("sha256:") else claimed
-        if expected and expected != actual:
-            raise InvalidInput(f"manifest {name}:{ref} from {registry}: digest mismatch: expected "
-                               f"{expected}, got {actual}")
+        body, content_type, actual = await self.upstream.manifest(registry, name, ref, accept)
         try:
             await asyncio.to_thread(self.tasks.kept.keep, registry, name, ref, body, content_type)
         except (OSError, ValueError) as exc:   # keeping is a bonus: the answer stands

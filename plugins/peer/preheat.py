@@ -34,7 +34,6 @@ from (``--upstream``/``--registry``), exactly like the mirror.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import logging
@@ -56,7 +55,6 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 4 << 20
 MAX_TASKS = 256                 # kept (finished ones are dropped oldest first)
-MAX_MANIFEST = 4 << 20
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 REPO_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
@@ -359,20 +357,7 @@ class Preheater:
             log.info("preheat of %s/%s:%s: anonymous access check failed: %s", registry, repo, reference, exc)
 
     async def _manifest(self, registry: str, repo: str, reference: str) -> dict:
-        resp = await self.tasks.upstream.request("GET", registry, f"/v2/{repo}/manifests/{reference}",
-                                                 {"Accept": MANIFEST_ACCEPT}, scope=f"repository:{repo}:pull")
-        try:
-            body = await resp.content.read(MAX_MANIFEST + 1)
-            claimed = resp.headers.get("Docker-Content-Digest", "")
-            media_type = resp.headers.get("Content-Type", "")
-        finally:
-            resp.release()
-        if len(body) > MAX_MANIFEST:
-            raise InvalidInput(f"manifest {repo}:{reference} is larger than {MAX_MANIFEST} bytes")
-        actual = "sha256:" + hashlib.sha256(body).hexdigest()
-        expected = reference if reference.startswith("sha256:") else claimed
-        if expected and expected != actual:
-            raise InvalidInput(f"manifest {repo}:{reference}: digest mismatch: expected {expected}, got {actual}")
+        body, media_type, _ = await self.tasks.upstream.manifest(registry, repo, reference, MANIFEST_ACCEPT)
         try:
             data = json.loads(body)
         except ValueError as exc:
@@ -383,7 +368,8 @@ class Preheater:
         # the node can start the image while the registry is unreachable (offline.py).
         try:
             await asyncio.to_thread(self.tasks.kept.keep, registry, repo, reference, body,
-                                    media_type or str(data.get("mediaType") or ""))
+                                    str(data.get("mediaType") or "") if media_type == "application/octet-stream"
+                                    else media_type)
         except (OSError, ValueError) as exc:
             raise RemoraError(f"manifest {repo}:{reference}: cannot keep it for offline use: {exc}") from None
         return data

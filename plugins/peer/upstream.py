@@ -24,6 +24,7 @@ exception: those are logged here (a refused or unreachable address is what a por
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -32,11 +33,12 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 
 from remora import __version__
-from remora.errors import AuthError, NotFound, RegistryError, RemoraError
+from remora.errors import AuthError, InvalidInput, NotFound, RegistryError, RemoraError
 from remora.registry import authcore
 from remora.registry.auth import Credentials, is_loopback, load_credentials
 
 log = logging.getLogger(__name__)
+MAX_MANIFEST = 4 << 20   # bytes: a manifest larger than this is refused (InvalidInput)
 
 #: Docker Hub's name in image references vs the host that serves its API.
 HUB_ALIASES = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
@@ -180,6 +182,32 @@ class Upstream:
         return self._credentials[registry]
 
     # -- requests -------------------------------------------------------------------------------------
+    async def manifest(self, registry: str, name: str, ref: str, accept: str) -> tuple[bytes, str, str]:
+        """GET a manifest: (body, Content-Type, its sha256 digest), checked against ``ref`` when that is a
+        digest, else against the registry's ``Docker-Content-Digest`` if it sent one; at most
+        MAX_MANIFEST bytes (InvalidInput past that). An answer that breaks off is RegistryUnreachable."""
+        resp = await self.request("GET", registry, f"/v2/{name}/manifests/{ref}", {"Accept": accept},
+                                  scope=f"repository:{name}:pull")
+        try:
+            if resp.content_length and resp.content_length > MAX_MANIFEST:
+                raise InvalidInput(f"manifest {name}:{ref} is larger than {MAX_MANIFEST} bytes")
+            try:
+                body = await resp.content.read(MAX_MANIFEST + 1)
+            except aiohttp.ClientError as exc:
+                raise RegistryUnreachable(f"manifest {name}:{ref}: the registry's answer broke off") from exc
+            content_type = resp.headers.get("Content-Type", "application/octet-stream")
+            claimed = resp.headers.get("Docker-Content-Digest", "")
+        finally:
+            resp.release()
+        if len(body) > MAX_MANIFEST:
+            raise InvalidInput(f"manifest {name}:{ref} is larger than {MAX_MANIFEST} bytes")
+        actual = "sha256:" + hashlib.sha256(body).hexdigest()
+        expected = ref if ref.startswith("sha256:") else claimed
+        if expected and expected != actual:
+            raise InvalidInput(f"manifest {name}:{ref} from {registry}: digest mismatch: expected "
+                               f"{expected}, got {actual}")
+        return body, content_type, actual
+
     async def request(self, method: str, registry: str, path: str, headers: dict[str, str] | None = None,
                       scope: str = "") -> aiohttp.ClientResponse:
         """A request to ``registry`` (``path`` starts with ``/v2/``) with auth and redirects handled.
