@@ -264,8 +264,7 @@ class Preheater:
                 source = Source(registry, repo)
                 if not task.blobs:
                     task.blobs = await self._resolve(registry, repo, reference, task.want_all)
-            for blob in task.blobs:     # in priority order: bootstrap and hot blob first
-                await self._fetch(blob, source)
+            await self._fetch_all(task.blobs, source)
             missing = [b.digest for b in task.blobs if not b.verified]
             if missing:
                 raise RemoraError(f"blobs not verified: {missing[:5]}")
@@ -281,6 +280,30 @@ class Preheater:
             task.state, task.error = "failed", f"{type(exc).__name__}: {exc}"
         finally:
             task.finished = time.time()
+
+    async def _fetch_all(self, blobs: list[BlobProgress], source: Source | None) -> None:
+        """Fetch ``blobs`` up to the semaphore's count at a time, started in priority order (bootstrap
+        and hot blob first: the semaphore lets waiters in first come, first served). Overlapping them
+        matters on a mesh: each blob's swarm starts from one copy and ends with a tail of last pieces,
+        and a node fetching one blob after the other leaves its links idle in both. The first failure
+        cancels the rest and is raised."""
+        fetches = [asyncio.ensure_future(self._fetch(blob, source)) for blob in blobs]
+        if not fetches:
+            return
+        try:
+            done, pending = await asyncio.wait(fetches, return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:
+            for f in fetches:
+                f.cancel()
+            await asyncio.gather(*fetches, return_exceptions=True)
+            raise
+        for f in pending:
+            f.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        for f in fetches:   # the first failure in priority order
+            if f.done() and not f.cancelled() and f.exception() is not None:
+                raise f.exception()
 
     async def _fetch(self, blob: BlobProgress, source: Source | None) -> None:
         async with self.sem:
