@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -75,7 +76,25 @@ def main() -> None:
     args = ap.parse_args()
     size = args.size_mb << 20
     runs = []
-    with Lab(prefix="rbp-", offload=True) as lab:
+    lab = Lab(prefix="rbp-", offload=True)
+    try:
+        _run(args, lab, size, runs)
+    finally:
+        # ~8 GB per run at the defaults (the images, the registry, every peer's store) on a shared disk:
+        # only the logs stay, for a look after a failure.
+        for sub in Path(lab.workdir).iterdir() if Path(lab.workdir).is_dir() else ():
+            if sub.name == "logs":
+                continue
+            if sub.is_dir() and not sub.is_symlink():
+                shutil.rmtree(sub, ignore_errors=True)
+            else:
+                sub.unlink(missing_ok=True)
+        print(f"logs: {lab.workdir}/logs", flush=True)
+    report(args, runs)
+
+
+def _run(args, lab: Lab, size: int, runs: list) -> None:
+    with lab:
         ml = ManagedLab(lab, interval=2.0, peers=args.nodes, node_rate=args.rate,
                         registry_rate=args.registry_rate or args.rate)
         images = {(r, arm): make_image(lab.workdir, f"img{r}{arm}", size, args.layers, seed=10 * r + (arm == "all"))
@@ -93,6 +112,9 @@ def main() -> None:
                 out = {"repeat": r, "arm": arm, **run_job(ml, images[(r, arm)], scope, args.timeout)}
                 print(json.dumps(out), flush=True)
                 runs.append(out)
+
+
+def report(args, runs: list) -> None:
     med = {}
     for arm in ("one", "all"):
         ok = [x for x in runs if x["arm"] == arm and x["state"] == "succeeded"]
