@@ -20,7 +20,6 @@ import os
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,25 +41,59 @@ def make_image(work: Path, name: str, size: int, layers: int, seed: int) -> cont
     return content.build_image(f"bench/{name}", "v1", built)
 
 
+ROLES = (("manager", " manager "), ("scheduler", " scheduler "), ("peer", " peer "), ("registry", "registry"))
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds (user + system, all threads) the lab's live processes have used, by role."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = " " + open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        role = next((name for name, needle in ROLES if needle in cmd), None)
+        if role is not None:
+            out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def run_job(ml: ManagedLab, image: content.Image, scope: dict, timeout: float) -> dict:
     ref = f"{ml.mesh.registry.host}/{image.repo}:{image.tag}"
     served0 = sum(ml.mesh.registry.blob_bytes_served().values())
+    before = [ml.metrics(p) for p in ml.mesh.peers]
     job = ml.api("POST", "/api/v1/jobs", {"type": "preheat", "image": ref, "scope": scope, "timeout": timeout,
                                           "max_attempts": 1})
-    deadline = time.monotonic() + timeout + 60
-    while True:
-        view = ml.api("GET", f"/api/v1/jobs/{job['id']}")
-        if view["state"] in ("succeeded", "failed", "cancelled"):
-            break
-        if time.monotonic() > deadline:
-            raise SystemExit(f"job {job['id']} still {view['state']} after {timeout}s")
-        time.sleep(1.0)
+    cpu0 = cpu_by_role()
+    view, samples = ml.watch_job(job["id"], timeout + 60)
+    cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu_by_role().items()}
+    if view["state"] not in ("succeeded", "failed", "cancelled"):
+        raise SystemExit(f"job {job['id']} still {view['state']} after {timeout}s")
+    timeline: dict[str, list] = {}     # node -> [[seconds since the job was created, bytes done], ...]
+    for sample in samples:
+        for host, (_state, done) in sample["nodes"].items():
+            timeline.setdefault(host, []).append([sample["t"], done])
     served = sum(ml.mesh.registry.blob_bytes_served().values()) - served0
+    # what the peers' piece traffic looked like: failures by reason, pieces served and refused
+    counters: dict[str, float] = {}
+    for p, b in zip(ml.mesh.peers, before):
+        for name, value in ml.metrics(p).items():
+            if name.startswith(("remora_peer_piece_failures_total", "remora_peer_upload_pieces_total",
+                                "remora_peer_pieces_total", "remora_peer_back_to_source_total")):
+                key = name.replace("remora_peer_", "")
+                counters[key] = counters.get(key, 0) + value - b.get(name, 0.0)
     return {"state": view["state"], "seconds": round(view["finished_at"] - view["created_at"], 2),
             "nodes": len(view["nodes"]), "nodes_succeeded": sum(n["state"] == "succeeded" for n in view["nodes"]),
             "registry_egress_x_image": round(served / image.size, 3),
             "errors": sorted({n["error"][:160] for n in view["nodes"] if n["error"]}),
-            "loadavg": os.getloadavg()[0]}
+            "node_seconds": sorted(round(n["finished_at"] - view["created_at"], 2) for n in view["nodes"]
+                                   if n.get("finished_at")),
+            "cpu_seconds": cpu, "peer_counters": {k: int(v) for k, v in sorted(counters.items()) if v},
+            "timeline": timeline, "loadavg": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -71,6 +104,10 @@ def main() -> None:
     ap.add_argument("--rate", default="100mbit", help="each node's link, each way")
     ap.add_argument("--registry-rate", default=None, help="registry uplink (default: --rate)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--keepalive-interval", type=float, default=10.0,
+                    help="the manager's --keepalive-interval (its default; the tests' lab uses 2 s)")
+    ap.add_argument("--job-poll", type=float, default=1.0,
+                    help="the manager's --job-poll (its default; the tests' lab polls every 0.2 s)")
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "bench_preheat.json")
     args = ap.parse_args()
@@ -95,8 +132,8 @@ def main() -> None:
 
 def _run(args, lab: Lab, size: int, runs: list) -> None:
     with lab:
-        ml = ManagedLab(lab, interval=2.0, peers=args.nodes, node_rate=args.rate,
-                        registry_rate=args.registry_rate or args.rate)
+        ml = ManagedLab(lab, interval=args.keepalive_interval, peers=args.nodes, node_rate=args.rate,
+                        registry_rate=args.registry_rate or args.rate, job_poll=args.job_poll)
         images = {(r, arm): make_image(lab.workdir, f"img{r}{arm}", size, args.layers, seed=10 * r + (arm == "all"))
                   for r in range(args.repeats) for arm in ("one", "all")}
         with ml.mesh.registry.loopback() as loop:   # filled from the root namespace, on 127.0.0.1
@@ -110,7 +147,7 @@ def _run(args, lab: Lab, size: int, runs: list) -> None:
             for arm in ("one", "all"):
                 scope = {"kind": "nodes", "nodes": [first]} if arm == "one" else {"kind": "all_peers", "cluster": "lab"}
                 out = {"repeat": r, "arm": arm, **run_job(ml, images[(r, arm)], scope, args.timeout)}
-                print(json.dumps(out), flush=True)
+                print(json.dumps({k: v for k, v in out.items() if k != "timeline"}), flush=True)
                 runs.append(out)
 
 

@@ -57,6 +57,9 @@ ORPHAN_GRACE = 2.0
 #: How often a downloading child refreshes its view of the mesh (parents and the pieces they hold): a
 #: piece a sibling just finished is picked up within that much.
 TICK = 0.1
+#: Landed pieces are flushed to the disk in the background once this many bytes of them wait (and all of
+#: them before the blob is recorded as verified; see pieces.py): the flush at the end stays short.
+SYNC_BATCH_BYTES = 8 << 20
 #: ... but only while it has free fetch slots and nothing to start; with every slot busy, at least this often.
 MAX_VIEW_AGE = 0.5
 #: Idle connections to parents are kept this long (seconds); see TaskManager.start.
@@ -97,6 +100,7 @@ class Task:
         self._whole: hashlib._Hash | None = None
         self._whole_next = 0                        # pieces 0.._whole_next-1 are in self._whole
         self._whole_task: asyncio.Task | None = None
+        self._sync_task: asyncio.Task | None = None     # a batch of landed pieces being flushed to disk
         self._orphans_since: float | None = None    # since when wanted pieces have no holder at all
         # the child's view of the mesh (see _fetch_from_parents)
         self._parents: dict[str, pb.Parent] = {}     # peer id -> parent, with the pieces it holds
@@ -394,7 +398,22 @@ class Task:
         self._notify()
         if source == "peer" and index == self._whole_next and (self._whole_task is None or self._whole_task.done()):
             self._whole_task = self.m.spawn(self._hash_ahead())
+        if self.entry.unsynced * self.entry.piece_size >= SYNC_BATCH_BYTES and \
+                (self._sync_task is None or self._sync_task.done()):
+            self._sync_task = self.m.spawn(self._sync_batch())
         return digest
+
+    async def _sync_batch(self) -> None:
+        try:
+            await asyncio.to_thread(self.entry.sync_pieces)
+        except StorageError as exc:   # kept unsynced: the flush before verification tries again and fails the task
+            log.warning("%s", exc)
+
+    async def _sync(self) -> None:
+        """Every landed piece on the disk: the batch being flushed in the background, then the rest."""
+        if self._sync_task is not None and not self._sync_task.done():
+            await asyncio.wait([self._sync_task])
+        await asyncio.to_thread(self.entry.sync_pieces)
 
     async def _hash_ahead(self) -> str:
         """Feed the pieces that are on disk, in order from where it stopped, to the whole-blob hash;
@@ -452,6 +471,7 @@ class Task:
                 # digests are wrong. "digest_mismatch" tells the scheduler to isolate their source.
                 await self._reset(f"digest_mismatch: {err}")
                 raise err
+            await self._sync()   # "verified" on disk promises every piece is on the disk too
             entry.mark_verified()
             self.grant = None   # nothing more to fetch: the client's credential is not kept
             self.m.metrics.tasks.labels("success").inc()

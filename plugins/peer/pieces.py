@@ -6,12 +6,18 @@ Layout under ``<data-dir>/tasks/<sha256 hex>/``::
                    whole blob matched its digest
     pieces/<n>     piece n, exactly piece_size bytes (the last one shorter)
 
-A piece file only ever appears by ``rename`` of a fully written and fsync'ed temporary file, so a crash
-can leave a stray ``.tmp`` (removed on the next open) but never a short piece that looks complete. A
-piece is only written after it was checked against its piece digest (children) or hashed as it came
-from the registry (the seed). Disks still rot and people still edit files: every piece is hashed again
-against the digest kept in meta.json before it leaves this node (:meth:`BlobEntry.verify_piece`), and a
-piece that does not match is dropped and fetched again instead of being served.
+A piece file only ever appears by ``rename`` of a fully written temporary file, so a crash can leave a
+stray ``.tmp`` (removed on the next open) but never a short piece that looks complete. A piece is only
+written after it was checked against its piece digest (children) or hashed as it came from the registry
+(the seed). Pieces are not fsync'ed one by one as they land (on a node that moves a blob through the mesh,
+a flush per piece stalled the seed's stream and cost every peer CPU: see :meth:`BlobEntry.sync_pieces`):
+they are flushed in batches behind the download and all of them before the blob is recorded as verified.
+So after a power loss, pieces of a verified blob are whole, and the pieces of a blob that was still
+downloading are each hashed against their digest when the store opens it again (a piece whose bytes
+never reached the disk is dropped and fetched again). Disks still rot and people still edit files:
+every piece is hashed again against the digest kept in meta.json before it leaves this node
+(:meth:`BlobEntry.verify_piece`), and a piece that does not match is dropped and fetched again instead of
+being served.
 
 GC evicts whole blobs, least recently used first: those idle longer than the TTL, and then as many as
 needed to bring the disk from the high watermark down to the low one. Blobs in use (a download running,
@@ -25,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -136,6 +143,8 @@ class BlobEntry:
         self.verified = False
         self.have: set[int] = set()
         self.users = 0          # downloads/responses holding it: GC skips it while > 0
+        self._unsynced: set[int] = set()   # pieces written but not yet flushed to the disk
+        self._sync_lock = threading.Lock()
         self._meta_saved_at = 0.0
         self._meta_dirty = False
         self._load()
@@ -201,7 +210,46 @@ class BlobEntry:
         if len(data) != end - start:
             raise InvalidInput(f"{self.digest}: piece {index} has {len(data)} bytes, expected {end - start}")
         self.piece_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.piece_path(index), data)
+        _write_atomic(self.piece_path(index), data, fsync=False)
+        with self._sync_lock:
+            self._unsynced.add(index)
+
+    @property
+    def unsynced(self) -> int:
+        """How many written pieces still wait for :meth:`sync_pieces`."""
+        return len(self._unsynced)
+
+    def sync_pieces(self) -> int:
+        """Flush the pieces written since the last call to the disk, and the directory that names them
+        (blocking: call from a thread). Returns how many were flushed. One flush per batch of pieces
+        instead of one per piece: the kernel writes a batch in one go, and nothing waits on each piece."""
+        with self._sync_lock:
+            batch, self._unsynced = self._unsynced, set()
+        if not batch:
+            return 0
+        try:
+            for index in sorted(batch):
+                try:
+                    fd = os.open(self.piece_path(index), os.O_RDONLY)
+                except FileNotFoundError:
+                    continue   # dropped meanwhile
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            try:
+                fd = os.open(self.piece_dir, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                return 0   # the blob was dropped meanwhile (reset, GC): nothing left to flush
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with self._sync_lock:
+                self._unsynced |= batch
+            raise StorageError(f"{self.digest}: cannot flush pieces to disk: {exc.strerror or exc}") from exc
+        return len(batch)
 
     def commit_piece(self, index: int, digest: str) -> None:
         """Record (in the loop thread) a piece :meth:`write_piece` stored."""
@@ -295,12 +343,18 @@ class BlobEntry:
             self.save_meta(fsync=False)   # a restart must not take the blob for verified any more
 
     def mark_verified(self) -> None:
+        """Record the blob as verified (on disk, fsync'ed). Every piece must be on the disk first: call
+        :meth:`sync_pieces` (in a thread) before; pieces still unsynced are flushed here."""
+        if self._unsynced:
+            self.sync_pieces()
         self.verified = True
         self.save_meta()
 
     def reset(self) -> None:
         """Forget everything about this blob (a failed back-to-source, a mismatching whole blob)."""
         shutil.rmtree(self.piece_dir, ignore_errors=True)
+        with self._sync_lock:
+            self._unsynced.clear()
         self.have.clear()
         self.verified = False
         self.content_length = self.piece_size = 0
@@ -371,6 +425,14 @@ class BlobEntry:
                 self.have.add(i)
             else:
                 path.unlink(missing_ok=True)
+        if not self.verified and self.have:
+            # Pieces of a blob still downloading may not have reached the disk before a crash (they are
+            # flushed in batches): each is hashed before it counts. A verified blob's were all flushed.
+            bad = self.verify_pieces(sorted(self.have))
+            for i in bad:
+                log.warning("%s: piece %d did not survive the last stop: fetching it again", self.digest, i)
+                self.have.discard(i)
+                self.piece_path(i).unlink(missing_ok=True)
         if self.verified and not self.complete:
             self.verified = False
 

@@ -25,6 +25,10 @@ from .pieces import BlobEntry
 
 log = logging.getLogger(__name__)
 
+#: Bytes of piece buffers a seed's registry stream may fill ahead of the pieces still being hashed and
+#: written (at least two buffers, at most SEED_BUFFERS_MAX): 8 MiB is 0.7 s of a 100 Mbit/s link.
+SEED_BUFFER_BYTES = 8 << 20
+SEED_BUFFERS_MAX = 32
 _CONTENT_RANGE = re.compile(r"bytes (\d{1,20})-(\d{1,20})/(\d{1,20}|\*)")
 
 
@@ -41,6 +45,22 @@ class Source:
     @property
     def scope(self) -> str:
         return f"repository:{self.repository}:pull"
+
+
+async def _next_free(free: asyncio.Queue, landed: asyncio.Future) -> memoryview:
+    """The next free piece buffer; if the lander ends first (it failed), its exception is raised."""
+    if not free.empty():
+        return free.get_nowait()
+    getter = asyncio.ensure_future(free.get())
+    try:
+        await asyncio.wait([getter, landed], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not getter.done():
+            getter.cancel()
+    if getter.done() and not getter.cancelled():
+        return getter.result()
+    landed.result()   # raises the landing's failure
+    raise RegistryError("piece landing stopped")
 
 
 def runs(indexes: list[int]) -> list[tuple[int, int]]:
@@ -125,13 +145,18 @@ class SourceStream:
     async def _cut_pieces(self, resp: aiohttp.ClientResponse, first: int, last: int, skip: int) -> str:
         entry = self.entry
         index = first
-        # Two piece-sized buffers, filled straight from the stream and reused (no joins, slices or fresh
-        # memory per piece): while one piece is hashed and written (fsync included) in a worker thread, the
-        # next one is read. A seed that stopped reading for every write would let the socket buffer fill
-        # and the registry's stream stall, a few milliseconds per piece, on the link every child waits on.
-        views = [memoryview(bytearray(entry.piece_size)) for _ in range(2)]
-        view = views[0]
-        storing: asyncio.Task | None = None   # the previous piece, landing
+        # Piece-sized buffers, filled straight from the stream and reused (no joins, slices or fresh memory
+        # per piece), handed in order to one lander that hashes and writes them (fsync included) in a
+        # worker thread while the stream goes on into the next free buffer. The reader waits only when
+        # every buffer is still landing: an fsync that takes 100 ms on a disk other peers are writing to
+        # must not stop the registry's stream, on the link every child waits on (with two buffers, the seed
+        # of bench_preheat.py's 8 nodes finished 1.2x later than a seed alone; see SEED_BUFFER_BYTES).
+        count = max(2, min(SEED_BUFFERS_MAX, -(-SEED_BUFFER_BYTES // entry.piece_size)))
+        free: asyncio.Queue = asyncio.Queue()
+        for _ in range(count):
+            free.put_nowait(memoryview(bytearray(entry.piece_size)))
+        landing: asyncio.Queue = asyncio.Queue()   # (index, filled view, t0), then None: the stream ended
+        view = free.get_nowait()
         filled = 0
         want = entry.piece_span(index)[1] - entry.piece_span(index)[0]
         t0 = time.monotonic()
@@ -140,6 +165,14 @@ class SourceStream:
         self._announce()
         # Streaming the blob from its first byte, the whole-blob digest comes for free: no second pass.
         whole = hashlib.sha256() if first == 0 and last == entry.n_pieces - 1 else None
+
+        async def lander() -> None:
+            while (item := await landing.get()) is not None:
+                i, data, started = item
+                await self._land(i, data, started, whole)   # in order: the whole-blob hash is fed piece by piece
+                free.put_nowait(memoryview(data.obj))
+
+        landed = asyncio.ensure_future(lander())
         try:
             async for chunk in resp.content.iter_any():
                 chunk = memoryview(chunk)
@@ -153,28 +186,26 @@ class SourceStream:
                     chunk = chunk[n:]
                     if filled < want:
                         break
-                    if storing is not None:
-                        await storing  # in order: the whole-blob hash is fed piece after piece
-                    storing = asyncio.ensure_future(self._land(index, view[:want], t0, whole))
-                    view = views[1] if view is views[0] else views[0]
-                    filled = 0
+                    landing.put_nowait((index, view[:want], t0))
                     index += 1
+                    filled = 0
                     if index <= last:
+                        if landed.done():   # a landing failed (a full disk): stop reading, raise it below
+                            break
+                        view = await _next_free(free, landed)
                         want = entry.piece_span(index)[1] - entry.piece_span(index)[0]
                         t0 = time.monotonic()
-                if index > last:
+                if index > last or landed.done():
                     break
-            if storing is not None:
-                await storing
-                storing = None
+            landing.put_nowait(None)
+            await landed
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise RegistryError(f"{self.digest}: registry stream broke at piece {index}: {exc or type(exc).__name__}") \
                 from exc
         finally:
-            if storing is not None:  # the stream failed (or we are cancelled) while a piece was landing
-                if not storing.done():
-                    storing.cancel()
-                await asyncio.gather(storing, return_exceptions=True)
+            if not landed.done():  # the stream failed (or we are cancelled) while pieces were landing
+                landed.cancel()
+            await asyncio.gather(landed, return_exceptions=True)
             self._in_flight -= run
         if index <= last:
             raise RegistryError(f"{self.digest}: registry sent a truncated blob (stopped in piece {index} of "

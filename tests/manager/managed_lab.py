@@ -24,9 +24,31 @@ r = s.request(sys.argv[1], sys.argv[2], json=json.loads(sys.argv[4]) if sys.argv
 print(json.dumps({"status": r.status_code, "body": r.json() if r.content else None}))
 """
 
+#: a job watcher, run inside the manager's node: one process and one keep-alive connection for the whole
+#: job (a process per poll costs a core's worth of Python start-ups on a loaded 2-core machine). A JSON
+#: line per poll: seconds since the job was created and, per node, its state and bytes done; then the
+#: final view.
+WATCH = """
+import json, sys, time, requests
+s = requests.Session(); s.trust_env = False
+s.headers["Authorization"] = "Bearer " + open(sys.argv[2]).read().strip()
+url, interval, deadline = sys.argv[1], float(sys.argv[4]), time.monotonic() + float(sys.argv[5])
+while True:
+    view = s.get(url, timeout=30, verify=sys.argv[3]).json()
+    done = view["state"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline
+    print(json.dumps({"t": round(time.time() - view["created_at"], 2), "nodes": {
+        n["hostname"]: [n["state"], sum(int(b.get("done_bytes", 0)) for b in n.get("blobs") or []
+                                        if isinstance(b, dict))] for n in view.get("nodes", [])}}), flush=True)
+    if done:
+        print(json.dumps(view), flush=True)
+        break
+    time.sleep(interval)
+"""
+
+
 class ManagedLab:
     def __init__(self, lab: Lab, image: content.Image | None = None, interval: float = 2.0, peers: int = 4,
-                 node_rate: str | None = None, registry_rate: str | None = None):
+                 node_rate: str | None = None, registry_rate: str | None = None, job_poll: float = 0.2):
         self.lab, self.image, self.interval = lab, image, interval
         self.work = lab.workdir
         self.join_file, self.preheat_file = self.work / "join-token", self.work / "preheat-token"
@@ -55,7 +77,7 @@ class ManagedLab:
             *REMORA, "-v", "manager", "--db", f"sqlite:///{self.work}/manager.db",
             "--listen", f"{self.manager_node.ip}:{MANAGER_PORT}", "--tls-dir", str(self.work / "pki" / "manager"),
             "--root-token-file", str(self.root_file), "--keepalive-interval", str(interval),
-            "--peer-token-file", str(self.preheat_file), "--job-poll", "0.2", "--job-backoff", "0.5"],
+            "--peer-token-file", str(self.preheat_file), "--job-poll", str(job_poll), "--job-backoff", "0.5"],
             log_name="manager.log")
         wait_port_in(self.manager_node, self.manager_node.ip, MANAGER_PORT, timeout=60, daemon=self.manager)
         self.api("POST", "/api/v1/clusters", {"name": "lab", "is_default": True, "scopes": {"idc": ["lab"]}})
@@ -71,6 +93,16 @@ class ManagedLab:
         if ok:
             assert answer["status"] < 300, (method, path, answer)
         return answer["body"]
+
+    def watch_job(self, job_id: int, timeout: float, interval: float = 0.5) -> tuple[dict, list[dict]]:
+        """Poll job ``job_id`` from one process in the manager's node until it ends or ``timeout`` passes:
+        (the final view, the samples ``{"t": seconds since created, "nodes": {host: [state, bytes done]}}``)."""
+        out = self.manager_node.run([PY, "-c", WATCH, f"{self.url}/api/v1/jobs/{job_id}", str(self.root_file),
+                                     str(self.ca_pem), str(interval), str(timeout)],
+                                    check=False, timeout=timeout + 60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        lines = [json.loads(x) for x in out.stdout.strip().splitlines()]
+        return lines[-1], lines[:-1]
 
     def start(self) -> None:
         self.mesh.start()
@@ -90,6 +122,21 @@ class ManagedLab:
                 f"sys.stdout.write(o.open('{p.mirror}/_remora/status',timeout=10).read().decode())")
         out = p.node.run([PY, "-c", code], check=False, timeout=30)
         return json.loads(out.stdout) if out.returncode == 0 and out.stdout else {}
+
+    def metrics(self, p, prefix: str = "remora_peer_") -> dict[str, float]:
+        """A peer's Prometheus samples whose names start with ``prefix`` (read inside its node)."""
+        code = ("import urllib.request,sys;o=urllib.request.build_opener(urllib.request.ProxyHandler({}));"
+                f"sys.stdout.write(o.open('{p.mirror}/metrics',timeout=10).read().decode())")
+        out = p.node.run([PY, "-c", code], check=False, timeout=30)
+        samples = {}
+        for line in out.stdout.splitlines() if out.returncode == 0 else ():
+            if line.startswith(prefix) and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                try:
+                    samples[name] = float(value)
+                except ValueError:
+                    pass
+        return samples
 
     def wait(self, predicate, timeout: float, what: str):
         deadline = time.monotonic() + timeout

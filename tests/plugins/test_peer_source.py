@@ -137,3 +137,95 @@ async def test_a_206_with_other_bytes_than_asked_fails_and_stores_nothing(tmp_pa
     finally:
         await peer.stop()
         await runner.cleanup()
+
+
+# -- the seed's landing queue (SourceStream._cut_pieces) -------------------------------------------------
+class _Body:
+    """A registry response body: ``chunks`` handed out one by one, the count of those taken kept."""
+
+    def __init__(self, data: bytes, chunk: int):
+        self.chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+        self.taken = 0
+
+    async def iter_any(self):
+        for c in self.chunks:
+            self.taken += 1
+            yield c
+
+
+class _Resp:
+    def __init__(self, body: _Body):
+        self.content = body
+
+
+def _stream(tmp_path, store, pieces: int):
+    import asyncio  # noqa: F401  (the fixture's loop runs the coroutine)
+
+    from remora.plugins.peer.pieces import BlobEntry
+    from remora.plugins.peer.source import SourceStream
+
+    entry = BlobEntry(tmp_path, DIGEST)
+    entry.set_layout(pieces * MIN_PIECE_SIZE, MIN_PIECE_SIZE)
+    return SourceStream(None, DIGEST, entry, [], in_flight=set(), from_source=set(), store=store,
+                        announce=lambda: None)
+
+
+async def test_a_slow_landing_does_not_stop_the_registry_stream(tmp_path):
+    """Pieces land one at a time, in order (the whole-blob hash is fed in order), while the stream goes on
+    into the free buffers: with the first landing held, the reader still takes the stream up to its
+    buffers' worth instead of stopping at the second piece."""
+    import asyncio
+    import hashlib
+
+    from remora.plugins.peer import source as source_mod
+
+    buffers = max(2, min(source_mod.SEED_BUFFERS_MAX, source_mod.SEED_BUFFER_BYTES // MIN_PIECE_SIZE))
+    pieces = buffers + 8
+    data = os.urandom(pieces * MIN_PIECE_SIZE)
+    body = _Body(data, 64 << 10)
+    gate = asyncio.Event()
+    landed: list[tuple[int, bytes]] = []
+
+    async def store(i, view, t0, whole):
+        if not landed:
+            await gate.wait()
+        whole.update(view)
+        landed.append((i, bytes(view)))
+
+    stream = _stream(tmp_path, store, pieces)
+    task = asyncio.ensure_future(stream._cut_pieces(_Resp(body), 0, pieces - 1, 0))
+    for _ in range(200):
+        await asyncio.sleep(0)
+    per_piece = MIN_PIECE_SIZE // (64 << 10)
+    assert not task.done()
+    # read ahead into every buffer while piece 0 waits, and not one piece further (memory stays bounded)
+    assert buffers * per_piece <= body.taken <= buffers * per_piece + 1, (body.taken, buffers)
+    gate.set()
+    digest = await task
+    assert [i for i, _ in landed] == list(range(pieces))
+    assert b"".join(b for _, b in landed) == data
+    assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def test_a_landing_that_fails_stops_the_stream_with_its_error(tmp_path):
+    """A full disk while a piece lands: the stream stops, the error is the store's, nothing hangs."""
+    import asyncio
+
+    from remora.errors import StorageError
+
+    pieces = 40
+    body = _Body(os.urandom(pieces * MIN_PIECE_SIZE), 256 << 10)
+    landed = []
+
+    async def store(i, view, t0, whole):
+        if i == 3:
+            raise StorageError("disk full")
+        await asyncio.sleep(0.01)
+        landed.append(i)
+
+    stream = _stream(tmp_path, store, pieces)
+    with pytest.raises(StorageError, match="disk full"):
+        await asyncio.wait_for(stream._cut_pieces(_Resp(body), 0, pieces - 1, 0), 10)
+    assert landed == [0, 1, 2]
+    assert body.taken < len(body.chunks), "kept reading after the landing failed"
+    assert not stream._in_flight

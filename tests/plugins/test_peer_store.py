@@ -7,7 +7,7 @@ import time
 import pytest
 from peer_util import sha
 
-from remora.errors import InvalidInput, UsageError
+from remora.errors import InvalidInput, StorageError, UsageError
 from remora.plugins.peer.config import MAX_PIECE_SIZE, MIN_PIECE_SIZE, MiB, Watermark, parse_size, piece_size_for
 from remora.plugins.peer.pieces import PieceStore, sha256_digest
 
@@ -48,6 +48,49 @@ def test_pieces_survive_restart_and_a_crash_leaves_no_half_piece(tmp_path):
     assert not again.verified, "a blob missing a piece must not stay verified"
     assert not (entry.piece_dir / ".2.123.tmp").exists()
     assert again.read_piece(3) == data[3 * MIN_PIECE_SIZE:]
+
+
+def test_pieces_of_an_unfinished_blob_are_hashed_when_the_store_opens_it_again(tmp_path):
+    """Pieces land without a flush each (they are flushed in batches, all before "verified"): after a
+    crash, the pieces of a blob that was still downloading may hold bytes that never reached the disk.
+    Each is checked against its digest on the next open; a bad one is dropped, the good ones stay."""
+    data = os.urandom(4 * MIN_PIECE_SIZE)
+    store = PieceStore(tmp_path)
+    entry = _fill(store, data)
+    entry.save_meta()
+    assert entry.unsynced == 4
+    with open(entry.piece_path(2), "r+b") as f:   # right size, wrong bytes: what a lost write looks like
+        f.write(b"\0" * 4096)
+    again = PieceStore(tmp_path).open(sha(data))
+    assert again.have == {0, 1, 3}
+    assert not again.piece_path(2).exists()
+    assert again.read_piece(3) == data[3 * MIN_PIECE_SIZE:]
+
+
+def test_verified_means_every_piece_was_flushed(tmp_path, monkeypatch):
+    """mark_verified flushes what is still unsynced (each piece, then the directory) before it writes
+    "verified"; a flush that fails keeps the pieces unsynced and the blob unverified."""
+    data = os.urandom(3 * MIN_PIECE_SIZE)
+    store = PieceStore(tmp_path)
+    entry = _fill(store, data)
+    flushed = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (flushed.append(fd), real(fd)))
+    assert entry.sync_pieces() == 3 and len(flushed) == 3 and entry.unsynced == 0
+    assert entry.sync_pieces() == 0
+    piece = data[MIN_PIECE_SIZE:2 * MIN_PIECE_SIZE]
+    entry.write_piece(1, piece, sha256_digest(piece))
+
+    def broken(fd):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(os, "fdatasync", broken)
+    with pytest.raises(StorageError, match="cannot flush"):
+        entry.mark_verified()
+    assert not entry.verified and entry.unsynced == 1
+    monkeypatch.setattr(os, "fdatasync", real)
+    entry.mark_verified()
+    assert entry.verified and entry.unsynced == 0
+    assert PieceStore(tmp_path).open(sha(data)).verified
 
 
 def test_layout_is_checked_and_a_new_layout_drops_old_pieces(tmp_path):
