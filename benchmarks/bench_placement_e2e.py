@@ -303,6 +303,7 @@ def build_images(cache: Path, sizes_mb: dict[str, float]) -> dict:
         meta.write_text(json.dumps({"digest": layer.digest, "diff_id": layer.diff_id, "size": layer.size}))
         return layer
 
+    cache.mkdir(parents=True, exist_ok=True)   # a fresh machine has no cache yet
     busybox = content.busybox_layer(cache / "busybox.tar.gz")
     images = {}
     for arm_i, arm in enumerate(("planned", "random")):
@@ -705,7 +706,7 @@ def image_bytes_by_role(images: dict, arm: str) -> dict[str, int]:
     return out
 
 
-def start_node_runtimes(lab, mesh, remora: bool) -> None:
+def start_node_runtimes(lab, mesh, remora: bool, fs_spares: int = 2) -> None:
     """Every node's containerd (namespaced, private root), with the remora snapshotter as its proxy plugin
     ``remora`` when ``remora``: its lazy range reads go through the node's peer (``--mirror``), its pull
     service answers ``remora pull``. Snapshotters first (containerd connects to them), all at once."""
@@ -734,7 +735,8 @@ def start_node_runtimes(lab, mesh, remora: bool) -> None:
             daemon = lab.spawn(p.node, [PY, "-m", "remora.snapshotter.cli", "--root", str(d / "root"),
                                         "--address", str(ctd.snapshotter_socket),
                                         "--api-address", str(ctd.snapshotter_api), "--mirror", p.mirror,
-                                        "--plain-http", "--log-level", "info"], log_name=f"snapshotter{p.index}.log")
+                                        "--plain-http", "--log-level", "info", "--fs-spares", str(fs_spares)],
+                              log_name=f"snapshotter{p.index}.log")
             snaps.append((daemon, ctd))
         p.containerd = ctd
         p.hosts_dir = write_mirror_hosts(work / f"hosts{p.index}", mesh.registry.host, p.mirror)
@@ -768,7 +770,7 @@ def _one_lab(args, run: int, images, lab, n: int, rates: list[int], delays: list
             if entry.get("remora"):
                 push_remora_image(loop.url, entry["oci"], entry["remora"])
     mesh.start()
-    start_node_runtimes(lab, mesh, remora=args.image_format == "remora")
+    start_node_runtimes(lab, mesh, remora=args.image_format == "remora", fs_spares=args.fs_spares)
     for p in mesh.peers:
         cfg = {"index": p.index, "ip": p.node.ip, "mirror_port": MIRROR_PORT,
                "proxies": {str(q.index): {"ip": q.node.ip, "delay": delays[p.index] + delays[q.index]}
@@ -866,6 +868,8 @@ def main(argv=None) -> int:
     ap.add_argument("--image-format", choices=("remora", "oci"), default="remora",
                     help="remora: images converted by 'remora convert', pulled lazily into the remora snapshotter "
                          "(default); oci: the plain images with containerd's overlayfs snapshotter")
+    ap.add_argument("--fs-spares", type=int, default=2,
+                    help="the snapshotters' --fs-spares (their default: 2; 1 = one warm fs process per node)")
     ap.add_argument("--smoke", action="store_true", help="4 nodes, 1 run, 3 MB images, 3 requests")
     ap.add_argument("--json-out", default=str(HERE.with_suffix(".json")))
     ap.add_argument("--cache", default="/tmp/remora-bench-cache/placement-e2e")
@@ -899,7 +903,8 @@ def main(argv=None) -> int:
                       "registry_mbit": args.registry_mbit,
                       "node_mbit": [max(1, round(r * args.rate_scale)) for r in RATES_MBIT[:args.nodes]],
                       "node_delay_ms": DELAYS_MS[:args.nodes], "smoke": args.smoke,
-                      "image_format": args.image_format, "hot_fraction": HOT_FRACTION},
+                      "image_format": args.image_format, "hot_fraction": HOT_FRACTION,
+                      "fs_spares": args.fs_spares},
            "load_avg_before": list(load_before), "runs": runs, "errors": errors,
            "summary": summarize(runs) if runs else None}
     Path(args.json_out).write_text(json.dumps(doc, indent=1))

@@ -71,7 +71,7 @@ class RemoraLayerHandler(RemoteLayerHandler):
 
     def __init__(self, root: Path | str, mounts=None, mirrors: Sequence[str] = (), insecure: bool = False,
                  cache_limit: int = 10 << 30, standby: bool = True, early_prefetch_limit: int = 256 << 20,
-                 credentials=None, cache_isolation: str = "namespace"):
+                 credentials=None, cache_isolation: str = "namespace", spares: int = 2):
         from remora.snapshotter.layout import StateLayout
         from remora.snapshotter.mount import MountManager
         from remora.snapshotter.staging import StagingArea
@@ -82,7 +82,7 @@ class RemoraLayerHandler(RemoteLayerHandler):
         self.bootstraps.mkdir(parents=True, exist_ok=True)
         # standby: a warm spare fs process takes the next mount (no interpreter start on the cold path)
         self.mounts = mounts or MountManager(layout.lazy, layout.cache, cache_limit, standby=standby,
-                                             cache_isolation=cache_isolation)
+                                             cache_isolation=cache_isolation, spares=spares)
         self.mirrors = list(mirrors)
         self._mirrors_down: dict[str, float] = {}  # mirror -> when it may be asked again (MirrorFirstStore)
         self.insecure = insecure

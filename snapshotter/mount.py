@@ -63,6 +63,41 @@ SPARE_MAX_BACKOFF = 60.0
 #: next mount claims it, which then waits for its imports like a cold start (measured: 0.8-1.9 s on the
 #: placement end-to-end benchmark's node that runs two functions).
 SPARE_BURST_WINDOW = 10.0
+#: Warm spares kept (``remora snapshotter --fs-spares``): two, so that two functions placed on one node
+#: and started together both find one (with one, the second mount waited for a fresh process's imports:
+#: ~1 s of the placement end-to-end benchmark's planned start). Each is an idle Python process (~40 MB).
+DEFAULT_SPARES = 2
+MAX_SPARES = 16
+
+
+@dataclass
+class _Spare:
+    """One warm spare: its process, log, start time (monotonic) and the read end of its "imports done"
+    pipe (None once read: ``ready`` says what it said)."""
+
+    proc: subprocess.Popen
+    log: Path
+    started: float
+    ready_fd: int | None
+    ready: bool = False
+    announced: int = 0   # mounts announced to it (prevalidate) that it has not taken yet
+
+    def close_ready_fd(self) -> None:
+        fd, self.ready_fd = self.ready_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def is_ready(self) -> bool:
+        """Imports done (without blocking): the byte was read before, or it is there now."""
+        if self.ready or self.ready_fd is None:
+            return self.ready
+        import select
+
+        readable, _, _ = select.select([self.ready_fd], [], [], 0)
+        if readable:
+            self.ready = os.read(self.ready_fd, 1) == b"1"
+            self.close_ready_fd()
+        return self.ready
 
 #: ``--cache-isolation`` modes: who may read a chunk another mount put in the cache (docs/snapshotter.md)
 CACHE_ISOLATION = ("none", "namespace", "credential")
@@ -170,7 +205,7 @@ class MountManager:
 
     def __init__(self, state_dir: Path | str, cache_dir: Path | str, cache_limit: int = 10 << 30,
                  python: str = sys.executable, mount_timeout: float = 20.0, standby: bool = False,
-                 read_only: bool = False, cache_isolation: str = "none"):
+                 read_only: bool = False, cache_isolation: str = "none", spares: int = DEFAULT_SPARES):
         """``read_only``: only look (``remora stats``): nothing is created, cleaned or started, so a
         reader can never disturb the snapshotter that owns ``state_dir`` (its spare, its logs)."""
         if cache_isolation not in CACHE_ISOLATION:
@@ -187,8 +222,11 @@ class MountManager:
         self._procs: dict[str, subprocess.Popen] = {}
         self._probes: dict[str, threading.Thread] = {}
         self._standby_enabled = standby and not read_only
-        self._spare: tuple[subprocess.Popen, Path, float] | None = None  # process, log, monotonic start
-        self._spare_ready_fd: int | None = None  # read end of the current spare's "imports done" pipe
+        if not 1 <= spares <= MAX_SPARES:
+            raise InvalidInput(f"spare fs processes: {spares}, expected 1 to {MAX_SPARES}")
+        self.spares_wanted = spares
+        # the warm spares, oldest (next to be claimed) first
+        self._spares: list[_Spare] = []
         self._spare_lock = threading.Lock()
         self._spare_wake = threading.Event()   # set: the keeper looks at once (a claim, close)
         self._last_announced = float("-inf")   # monotonic time of the last prevalidate(): a mount coming
@@ -308,18 +346,24 @@ class MountManager:
                 continue  # its manager (maybe another one on this state) is alive: so may its spare be
             path.unlink(missing_ok=True)
 
+    @property
+    def _spare(self) -> tuple[subprocess.Popen, Path, float] | None:
+        """The spare the next mount takes: (process, log, monotonic start), or None."""
+        with self._spare_lock:
+            live = [sp for sp in self._spares if sp.proc.poll() is None]
+        return (live[0].proc, live[0].log, live[0].started) if live else None
+
     def _start_spare(self, idle: bool = False) -> bool:
-        """Start a spare fs process (imports done, waiting for a spec on stdin) unless one exists;
-        returns False if it could not be started.
+        """Start one spare fs process (imports done, waiting for a spec on stdin) unless there are
+        ``spares_wanted`` live ones already; returns False if it could not be started.
 
         With ``idle`` (a successor, started while a cold start is under way and no other mount was
         announced: see SPARE_BURST_WINDOW) it runs at SCHED_IDLE until it is claimed: its imports
         (~0.5 CPU-second) take only cycles nobody else wants."""
         with self._spare_lock:
-            if self._closed or (self._spare is not None and self._spare[0].poll() is None):
+            if self._closed or sum(sp.proc.poll() is None for sp in self._spares) >= self.spares_wanted:
                 return True
             log_path = self.state_dir / f"{self._spare_log_prefix()}{secrets.token_hex(6)}.log"
-            self._close_ready_fd()
             ready_r, ready_w = os.pipe()  # the spare writes one byte there once its imports are done
             try:
                 with open(log_path, "ab") as logf:
@@ -335,20 +379,22 @@ class MountManager:
                 return False
             finally:
                 os.close(ready_w)
-            self._spare = (proc, log_path, time.monotonic())
-            self._spare_ready_fd = ready_r
+            self._spares.append(_Spare(proc, log_path, time.monotonic(), ready_r))
             return True
 
     def prevalidate(self, bootstrap: Path | str) -> bool:
-        """Ask the warm spare to validate ``bootstrap`` now (remora.format.validate, in the spare's
-        own process), so that a mount of it with ``validate_bootstrap`` that this spare takes finds
-        it done; any other process mounting it validates it itself. Never blocks on the spare."""
+        """Ask a warm spare to validate ``bootstrap`` now (remora.format.validate, in the spare's own
+        process), so that a mount of it with ``validate_bootstrap`` that this spare takes finds it done;
+        any other process mounting it validates it itself. Never blocks on the spare. Mounts announced
+        together (a burst) go to different spares, in the order the spares will be claimed."""
         with self._spare_lock:
             self._last_announced = time.monotonic()
-            spare = self._spare
-            if spare is None or spare[0].poll() is not None or spare[0].stdin is None:
+            live = [sp for sp in self._spares if sp.proc.poll() is None and sp.proc.stdin is not None]
+            if not live:
                 return False
-            proc = spare[0]
+            spare = next((sp for sp in live if not sp.announced), live[0])
+            spare.announced += 1
+            proc = spare.proc
             try:
                 _normal_priority(proc.pid)  # a mount is coming: the validation must not wait for idle CPU
                 proc.stdin.write(f"validate {Path(bootstrap).resolve()}\n".encode())
@@ -358,13 +404,8 @@ class MountManager:
                 return False
         return True
 
-    def _close_ready_fd(self) -> None:
-        fd, self._spare_ready_fd = self._spare_ready_fd, None
-        if fd is not None:
-            os.close(fd)
-
     def wait_spare(self, timeout: float = 10.0) -> bool:
-        """Wait until the current spare has done its imports (True), it died, or ``timeout`` passed.
+        """Wait until the next spare has done its imports (True), it died, or ``timeout`` passed.
 
         Why: the snapshotter says it is ready (opens the pull service) only once a pull finds
         everything warm. Measured: a spare still importing when the first pull arrives (a node asked
@@ -374,26 +415,29 @@ class MountManager:
 
         deadline = time.monotonic() + timeout
         with self._spare_lock:
-            spare, fd = self._spare, self._spare_ready_fd
+            spare = next((sp for sp in self._spares if sp.proc.poll() is None), None)
             if spare is None:
                 return False
-            if fd is None:  # its byte was read already (or it was started without the pipe)
-                return spare[0].poll() is None
+            if spare.ready_fd is None:  # its byte was read already (or it was started without the pipe)
+                return spare.proc.poll() is None
             while True:
-                readable, _, _ = select.select([fd], [], [], max(0.0, min(0.2, deadline - time.monotonic())))
+                readable, _, _ = select.select([spare.ready_fd], [], [],
+                                               max(0.0, min(0.2, deadline - time.monotonic())))
                 if readable:
-                    got = os.read(fd, 1)  # b"1": imports done; b"": it died before that
-                    self._close_ready_fd()
-                    return got == b"1" and spare[0].poll() is None
-                if spare[0].poll() is not None or time.monotonic() >= deadline:
+                    got = os.read(spare.ready_fd, 1)  # b"1": imports done; b"": it died before that
+                    spare.close_ready_fd()
+                    spare.ready = got == b"1"
+                    return spare.ready and spare.proc.poll() is None
+                if spare.proc.poll() is not None or time.monotonic() >= deadline:
                     return False
 
     def _keep_spare(self) -> None:
-        """Keeper thread (standby mode): whenever there is no live spare, start one.
+        """Keeper thread (standby mode): whenever there are fewer than ``spares_wanted`` live spares,
+        start one.
 
         Woken at once after a claim; otherwise it looks every SPARE_POLL seconds, so a spare that died
-        (killed, OOM, a bad install) is replaced. A spare that keeps dying young is restarted with an
-        exponential backoff (up to SPARE_MAX_BACKOFF) and its log tail logged, never in a tight loop."""
+        (killed, OOM, a bad install) is replaced. Spares that keep dying young are restarted with an
+        exponential backoff (up to SPARE_MAX_BACKOFF) and their log tail logged, never in a tight loop."""
         backoff = 0.0
         while True:
             self._spare_wake.wait(SPARE_POLL)
@@ -401,26 +445,28 @@ class MountManager:
             with self._spare_lock:
                 if self._closed:
                     return
-                spare = self._spare
-                if spare is not None and spare[0].poll() is None:
-                    continue
-                self._spare = None
-            lived = None
-            if spare is not None:  # died unclaimed
-                proc, spare_log, started = spare
-                lived = time.monotonic() - started
+                dead = [sp for sp in self._spares if sp.proc.poll() is not None]
+                self._spares = [sp for sp in self._spares if sp.proc.poll() is None]
+                missing = self.spares_wanted - len(self._spares)
+            youngest = None
+            for sp in dead:  # died unclaimed
+                sp.close_ready_fd()
+                lived = time.monotonic() - sp.started
+                youngest = lived if youngest is None else min(youngest, lived)
                 try:
-                    tail = "\n".join(spare_log.read_text(errors="replace").splitlines()[-10:])
+                    tail = "\n".join(sp.log.read_text(errors="replace").splitlines()[-10:])
                 except OSError:
                     tail = ""
-                spare_log.unlink(missing_ok=True)
-                log.warning("spare fs process %d exited (code %s) after %.1fs: starting another%s%s", proc.pid,
-                            proc.returncode, lived, f" in {backoff:.1f}s" if backoff else "",
+                sp.log.unlink(missing_ok=True)
+                log.warning("spare fs process %d exited (code %s) after %.1fs: starting another%s%s", sp.proc.pid,
+                            sp.proc.returncode, lived, f" in {backoff:.1f}s" if backoff else "",
                             f"; its log:\n{tail}" if tail else "")
+            if missing <= 0:
+                continue
             if backoff and self._stopped.wait(backoff):
                 return
-            started_ok = self._start_spare(idle=not self.in_burst())
-            crash_loop = not started_ok or (lived is not None and lived <= SPARE_YOUNG)
+            started_ok = all(self._start_spare(idle=not self.in_burst()) for _ in range(missing))
+            crash_loop = not started_ok or (youngest is not None and youngest <= SPARE_YOUNG)
             backoff = min(max(2 * backoff, SPARE_POLL), SPARE_MAX_BACKOFF) if crash_loop else 0.0
 
     def in_burst(self) -> bool:
@@ -428,14 +474,20 @@ class MountManager:
         return time.monotonic() - self._last_announced < SPARE_BURST_WINDOW
 
     def _claim_spare(self, spec_path: Path, log_path: Path) -> subprocess.Popen | None:
-        """Hand ``spec_path`` to the spare; returns its process, or None if there is no live spare.
+        """Hand ``spec_path`` to a spare; returns its process, or None if there is no live spare.
 
         Either way the keeper is woken to start the next spare, once the handover is done."""
         with self._spare_lock:
-            spare, self._spare = self._spare, None
-            self._close_ready_fd()
+            live = [sp for sp in self._spares if sp.proc.poll() is None]
+            ready = [sp for sp in live if sp.is_ready()]
+            # one that was told of a coming mount (it may have validated this very bootstrap), then any
+            # that has done its imports, then the oldest (still importing: better than a cold start)
+            spare = next((sp for sp in ready if sp.announced), ready[0] if ready else (live[0] if live else None))
+            if spare is not None:
+                self._spares.remove(spare)
+                spare.close_ready_fd()
         try:
-            return self._hand_over(spare, spec_path, log_path)
+            return self._hand_over((spare.proc, spare.log, spare.started) if spare else None, spec_path, log_path)
         finally:
             self._spare_wake.set()
 
@@ -462,18 +514,21 @@ class MountManager:
         """Stop the spare (mount processes stay: running containers keep their root fs)."""
         with self._spare_lock:
             self._closed = True
-            spare, self._spare = self._spare, None
-            self._close_ready_fd()
+            spares, self._spares = self._spares, []
         self._stopped.set()
         self._spare_wake.set()
-        if spare is not None:
-            proc, spare_log, _ = spare
+        for sp in spares:
+            sp.close_ready_fd()
             try:
-                proc.stdin.close()  # EOF: the spare exits by itself
-                proc.wait(5)
-            except (OSError, subprocess.TimeoutExpired):
-                _kill_group(proc.pid)
-            spare_log.unlink(missing_ok=True)
+                sp.proc.stdin.close()  # EOF: the spare exits by itself
+            except OSError:
+                pass
+        for sp in spares:
+            try:
+                sp.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                _kill_group(sp.proc.pid)
+            sp.log.unlink(missing_ok=True)
 
     def _start(self, spec: MountSpec) -> None:
         mnt = Path(spec.mountpoint)

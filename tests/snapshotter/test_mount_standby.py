@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from lazy_support import build_image
 
+from remora.errors import InvalidInput
 from remora.procutil import wait_until
 from remora.snapshotter.mount import MountManager, detach, mounted_fstype
 from remora.snapshotter.sources import SourceSpec
@@ -46,7 +47,8 @@ def _spare_pid(mm: MountManager) -> int:
 
 @pytest.fixture
 def standby(tmp_path):
-    mm = MountManager(tmp_path / "state", tmp_path / "cache", mount_timeout=30, standby=True)
+    """One spare: the hand-over and succession, step by step (the pool of two: test_two_mounts_...)."""
+    mm = MountManager(tmp_path / "state", tmp_path / "cache", mount_timeout=30, standby=True, spares=1)
     yield mm
     mm.close()
     mm.unmount_all()
@@ -102,6 +104,53 @@ def test_in_a_burst_the_successor_imports_at_normal_priority(standby, image, reg
     assert successor != spare
     assert os.sched_getscheduler(successor) == os.SCHED_OTHER, "a burst's successor must not wait for idle CPU"
     assert standby.wait_spare(20), "the successor finished its imports"
+
+
+def test_two_mounts_at_once_both_find_a_warm_spare(image, registry, tmp_path):
+    """The default pool of two: two functions placed on one node start together, and both mounts are
+    served by processes that had done their imports before the mounts were asked for (none waits for a
+    fresh interpreter); the keeper then brings the pool back to two."""
+    import threading
+
+    mm = MountManager(tmp_path / "state", tmp_path / "cache", mount_timeout=30, standby=True)
+    try:
+        assert mm.spares_wanted == 2
+        wait_until(lambda: len([sp for sp in mm._spares if sp.proc.poll() is None]) == 2, 20, what="two spares")
+        assert mm.wait_spare(30)
+        wait_until(lambda: all(sp.is_ready() for sp in mm._spares), 30, what="both spares' imports")
+        before = {sp.proc.pid for sp in mm._spares}
+        assert mm.prevalidate(image.bootstrap) and mm.prevalidate(image.bootstrap)
+        assert sorted(sp.announced for sp in mm._spares) == [1, 1], "a burst's announcements go to different spares"
+        errors: list[BaseException] = []
+
+        def mount(name: str) -> None:
+            try:
+                _mount(mm, image, tmp_path, registry, name=name)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+        threads = [threading.Thread(target=mount, args=(n,)) for n in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert {mm.pid("a"), mm.pid("b")} == before, "both mounts were taken by the spares started before them"
+        for name in ("a", "b"):
+            with open(os.fsencode(tmp_path / f"mnt-{name}") + b"/etc/hot.conf", "rb") as f:
+                assert f.read() == image.contents[b"/etc/hot.conf"]
+        wait_until(lambda: len([sp for sp in mm._spares if sp.proc.poll() is None]) == 2, 20,
+                   what="the pool refilled")
+        assert not before & {sp.proc.pid for sp in mm._spares}
+    finally:
+        mm.close()
+        mm.unmount_all()
+        for mnt in tmp_path.glob("mnt*"):
+            detach(mnt)
+
+
+def test_spare_count_is_checked():
+    with pytest.raises(InvalidInput, match="spare fs processes: 0"):
+        MountManager("/nonexistent/state", "/nonexistent/cache", standby=True, spares=0)
 
 
 def test_spare_exits_when_its_snapshotter_dies(tmp_path):
@@ -171,32 +220,37 @@ def _spares_of(parent: int) -> list[int]:
     return out
 
 
-def _one_spare(parent: int, other_than: int = 0) -> int:
+def _the_spares(parent: int, count: int = 2) -> list[int]:
+    """The snapshotter's warm spares once there are ``count`` (its default --fs-spares is 2)."""
     found: list[int] = []
 
     def ready() -> bool:
-        found[:] = [p for p in _spares_of(parent) if p != other_than]
-        return len(found) == 1
+        found[:] = sorted(_spares_of(parent))
+        return len(found) == count
 
-    wait_until(ready, 20, what="one spare fs process of the snapshotter")
-    return found[0]
+    wait_until(ready, 20, what=f"{count} spare fs processes of the snapshotter")
+    return found
 
 
-def test_stats_leaves_the_spare_alone_and_a_dead_spare_is_replaced(snapshotter_proc):
+def test_stats_leaves_the_spares_alone_and_a_dead_spare_is_replaced(snapshotter_proc):
     snap = snapshotter_proc
-    spare = _one_spare(snap.daemon.pid)
+    spares = _the_spares(snap.daemon.pid)
     logs = sorted((snap.root / "lazy" / "mounts").glob("spare-*.log"))
-    assert len(logs) == 1
+    assert len(logs) == 2
     for args in (["--json"], []):
         proc = subprocess.run(["remora", "stats", "--root", str(snap.root), *args], capture_output=True,
                               text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
-    assert _alive(spare) and logs[0].exists(), "remora stats touched the snapshotter's warm spare"
-    assert _spares_of(snap.daemon.pid) == [spare]
+    assert all(_alive(p) for p in spares) and all(log.exists() for log in logs), \
+        "remora stats touched the snapshotter's warm spares"
+    assert sorted(_spares_of(snap.daemon.pid)) == spares
 
+    spare = spares[0]
     os.kill(spare, 9)  # the OOM killer, an operator, a crash: the snapshotter starts another
-    successor = _one_spare(snap.daemon.pid, other_than=spare)
-    assert successor != spare and not logs[0].exists(), "the dead spare's log is cleaned up"
+    wait_until(lambda: len(_spares_of(snap.daemon.pid)) == 2 and spare not in _spares_of(snap.daemon.pid), 20,
+               what="a successor of the killed spare")
+    now = sorted((snap.root / "lazy" / "mounts").glob("spare-*.log"))
+    assert len(now) == 2 and spares[1] in _spares_of(snap.daemon.pid), "the other spare stays"
     wait_until(lambda: f"spare fs process {spare} exited" in snap.log_path.read_text(), 10,
                what="the snapshotter to log the dead spare")
 
