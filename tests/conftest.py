@@ -10,8 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from remora_testing.registry import LocalRegistry
+
+# Property tests explore new inputs on every local run; in CI (``.ci/run`` sets CI) they are
+# derandomized, so that a CI verdict is a function of the commit (a failure reproduces by running the
+# same test again) rather than of the examples one run happened to draw. tests/fuzz has its own profile.
+settings.register_profile("remora-ci", derandomize=True, database=None, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("remora-ci")
 
 # Tests spawn `remora` and `python3` by name: they must be the interpreter running the tests (the
 # .venv that scripts/setup.sh installs from the lock file), never whatever else is first on PATH. So

@@ -146,8 +146,11 @@ class PiecePicker:
                 slots -= 1
         if slots > 0 and not plan:
             left = {i for i in missing if i not in have}
-            if left <= in_flight:   # every missing piece is on its way: the endgame
-                for i, parent in self._endgame(left, running, relays, sources, per_parent, now)[:slots]:
+            if left <= in_flight and len(left) <= ENDGAME_PIECES:   # every missing piece is on its way: the endgame
+                # (a second request only for a piece that can be verified: its digest may have been
+                # dropped since the first one started, after a layout reset, and the fetcher would refuse)
+                verifiable = {i for i in left if i < len(digests) and digests[i]}
+                for i, parent in self._endgame(verifiable, running, relays, sources, per_parent, now)[:slots]:
                     plan.append((i, parent))
                     load[parent.peer_id] += 1
                     slots -= 1

@@ -151,6 +151,20 @@ def test_endgame_asks_a_slow_last_piece_from_a_second_parent_once():
     assert p.ended(0, "a") is False and p.ended(0, "b") is True
 
 
+def test_endgame_never_asks_twice_for_a_piece_without_a_digest():
+    """Found by the property test below: the last piece's digest is gone (a layout reset while its first
+    fetch ran); a second copy could not be verified, so none is asked for (the fetcher would refuse)."""
+    p = PiecePicker(4)
+    parents = mesh(seed("s", set()), relay("b", {0, 1, 2, 3}))
+    running: list = []
+    start(p, running, 3, "s", NOW - 0.5)
+    assert pick(p, {0, 1, 2, 3}, parents, n=4, have={0, 1, 2}, in_flight={3}, unknown={0, 1, 2, 3},
+                running=running, now=NOW + ENDGAME_AFTER)[0] == []
+    plan, _ = pick(p, {0, 1, 2, 3}, parents, n=4, have={0, 1, 2}, in_flight={3}, running=running,
+                   now=NOW + ENDGAME_AFTER)
+    assert plan == [(3, "b")], "with its digest known, the endgame asks the other holder"
+
+
 def test_no_endgame_while_a_piece_is_not_in_flight_or_too_many_are_missing():
     p = PiecePicker(4)
     parents = mesh(relay("a", range(20)), relay("b", range(20)))
