@@ -153,6 +153,10 @@ class Phases:
         self.t = now
 
 
+#: How often a pull checks its layers again when one it found present was removed under it (see pull()).
+PARENT_GONE_RETRIES = 2
+
+
 class Heartbeat:
     """``with Heartbeat(say, what):`` around a call that may take a while (a Prepare that fetches and
     mounts the bootstrap, a slow registry): after ``every`` seconds, and every ``every`` seconds after
@@ -199,14 +203,12 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
     fetching the bootstrap and the hot blob while this pull is still busy: the Prepares that follow
     then find the fetches in flight. It must not block; an exception from it fails the pull.
     """
-    import secrets
 
     from remora import oci
     from remora.errors import InvalidInput, StorageError, UsageError
-    from remora.format import annotations as ann
     from remora.reference import ImageRef, parse_reference
 
-    from .containerd_client import AlreadyExists, ContainerdClient, Unavailable
+    from .containerd_client import ContainerdClient
 
     started = time.monotonic()
     ref = parse_reference(reference)
@@ -256,34 +258,7 @@ def pull(reference: str, *, address: str, namespace: str = "default", snapshotte
             mlabels.update({GC_LAYER.format(i): layer.digest for i, layer in enumerate(manifest.layers)})
             ctd.write_content(mdesc.digest, mdata, mlabels)
             phase("containerd: config and manifest written")
-            for i, (layer, chain) in enumerate(zip(manifest.layers, chains)):
-                role = layer.annotations.get(ann.ROLE, "?")
-                what = f"layer {i + 1}/{len(chains)} {layer.digest[:19]} ({role})"
-                if ctd.stat(snapshotter, chain) is not None:
-                    reused += 1
-                    say(f"{what}: already present")
-                    continue
-                key = f"extract-{time.time_ns()}-{secrets.token_hex(4)} {chain}"
-                t0 = time.monotonic()
-                try:
-                    with Heartbeat(say, f"{what}: preparing" + (" (the snapshotter fetches and mounts the "
-                                                                 "bootstrap)" if role == "bootstrap" else "")):
-                        ctd.prepare(snapshotter, key, chains[i - 1] if i else "", labels_per_layer[i])
-                except AlreadyExists:
-                    remote += 1
-                    say(f"{what}: remote, mounted lazily in {time.monotonic() - t0:.2f}s")
-                    phase(f"containerd: Stat + Prepare of {what}")
-                    continue
-                except Unavailable as exc:
-                    raise Unavailable(f"snapshotter {snapshotter!r} is not reachable through containerd: is "
-                                      "'remora snapshotter' running on the proxy plugin's address? "
-                                      f"({exc})") from None
-                # The snapshotter made an ordinary (empty) active snapshot: it did not mount the layer.
-                ctd.remove(snapshotter, key)
-                raise UsageError(
-                    f"{what} was not mounted remotely by snapshotter {snapshotter!r} (is it the remora "
-                    "snapshotter, running without --no-lazy? its log says why the lazy mount failed). "
-                    f"To download the image instead: ctr images pull --snapshotter {snapshotter} {name}")
+            remote, reused = _prepare_all(ctd, snapshotter, manifest, chains, labels_per_layer, name, say, phase)
             ctd.update_content_labels(manifest.config.digest, {GC_SNAPSHOT.format(snapshotter): chains[-1]})
             ctd.put_image(name, mdesc.media_type, mdesc.digest, mdesc.size)
             top = ctd.stat(snapshotter, chains[-1])
@@ -372,6 +347,69 @@ def run(args: argparse.Namespace) -> int:
         f"{result.reused_layers} already present")
     print(f"{result.name} {result.manifest_digest}")
     return 0
+
+
+
+def _prepare_all(ctd, snapshotter: str, manifest, chains: list[str], labels_per_layer, name: str, say,
+                 phase) -> tuple[int, int]:
+    """:func:`_prepare_layers`, again from the first layer if one it found present went away.
+
+    A layer found "already present" may be the leftover of a pull that failed a moment ago: its lease is
+    gone, and containerd's garbage collector can remove that snapshot between our Stat and the Prepare of
+    the next layer on it ("parent snapshot ... does not exist"). Nothing is lost: the layers are checked
+    again from the first (the vanished one is prepared anew), at most PARENT_GONE_RETRIES times."""
+    from remora.errors import NotFound
+
+    for attempt in range(PARENT_GONE_RETRIES + 1):
+        try:
+            return _prepare_layers(ctd, snapshotter, manifest, chains, labels_per_layer, name, say, phase)
+        except NotFound as exc:
+            if "parent snapshot" not in str(exc) or attempt == PARENT_GONE_RETRIES:
+                raise
+            say(f"a layer went away under this pull ({exc}): checking the layers again")
+    raise AssertionError("unreachable")
+
+
+def _prepare_layers(ctd, snapshotter: str, manifest, chains: list[str], labels_per_layer, name: str, say,
+                    phase) -> tuple[int, int]:
+    """Stat or (remotely) Prepare every layer in order; returns (layers mounted lazily, layers present)."""
+    import secrets
+
+    from remora.errors import UsageError
+    from remora.format import annotations as ann
+
+    from .containerd_client import AlreadyExists, Unavailable
+
+    remote = reused = 0
+    for i, (layer, chain) in enumerate(zip(manifest.layers, chains)):
+        role = layer.annotations.get(ann.ROLE, "?")
+        what = f"layer {i + 1}/{len(chains)} {layer.digest[:19]} ({role})"
+        if ctd.stat(snapshotter, chain) is not None:
+            reused += 1
+            say(f"{what}: already present")
+            continue
+        key = f"extract-{time.time_ns()}-{secrets.token_hex(4)} {chain}"
+        t0 = time.monotonic()
+        try:
+            with Heartbeat(say, f"{what}: preparing" + (" (the snapshotter fetches and mounts the "
+                                                         "bootstrap)" if role == "bootstrap" else "")):
+                ctd.prepare(snapshotter, key, chains[i - 1] if i else "", labels_per_layer[i])
+        except AlreadyExists:
+            remote += 1
+            say(f"{what}: remote, mounted lazily in {time.monotonic() - t0:.2f}s")
+            phase(f"containerd: Stat + Prepare of {what}")
+            continue
+        except Unavailable as exc:
+            raise Unavailable(f"snapshotter {snapshotter!r} is not reachable through containerd: is "
+                              "'remora snapshotter' running on the proxy plugin's address? "
+                              f"({exc})") from None
+        # The snapshotter made an ordinary (empty) active snapshot: it did not mount the layer.
+        ctd.remove(snapshotter, key)
+        raise UsageError(
+            f"{what} was not mounted remotely by snapshotter {snapshotter!r} (is it the remora "
+            "snapshotter, running without --no-lazy? its log says why the lazy mount failed). "
+            f"To download the image instead: ctr images pull --snapshotter {snapshotter} {name}")
+    return remote, reused
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,3 +37,52 @@ def test_pull_through_a_slow_registry_reports_progress(registry, proxy, containe
     assert proc.returncode == 0, proc.stderr
     assert f"{ref}: resolving in the registry: still waiting (1s)" in proc.stderr, proc.stderr
     assert "remote, mounted lazily" in proc.stderr
+
+
+class _GcRacingContainerd:
+    """A containerd whose garbage collector removes layer 0 (a failed pull's leftover) right after the
+    pull found it present: the Prepare of layer 1 on it then fails like containerd's does."""
+
+    def __init__(self):
+        self.present = {"chain0"}
+        self.calls: list[tuple[str, str]] = []
+        self.raced = False
+
+    def stat(self, snapshotter, key):
+        self.calls.append(("stat", key))
+        if key == "chain0" and not self.raced:
+            self.raced = True
+            self.present.discard("chain0")   # gone before the next call
+            return object()
+        return object() if key in self.present else None
+
+    def prepare(self, snapshotter, key, parent, labels):
+        from remora.errors import NotFound
+        from remora.snapshotter.containerd_client import AlreadyExists
+
+        chain = key.split()[-1]
+        self.calls.append(("prepare", chain))
+        if parent and parent not in self.present:
+            raise NotFound(f"containerd prepare snapshot {key!r} on remora: NOT_FOUND: parent snapshot {parent} "
+                           "does not exist: not found")
+        self.present.add(chain)
+        raise AlreadyExists("remote")   # the remora snapshotter's "mounted lazily"
+
+
+def test_a_layer_removed_under_the_pull_is_prepared_again():
+    """Found in CI: a pull right after a failed one found layer 0 present, containerd's GC removed it
+    (the failed pull's lease was gone) and the Prepare of layer 1 said "parent snapshot does not exist".
+    The pull checks its layers again from the first and prepares the vanished one anew."""
+    from types import SimpleNamespace
+
+    from remora.snapshotter.pull import _prepare_all
+
+    layers = [SimpleNamespace(annotations={}, digest=f"sha256:{i}" * 2) for i in range(2)]
+    ctd = _GcRacingContainerd()
+    said: list[str] = []
+    remote, reused = _prepare_all(ctd, "remora", SimpleNamespace(layers=layers), ["chain0", "chain1"],
+                                  [{}, {}], "img", said.append, lambda what: None)
+    assert (remote, reused) == (2, 0)
+    assert ctd.calls == [("stat", "chain0"), ("stat", "chain1"), ("prepare", "chain1"),
+                         ("stat", "chain0"), ("prepare", "chain0"), ("stat", "chain1"), ("prepare", "chain1")]
+    assert any("went away under this pull" in line for line in said), said
