@@ -146,11 +146,11 @@ class SourceStream:
         entry = self.entry
         index = first
         # Piece-sized buffers, filled straight from the stream and reused (no joins, slices or fresh memory
-        # per piece), handed in order to one lander that hashes and writes them (fsync included) in a
-        # worker thread while the stream goes on into the next free buffer. The reader waits only when
-        # every buffer is still landing: an fsync that takes 100 ms on a disk other peers are writing to
-        # must not stop the registry's stream, on the link every child waits on (with two buffers, the seed
-        # of bench_preheat.py's 8 nodes finished 1.2x later than a seed alone; see SEED_BUFFER_BYTES).
+        # per piece), handed in order to one lander that hashes and writes them in a worker thread while
+        # the stream goes on into the next free buffer. The reader waits only when every buffer is still
+        # landing: a slow write on a disk other peers are writing to (or the batched flush of the pieces
+        # behind it, download.SYNC_BATCH_BYTES) must not stop the registry's stream, on the link every
+        # child waits on. Two buffers left the stream one slow write away from stalling.
         count = max(2, min(SEED_BUFFERS_MAX, -(-SEED_BUFFER_BYTES // entry.piece_size)))
         free: asyncio.Queue = asyncio.Queue()
         for _ in range(count):
