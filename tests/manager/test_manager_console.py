@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -26,9 +27,14 @@ def browser():
     opts.binary_location = "/usr/bin/chromium"
     for flag in FLAGS + [f"--user-data-dir={profile}"]:
         opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path="/usr/bin/chromedriver"), options=opts)
-    yield driver
-    driver.quit()
+    try:
+        driver = webdriver.Chrome(service=Service(executable_path="/usr/bin/chromedriver"), options=opts)
+        try:
+            yield driver
+        finally:
+            driver.quit()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)   # the profile is this test's alone: nothing left in /tmp
 
 
 def rows(driver, table_id: str) -> list[list[str]]:
