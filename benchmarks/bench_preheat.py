@@ -10,7 +10,9 @@ seen by any peer): scope ``nodes`` with one node (the baseline, same run), then 
 Time is the job's own (created → finished, manager clock); a job counts only if it succeeded on every
 node (the manager checks that each node holds every byte, verified). Also reported: registry egress
 (blob bytes its access log shows served during the job) as a multiple of the image size, the other
-target (≤ 1.05×). Medians of ``--repeats``; the table and a JSON file with every run.
+target (≤ 1.05×); per job, each node's finish time, the blobs each node seeded (fetched from the
+registry), the MB each node uploaded to other peers, CPU seconds by role, the schedulers' RPCs by method
+and the peers' piece counters. Medians of ``--repeats``; the table and a JSON file with every run.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ sys.path.insert(0, str(REPO / "tests" / "manager"))
 from managed_lab import ManagedLab  # noqa: E402
 
 from remora_testing.netlab import Lab, content  # noqa: E402
+from remora_testing.netlab.mesh import PY, SCHEDULER_METRICS_PORT, parse_metrics  # noqa: E402
 
 
 def make_image(work: Path, name: str, size: int, layers: int, seed: int) -> content.Image:
@@ -62,10 +65,26 @@ def cpu_by_role() -> dict[str, float]:
     return out
 
 
+def scheduler_rpcs(ml: ManagedLab) -> dict[str, float]:
+    """The RPCs both schedulers handled so far, by method (each read inside its namespace)."""
+    prefix = 'remora_scheduler_rpc_duration_seconds_count{method="'
+    total: dict[str, float] = {}
+    for node in (ml.mesh.sched_node, ml.sched2_node):
+        code = ("import urllib.request,sys;o=urllib.request.build_opener(urllib.request.ProxyHandler({}));"
+                f"sys.stdout.write(o.open('http://{node.ip}:{SCHEDULER_METRICS_PORT}/metrics',timeout=10)"
+                ".read().decode())")
+        out = node.run([PY, "-c", code], check=False, timeout=30)
+        for k, v in parse_metrics(out.stdout).items():
+            if k.startswith(prefix):
+                total[k[len(prefix):-2]] = total.get(k[len(prefix):-2], 0.0) + v
+    return total
+
+
 def run_job(ml: ManagedLab, image: content.Image, scope: dict, timeout: float) -> dict:
     ref = f"{ml.mesh.registry.host}/{image.repo}:{image.tag}"
     served0 = sum(ml.mesh.registry.blob_bytes_served().values())
     before = [ml.metrics(p) for p in ml.mesh.peers]
+    rpcs0 = scheduler_rpcs(ml)
     job = ml.api("POST", "/api/v1/jobs", {"type": "preheat", "image": ref, "scope": scope, "timeout": timeout,
                                           "max_attempts": 1})
     cpu0 = cpu_by_role()
@@ -78,10 +97,18 @@ def run_job(ml: ManagedLab, image: content.Image, scope: dict, timeout: float) -
         for host, (_state, done) in sample["nodes"].items():
             timeline.setdefault(host, []).append([sample["t"], done])
     served = sum(ml.mesh.registry.blob_bytes_served().values()) - served0
+    rpcs = {k: int(v - rpcs0.get(k, 0.0)) for k, v in sorted(scheduler_rpcs(ml).items()) if v > rpcs0.get(k, 0.0)}
     # what the peers' piece traffic looked like: failures by reason, pieces served and refused
     counters: dict[str, float] = {}
+    seeds: list[int] = []   # blobs each node fetched from the registry as the seed
+    uploaded: list[float] = []   # MB each node served to other peers
     for p, b in zip(ml.mesh.peers, before):
-        for name, value in ml.metrics(p).items():
+        after = ml.metrics(p)
+        name = 'remora_peer_back_to_source_total{reason="seed"}'
+        seeds.append(int(after.get(name, 0.0) - b.get(name, 0.0)))
+        name = "remora_peer_upload_bytes_total"
+        uploaded.append(round((after.get(name, 0.0) - b.get(name, 0.0)) / 1e6, 1))
+        for name, value in after.items():
             if name.startswith(("remora_peer_piece_failures_total", "remora_peer_upload_pieces_total",
                                 "remora_peer_pieces_total", "remora_peer_back_to_source_total")):
                 key = name.replace("remora_peer_", "")
@@ -92,7 +119,8 @@ def run_job(ml: ManagedLab, image: content.Image, scope: dict, timeout: float) -
             "errors": sorted({n["error"][:160] for n in view["nodes"] if n["error"]}),
             "node_seconds": sorted(round(n["finished_at"] - view["created_at"], 2) for n in view["nodes"]
                                    if n.get("finished_at")),
-            "cpu_seconds": cpu, "peer_counters": {k: int(v) for k, v in sorted(counters.items()) if v},
+            "cpu_seconds": cpu, "scheduler_rpcs": rpcs, "seeds_by_node": seeds,
+            "uploaded_mb_by_node": uploaded, "peer_counters": {k: int(v) for k, v in sorted(counters.items()) if v},
             "timeline": timeline, "loadavg": os.getloadavg()[0]}
 
 

@@ -13,7 +13,7 @@ hosts hold the blob, who arrives when, what the scheduler is told) and to say ho
 * every announcement lists the child's piece transfers running now (``transfers``, as peers do since
   the scheduler counts a parent's load as its transfers in flight, plugins/scheduler/state.py), and a
   child announces as soon as it starts pieces: the scheduler's ``parent_load`` is the simulated
-  parent's real upload count (real peers announce every 0.1 s, so theirs lags by up to that);
+  parent's real upload count (real peers announce every 0.25 s, so theirs lags by up to that);
 * a piece takes ``rtt(parent) + rtt(child)`` (latency, no bytes move) then ``size`` bytes at a *fluid*
   rate: :meth:`Simulation.rate` (the parent's uplink now shared by its uploads, capped by the child's
   downlink shared by its downloads) recomputed whenever a transfer starts or ends at either end or the

@@ -224,7 +224,11 @@ class Task:
                 if self.back_to_source or not self.session.available:
                     if not self.back_to_source:
                         self._go_to_source("no_scheduler")
-                    await self._fetch_from_source(missing)
+                    self.m.streaming.add(self.digest)
+                    try:
+                        await self._fetch_from_source(missing)
+                    finally:
+                        self.m.streaming.discard(self.digest)
                 else:
                     await self._fetch_from_parents()
         except asyncio.CancelledError:
@@ -495,6 +499,8 @@ class TaskManager:
         self.metrics = metrics
         self.peer_id = cfg.peer_id
         self.tasks: dict[str, Task] = {}
+        self.streaming: set[str] = set()     # digests whose pieces come from the registry right now
+        self.registering: set[str] = set()   # digests whose RegisterTask is in flight
         #: the registry's answer to "may this client read that?" (mirror requests, pieces asked by peers)
         #: manifests and tag records kept for when the registry cannot be reached (offline.py)
         self.kept = KeptManifests(cfg.data_dir, cfg.offline_tag_max_age)
@@ -507,6 +513,15 @@ class TaskManager:
         #: the daemon before start(). None: plain HTTP (--insecure-plain-mesh).
         self.peer_ssl = None
         self._background: set[asyncio.Task] = set()
+
+    def seeding(self, besides: str = "") -> int:
+        """Blobs this peer fetches from the registry right now (seed or sent back to source), or is
+        registering (it may be made their seed), other than ``besides``: told to the scheduler with every
+        RegisterTask and GetParents, so that it elects a new task's seed among the peers that fetch none
+        (plugins/scheduler/server.py, ``seed_elsewhere``). Registrations count so that two blobs
+        registered at once with two schedulers do not both make this peer their seed."""
+        busy = self.streaming | self.registering
+        return len(busy) - (besides in busy)
 
     async def start(self) -> None:
         # One connection pool for every task and parent. Connections to a parent are kept (and reused:
@@ -537,10 +552,16 @@ class TaskManager:
         task.add_done_callback(self._background.discard)
         return task
 
-    def task(self, digest: str, source: Source | None = None, grant: Grant | None = None) -> Task:
+    def task(self, digest: str, source: Source | None = None, grant: Grant | None = None,
+             background: bool = False) -> Task:
+        """The task of ``digest`` (made if new). ``background``: nobody waits on it (a preheat); a
+        foreground request for the same blob makes it foreground for good (see SchedulerSession)."""
         task = self.tasks.get(digest)
         if task is None:
             task = self.tasks[digest] = Task(self, digest)
+            task.session.background = background
+        elif not background:
+            task.session.background = False
         if source is not None and source not in task.sources:
             task.sources.append(source)
         if grant is not None:

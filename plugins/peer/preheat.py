@@ -315,7 +315,7 @@ class Preheater:
             grant = None
             if source is not None and (running is None or running.grant is None):
                 grant = Grant(source.registry, source.repository)
-            dl = self.tasks.task(blob.digest, source, grant=grant)
+            dl = self.tasks.task(blob.digest, source, grant=grant, background=True)
             try:
                 entry = await dl.ensure(None)       # the whole blob, verified against its digest
             except RemoraError as exc:

@@ -40,10 +40,12 @@ FLUSH_EVERY = 0.5
 #: CPU for a moment). The piece timeout counts too: a longer one is a more patient peer.
 SCHEDULER_GRACE = 5.0
 #: Announcements of a downloading peer go out at most this often (each carries the peer's whole state, so
-#: a later one replaces the ones skipped). Children learn what their parents hold by asking for parents
-#: every ``download.TICK`` (0.1 s): announcing every landed piece (dozens a second per peer, 16 peers) only
-#: fed the scheduler and the peers' gRPC stacks CPU the links then missed.
-ANNOUNCE_EVERY = 0.1
+#: a later one replaces the ones skipped). Announcing every landed piece (dozens a second per peer, 16
+#: peers) only fed the scheduler and the peers' gRPC stacks CPU the links then missed; every 0.1 s was
+#: still 3,100 announcements (~2 ms of scheduler CPU each) for an 8-node preheat of eight 25 MiB blobs on a
+#: machine the mesh keeps CPU-bound, 0.25 s is 1,350. Children see a landed piece at their next view of the
+#: mesh (``download.TICK``, 0.1 s, while starved), so the lag a relay adds grows by at most 0.15 s.
+ANNOUNCE_EVERY = 0.25
 #: ``seq`` of announcements and result reports: one sequence for the process, started at the wall clock in
 #: nanoseconds so that it also grows across restarts of a peer that keeps its peer id (--peer-id).
 _SEQ = itertools.count(time.time_ns())
@@ -65,6 +67,8 @@ class SchedulerSession:
         self.digest = digest
         self.entry = entry
         self.registered = False
+        #: nobody waits on the blob (a preheat): the scheduler may take a moment to find a better seed
+        self.background = False
         self._go_to_source = go_to_source
         self._in_flight = in_flight
         self._from_source = from_source
@@ -95,13 +99,16 @@ class SchedulerSession:
         """RegisterTask: learns the layout and piece digests the scheduler knows, and whether we are the
         seed (then back to the registry). None: the scheduler is down (and the task went to the registry)."""
         entry = self.entry
+        self.m.registering.add(self.digest)
         try:
             resp = await self.m.sched.call(self.digest, "RegisterTask", pb.RegisterTaskRequest(
                 peer_id=self.m.peer_id, task_id=self.digest, content_length=entry.content_length,
-                piece_size=entry.piece_size))
+                piece_size=entry.piece_size, seeding=self.m.seeding(self.digest), background=self.background))
         except (SchedulerUnavailable, SchedulerRequestError) as exc:
             self.down("RegisterTask", exc)
             return None
+        finally:
+            self.m.registering.discard(self.digest)
         self.registered = True
         if resp.content_length and resp.piece_size and not entry.has_layout:
             entry.set_layout(resp.content_length, resp.piece_size)
@@ -125,7 +132,8 @@ class SchedulerSession:
             try:
                 resp = await self.m.sched.call(self.digest, "GetParents", pb.GetParentsRequest(
                     peer_id=self.m.peer_id, task_id=self.digest, exclude=sorted(exclude), limit=8,
-                    known_digests=sum(map(bool, self.entry.piece_digests))))
+                    known_digests=sum(map(bool, self.entry.piece_digests)),
+                    seeding=self.m.seeding(self.digest), background=self.background))
             except SchedulerUnavailable as exc:
                 now = time.monotonic()
                 if self._unanswered_since is None:

@@ -39,7 +39,7 @@ Score of a candidate (higher is better; the tier dominates, the weighted score i
 Load: the cost is the unshared prediction times ``parent_load + 1`` — the transfers running from the
 parent now (children list them in their announcements) plus the one this answer adds. Transfers a
 child starts from parents handed out a moment ago count once its next announcement lists them (peers
-announce every 0.1 s; the simulation at once, so that lag is not measured).
+announce every 0.25 s; the simulation at once, so that lag is not measured).
 """
 from __future__ import annotations
 

@@ -6,7 +6,10 @@ ParentSelector` decisions. The scheduling policy lives in :meth:`SchedulerServic
 1. a peer that is the seed (or was already sent to the registry) keeps being told so;
 2. parents the caller blocklisted join the task's blocklist for that caller, for good;
 3. a task with no working seed and no complete peer elects the caller as its seed (back to source),
-   unless the caller's own registry fetch failed for this task and another peer can try instead;
+   unless the caller's own registry fetch failed for this task and another peer can try instead, or
+   the caller already fetches another blob from the registry while a peer of the task that fetches none
+   has asked lately: that one is elected when it asks next (the caller hears "retry"), for at most
+   :data:`SEED_SPREAD_WAIT` (see :meth:`SchedulerService.seed_elsewhere`);
 4. otherwise the selector's best parents are returned — possibly the seed itself while it still
    downloads, since peers announce the pieces they have in flight;
 5. no usable parent: "retry after N ms"; after ``max_schedule_failures`` such answers in a row, the
@@ -37,6 +40,12 @@ from .state import Exhausted, Host, SchedulerState, Task, TaskPeer, UnknownPeer
 from .validate import BadRequest
 
 log = logging.getLogger(__name__)
+
+#: How long a task may wait for a peer that fetches nothing from the registry to ask (and be elected seed)
+#: before a busy peer is elected after all; children ask every ~100 ms, so the free one asks well before.
+SEED_SPREAD_WAIT = 1.0
+#: "Ask again" delay for a busy peer whose election was put off.
+SEED_SPREAD_RETRY_MS = 100
 
 
 @dataclass
@@ -255,7 +264,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.scorer.forget(peer_id)
         self._warned_same_host.discard(peer_id)
 
-    def schedule(self, task: Task, child_id: str, exclude=(), limit: int = 0) -> tuple[list[pb.Parent], bool, int, str]:
+    def schedule(self, task: Task, child_id: str, exclude=(), limit: int = 0,
+                 background: bool = False) -> tuple[list[pb.Parent], bool, int, str]:
         """(parents, back_to_source, retry_after_ms, reason) for ``child_id``; see the module doc."""
         tp = task.peers[child_id]
         if task.task_id in self.blocked_digests:
@@ -280,6 +290,10 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         # registry access may be what is broken. It waits (retry) like any child meanwhile.
         if task.needs_seed() and (child_id not in task.failed_seed_peers or not any(
                 p != child_id and p not in task.failed_seed_peers for p in task.peers)):
+            if self.seed_elsewhere(task, child_id, background):
+                self.metrics.decision("retry")
+                return [], False, SEED_SPREAD_RETRY_MS, "seed_elsewhere (a peer that fetches nothing from " \
+                    "the registry yet will seed this blob)"
             reason = "reseed" if task.failed_seeds else "seed"
             self.state.elect_seed(task, child_id)
             self.metrics.back_to_source.labels(reason).inc()
@@ -313,6 +327,35 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             return [], True, 0, "schedule_failures"
         self.metrics.decision("retry")
         return [], False, self.config.retry_after_ms, f"no_candidates (dropped: {dropped})"
+
+    def seed_elsewhere(self, task: Task, child_id: str, background: bool = False) -> bool:
+        """Whether to put off electing ``child_id`` as the seed of ``task`` because it already fetches
+        another blob from the registry (or registers one) and another peer could seed this one: a peer of
+        the task that fetches none asked lately, or, for a ``background`` request (a preheat: nobody waits
+        on the blob), a peer that fetches none is preheating too (it asked for background blobs within
+        :data:`SEED_SPREAD_WAIT`): peers of one preheat job ask for the same blobs in the same order. The other peer is
+        elected when it asks; the caller hears "retry". Never for longer than :data:`SEED_SPREAD_WAIT` per
+        task, and never when no other peer could take the task.
+
+        Why: the peers of a preheat all ask for the same blobs at once and the first to ask was elected
+        for every blob (it also finished each first and so asked first again): one peer's downlink carried
+        every registry stream and its uplink every fresh piece of the image to the others (277 MB sent for
+        a 210 MB image while the others' uplinks half idled). Seeds on different peers share that work."""
+        state = self.state
+        if not state.busy_seeding(child_id):
+            return False
+        now = state.clock()
+        if task.seed_wait_since is not None and now - task.seed_wait_since >= SEED_SPREAD_WAIT:
+            return False
+        free = any(pid != child_id and pid not in task.isolated and pid not in task.failed_seed_peers
+                   and pid not in state.quarantined and pid in state.peers
+                   and now - state.peers[pid].last_seen <= SEED_SPREAD_WAIT and not state.busy_seeding(pid)
+                   for pid in task.peers)
+        if not free and background:
+            free = state.background_peer_free(child_id, since=now - SEED_SPREAD_WAIT)
+        if free and task.seed_wait_since is None:
+            task.seed_wait_since = now
+        return free
 
     def piece_result(self, task_id: str, child_id: str, parent_id: str, piece: int, success: bool,
                      cost_s: float, size: int, error: str = "") -> None:
@@ -363,8 +406,11 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         peer_id = _need(request.peer_id, "peer_id")
         v.layout(request.content_length, request.piece_size)   # checked; only the seed's announcements count
         tp = self.state.join_task(peer_id, task_id)
+        self.state.peers[peer_id].seeding = v.seeding(request.seeding)
+        if request.background:
+            self.state.note_background(peer_id)
         task = self.state.tasks[task_id]
-        parents, b2s, retry, reason = self.schedule(task, tp.peer_id)
+        parents, b2s, retry, reason = self.schedule(task, tp.peer_id, background=request.background)
         return pb.RegisterTaskResponse(back_to_source=b2s, parents=parents, content_length=task.content_length,
                                        piece_size=task.piece_size, piece_digests=task.piece_digests,
                                        retry_after_ms=retry, reason=reason,
@@ -398,8 +444,11 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         peer_id = _need(request.peer_id, "peer_id")
         exclude, limit = v.exclude(request.exclude), v.limit(request.limit)
         tp = self.state.join_task(peer_id, task_id)
+        self.state.peers[peer_id].seeding = v.seeding(request.seeding)
+        if request.background:
+            self.state.note_background(peer_id)
         task = self.state.tasks[task_id]
-        parents, b2s, retry, reason = self.schedule(task, tp.peer_id, exclude, limit)
+        parents, b2s, retry, reason = self.schedule(task, tp.peer_id, exclude, limit, background=request.background)
         # Children ask every ~100 ms while they download: the digest list (~70 bytes a piece) goes out
         # only when the scheduler knows a different number of digests than the caller says it does (more:
         # the seed hashed new pieces; fewer: the task was reset, and a new seed's digests will follow).

@@ -57,6 +57,7 @@ MAX_MARKS = 1 << 19             # finished + in-flight piece indexes over all (p
 MAX_MARKS_PER_PEER = 1 << 16
 MAX_DIGESTS = 1 << 18           # piece digests over all tasks
 MAX_DIGESTS_PER_PEER = 1 << 16  # ... published by one seed
+MAX_BACKGROUND_PEERS = 256      # peers remembered as preheating (seed election looks among them)
 #: Distinct hosts that must report a peer as lying before it is isolated from every task (one report
 #: isolates it from the task it was caught in).
 QUARANTINE_REPORTERS = 2
@@ -102,6 +103,8 @@ class Peer:
     served_failed: int = 0
     marks: int = 0                    # piece indexes held in its TaskPeer sets (bounded)
     digests: int = 0                  # piece digests it published as a seed (bounded)
+    seeding: int = 0                  # blobs it said (last RegisterTask/GetParents) it fetches from the registry
+    background_at: float = -math.inf  # when it last asked for a blob nobody waits on (a preheat)
     #: task id -> newest ``seq`` of its announcements / result reports (oldest first, bounded)
     seqs: dict[str, int] = field(default_factory=dict)
 
@@ -161,6 +164,7 @@ class Task:
     seed_peer: str | None = None
     failed_seeds: int = 0
     failed_seed_peers: set[str] = field(default_factory=set)   # not re-elected while others can seed
+    seed_wait_since: float | None = None   # a busy peer's election was first put off (see busy_seeding)
     peers: dict[str, TaskPeer] = field(default_factory=dict)
     children_of: dict[str, set[str]] = field(default_factory=dict)   # reverse of TaskPeer.parents
 
@@ -259,6 +263,7 @@ class SchedulerState:
         self.transfers_to: dict[str, dict[tuple[str, str, int], float]] = {}
         self.transfer_count = 0
         self.quarantined: set[str] = set()              # isolated from every task
+        self.background: dict[str, None] = {}           # peers that asked for background blobs, oldest first
         self.lying_reports: dict[str, set[str]] = {}    # suspect peer id -> host ids that caught it
         #: Goodput per host pair and per host, inferred from piece reports (peers send normalized costs).
         self.bandwidth = BandwidthEstimator(clock=clock)
@@ -305,6 +310,7 @@ class SchedulerState:
             if self.leave_task(peer_id, task_id, peer=peer):
                 reset.append(task_id)
         del self.peers[peer_id]
+        self.background.pop(peer_id, None)
         self.lying_reports.pop(peer_id, None)
         host_id = peer.host.host_id
         if not any(p.host.host_id == host_id for p in self.peers.values()):
@@ -519,11 +525,46 @@ class SchedulerState:
 
     def elect_seed(self, task: Task, peer_id: str) -> None:
         task.seed_peer = peer_id
+        task.seed_wait_since = None
         tp = task.peers[peer_id]
         tp.back_to_source = True
         tp.schedule_failures = 0
         # A seed downloads from the registry: it has no parents.
         task.set_parents(peer_id, ())
+
+    def busy_seeding(self, peer_id: str) -> bool:
+        """Whether the peer fetches some blob from the registry now: it said so in its last RegisterTask or
+        GetParents (that counts tasks of every scheduler), or it is the working seed of a task here."""
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return False
+        if peer.seeding:
+            return True
+        tasks = self.tasks
+        return any(tasks[t].seed_peer == peer_id for t in peer.tasks if t in tasks)
+
+    def background_peer_free(self, besides: str, since: float) -> bool:
+        """Whether a peer other than ``besides`` that asked for background blobs (a preheat) at or after
+        ``since`` fetches nothing from the registry: it is likely to ask for the same blobs soon (peers of
+        one preheat job ask for the same blobs in the same order)."""
+        for pid in self.background:
+            peer = self.peers.get(pid)
+            if pid != besides and peer is not None and peer.background_at >= since \
+                    and pid not in self.quarantined and not self.busy_seeding(pid):
+                return True
+        return False
+
+    def note_background(self, peer_id: str) -> None:
+        """The peer asked for a blob nobody waits on: remembered (most recent last, bounded) for
+        :meth:`background_peer_free`."""
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return
+        peer.background_at = self.clock()
+        self.background.pop(peer_id, None)
+        self.background[peer_id] = None
+        while len(self.background) > MAX_BACKGROUND_PEERS:
+            self.background.pop(next(iter(self.background)))
 
     def trusted(self, task: Task, tp: TaskPeer) -> bool:
         """Whether this peer's word on layout and piece digests counts: it was sent to the registry for

@@ -30,6 +30,7 @@ MAX_TRANSFERS = 256          # piece requests a child reports running to parents
 MAX_RESULTS = 4096           # piece results in one report (a peer flushes every 16)
 MAX_PROBES = 1024
 MAX_LIMIT = 64               # parents asked for
+MAX_SEEDING = 1024           # blobs a peer says it fetches from the registry at once (its tasks are capped so)
 MAX_ERROR = 1024             # free-text error strings (kept only in logs)
 
 TASK_ID_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -155,6 +156,12 @@ def exclude(values) -> list[str]:
 def limit(value: int) -> int:
     if value > MAX_LIMIT:
         raise BadRequest(f"limit {value} exceeds {MAX_LIMIT}")
+    return value
+
+
+def seeding(value: int) -> int:
+    if value > MAX_SEEDING:
+        raise BadRequest(f"seeding {value} exceeds {MAX_SEEDING}")
     return value
 
 

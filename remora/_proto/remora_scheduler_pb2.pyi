@@ -60,16 +60,20 @@ class LeavePeerRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
 
 class RegisterTaskRequest(_message.Message):
-    __slots__ = ("peer_id", "task_id", "content_length", "piece_size")
+    __slots__ = ("peer_id", "task_id", "content_length", "piece_size", "seeding", "background")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CONTENT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     PIECE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEEDING_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     task_id: str
     content_length: int
     piece_size: int
-    def __init__(self, peer_id: _Optional[str] = ..., task_id: _Optional[str] = ..., content_length: _Optional[int] = ..., piece_size: _Optional[int] = ...) -> None: ...
+    seeding: int
+    background: bool
+    def __init__(self, peer_id: _Optional[str] = ..., task_id: _Optional[str] = ..., content_length: _Optional[int] = ..., piece_size: _Optional[int] = ..., seeding: _Optional[int] = ..., background: _Optional[bool] = ...) -> None: ...
 
 class RegisterTaskResponse(_message.Message):
     __slots__ = ("back_to_source", "parents", "content_length", "piece_size", "piece_digests", "retry_after_ms", "reason", "held")
@@ -140,18 +144,22 @@ class Transfer(_message.Message):
     def __init__(self, parent_id: _Optional[str] = ..., piece: _Optional[int] = ...) -> None: ...
 
 class GetParentsRequest(_message.Message):
-    __slots__ = ("peer_id", "task_id", "exclude", "limit", "known_digests")
+    __slots__ = ("peer_id", "task_id", "exclude", "limit", "known_digests", "seeding", "background")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     KNOWN_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    SEEDING_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     task_id: str
     exclude: _containers.RepeatedScalarFieldContainer[str]
     limit: int
     known_digests: int
-    def __init__(self, peer_id: _Optional[str] = ..., task_id: _Optional[str] = ..., exclude: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., known_digests: _Optional[int] = ...) -> None: ...
+    seeding: int
+    background: bool
+    def __init__(self, peer_id: _Optional[str] = ..., task_id: _Optional[str] = ..., exclude: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., known_digests: _Optional[int] = ..., seeding: _Optional[int] = ..., background: _Optional[bool] = ...) -> None: ...
 
 class GetParentsResponse(_message.Message):
     __slots__ = ("parents", "back_to_source", "retry_after_ms", "reason", "content_length", "piece_size", "piece_digests", "held")
