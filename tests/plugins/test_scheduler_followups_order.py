@@ -3,13 +3,11 @@ from the same peer for the same task is ignored. A delayed "not done" must not u
 (the scheduler then elected a second seed, which fetched the blob from the registry again)."""
 from __future__ import annotations
 
-import grpc
 import pytest
+from sched_util import plain_scheduler
 
 from remora._proto import remora_scheduler_pb2 as pb
-from remora._proto import remora_scheduler_pb2_grpc as pb_grpc
 from remora.plugins.scheduler import state as state_mod
-from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
 
 TASK = "sha256:" + "d4" * 32
 PIECE = 256 * 1024
@@ -19,17 +17,8 @@ DIGESTS = [f"sha256:{i:064x}" for i in range(N)]
 
 @pytest.fixture
 async def sched():
-    server = await SchedulerServer(SchedulerConfig(random_seed=4), "127.0.0.1:0", insecure_plain=True).start()
-    channel = grpc.aio.insecure_channel(server.address)
-    stub = pb_grpc.SchedulerStub(channel)
-    try:
-        for pid in ("seed", "child", "late"):
-            await stub.RegisterPeer(pb.RegisterPeerRequest(host=pb.PeerHost(
-                peer_id=pid, host_id=f"host-{pid}", ip="127.0.0.1", upload_port=4000)))
-        yield server, stub
-    finally:
-        await channel.close()
-        await server.stop(0)
+    async with plain_scheduler(("seed", "child", "late"), random_seed=4) as both:
+        yield both
 
 
 def announce(stub, pid, seq, finished=(), in_flight=(), done=False, digests=()):

@@ -5,13 +5,11 @@ from __future__ import annotations
 import logging
 import random
 
-import grpc
 import pytest
+from sched_util import plain_scheduler
 
 from remora._proto import remora_scheduler_pb2 as pb
-from remora._proto import remora_scheduler_pb2_grpc as pb_grpc
 from remora.plugins.scheduler.selection import ParentSelector, SelectionConfig, WeightedScorer
-from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
 from remora.plugins.scheduler.state import Host, SchedulerState
 
 TASK = "sha256:" + "c3" * 32
@@ -93,13 +91,7 @@ def test_of_two_slow_holders_of_the_same_pieces_one_is_kept(state):
 
 
 async def test_get_parents_returns_the_slow_only_holder_over_grpc():
-    server = await SchedulerServer(SchedulerConfig(random_seed=2), "127.0.0.1:0", insecure_plain=True).start()
-    channel = grpc.aio.insecure_channel(server.address)
-    stub = pb_grpc.SchedulerStub(channel)
-    try:
-        for pid in ("seed", "child", "other"):
-            await stub.RegisterPeer(pb.RegisterPeerRequest(host=pb.PeerHost(
-                peer_id=pid, host_id=f"host-{pid}", ip="127.0.0.1", upload_port=4000)))
+    async with plain_scheduler(("seed", "child", "other"), random_seed=2) as (server, stub):
         assert (await stub.RegisterTask(pb.RegisterTaskRequest(peer_id="seed", task_id=TASK))).back_to_source
         await stub.AnnouncePieces(pb.AnnouncePiecesRequest(
             peer_id="seed", task_id=TASK, finished=range(8), content_length=8 * PIECE, piece_size=PIECE,
@@ -118,6 +110,3 @@ async def test_get_parents_returns_the_slow_only_holder_over_grpc():
         await stub.AnnouncePieces(pb.AnnouncePiecesRequest(peer_id="child", task_id=TASK, finished=range(4, 8)))
         g = await stub.GetParents(pb.GetParentsRequest(peer_id="child", task_id=TASK))
         assert [p.host.peer_id for p in g.parents] == ["other"]
-    finally:
-        await channel.close()
-        await server.stop(0)

@@ -12,29 +12,19 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+from sched_util import plain_scheduler
 
 from remora._proto import remora_scheduler_pb2 as pb
-from remora._proto import remora_scheduler_pb2_grpc as pb_grpc
 from remora.plugins.peer.download import TaskManager
 from remora.plugins.scheduler import server as server_mod
-from remora.plugins.scheduler.server import SchedulerConfig, SchedulerServer
 
 A, B = "sha256:" + "a1" * 32, "sha256:" + "b2" * 32
 
 
 @pytest.fixture
 async def sched():
-    server = await SchedulerServer(SchedulerConfig(random_seed=3), "127.0.0.1:0", insecure_plain=True).start()
-    channel = grpc.aio.insecure_channel(server.address)
-    stub = pb_grpc.SchedulerStub(channel)
-    try:
-        for pid in ("x", "y", "z"):
-            await stub.RegisterPeer(pb.RegisterPeerRequest(host=pb.PeerHost(
-                peer_id=pid, host_id=f"host-{pid}", ip="127.0.0.1", upload_port=4000)))
-        yield server, stub
-    finally:
-        await channel.close()
-        await server.stop(0)
+    async with plain_scheduler(("x", "y", "z"), random_seed=3) as both:
+        yield both
 
 
 def register(stub, pid, task, seeding=0, background=True):
