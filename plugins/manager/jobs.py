@@ -324,12 +324,29 @@ class Engine:
                     self.metrics.job_duration.labels(job.type, job.state).observe(job.finished_at - job.created_at)
 
     def _claim(self) -> list[int]:
+        """Lease the nodes that are due to this engine: the ids it may step now. Another replica's lease is
+        never taken: the UPDATE re-checks ``lease_until`` row by row (PostgreSQL re-reads a row another
+        transaction just claimed; SQLite has one writer at a time), and only the rows it changed are ours.
+
+        One UPDATE for the whole batch (one transaction, one commit) where there used to be one per node:
+        every due node of every running job is claimed each tick, ~8 commits a second for an 8-node job
+        and up to ``workers * 4`` a tick for a large one. The SELECT stays a transaction of its own, so a
+        SQLite writer never has to upgrade a read lock another replica may also hold."""
         now = self.clock.now()
         with self.sessions.begin() as session:
             due = session.scalars(select(JobNode.id).where(JobNode.state.in_(ACTIVE), JobNode.next_at <= now,
                                                            JobNode.lease_until < now)
                                   .order_by(JobNode.next_at).limit(self.s.workers * 4)).all()
-        claimed = []
+        if not due:
+            return []
+        claim = (update(JobNode).where(JobNode.id.in_(sorted(due)), JobNode.lease_until < now)
+                 .values(lease_owner=self.owner, lease_until=now + self.s.lease))
+        with self.sessions.begin() as session:
+            if session.get_bind().dialect.update_returning:
+                won = set(session.execute(claim.returning(JobNode.id),
+                                          execution_options={"synchronize_session": False}).scalars())
+                return [node_id for node_id in due if node_id in won]   # due order: the most overdue first
+        claimed = []   # a database without UPDATE ... RETURNING (SQLite older than 3.35): one row at a time
         for node_id in due:
             with self.sessions.begin() as session:
                 res = session.execute(update(JobNode).where(JobNode.id == node_id, JobNode.lease_until < now)
