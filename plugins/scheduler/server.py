@@ -8,8 +8,9 @@ ParentSelector` decisions. The scheduling policy lives in :meth:`SchedulerServic
 3. a task with no working seed and no complete peer elects the caller as its seed (back to source),
    unless the caller's own registry fetch failed for this task and another peer can try instead, or
    the caller already fetches another blob from the registry while a peer of the task that fetches none
-   has asked lately: that one is elected when it asks next (the caller hears "retry"), for at most
-   :data:`SEED_SPREAD_WAIT` (see :meth:`SchedulerService.seed_elsewhere`);
+   has asked lately (or, for a preheat, a peer that fetches none is preheating too): that one is elected
+   when it asks next (the caller hears "retry"), for at most :data:`SEED_SPREAD_WAIT` (see
+   :meth:`SchedulerService.seed_elsewhere`);
 4. otherwise the selector's best parents are returned — possibly the seed itself while it still
    downloads, since peers announce the pieces they have in flight;
 5. no usable parent: "retry after N ms"; after ``max_schedule_failures`` such answers in a row, the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import random
 import time
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 SEED_SPREAD_WAIT = 1.0
 #: "Ask again" delay for a busy peer whose election was put off.
 SEED_SPREAD_RETRY_MS = 100
+#: Peers of a task looked at for a free one (a task may have thousands).
+SEED_SPREAD_SCAN = 64
 
 
 @dataclass
@@ -333,9 +337,10 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         another blob from the registry (or registers one) and another peer could seed this one: a peer of
         the task that fetches none asked lately, or, for a ``background`` request (a preheat: nobody waits
         on the blob), a peer that fetches none is preheating too (it asked for background blobs within
-        :data:`SEED_SPREAD_WAIT`): peers of one preheat job ask for the same blobs in the same order. The other peer is
-        elected when it asks; the caller hears "retry". Never for longer than :data:`SEED_SPREAD_WAIT` per
-        task, and never when no other peer could take the task.
+        :data:`SEED_SPREAD_WAIT`): peers of one preheat job ask for the same blobs in the same order. The
+        other peer is elected when it asks; the caller hears "retry". Never for longer than
+        :data:`SEED_SPREAD_WAIT` per task, and never when no other peer could take the task. The task's
+        first :data:`SEED_SPREAD_SCAN` peers are looked at, whatever its size.
 
         Why: the peers of a preheat all ask for the same blobs at once and the first to ask was elected
         for every blob (it also finished each first and so asked first again): one peer's downlink carried
@@ -350,7 +355,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         free = any(pid != child_id and pid not in task.isolated and pid not in task.failed_seed_peers
                    and pid not in state.quarantined and pid in state.peers
                    and now - state.peers[pid].last_seen <= SEED_SPREAD_WAIT and not state.busy_seeding(pid)
-                   for pid in task.peers)
+                   for pid in itertools.islice(task.peers, SEED_SPREAD_SCAN))
         if not free and background:
             free = state.background_peer_free(child_id, since=now - SEED_SPREAD_WAIT)
         if free and task.seed_wait_since is None:
