@@ -339,18 +339,17 @@ class Engine:
                                   .order_by(JobNode.next_at).limit(self.s.workers * 4)).all()
         if not due:
             return []
-        claim = (update(JobNode).where(JobNode.id.in_(sorted(due)), JobNode.lease_until < now)
+        lease = (update(JobNode).where(JobNode.lease_until < now)
                  .values(lease_owner=self.owner, lease_until=now + self.s.lease))
         with self.sessions.begin() as session:
             if session.get_bind().dialect.update_returning:
-                won = set(session.execute(claim.returning(JobNode.id),
+                won = set(session.execute(lease.where(JobNode.id.in_(sorted(due))).returning(JobNode.id),
                                           execution_options={"synchronize_session": False}).scalars())
                 return [node_id for node_id in due if node_id in won]   # due order: the most overdue first
         claimed = []   # a database without UPDATE ... RETURNING (SQLite older than 3.35): one row at a time
         for node_id in due:
             with self.sessions.begin() as session:
-                res = session.execute(update(JobNode).where(JobNode.id == node_id, JobNode.lease_until < now)
-                                      .values(lease_owner=self.owner, lease_until=now + self.s.lease))
+                res = session.execute(lease.where(JobNode.id == node_id))
                 if res.rowcount == 1:
                     claimed.append(node_id)
         return claimed

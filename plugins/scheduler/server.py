@@ -411,9 +411,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         peer_id = _need(request.peer_id, "peer_id")
         v.layout(request.content_length, request.piece_size)   # checked; only the seed's announcements count
         tp = self.state.join_task(peer_id, task_id)
-        self.state.peers[peer_id].seeding = v.seeding(request.seeding)
-        if request.background:
-            self.state.note_background(peer_id)
+        self.state.note_asker(peer_id, v.seeding(request.seeding), request.background)
         task = self.state.tasks[task_id]
         parents, b2s, retry, reason = self.schedule(task, tp.peer_id, background=request.background)
         return pb.RegisterTaskResponse(back_to_source=b2s, parents=parents, content_length=task.content_length,
@@ -449,9 +447,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         peer_id = _need(request.peer_id, "peer_id")
         exclude, limit = v.exclude(request.exclude), v.limit(request.limit)
         tp = self.state.join_task(peer_id, task_id)
-        self.state.peers[peer_id].seeding = v.seeding(request.seeding)
-        if request.background:
-            self.state.note_background(peer_id)
+        self.state.note_asker(peer_id, v.seeding(request.seeding), request.background)
         task = self.state.tasks[task_id]
         parents, b2s, retry, reason = self.schedule(task, tp.peer_id, exclude, limit, background=request.background)
         # Children ask every ~100 ms while they download: the digest list (~70 bytes a piece) goes out

@@ -554,11 +554,15 @@ class SchedulerState:
                 return True
         return False
 
-    def note_background(self, peer_id: str) -> None:
-        """The peer asked for a blob nobody waits on: remembered (most recent last, bounded) for
-        :meth:`background_peer_free`."""
+    def note_asker(self, peer_id: str, seeding: int, background: bool) -> None:
+        """What a RegisterTask/GetParents caller said of itself: how many blobs it fetches from the registry
+        (:meth:`busy_seeding`) and, for a blob nobody waits on, that it is preheating (remembered most
+        recent last, bounded, for :meth:`background_peer_free`)."""
         peer = self.peers.get(peer_id)
         if peer is None:
+            return
+        peer.seeding = seeding
+        if not background:
             return
         peer.background_at = self.clock()
         self.background.pop(peer_id, None)
