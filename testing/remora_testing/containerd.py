@@ -183,8 +183,7 @@ class PrivateContainerd:
         self.daemon = Daemon([self.containerd_bin, "--config", str(self.config_path)], self.log_path,
                              env=self.daemon_env()).start()
         try:
-            wait_until(lambda: not self.daemon.alive() or self.ctr("version", check=False, timeout=5).returncode == 0,
-                       timeout, interval=0.1, what=self.label)
+            wait_until(lambda: not self.daemon.alive() or self._answers(), timeout, interval=0.1, what=self.label)
         except TimeoutError:
             self.stop()
             raise
@@ -193,6 +192,14 @@ class PrivateContainerd:
         return self
 
     label = "containerd"
+
+    def _answers(self) -> bool:
+        """Whether containerd answers ``ctr version`` now; a probe that times out means "not yet" (the
+        start's own deadline decides), not a failed start."""
+        try:
+            return self.ctr("version", check=False, timeout=5).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 120.0, namespace: str | None = None,
             input: str | None = None) -> subprocess.CompletedProcess:

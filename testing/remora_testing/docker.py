@@ -120,9 +120,7 @@ class PrivateDocker:
         self.daemon = Daemon([str(self.dockerd_bin), "--config-file", str(self.config_path)], self.log_path,
                              env=dict(os.environ, PATH=path)).start()
         try:
-            wait_until(lambda: (not self.daemon.alive()
-                                or self.docker("version", check=False, timeout=5).returncode == 0),
-                       timeout, interval=0.1, what="dockerd")
+            wait_until(lambda: not self.daemon.alive() or self._answers(), timeout, interval=0.1, what="dockerd")
         except TimeoutError:
             self.close()
             raise
@@ -131,6 +129,15 @@ class PrivateDocker:
             self.close()
             raise UsageError(f"dockerd exited at start:\n{tail}")
         return self
+
+    def _answers(self) -> bool:
+        """Whether dockerd answers ``docker version`` now. A daemon still starting may accept on its socket
+        and answer late: a probe that times out means "not yet", not a failed start (that is the overall
+        deadline's call)."""
+        try:
+            return self.docker("version", check=False, timeout=5).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
 
     def docker(self, *args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Run the private ``docker`` CLI against this daemon; raises with stderr and the daemon log."""
