@@ -22,13 +22,14 @@ import requests
 import urllib3
 
 from remora.errors import AuthError, InvalidInput, NotFound, RegistryError, RemoraError
+from remora.registry.manifestcheck import MAX_MANIFEST_SIZE, check_declared_length, check_manifest
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_READ_TIMEOUT = 20.0
 STREAM_BLOCK = 256 * 1024  # pieces a streamed range read is handed over in
-MAX_MANIFEST = 4 << 20  # the limit containerd and distribution use
+MAX_MANIFEST = MAX_MANIFEST_SIZE  # the limit containerd and distribution use
 
 
 @dataclass
@@ -171,17 +172,13 @@ class HttpBlobSource:
         """``(bytes, media type, digest)`` of a manifest by digest or tag. By digest the bytes must hash
         to it; by tag to the ``Docker-Content-Digest`` the mirror claims, if it sends one (who may be
         asked for a tag at all is the caller's rule: MirrorFirstStore). At most MAX_MANIFEST bytes."""
-        import hashlib
-
         where = f"{self.name}: manifest {reference}"
         r = self._get(f"manifests/{reference}", {"Accept": accept, "Accept-Encoding": "identity"},
                       f"manifest {reference}")
         try:
             if r.status_code != 200:
                 self._status_error(r, where, "manifest")
-            length = r.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > MAX_MANIFEST:
-                raise InvalidInput(f"{where}: {length} bytes, over the {MAX_MANIFEST}-byte limit")
+            check_declared_length(r.headers.get("Content-Length"), where)
             try:
                 data = r.raw.read(MAX_MANIFEST + 1, decode_content=False)  # bounded: no decompression
             except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
@@ -190,13 +187,7 @@ class HttpBlobSource:
             claimed = r.headers.get("Docker-Content-Digest", "")
         finally:
             r.close()
-        if len(data) > MAX_MANIFEST:
-            raise InvalidInput(f"{where}: over the {MAX_MANIFEST}-byte limit")
-        actual = "sha256:" + hashlib.sha256(data).hexdigest()
-        expected = reference if reference.startswith("sha256:") else claimed
-        if expected and expected != actual:
-            raise InvalidInput(f"{where}: digest mismatch: expected {expected}, got {actual}")
-        return data, media_type, actual
+        return data, media_type, check_manifest(data, reference, claimed, where)
 
     def _get(self, path: str, headers: dict[str, str], what: str) -> requests.Response:
         """An open streamed GET of ``/v2/<repo>/<path>`` (``?ns=``), one 401 answered with credentials."""

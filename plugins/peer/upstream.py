@@ -24,7 +24,6 @@ exception: those are logged here (a refused or unreachable address is what a por
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 from pathlib import Path
@@ -33,12 +32,13 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 
 from remora import __version__
-from remora.errors import AuthError, InvalidInput, NotFound, RegistryError, RemoraError
+from remora.errors import AuthError, NotFound, RegistryError, RemoraError
 from remora.registry import authcore
 from remora.registry.auth import Credentials, is_loopback, load_credentials
+from remora.registry.manifestcheck import MAX_MANIFEST_SIZE, check_declared_length, check_manifest
 
 log = logging.getLogger(__name__)
-MAX_MANIFEST = 4 << 20   # bytes: a manifest larger than this is refused (InvalidInput)
+MAX_MANIFEST = MAX_MANIFEST_SIZE   # bytes: a manifest larger than this is refused (InvalidInput)
 
 #: Docker Hub's name in image references vs the host that serves its API.
 HUB_ALIASES = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
@@ -188,9 +188,9 @@ class Upstream:
         MAX_MANIFEST bytes (InvalidInput past that). An answer that breaks off is RegistryUnreachable."""
         resp = await self.request("GET", registry, f"/v2/{name}/manifests/{ref}", {"Accept": accept},
                                   scope=f"repository:{name}:pull")
+        what = f"manifest {name}:{ref} from {registry}"
         try:
-            if resp.content_length and resp.content_length > MAX_MANIFEST:
-                raise InvalidInput(f"manifest {name}:{ref} is larger than {MAX_MANIFEST} bytes")
+            check_declared_length(resp.content_length, what)
             try:
                 body = await resp.content.read(MAX_MANIFEST + 1)
             except aiohttp.ClientError as exc:
@@ -199,14 +199,7 @@ class Upstream:
             claimed = resp.headers.get("Docker-Content-Digest", "")
         finally:
             resp.release()
-        if len(body) > MAX_MANIFEST:
-            raise InvalidInput(f"manifest {name}:{ref} is larger than {MAX_MANIFEST} bytes")
-        actual = "sha256:" + hashlib.sha256(body).hexdigest()
-        expected = ref if ref.startswith("sha256:") else claimed
-        if expected and expected != actual:
-            raise InvalidInput(f"manifest {name}:{ref} from {registry}: digest mismatch: expected "
-                               f"{expected}, got {actual}")
-        return body, content_type, actual
+        return body, content_type, check_manifest(body, ref, claimed, what)
 
     async def request(self, method: str, registry: str, path: str, headers: dict[str, str] | None = None,
                       scope: str = "") -> aiohttp.ClientResponse:

@@ -81,7 +81,7 @@ class ManagedScheduler:
         sel.candidate_limit = int(sched.get("filter_parent_limit") or self.static["candidate_limit"])
         pieces = body.get("piece_size") or {}
         if pieces.get("min") and pieces.get("max"):
-            from remora.plugins.peer.config import set_piece_bounds
+            from remora.piecelayout import set_piece_bounds
 
             set_piece_bounds(int(pieces["min"]), int(pieces["max"]))
         digests = (body.get("blocklist") or {}).get("digests") or []

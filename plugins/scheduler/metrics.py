@@ -117,7 +117,7 @@ class SchedulerMetrics:
             "remora_scheduler_manager_up", "1 when the manager answered the last round", registry=r)
 
     def config_applied(self, version: int, service) -> None:
-        from remora.plugins.peer.config import piece_bounds
+        from remora.piecelayout import piece_bounds
 
         sel = service.config.selection
         lo, hi = piece_bounds()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from remora.plugins.peer.config import MAX_PIECE_SIZE, MIN_PIECE_SIZE, piece_size_for
+from remora.piecelayout import MAX_PIECE_SIZE, MIN_PIECE_SIZE, piece_size_for
 
 #: The largest blob the mesh handles (1 TiB): with the piece-size rule that is at most MAX_PIECES pieces.
 MAX_CONTENT_LENGTH = 1 << 40

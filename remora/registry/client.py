@@ -47,6 +47,7 @@ from remora.errors import (
 )
 from remora.registry.auth import Authenticator, Credentials, is_loopback, load_credentials
 from remora.registry.authcore import repository_scope
+from remora.registry.manifestcheck import MAX_MANIFEST_SIZE, check_declared_length, check_manifest
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,6 @@ DOCKER_SCHEMA1_PREFIX = "application/vnd.docker.distribution.manifest.v1+"
 DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry.hub.docker.com"}
 DOCKER_HUB_API = "registry-1.docker.io"
 
-MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 #: Pieces a streamed range read is handed over in (~20 ms of a 100 Mbit/s link).
 STREAM_BLOCK = 256 * 1024
 #: Blobs up to this size go up in one PUT; larger ones in PATCH chunks of CHUNK_SIZE.
@@ -394,9 +394,7 @@ class RegistryClient:
         resp = self._request("GET", self._url(f"{repo}/manifests/{reference}"), scope=self._pull(repo), what=what,
                              not_found=f"{what} not found", headers={"Accept": accept_header}, stream=True)
         with resp:
-            length = resp.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
-                raise InvalidInput(f"{what} is {int(length)} bytes, over the {MAX_MANIFEST_SIZE} byte limit")
+            check_declared_length(resp.headers.get("Content-Length"), what)
             chunks, got = [], 0
             try:
                 for chunk in resp.iter_content(256 * 1024):
@@ -412,16 +410,7 @@ class RegistryClient:
         if media_type.startswith(DOCKER_SCHEMA1_PREFIX):
             raise UnsupportedMediaType(f"{what} is a Docker schema 1 manifest ({media_type}), deprecated since 2017 "
                                        f"and not supported; re-push the image with a current Docker or skopeo")
-        if _DIGEST_RE.match(reference):
-            algorithm = reference.split(":", 1)[0]
-            actual = _hash(data, algorithm)
-            if actual != reference:
-                raise DigestMismatch(what, reference, actual)
-            digest = reference
-        else:
-            digest = _hash(data)
-            if header_digest.startswith("sha256:") and header_digest != digest:
-                raise DigestMismatch(f"{what} (registry's Docker-Content-Digest)", header_digest, digest)
+        digest = check_manifest(data, reference, header_digest, what)
         if media_type not in MANIFEST_MEDIA_TYPES:
             # Some registries answer application/json or nothing; the manifest says what it is.
             try:
