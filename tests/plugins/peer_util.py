@@ -99,3 +99,59 @@ def peer_config(tmp: Path, name: str, schedulers: list[str] | None = None, **kw)
 
 async def start_peer(tmp: Path, name: str, schedulers: list[str] | None = None, **kw) -> PeerDaemon:
     return await PeerDaemon(peer_config(tmp, name, schedulers, **kw)).start()
+
+
+class RegistryProxy:
+    """The registry as the peers see it: an aiohttp server on loopback that passes every request on to
+    ``target`` (host:port, plain HTTP) and its answer back. Tests that count, delay, refuse or corrupt
+    what goes by subclass it and override :meth:`handle`, built from :meth:`forward` and :meth:`respond`."""
+
+    def __init__(self, target: str):
+        self.target = target
+        self.host = ""
+
+    async def start(self):
+        import aiohttp
+        from aiohttp import web
+
+        self.session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.host = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def stop(self) -> None:
+        if not self.session.closed:
+            await self.runner.cleanup()
+            await self.session.close()
+
+    async def forward(self, request) -> tuple[int, dict[str, str], bytes, str | None]:
+        """Ask the registry what ``request`` asks: (status, headers to send back, body, its Content-Length)."""
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in ("host", "content-length", "transfer-encoding")}
+        body = await request.read()
+        async with self.session.request(request.method, f"http://{self.target}{request.path_qs}", headers=headers,
+                                        data=body or None, allow_redirects=False) as r:
+            data = await r.read()
+            out = {k: v for k, v in r.headers.items()
+                   if k.lower() not in ("transfer-encoding", "connection", "content-length")}
+            return r.status, out, data, r.headers.get("Content-Length")
+
+    @staticmethod
+    async def respond(request, status: int, headers: dict[str, str], data: bytes, length: str | None):
+        from aiohttp import web
+
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = (int(length) if length else None) if request.method == "HEAD" else len(data)
+        await resp.prepare(request)
+        if request.method != "HEAD":
+            await resp.write(data)
+        await resp.write_eof()
+        return resp
+
+    async def handle(self, request):
+        return await self.respond(request, *await self.forward(request))

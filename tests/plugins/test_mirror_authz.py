@@ -28,7 +28,7 @@ import aiohttp
 import pytest
 import requests
 from aiohttp import web
-from peer_util import make_layer, start_peer, unique
+from peer_util import RegistryProxy, make_layer, start_peer, unique
 from test_peer_containerd import SID_CONTAINERD, containerd, ctr  # noqa: F401 (a fixture)
 
 from remora.plugins.peer.access import SOURCE_HEADER
@@ -117,55 +117,22 @@ def tenants(tmp_path_factory):
         server.stop()
 
 
-class CountingProxy:
+class CountingProxy(RegistryProxy):
     """The registry as the peers see it: every request passed through, blob GETs counted per digest
     (and their body bytes), so a test knows how often the registry itself served a blob."""
 
     def __init__(self, target: str):
-        self.target = target
+        super().__init__(target)
         self.blob_gets: Counter = Counter()
         self.blob_bytes: Counter = Counter()
 
-    async def start(self) -> CountingProxy:
-        self.session = aiohttp.ClientSession(auto_decompress=False)
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.host = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def stop(self) -> None:
-        if not self.session.closed:
-            await self.runner.cleanup()
-            await self.session.close()
-
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in ("host", "content-length", "transfer-encoding")}
-        body = await request.read()
-        async with self.session.request(request.method, f"http://{self.target}{request.path_qs}", headers=headers,
-                                        data=body or None, allow_redirects=False) as r:
-            data = await r.read()
-            out = {k: v for k, v in r.headers.items()
-                   if k.lower() not in ("transfer-encoding", "connection", "content-length")}
-            status, length = r.status, r.headers.get("Content-Length")
+        status, out, data, length = await self.forward(request)
         if request.method == "GET" and "/blobs/sha256:" in request.path and status in (200, 206):
             digest = request.path.rsplit("/", 1)[1]
             self.blob_gets[digest] += 1
             self.blob_bytes[digest] += len(data)
-        resp = web.StreamResponse(status=status, headers=out)
-        if request.method == "HEAD":
-            resp.content_length = int(length) if length else None
-            await resp.prepare(request)
-            return resp
-        resp.content_length = len(data)
-        await resp.prepare(request)
-        await resp.write(data)
-        await resp.write_eof()
-        return resp
+        return await self.respond(request, status, out, data, length)
 
 
 def docker_config(path: Path, host: str | None) -> Path:

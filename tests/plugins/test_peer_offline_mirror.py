@@ -23,7 +23,7 @@ import time
 import aiohttp
 import pytest
 import requests
-from peer_util import make_layer, start_peer, unique
+from peer_util import RegistryProxy, make_layer, start_peer, unique
 
 from remora_testing.registry import LocalRegistry
 
@@ -276,48 +276,19 @@ async def test_private_image_only_to_clients_the_registry_accepted(tmp_path):
         reg.stop()
 
 
-class Gate:
+class Gate(RegistryProxy):
     """The registry as the peer sees it: passes requests through, or answers every one with ``status``."""
 
     def __init__(self, target: str):
-        self.target, self.status = target, 0
-
-    async def start(self) -> Gate:
-        from aiohttp import web
-
-        self.session = aiohttp.ClientSession(auto_decompress=False)
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.host = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def stop(self) -> None:
-        await self.runner.cleanup()
-        await self.session.close()
+        super().__init__(target)
+        self.status = 0
 
     async def handle(self, request):
         from aiohttp import web
 
         if self.status:
             return web.Response(status=self.status, text='{"errors": []}', content_type="application/json")
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-        async with self.session.request(request.method, f"http://{self.target}{request.path_qs}", headers=headers,
-                                        allow_redirects=False) as r:
-            data = await r.read()
-            out = {k: v for k, v in r.headers.items()
-                   if k.lower() not in ("transfer-encoding", "connection", "content-length")}
-            status, length = r.status, r.headers.get("Content-Length")
-        resp = web.StreamResponse(status=status, headers=out)
-        resp.content_length = (int(length) if length else None) if request.method == "HEAD" else len(data)
-        await resp.prepare(request)
-        if request.method != "HEAD":
-            await resp.write(data)
-        await resp.write_eof()
-        return resp
+        return await super().handle(request)
 
 
 async def test_5xx_is_unreachable_but_403_decides(tmp_path):

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import requests
 from aiohttp import web
-from peer_util import push_blob, sha, start_peer, unique
+from peer_util import RegistryProxy, push_blob, sha, start_peer, unique
 
 from remora.format import annotations as ann
 from remora.plugins.peer.config import MIN_PIECE_SIZE
@@ -24,31 +24,19 @@ from remora.plugins.peer.config import MIN_PIECE_SIZE
 TOKEN = "preheat-test-token-0123456789"
 
 
-class Proxy:
+class Proxy(RegistryProxy):
     """The registry as the peer sees it: counts blob GETs in order; can delay or corrupt one blob."""
 
     def __init__(self, target: str):
-        self.target = target
+        super().__init__(target)
         self.gets: list[str] = []
         self.delay: dict[str, float] = {}
         self.flip: set[str] = set()
-
-    async def start(self) -> Proxy:
-        self.session = aiohttp.ClientSession(auto_decompress=False)
         self.released = asyncio.Event()
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.host = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        return self
 
     async def stop(self) -> None:
         self.released.set()
-        await self.runner.cleanup()
-        await self.session.close()
+        await super().stop()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         digest = request.path.rsplit("/", 1)[1] if "/blobs/sha256:" in request.path else ""
@@ -59,24 +47,12 @@ class Proxy:
                     await asyncio.wait_for(self.released.wait(), self.delay[digest])
                 except TimeoutError:
                     pass
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-        async with self.session.request(request.method, f"http://{self.target}{request.path_qs}", headers=headers,
-                                        allow_redirects=False) as r:
-            data = await r.read()
-            out = {k: v for k, v in r.headers.items()
-                   if k.lower() not in ("transfer-encoding", "connection", "content-length")}
-            status, length = r.status, r.headers.get("Content-Length")
+        status, out, data, length = await self.forward(request)
         if digest in self.flip and data:
             data = bytearray(data)
             data[len(data) // 2] ^= 1
             data = bytes(data)
-        resp = web.StreamResponse(status=status, headers=out)
-        resp.content_length = (int(length) if length else None) if request.method == "HEAD" else len(data)
-        await resp.prepare(request)
-        if request.method != "HEAD":
-            await resp.write(data)
-        await resp.write_eof()
-        return resp
+        return await self.respond(request, status, out, data, length)
 
 
 def push_remora_image(registry_url: str, repo: str, tag: str) -> dict:
