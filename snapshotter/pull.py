@@ -381,13 +381,16 @@ def _prepare_layers(ctd, snapshotter: str, manifest, chains: list[str], labels_p
     from .containerd_client import AlreadyExists, Unavailable
 
     remote = reused = 0
+    absent = False   # a layer below was missing: this chain cannot be there (its parent was not)
     for i, (layer, chain) in enumerate(zip(manifest.layers, chains)):
         role = layer.annotations.get(ann.ROLE, "?")
         what = f"layer {i + 1}/{len(chains)} {layer.digest[:19]} ({role})"
-        if ctd.stat(snapshotter, chain) is not None:
+        statted = not absent
+        if statted and ctd.stat(snapshotter, chain) is not None:
             reused += 1
             say(f"{what}: already present")
             continue
+        absent = True
         key = f"extract-{time.time_ns()}-{secrets.token_hex(4)} {chain}"
         t0 = time.monotonic()
         try:
@@ -397,7 +400,7 @@ def _prepare_layers(ctd, snapshotter: str, manifest, chains: list[str], labels_p
         except AlreadyExists:
             remote += 1
             say(f"{what}: remote, mounted lazily in {time.monotonic() - t0:.2f}s")
-            phase(f"containerd: Stat + Prepare of {what}")
+            phase(f"containerd: {'Stat + Prepare' if statted else 'Prepare'} of {what}")
             continue
         except Unavailable as exc:
             raise Unavailable(f"snapshotter {snapshotter!r} is not reachable through containerd: is "

@@ -83,6 +83,34 @@ def test_a_layer_removed_under_the_pull_is_prepared_again():
     remote, reused = _prepare_all(ctd, "remora", SimpleNamespace(layers=layers), ["chain0", "chain1"],
                                   [{}, {}], "img", said.append, lambda what: None)
     assert (remote, reused) == (2, 0)
+    # (once chain0 had to be prepared, chain1 is not asked about: its parent was missing, so it is too)
     assert ctd.calls == [("stat", "chain0"), ("stat", "chain1"), ("prepare", "chain1"),
-                         ("stat", "chain0"), ("prepare", "chain0"), ("stat", "chain1"), ("prepare", "chain1")]
+                         ("stat", "chain0"), ("prepare", "chain0"), ("prepare", "chain1")]
     assert any("went away under this pull" in line for line in said), said
+
+
+def test_layers_above_a_missing_one_are_prepared_without_a_stat():
+    """A chain whose parent is missing cannot exist: after the first missing layer a pull sends only
+    Prepares (one containerd round trip per layer instead of two); layers below it are still found."""
+    from types import SimpleNamespace
+
+    from remora.snapshotter.pull import _prepare_all
+
+    class Ctd(_GcRacingContainerd):
+        def stat(self, snapshotter, key):
+            self.calls.append(("stat", key))
+            return object() if key in self.present else None
+
+    layers = [SimpleNamespace(annotations={}, digest=f"sha256:{i}" * 2) for i in range(4)]
+    chains = [f"chain{i}" for i in range(4)]
+    fresh = Ctd()
+    fresh.present = set()
+    assert _prepare_all(fresh, "remora", SimpleNamespace(layers=layers), chains, [{}] * 4, "img", lambda s: None,
+                        lambda what: None) == (4, 0)
+    assert fresh.calls == [("stat", "chain0")] + [("prepare", c) for c in chains]
+    shared = Ctd()
+    shared.present = {"chain0", "chain1"}        # a base image's layers are there already
+    assert _prepare_all(shared, "remora", SimpleNamespace(layers=layers), chains, [{}] * 4, "img", lambda s: None,
+                        lambda what: None) == (2, 2)
+    assert shared.calls == [("stat", "chain0"), ("stat", "chain1"), ("stat", "chain2"), ("prepare", "chain2"),
+                            ("prepare", "chain3")]
