@@ -68,7 +68,7 @@ class RemoraSnapshotter:
         try:
             wait_until(lambda: all(unix_socket_answers(s) for s in sockets) or not self.daemon.alive(), timeout,
                        what=f"snapshotter sockets {', '.join(map(str, sockets))}")
-        except TimeoutError:
+        except BaseException:  # a deadline, a probe that failed, ^C: the daemon and what it left go too
             self.stop()
             raise
         if not self.daemon.alive():
@@ -184,7 +184,7 @@ class PrivateContainerd:
                              env=self.daemon_env()).start()
         try:
             wait_until(lambda: not self.daemon.alive() or self._answers(), timeout, interval=0.1, what=self.label)
-        except TimeoutError:
+        except BaseException:  # a deadline, a probe that failed, ^C: the daemon and what it left go too
             self.stop()
             raise
         if not self.daemon.alive():

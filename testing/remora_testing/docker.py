@@ -121,7 +121,7 @@ class PrivateDocker:
                              env=dict(os.environ, PATH=path)).start()
         try:
             wait_until(lambda: not self.daemon.alive() or self._answers(), timeout, interval=0.1, what="dockerd")
-        except TimeoutError:
+        except BaseException:  # a deadline, a probe that failed, ^C: the daemon and what it left go too
             self.close()
             raise
         if not self.daemon.alive():

@@ -203,6 +203,31 @@ def test_teardown_leaves_nothing(tmp_path, registry, busybox_ref):
         assert not list(Path("/sys/fs/cgroup").glob(f"*/{cgroup}"))
 
 
+def test_a_start_that_fails_any_way_leaves_nothing(tmp_path, monkeypatch):
+    """A readiness probe that raises something else than the deadline (a CI run once leaked dockerd's
+    data-root mount that way) still stops the daemon and removes what it left: the error goes up."""
+    ctd = PrivateContainerd2(tmp_path / "ctd2").start()
+    try:
+        dk = PrivateDocker(tmp_path / "docker", ctd.address, snapshotter="overlayfs")
+        seen: list[int] = []
+
+        def probe():
+            seen.append(dk.daemon.pid)
+            if len(seen) < 20:    # let dockerd get going (its data-root mount is made early)
+                return False
+            raise RuntimeError("probe broke")
+
+        monkeypatch.setattr(dk, "_answers", probe)
+        with pytest.raises(RuntimeError, match="probe broke"):
+            dk.start()
+        with pytest.raises(ProcessLookupError):
+            os.kill(seen[0], 0)
+        assert mountpoints_under(tmp_path / "docker") == []
+        assert not dk.socket.exists()
+    finally:
+        ctd.close()
+
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
