@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_READ_TIMEOUT = 20.0
 STREAM_BLOCK = 256 * 1024  # pieces a streamed range read is handed over in
-MAX_MANIFEST = MAX_MANIFEST_SIZE  # the limit containerd and distribution use
 
 
 @dataclass
@@ -171,7 +170,7 @@ class HttpBlobSource:
     def get_manifest(self, reference: str, accept: str) -> tuple[bytes, str, str]:
         """``(bytes, media type, digest)`` of a manifest by digest or tag. By digest the bytes must hash
         to it; by tag to the ``Docker-Content-Digest`` the mirror claims, if it sends one (who may be
-        asked for a tag at all is the caller's rule: MirrorFirstStore). At most MAX_MANIFEST bytes."""
+        asked for a tag at all is the caller's rule: MirrorFirstStore). At most MAX_MANIFEST_SIZE bytes."""
         where = f"{self.name}: manifest {reference}"
         r = self._get(f"manifests/{reference}", {"Accept": accept, "Accept-Encoding": "identity"},
                       f"manifest {reference}")
@@ -180,7 +179,7 @@ class HttpBlobSource:
                 self._status_error(r, where, "manifest")
             check_declared_length(r.headers.get("Content-Length"), where)
             try:
-                data = r.raw.read(MAX_MANIFEST + 1, decode_content=False)  # bounded: no decompression
+                data = r.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=False)  # bounded: no decompression
             except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
                 raise RegistryError(f"{where}: {_short(exc)}") from None
             media_type = r.headers.get("Content-Type", "").split(";")[0].strip()

@@ -38,7 +38,6 @@ from remora.registry.auth import Credentials, is_loopback, load_credentials
 from remora.registry.manifestcheck import MAX_MANIFEST_SIZE, check_declared_length, check_manifest
 
 log = logging.getLogger(__name__)
-MAX_MANIFEST = MAX_MANIFEST_SIZE   # bytes: a manifest larger than this is refused (InvalidInput)
 
 #: Docker Hub's name in image references vs the host that serves its API.
 HUB_ALIASES = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
@@ -185,14 +184,14 @@ class Upstream:
     async def manifest(self, registry: str, name: str, ref: str, accept: str) -> tuple[bytes, str, str]:
         """GET a manifest: (body, Content-Type, its sha256 digest), checked against ``ref`` when that is a
         digest, else against the registry's ``Docker-Content-Digest`` if it sent one; at most
-        MAX_MANIFEST bytes (InvalidInput past that). An answer that breaks off is RegistryUnreachable."""
+        MAX_MANIFEST_SIZE bytes (InvalidInput past that). An answer that breaks off is RegistryUnreachable."""
         resp = await self.request("GET", registry, f"/v2/{name}/manifests/{ref}", {"Accept": accept},
                                   scope=f"repository:{name}:pull")
         what = f"manifest {name}:{ref} from {registry}"
         try:
             check_declared_length(resp.content_length, what)
             try:
-                body = await resp.content.read(MAX_MANIFEST + 1)
+                body = await resp.content.read(MAX_MANIFEST_SIZE + 1)
             except aiohttp.ClientError as exc:
                 raise RegistryUnreachable(f"manifest {name}:{ref}: the registry's answer broke off") from exc
             content_type = resp.headers.get("Content-Type", "application/octet-stream")

@@ -18,7 +18,6 @@ reader, because only the caller knows when the stream is complete.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -47,7 +46,9 @@ from remora.errors import (
 )
 from remora.registry.auth import Authenticator, Credentials, is_loopback, load_credentials
 from remora.registry.authcore import repository_scope
+from remora.registry.manifestcheck import DIGEST_RE as _DIGEST_RE
 from remora.registry.manifestcheck import MAX_MANIFEST_SIZE, check_declared_length, check_manifest
+from remora.registry.manifestcheck import hash_digest as _hash
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,6 @@ CHUNK_SIZE = 32 * 1024 * 1024
 MAX_RANGE_FALLBACK = 64 * 1024 * 1024
 MAX_RETRY_AFTER = 10.0
 
-_DIGEST_RE = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
 _REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -101,10 +101,6 @@ def _check_reference(reference: str) -> str:
     if isinstance(reference, str) and (_TAG_RE.match(reference) or _DIGEST_RE.match(reference)):
         return reference
     raise UsageError(f"not a valid tag or digest: {reference!r}")
-
-
-def _hash(data: bytes, algorithm: str = "sha256") -> str:
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
 def _media_type(resp: requests.Response) -> str:

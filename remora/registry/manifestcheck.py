@@ -16,7 +16,8 @@ import re
 from remora.errors import DigestMismatch, InvalidInput
 
 MAX_MANIFEST_SIZE = 4 << 20
-_DIGEST_RE = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
+#: A digest the registry API accepts (the client validates references with it too).
+DIGEST_RE = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
 
 
 def check_declared_length(content_length: str | int | None, what: str) -> None:
@@ -33,18 +34,19 @@ def check_manifest(data: bytes, reference: str, header_digest: str, what: str) -
     over the bound and :class:`DigestMismatch` for bytes that are not what was asked or claimed."""
     if len(data) > MAX_MANIFEST_SIZE:
         raise InvalidInput(f"{what} is over the {MAX_MANIFEST_SIZE} byte limit")
-    if _DIGEST_RE.match(reference):
-        actual = _hash(data, reference.split(":", 1)[0])
+    if DIGEST_RE.match(reference):
+        actual = hash_digest(data, reference.split(":", 1)[0])
         if actual != reference:
             raise DigestMismatch(what, reference, actual)
         return reference
-    digest = _hash(data, "sha256")
-    if _DIGEST_RE.match(header_digest):
-        claimed = _hash(data, header_digest.split(":", 1)[0])
+    digest = hash_digest(data, "sha256")
+    if DIGEST_RE.match(header_digest):
+        claimed = hash_digest(data, header_digest.split(":", 1)[0])
         if claimed != header_digest:
             raise DigestMismatch(f"{what} (the server's Docker-Content-Digest)", header_digest, claimed)
     return digest
 
 
-def _hash(data: bytes, algorithm: str) -> str:
+def hash_digest(data: bytes, algorithm: str = "sha256") -> str:
+    """``algorithm:hex`` of ``data``."""
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
