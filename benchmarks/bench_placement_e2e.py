@@ -23,16 +23,19 @@ f3 one way, f3 sends the answer to the user's node; the agent of the user's node
 Per run, both arms in the same lab (order alternates between runs; each arm has its own images, so
 neither warms the other):
 
-* **planned**: ``remora place plan spec.json --from-scheduler SCHED --preheat --peer-port P`` run in the
-  scheduler's namespace with a manager certificate — the hosts come from the scheduler (the spec gives
+* **planned**: ``remora place plan spec.json --from-scheduler SCHED --preheat --pull --peer-port P`` run in
+  the scheduler's namespace with a manager certificate — the hosts come from the scheduler (the spec gives
   capacities, prices and the emulated links, which TCP-connect probes cannot see: the lab's delays are in
   user space), then each chosen node's peer preheats its images (a remora image: bootstrap and hot blob
-  first, then the rest);
+  first, then the rest) and, with ``--pull`` (remora images; each peer runs with ``--runtime-pull-api``
+  naming its node's snapshotter), has its node's snapshotter pull them into containerd; ``--no-pull``
+  measures the preheat of blobs alone;
 * **random**: ``--algorithm random --seed RUN``, no preheat.
 
 Then *deploy*: on every node, each function's image is pulled with ``remora pull`` (the snapshotter's pull
-service: manifest, config, bootstrap; a lazy mount) and its container started with ``ctr run
---snapshotter remora``; the container's start reads /app/hot.bin and checks its SHA-256, then the agent
+service: manifest, config, bootstrap; a lazy mount) unless containerd already has it (what a kubelet with
+``imagePullPolicy: IfNotPresent`` does; both arms ask, with ``ctr images ls``), and its container started
+with ``ctr run --snapshotter remora``; the container's start reads /app/hot.bin and checks its SHA-256, then the agent
 activates the function. The time from deploy to the first answered request is measured, then
 ``--requests`` more requests give the measured delay, set against the delay the model predicts for the
 plan. Registry blob bytes are counted per phase and per blob role (config, bootstrap, hot blob, blob)
@@ -541,7 +544,10 @@ def start_function(mesh, p, images, arm: str, f: str) -> dict[str, float]:
     ref = image_ref(mesh, images, arm, f)
     ctd = p.containerd
     t0 = time.monotonic()
-    if images[(arm, f)].get("remora"):
+    present = ref in ctd.ctr(["images", "ls", "-q", f"name=={ref}"], timeout=60).stdout.split()
+    if present:   # imagePullPolicy: IfNotPresent (a preheat with --pull put it there)
+        snap = ["--snapshotter", "remora"] if images[(arm, f)].get("remora") else []
+    elif images[(arm, f)].get("remora"):
         p.node.run([*remora_cli(), "pull", "--address", ctd.address, "--namespace", ctd.namespace,
                     "--api", str(ctd.snapshotter_api), "--plain-http", "--quiet", ref], timeout=600)
         snap = ["--snapshotter", "remora"]
@@ -553,7 +559,7 @@ def start_function(mesh, p, images, arm: str, f: str) -> dict[str, float]:
                    "sha256sum", "/app/hot.bin"], timeout=600).stdout
     if out.split()[:1] != [images[(arm, f)]["hot_sha256"]]:
         raise RuntimeError(f"{ref}: /app/hot.bin in the container has sha256 {out.split()[:1]}")
-    return {"pull_s": round(t1 - t0, 3), "run_s": round(time.monotonic() - t1, 3)}
+    return {"pull_s": round(t1 - t0, 3), "run_s": round(time.monotonic() - t1, 3), "present": present}
 
 
 def deploy_and_measure(mesh, arm: str, spec: dict, plan: dict, images, requests: int) -> dict:
@@ -757,10 +763,17 @@ def _one_lab(args, run: int, images, lab, n: int, rates: list[int], delays: list
     token = Path(lab.workdir) / "preheat-token"
     token.write_text(TOKEN + "\n")
     token.chmod(0o600)
+    work = Path(lab.workdir)
+    pull = args.image_format == "remora" and not args.no_pull
+    # a preheat with --pull: each peer has its own node's snapshotter (start_node_runtimes: snap<i>/api.sock)
+    # pull into its own node's containerd
+    runtime = {i: ["--runtime-pull-api", str(work / f"snap{i}" / "api.sock"),
+                   "--runtime-address", str(work / f"containerd{i}" / "containerd.sock"),
+                   "--runtime-namespace", f"lab{lab.id}"] for i in range(n)} if pull else {}
     opts = MeshOptions(peers=n, containerd=False, registry_rate=f"{args.registry_mbit}mbit",
                        peer_rates={i: (f"{rates[i]}mbit", f"{rates[i]}mbit") for i in range(n)},
                        scheduler_args=["--probe-interval", "2"],
-                       peer_args=["--preheat-token-file", str(token)])
+                       peer_args=["--preheat-token-file", str(token)], node_args=runtime)
     mesh = Mesh(lab, opts)
     issue_planner_certificate(mesh)
     with mesh.registry.loopback() as loop:
@@ -794,8 +807,8 @@ def _one_lab(args, run: int, images, lab, n: int, rates: list[int], delays: list
         spec, path = specs[arm]
         before = registry_bytes(mesh)
         if arm == "planned":
-            plan, took = place(mesh, path, ["--preheat", "--peer-port", str(TASK_FORWARD_PORT),
-                                            "--preheat-token-file", str(token)])
+            plan, took = place(mesh, path, ["--preheat", *(["--pull"] if pull else []),
+                                            "--peer-port", str(TASK_FORWARD_PORT), "--preheat-token-file", str(token)])
             assert all(r["state"] == "succeeded" for r in plan["preheat"]), plan["preheat"]
         else:
             plan, took = place(mesh, path, ["--algorithm", "random", "--seed", str(run)])
@@ -870,6 +883,9 @@ def main(argv=None) -> int:
                          "(default); oci: the plain images with containerd's overlayfs snapshotter")
     ap.add_argument("--fs-spares", type=int, default=2,
                     help="the snapshotters' --fs-spares (their default: 2; 1 = one warm fs process per node)")
+    ap.add_argument("--no-pull", action="store_true",
+                    help="planned arm: preheat the blobs only (no --pull: the deploy then runs 'remora pull' "
+                         "on every node, as the random arm does)")
     ap.add_argument("--smoke", action="store_true", help="4 nodes, 1 run, 3 MB images, 3 requests")
     ap.add_argument("--json-out", default=str(HERE.with_suffix(".json")))
     ap.add_argument("--cache", default="/tmp/remora-bench-cache/placement-e2e")
@@ -904,7 +920,8 @@ def main(argv=None) -> int:
                       "node_mbit": [max(1, round(r * args.rate_scale)) for r in RATES_MBIT[:args.nodes]],
                       "node_delay_ms": DELAYS_MS[:args.nodes], "smoke": args.smoke,
                       "image_format": args.image_format, "hot_fraction": HOT_FRACTION,
-                      "fs_spares": args.fs_spares},
+                      "fs_spares": args.fs_spares,
+                      "preheat_pull": args.image_format == "remora" and not args.no_pull},
            "load_avg_before": list(load_before), "runs": runs, "errors": errors,
            "summary": summarize(runs) if runs else None}
     Path(args.json_out).write_text(json.dumps(doc, indent=1))

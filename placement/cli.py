@@ -39,6 +39,9 @@ examples:
   remora place plan app.yaml --preheat --preheat-token-file /etc/remora/preheat-token
       plan, then have each node's peer (network.nodes[].peer, or --peer NODE=URL) fetch the
       images the plan puts there, with a progress bar per node
+  remora place plan app.yaml --preheat --pull --preheat-token-file /etc/remora/preheat-token
+      ... and have each node's snapshotter pull its remora images into containerd (peers run
+      with --runtime-pull-api): a kubelet with imagePullPolicy IfNotPresent then pulls nothing
   remora place plan app.yaml --from-scheduler 10.0.0.5:8002 --tls-dir /etc/remora/place-tls \\
       --preheat --peer-port 65001
       plan on the live cluster: hosts, probe RTTs, measured bandwidth and the blobs each host
@@ -125,6 +128,9 @@ def register(sub) -> None:
                           "spec's network.nodes[].peer; repeatable or comma-separated")
     pre.add_argument("--preheat-token-file", metavar="FILE",
                      help="the peers' preheat token (default $REMORA_PREHEAT_TOKEN)")
+    pre.add_argument("--pull", action="store_true",
+                     help="remora images: once a node holds the blobs, its snapshotter also pulls the image into "
+                          "containerd (peers run with --runtime-pull-api), so the first start pulls nothing")
     pre.add_argument("--preheat-hot-only", action="store_true",
                      help="remora images: only the bootstrap and the hot blob (default: every blob)")
     pre.add_argument("--preheat-timeout", type=float, default=3600.0, metavar="S",
@@ -204,6 +210,8 @@ def _options(args, algorithm: str) -> dict:
 
 
 def _plan(args) -> int:
+    if args.pull and not args.preheat:
+        raise UsageError("--pull is a step of the preheat: add --preheat")
     problem = _load(args)
     from .model import evaluate
     from .output import manifests, picture, render_table, to_json
@@ -248,7 +256,7 @@ def _preheat(args, problem, plan) -> list[dict]:
     peers = {**live, **peers_from_inputs(args.inputs), **parse_peer_overrides(args.peer)}
     token = read_token(args.preheat_token_file)
     return preheat(deploy_list(problem, plan), peers, token, want_all=not args.preheat_hot_only,
-                   timeout=args.preheat_timeout)
+                   timeout=args.preheat_timeout, pull=args.pull)
 
 
 def _compare(args) -> int:

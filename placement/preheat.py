@@ -4,7 +4,10 @@ Why: the plan's ``deploy`` list (output.deploy_list) is every (node, image) pair
 must hold; the first start of a function is only fast when its node already has those bytes. Each
 pair becomes one preheat task on that node's peer (plugins/peer/preheat.py: the bootstrap and the hot
 blob of a remora image first, then the rest unless ``--preheat-hot-only``), all nodes at once, with a
-progress bar per pair. A pair succeeds only when its peer reports every blob verified.
+progress bar per pair. A pair succeeds only when its peer reports every blob verified. With ``--pull``
+each peer then has its node's snapshotter pull the image into containerd (the peer's
+``--runtime-pull-api``), and a pair succeeds only once that pull is done: the node is ready to start
+the function with no pull at all (what a kubelet with ``imagePullPolicy: IfNotPresent`` then finds).
 
 Where a node's peer is: the spec's optional ``network.nodes[].peer`` URL (docs/placement.md §4.1), or
 ``--peer NODE=URL`` (which wins; the only way for Kubernetes inputs).
@@ -67,9 +70,12 @@ def parse_peer_overrides(items: list[str]) -> dict[str, str]:
 
 
 def preheat(deploy: list[dict], peers: dict[str, str], token: str, want_all: bool = True,
-            timeout: float = 3600.0, poll: float = 0.2, console=None, client_factory=None) -> list[dict]:
+            timeout: float = 3600.0, poll: float = 0.2, console=None, client_factory=None,
+            pull: bool = False) -> list[dict]:
     """Preheat every (node, image) of ``deploy`` on its node's peer; one result per pair:
-    ``{"node", "image", "peer", "task", "state", "error", "verified_bytes", "total_bytes"}``."""
+    ``{"node", "image", "peer", "task", "state", "error", "verified_bytes", "total_bytes"}`` (and with
+    ``pull``, ``"pulled"``: the name containerd holds the image under, once the node's snapshotter pulled
+    it)."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
@@ -86,7 +92,7 @@ def preheat(deploy: list[dict], peers: dict[str, str], token: str, want_all: boo
         r = {"node": d["node"], "image": d["image"], "peer": peers[d["node"]], "task": new_task_id("place"),
              "state": "queued", "error": "", "verified_bytes": 0, "total_bytes": 0}
         try:
-            clients[d["node"]].create(r["task"], d["image"], want_all)
+            clients[d["node"]].create(r["task"], d["image"], want_all, pull=pull)
         except RemoraError as exc:
             r["state"], r["error"] = "failed", str(exc)
         results.append(r)
@@ -119,6 +125,12 @@ def preheat(deploy: list[dict], peers: dict[str, str], token: str, want_all: boo
                 r["state"], r["error"] = st.get("state", "failed"), str(st.get("error") or "")
                 if r["state"] == "succeeded" and not _all_verified(st):
                     r["state"], r["error"] = "failed", "peer reported success with a blob not verified"
+                if pull and r["state"] == "succeeded":
+                    pulled = st.get("pull") or {}
+                    if pulled.get("state") != "done":
+                        r["state"], r["error"] = "failed", "peer reported success without the pull it was asked for"
+                    else:
+                        r["pulled"] = pulled.get("name", "")
                 progress.update(bar, completed=done, total=total or None, state=r["state"])
             for r, bar in zip(results, bars):
                 progress.update(bar, state=r["state"])

@@ -68,9 +68,13 @@ class PreheatClient:
             raise RegistryError(f"peer {self.url}: HTTP {r.status_code} {body.get('error', '')}")
         return body
 
-    def create(self, task_id: str, image: str, want_all: bool) -> dict:
-        return self._call("POST", "/api/v1/tasks", json={"id": task_id, "type": "preheat", "image": image,
-                                                          "all": want_all})
+    def create(self, task_id: str, image: str, want_all: bool, pull: bool = False) -> dict:
+        """Start a preheat; ``pull``: then have the node's snapshotter pull the image into containerd
+        (sent only when asked, so a peer older than the field still takes the plain preheat)."""
+        body = {"id": task_id, "type": "preheat", "image": image, "all": want_all}
+        if pull:
+            body["pull"] = True
+        return self._call("POST", "/api/v1/tasks", json=body)
 
     def get(self, task_id: str) -> dict:
         return self._call("GET", f"/api/v1/tasks/{task_id}")

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from .pull_service_client import DEFAULT_API_ADDRESS, NoService, PullResult, pull_via_service, service_request
+from remora.pullapi import DEFAULT_API_ADDRESS, NoService, PullResult, pull_via_service, service_request
 
 DESCRIPTION = """\
 Pull a remora image into containerd WITHOUT downloading its layers: the remora snapshotter

@@ -52,9 +52,9 @@ from typing import Any
 
 from remora.errors import RemoraError, UsageError
 from remora.procutil import unix_socket_answers
+from remora.pullapi import API_PULL_PATH, API_VERSION_PATH, NDJSON, PullResult
 
 from .pull import pull
-from .pull_service_client import API_PULL_PATH, API_VERSION_PATH, NDJSON, PullResult
 
 log = logging.getLogger(__name__)
 

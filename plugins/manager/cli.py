@@ -90,6 +90,9 @@ def register(subparsers) -> None:
                    help="sha256:HEX:SIZE, repeatable (instead of --image; needs --repository)")
     c.add_argument("--repository", metavar="REGISTRY/REPO",
                    help="the repository the --blob digests are in (peers fetch and authorize per repository)")
+    c.add_argument("--pull", action="store_true",
+                   help="preheat of a remora --image: then each node's snapshotter pulls it into containerd "
+                        "(peers run with --runtime-pull-api), so its first start pulls nothing")
     c.add_argument("--scope", choices=("one_seed_peer", "all_seed_peers", "all_peers", "nodes"), default="all_peers")
     c.add_argument("--cluster", help="cluster name")
     c.add_argument("--node", action="append", default=[], help="node hostname or id (scope nodes), repeatable")
@@ -328,7 +331,7 @@ def run_job(args) -> int:
         except OSError as exc:
             raise UsageError(f"cannot read --nodes-file: {exc}") from None
     body = {"type": args.type, "image": args.image, "repository": args.repository, "blobs": blobs,
-            "max_attempts": args.max_attempts,
+            "max_attempts": args.max_attempts, **({"pull": True} if args.pull else {}),
             "timeout": args.timeout, "scope": {"kind": args.scope, "cluster": args.cluster, "nodes": nodes}}
     job = api("POST", "/api/v1/jobs", json=body)
     if args.wait:

@@ -80,9 +80,14 @@ class JobRequest(BaseModel):
     scope: JobScope
     max_attempts: int = Field(3, ge=1, le=20)
     timeout: float = Field(1800.0, gt=0, le=7 * 86_400, description="seconds before unfinished nodes fail")
+    pull: bool = Field(False, strict=True,
+                       description="preheat of a remora image: each node's snapshotter then pulls it into containerd "
+                                   "(peers run with --runtime-pull-api); a node succeeds only once it is there")
 
     @model_validator(mode="after")
     def _content(self):
+        if self.pull and (self.type != "preheat" or not self.image):
+            raise ValueError("pull goes with a preheat of an image (it makes that image ready in containerd)")
         if self.type in ("preheat", "delete-task") and not (self.image or self.blobs):
             raise ValueError(f"a {self.type} job needs an image reference or a blob list")
         if self.type in ("sync-peers", "gc") and (self.image or self.blobs or self.repository):
@@ -153,8 +158,10 @@ def resolve_targets(session: Session, req: JobRequest, now: float, interval: flo
 
 def create_job(session: Session, req: JobRequest, actor: str, now: float, interval: float) -> Job:
     targets = resolve_targets(session, req, now, interval)
-    job = Job(type=req.type, state="running", args={"image": req.image, "repository": req.repository,
-                                                    "blobs": [b.model_dump() for b in req.blobs]},
+    args = {"image": req.image, "repository": req.repository, "blobs": [b.model_dump() for b in req.blobs]}
+    if req.pull:
+        args["pull"] = True
+    job = Job(type=req.type, state="running", args=args,
               scope=req.scope.model_dump(), max_attempts=req.max_attempts, timeout=req.timeout, created_by=actor,
               created_at=now, finished_at=None, error="")
     session.add(job)
@@ -247,6 +254,9 @@ def check_result(job: Job, status: dict) -> tuple[bool, str, int, int]:
             if not b.get("verified") or int(b.get("verified_bytes", -1)) != int(b.get("size", -2)):
                 return (False, f"blob {b.get('digest')}: only {b.get('verified_bytes', 0)} of {b.get('size')} "
                                "bytes verified", total, verified)
+        pulled = status.get("pull")
+        if job.args.get("pull") and not (isinstance(pulled, dict) and pulled.get("state") == "done"):
+            return False, "peer reported success without the pull into containerd it was asked for", total, verified
     elif job.type == "delete-task":
         for want in job.args.get("blobs") or []:
             got = by_digest.get(want["digest"])
@@ -403,6 +413,8 @@ class Engine:
                     "blobs": job_snapshot.args.get("blobs") or [], "priority": ["bootstrap", "hot"]}
             if job_snapshot.args.get("repository"):
                 body["repository"] = job_snapshot.args["repository"]
+            if job_snapshot.args.get("pull"):
+                body["pull"] = True
             try:
                 r = self.http.post(f"{url}/api/v1/tasks", json=body, timeout=self.s.http_timeout)
                 err = "" if r.status_code in (200, 201, 202, 409) else \

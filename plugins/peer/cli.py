@@ -76,6 +76,8 @@ PREHEAT_EPILOG = """\
 examples:
   remora peer preheat registry.local:5000/app:1-remora --wait          # bootstrap + hot blob
   remora peer preheat registry.local:5000/app:1-remora --all --wait    # every blob
+  remora peer preheat registry.local:5000/app:1-remora --pull --wait   # + ready in containerd (the peer
+                                                                       #   runs with --runtime-pull-api)
   remora peer preheat 10.0.0.9:5000/web:2 --address 10.0.1.17:65001 --preheat-token-file /etc/remora/preheat-token
 """
 
@@ -169,6 +171,23 @@ def register_peer(subparsers) -> None:
     node.add_argument("--preheat-token-file", type=Path, default=None, metavar="FILE",
                       help="bearer token that authorizes the preheat task API (/api/v1/tasks on --listen; "
                            "the manager and `remora peer preheat` present it); without it the API is off")
+    rt = p.add_argument_group(
+        "container runtime (a preheat with --pull also makes the image ready in containerd)",
+        "Off unless --runtime-pull-api is given. A preheat task that asks for it (`remora peer\n"
+        "preheat --pull`, `remora place plan --preheat --pull`, a manager job with --pull) then has\n"
+        "this node's remora snapshotter pull the image into containerd once its blobs are here (the\n"
+        "snapshotter's pull service, as `remora pull` does), so a kubelet with imagePullPolicy:\n"
+        "IfNotPresent starts it at once. Remora images only. The sockets and the namespace are this\n"
+        "node's settings; a request cannot choose them.")
+    rt.add_argument("--runtime-pull-api", type=Path, default=None, metavar="SOCKET",
+                    help="the snapshotter's pull service (`remora snapshotter --api-address`, usually "
+                         "/run/remora/api.sock); without it a preheat with pull is refused")
+    rt.add_argument("--runtime-address", default="/run/containerd/containerd.sock", metavar="SOCKET",
+                    help="containerd's socket (default %(default)s)")
+    rt.add_argument("--runtime-namespace", default="k8s.io", metavar="NS",
+                    help="containerd namespace the image goes to (default %(default)s: the kubelet's)")
+    rt.add_argument("--runtime-snapshotter", default="remora", metavar="NAME",
+                    help="the remora snapshotter's proxy plugin name in containerd (default %(default)s)")
     p.set_defaults(func=run_daemon)
 
     sub = p.add_subparsers(dest="peer_command", metavar="SUBCOMMAND")
@@ -204,6 +223,9 @@ def register_peer(subparsers) -> None:
     ph.add_argument("image", help="image reference, e.g. registry.local:5000/app:1-remora")
     ph.add_argument("--all", action="store_true", dest="all_blobs",
                     help="remora image: every blob, not only the bootstrap and the hot blob")
+    ph.add_argument("--pull", action="store_true",
+                    help="remora image: then have the node's snapshotter pull it into containerd (the peer's "
+                         "--runtime-pull-api), so the first start needs no pull at all")
     ph.add_argument("--address", default="127.0.0.1:65001", help="the peer's --listen address (default %(default)s)")
     ph.add_argument("--preheat-token-file", type=Path, default=None, metavar="FILE",
                     help="the peer's preheat token (default $REMORA_PREHEAT_TOKEN)")
@@ -238,7 +260,9 @@ def build_config(args):
         upstream_timeout=parse_duration(args.upstream_timeout), gc_ttl=parse_duration(args.gc_ttl),
         gc_high=Watermark.parse(args.gc_high), gc_low=Watermark.parse(args.gc_low),
         gc_interval=parse_duration(args.gc_interval), offline_tag_max_age=parse_duration(args.offline_tag_max_age),
-        preheat_token_file=args.preheat_token_file,
+        preheat_token_file=args.preheat_token_file, runtime_pull_api=args.runtime_pull_api,
+        runtime_address=args.runtime_address, runtime_namespace=args.runtime_namespace,
+        runtime_snapshotter=args.runtime_snapshotter,
         manager=args.manager, manager_token_file=args.manager_token_file, seed_peer=args.seed_peer, idc=args.idc,
         location=args.location)
 
@@ -290,7 +314,7 @@ def run_preheat(args) -> int:
 
     client = PreheatClient(args.address, read_token(args.preheat_token_file))
     task_id = new_task_id()
-    status = client.create(task_id, args.image, args.all_blobs)
+    status = client.create(task_id, args.image, args.all_blobs, pull=args.pull)
     if not args.wait:
         print(json.dumps(status, indent=2) if args.json
               else f"preheat task {task_id} on {client.url}: {status['state']}")
@@ -317,6 +341,9 @@ def run_preheat(args) -> int:
         print(json.dumps(status, indent=2))
     else:
         done, total = progress_of(status)
+        pulled = status.get("pull") or {}
         print(f"{status['state']}: {len(status.get('blobs') or [])} blobs, {done} of {total} bytes verified"
+              + (f"; in containerd as {pulled['name']} ({pulled['manifest_digest'][:19]})"
+                 if pulled.get("state") == "done" else "")
               + (f": {status['error']}" if status.get("error") else ""))
     return 0 if status["state"] == "succeeded" else 1

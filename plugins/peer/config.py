@@ -156,6 +156,11 @@ class PeerConfig:
     tls_dir: Path | None = None                             # ca.pem + cert.pem + key.pem: mutual TLS mesh
     insecure_plain_mesh: bool = False                       # explicit plain mode (no TLS between peers)
     preheat_token_file: Path | None = None                  # bearer token of the preheat task API (preheat.py)
+    # A preheat with "pull": the node's snapshotter pull service, and the containerd it pulls into (preheat.py)
+    runtime_pull_api: Path | None = None
+    runtime_address: str = "/run/containerd/containerd.sock"
+    runtime_namespace: str = "k8s.io"
+    runtime_snapshotter: str = "remora"
     manager: str = ""                                       # manager URL: schedulers + dynamic config from it
     manager_token_file: Path | None = None                  # the manager's join token
     seed_peer: bool = False                                 # register with the manager as a seed peer
@@ -180,6 +185,14 @@ class PeerConfig:
             raise UsageError("--tls-dir and --insecure-plain-mesh exclude each other")
         if self.tls_dir is not None:
             self.tls_dir = Path(self.tls_dir)
+        if self.runtime_pull_api is not None:
+            self.runtime_pull_api = Path(self.runtime_pull_api)
+            if not self.runtime_pull_api.is_absolute() or not os.path.isabs(self.runtime_address):
+                raise UsageError("--runtime-pull-api and --runtime-address must be absolute paths (unix sockets)")
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,75}$", self.runtime_namespace):
+                raise UsageError(f"--runtime-namespace {self.runtime_namespace!r}: not a containerd namespace name")
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", self.runtime_snapshotter):
+                raise UsageError(f"--runtime-snapshotter {self.runtime_snapshotter!r}: not a snapshotter name")
         if self.manager:
             if not re.match(r"^https?://[^/\s]+/?$", self.manager):
                 raise UsageError(f"--manager {self.manager!r}: expected https://HOST:PORT (or http:// with "

@@ -34,7 +34,7 @@ from .download import TaskManager
 from .metrics import PeerMetrics
 from .mirror import Mirror
 from .pieces import PieceStore
-from .preheat import Preheater, load_token
+from .preheat import Preheater, RuntimePull, load_token
 from .upload import UploadServer
 from .upstream import Upstream, registry_guard
 
@@ -166,7 +166,9 @@ class PeerDaemon:
         if self.managed is not None:
             mirror_app.middlewares.insert(1, self.managed.mirror_guard())
         # The preheat task API (bearer token; disabled without --preheat-token-file): see preheat.py.
-        self.preheater = Preheater(self.tasks, cfg.upstream, load_token(cfg.preheat_token_file))
+        runtime = None if cfg.runtime_pull_api is None else RuntimePull(
+            str(cfg.runtime_pull_api), cfg.runtime_address, cfg.runtime_namespace, cfg.runtime_snapshotter)
+        self.preheater = Preheater(self.tasks, cfg.upstream, load_token(cfg.preheat_token_file), runtime=runtime)
         self.preheater.add_routes(mirror_app)
         self.mirror_port = await self._serve(mirror_app, (cfg.listen[0] or "127.0.0.1", cfg.listen[1]), "mirror")
         if self.managed is not None:

@@ -5,9 +5,12 @@ registry read. The manager's job engine (plugins/manager/jobs.py), ``remora plac
 ``remora peer preheat`` drive this through a small task API on the mirror listener::
 
     POST   /api/v1/tasks        {"id", "type": "preheat", "image"?, "repository"?, "blobs"?: [{"digest","size"}],
-                                 "priority"?: ["bootstrap","hot"], "all"?: bool}  -> 201 (409: id exists)
+                                 "priority"?: ["bootstrap","hot"], "all"?: bool, "pull"?: bool}
+                                 -> 201 (409: id exists)
     GET    /api/v1/tasks/{id}   -> {"id", "state": queued|running|succeeded|failed|cancelled, "error",
-                                    "blobs": [{"digest","size","role","done_bytes","verified_bytes","verified"}]}
+                                    "blobs": [{"digest","size","role","done_bytes","verified_bytes","verified"}],
+                                    "pull"?: {"state": pending|running|done|failed, "name", "manifest_digest",
+                                              "remote_layers", "reused_layers", "seconds", "error"}}
     DELETE /api/v1/tasks/{id}   -> 204 (404: unknown)
 
 Blobs go through the normal download engine (``TaskManager.task(...).ensure(None)``): P2P from the
@@ -20,6 +23,15 @@ blob (the data blob carrying ``remora.prefetch-bytes``) first, then the config (
 before the start); the rest only with ``"all": true`` (the
 manager's jobs, which name no ``all``, get everything: a job must leave nothing to the registry). For
 an OCI image: its config and layers.
+
+Pull (``"pull": true``, remora images, a peer started with ``--runtime-pull-api``): once every blob is
+here and verified, the node's remora snapshotter pulls the image into containerd through its pull
+service (:mod:`remora.pullapi`, exactly what ``remora pull`` does: manifest, config and bootstrap from
+this peer, the layers mounted lazily), into the namespace and containerd the peer was configured with
+(``--runtime-namespace``, default ``k8s.io``: the kubelet's) -- a request cannot name another socket or
+namespace. Then a kubelet with ``imagePullPolicy: IfNotPresent`` finds the image and starts the container
+without a pull: the node is ready, not only warm. The task succeeds only if the pull did. Kubernetes users
+know this step as pre-pulling (OpenKruise's ImagePullJob, kube-fledged); here it reads only local bytes.
 
 Manifests: the image's manifests (index and the platform manifest chosen) are kept, digest-checked,
 with the tag's answer and when it was seen (:mod:`.offline`), and the registry is asked once whether
@@ -46,6 +58,7 @@ from aiohttp import web
 from remora import oci
 from remora.errors import InvalidInput, RemoraError
 from remora.format import annotations as ann
+from remora.pullapi import NoService, pull_via_service
 from remora.taskapi import PreheatClient, load_token, new_task_id, progress_of, read_token  # noqa: F401 - the task API's client side lives in the core
 
 from .access import AccessDenied, Grant
@@ -107,6 +120,19 @@ class BlobProgress:
                 **({"error": self.error} if self.error else {})}
 
 
+@dataclass(frozen=True)
+class RuntimePull:
+    """Where a preheat with ``"pull"`` has the image pulled: the node's settings, never the request's."""
+    api: str                    # the snapshotter's pull service socket (--runtime-pull-api)
+    address: str                # containerd's socket
+    namespace: str
+    snapshotter: str
+
+
+#: Longest silence of the pull service between two progress lines (one containerd call at most).
+PULL_READ_TIMEOUT = 300.0
+
+
 @dataclass
 class PreheatTask:
     id: str
@@ -114,6 +140,8 @@ class PreheatTask:
     repository: str | None
     want_all: bool
     blobs: list[BlobProgress] = field(default_factory=list)
+    pull: bool = False
+    pulled: dict = field(default_factory=dict)   # the pull's state, for the view
     state: str = "queued"
     error: str = ""
     created: float = field(default_factory=time.time)
@@ -121,15 +149,20 @@ class PreheatTask:
     runner: asyncio.Task | None = None
 
     def view(self) -> dict:
-        return {"id": self.id, "type": "preheat", "image": self.image, "state": self.state, "error": self.error,
+        view = {"id": self.id, "type": "preheat", "image": self.image, "state": self.state, "error": self.error,
                 "created": self.created, "finished": self.finished, "blobs": [b.view() for b in self.blobs]}
+        if self.pull:
+            view["pull"] = dict(self.pulled) or {"state": "pending"}
+        return view
 
 
 class Preheater:
     """The task table and the HTTP routes; one per daemon, sharing the daemon's TaskManager."""
 
-    def __init__(self, tasks: TaskManager, default_upstream: str, token: str | None, concurrency: int = 2):
+    def __init__(self, tasks: TaskManager, default_upstream: str, token: str | None, concurrency: int = 2,
+                 runtime: RuntimePull | None = None):
         self.tasks = tasks
+        self.runtime = runtime
         self.default_upstream = default_upstream
         self.token = token
         self.jobs: dict[str, PreheatTask] = {}
@@ -213,7 +246,7 @@ class Preheater:
     def _parse(self, body) -> PreheatTask:
         if not isinstance(body, dict):
             raise InvalidInput("the body must be a JSON object")
-        unknown = set(body) - {"id", "type", "image", "repository", "blobs", "priority", "all"}
+        unknown = set(body) - {"id", "type", "image", "repository", "blobs", "priority", "all", "pull"}
         if unknown:
             raise InvalidInput(f"unknown fields: {sorted(unknown)}")
         tid = body.get("id")
@@ -247,7 +280,15 @@ class Preheater:
         want_all = body.get("all")
         # the manager's jobs name no "all": a job must leave nothing to the registry
         want_all = True if want_all is None else bool(want_all)
-        return PreheatTask(tid, image, repository, want_all, blobs)
+        pull = body.get("pull", False)
+        if not isinstance(pull, bool):
+            raise InvalidInput("pull must be true or false")
+        if pull and self.runtime is None:
+            raise InvalidInput("pull: this peer does not pull images into the node's container runtime (start it "
+                               "with --runtime-pull-api SOCKET, the remora snapshotter's pull service)")
+        if pull and not image:
+            raise InvalidInput("pull needs an image reference (a blob list names no image to pull)")
+        return PreheatTask(tid, image, repository, want_all, blobs, pull=pull)
 
     def _check_registry(self, registry: str) -> None:
         if not self.tasks.upstream.allows(registry):
@@ -268,6 +309,8 @@ class Preheater:
             missing = [b.digest for b in task.blobs if not b.verified]
             if missing:
                 raise RemoraError(f"blobs not verified: {missing[:5]}")
+            if task.pull:
+                await self._pull(task)
             task.state = "succeeded"
         except asyncio.CancelledError:
             task.state = "cancelled"
@@ -329,6 +372,38 @@ class Preheater:
             self._refresh(blob)
             if not blob.verified:
                 raise RemoraError(f"{blob.digest}: stored but not verified")
+
+    async def _pull(self, task: PreheatTask) -> None:
+        """Have the node's snapshotter pull ``task.image`` into containerd (see the module's "Pull")."""
+        rt = self.runtime
+        assert rt is not None and task.image
+        if not any(b.role == "bootstrap" for b in task.blobs):
+            task.pulled = {"state": "failed", "error": "not a remora image"}
+            raise InvalidInput(f"pull: {task.image} is not a remora image (its blobs are preheated here; containerd "
+                               "gets an OCI image from this peer, its mirror, when it pulls it)")
+        registry, repo, reference = parse_reference(task.image, self.default_upstream)
+        ref = f"{registry}/{repo}{'@' if reference.startswith('sha256:') else ':'}{reference}"
+        request = {"reference": ref, "address": rt.address, "namespace": rt.namespace,
+                   "snapshotter": rt.snapshotter,
+                   "plain_http": self.tasks.upstream.endpoint(registry).startswith("http://")}
+        task.pulled = {"state": "running"}
+        t0 = time.monotonic()
+        try:
+            result = await asyncio.to_thread(pull_via_service, rt.api, request,
+                                             lambda line: log.debug("preheat %s: pull: %s", task.id, line),
+                                             PULL_READ_TIMEOUT)
+        except NoService as exc:
+            task.pulled = {"state": "failed", "error": f"no pull service at {rt.api}: {exc}"}
+            raise RemoraError(f"pull: nothing answers at --runtime-pull-api {rt.api} ({exc}): is the remora "
+                              f"snapshotter running with --api-address {rt.api}?") from None
+        except RemoraError as exc:
+            task.pulled = {"state": "failed", "error": str(exc)}
+            raise RemoraError(f"pull of {ref} into containerd: {exc}") from None
+        task.pulled = {"state": "done", "name": result.name, "manifest_digest": result.manifest_digest,
+                       "remote_layers": result.remote_layers, "reused_layers": result.reused_layers,
+                       "seconds": round(time.monotonic() - t0, 3)}
+        log.info("preheat %s: %s is in containerd (namespace %s) in %.2fs", task.id, result.name, rt.namespace,
+                 time.monotonic() - t0)
 
     def _refresh(self, blob: BlobProgress) -> None:
         entry = self.tasks.store.get(blob.digest)

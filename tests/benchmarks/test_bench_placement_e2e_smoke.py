@@ -64,6 +64,11 @@ def test_smoke_runs_both_arms_and_reports_consistent_figures(tmp_path):
     # their --mirror first); the registry still answers the manifest by tag and the access checks (HEAD)
     assert planned["deploy_registry_bytes_by_role"] == {}, planned["deploy_registry_bytes_by_role"]
     assert planned["deploy_registry_bytes"] == 0
+    # the preheat's --pull (the default) left every planned image in its node's containerd: the deploy
+    # found it there (imagePullPolicy IfNotPresent) and ran no pull; the cold arm pulled every image
+    assert doc["config"]["preheat_pull"] is True
+    assert planned["per_function_phases_s"] and all(ph["present"] for ph in planned["per_function_phases_s"].values())
+    assert not any(ph["present"] for ph in cold["per_function_phases_s"].values())
     # the cold arm's deploy read its images' hot blobs from the registry (lazily, through its peers)
     assert cold["deploy_registry_bytes_by_role"].get("hot blob", 0) >= 0.9 * cold["image_bytes_by_role"]["hot blob"]
     # the planner's objective: its plan is no worse than the random one on the model

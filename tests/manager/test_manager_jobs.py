@@ -165,3 +165,24 @@ def test_scopes_and_refusals(fleet):
                 {"type": "preheat", "image": "x", "scope": {"kind": "all_peers", "cluster": "nope"}}):
         r = manager.call("POST", "/api/v1/jobs", json=bad)
         assert r.status_code == 422, (bad, r.text)
+
+
+def test_preheat_with_pull_needs_the_peer_to_report_the_pull(fleet):
+    """``pull``: sent to the peers, and a node succeeds only if its peer says the image is in containerd; a
+    peer that reports every blob verified but no pull (an older peer, or one that skipped it) is not done."""
+    manager, add = fleet
+    good = add("good", "good")
+    job = manager.ok("POST", "/api/v1/jobs", json={"type": "preheat", "image": "registry.local/app:1", "blobs": BLOBS,
+                                                   "pull": True, "scope": {"kind": "nodes", "nodes": ["good"]},
+                                                   "max_attempts": 1})
+    assert job["args"]["pull"] is True
+    job = job_done(manager, job["id"])
+    node = job["nodes"][0]
+    assert node["state"] == "failed" and "without the pull into containerd" in node["error"], node
+    assert next(iter(good.tasks.values()))["req"]["pull"] is True
+    # pull goes with an image preheat only
+    for bad in ({"type": "preheat", "blobs": BLOBS, "repository": "registry.local/app", "pull": True},
+                {"type": "sync-peers", "pull": True},
+                {"type": "preheat", "image": "registry.local/app:1", "pull": "yes"}):
+        r = manager.call("POST", "/api/v1/jobs", json={**bad, "scope": {"kind": "all_peers", "cluster": "c1"}})
+        assert r.status_code == 422, (bad, r.status_code, r.text)

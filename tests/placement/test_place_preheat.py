@@ -81,6 +81,14 @@ async def test_place_preheat_two_real_peers(tmp_path, fresh_registry):
             async with http.get(f"{peers[0].mirror_url}/api/v1/tasks") as r:
                 assert [t["id"][:6] for t in (await r.json())["tasks"]] == ["place-"]
 
+        # --pull is a step of the preheat; peers without --runtime-pull-api refuse it, per node, clearly
+        code, out, err = await run("place", "plan", str(spec), "--pull", "--peer", f"n2={peers[1].mirror_url}")
+        assert code == 2 and "--pull is a step of the preheat" in err, (code, err)
+        code, out, err = await run("place", "plan", str(spec), "--preheat", "--pull", "--preheat-token-file",
+                                   str(token_file), "--peer", f"n2={peers[1].mirror_url}")
+        assert code == 1, (code, out, err)
+        assert "preheat: 0 of 2" in out and out.count("--runtime-pull-api") == 2, out
+
         # a wrong token: every pair fails, exit 1, reported per node
         token_file.write_text("z" * 40)
         code, out, err = await run("place", "plan", str(spec), "--preheat", "--preheat-token-file", str(token_file),

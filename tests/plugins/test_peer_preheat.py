@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import requests
 from aiohttp import web
-from peer_util import RegistryProxy, push_blob, sha, start_peer, unique
+from peer_util import RegistryProxy, make_layer, push_blob, push_image, sha, start_peer, unique
 
 from remora.format import annotations as ann
 from remora.plugins.peer.config import MIN_PIECE_SIZE
@@ -310,3 +310,39 @@ async def test_cli_preheat_wait(rig, tmp_path):
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode != 0 and b"refused" in err, (proc.returncode, err)
+
+
+async def test_pull_requests_are_checked(tmp_path, fresh_registry):
+    """``"pull"`` (docs/p2p.md "Preheat"): a boolean, for an image, on a peer with --runtime-pull-api; an OCI
+    image's blobs are preheated and the pull step fails clearly (``remora pull`` is for remora images). The
+    pull into containerd itself is tested with a real snapshotter and containerd in
+    tests/snapshotter/test_mirror_first_bootstrap.py."""
+    proxy = await Proxy(fresh_registry.host).start()
+    token_file = tmp_path / "preheat-token"
+    token_file.write_text(TOKEN + "\n")
+    peer = await start_peer(tmp_path, "rt", registries=[proxy.host], preheat_token_file=token_file,
+                            runtime_pull_api=tmp_path / "snap-api.sock")
+    try:
+        repo = unique("preheat/oci")
+        oci = push_image(fresh_registry.url, repo, "v1", [make_layer({"a": b"z" * 5000})])
+        ref = f"{proxy.host}/{repo}:v1"
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            status, body = await post(http, peer, {"id": "p1", "image": ref, "pull": "yes"})
+            assert status == 400 and "pull must be true or false" in body["error"]
+            status, body = await post(http, peer, {"id": "p2", "repository": f"{proxy.host}/{repo}", "pull": True,
+                                                   "blobs": [{"digest": oci["layers"][0], "size": 1}]})
+            assert status == 400 and "pull needs an image reference" in body["error"]
+            assert proxy.gets == []
+            status, body = await post(http, peer, {"id": "p3", "image": ref, "pull": True})
+            assert status == 201 and body["pull"] == {"state": "pending"}
+            done = await wait_state(http, peer, "p3")
+            assert done["state"] == "failed" and "is not a remora image" in done["error"], done
+            assert done["pull"]["state"] == "failed"
+            assert all(b["verified"] for b in done["blobs"]) and len(done["blobs"]) == 2   # config + layer
+            # without "pull" the same peer preheats as before, and the view has no "pull"
+            status, body = await post(http, peer, {"id": "p4", "image": ref})
+            done = await wait_state(http, peer, "p4")
+            assert done["state"] == "succeeded" and "pull" not in done
+    finally:
+        await peer.stop()
+        await proxy.stop()

@@ -72,8 +72,8 @@ def _roles(image: str) -> dict[str, str]:
     return roles
 
 
-def _start_peer(registry, tmp_path: Path) -> tuple[Daemon, str, Path]:
-    port = free_port()
+def _start_peer(registry, tmp_path: Path, port: int = 0, extra: tuple[str, ...] = ()) -> tuple[Daemon, str, Path]:
+    port = port or free_port()
     token = tmp_path / "preheat-token"
     token.write_text(f"mirror-first-{uuid.uuid4().hex}\n")
     token.chmod(0o600)
@@ -81,7 +81,7 @@ def _start_peer(registry, tmp_path: Path) -> tuple[Daemon, str, Path]:
                    "--upload-listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "peer"),
                    "--gc-high", "64G", "--gc-low", "48G", "--preheat-token-file", str(token),
                    # no scheduler, no mesh: the node's own pull-through peer of the test registry
-                   "--insecure-plain-mesh", "--registry", registry.host],
+                   "--insecure-plain-mesh", "--registry", registry.host, *extra],
                   tmp_path / "peer.log").start()
     try:
         wait_until(lambda: port_open("127.0.0.1", port) or not peer.alive(), 30, what="remora peer")
@@ -132,6 +132,84 @@ def test_after_a_preheat_the_pull_and_start_read_no_registry_blob(logged_registr
         assert re.search(rf"bootstrap {boot[:19]}: \d+ bytes from http://{re.escape(address)}", log), log
     finally:
         peer.stop()
+
+
+def test_a_preheat_with_pull_leaves_the_image_ready_in_containerd(logged_registry, tmp_path):
+    """``remora peer preheat --pull`` (issue 12, the planner's ``--preheat --pull``): once the peer holds
+    every blob, the node's snapshotter pulls the image into containerd through its pull service, in the
+    namespace the peer was configured with. Then ``ctr run`` starts it with no ``remora pull`` and the
+    registry serves nothing more; the task's status names what containerd holds."""
+    import json
+
+    image = converted_busybox(logged_registry, "preheat-pull")
+    roles = _roles(image)
+    port = free_port()
+    st = Stack(tmp_path / "stack", snapshotter_args=("--mirror", f"http://127.0.0.1:{port}"))
+    peer = None
+    try:
+        ns = f"preheat-pull-{uuid.uuid4().hex[:6]}"
+        st.namespaces.append(ns)
+        peer, address, token = _start_peer(logged_registry, tmp_path, port, (
+            "--runtime-pull-api", str(st.snap.api_address), "--runtime-address", str(st.ctd.address),
+            "--runtime-namespace", ns))
+        assert image not in st.ctd.ctr("images", "ls", "-q", namespace=ns).stdout.split()
+        pre = subprocess.run([sys.executable, "-m", "remora.cli", "peer", "preheat", image, "--all", "--pull",
+                              "--wait", "--json", "--address", address, "--preheat-token-file", str(token)],
+                             capture_output=True, text=True, timeout=180)
+        assert pre.returncode == 0, pre.stdout + pre.stderr + peer.log_tail() + st.snap_log(120)
+        status = json.loads(pre.stdout)
+        assert status["state"] == "succeeded" and status["pull"]["state"] == "done", status
+        assert status["pull"]["name"] == image and status["pull"]["manifest_digest"].startswith("sha256:")
+        assert status["pull"]["remote_layers"] >= 1, status["pull"]
+        # containerd has the image, in the peer's namespace, and nowhere else
+        assert image in st.ctd.ctr("images", "ls", "-q", namespace=ns).stdout.split()
+        assert image not in st.ctd.ctr("images", "ls", "-q").stdout.split()
+        mark = len(logged_registry.blob_gets())
+        out = st.run(image, "sh", "-c", "echo started-$((6*7))", namespace=ns).stdout
+        assert out == "started-42\n"
+        after = [(roles.get(d, "?"), d, s) for d, s in logged_registry.blob_gets()[mark:]]
+        assert after == [], f"the start read blobs from the registry: {after}"
+        # a second preheat with pull of the same image finds it there (reused layers, same manifest)
+        again = subprocess.run([sys.executable, "-m", "remora.cli", "peer", "preheat", image, "--pull", "--wait",
+                                "--json", "--address", address, "--preheat-token-file", str(token)],
+                               capture_output=True, text=True, timeout=180)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert json.loads(again.stdout)["pull"]["manifest_digest"] == status["pull"]["manifest_digest"]
+    finally:
+        if peer is not None:
+            peer.stop()
+        st.close()
+
+
+def test_a_preheat_with_pull_fails_clearly_when_no_pull_service_answers(logged_registry, tmp_path):
+    """The peer's --runtime-pull-api names a socket nobody serves (a snapshotter that is down): the blobs
+    are preheated, the task fails and says why; a peer without --runtime-pull-api refuses the request."""
+    import json
+
+    image = converted_busybox(logged_registry, "preheat-nopull")
+    peer, address, token = _start_peer(logged_registry, tmp_path, extra=(
+        "--runtime-pull-api", str(tmp_path / "nobody.sock")))
+    try:
+        pre = subprocess.run([sys.executable, "-m", "remora.cli", "peer", "preheat", image, "--pull", "--wait",
+                              "--json", "--address", address, "--preheat-token-file", str(token)],
+                             capture_output=True, text=True, timeout=180)
+        assert pre.returncode == 1, pre.stdout + pre.stderr
+        status = json.loads(pre.stdout)
+        assert status["state"] == "failed" and status["pull"]["state"] == "failed", status
+        assert "--runtime-pull-api" in status["error"] and "nobody.sock" in status["error"], status["error"]
+        assert all(b["verified"] for b in status["blobs"]), status["blobs"]
+    finally:
+        peer.stop()
+    (tmp_path / "plain").mkdir()
+    plain, address, token = _start_peer(logged_registry, tmp_path / "plain")
+    try:
+        pre = subprocess.run([sys.executable, "-m", "remora.cli", "peer", "preheat", image, "--pull",
+                              "--address", address, "--preheat-token-file", str(token)],
+                             capture_output=True, text=True, timeout=60)
+        assert pre.returncode == 3, pre.stdout + pre.stderr
+        assert "--runtime-pull-api" in pre.stderr, pre.stderr
+    finally:
+        plain.stop()
 
 
 def test_a_lying_mirror_is_skipped_for_bootstrap_manifest_and_config(logged_registry, tmp_path):

@@ -1,6 +1,11 @@
 """The thin client of the snapshotter's pull service (:mod:`remora.snapshotter.pull_service`), and the
 protocol's names both sides share.
 
+It lives in the core because two components call it: ``remora pull`` (snapshotter/pull.py) and the
+peer's preheat with ``"pull": true`` (plugins/peer/preheat.py: after the blobs, the node's container
+runtime gets the image, so a kubelet with ``imagePullPolicy: IfNotPresent`` starts it without a pull).
+Components reach each other only through the core.
+
 Standard library only, and not even http.client (its email/ssl imports cost ~30 ms, a tenth of what
 this path saves): HTTP/1.1 to our own server is a request line, headers, and a chunked body. This
 module is what ``remora pull`` imports on its fast path; nothing here may import gRPC, protobuf,
