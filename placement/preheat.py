@@ -127,10 +127,12 @@ def preheat(deploy: list[dict], peers: dict[str, str], token: str, want_all: boo
                     r["state"], r["error"] = "failed", "peer reported success with a blob not verified"
                 if pull and r["state"] == "succeeded":
                     pulled = st.get("pull") or {}
-                    if pulled.get("state") != "done":
-                        r["state"], r["error"] = "failed", "peer reported success without the pull it was asked for"
-                    else:
+                    if pulled.get("state") == "done":
                         r["pulled"] = pulled.get("name", "")
+                    elif pulled.get("state") == "skipped":   # an OCI image: its blobs are there, nothing to pull
+                        r["pulled"], r["pull_skipped"] = "", str(pulled.get("reason", ""))
+                    else:
+                        r["state"], r["error"] = "failed", "peer reported success without the pull it was asked for"
                 progress.update(bar, completed=done, total=total or None, state=r["state"])
             for r, bar in zip(results, bars):
                 progress.update(bar, state=r["state"])
@@ -148,6 +150,8 @@ def summary(results: list[dict]) -> str:
     for r in results:
         if r["state"] != "succeeded":
             lines.append(f"  {r['node']} {r['image']}: {r['state']}: {r['error']}")
+        elif r.get("pull_skipped"):
+            lines.append(f"  {r['node']} {r['image']}: blobs preheated, not pulled ({r['pull_skipped']})")
     return "\n".join(lines)
 
 

@@ -255,7 +255,7 @@ def check_result(job: Job, status: dict) -> tuple[bool, str, int, int]:
                 return (False, f"blob {b.get('digest')}: only {b.get('verified_bytes', 0)} of {b.get('size')} "
                                "bytes verified", total, verified)
         pulled = status.get("pull")
-        if job.args.get("pull") and not (isinstance(pulled, dict) and pulled.get("state") == "done"):
+        if job.args.get("pull") and not (isinstance(pulled, dict) and pulled.get("state") in ("done", "skipped")):
             return False, "peer reported success without the pull into containerd it was asked for", total, verified
     elif job.type == "delete-task":
         for want in job.args.get("blobs") or []:

@@ -314,7 +314,8 @@ async def test_cli_preheat_wait(rig, tmp_path):
 
 async def test_pull_requests_are_checked(tmp_path, fresh_registry):
     """``"pull"`` (docs/p2p.md "Preheat"): a boolean, for an image, on a peer with --runtime-pull-api; an OCI
-    image's blobs are preheated and the pull step fails clearly (``remora pull`` is for remora images). The
+    image's blobs are preheated and the pull is ``skipped`` with the reason (``remora pull`` is for remora
+    images; containerd pulls an OCI image from the peer). The
     pull into containerd itself is tested with a real snapshotter and containerd in
     tests/snapshotter/test_mirror_first_bootstrap.py."""
     proxy = await Proxy(fresh_registry.host).start()
@@ -336,8 +337,9 @@ async def test_pull_requests_are_checked(tmp_path, fresh_registry):
             status, body = await post(http, peer, {"id": "p3", "image": ref, "pull": True})
             assert status == 201 and body["pull"] == {"state": "pending"}
             done = await wait_state(http, peer, "p3")
-            assert done["state"] == "failed" and "is not a remora image" in done["error"], done
-            assert done["pull"]["state"] == "failed"
+            # nothing for `remora pull` to do with an OCI image: preheated, the pull skipped and said so
+            assert done["state"] == "succeeded", done
+            assert done["pull"]["state"] == "skipped" and "not a remora image" in done["pull"]["reason"]
             assert all(b["verified"] for b in done["blobs"]) and len(done["blobs"]) == 2   # config + layer
             # without "pull" the same peer preheats as before, and the view has no "pull"
             status, body = await post(http, peer, {"id": "p4", "image": ref})
