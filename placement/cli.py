@@ -130,7 +130,8 @@ def register(sub) -> None:
                      help="the peers' preheat token (default $REMORA_PREHEAT_TOKEN)")
     pre.add_argument("--pull", action="store_true",
                      help="remora images: once a node holds the blobs, its snapshotter also pulls the image into "
-                          "containerd (peers run with --runtime-pull-api), so the first start pulls nothing")
+                          "containerd (peers run with --runtime-pull-api), so the first start pulls nothing "
+                          "(an OCI image is preheated and its pull skipped, said per pair)")
     pre.add_argument("--preheat-hot-only", action="store_true",
                      help="remora images: only the bootstrap and the hot blob (default: every blob)")
     pre.add_argument("--preheat-timeout", type=float, default=3600.0, metavar="S",
