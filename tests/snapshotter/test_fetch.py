@@ -276,3 +276,29 @@ def test_range_broken_mid_stream_keeps_what_arrived_and_refetches_the_rest(image
     assert bstart == frames[2][1].offset, "the two frames that arrived whole were kept, not fetched again"
     s = f.stats.snapshot()
     assert s["frames_fetched"] == len(frames) and s["source_errors"] == 1 and s["fetch_failures"] == 0
+
+
+def test_prefetch_cuts_a_big_hot_file_into_growing_batches(registry, tmp_path):
+    """A hot file bigger than a batch is fetched in batches of the growing size (first_batch, doubling up to
+    batch_bytes), not in one range request: a reader of its far end waits for the frames the prefetch has
+    in flight (single flight), so one request for the whole file made a 4 MiB read at 80 MiB of a 100 MiB
+    hot file wait 7.7 s for the 80 MiB before it (bench_cold_start.py, bigblob, the other workload)."""
+    img = build_image(tmp_path / "img", registry.host, n_small=3, big_size=16 << 20, prefetch_paths=(b"/bin/big",))
+    big = img.tree.lookup(b"/bin/big")
+    unique_frames = len({c.digest for c in big.chunks})
+    assert unique_frames == 16, unique_frames   # 4 MiB of distinct 256 KiB chunks, repeated 4 times
+    with CountingProxy(registry.url) as proxy:
+        f = make_fetcher(img, tmp_path / "cache", proxy.url)
+        p = Prefetcher(f, batch_bytes=1 << 20, first_batch=256 << 10, depth=1).start()
+        p.join(30)
+        assert p.done.is_set() and f.stats.snapshot()["prefetch_done"] == 1
+        ranges = [r.split()[0] for r in proxy.blob_requests()]
+    sizes = []
+    for r in ranges:
+        lo, hi = r.removeprefix("bytes=").split("-")
+        sizes.append(int(hi) - int(lo) + 1)
+    # 16 distinct frames in batches of 256 KiB, 512 KiB, then 1 MiB of chunk data: 1 + 2 + 4 + 4 + 4 + 1 frames,
+    # no request for the repeats (cached); before, one request carried the whole file
+    assert len(sizes) >= 5, ranges
+    assert max(sizes) <= 4 * max(fr.csize for fr in img.table.frames) + 1, ranges
+    assert read_path(f, b"/bin/big") == img.contents[b"/bin/big"]
