@@ -220,7 +220,7 @@ class ChunkFetcher:
         if waiting:
             self.stats.add("singleflight_waits", len(waiting))
         for job in self._plan({fid: frames[fid] for fid in mine}, blobs):
-            job.background = pool is not None and pool is self._bg_pool
+            job.background = pool is self._bg_pool
             (pool or self._pool).submit(self._run_job, job)
         results = {}
         errors = []
