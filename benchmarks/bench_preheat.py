@@ -22,6 +22,7 @@ import os
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,6 +137,9 @@ def main() -> None:
                     help="the manager's --keepalive-interval (its default; the tests' lab uses 2 s)")
     ap.add_argument("--job-poll", type=float, default=1.0,
                     help="the manager's --job-poll (its default; the tests' lab polls every 0.2 s)")
+    ap.add_argument("--config", metavar="JSON", help="publish this dynamic config (the body of PUT /api/v1/config's "
+                    "\"config\") before the jobs, e.g. '{\"piece_size\": {\"min\": 1048576, \"max\": 16777216}}' "
+                    "(default: none, the daemons' own flags)")
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "bench_preheat.json")
     args = ap.parse_args()
@@ -170,6 +174,11 @@ def _run(args, lab: Lab, size: int, runs: list) -> None:
         ml.start()
         ml.wait(lambda: len(ml.api("GET", "/api/v1/members?type=peer&state=active")) == args.nodes
                 and all(ml.status(p).get("schedulers") for p in ml.mesh.peers), 120, "every peer under the manager")
+        if args.config:
+            version = ml.api("PUT", "/api/v1/config", {"config": json.loads(args.config)})["version"]
+            ml.wait(lambda: all((ml.status(p).get("manager") or {}).get("config", {}).get("version") == version
+                                for p in ml.mesh.peers), 60, "every peer applying the config")
+            time.sleep(args.keepalive_interval)     # the schedulers take it on their next keepalive
         first = ml.mesh.host_id(ml.mesh.peers[0])
         for r in range(args.repeats):
             for arm in ("one", "all"):

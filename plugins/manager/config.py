@@ -4,6 +4,10 @@ The manager keeps one immutable row per version of each scope: ``global`` and ``
 member receives the newest version of its cluster's scope, else the global one, else the built-in
 defaults (version 0). Members poll with the version they hold and get the body only when it changed.
 Every field is bounded: an absurd value is refused (422) before it can reach a node.
+
+A field left out (``None``) keeps the daemon's own value (its flag, or the mesh's built-in piece size
+bounds): publishing a config that names only a blocklist must not retune anything else. Each default
+below is therefore "what a daemon started with no flags runs", never a second opinion of the manager.
 """
 from __future__ import annotations
 
@@ -13,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from remora.piecelayout import MAX_PIECE_SIZE, MIN_PIECE_SIZE
 from remora.plugins.manager.db import ConfigVersion
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+GiB = 1 << 30
 DIGEST_RE = r"^sha256:[0-9a-f]{64}$"
 REPO_RE = r"^[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$"
 TAG_RE = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
@@ -23,21 +28,26 @@ TAG_RE = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
 
 class SchedulerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    candidate_parent_limit: int = Field(4, ge=1, le=20, description="parents handed to a peer per request")
-    filter_parent_limit: int = Field(40, ge=1, le=1000, description="peers sampled per decision")
+    candidate_parent_limit: int | None = Field(None, ge=1, le=20, description="parents handed to a peer per "
+                                               "request (None: the scheduler's --parent-limit)")
+    filter_parent_limit: int | None = Field(None, ge=1, le=1000, description="peers sampled per decision "
+                                            "(None: the scheduler's --candidate-limit)")
 
     @model_validator(mode="after")
     def _order(self):
-        if self.candidate_parent_limit > self.filter_parent_limit:
+        if (self.candidate_parent_limit is not None and self.filter_parent_limit is not None
+                and self.candidate_parent_limit > self.filter_parent_limit):
             raise ValueError("candidate_parent_limit must not exceed filter_parent_limit")
         return self
 
 
 class PeerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    upload_rate_limit: int = Field(0, ge=0, le=100 * GiB, description="bytes/s served to other peers, 0 = unlimited")
+    upload_rate_limit: int = Field(0, ge=0, le=100 * GiB, description="bytes/s a peer serves to others, told to "
+                                   "the scheduler for its choice of parents (0: the peer's --upload-bandwidth)")
     download_rate_limit: int = Field(0, ge=0, le=100 * GiB, description="bytes/s fetched, 0 = unlimited")
-    upload_concurrency_limit: int = Field(50, ge=1, le=10_000, description="concurrent uploads (load limit)")
+    upload_concurrency_limit: int | None = Field(None, ge=1, le=10_000, description="concurrent uploads (load "
+                                                 "limit; None: the peer's --upload-slots)")
     offline_tag_max_age_seconds: float | None = Field(
         None, ge=0, le=30 * 86400,
         description="while the registry cannot be reached, a tag is answered from the peer's kept record "
@@ -67,9 +77,12 @@ class Blocklist(BaseModel):
 
 
 class PieceSize(BaseModel):
+    """Bounds of the piece sizes of new blobs, within what every peer and scheduler accepts
+    (:mod:`remora.piecelayout`); the defaults are the mesh's built-in bounds."""
+
     model_config = ConfigDict(extra="forbid")
-    min: int = Field(1 * MiB, ge=64 * KiB, le=64 * MiB)
-    max: int = Field(16 * MiB, ge=64 * KiB, le=64 * MiB)
+    min: int = Field(MIN_PIECE_SIZE, ge=MIN_PIECE_SIZE, le=MAX_PIECE_SIZE)
+    max: int = Field(MAX_PIECE_SIZE, ge=MIN_PIECE_SIZE, le=MAX_PIECE_SIZE)
 
     @model_validator(mode="after")
     def _order(self):
@@ -83,13 +96,17 @@ class PieceSize(BaseModel):
 
 class GCConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    high_watermark_percent: int = Field(85, ge=1, le=100, description="start evicting above this disk use")
-    low_watermark_percent: int = Field(70, ge=0, le=99, description="evict down to this disk use")
-    interval_seconds: int = Field(60, ge=1, le=86_400)
+    high_watermark_percent: int | None = Field(None, ge=1, le=100, description="start evicting above this "
+                                               "disk use (None: the peer's --gc-high and --gc-low)")
+    low_watermark_percent: int | None = Field(None, ge=0, le=99, description="evict down to this disk use")
+    interval_seconds: int | None = Field(None, ge=1, le=86_400, description="None: the peer's --gc-interval")
 
     @model_validator(mode="after")
     def _order(self):
-        if self.low_watermark_percent >= self.high_watermark_percent:
+        if (self.high_watermark_percent is None) != (self.low_watermark_percent is None):
+            raise ValueError("gc.high_watermark_percent and gc.low_watermark_percent go together")
+        if self.high_watermark_percent is not None and self.low_watermark_percent is not None \
+                and self.low_watermark_percent >= self.high_watermark_percent:
             raise ValueError("gc.low_watermark_percent must be below gc.high_watermark_percent")
         return self
 

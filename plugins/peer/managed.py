@@ -28,6 +28,8 @@ import time
 
 from aiohttp import web
 
+from remora.piecelayout import MAX_PIECE_SIZE, MIN_PIECE_SIZE
+
 from .config import Watermark, set_piece_bounds
 
 log = logging.getLogger(__name__)
@@ -189,14 +191,16 @@ class ManagedPeer:
                                      else self.static["offline_tag_max_age"])
         rate = int(peer.get("upload_rate_limit") or 0)
         d.host.upload_bandwidth = rate or self.static["upload_bandwidth"]
+        # a field the config leaves out is the flag's (or the built-in) value again, not the last version's
         pieces = body.get("piece_size") or {}
-        if pieces.get("min") and pieces.get("max"):
-            set_piece_bounds(int(pieces["min"]), int(pieces["max"]))
+        set_piece_bounds(int(pieces.get("min") or MIN_PIECE_SIZE), int(pieces.get("max") or MAX_PIECE_SIZE))
         gc = body.get("gc") or {}
         if gc.get("high_watermark_percent"):
             cfg.gc_high = Watermark(percent=float(gc["high_watermark_percent"]))
-            cfg.gc_low = Watermark(percent=float(gc.get("low_watermark_percent", 0)))
-            cfg.gc_interval = float(gc.get("interval_seconds") or cfg.gc_interval)
+            cfg.gc_low = Watermark(percent=float(gc.get("low_watermark_percent") or 0))
+        else:
+            cfg.gc_high, cfg.gc_low = self.static["gc_high"], self.static["gc_low"]
+        cfg.gc_interval = float(gc.get("interval_seconds") or self.static["gc_interval"])
         self.blocklist = Blocklist(body.get("blocklist"), version)
         self.config, self.config_version, self.applied_at = body, version, time.time()
         self.config_scope = (self.client.state.get("config") or {}).get("scope", "")

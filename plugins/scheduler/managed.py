@@ -22,6 +22,7 @@ import ipaddress
 import logging
 
 from remora.errors import UsageError
+from remora.piecelayout import MAX_PIECE_SIZE, MIN_PIECE_SIZE, set_piece_bounds
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,9 @@ class ManagedScheduler:
         sched = body.get("scheduler") or {}
         sel.parent_limit = int(sched.get("candidate_parent_limit") or self.static["parent_limit"])
         sel.candidate_limit = int(sched.get("filter_parent_limit") or self.static["candidate_limit"])
+        # left out: the mesh's built-in bounds again (the peers of the cluster do the same)
         pieces = body.get("piece_size") or {}
-        if pieces.get("min") and pieces.get("max"):
-            from remora.piecelayout import set_piece_bounds
-
-            set_piece_bounds(int(pieces["min"]), int(pieces["max"]))
+        set_piece_bounds(int(pieces.get("min") or MIN_PIECE_SIZE), int(pieces.get("max") or MAX_PIECE_SIZE))
         digests = (body.get("blocklist") or {}).get("digests") or []
         self.server.service.blocked_digests = frozenset(digests)
         self.version = version

@@ -298,6 +298,23 @@ def test_peers_follow_the_manager(cluster):
     wait_for(lambda: status(url2b)["manager"]["reachable"], timeout=20, what="the manager back")
     assert schedulers_of(url2b) == [a2]
 
+    # a version that names only a blocklist retunes nothing else: every value the earlier versions set
+    # goes back to the daemons' flags (peers: --upload-slots 16, --gc-high 85%, --gc-low 75%,
+    # --gc-interval 60s; scheduler: --parent-limit 4, --candidate-limit 40) and the built-in piece bounds
+    out = m.ok("PUT", f"/api/v1/config?cluster_id={east['id']}", json={"config": {"blocklist": {"tags": ["debug"]}}})
+    version = out["version"]
+    wait_for(lambda: status(url2b)["manager"]["config"]["version"] == version, timeout=15,
+             what="the peer applying the blocklist-only config")
+    eff = status(url2b)["manager"]["config"]["effective"]
+    assert eff["upload_concurrency_limit"] == 16 and eff["piece_size"] == {"min": 256 << 10, "max": 16 << 20}
+    assert eff["gc"] == {"high": "85%", "low": "75%", "interval_seconds": 60.0}
+    assert eff["blocklist"]["tags"] == ["debug"] and eff["blocklist"]["digests"] == []
+    wait_for(lambda: metric(metrics2, "remora_scheduler_config_version") == version, timeout=15,
+             what="the scheduler applying the blocklist-only config")
+    for name, value in (("candidate_parent_limit", 4), ("filter_parent_limit", 40), ("piece_size_min", 256 << 10),
+                        ("piece_size_max", 16 << 20)):
+        assert metric(metrics2, "remora_scheduler_config_value", name=name) == value, name
+
 
 def test_manager_requires_member_certificates(cluster):
     m = cluster.manager

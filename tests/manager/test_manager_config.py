@@ -5,6 +5,7 @@ import threading
 
 from manager_util import wait_for
 
+from remora.piecelayout import MAX_PIECE_SIZE, MIN_PIECE_SIZE
 from remora.plugins.manager.client import Agent, ManagerClient
 from remora.plugins.manager.config import DynamicConfig
 
@@ -19,6 +20,13 @@ def test_config_versions_validation_and_delivery(manager_factory):
     manager = manager_factory(keepalive_interval=0.3)
     cur = manager.ok("GET", "/api/v1/config")
     assert cur["version"] == 0 and cur["scope"] == "default" and cur["config"] == DynamicConfig().model_dump()
+    # the defaults are "the daemon's own value": a field left out retunes nothing (the flags, or the
+    # mesh's built-in piece bounds, stay in force)
+    assert cur["config"]["scheduler"] == {"candidate_parent_limit": None, "filter_parent_limit": None}
+    assert cur["config"]["peer"]["upload_concurrency_limit"] is None
+    assert cur["config"]["gc"] == {"high_watermark_percent": None, "low_watermark_percent": None,
+                                   "interval_seconds": None}
+    assert cur["config"]["piece_size"] == {"min": MIN_PIECE_SIZE, "max": MAX_PIECE_SIZE}
 
     join = manager.ok("POST", "/api/v1/join-tokens", json={"name": "n"})["token"]
     applied: list[tuple[int, dict]] = []
@@ -54,6 +62,9 @@ def test_config_versions_validation_and_delivery(manager_factory):
             ("piece_size", {"min": 3 << 20, "max": 8 << 20}),
             ("piece_size", {"min": 16 << 20, "max": 8 << 20}),
             ("piece_size", {"min": 1024, "max": 8 << 20}),
+            ("piece_size", {"min": 128 << 10, "max": 8 << 20}),    # below what peers and schedulers accept
+            ("piece_size", {"min": 1 << 20, "max": 32 << 20}),     # above it
+            ("gc", {"high_watermark_percent": 90}),                  # a high watermark without a low one
             ("gc", {"high_watermark_percent": 50, "low_watermark_percent": 60}),
             ("gc", {"high_watermark_percent": 101}),
             ("nonsense", {}),
