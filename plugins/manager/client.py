@@ -196,6 +196,7 @@ class Agent:
         self.on_schedulers, self.on_config, self.load, self.fallbacks = on_schedulers, on_config, load, fallbacks
         self.applied_version = 0
         self.refresh: float | None = None   # scheduler refresh period told by the manager
+        self._register_failures = 0
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, name="manager-agent", daemon=True)
 
@@ -241,6 +242,17 @@ class Agent:
             except ManagerUnavailable as exc:
                 log.warning("manager keepalive: %s", exc)
 
+    def _next_keepalive(self, started: float, scheduled: float) -> float:
+        """When the next full round is due: as scheduled, or sooner while this agent is not registered
+        yet (the manager was unreachable or slow): 0.5 s, doubling up to the keepalive interval. Until the
+        manager answers once, the interval is only the client's default (10 s), which is no reason to
+        leave a starting peer out of the cluster that long."""
+        if self.c.member_id is not None:
+            self._register_failures = 0
+            return min(scheduled, started + self.c.interval)   # the manager's interval, once it has told it
+        self._register_failures += 1
+        return min(scheduled, started + min(self.c.interval, 0.5 * 2 ** (self._register_failures - 1)))
+
     def _period(self) -> float:
         """Seconds between rounds: the keepalive period, or the (shorter) scheduler refresh period."""
         if self.wants_schedulers and self.refresh:
@@ -281,6 +293,7 @@ class Agent:
                 log.warning("manager: %s", exc)
             except Exception:  # the agent must never stop for good
                 log.exception("manager agent round failed")
+            next_keepalive = self._next_keepalive(started, next_keepalive)
             if after_tick is not None:
                 try:
                     after_tick()
@@ -300,4 +313,7 @@ class Agent:
                 self.tick(keepalive)
             except (ManagerUnavailable, ValueError, PermissionError) as exc:
                 log.warning("manager: %s", exc)
+            except Exception:  # the agent must never stop for good
+                log.exception("manager agent round failed")
+            next_keepalive = self._next_keepalive(started, next_keepalive)
             self.stop_event.wait(max(0.02, min(started + self._period(), next_keepalive) - time.monotonic()))

@@ -155,3 +155,59 @@ def test_join_tokens_and_reregistration(manager_factory):
     manager.ok("DELETE", f"/api/v1/join-tokens/{jt['id']}")
     with pytest.raises(PermissionError):
         c.keepalive()
+
+
+class _FlakyClient:
+    """A ManagerClient stand-in whose manager answers only from the third registration on."""
+
+    def __init__(self):
+        from remora.plugins.manager.client import ManagerUnavailable
+
+        self.unavailable = ManagerUnavailable
+        self.member_id = None
+        self.interval = 10.0              # the client's default until a manager has answered
+        self.attempts: list[float] = []
+        self.state = {"config": None}
+
+    def register(self, **info):
+        self.attempts.append(time.monotonic())
+        if len(self.attempts) < 3:
+            raise self.unavailable("manager http://x unreachable: connection refused")
+        self.member_id, self.interval = 1, 2.0
+        return {"id": 1}
+
+    def keepalive(self, load=0.0, config_version=0, fallbacks=None):
+        if self.member_id is None:
+            self.register()
+        return {}
+
+    def config(self):
+        return {"version": 0, "config": {}, "changed": False, "stale": False}
+
+
+def test_an_agent_that_could_not_register_retries_soon_not_after_the_default_interval():
+    """A peer that starts while its manager is unreachable registers within ~1.5 s of the manager coming
+    back (0.5 s, then 1 s between tries), not after the client's 10 s default interval; once registered,
+    the manager's interval rules. And a round that raises something unexpected does not end the agent."""
+    from remora.plugins.manager.client import Agent
+
+    c = _FlakyClient()
+    agent = Agent(c, {"type": "peer", "hostname": "p1", "ip": "127.0.0.1", "port": 1})
+    t0 = time.monotonic()
+    agent.start()
+    try:
+        wait_for(lambda: c.member_id is not None, timeout=5, what="the agent registering")
+        assert c.attempts[-1] - t0 < 3.0, [round(t - t0, 2) for t in c.attempts]
+        assert len(c.attempts) == 3
+        # an unexpected error in a round: logged, the agent keeps going
+        calls = []
+
+        def broken_config():
+            calls.append(time.monotonic())
+            raise KeyError("version")
+
+        c.config = broken_config
+        wait_for(lambda: len(calls) >= 2, timeout=10, what="two rounds after an unexpected error")
+        assert agent.thread.is_alive()
+    finally:
+        agent.stop()
