@@ -164,12 +164,12 @@ def prepare_image(cache: Path, name: str, app_files: dict[str, File], workload: 
         prefetch = []
         if workload:
             t0 = time.monotonic()
-            _check(["remora", "trace", "-o", str(hot), src, "--", *workload], "remora trace")
+            _check([*images.remora_command(), "trace", "-o", str(hot), src, "--", *workload], "remora trace")
             log(f"traced {len(hot.read_text().splitlines())} files in {time.monotonic() - t0:.1f}s")
             prefetch = ["--prefetch-list", str(hot)]
         t0 = time.monotonic()
-        report = json.loads(_check(["remora", "convert", "--json", "--no-progress", *prefetch, src, dst],
-                                   "remora convert"))
+        report = json.loads(_check([*images.remora_command(), "convert", "--json", "--no-progress", *prefetch, src,
+                                    dst], "remora convert"))
         log(f"converted in {time.monotonic() - t0:.1f}s")
     info = {"repo": REPO, "oci_tag": OCI_TAG, "remora_tag": REMORA_TAG,
             "prefetch_files": len(hot.read_text().splitlines()) if workload else 0,
@@ -328,7 +328,7 @@ class Node:
             ctd.ctr("images", "pull", "--plain-http", ref, timeout=900)
             return
         if self.side == "remora":
-            argv = [*_remora_command(), "pull", "--address", str(ctd.address), "--namespace", ctd.namespace,
+            argv = [*images.remora_command(), "pull", "--address", str(ctd.address), "--namespace", ctd.namespace,
                     "--api", str(self.snap.api_address), ref]
         else:
             argv = ["ctr-remote", "-a", str(ctd.address), "-n", ctd.namespace, "images", "rpull", "--plain-http",
@@ -719,11 +719,6 @@ def _compile_remora() -> None:
     root = Path(remora.__file__).resolve().parent.parent
     for package in ("remora", "converter", "snapshotter", "plugins"):
         compileall.compile_dir(root / package, quiet=1)
-
-
-def _remora_command() -> list[str]:
-    script = Path(sys.executable).parent / "remora"
-    return [str(script)] if script.exists() else ["remora"]
 
 
 def _remove(d: Path) -> None:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import cold_start_images as images
 from bench_cold_start import APP_MAIN, _check, _remove, prepare_image
 
 from remora_testing.imagebuild import File
@@ -123,13 +124,13 @@ def main() -> int:
             ref = f"{reg.host}/{image.repo}:{image.remora_tag}"
             native = work / "native"
             t0 = time.monotonic()
-            _check(["remora", "unpack", ref, str(native)], "remora unpack")
+            _check([*images.remora_command(), "unpack", ref, str(native)], "remora unpack")
             print(f"unpacked natively in {time.monotonic() - t0:.1f}s")
             snap = RemoraSnapshotter(work / "snap", log_level="warning")
             try:
                 with snap, PrivateContainerd(work / "ctd", snap.address) as ctd:
-                    _check(["remora", "pull", "-q", "--address", str(ctd.address), "--namespace", ctd.namespace, ref],
-                           "remora pull")
+                    _check([*images.remora_command(), "pull", "-q", "--address", str(ctd.address), "--namespace",
+                            ctd.namespace, ref], "remora pull")
                     lazy = lazy_mountpoint(work / "snap")
                     sets = {"stdlib": list_files(native, STDLIB), "big file": [BIG]}
                     for name, files in sets.items():

@@ -21,6 +21,7 @@ import json
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,6 +34,12 @@ BUILD_VERSION = "cold-start/5"  # bump when a recipe changes (invalidates the ca
 MARKER = "remora-bench:"
 OCI_TAG, REMORA_TAG, ESGZ_TAG = "1", "1-remora", "1-esgz"
 ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"]
+
+
+def remora_command() -> list[str]:
+    """The remora CLI of this interpreter's environment (``remora`` on PATH may belong to another checkout)."""
+    script = Path(sys.executable).parent / "remora"
+    return [str(script)] if script.exists() else ["remora"]
 
 
 @dataclass(frozen=True)
@@ -138,9 +145,9 @@ def prepare(cache: Path, recipe: Recipe, *, estargz: bool = True, rebuild: bool 
                 layers.append(LayerSpec(tar_of_files(files), created_by="COPY app"))
             built = write_image(src, None, layers, config={"Cmd": traced, "WorkingDir": "/", "Env": ENV})
             log(f"{recipe.name}: built in {time.monotonic() - t0:.1f}s")
-            _check(["remora", "trace", "-o", str(hot), src, "--", *traced], "remora trace")
-            report = json.loads(_check(["remora", "convert", "--json", "--no-progress", "--prefetch-list", str(hot),
-                                        src, f"{reg.host}/{recipe.repo}:{REMORA_TAG}"], "remora convert"))
+            _check([*remora_command(), "trace", "-o", str(hot), src, "--", *traced], "remora trace")
+            report = json.loads(_check([*remora_command(), "convert", "--json", "--no-progress", "--prefetch-list",
+                                        str(hot), src, f"{reg.host}/{recipe.repo}:{REMORA_TAG}"], "remora convert"))
             log(f"{recipe.name}: traced {len(hot.read_text().splitlines())} files and converted")
             info = {"name": recipe.name, "repo": recipe.repo, "prefetch_files": len(hot.read_text().splitlines()),
                     "oci_bytes": sum(layer.size for layer in built.layers),
@@ -264,7 +271,7 @@ def prepare_update(cache: Path, recipe: Recipe, v1: PreparedImage, *, estargz: b
         v1_layers = {layer["digest"] for layer in v1_manifest["layers"]}
         changed = sum(layer.size for layer in built.layers if layer.digest not in v1_layers)
         log(f"{recipe.name} v2: built in {time.monotonic() - t0:.1f}s, {changed} bytes of changed layers")
-        common = ["remora", "convert", "--json", "--no-progress", "--prefetch-list", str(hot)]
+        common = [*remora_command(), "convert", "--json", "--no-progress", "--prefetch-list", str(hot)]
         report = json.loads(_check([*common, f"{ref}:{UPDATE_TAGS['overlayfs']}", f"{ref}:{UPDATE_TAGS['remora']}"],
                                    "remora convert v2"))
         dict_report = json.loads(_check([*common, "--chunk-dict", f"{ref}:{REMORA_TAG}",

@@ -40,6 +40,8 @@ def test_smoke_runs_both_arms_and_reports_consistent_figures(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["errors"] == [] and len(doc["runs"]) == 1
     run = doc["runs"][0]
+    # a passing smoke run leaves nothing behind (a real run keeps the logs and specs for a look)
+    assert not (Path("/tmp") / run["lab"]).exists(), f"/tmp/{run['lab']} left behind"
     assert set(run["arms"]) == {"planned", "random"}
     hosts = {f"{run['lab']}-node{i}" for i in range(doc["config"]["nodes"])}
     for arm, m in run["arms"].items():
